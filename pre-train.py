@@ -1,0 +1,303 @@
+"""Pre-train LightGPT on a corpus of text, on one device or several (torchrun)."""
+
+import argparse
+import random
+import sys
+import time
+from argparse import BooleanOptionalAction
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data import CORPORA, TOKENIZER_NAME, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
+from model import LightGPT, best_device, check_device, load_checkpoint
+from training import (
+    GracefulExit,
+    append_metrics,
+    autocast,
+    learning_rate_at,
+    parallelize,
+    restore_rng_state,
+    rng_state,
+    save_atomically,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
+        "evaluates and checkpoints. Launch with torchrun for several devices.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--dataset", default="openwebtext", choices=CORPORA,
+                        help="The corpus: openwebtext (HuggingFace hub, needs internet), wikipedia and kjv "
+                        "(embedded, offline), or text (your own files, see --text_files).")
+    parser.add_argument("--text_files", default=None,
+                        help="With --dataset text: a file, a folder or a glob of .txt, .json, .jsonl or .parquet "
+                        "files (JSON and Parquet need a 'text' field).")
+    parser.add_argument("--dataset_path", default="./dataset",
+                        help="The folder where the tokenized corpus is stored and reused.")
+    parser.add_argument("--num_dataset_processes", type=int, default=8,
+                        help="The number of processes (CPUs) used to tokenize the corpus.")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="The number of samples to pass through the network at a time.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=128,
+                        help="The number of batches to pass through the network before updating the weights "
+                        "(in total, across all data-parallel processes).")
+    parser.add_argument("--samples_per_epoch", type=int, default=4096,
+                        help="The number of training samples to pass through the network every epoch.")
+    parser.add_argument("--learning_rate", type=float, default=5e-4,
+                        help="The peak step size taken after every gradient accumulation step.")
+    parser.add_argument("--warmup_steps", type=int, default=100,
+                        help="Optimizer steps of linear learning-rate warmup before the cosine decay to a tenth.")
+    parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"),
+                        help="Adafactor keeps factored second moments (little memory); AdamW keeps two full moments.")
+    parser.add_argument("--max_gradient_norm", type=float, default=1.0,
+                        help="Clip gradients above this global norm before stepping.")
+    parser.add_argument("--num_epochs", type=int, default=2145,
+                        help="The number of epochs to train for.")
+    parser.add_argument("--eval_interval", type=int, default=10,
+                        help="Evaluate the model on the held-out split after this many epochs.")
+    parser.add_argument("--eval_samples", type=int, default=256,
+                        help="The number of held-out windows in every evaluation (the same windows each time).")
+    parser.add_argument("--block_size", type=int, default=1024,
+                        help="The number of tokens within the context window of every sample.")
+    parser.add_argument("--embedding_dimensions", type=int, default=1024,
+                        help="The dimensionality of the token embeddings.")
+    parser.add_argument("--num_attention_heads", type=int, default=16,
+                        help="The number of attention heads within every block.")
+    parser.add_argument("--num_hidden_layers", type=int, default=24,
+                        help="The number of attention/MLP blocks within the hidden layer of the network.")
+    parser.add_argument("--feed_forward_ratio", type=int, default=4,
+                        help="The width of each MLP's hidden layer as a multiple of --embedding_dimensions.")
+    parser.add_argument("--dropout", type=float, default=0.1,
+                        help="The proportion of signals to send to zero during training as regularization.")
+    parser.add_argument("--activation_checkpointing", action=BooleanOptionalAction, default=False,
+                        help="Recompute each block's activations during the backward pass to save memory.")
+    parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
+                        help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
+                        "state, 3 also shards the parameters (FSDP2).")
+    parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
+                        help="Compile the model with torch.compile (default: on for CUDA, off elsewhere).")
+    parser.add_argument("--mixed_precision", action=BooleanOptionalAction, default=True,
+                        help="Use bf16 autocast on CUDA devices that support it.")
+    parser.add_argument("--checkpoint_interval", type=int, default=20,
+                        help="Save a checkpoint every this many epochs (and always at the end).")
+    parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
+                        help="The checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
+    parser.add_argument("--resume", action=BooleanOptionalAction, default=False,
+                        help="Resume training from the checkpoint at --checkpoint_path.")
+    parser.add_argument("--device", default=best_device(),
+                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="The seed for the random number generators (default: a random one, recorded).")
+    return parser.parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError for the first flag that cannot work."""
+    for name in (
+        "batch_size", "gradient_accumulation_steps", "samples_per_epoch", "num_epochs", "eval_interval",
+        "eval_samples", "block_size", "embedding_dimensions", "num_attention_heads", "num_hidden_layers",
+        "feed_forward_ratio", "checkpoint_interval", "num_dataset_processes",
+    ):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    for name in ("learning_rate", "max_gradient_norm"):
+        value = getattr(args, name)
+        if not value > 0:
+            raise ValueError(f"--{name} must be positive, got {value}")
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup_steps must be zero or more, got {args.warmup_steps}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.embedding_dimensions % args.num_attention_heads != 0:
+        raise ValueError(
+            f"--embedding_dimensions ({args.embedding_dimensions}) must be divisible by "
+            f"--num_attention_heads ({args.num_attention_heads})"
+        )
+    global_batch = args.batch_size * args.gradient_accumulation_steps
+    if args.samples_per_epoch < global_batch:
+        raise ValueError(
+            f"--samples_per_epoch ({args.samples_per_epoch}) must be at least --batch_size x "
+            f"--gradient_accumulation_steps ({global_batch}), the samples of one optimizer step"
+        )
+    if args.dataset == "text" and not args.text_files:
+        raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
+    if args.resume and not Path(args.checkpoint_path).is_file():
+        raise ValueError(f"--resume: no checkpoint at --checkpoint_path {args.checkpoint_path}")
+    check_device(args.device)
+
+
+def model_args_from(args: argparse.Namespace) -> dict:
+    return {
+        "vocabulary_size": load_tokenizer().n_vocab,
+        "embedding_dimensions": args.embedding_dimensions,
+        "num_heads": args.num_attention_heads,
+        "num_layers": args.num_hidden_layers,
+        "feed_forward_ratio": args.feed_forward_ratio,
+        "dropout": args.dropout,
+        "eos_index": load_tokenizer().eot_token,
+    }
+
+
+def check_resumable(checkpoint: dict, model_args: dict, block_size: int) -> None:
+    """The checkpoint must be of the shape the flags ask for: resuming never changes the model silently."""
+    for name, value in model_args.items():
+        if checkpoint["model_args"].get(name) != value:
+            raise ValueError(
+                f"--resume: the checkpoint has {name}={checkpoint['model_args'].get(name)}, "
+                f"the flags ask for {value}; repeat the original run's flags"
+            )
+    if checkpoint.get("block_size") != block_size:
+        raise ValueError(
+            f"--resume: the checkpoint was trained with --block_size {checkpoint.get('block_size')}, "
+            f"the flags ask for {block_size}"
+        )
+
+
+@torch.no_grad()
+def evaluate(model, windows: TokenWindows, starts: torch.Tensor, batch_size: int, device, precision) -> float:
+    """Mean cross entropy over the fixed held-out windows."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for batch_starts in starts.split(batch_size):
+        x, y = windows.windows(batch_starts.tolist())
+        with precision:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float() * len(batch_starts)
+    model.train()
+    return total.item() / len(starts)
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        validate_args(args)
+        text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
+        corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
+        train_windows = TokenWindows(corpus / "train.bin", args.block_size)
+        test_windows = TokenWindows(corpus / "test.bin", args.block_size)
+        model_args = model_args_from(args)
+        checkpoint = load_checkpoint(args.checkpoint_path) if args.resume else None
+        if checkpoint:
+            check_resumable(checkpoint, model_args, args.block_size)
+    except (ValueError, FileNotFoundError, ConnectionError) as error:
+        sys.exit(f"pre-train.py: error: {error}")
+    train(args, model_args, train_windows, test_windows, checkpoint)
+
+
+def train(args, model_args: dict, train_windows: TokenWindows, test_windows: TokenWindows, checkpoint) -> None:
+    device = torch.device(args.device)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    torch.manual_seed(seed)
+    sampler = torch.Generator().manual_seed(seed)
+
+    model = LightGPT(**model_args).to(device)
+    compile = args.compile if args.compile is not None else device.type == "cuda"
+    training_model = parallelize(model, args.activation_checkpointing, compile)
+    if args.optimizer == "adafactor":
+        optimizer = torch.optim.Adafactor(model.parameters(), lr=args.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
+    precision = autocast(device, args.mixed_precision)
+
+    steps_per_epoch = args.samples_per_epoch // (args.batch_size * args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.num_epochs
+    step = 0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.set_state(checkpoint["sampler"])
+        restore_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+        print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
+
+    eval_starts = test_windows.random_starts(args.eval_samples, torch.Generator().manual_seed(0))
+    metrics_path = Path(args.checkpoint_path).with_suffix(".metrics.jsonl")
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"LightGPT: {model.num_trainable_params:,} trainable parameters, {steps_per_epoch} steps per epoch")
+
+    def save(epoch: int) -> None:
+        save_atomically(
+            {
+                "model_args": model_args,
+                "block_size": args.block_size,
+                "tokenizer": TOKENIZER_NAME,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "sampler": sampler.get_state(),
+                "rng": rng_state(),
+                "args": vars(args) | {"seed": seed},
+            },
+            args.checkpoint_path,
+        )
+
+    exit_request = GracefulExit()
+    tokens_per_step = args.batch_size * args.gradient_accumulation_steps * args.block_size
+    progress = tqdm(total=total_steps, initial=step, desc="Pre-training", unit="step")
+    epoch_loss, epoch_norm, epoch_start = 0.0, 0.0, time.perf_counter()
+    model.train()
+    while step < total_steps:
+        learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        starts = train_windows.random_starts(args.batch_size * args.gradient_accumulation_steps, sampler)
+        step_loss = torch.zeros((), device=device)
+        for micro_starts in starts.split(args.batch_size):
+            x, y = train_windows.windows(micro_starts.tolist())
+            with precision:
+                _, loss = training_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            (loss / args.gradient_accumulation_steps).backward()
+            step_loss += loss.detach()
+        step_loss = step_loss.item() / args.gradient_accumulation_steps
+        if not torch.isfinite(torch.tensor(step_loss)):
+            progress.close()
+            sys.exit(f"pre-train.py: error: the loss became {step_loss} at step {step}; training stopped "
+                     f"(try a lower --learning_rate or a lower --max_gradient_norm)")
+        gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_gradient_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update()
+        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{learning_rate:.2e}")
+        epoch_loss += step_loss
+        epoch_norm += gradient_norm
+
+        epoch, end_of_epoch = divmod(step, steps_per_epoch)
+        if end_of_epoch == 0:
+            elapsed = time.perf_counter() - epoch_start
+            record = {
+                "epoch": epoch,
+                "step": step,
+                "loss": epoch_loss / steps_per_epoch,
+                "gradient_norm": epoch_norm / steps_per_epoch,
+                "learning_rate": learning_rate,
+                "tokens_per_second": tokens_per_step * steps_per_epoch / elapsed,
+            }
+            if epoch % args.eval_interval == 0 or step == total_steps:
+                record["validation_loss"] = evaluate(
+                    training_model, test_windows, eval_starts, args.batch_size, device, precision
+                )
+                record["validation_perplexity"] = float(torch.tensor(record["validation_loss"]).exp())
+            progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                                    for key, value in record.items()))
+            append_metrics(metrics_path, record)
+            if epoch % args.checkpoint_interval == 0 or step == total_steps:
+                save(epoch)
+            epoch_loss, epoch_norm, epoch_start = 0.0, 0.0, time.perf_counter()
+        if exit_request.requested:
+            save(step // steps_per_epoch)
+            progress.close()
+            print(f"Stopped by signal at step {step}; checkpoint saved to {args.checkpoint_path}")
+            return
+    progress.close()
+    print(f"Done: checkpoint saved to {args.checkpoint_path}")
+
+
+if __name__ == "__main__":
+    main()

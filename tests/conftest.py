@@ -1,0 +1,53 @@
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPOSITORY))
+
+# Tests never reach the network: the HuggingFace libraries fail fast instead of retrying.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# and keep their caches of the tests' little corpora out of the user's home.
+HUGGINGFACE_CACHE = tempfile.mkdtemp(prefix="lightgpt-tests-hf-")
+atexit.register(shutil.rmtree, HUGGINGFACE_CACHE, ignore_errors=True)
+os.environ["HF_HOME"] = HUGGINGFACE_CACHE
+
+# A tiny model over the real 50257-token vocabulary: fast enough for a CPU, real in every code path.
+TINY_MODEL = [
+    "--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers", "1",
+    "--block_size", "16", "--feed_forward_ratio", "2", "--device", "cpu",
+]
+
+
+def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, and capture what it prints."""
+    return subprocess.run(
+        [sys.executable, str(REPOSITORY / script), *map(str, args)],
+        cwd=kwargs.pop("cwd", REPOSITORY), capture_output=True, text=True, timeout=timeout, **kwargs,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user mistake: non-zero exit, no traceback, and a last line that names what was wrong."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in last_line, last_line
+
+
+@pytest.fixture(scope="session")
+def dataset_path(tmp_path_factory) -> Path:
+    """The embedded wikipedia corpus, prepared once for the whole session."""
+    from data import prepare_corpus
+
+    path = tmp_path_factory.mktemp("dataset")
+    prepare_corpus("wikipedia", path, num_processes=2, show_progress=False)
+    return path

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from model import LightGPT
+
+VOCABULARY = 97
+
+
+def tiny_model(**overrides) -> LightGPT:
+    torch.manual_seed(0)
+    arguments = dict(vocabulary_size=VOCABULARY, embedding_dimensions=32, num_heads=4, num_layers=2, eos_index=0)
+    return LightGPT(**(arguments | overrides))
+
+
+def test_no_bias_parameters_anywhere():
+    model = tiny_model()
+    names = [name for name, _ in model.named_parameters()]
+    assert not [name for name in names if "bias" in name]
+    for module in model.modules():
+        assert getattr(module, "bias", None) is None, module
+
+
+def test_parameters_are_exactly_embeddings_blocks_and_norms_with_no_positions():
+    vocabulary, width, layers, ratio = VOCABULARY, 32, 3, 4
+    model = tiny_model(num_layers=layers, feed_forward_ratio=ratio)
+    per_block = 3 * width * width + width * width + 2 * ratio * width * width + 2 * width
+    assert model.num_trainable_params == vocabulary * width + layers * per_block + width
+    assert not [name for name, _ in model.named_parameters() if "pos" in name]
+
+
+def test_any_sequence_length_runs_because_position_comes_from_the_mask_alone():
+    model = tiny_model().eval()
+    for length in (1, 7, 300):
+        logits, _ = model(torch.randint(0, VOCABULARY, (2, length)))
+        assert logits.shape == (2, length, VOCABULARY)
+
+
+def test_output_layer_and_token_embedding_share_one_tensor_through_training():
+    model = tiny_model()
+    assert model.output_layer.weight is model.token_embeddings.weight
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, VOCABULARY, (2, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    optimizer.step()
+    assert model.output_layer.weight.data_ptr() == model.token_embeddings.weight.data_ptr()
+
+
+def test_changing_a_token_never_changes_the_logits_before_it():
+    model = tiny_model().eval()
+    x = torch.randint(0, VOCABULARY, (1, 12))
+    changed = x.clone()
+    changed[0, 7] = (x[0, 7] + 1) % VOCABULARY
+    before, _ = model(x)
+    after, _ = model(changed)
+    assert torch.equal(before[:, :7], after[:, :7])
+    assert not torch.allclose(before[:, 7:], after[:, 7:])
+
+
+def test_loss_is_the_mean_over_targets_that_are_not_padding():
+    model = tiny_model(padding_index=-100).eval()
+    x = torch.randint(0, VOCABULARY, (2, 10))
+    y = torch.randint(0, VOCABULARY, (2, 10))
+    y[0, 6:] = -100
+    y[1, :3] = -100
+    logits, loss = model(x, y)
+    kept = y != -100
+    expected = torch.nn.functional.cross_entropy(logits[kept], y[kept])
+    torch.testing.assert_close(loss, expected)
+    _, no_loss = model(x)
+    assert no_loss is None
+
+
+def test_initialisation_is_small_and_residual_projections_shrink_with_depth():
+    model = tiny_model(embedding_dimensions=256, num_layers=8)
+    assert abs(model.token_embeddings.weight.std().item() - 0.02) < 0.002
+    projection = model.body[0].attention.output_projection.weight.std().item()
+    assert abs(projection - 0.02 / 4) < 0.001
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        model.enable_activation_checkpointing(checkpointing)
+        x = torch.randint(0, VOCABULARY, (2, 9), generator=torch.Generator().manual_seed(1))
+        _, loss = model(x, x)
+        loss.backward()
+        gradients.append([parameter.grad for parameter in model.parameters()])
+    for without, with_checkpointing in zip(*gradients):
+        torch.testing.assert_close(without, with_checkpointing)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"embedding_dimensions": 30, "num_heads": 4}, "divisible by num_heads"),
+        ({"num_layers": 0}, "num_layers must be at least 1"),
+        ({"vocabulary_size": 0}, "vocabulary_size must be at least 1"),
+        ({"dropout": 1.5}, "dropout must be in [0, 1)"),
+        ({"eos_index": VOCABULARY}, "eos_index"),
+    ],
+)
+def test_constructor_arguments_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        tiny_model(**overrides)

@@ -1,0 +1,181 @@
+import json
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, run_script
+from model import LightGPT
+
+
+def pretrain(tmp_path, dataset_path, *args, name="checkpoint.pt"):
+    return run_script(
+        "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
+        "--checkpoint_path", tmp_path / name, *TINY_MODEL, *args,
+    )
+
+
+def metrics(checkpoint_path):
+    return [json.loads(line) for line in checkpoint_path.with_suffix(".metrics.jsonl").read_text().splitlines()]
+
+
+def load_weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def readme_quick_start_pretraining() -> list[str]:
+    readme = (REPOSITORY / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"^pip install -r requirements.txt && python pre-train.py (.+)$", quick_start, re.M)
+    assert command, "the README's Quick start has no pre-training command"
+    return shlex.split(command.group(1))
+
+
+def test_the_readme_quick_start_pretrains_with_a_falling_validation_loss(tmp_path, dataset_path):
+    checkpoint = tmp_path / "quick.pt"
+    shrunk = ["--samples_per_epoch", "64", "--num_epochs", "2", "--eval_interval", "1", "--eval_samples", "16",
+              "--checkpoint_path", checkpoint, "--dataset_path", dataset_path]
+    result = run_script("pre-train.py", *readme_quick_start_pretraining(), *shrunk)
+    assert result.returncode == 0, result.stderr
+    records = metrics(checkpoint)
+    assert [record["epoch"] for record in records] == [1, 2]
+    assert records[1]["validation_loss"] < records[0]["validation_loss"] < 10.9
+    assert LightGPT(**torch.load(checkpoint, weights_only=True)["model_args"]).num_trainable_params > 0
+
+
+def test_a_tiny_model_learns_the_embedded_corpus(tmp_path, dataset_path):
+    result = pretrain(tmp_path, dataset_path, "--optimizer", "adamw", "--learning_rate", "1e-2",
+                      "--warmup_steps", "2", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+                      "--samples_per_epoch", "80", "--num_epochs", "4", "--eval_interval", "1",
+                      "--eval_samples", "64", "--dropout", "0", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    records = metrics(tmp_path / "checkpoint.pt")
+    losses = [record["validation_loss"] for record in records]
+    assert losses == sorted(losses, reverse=True)
+    assert losses[-1] < losses[0] - 1.0
+    assert {"loss", "gradient_norm", "tokens_per_second", "validation_perplexity"} <= records[-1].keys()
+
+
+def test_the_checkpoint_is_a_plain_safe_dictionary(tmp_path, dataset_path):
+    result = pretrain(tmp_path, dataset_path, "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                      "--samples_per_epoch", "2", "--num_epochs", "1", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert {"model_args", "model", "optimizer", "step", "epoch", "rng", "sampler", "tokenizer",
+            "block_size"} <= checkpoint.keys()
+    assert checkpoint["tokenizer"] == "r50k_base" and checkpoint["block_size"] == 16
+    assert not [key for key in checkpoint["model"] if key.startswith(("_orig_mod", "module"))]
+    LightGPT(**checkpoint["model_args"]).load_state_dict(checkpoint["model"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_accumulating_k_batches_of_b_equals_one_batch_of_k_times_b(tmp_path, dataset_path):
+    common = ["--samples_per_epoch", "8", "--num_epochs", "2", "--dropout", "0", "--seed", "0",
+              "--optimizer", "adamw", "--learning_rate", "1e-3"]
+    one = pretrain(tmp_path, dataset_path, *common, "--batch_size", "4", "--gradient_accumulation_steps", "1",
+                   name="one.pt")
+    four = pretrain(tmp_path, dataset_path, *common, "--batch_size", "1", "--gradient_accumulation_steps", "4",
+                    name="four.pt")
+    assert one.returncode == four.returncode == 0, one.stderr + four.stderr
+    for name, tensor in load_weights(tmp_path / "one.pt").items():
+        torch.testing.assert_close(tensor, load_weights(tmp_path / "four.pt")[name], rtol=1e-4, atol=1e-5)
+    losses = [[record["loss"] for record in metrics(tmp_path / name)] for name in ("one.pt", "four.pt")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, dataset_path):
+    common = ["--batch_size", "2", "--gradient_accumulation_steps", "2", "--samples_per_epoch", "8",
+              "--num_epochs", "60", "--eval_interval", "20", "--checkpoint_interval", "1000", "--dropout", "0.1",
+              "--seed", "7"]
+    uninterrupted = pretrain(tmp_path, dataset_path, *common, name="uninterrupted.pt")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    interrupted_path = tmp_path / "interrupted.pt"
+    command = [sys.executable, str(REPOSITORY / "pre-train.py"), "--dataset", "wikipedia", "--dataset_path",
+               str(dataset_path), "--checkpoint_path", str(interrupted_path), *TINY_MODEL, *common]
+    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = interrupted_path.with_suffix(".metrics.jsonl")
+    deadline = time.monotonic() + 120
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "Stopped by signal" in stdout
+    stopped_at = torch.load(interrupted_path, weights_only=True)["step"]
+    assert 0 < stopped_at < 120
+
+    resumed = pretrain(tmp_path, dataset_path, *common, "--resume", name="interrupted.pt")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step {stopped_at}" in resumed.stdout
+    expected = load_weights(tmp_path / "uninterrupted.pt")
+    for name, tensor in load_weights(interrupted_path).items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, dataset_path):
+    result = pretrain(tmp_path, dataset_path, "--optimizer", "adamw", "--learning_rate", "1e30",
+                      "--warmup_steps", "0", "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                      "--samples_per_epoch", "2", "--num_epochs", "5", "--seed", "0")
+    assert_one_line_error(result, "the loss became", "--learning_rate")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--embedding_dimensions", "0"], ["--embedding_dimensions", "positive", "0"]),
+        (["--batch_size", "-2"], ["--batch_size", "positive", "-2"]),
+        (["--num_attention_heads", "3"], ["--embedding_dimensions (16)", "--num_attention_heads (3)"]),
+        (["--learning_rate", "0"], ["--learning_rate", "positive"]),
+        (["--dropout", "1"], ["--dropout", "[0, 1)"]),
+        (["--samples_per_epoch", "4", "--batch_size", "2", "--gradient_accumulation_steps", "4"],
+         ["--samples_per_epoch (4)", "(8)"]),
+        (["--resume", "--checkpoint_path", "/nonexistent/checkpoint.pt"], ["--resume", "/nonexistent/checkpoint.pt"]),
+        (["--dataset", "shakespeare"], ["--dataset", "shakespeare", "wikipedia"]),
+        (["--dataset", "text"], ["--text_files", "required"]),
+        (["--dataset", "text", "--text_files", "/nonexistent/*.txt"], ["--text_files", "/nonexistent/*.txt"]),
+        (["--device", "cuda"], ["--device", "cuda", "cpu"]),
+        (["--device", "toaster"], ["--device", "toaster"]),
+        (["--ddp_sharding_level", "1"], ["--ddp_sharding_level", "1"]),
+        (["--block_size", "many"], ["--block_size", "many"]),
+    ],
+)
+def test_bad_arguments_get_one_clear_line(tmp_path, dataset_path, args, fragments):
+    result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
+                        "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL, *args)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_corpus_shorter_than_the_context_is_a_clear_error(tmp_path):
+    (tmp_path / "tiny.txt").write_text("Too short.\n\nStill short.")
+    result = run_script("pre-train.py", "--dataset", "text", "--text_files", tmp_path / "tiny.txt",
+                        "--dataset_path", tmp_path / "dataset", "--checkpoint_path", tmp_path / "c.pt", *TINY_MODEL)
+    assert_one_line_error(result, "fewer than block_size + 1")
+
+
+def test_resuming_with_other_model_flags_is_refused(tmp_path, dataset_path):
+    first = pretrain(tmp_path, dataset_path, "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                     "--samples_per_epoch", "2", "--num_epochs", "1")
+    assert first.returncode == 0, first.stderr
+    wider = pretrain(tmp_path, dataset_path, "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                     "--samples_per_epoch", "2", "--num_epochs", "2", "--resume", "--embedding_dimensions", "32")
+    assert_one_line_error(wider, "--resume", "embedding_dimensions=16", "32")
+
+
+def test_help_explains_every_flag():
+    result = run_script("pre-train.py", "--help")
+    assert result.returncode == 0
+    flags = set(re.findall(r"--(\w+)", result.stdout)) - {"help"}
+    assert len(flags) >= 25
+    for flag in ("batch_size", "gradient_accumulation_steps", "samples_per_epoch", "learning_rate",
+                 "max_gradient_norm", "num_epochs", "eval_interval", "block_size", "embedding_dimensions",
+                 "num_attention_heads", "num_hidden_layers", "dropout", "activation_checkpointing",
+                 "ddp_sharding_level", "checkpoint_interval", "checkpoint_path", "dataset_path",
+                 "num_dataset_processes", "resume", "device", "seed"):
+        assert f"--{flag}" in result.stdout

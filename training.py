@@ -1,0 +1,76 @@
+"""What pre-training and instruction tuning share: devices, precision, wrapping, checkpoints, signals."""
+
+import json
+import math
+import os
+import signal
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn import Module
+
+from model import LightGPT
+
+
+def autocast(device: torch.device, mixed_precision: bool):
+    """bf16 autocast on CUDA devices that support it; full precision elsewhere."""
+    if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def parallelize(model: LightGPT, activation_checkpointing: bool, compile: bool) -> Module:
+    """Wrap a pure model for training, in torchtitan's order: checkpointing, then compile."""
+    model.enable_activation_checkpointing(activation_checkpointing)
+    if compile:
+        return torch.compile(model)
+    return model
+
+
+def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warmup to the peak, then cosine decay to a tenth of it by the last step."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def save_atomically(checkpoint: dict, path: str | Path) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def append_metrics(path: str | Path, record: dict) -> None:
+    """One JSON object per line, so a run's curves can be plotted while it trains."""
+    with open(path, "a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+class GracefulExit:
+    """Turns SIGINT and SIGTERM into a flag the training loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signal_number, self._request)
+
+    def _request(self, signal_number: int, frame) -> None:
+        self.requested = True
