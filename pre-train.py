@@ -26,6 +26,7 @@ from training import (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        usage="%(prog)s [options] (see --help)",
         description="Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
         "evaluates and checkpoints. Launch with torchrun for several devices.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
