@@ -74,3 +74,65 @@ class GracefulExit:
 
     def _request(self, signal_number: int, frame) -> None:
         self.requested = True
+
+
+def optimizer_step(
+    model: Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    learning_rate: float,
+    max_gradient_norm: float,
+    padding_index: int,
+    precision,
+) -> tuple[float, float]:
+    """One optimizer step over accumulated micro-batches; returns the step's loss and gradient norm.
+
+    Each micro-batch's mean loss is weighted by its share of the step's targets (those that are not
+    padding_index), so k batches of b samples give exactly the gradient of one batch of k x b. A loss that is
+    not finite raises FloatingPointError before the weights change.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    device = next(model.parameters()).device
+    num_targets = sum(int((y != padding_index).sum()) for _, y in micro_batches)
+    step_loss = torch.zeros((), device=device)
+    for x, y in micro_batches:
+        with precision:
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        weighted = loss * (int((y != padding_index).sum()) / num_targets)
+        weighted.backward()
+        step_loss += weighted.detach()
+    loss = step_loss.item()
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(
+            f"the loss became {loss}; training stopped (try a lower --learning_rate or a lower --max_gradient_norm)"
+        )
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, gradient_norm
+
+
+@torch.no_grad()
+def evaluate(model: Module, batches: list[tuple[torch.Tensor, torch.Tensor]], padding_index: int, precision) -> float:
+    """Mean cross entropy per target (padding excluded) over fixed held-out batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = torch.zeros((), device=device), 0
+    for x, y in batches:
+        with precision:
+            _, loss = model(x.to(device), y.to(device))
+        num_targets = int((y != padding_index).sum())
+        total += loss.float() * num_targets
+        count += num_targets
+    model.train()
+    return total.item() / count
+
+
+def log_record(progress, metrics_path: str | Path, record: dict) -> None:
+    """Print an epoch's figures under the progress bar and append them to the metrics file."""
+    progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                            for key, value in record.items()))
+    append_metrics(metrics_path, record)
