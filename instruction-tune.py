@@ -4,7 +4,6 @@ import argparse
 import math
 import random
 import sys
-import time
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from data import (
 from model import (
     LightGPT,
     add_lora,
-    best_device,
     check_device,
     check_same_base,
     load_checkpoint,
@@ -30,11 +28,12 @@ from model import (
     lora_state_dict,
 )
 from training import (
+    EpochLog,
+    add_runtime_arguments,
     GracefulExit,
     autocast,
     evaluate,
     learning_rate_at,
-    log_record,
     optimizer_step,
     parallelize,
     restore_rng_state,
@@ -66,8 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="The peak AdamW step size, reached after --warmup_steps and decayed by a cosine.")
     parser.add_argument("--warmup_steps", type=int, default=0,
                         help="Optimizer steps of linear learning-rate warmup before the cosine decay to a tenth.")
-    parser.add_argument("--max_gradient_norm", type=float, default=1.0,
-                        help="Clip gradients above this global norm before stepping.")
     parser.add_argument("--mask_input", action=BooleanOptionalAction, default=False,
                         help="Leave the prompt out of the loss, so only the response is learned.")
     parser.add_argument("--rank", type=int, default=8,
@@ -81,22 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="The number of passes over the training instructions.")
     parser.add_argument("--eval_interval", type=int, default=1,
                         help="Evaluate the model on the held-out instructions after this many epochs.")
-    parser.add_argument("--activation_checkpointing", action=BooleanOptionalAction, default=False,
-                        help="Recompute each block's activations during the backward pass to save memory.")
-    parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
-                        help="Compile the model with torch.compile (default: on for CUDA, off elsewhere).")
-    parser.add_argument("--mixed_precision", action=BooleanOptionalAction, default=True,
-                        help="Use bf16 autocast on CUDA devices that support it.")
     parser.add_argument("--checkpoint_interval", type=int, default=1,
                         help="Save the adapters every this many epochs (and always at the end).")
     parser.add_argument("--checkpoint_path", default="./out/lora_instruction.pt",
                         help="The adapter checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
     parser.add_argument("--resume", action=BooleanOptionalAction, default=False,
                         help="Resume training from the adapter checkpoint at --checkpoint_path.")
-    parser.add_argument("--device", default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generators (default: a random one, recorded).")
+    add_runtime_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -197,8 +185,6 @@ def train(args, model: LightGPT, base: dict, seed: int, train_samples: Instructi
 
     eval_batches = [test_samples.batch(indices.tolist())
                     for indices in torch.arange(len(test_samples)).split(args.batch_size)]
-    metrics_path = Path(args.checkpoint_path).with_suffix(".metrics.jsonl")
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"LoRA: {model.num_trainable_params:,} trainable adapter parameters on a frozen base of "
           f"{sum(parameter.numel() for parameter in model.parameters()) - model.num_trainable_params:,}; "
           f"{len(train_samples)} training and {len(test_samples)} held-out instructions, "
@@ -227,7 +213,7 @@ def train(args, model: LightGPT, base: dict, seed: int, train_samples: Instructi
 
     exit_request = GracefulExit()
     progress = tqdm(total=total_steps, initial=step, desc="Instruction-tuning", unit="step")
-    epoch_loss, epoch_norm, epoch_start = 0.0, 0.0, time.perf_counter()
+    log = EpochLog(progress, Path(args.checkpoint_path).with_suffix(".metrics.jsonl"))
     model.train()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
@@ -243,28 +229,16 @@ def train(args, model: LightGPT, base: dict, seed: int, train_samples: Instructi
             progress.close()
             sys.exit(f"instruction-tune.py: error: at step {step}, {error}")
         step += 1
-        progress.update()
-        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{learning_rate:.2e}")
-        epoch_loss += step_loss
-        epoch_norm += gradient_norm
+        log.add_step(step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
         if end_of_epoch == 0:
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "loss": epoch_loss / steps_per_epoch,
-                "gradient_norm": epoch_norm / steps_per_epoch,
-                "learning_rate": learning_rate,
-                "samples_per_second": len(train_samples) / (time.perf_counter() - epoch_start),
-            }
-            if epoch % args.eval_interval == 0 or step == total_steps:
-                record["validation_loss"] = evaluate(training_model, eval_batches, model.padding_index, precision)
-                record["validation_perplexity"] = math.exp(record["validation_loss"])
-            log_record(progress, metrics_path, record)
-            if epoch % args.checkpoint_interval == 0 or step == total_steps:
+            last = step == total_steps
+            validation_loss = (evaluate(training_model, eval_batches, model.padding_index, precision)
+                               if epoch % args.eval_interval == 0 or last else None)
+            log.end_epoch(epoch, step, "samples", len(train_samples), validation_loss)
+            if epoch % args.checkpoint_interval == 0 or last:
                 save(epoch)
-            epoch_loss, epoch_norm, epoch_start = 0.0, 0.0, time.perf_counter()
         if exit_request.requested:
             save(step // steps_per_epoch)
             progress.close()

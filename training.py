@@ -1,16 +1,18 @@
 """What pre-training and instruction tuning share: devices, precision, wrapping, checkpoints, signals."""
 
+import argparse
 import json
 import math
 import os
 import signal
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.nn import Module
 
-from model import LightGPT
+from model import LightGPT, best_device
 
 
 def autocast(device: torch.device, mixed_precision: bool):
@@ -131,8 +133,55 @@ def evaluate(model: Module, batches: list[tuple[torch.Tensor, torch.Tensor]], pa
     return total.item() / count
 
 
-def log_record(progress, metrics_path: str | Path, record: dict) -> None:
-    """Print an epoch's figures under the progress bar and append them to the metrics file."""
-    progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                            for key, value in record.items()))
-    append_metrics(metrics_path, record)
+class EpochLog:
+    """Each step's loss on the progress bar; each epoch's means, throughput and validation figures printed and
+    appended to the metrics file."""
+
+    def __init__(self, progress, metrics_path: str | Path):
+        self.progress = progress
+        self.metrics_path = Path(metrics_path)
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.losses, self.gradient_norms, self.start = [], [], time.perf_counter()
+
+    def add_step(self, loss: float, gradient_norm: float, learning_rate: float) -> None:
+        self.progress.update()
+        self.progress.set_postfix(loss=f"{loss:.3f}", lr=f"{learning_rate:.2e}")
+        self.losses.append(loss)
+        self.gradient_norms.append(gradient_norm)
+        self.learning_rate = learning_rate
+
+    def end_epoch(self, epoch: int, step: int, unit: str, units: int, validation_loss: float | None) -> None:
+        """Log the epoch that just ended; `units` of `unit` (tokens, samples) were trained on in it."""
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "loss": sum(self.losses) / len(self.losses),
+            "gradient_norm": sum(self.gradient_norms) / len(self.gradient_norms),
+            "learning_rate": self.learning_rate,
+            f"{unit}_per_second": units / (time.perf_counter() - self.start),
+        }
+        if validation_loss is not None:
+            record |= {"validation_loss": validation_loss, "validation_perplexity": math.exp(validation_loss)}
+        self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                                     for key, value in record.items()))
+        append_metrics(self.metrics_path, record)
+        self._start_epoch()
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of how a training run uses its device, the same in pre-training and instruction tuning."""
+    parser.add_argument("--max_gradient_norm", type=float, default=1.0,
+                        help="Clip gradients above this global norm before stepping.")
+    parser.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                        help="Recompute each block's activations during the backward pass to save memory.")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="Compile the model with torch.compile (default: on for CUDA, off elsewhere).")
+    parser.add_argument("--mixed_precision", action=argparse.BooleanOptionalAction, default=True,
+                        help="Use bf16 autocast on CUDA devices that support it.")
+    parser.add_argument("--device", default=best_device(),
+                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="The seed for the random number generators (default: a random one, recorded).")
