@@ -13,6 +13,7 @@ from tqdm import tqdm
 from data import (
     INSTRUCTION_DATASETS,
     PROMPT_TEMPLATE,
+    TOKENIZER_NAME,
     InstructionSamples,
     load_instructions,
     split_instructions,
@@ -130,7 +131,7 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-        base = load_checkpoint(args.base_model_path)
+        base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
         train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
         checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
         if checkpoint:
@@ -157,7 +158,8 @@ def main() -> None:
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    """A shuffle that depends only on the seed and the epoch, so a resumed run sees the same order."""
+    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed), so a resumed run
+    sees the same order without saving it."""
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
@@ -197,7 +199,7 @@ def train(args, model: LightGPT, base: dict, seed: int, train_samples: Instructi
                 "base_model_path": str(Path(args.base_model_path).resolve()),
                 "model_args": base["model_args"],
                 "block_size": base["block_size"],
-                "tokenizer": base["tokenizer"],
+                "tokenizer": TOKENIZER_NAME,
                 "prompt_template": PROMPT_TEMPLATE,
                 "lora": lora_state_dict(model),
                 "optimizer": optimizer.state_dict(),

@@ -1,15 +1,11 @@
 import importlib.util
 import json
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPOSITORY, assert_one_line_error, run_script
+from conftest import REPOSITORY, assert_one_line_error, run_script, run_until_first_epoch_then_terminate
 from data import PROMPT_TEMPLATE, InstructionSamples, load_instructions
 from model import LightGPT, load_adapted_model, load_checkpoint, load_lora_checkpoint, load_lora_model
 
@@ -120,18 +116,13 @@ def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instruction
     assert uninterrupted.returncode == 0, uninterrupted.stderr
 
     interrupted = tmp_path / "interrupted.pt"
-    command = [sys.executable, str(REPOSITORY / "instruction-tune.py"), "--base_model_path", str(base_model_path),
-               "--dataset", "local", "--dataset_path", str(instructions_path), "--checkpoint_path", str(interrupted),
-               *FINE_TUNING, *common]
-    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = interrupted.with_suffix(".metrics.jsonl")
-    deadline = time.monotonic() + 120
-    while not log.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert "Stopped by signal" in stdout
+    result = run_until_first_epoch_then_terminate(
+        "instruction-tune.py", "--base_model_path", base_model_path, "--dataset", "local", "--dataset_path",
+        instructions_path, "--checkpoint_path", interrupted, *FINE_TUNING, *common,
+        metrics_path=interrupted.with_suffix(".metrics.jsonl"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Stopped by signal" in result.stdout
     stopped_at = load_lora_checkpoint(interrupted)["step"]
     assert 0 < stopped_at < 24
 
