@@ -1,13 +1,23 @@
 import importlib.util
 import json
 import re
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from conftest import REPOSITORY, assert_one_line_error, run_script, run_until_first_epoch_then_terminate
 from data import PROMPT_TEMPLATE, InstructionSamples, load_instructions
-from model import LightGPT, load_adapted_model, load_checkpoint, load_lora_checkpoint, load_lora_model
+from model import (
+    LightGPT,
+    LoRALinear,
+    add_lora,
+    load_adapted_model,
+    load_checkpoint,
+    load_lora_checkpoint,
+    load_lora_model,
+)
+from training import optimizer_step
 
 # Instructions and answers in words the tiny base met often in pre-training: with its embeddings frozen, a
 # word it never learned to tell apart from thousands of others cannot be learned by an adapter either.
@@ -208,3 +218,24 @@ def test_an_adapter_loads_onto_the_base_it_names_and_refuses_another_size(base_m
                                "num_layers": 2}, "model": other.state_dict(), "block_size": 64}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="embedding_dimensions=64, but the base checkpoint has embedding_dimensions=32"):
         load_lora_model(adapter_path, tmp_path / "other.pt")
+
+
+
+def test_accumulating_padded_batches_gives_the_gradient_of_one_batch(instructions_path):
+    samples = InstructionSamples(load_instructions("local", str(instructions_path)), PROMPT_TEMPLATE, 64, True,
+                                 -100, show_progress=False)
+    counts = [int((samples.batch([index])[1] != -100).sum()) for index in range(4)]
+    assert len(set(counts)) > 1, "the samples must differ in length for the weighting to matter"
+    weights = []
+    for micro_batches in ([samples.batch(range(4))], [samples.batch([index]) for index in range(4)]):
+        torch.manual_seed(0)
+        model = LightGPT(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1)
+        add_lora(model, rank=2, alpha=1.0, dropout=0.0)
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                torch.nn.init.normal_(layer.lora_b)
+        adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer_step(model, torch.optim.SGD(adapters), micro_batches, 1.0, 1e9, -100, nullcontext())
+        weights.append(adapters)
+    for one_batch, accumulated in zip(*weights):
+        torch.testing.assert_close(accumulated, one_batch)
