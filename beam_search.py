@@ -6,7 +6,7 @@ import sys
 import torch
 
 from data import encode_prompt, load_tokenizer, read_prompts
-from model import best_device, check_device, load_model
+from model import add_inference_arguments, check_inference_arguments, load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -16,14 +16,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prompt once, else every line typed at the terminal, else every line of standard input.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
-                        help="The checkpoint written by pre-train.py.")
-    parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter checkpoint to apply to the model (not supported yet).")
-    parser.add_argument("--prompt", default=None,
-                        help="The text to continue, once (default: read prompts interactively or from stdin).")
-    parser.add_argument("--max_tokens", type=int, default=200,
-                        help="The most tokens of a candidate; a candidate ends earlier at <|endoftext|>.")
+    add_inference_arguments(parser, max_tokens=200)
     parser.add_argument("--num_candidates", type=int, default=3,
                         help="The number of candidate sequences to output.")
     parser.add_argument("--beam_width", type=int, default=16,
@@ -31,37 +24,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--length_penalty", type=float, default=1.0,
                         help="Rank candidates by total log-probability / length ** length_penalty: 0 ranks by "
                         "probability alone, which favours short candidates; larger values favour long ones.")
-    parser.add_argument("--device", default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generator (the search itself is deterministic).")
     return parser.parse_args(argv)
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Raise a one-line ValueError for the first flag that cannot work."""
-    if args.lora_path is not None:
-        raise ValueError("--lora_path: LoRA adapters are not supported yet")
-    for name in ("max_tokens", "num_candidates", "beam_width"):
+    check_inference_arguments(args)
+    for name in ("num_candidates", "beam_width"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.beam_width < args.num_candidates:
         raise ValueError(
             f"--beam_width ({args.beam_width}) must be at least --num_candidates ({args.num_candidates})"
         )
-    check_device(args.device)
 
 
 def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-        model, block_size = load_model(args.checkpoint_path)
+        model, block_size = load_model(args.checkpoint_path, args.device, args.lora_path)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"beam_search.py: error: {error}")
     if args.seed is not None:
-        torch.manual_seed(args.seed)
-    model.to(args.device)
+        torch.manual_seed(args.seed)  # beam search draws nothing at random; the flag is kept for symmetry
     tokenizer = load_tokenizer()
     try:
         for text in read_prompts(args.prompt):

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from data import encode_prompt, load_tokenizer, read_prompts
-from model import best_device, check_device, load_model
+from model import add_inference_arguments, check_inference_arguments, load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -18,14 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "terminal, else every line of standard input (one completion per line).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
-                        help="The checkpoint written by pre-train.py.")
-    parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter checkpoint to apply to the model (not supported yet).")
-    parser.add_argument("--prompt", default=None,
-                        help="The text to complete, once (default: read prompts interactively or from stdin).")
-    parser.add_argument("--max_tokens", type=int, default=500,
-                        help="The most tokens to generate per prompt; generation stops earlier at <|endoftext|>.")
+    add_inference_arguments(parser, max_tokens=500)
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="Divide the logits by this: below 1 sharpens the distribution, above 1 flattens it.")
     parser.add_argument("--top_k", type=int, default=500,
@@ -36,19 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat_penalty", type=float, default=1.0,
                         help="Make the tokens already in the context less likely: their positive logits are "
                         "divided by this, negative ones multiplied (1 turns it off).")
-    parser.add_argument("--device", default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generator, for reproducible samples.")
     return parser.parse_args(argv)
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Raise a one-line ValueError for the first flag that cannot work."""
-    if args.lora_path is not None:
-        raise ValueError("--lora_path: LoRA adapters are not supported yet")
-    if args.max_tokens < 1:
-        raise ValueError(f"--max_tokens must be a positive integer, got {args.max_tokens}")
+    check_inference_arguments(args)
     if not args.temperature > 0:
         raise ValueError(f"--temperature must be positive, got {args.temperature}")
     if args.top_k < 1:
@@ -57,7 +43,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
     if not args.repeat_penalty > 0:
         raise ValueError(f"--repeat_penalty must be positive, got {args.repeat_penalty}")
-    check_device(args.device)
 
 
 def stream_text(tokens: Iterator[int]) -> Iterator[str]:
@@ -73,14 +58,13 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-        model, block_size = load_model(args.checkpoint_path)
+        model, block_size = load_model(args.checkpoint_path, args.device, args.lora_path)
         if args.top_k > model.vocabulary_size:
             raise ValueError(f"--top_k must be at most the vocabulary size {model.vocabulary_size}, got {args.top_k}")
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"generate.py: error: {error}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model.to(args.device)
     try:
         for text in read_prompts(args.prompt):
             prompt = torch.tensor(encode_prompt(text), device=args.device)

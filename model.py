@@ -1,5 +1,6 @@
 """The LightGPT model: a bias-free, position-free, weight-tied GPT in pure PyTorch."""
 
+import argparse
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,8 +58,34 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def load_model(path: str | Path) -> tuple["LightGPT", int]:
-    """The model a pre-training checkpoint holds, on the CPU in evaluation mode, and the context it was trained on."""
+def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
+    parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
+                        help="The checkpoint written by pre-train.py.")
+    parser.add_argument("--lora_path", default=None,
+                        help="A LoRA adapter checkpoint to apply to the model (not supported yet).")
+    parser.add_argument("--prompt", default=None,
+                        help="The text to complete, once (default: prompts typed at the terminal, or one per line "
+                        "of standard input).")
+    parser.add_argument("--max_tokens", type=int, default=max_tokens,
+                        help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
+    parser.add_argument("--device", default=best_device(),
+                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="The seed for the random number generator, for reproducible runs.")
+
+
+def check_inference_arguments(args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError for the first of add_inference_arguments' flags that cannot work."""
+    if args.max_tokens < 1:
+        raise ValueError(f"--max_tokens must be a positive integer, got {args.max_tokens}")
+    check_device(args.device)
+
+
+def load_model(path: str | Path, device: str = "cpu", lora_path: str | Path | None = None) -> tuple["LightGPT", int]:
+    """The model a pre-training checkpoint holds, in evaluation mode on the device, and the context it was trained on."""
+    if lora_path is not None:
+        raise ValueError("--lora_path: LoRA adapters are not supported yet")
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get("block_size"), int):
         raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
@@ -66,7 +93,7 @@ def load_model(path: str | Path) -> tuple["LightGPT", int]:
         model = LightGPT.from_checkpoint(checkpoint)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
-    return model.eval(), checkpoint["block_size"]
+    return model.to(device).eval(), checkpoint["block_size"]
 
 
 def penalize_repeats(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
