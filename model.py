@@ -83,7 +83,7 @@ def check_inference_arguments(args: argparse.Namespace) -> None:
 
 
 def load_model(path: str | Path, device: str = "cpu", lora_path: str | Path | None = None) -> tuple["LightGPT", int]:
-    """The model a pre-training checkpoint holds, in evaluation mode on the device, and the context it was trained on."""
+    """The model a pre-training checkpoint holds, in evaluation mode on the device, and its training context length."""
     if lora_path is not None:
         raise ValueError("--lora_path: LoRA adapters are not supported yet")
     checkpoint = load_checkpoint(path)
@@ -118,8 +118,9 @@ def top_k_top_p(logits: Tensor, temperature: float, top_k: int, top_p: float) ->
 class KVCache:
     """One attention layer's keys and values for the tokens seen so far, in buffers allocated once."""
 
-    def __init__(self, batch_size: int, num_heads: int, capacity: int, head_dimensions: int, weight: Tensor):
-        self.keys = weight.new_empty(batch_size, num_heads, capacity, head_dimensions)
+    def __init__(self, batch_size: int, num_heads: int, capacity: int, head_dimensions: int, like: Tensor):
+        """Buffers on the device and in the dtype of `like` (the model's weights)."""
+        self.keys = like.new_empty(batch_size, num_heads, capacity, head_dimensions)
         self.values = torch.empty_like(self.keys)
         self.length = 0
 
@@ -135,8 +136,12 @@ class KVCache:
 
     def reorder(self, rows: Tensor) -> None:
         """Keep the cached sequences at `rows`, in that order (the beams that survive a beam search step)."""
-        self.keys = self.keys[rows]
-        self.values = self.values[rows]
+        self.keys, self.values = (self._select(buffer, rows) for buffer in (self.keys, self.values))
+
+    def _select(self, buffer: Tensor, rows: Tensor) -> Tensor:
+        selected = buffer.new_empty(len(rows), *buffer.shape[1:])
+        selected[:, :, : self.length] = buffer[rows, :, : self.length]  # copy only the filled part
+        return selected
 
 
 class LightGPT(Module):
@@ -240,9 +245,9 @@ class LightGPT(Module):
 
     def new_cache(self, batch_size: int, capacity: int) -> list[KVCache]:
         """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""
-        weight = self.token_embeddings.weight
+        weights = self.token_embeddings.weight
         return [
-            KVCache(batch_size, block.attention.num_heads, capacity, block.attention.head_dimensions, weight)
+            KVCache(batch_size, block.attention.num_heads, capacity, block.attention.head_dimensions, weights)
             for block in self.body
         ]
 
