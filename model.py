@@ -65,8 +65,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
     parser.add_argument("--lora_path", default=None,
                         help="A LoRA adapter checkpoint to apply to the model (not supported yet).")
     parser.add_argument("--prompt", default=None,
-                        help="The text to complete, once (default: prompts typed at the terminal, or one per line "
-                        "of standard input).")
+                        help="The text to complete, once; without it, prompts typed at the terminal, or one per "
+                        "line of standard input.")
     parser.add_argument("--max_tokens", type=int, default=max_tokens,
                         help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
     parser.add_argument("--device", default=best_device(),
