@@ -53,7 +53,7 @@ def main() -> None:
         for text in read_prompts(args.prompt):
             prompt = torch.tensor(encode_prompt(text), device=args.device)
             candidates = model.beam_search(prompt, args.max_tokens, args.beam_width, args.num_candidates,
-                                           args.length_penalty, block_size)
+                                           args.length_penalty, block_size, show_progress=True)
             for rank, (tokens, score) in enumerate(candidates, 1):
                 print(f"{rank}. [{score:.3f}] {tokenizer.decode(tokens)}", flush=True)
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from torch.nn import (
 )
 from torch.nn.functional import cross_entropy, scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 
 def best_device() -> str:
@@ -308,6 +309,7 @@ class LightGPT(Module):
         num_candidates: int = 3,
         length_penalty: float = 1.0,
         block_size: int = 1024,
+        show_progress: bool = False,
     ) -> list[tuple[list[int], float]]:
         """The num_candidates most likely continuations of the prompt (new tokens only), best first, with scores.
 
@@ -315,8 +317,10 @@ class LightGPT(Module):
         unfinished sequences by every token, keeps the beam_width most likely results, and finishes a sequence at
         eos_index (scored, but not among its tokens) or at max_tokens. A score is the total log-probability divided
         by the length (eos included) to the power length_penalty: 0 ranks by probability alone, 1 by the average
-        per token, which favours longer sequences more. The context is cut as generate() cuts it.
+        per token, which favours longer sequences more. The context is cut as generate() cuts it. show_progress
+        draws a progress bar of the steps on standard error.
         """
+
         keep = (block_size + 1) // 2
         context = prompt[-block_size:][None]
         sequences = context[:, :0]
@@ -329,7 +333,8 @@ class LightGPT(Module):
             finished.extend((sequence, total / length**length_penalty)
                             for sequence, total in zip(sequences.tolist(), totals.tolist()))
 
-        for length in range(1, max_tokens + 1):
+        steps = tqdm(range(1, max_tokens + 1), desc="Beam search", unit="token", leave=False, disable=not show_progress)
+        for length in steps:
             scores = totals[:, None] + logits.float().log_softmax(-1)
             finish(sequences, scores[:, self.eos_index], length)
             scores[:, self.eos_index] = -math.inf
