@@ -1,5 +1,4 @@
 import itertools
-import math
 import re
 import shlex
 from collections.abc import Iterator
