@@ -6,9 +6,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from conftest import REPOSITORY, assert_one_line_error, run_script
 import beam_search
 import generate
+from conftest import REPOSITORY, assert_one_line_error, run_script
 from data import load_tokenizer
 from model import LightGPT, load_model, penalize_repeats, top_k_top_p
 
