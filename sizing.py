@@ -198,7 +198,8 @@ def memory_per_device(
     until the backward ends. 3 shards the parameters too and gathers only the root's (the tied embedding and
     final norm) and one block's at a time. Under FSDP the full gradients of one unit (the root or a block)
     exist until they are reduce-scattered. Not counted: the CUDA context, allocator fragmentation,
-    communication buffers, DDP's gradient buckets, and what torch.compile saves by fusing.
+    communication buffers, DDP's gradient buckets, and what torch.compile saves by fusing. One device
+    (world_size 1, no torchrun) shards and gathers nothing, whatever the level.
     """
     if ddp_sharding_level not in SHARDING_LEVELS:
         raise ValueError(f"ddp_sharding_level must be one of {SHARDING_LEVELS}, got {ddp_sharding_level}")
@@ -207,7 +208,7 @@ def memory_per_device(
     counts = architecture.parameters
     total = counts["total"]
     shards = 1 if ddp_sharding_level == 0 else world_size
-    if ddp_sharding_level == 0:
+    if shards == 1:
         parameters, gradients = total, total
     else:
         largest_unit = max(counts["embedding"], counts["per_block"])
