@@ -55,10 +55,12 @@ def training_flops_per_token(
     """Forward and backward FLOPs per trained token: 6N plus the attention term 12 * layers * block_size * width.
 
     6N counts a multiply and an add for every parameter once forward and twice backward; the tied embedding is
-    in N because the output layer is a real matrix multiplication. The attention term (scores Q K^T and their
-    product with V, forward and backward) assumes FULL attention over the whole block: it does not halve for
-    the causal mask, like PaLM's MFU and like FlopCounterMode, which counts the math attention path's full
-    T x T matrix products and the fused flash kernels by the same full-attention formula.
+    in N because the output layer is a real matrix multiplication. The attention term (the scores Q K^T and
+    their product with V, forward and backward) assumes FULL attention over the whole block and does not halve
+    for the causal mask, like PaLM's MFU and like FlopCounterMode: it counts the full T x T products of the math
+    backend (`sdpa_kernel(SDPBackend.MATH)`) and of the CUDA flash, efficient and cuDNN kernels. On the CPU the
+    default SDPA kernel (`_scaled_dot_product_flash_attention_for_cpu`) has no FLOP formula, so there
+    FlopCounterMode counts no attention at all and reports only about 6N per token.
     """
     total = parameter_counts(vocabulary_size, embedding_dimensions, num_layers, feed_forward_ratio)["total"]
     return 6 * total + 12 * num_layers * block_size * embedding_dimensions
