@@ -2,11 +2,13 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import sizing
@@ -14,6 +16,7 @@ from model import LightGPT
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPOSITORY / "model_sizing.ipynb"
+OPTIMIZERS = {"adafactor": torch.optim.Adafactor, "adamw": torch.optim.AdamW}
 
 # (vocabulary_size, block_size, embedding_dimensions, num_attention_heads, num_hidden_layers, feed_forward_ratio)
 SHAPES = [(97, 64, 32, 4, 2, 4), (101, 16, 48, 3, 3, 2), (50, 128, 16, 2, 1, 1), (300, 8, 64, 8, 2, 3)]
@@ -68,8 +71,7 @@ def test_parameter_counts_equal_the_models_exactly(shape):
 def test_optimizer_state_equals_what_the_torch_optimizer_keeps(optimizer):
     architecture = sizing.Architecture(*SHAPES[0])
     model = build(architecture)
-    optimizers = {"adafactor": torch.optim.Adafactor, "adamw": torch.optim.AdamW}
-    torch_optimizer = optimizers[optimizer](model.parameters(), lr=1e-3)
+    torch_optimizer = OPTIMIZERS[optimizer](model.parameters(), lr=1e-3)
     _, loss = model(*batch(architecture, 2))
     loss.backward()
     torch_optimizer.step()
@@ -91,6 +93,41 @@ def test_activation_estimate_is_within_20_percent_of_what_autograd_saves(
     measured = saved_bytes(model, *batch(architecture, 2), mixed_precision)
     estimate = sizing.activation_bytes(architecture, 2, mixed_precision, activation_checkpointing)
     assert estimate == pytest.approx(measured, rel=0.2)
+
+
+def peak_training_step_bytes(model: LightGPT, optimizer: torch.optim.Optimizer, x, y, path: Path) -> int:
+    """The most CPU memory a whole training step holds, from the profiler's memory timeline."""
+
+    def step() -> None:
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # creates the optimizer state, which then exists before the measured step
+    # The memory timeline needs the shapes and the stacks to tell tensors apart.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a CUDA-only API
+        p.export_memory_timeline(str(path), device="cpu")
+    _, sizes_by_category = json.loads(path.read_text())
+    return max(map(sum, sizes_by_category))
+
+
+@pytest.mark.parametrize(
+    "optimizer, activation_checkpointing", [("adamw", False), ("adafactor", True)], ids=["stored", "checkpointed"]
+)
+def test_memory_per_device_is_within_20_percent_of_a_training_steps_peak(
+    optimizer, activation_checkpointing, tmp_path
+):
+    architecture = sizing.Architecture(512, 64, 64, 4, 3, 4)
+    model = build(architecture).train()
+    model.enable_activation_checkpointing(activation_checkpointing)
+    torch_optimizer = OPTIMIZERS[optimizer](model.parameters(), lr=1e-3)
+    measured = peak_training_step_bytes(model, torch_optimizer, *batch(architecture, 4), tmp_path / "timeline.json")
+    estimate = sizing.memory_per_device(architecture, 4, False, optimizer, activation_checkpointing)
+    assert estimate["total"] == pytest.approx(measured, rel=0.2)
 
 
 def test_checkpointing_saves_a_fraction_of_the_activations():
