@@ -93,11 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Recompute each block's activations during the backward pass to save memory.")
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
                         help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
-                        "state, 3 also shards the parameters (FSDP2).")
+                        "state (FSDP2, parameters whole from forward to backward), 3 also shards the parameters.")
     parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
-                        help="Compile the model with torch.compile (default: on for CUDA, off elsewhere).")
+                        help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
     parser.add_argument("--mixed_precision", action=BooleanOptionalAction, default=True,
-                        help="Use bf16 autocast on CUDA devices that support it.")
+                        help="Compute in bf16 on CUDA devices that support it (autocast; FSDP2's bf16 parameters at "
+                        "sharding levels 2 and 3).")
     parser.add_argument("--checkpoint_interval", type=int, default=20,
                         help="Save a checkpoint every this many epochs (and always at the end).")
     parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
