@@ -191,21 +191,28 @@ def evaluate(model, windows: TokenWindows, starts: torch.Tensor, batch_size: int
     return sum_across_ranks(total).item() / len(starts)
 
 
+def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
+    """The corpus, prepared on the first run, the model's arguments and, on rank 0 alone, the checkpoint to resume."""
+    text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
+    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
+    model_args = model_args_from(args)
+    checkpoint = load_checkpoint(args.checkpoint_path) if args.resume and rank() == 0 else None
+    if checkpoint:
+        check_resumable(checkpoint, model_args, args.block_size)
+    train_windows = TokenWindows(corpus / "train.bin", args.block_size)
+    return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args, checkpoint
+
+
 def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
-    """The corpus, prepared first by each node's first rank and then reused by the others, and the checkpoint to
-    resume, read by rank 0 alone. Every rank stops with the same error when any rank meets one."""
-    error, inputs = None, None
-    for turn in ("first", "others"):
-        if (turn == "first") == (int(os.environ.get("LOCAL_RANK", 0)) == 0):
+    """read_inputs on every rank: each node's first process goes first and prepares the corpus, then the others
+    reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
+    first_on_its_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    inputs = None
+    for my_turn in (first_on_its_node, not first_on_its_node):
+        error = None
+        if my_turn:
             try:
-                text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
-                corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
-                model_args = model_args_from(args)
-                checkpoint = load_checkpoint(args.checkpoint_path) if args.resume and rank() == 0 else None
-                if checkpoint:
-                    check_resumable(checkpoint, model_args, args.block_size)
-                inputs = (TokenWindows(corpus / "train.bin", args.block_size),
-                          TokenWindows(corpus / "test.bin", args.block_size), model_args, checkpoint)
+                inputs = read_inputs(args)
             except (ValueError, FileNotFoundError, ConnectionError) as exception:
                 error = str(exception)
         error = first_error_of_any_rank(error)

@@ -5,9 +5,10 @@ import math
 import os
 import signal
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,8 @@ from model import LightGPT
 # Long enough for rank 0 to write a large checkpoint while the others wait; short enough that a rank that
 # died takes the job down in minutes instead of leaving the others waiting forever.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
+
+Value = TypeVar("Value")
 
 
 def launched_by_torchrun() -> bool:
@@ -86,7 +89,7 @@ def first_error_of_any_rank(error: str | None) -> str | None:
     return next((message for message in errors if message), None)
 
 
-def from_rank_zero(value):
+def from_rank_zero(value: Value) -> Value:
     """Rank 0's value of a small picklable object, on every rank."""
     if not dist.is_initialized():
         return value
@@ -115,7 +118,7 @@ def autocast(device: torch.device, mixed_precision: bool):
     return nullcontext()
 
 
-def precision(model: Module, device: torch.device, mixed_precision: bool):
+def precision(model: Module, device: torch.device, mixed_precision: bool) -> AbstractContextManager:
     """The autocast to train `model` under: none for FSDP2, whose own policy already computes in bf16."""
     return nullcontext() if isinstance(model, FSDPModule) else autocast(device, mixed_precision)
 
@@ -144,7 +147,7 @@ def parallelize(
     return fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
 
 
-def gradient_sync(model: Module, enabled: bool):
+def gradient_sync(model: Module, enabled: bool) -> AbstractContextManager:
     """A context for one backward pass that synchronises gradients across ranks only when `enabled`: the
     micro-steps before the optimizer step accumulate locally, with no communication."""
     if isinstance(model, DistributedDataParallel) and not enabled:
@@ -193,7 +196,7 @@ class Adafactor(torch.optim.Adafactor):
     PyTorch's in-place kernels cannot ask DTensor for that sum; these out-of-place operations can."""
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None) -> Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -3,6 +3,8 @@ batches. Run as a script under torchrun, this file measures each rank's training
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -52,6 +54,26 @@ def assert_same_training(checkpoint: Path, expected: Path) -> None:
     assert state["step"] == expected_state["step"]
 
 
+def test_our_adafactor_steps_exactly_like_pytorchs():
+    from model import LightGPT
+    from training import Adafactor
+
+    models = []
+    for optimizer_class in (torch.optim.Adafactor, Adafactor):
+        torch.manual_seed(0)
+        model = LightGPT(64, 16, 2, 1, eos_index=0)
+        optimizer = optimizer_class(model.parameters(), lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(step))
+            model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        models.append((model, optimizer))
+    (theirs, their_optimizer), (ours, our_optimizer) = models
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+    torch.testing.assert_close(our_optimizer.state_dict(), their_optimizer.state_dict())
+
+
 @pytest.fixture(scope="module")
 def one_process_runs(tmp_path_factory, dataset_path):
     """For each optimizer, one process trains 2 epochs, then resumes to 4: the reference for every level."""
@@ -88,6 +110,18 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(
     shutil.copy(half.with_suffix(".metrics.jsonl"), one_then_two.with_suffix(".metrics.jsonl"))
     pretrain(2, one_then_two, dataset_path, *flags, "--num_epochs", "4", "--resume")
     assert_same_training(one_then_two, whole)
+
+
+def test_the_readme_cpu_torchrun_command_trains_in_two_processes(tmp_path, dataset_path):
+    readme = (REPOSITORY / "README.md").read_text()
+    command = re.search(r"^torchrun --standalone --nproc-per-node=2 pre-train.py (.+)$", readme, re.M)
+    assert command, "the README has no two-process CPU command"
+    checkpoint = tmp_path / "readme.pt"
+    result = torchrun("pre-train.py", *shlex.split(command.group(1)), "--samples_per_epoch", "32",
+                      "--num_epochs", "1", "--eval_samples", "8", "--dataset_path", dataset_path,
+                      "--checkpoint_path", checkpoint)
+    assert result.returncode == 0, result.stderr
+    assert "2 processes" in result.stdout and len(metrics(checkpoint)) == 1
 
 
 def test_uneven_accumulation_warns_and_still_trains_like_one_process(tmp_path, dataset_path):
