@@ -17,6 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import REPOSITORY, TINY_MODEL, run_script  # noqa: E402
+from model import LightGPT, load_checkpoint  # noqa: E402
+from training import Adafactor, distributed, parallelize, rank  # noqa: E402
 
 # Four micro-batches per step: two for each of the two ranks.
 COMMON = ["--dataset", "wikipedia", *TINY_MODEL, "--batch_size", "2", "--gradient_accumulation_steps", "4",
@@ -55,9 +57,6 @@ def assert_same_training(checkpoint: Path, expected: Path) -> None:
 
 
 def test_our_adafactor_steps_exactly_like_pytorchs():
-    from model import LightGPT
-    from training import Adafactor
-
     models = []
     for optimizer_class in (torch.optim.Adafactor, Adafactor):
         torch.manual_seed(0)
@@ -100,8 +99,7 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(
     first = pretrain(2, two_then_one, dataset_path, *flags, "--num_epochs", "2")
     assert "2 processes" in first.stdout and first.stdout.count("Done") == 1
     assert_same_training(two_then_one, half)
-    assert not [key for key in torch.load(two_then_one, weights_only=True)["model"]
-                if key.startswith(("module", "_orig_mod", "_fsdp"))]
+    LightGPT(**load_checkpoint(two_then_one)["model_args"]).load_state_dict(load_checkpoint(two_then_one)["model"])
     pretrain(1, two_then_one, dataset_path, *flags, "--num_epochs", "4", "--resume")
     assert_same_training(two_then_one, whole)
 
@@ -169,9 +167,6 @@ def local_bytes(tensors) -> int:
 
 def measure_training_memory() -> None:
     """Under torchrun: each rank's parameter, gradient and AdamW-state bytes at every sharding level."""
-    from model import LightGPT
-    from training import distributed, parallelize, rank
-
     figures = {}
     with distributed("cpu"):
         for level in (0, 2, 3):
