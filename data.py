@@ -462,7 +462,10 @@ def read_prompts(prompt: str | None) -> Iterator[str]:
                 return
 
 
-def encode_prompt(text: str) -> list[int]:
-    """A prompt's tokens; an empty prompt is the end-of-text token, which comes before every training document."""
+def encode_prompt(text: str, template: dict[str, str] | None = None) -> list[int]:
+    """A prompt's tokens, put first in an instruction template if one is given (an adapter's); an empty prompt is
+    the end-of-text token, which comes before every training document."""
     tokenizer = load_tokenizer()
+    if template is not None:
+        text = format_prompt(template, text)
     return tokenizer.encode_ordinary(text) or [tokenizer.eot_token]

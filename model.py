@@ -62,10 +62,12 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = ("model_args",
 
 def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
-    parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
-                        help="The checkpoint written by pre-train.py.")
+    parser.add_argument("--checkpoint_path", default=None,
+                        help="The checkpoint written by pre-train.py (default: ./out/checkpoint.pt, or with "
+                        "--lora_path the base checkpoint the adapter names).")
     parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter checkpoint to apply to the model (not supported yet).")
+                        help="A LoRA adapter written by instruction-tune.py: it is merged into the base model, and "
+                        "each prompt is put in the instruction template it was tuned with.")
     parser.add_argument("--prompt", default=None,
                         help="The text to complete, once; without it, prompts typed at the terminal, or one per "
                         "line of standard input.")
@@ -84,10 +86,16 @@ def check_inference_arguments(args: argparse.Namespace) -> None:
     check_device(args.device)
 
 
-def load_model(path: str | Path, device: str = "cpu", lora_path: str | Path | None = None) -> tuple["LightGPT", int]:
-    """The model a pre-training checkpoint holds, in evaluation mode on the device, and its training context length."""
+def load_model(
+    path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None
+) -> tuple["LightGPT", int, dict | None]:
+    """The model a pre-training checkpoint holds (by default ./out/checkpoint.pt), in evaluation mode on the device,
+    its training context length, and None. With lora_path: the adapter merged into its base (path, else the base
+    the adapter names) and the adapter's prompt template."""
     if lora_path is not None:
-        raise ValueError("--lora_path: LoRA adapters are not supported yet")
+        model, block_size, template = load_lora_model(lora_path, path)
+        return model.to(device), block_size, template
+    path = path or "./out/checkpoint.pt"
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get("block_size"), int):
         raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
@@ -95,7 +103,7 @@ def load_model(path: str | Path, device: str = "cpu", lora_path: str | Path | No
         model = LightGPT.from_checkpoint(checkpoint)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
-    return model.to(device).eval(), checkpoint["block_size"]
+    return model.to(device).eval(), checkpoint["block_size"], None
 
 
 def penalize_repeats(logits: Tensor, context: Tensor, penalty: float) -> Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPOSITORY, assert_one_line_error, run_script, run_until_first_epoch_then_terminate
-from data import PROMPT_TEMPLATE, InstructionSamples, load_instructions
+from data import PROMPT_TEMPLATE, InstructionSamples, encode_prompt, load_instructions, load_tokenizer
 from model import (
     LightGPT,
     LoRALinear,
@@ -239,3 +239,21 @@ def test_accumulating_padded_batches_gives_the_gradient_of_one_batch(instruction
         weights.append(adapters)
     for one_batch, accumulated in zip(*weights):
         torch.testing.assert_close(accumulated, one_batch)
+
+
+@pytest.mark.parametrize("script", ["generate.py", "beam_search.py"])
+def test_the_scripts_answer_with_the_adapter_in_its_prompt_template(adapter_path, script, tmp_path):
+    question = "Where is the city?"
+    model, _, template = load_lora_model(adapter_path)
+    first_token = model(torch.tensor([encode_prompt(question, template)]))[0][0, -1].argmax().item()
+    greedy = ["--top_k", "1"] if script == "generate.py" else ["--beam_width", "1", "--num_candidates", "1"]
+    result = run_script(script, "--lora_path", adapter_path, "--prompt", question, "--max_tokens", "4",
+                        "--device", "cpu", *greedy)
+    assert result.returncode == 0, result.stderr
+    assert load_tokenizer().decode([first_token]) in result.stdout
+    other = LightGPT(vocabulary_size=50257, embedding_dimensions=32, num_heads=2, num_layers=2)
+    torch.save({"model_args": {"vocabulary_size": 50257, "embedding_dimensions": 32, "num_heads": 2,
+                               "num_layers": 2}, "model": other.state_dict(), "block_size": 64}, tmp_path / "other.pt")
+    mismatched = run_script(script, "--lora_path", adapter_path, "--checkpoint_path", tmp_path / "other.pt",
+                            "--prompt", question, "--device", "cpu")
+    assert_one_line_error(mismatched, "other.pt", "embedding_dimensions=64", "embedding_dimensions=32")
