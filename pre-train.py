@@ -4,7 +4,6 @@ import argparse
 import os
 import random
 import sys
-import time
 import warnings
 from argparse import BooleanOptionalAction
 from pathlib import Path
@@ -13,11 +12,12 @@ import torch
 from tqdm import tqdm
 
 from data import CORPORA, TOKENIZER_NAME, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
-from model import LightGPT, best_device, check_device, load_checkpoint
+from model import LightGPT, check_device, load_checkpoint
 from training import (
     Adafactor,
+    EpochLog,
     GracefulExit,
-    append_metrics,
+    add_runtime_arguments,
     check_launch,
     distributed,
     first_error_of_any_rank,
@@ -69,8 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Optimizer steps of linear learning-rate warmup before the cosine decay to a tenth.")
     parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"),
                         help="Adafactor keeps factored second moments (little memory); AdamW keeps two full moments.")
-    parser.add_argument("--max_gradient_norm", type=float, default=1.0,
-                        help="Clip gradients above this global norm before stepping.")
     parser.add_argument("--num_epochs", type=int, default=2145,
                         help="The number of epochs to train for.")
     parser.add_argument("--eval_interval", type=int, default=10,
@@ -89,26 +87,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="The width of each MLP's hidden layer as a multiple of --embedding_dimensions.")
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="The proportion of signals to send to zero during training as regularization.")
-    parser.add_argument("--activation_checkpointing", action=BooleanOptionalAction, default=False,
-                        help="Recompute each block's activations during the backward pass to save memory.")
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
                         help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
                         "state (FSDP2, parameters whole from forward to backward), 3 also shards the parameters.")
-    parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
-                        help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
-    parser.add_argument("--mixed_precision", action=BooleanOptionalAction, default=True,
-                        help="Compute in bf16 on CUDA devices that support it (autocast; FSDP2's bf16 parameters at "
-                        "sharding levels 2 and 3).")
     parser.add_argument("--checkpoint_interval", type=int, default=20,
                         help="Save a checkpoint every this many epochs (and always at the end).")
     parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
                         help="The checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
     parser.add_argument("--resume", action=BooleanOptionalAction, default=False,
                         help="Resume training from the checkpoint at --checkpoint_path.")
-    parser.add_argument("--device", default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generators (default: a random one, recorded).")
+    add_runtime_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -274,7 +262,6 @@ def train(args, device: torch.device, train_windows: TokenWindows, test_windows:
     eval_starts = test_windows.random_starts(args.eval_samples, torch.Generator().manual_seed(0))
     metrics_path = Path(args.checkpoint_path).with_suffix(".metrics.jsonl")
     if main_process:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
         print(f"LightGPT: {model.num_trainable_params:,} trainable parameters, {steps_per_epoch} steps per epoch"
               + (f", {world_size()} processes" if world_size() > 1 else ""))
 
@@ -299,9 +286,9 @@ def train(args, device: torch.device, train_windows: TokenWindows, test_windows:
         )
 
     exit_request = GracefulExit()
-    tokens_per_step = args.batch_size * args.gradient_accumulation_steps * args.block_size
+    tokens_per_epoch = args.batch_size * args.gradient_accumulation_steps * args.block_size * steps_per_epoch
     progress = tqdm(total=total_steps, initial=step, desc="Pre-training", unit="step", disable=not main_process)
-    epoch_loss, epoch_norm, epoch_start = 0.0, 0.0, time.perf_counter()
+    log = EpochLog(progress, metrics_path if main_process else None)
     model.train()
     while step < total_steps:
         learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
@@ -330,34 +317,16 @@ def train(args, device: torch.device, train_windows: TokenWindows, test_windows:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        progress.update()
-        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{learning_rate:.2e}")
-        epoch_loss += step_loss
-        epoch_norm += gradient_norm
+        log.add_step(step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
         if end_of_epoch == 0:
-            elapsed = time.perf_counter() - epoch_start
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "loss": epoch_loss / steps_per_epoch,
-                "gradient_norm": epoch_norm / steps_per_epoch,
-                "learning_rate": learning_rate,
-                "tokens_per_second": tokens_per_step * steps_per_epoch / elapsed,
-            }
+            validation_loss = None
             if epoch % args.eval_interval == 0 or step == total_steps:
-                record["validation_loss"] = evaluate(
-                    training_model, test_windows, eval_starts, args.batch_size, device, autocast
-                )
-                record["validation_perplexity"] = float(torch.tensor(record["validation_loss"]).exp())
-            if main_process:
-                progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                                        for key, value in record.items()))
-                append_metrics(metrics_path, record)
+                validation_loss = evaluate(training_model, test_windows, eval_starts, args.batch_size, device, autocast)
+            log.end_epoch(epoch, step, "tokens", tokens_per_epoch, validation_loss)
             if epoch % args.checkpoint_interval == 0 or step == total_steps:
                 save(epoch)
-            epoch_loss, epoch_norm, epoch_start = 0.0, 0.0, time.perf_counter()
         if stop_requests:
             save(step // steps_per_epoch)
             progress.close()

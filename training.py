@@ -351,10 +351,12 @@ class EpochLog:
     """Each step's loss on the progress bar; each epoch's means, throughput and validation figures printed and
     appended to the metrics file."""
 
-    def __init__(self, progress, metrics_path: str | Path):
+    def __init__(self, progress, metrics_path: str | Path | None):
+        """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun)."""
         self.progress = progress
-        self.metrics_path = Path(metrics_path)
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = Path(metrics_path) if metrics_path else None
+        if self.metrics_path:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self._start_epoch()
 
     def _start_epoch(self) -> None:
@@ -379,9 +381,10 @@ class EpochLog:
         }
         if validation_loss is not None:
             record |= {"validation_loss": validation_loss, "validation_perplexity": math.exp(validation_loss)}
-        self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                                     for key, value in record.items()))
-        append_metrics(self.metrics_path, record)
+        if self.metrics_path:
+            self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                                         for key, value in record.items()))
+            append_metrics(self.metrics_path, record)
         self._start_epoch()
 
 
@@ -392,9 +395,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="Recompute each block's activations during the backward pass to save memory.")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="Compile the model with torch.compile (default: on for CUDA, off elsewhere).")
+                        help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
     parser.add_argument("--mixed_precision", action=argparse.BooleanOptionalAction, default=True,
-                        help="Use bf16 autocast on CUDA devices that support it.")
+                        help="Compute in bf16 on CUDA devices that support it (autocast; FSDP2's bf16 parameters at "
+                        "sharding levels 2 and 3).")
     parser.add_argument("--device", default=best_device(),
                         help="The device to run on: cuda, mps or cpu (default: the best one available).")
     parser.add_argument("--seed", type=int, default=None,
