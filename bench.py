@@ -374,20 +374,26 @@ def measure_generation(args: argparse.Namespace) -> list[Measurement]:
     hf = gpt2(args, longest).eval() if args.gpt2 else None
     prompt = torch.randint(0, args.vocabulary_size - 1, (args.prompt_length,),
                            generator=torch.Generator().manual_seed(args.seed)).to(device)
+    top_k = min(500, args.vocabulary_size)  # generate's default, as far as the vocabulary allows
     rows = []
     for length in tqdm(args.generation_lengths, desc="Generation", unit="length", file=sys.stderr):
         context = args.prompt_length + length
         runs = {
             "greedy": lambda: sum(1 for _ in model.generate(prompt, length, top_k=1, block_size=context)),
-            "sample": lambda: sum(1 for _ in model.generate(prompt, length, block_size=context)),
-            "uncached": lambda: sum(1 for _ in model.generate(prompt, length, block_size=context, use_cache=False)),
+            "sample": lambda: sum(1 for _ in model.generate(prompt, length, top_k=top_k, block_size=context)),
+            "uncached": lambda: sum(
+                1 for _ in model.generate(prompt, length, top_k=top_k, block_size=context, use_cache=False)
+            ),
         }
         if hf is not None:
             # min_new_tokens keeps GPT-2 from stopping early; LightGPT counts the tokens it actually made.
             settings = dict(max_new_tokens=length, min_new_tokens=length, pad_token_id=args.vocabulary_size - 1)
             runs["gpt2_greedy"] = lambda: hf.generate(prompt[None], do_sample=False, **settings).size(1) - len(prompt)
-            runs["gpt2_sample"] = lambda: hf.generate(prompt[None], do_sample=True, top_k=500, top_p=0.9,
+            runs["gpt2_sample"] = lambda: hf.generate(prompt[None], do_sample=True, top_k=top_k, top_p=0.9,
                                                       **settings).size(1) - len(prompt)
+        if length == args.generation_lengths[0]:
+            for run in runs.values():  # warm up (first calls allocate and dispatch slowly)
+                run()
         speed = {}
         for name, run in runs.items():
             tokens, seconds = timed(run, device)
