@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="The number of tokens beam search generates.")
     parser.add_argument("--dataset", default="wikipedia", choices=("wikipedia", "kjv"),
                         help="The embedded corpus whose preparation is timed.")
+    parser.add_argument("--dataset_repeats", type=int, default=8,
+                        help="Tokenize the corpus this many times over in the tokenization measurement, so that "
+                        "tokenizing outweighs starting the processes (an embedded corpus takes a fraction of a second).")
     parser.add_argument("--num_dataset_processes", type=int, default=2,
                         help="Corpus preparation with this many processes is compared with one process.")
     parser.add_argument("--checkpointing_layers", type=int, default=24,
@@ -113,7 +116,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in (
         "block_size", "embedding_dimensions", "num_attention_heads", "num_hidden_layers", "feed_forward_ratio",
         "vocabulary_size", "batch_size", "steps", "prompt_length", "beam_width", "num_candidates", "beam_tokens",
-        "num_dataset_processes", "checkpointing_layers",
+        "num_dataset_processes", "dataset_repeats", "checkpointing_layers",
     ):
         value = getattr(args, name)
         if value < 1:
@@ -316,8 +319,11 @@ def device_peak_tflops(args: argparse.Namespace) -> float | None:
 
 def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace) -> Measurement | None:
     """Achieved FLOPs (the sizing module's training FLOPs per token) as a share of the device's peak."""
-    from sizing import training_flops_per_token
-
+    try:
+        from sizing import training_flops_per_token
+    except ImportError:
+        print("bench.py: MFU needs sizing.py's training_flops_per_token, not in this checkout", file=sys.stderr)
+        return None
     peak = device_peak_tflops(args)
     if peak is None:
         print(f"bench.py: no peak TFLOPS known for {torch.cuda.get_device_name(args.device)}; "
@@ -434,7 +440,7 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
 
 
 def measure_data(args: argparse.Namespace) -> list[Measurement]:
-    """Whole preparations of the corpus into a fresh folder, and their tokenization phase alone."""
+    """Whole preparations of the corpus into a fresh folder, and the tokenization phase alone."""
     from data import prepare_corpus
 
     documents = load_documents(args.dataset, 1)
@@ -442,8 +448,10 @@ def measure_data(args: argparse.Namespace) -> list[Measurement]:
     for processes in tqdm((1, args.num_dataset_processes), desc="Corpus preparation", file=sys.stderr):
         load_tokenizer()
         start = time.perf_counter()
-        tokens = sum(len(train) + len(test) for train, test in tokenize_corpus(documents, processes)) // 2
+        repeated = tokenize_corpus(documents * args.dataset_repeats, processes)
+        tokens = sum(len(train) + len(test) for train, test in repeated) // 2
         tokenization[processes] = tokens / (time.perf_counter() - start)
+        tokens //= args.dataset_repeats
         with tempfile.TemporaryDirectory() as folder:
             load_tokenizer.cache_clear()  # a user's run builds the tokenizer too
             start = time.perf_counter()

@@ -18,7 +18,7 @@ SIDE_BY_SIDE = {"train_tokens_per_s", "parameters", "train_peak_memory"}
 def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_measurement():
     result = run_script(
         "bench.py", *TINY_SHAPE, "--steps", "2", "--warmup", "1", "--checkpointing_layers", "4",
-        "--parts", "train", "checkpointing", "data", "--json",
+        "--parts", "train", "checkpointing", "data", "--dataset_repeats", "1", "--json",
     )
     assert result.returncode == 0, result.stderr
     records = {}
