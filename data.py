@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from multiprocessing import Pool
 from pathlib import Path
@@ -303,3 +304,26 @@ class TokenWindows:
         rows = np.stack([self.tokens[start : start + self.block_size + 1] for start in starts])
         batch = torch.from_numpy(rows.astype(np.int64))
         return batch[:, :-1], batch[:, 1:]
+
+
+def read_prompts(prompt: str | None) -> Iterator[str]:
+    """The texts to complete: the one given, else one per line typed at a terminal (until Ctrl-D), else one per
+    line of standard input, so that a script can pipe prompts in."""
+    if prompt is not None:
+        yield prompt
+    elif not sys.stdin.isatty():
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+    else:
+        while True:
+            try:
+                yield input("Prompt (Ctrl-D to quit): ")
+            except EOFError:
+                print()
+                return
+
+
+def encode_prompt(text: str) -> list[int]:
+    """A prompt's tokens; an empty prompt is the end-of-text token, which comes before every training document."""
+    tokenizer = load_tokenizer()
+    return tokenizer.encode_ordinary(text) or [tokenizer.eot_token]

@@ -1,6 +1,8 @@
 """The LightGPT model: a bias-free, position-free, weight-tied GPT in pure PyTorch."""
 
+import argparse
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from torch.nn import (
 )
 from torch.nn.functional import cross_entropy, scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 
 def best_device() -> str:
@@ -54,6 +57,92 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict) or not {"model_args", "model"} <= checkpoint.keys():
         raise ValueError(f"{path}: not a LightGPT checkpoint (no model_args and model entries)")
     return checkpoint
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
+    parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
+                        help="The checkpoint written by pre-train.py.")
+    parser.add_argument("--lora_path", default=None,
+                        help="A LoRA adapter checkpoint to apply to the model (not supported yet).")
+    parser.add_argument("--prompt", default=None,
+                        help="The text to complete, once; without it, prompts typed at the terminal, or one per "
+                        "line of standard input.")
+    parser.add_argument("--max_tokens", type=int, default=max_tokens,
+                        help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
+    parser.add_argument("--device", default=best_device(),
+                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="The seed for the random number generator, for reproducible runs.")
+
+
+def check_inference_arguments(args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError for the first of add_inference_arguments' flags that cannot work."""
+    if args.max_tokens < 1:
+        raise ValueError(f"--max_tokens must be a positive integer, got {args.max_tokens}")
+    check_device(args.device)
+
+
+def load_model(path: str | Path, device: str = "cpu", lora_path: str | Path | None = None) -> tuple["LightGPT", int]:
+    """The model a pre-training checkpoint holds, in evaluation mode on the device, and its training context length."""
+    if lora_path is not None:
+        raise ValueError("--lora_path: LoRA adapters are not supported yet")
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint.get("block_size"), int):
+        raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
+    try:
+        model = LightGPT.from_checkpoint(checkpoint)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return model.to(device).eval(), checkpoint["block_size"]
+
+
+def penalize_repeats(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
+    """Make the tokens of the context less likely (CTRL's repetition penalty): their positive logits are divided
+    by the penalty and their negative ones multiplied by it."""
+    seen = context.unique()
+    logits = logits.clone()
+    logits[seen] = torch.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+    return logits
+
+
+def top_k_top_p(logits: Tensor, temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
+    """The tokens worth sampling and their probabilities: the top_k most likely at this temperature, then of those
+    the fewest whose probabilities add up to top_p (nucleus sampling; the most likely token always stays)."""
+    values, tokens = (logits.float() / temperature).topk(top_k)
+    probabilities = values.softmax(-1)
+    more_likely_mass = probabilities.cumsum(-1) - probabilities
+    probabilities = probabilities.masked_fill(more_likely_mass >= top_p, 0.0)
+    return tokens, probabilities / probabilities.sum()
+
+
+class KVCache:
+    """One attention layer's keys and values for the tokens seen so far, in buffers allocated once."""
+
+    def __init__(self, batch_size: int, num_heads: int, capacity: int, head_dimensions: int, like: Tensor):
+        """Buffers on the device and in the dtype of `like` (the model's weights)."""
+        self.keys = like.new_empty(batch_size, num_heads, capacity, head_dimensions)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the keys and values of new tokens; return those of every token so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.keys.size(2):
+            raise ValueError(f"the cache holds {self.keys.size(2)} tokens; {end} do not fit")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep the cached sequences at `rows`, in that order (the beams that survive a beam search step)."""
+        self.keys, self.values = (self._select(buffer, rows) for buffer in (self.keys, self.values))
+
+    def _select(self, buffer: Tensor, rows: Tensor) -> Tensor:
+        selected = buffer.new_empty(len(rows), *buffer.shape[1:])
+        selected[:, :, : self.length] = buffer[rows, :, : self.length]  # copy only the filled part
+        return selected
 
 
 class LightGPT(Module):
@@ -111,6 +200,17 @@ class LightGPT(Module):
             torch.nn.init.normal_(block.attention.output_projection.weight, std=residual_std)
             torch.nn.init.normal_(block.mlp[-2].weight, std=residual_std)
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "LightGPT":
+        """The model of a checkpoint dictionary (see load_checkpoint), with its weights, on the CPU."""
+        try:
+            model = cls(**checkpoint["model_args"])
+            model.load_state_dict(checkpoint["model"])
+        except (TypeError, ValueError, RuntimeError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise ValueError(f"its model_args and weights do not make a LightGPT ({reason})") from None
+        return model
+
     @staticmethod
     def _init_weights(module: Module) -> None:
         # N(0, 1), Embedding's default, tied to the output layer makes huge logits whose
@@ -151,6 +251,123 @@ class LightGPT(Module):
         )
         return logits, loss
 
+    def new_cache(self, batch_size: int, capacity: int) -> list[KVCache]:
+        """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""
+        weights = self.token_embeddings.weight
+        return [
+            KVCache(batch_size, block.attention.num_heads, capacity, block.attention.head_dimensions, weights)
+            for block in self.body
+        ]
+
+    def next_token_logits(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
+        """The logits of the token that follows each row of x. With a cache, x continues the tokens cached so far,
+        and its keys and values join them; without one, x is the whole context."""
+        z = self.token_embeddings(x)
+        for index, block in enumerate(self.body):
+            z = block(z, cache[index] if cache is not None else None)
+        return self.output_layer(self.output_norm(z[:, -1]))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 500,
+        top_p: float = 0.9,
+        repeat_penalty: float = 1.0,
+        block_size: int = 1024,
+        use_cache: bool = True,
+    ) -> Iterator[int]:
+        """Sample up to max_tokens tokens that follow the prompt (a 1-D tensor of at least one token id), yielding
+        each as soon as it is chosen; stop at eos_index, which is not yielded.
+
+        The model sees at most block_size tokens: a longer prompt is cut to its last block_size tokens, and when the
+        context outgrows block_size, only its most recent half is kept and the cache is rebuilt from it, so that the
+        next block_size / 2 tokens again cost one single-token pass each. use_cache=False runs the same steps with a
+        full forward pass over the context for every token, the slow baseline.
+        """
+        keep = (block_size + 1) // 2
+        context = prompt[-block_size:]
+        cache = self.new_cache(1, min(block_size, len(context) + max_tokens)) if use_cache else None
+        logits = self.next_token_logits(context[None], cache)[0]
+        for _ in range(max_tokens):
+            if repeat_penalty != 1.0:
+                logits = penalize_repeats(logits, context, repeat_penalty)
+            candidates, probabilities = top_k_top_p(logits, temperature, top_k, top_p)
+            token = candidates[torch.multinomial(probabilities, 1)]
+            if token.item() == self.eos_index:
+                return
+            yield token.item()
+            context = torch.cat((context, token))
+            if use_cache and len(context) <= block_size:
+                logits = self.next_token_logits(token[None], cache)[0]
+            else:
+                context = context[-keep:] if len(context) > block_size else context
+                cache = self.new_cache(1, block_size) if use_cache else None
+                logits = self.next_token_logits(context[None], cache)[0]
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        prompt: Tensor,
+        max_tokens: int,
+        beam_width: int = 16,
+        num_candidates: int = 3,
+        length_penalty: float = 1.0,
+        block_size: int = 1024,
+        show_progress: bool = False,
+    ) -> list[tuple[list[int], float]]:
+        """The num_candidates most likely continuations of the prompt (new tokens only), best first, with scores.
+
+        All beams run as one batch against one cache: every step extends each of the beam_width most likely
+        unfinished sequences by every token, keeps the beam_width most likely results, and finishes a sequence at
+        eos_index (scored, but not among its tokens) or at max_tokens. A score is the total log-probability divided
+        by the length (eos included) to the power length_penalty: 0 ranks by probability alone, 1 by the average
+        per token, which favours longer sequences more. The context is cut as generate() cuts it. show_progress
+        draws a progress bar of the steps on standard error.
+        """
+
+        keep = (block_size + 1) // 2
+        context = prompt[-block_size:][None]
+        sequences = context[:, :0]
+        totals = torch.zeros(1, device=prompt.device)
+        cache = self.new_cache(1, min(block_size, context.size(1) + max_tokens))
+        logits = self.next_token_logits(context, cache)
+        finished: list[tuple[list[int], float]] = []
+
+        def finish(sequences: Tensor, totals: Tensor, length: int) -> None:
+            finished.extend((sequence, total / length**length_penalty)
+                            for sequence, total in zip(sequences.tolist(), totals.tolist()))
+
+        steps = tqdm(range(1, max_tokens + 1), desc="Beam search", unit="token", leave=False, disable=not show_progress)
+        for length in steps:
+            scores = totals[:, None] + logits.float().log_softmax(-1)
+            finish(sequences, scores[:, self.eos_index], length)
+            scores[:, self.eos_index] = -math.inf
+            totals, indices = scores.view(-1).topk(min(beam_width, scores.numel() - len(scores)))
+            beams, tokens = indices // self.vocabulary_size, indices % self.vocabulary_size
+            sequences = torch.cat((sequences[beams], tokens[:, None]), 1)
+            if length == max_tokens:
+                finish(sequences, totals, length)
+            finished = sorted(finished, key=lambda candidate: candidate[1], reverse=True)[:num_candidates]
+            if length == max_tokens or len(totals) == 0:
+                break
+            # A sequence only loses log-probability as it grows, which bounds the best score a live beam can reach.
+            best_reachable = totals[0].item() / max((length + 1) ** length_penalty, max_tokens**length_penalty)
+            if len(finished) == num_candidates and finished[-1][1] >= best_reachable:
+                break
+            context = torch.cat((context[beams], tokens[:, None]), 1)
+            if context.size(1) <= block_size:
+                for layer in cache:
+                    layer.reorder(beams)
+                logits = self.next_token_logits(tokens[:, None], cache)
+            else:
+                context = context[:, -keep:]
+                cache = self.new_cache(len(context), block_size)
+                logits = self.next_token_logits(context, cache)
+        return finished
+
 
 class CausalSelfAttentionBlock(Module):
     """Pre-norm residual block: attention, then a feed-forward network."""
@@ -168,8 +385,8 @@ class CausalSelfAttentionBlock(Module):
             Dropout(dropout),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x))
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -185,15 +402,22 @@ class CausalSelfAttention(Module):
         self.dropout = dropout
         self.output_dropout = Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         batch_size, sequence_length, embedding_dimensions = x.size()
         q, k, v = (
             self.qkv_projection(x)
             .view(batch_size, sequence_length, 3, self.num_heads, self.head_dimensions)
             .permute(2, 0, 3, 1, 4)
         )
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.append(k, v)
+        mask = None
+        if past and sequence_length > 1:
+            # The new tokens see every cached one, and each other only up to themselves.
+            mask = torch.ones(sequence_length, past + sequence_length, dtype=torch.bool, device=x.device).tril(past)
         z = scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
         )
         z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)
         return self.output_dropout(self.output_projection(z))

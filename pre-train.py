@@ -1,9 +1,11 @@
 """Pre-train LightGPT on a corpus of text, on one device or several (torchrun)."""
 
 import argparse
+import os
 import random
 import sys
 import time
+import warnings
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
@@ -13,14 +15,27 @@ from tqdm import tqdm
 from data import CORPORA, TOKENIZER_NAME, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
 from model import LightGPT, best_device, check_device, load_checkpoint
 from training import (
+    Adafactor,
     GracefulExit,
     append_metrics,
-    autocast,
+    check_launch,
+    distributed,
+    first_error_of_any_rank,
+    from_rank_zero,
+    full_training_state,
+    gradient_sync,
+    item,
     learning_rate_at,
+    load_training_state,
+    micro_batches_of_this_rank,
     parallelize,
+    precision,
+    rank,
     restore_rng_state,
     rng_state,
     save_atomically,
+    sum_across_ranks,
+    world_size,
 )
 
 
@@ -78,11 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Recompute each block's activations during the backward pass to save memory.")
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
                         help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
-                        "state, 3 also shards the parameters (FSDP2).")
+                        "state (FSDP2, parameters whole from forward to backward), 3 also shards the parameters.")
     parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
-                        help="Compile the model with torch.compile (default: on for CUDA, off elsewhere).")
+                        help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
     parser.add_argument("--mixed_precision", action=BooleanOptionalAction, default=True,
-                        help="Use bf16 autocast on CUDA devices that support it.")
+                        help="Compute in bf16 on CUDA devices that support it (autocast; FSDP2's bf16 parameters at "
+                        "sharding levels 2 and 3).")
     parser.add_argument("--checkpoint_interval", type=int, default=20,
                         help="Save a checkpoint every this many epochs (and always at the end).")
     parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
@@ -130,6 +146,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no checkpoint at --checkpoint_path {args.checkpoint_path}")
     check_device(args.device)
+    check_launch(args.device)
 
 
 def model_args_from(args: argparse.Namespace) -> dict:
@@ -161,74 +178,117 @@ def check_resumable(checkpoint: dict, model_args: dict, block_size: int) -> None
 
 @torch.no_grad()
 def evaluate(model, windows: TokenWindows, starts: torch.Tensor, batch_size: int, device, precision) -> float:
-    """Mean cross entropy over the fixed held-out windows."""
+    """Mean cross entropy over the fixed held-out windows, each rank evaluating its share of them."""
     model.eval()
     total = torch.zeros((), device=device)
-    for batch_starts in starts.split(batch_size):
+    for batch_starts, weight in micro_batches_of_this_rank(starts, batch_size):
         x, y = windows.windows(batch_starts.tolist())
         with precision:
             _, loss = model(x.to(device), y.to(device))
-        total += loss.float() * len(batch_starts)
+        if weight:
+            total += loss.float() * len(batch_starts)
     model.train()
-    return total.item() / len(starts)
+    return sum_across_ranks(total).item() / len(starts)
+
+
+def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
+    """The corpus, prepared on the first run, the model's arguments and, on rank 0 alone, the checkpoint to resume."""
+    text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
+    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
+    model_args = model_args_from(args)
+    checkpoint = load_checkpoint(args.checkpoint_path) if args.resume and rank() == 0 else None
+    if checkpoint:
+        check_resumable(checkpoint, model_args, args.block_size)
+    train_windows = TokenWindows(corpus / "train.bin", args.block_size)
+    return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args, checkpoint
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
+    """read_inputs on every rank: each node's first process goes first and prepares the corpus, then the others
+    reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
+    first_on_its_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    inputs = None
+    for my_turn in (first_on_its_node, not first_on_its_node):
+        error = None
+        if my_turn:
+            try:
+                inputs = read_inputs(args)
+            except (ValueError, FileNotFoundError, ConnectionError) as exception:
+                error = str(exception)
+        error = first_error_of_any_rank(error)
+        if error:
+            sys.exit(f"pre-train.py: error: {error}" if rank() == 0 else 1)
+    return inputs
 
 
 def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-        text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
-        corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
-        train_windows = TokenWindows(corpus / "train.bin", args.block_size)
-        test_windows = TokenWindows(corpus / "test.bin", args.block_size)
-        model_args = model_args_from(args)
-        checkpoint = load_checkpoint(args.checkpoint_path) if args.resume else None
-        if checkpoint:
-            check_resumable(checkpoint, model_args, args.block_size)
-    except (ValueError, FileNotFoundError, ConnectionError) as error:
+    except ValueError as error:
         sys.exit(f"pre-train.py: error: {error}")
-    train(args, model_args, train_windows, test_windows, checkpoint)
+    with distributed(args.device) as device:
+        train(args, device, *load_inputs(args))
 
 
-def train(args, model_args: dict, train_windows: TokenWindows, test_windows: TokenWindows, checkpoint) -> None:
-    device = torch.device(args.device)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+def train(args, device: torch.device, train_windows: TokenWindows, test_windows: TokenWindows, model_args: dict,
+          checkpoint: dict | None) -> None:
+    """Train on this process's device; under torchrun every rank runs this, and rank 0 alone prints and writes."""
+    main_process = rank() == 0
+    seed = from_rank_zero(args.seed if args.seed is not None else random.randrange(2**31))
     torch.manual_seed(seed)
     sampler = torch.Generator().manual_seed(seed)
+    if main_process and args.gradient_accumulation_steps % world_size():
+        warnings.warn(
+            f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) does not divide evenly by the "
+            f"{world_size()} processes, so some run an idle pass every step; use a multiple of {world_size()}"
+        )
 
     model = LightGPT(**model_args).to(device)
     compile = args.compile if args.compile is not None else device.type == "cuda"
-    training_model = parallelize(model, args.activation_checkpointing, compile)
+    training_model = parallelize(model, args.activation_checkpointing, compile, args.ddp_sharding_level,
+                                 args.mixed_precision)
     if args.optimizer == "adafactor":
-        optimizer = torch.optim.Adafactor(model.parameters(), lr=args.learning_rate)
+        optimizer = Adafactor(training_model.parameters(), lr=args.learning_rate)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
-    precision = autocast(device, args.mixed_precision)
+        optimizer = torch.optim.AdamW(training_model.parameters(), lr=args.learning_rate,
+                                      fused=device.type == "cuda")
+    autocast = precision(training_model, device, args.mixed_precision)
 
     steps_per_epoch = args.samples_per_epoch // (args.batch_size * args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.num_epochs
     step = 0
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        sampler.set_state(checkpoint["sampler"])
-        restore_rng_state(checkpoint["rng"])
-        step = checkpoint["step"]
-        print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
+    if args.resume:
+        load_training_state(training_model, optimizer, checkpoint)
+        progress_state = from_rank_zero({key: checkpoint[key] for key in ("sampler", "rng", "step")}
+                                        if main_process else None)
+        sampler.set_state(progress_state["sampler"])
+        restore_rng_state(progress_state["rng"])
+        step = progress_state["step"]
+        if main_process:
+            print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
+    if rank():
+        # Dropout masks differ between ranks; rank 0 keeps the stream a single process would use.
+        torch.manual_seed(hash((seed, rank(), step)))
 
     eval_starts = test_windows.random_starts(args.eval_samples, torch.Generator().manual_seed(0))
     metrics_path = Path(args.checkpoint_path).with_suffix(".metrics.jsonl")
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"LightGPT: {model.num_trainable_params:,} trainable parameters, {steps_per_epoch} steps per epoch")
+    if main_process:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"LightGPT: {model.num_trainable_params:,} trainable parameters, {steps_per_epoch} steps per epoch"
+              + (f", {world_size()} processes" if world_size() > 1 else ""))
 
     def save(epoch: int) -> None:
+        model_state, optimizer_state = full_training_state(training_model, optimizer)
+        if not main_process:
+            return
         save_atomically(
             {
                 "model_args": model_args,
                 "block_size": args.block_size,
                 "tokenizer": TOKENIZER_NAME,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "step": step,
                 "epoch": epoch,
                 "sampler": sampler.get_state(),
@@ -240,7 +300,7 @@ def train(args, model_args: dict, train_windows: TokenWindows, test_windows: Tok
 
     exit_request = GracefulExit()
     tokens_per_step = args.batch_size * args.gradient_accumulation_steps * args.block_size
-    progress = tqdm(total=total_steps, initial=step, desc="Pre-training", unit="step")
+    progress = tqdm(total=total_steps, initial=step, desc="Pre-training", unit="step", disable=not main_process)
     epoch_loss, epoch_norm, epoch_start = 0.0, 0.0, time.perf_counter()
     model.train()
     while step < total_steps:
@@ -248,19 +308,25 @@ def train(args, model_args: dict, train_windows: TokenWindows, test_windows: Tok
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         starts = train_windows.random_starts(args.batch_size * args.gradient_accumulation_steps, sampler)
+        micro_batches = micro_batches_of_this_rank(starts, args.batch_size)
         step_loss = torch.zeros((), device=device)
-        for micro_starts in starts.split(args.batch_size):
+        for index, (micro_starts, weight) in enumerate(micro_batches):
             x, y = train_windows.windows(micro_starts.tolist())
-            with precision:
-                _, loss = training_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / args.gradient_accumulation_steps).backward()
-            step_loss += loss.detach()
-        step_loss = step_loss.item() / args.gradient_accumulation_steps
+            with gradient_sync(training_model, index == len(micro_batches) - 1):
+                with autocast:
+                    _, loss = training_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                (loss * weight).backward()
+            step_loss += loss.detach() * weight
+        # One reduction per step carries both the loss and the stop request, so every rank stops at the same step.
+        step_loss, stop_requests = sum_across_ranks(
+            torch.stack([step_loss, torch.tensor(float(exit_request.requested), device=device)])
+        ).tolist()
+        step_loss /= world_size()
         if not torch.isfinite(torch.tensor(step_loss)):
             progress.close()
             sys.exit(f"pre-train.py: error: the loss became {step_loss} at step {step}; training stopped "
-                     f"(try a lower --learning_rate or a lower --max_gradient_norm)")
-        gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_gradient_norm).item()
+                     f"(try a lower --learning_rate or a lower --max_gradient_norm)" if main_process else 1)
+        gradient_norm = item(torch.nn.utils.clip_grad_norm_(training_model.parameters(), args.max_gradient_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -282,22 +348,25 @@ def train(args, model_args: dict, train_windows: TokenWindows, test_windows: Tok
             }
             if epoch % args.eval_interval == 0 or step == total_steps:
                 record["validation_loss"] = evaluate(
-                    training_model, test_windows, eval_starts, args.batch_size, device, precision
+                    training_model, test_windows, eval_starts, args.batch_size, device, autocast
                 )
                 record["validation_perplexity"] = float(torch.tensor(record["validation_loss"]).exp())
-            progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                                    for key, value in record.items()))
-            append_metrics(metrics_path, record)
+            if main_process:
+                progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                                        for key, value in record.items()))
+                append_metrics(metrics_path, record)
             if epoch % args.checkpoint_interval == 0 or step == total_steps:
                 save(epoch)
             epoch_loss, epoch_norm, epoch_start = 0.0, 0.0, time.perf_counter()
-        if exit_request.requested:
+        if stop_requests:
             save(step // steps_per_epoch)
             progress.close()
-            print(f"Stopped by signal at step {step}; checkpoint saved to {args.checkpoint_path}")
+            if main_process:
+                print(f"Stopped by signal at step {step}; checkpoint saved to {args.checkpoint_path}")
             return
     progress.close()
-    print(f"Done: checkpoint saved to {args.checkpoint_path}")
+    if main_process:
+        print(f"Done: checkpoint saved to {args.checkpoint_path}")
 
 
 if __name__ == "__main__":

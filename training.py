@@ -4,13 +4,111 @@ import json
 import math
 import os
 import signal
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate
 from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
 
 from model import LightGPT
+
+# Long enough for rank 0 to write a large checkpoint while the others wait; short enough that a rank that
+# died takes the job down in minutes instead of leaving the others waiting forever.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
+
+Value = TypeVar("Value")
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_launch(device: str) -> None:
+    """Raise a one-line ValueError when torchrun asks for a device that has no process-group backend."""
+    if launched_by_torchrun() and torch.device(device).type not in ("cuda", "cpu"):
+        raise ValueError(f"--device: {device!r} cannot train under torchrun; use cuda (nccl) or cpu (gloo)")
+
+
+@contextmanager
+def distributed(device_name: str) -> Iterator[torch.device]:
+    """This process's device; under torchrun also a process group, pinned to this rank's GPU, that is destroyed
+    however the block ends (normally, by an error or after a signal)."""
+    device = torch.device(device_name)
+    if not launched_by_torchrun():
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def sum_across_ranks(tensor: Tensor) -> Tensor:
+    """The sum of `tensor` over every rank, in place (itself when training alone)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def first_error_of_any_rank(error: str | None) -> str | None:
+    """The first rank's error message, on every rank, so that all ranks stop together rather than wait forever
+    on one that left."""
+    if not dist.is_initialized():
+        return error
+    errors = [None] * world_size()
+    dist.all_gather_object(errors, error)
+    return next((message for message in errors if message), None)
+
+
+def from_rank_zero(value: Value) -> Value:
+    """Rank 0's value of a small picklable object, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def micro_batches_of_this_rank(starts: Tensor, batch_size: int) -> list[tuple[Tensor, float]]:
+    """This rank's share of the window starts of one step, as (micro-batch, loss weight) pairs. Rank r takes
+    micro-batches r, r + world size, ...; every rank runs the same number of passes (a rank short of real
+    micro-batches repeats one with weight 0), and the weights make the ranks' averaged gradients equal the
+    gradient of the mean loss over all the micro-batches, as one process computes it."""
+    micro_batches = starts.split(batch_size)
+    num_ranks = world_size()
+    passes = -(-len(micro_batches) // num_ranks)
+    mine = micro_batches[rank()::num_ranks]
+    weight = num_ranks / len(micro_batches)
+    return [(mine[index], weight) if index < len(mine) else (micro_batches[0], 0.0) for index in range(passes)]
 
 
 def autocast(device: torch.device, mixed_precision: bool):
@@ -20,12 +118,128 @@ def autocast(device: torch.device, mixed_precision: bool):
     return nullcontext()
 
 
-def parallelize(model: LightGPT, activation_checkpointing: bool, compile: bool) -> Module:
-    """Wrap a pure model for training, in torchtitan's order: checkpointing, then compile."""
+def precision(model: Module, device: torch.device, mixed_precision: bool) -> AbstractContextManager:
+    """The autocast to train `model` under: none for FSDP2, whose own policy already computes in bf16."""
+    return nullcontext() if isinstance(model, FSDPModule) else autocast(device, mixed_precision)
+
+
+def parallelize(
+    model: LightGPT, activation_checkpointing: bool, compile: bool, sharding_level: int = 2,
+    mixed_precision: bool = False,
+) -> Module:
+    """Wrap a pure model for training in torchtitan's order: activation checkpointing, then compile each block,
+    then, under torchrun, data parallelism: DDP at sharding level 0, FSDP2 at levels 2 and 3. FSDP2 shards each
+    block on its own and leaves the tied embedding/output weight and the final norm to the root."""
     model.enable_activation_checkpointing(activation_checkpointing)
     if compile:
-        return torch.compile(model)
-    return model
+        for index, block in enumerate(model.body):
+            model.body.register_module(str(index), torch.compile(block))
+    if not dist.is_initialized():
+        return model
+    device = next(model.parameters()).device
+    if sharding_level == 0:
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    policy = MixedPrecisionPolicy()
+    if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.body:
+        fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+    return fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+
+
+def gradient_sync(model: Module, enabled: bool) -> AbstractContextManager:
+    """A context for one backward pass that synchronises gradients across ranks only when `enabled`: the
+    micro-steps before the optimizer step accumulate locally, with no communication."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+def full_training_state(model: Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The whole model and optimizer state, unsharded and on the CPU, in the same plain, parameter-named form
+    whatever the world size or wrapper (all ranks must call it; only rank 0 gets the tensors)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(unwrapped(model), options=options),
+        get_optimizer_state_dict(unwrapped(model), optimizer, options=options),
+    )
+
+
+def load_training_state(model: Module, optimizer: torch.optim.Optimizer, checkpoint: dict | None) -> None:
+    """Load a full_training_state that only rank 0 has read, sharding or replicating it onto every rank."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    set_model_state_dict(unwrapped(model), checkpoint["model"] if checkpoint else {}, options=options)
+    set_optimizer_state_dict(unwrapped(model), optimizer, checkpoint["optimizer"] if checkpoint else {},
+                             options=options)
+
+
+def unwrapped(model: Module) -> Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def replicated(tensor: Tensor) -> Tensor:
+    """A DTensor made whole on every rank (DTensor communicates); a plain tensor as it is."""
+    if isinstance(tensor, DTensor):
+        return tensor.redistribute(tensor.device_mesh, [Replicate()] * tensor.device_mesh.ndim)
+    return tensor
+
+
+def item(tensor: Tensor) -> float:
+    return tensor.full_tensor().item() if isinstance(tensor, DTensor) else tensor.item()
+
+
+class Adafactor(torch.optim.Adafactor):
+    """torch.optim.Adafactor, same hyperparameters and state, with a step that also runs on FSDP2's sharded
+    DTensor parameters: the factored second moments average whole columns, which span the shards, and
+    PyTorch's in-place kernels cannot ask DTensor for that sum; these out-of-place operations can."""
+
+    @torch.no_grad()
+    def step(self, closure=None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    self._update(parameter, group)
+        return loss
+
+    def _update(self, parameter: Tensor, group: dict) -> None:
+        gradient = -parameter.grad if group["maximize"] else parameter.grad
+        learning_rate = float(group["lr"])
+        smallest_variance, smallest_scale = group["eps"]
+        if smallest_variance is None:
+            smallest_variance = torch.finfo(parameter.dtype).eps
+        state = self.state[parameter]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+        state["step"] += 1
+        step = state["step"].item()
+        decay = step ** group["beta2_decay"]
+        relative_step = min(learning_rate, 1 / step**0.5)
+        scale = max(smallest_scale, item(parameter.norm()) / parameter.numel() ** 0.5) * relative_step
+        if group["weight_decay"]:
+            parameter.mul_(1 - learning_rate * group["weight_decay"])
+        if gradient.dim() > 1:
+            row_mean = gradient.norm(dim=-1, keepdim=True).square() / gradient.size(-1)
+            column_mean = replicated(gradient.norm(dim=-2, keepdim=True)).square() / gradient.size(-2)
+            if "row_var" not in state:
+                state["row_var"], state["col_var"] = torch.zeros_like(row_mean), torch.zeros_like(column_mean)
+            state["row_var"].lerp_(row_mean, decay)
+            state["col_var"].lerp_(column_mean, decay)
+            row_scale = replicated(state["row_var"].mean(dim=-2, keepdim=True)).clamp(min=smallest_variance)
+            variance = state["row_var"] @ state["col_var"] / row_scale
+        else:
+            if "variance" not in state:
+                state["variance"] = torch.zeros_like(gradient)
+            state["variance"].lerp_(gradient * gradient, decay)
+            variance = state["variance"]
+        update = variance.clamp(min=smallest_variance**2).rsqrt() * gradient
+        clipping = max(1.0, item(update.norm()) / (update.numel() ** 0.5 * group["d"]))
+        parameter.add_(update, alpha=-scale / clipping)
 
 
 def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:

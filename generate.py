@@ -1,0 +1,82 @@
+"""Generate text with a pre-trained LightGPT checkpoint, streaming each token to the terminal as it is sampled."""
+
+import argparse
+import codecs
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from data import encode_prompt, load_tokenizer, read_prompts
+from model import add_inference_arguments, check_inference_arguments, load_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [options] (see --help)",
+        description="Complete prompts with a LightGPT checkpoint: --prompt once, else every line typed at the "
+        "terminal, else every line of standard input (one completion per line).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_inference_arguments(parser, max_tokens=500)
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="Divide the logits by this: below 1 sharpens the distribution, above 1 flattens it.")
+    parser.add_argument("--top_k", type=int, default=500,
+                        help="Only sample from this many candidate tokens with the highest probabilities.")
+    parser.add_argument("--top_p", type=float, default=0.9,
+                        help="Of the top_k tokens, keep only the most likely ones whose probabilities add up to "
+                        "top_p (the most likely one always stays).")
+    parser.add_argument("--repeat_penalty", type=float, default=1.0,
+                        help="Make the tokens already in the context less likely: their positive logits are "
+                        "divided by this, negative ones multiplied (1 turns it off).")
+    return parser.parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError for the first flag that cannot work."""
+    check_inference_arguments(args)
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    if args.top_k < 1:
+        raise ValueError(f"--top_k must be a positive integer, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not args.repeat_penalty > 0:
+        raise ValueError(f"--repeat_penalty must be positive, got {args.repeat_penalty}")
+
+
+def stream_text(tokens: Iterator[int]) -> Iterator[str]:
+    """The text of the tokens as they come, holding back the bytes of a character split across tokens."""
+    tokenizer = load_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        yield decoder.decode(tokenizer.decode_single_token_bytes(token))
+    yield decoder.decode(b"", final=True)
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        validate_args(args)
+        model, block_size = load_model(args.checkpoint_path, args.device, args.lora_path)
+        if args.top_k > model.vocabulary_size:
+            raise ValueError(f"--top_k must be at most the vocabulary size {model.vocabulary_size}, got {args.top_k}")
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"generate.py: error: {error}")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    try:
+        for text in read_prompts(args.prompt):
+            prompt = torch.tensor(encode_prompt(text), device=args.device)
+            tokens = model.generate(prompt, args.max_tokens, args.temperature, args.top_k, args.top_p,
+                                    args.repeat_penalty, block_size)
+            for piece in stream_text(tokens):
+                print(piece, end="", flush=True)
+            print()
+    except KeyboardInterrupt:
+        print()
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Two real processes (torchrun, gloo on the CPU) at every sharding level, against one process seeing the same
+batches. Run as a script under torchrun, this file measures each rank's training-state memory."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conftest import REPOSITORY, TINY_MODEL, run_script  # noqa: E402
+from model import LightGPT, load_checkpoint  # noqa: E402
+from training import Adafactor, distributed, parallelize, rank  # noqa: E402
+
+# Four micro-batches per step: two for each of the two ranks.
+COMMON = ["--dataset", "wikipedia", *TINY_MODEL, "--batch_size", "2", "--gradient_accumulation_steps", "4",
+          "--samples_per_epoch", "8", "--eval_interval", "1", "--eval_samples", "6", "--dropout", "0",
+          "--seed", "3", "--warmup_steps", "0", "--learning_rate", "1e-2", "--num_dataset_processes", "1"]
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *map(str, args)],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=timeout, env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+
+
+def pretrain(processes: int, checkpoint: Path, dataset_path: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = [*COMMON, "--dataset_path", dataset_path, "--checkpoint_path", checkpoint, *args]
+    result = torchrun("pre-train.py", *flags) if processes == 2 else run_script("pre-train.py", *flags)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def metrics(checkpoint: Path) -> list[dict]:
+    return [json.loads(line) for line in checkpoint.with_suffix(".metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(checkpoint: Path, expected: Path) -> None:
+    for field in ("loss", "validation_loss"):
+        assert [record[field] for record in metrics(checkpoint)] == pytest.approx(
+            [record[field] for record in metrics(expected)], rel=1e-5)
+    state, expected_state = (torch.load(path, weights_only=True) for path in (checkpoint, expected))
+    # Each step moves a weight by up to 1e-2; summing over ranks in another order moves a few by 1e-5.
+    torch.testing.assert_close(state["model"], expected_state["model"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(state["optimizer"]["state"], expected_state["optimizer"]["state"],
+                               rtol=1e-3, atol=1e-5)
+    assert state["step"] == expected_state["step"]
+
+
+def test_our_adafactor_steps_exactly_like_pytorchs():
+    models = []
+    for optimizer_class in (torch.optim.Adafactor, Adafactor):
+        torch.manual_seed(0)
+        model = LightGPT(64, 16, 2, 1, eos_index=0)
+        optimizer = optimizer_class(model.parameters(), lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(step))
+            model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        models.append((model, optimizer))
+    (theirs, their_optimizer), (ours, our_optimizer) = models
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+    torch.testing.assert_close(our_optimizer.state_dict(), their_optimizer.state_dict())
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory, dataset_path):
+    """For each optimizer, one process trains 2 epochs, then resumes to 4: the reference for every level."""
+    def reference(optimizer: str) -> tuple[Path, Path]:
+        folder = tmp_path_factory.mktemp(optimizer)
+        half, whole = folder / "half.pt", folder / "whole.pt"
+        pretrain(1, half, dataset_path, "--optimizer", optimizer, "--num_epochs", "2")
+        shutil.copy(half, whole)
+        shutil.copy(half.with_suffix(".metrics.jsonl"), whole.with_suffix(".metrics.jsonl"))
+        pretrain(1, whole, dataset_path, "--optimizer", optimizer, "--num_epochs", "4", "--resume")
+        return half, whole
+
+    return {optimizer: reference(optimizer) for optimizer in ("adamw", "adafactor")}
+
+
+@pytest.mark.parametrize("level, optimizer", [(0, "adamw"), (2, "adafactor"), (3, "adamw")])
+def test_two_processes_train_like_one_and_resume_across_world_sizes(
+    tmp_path, dataset_path, one_process_runs, level, optimizer
+):
+    half, whole = one_process_runs[optimizer]
+    flags = ["--optimizer", optimizer, "--ddp_sharding_level", str(level)]
+
+    two_then_one = tmp_path / "two_then_one.pt"
+    first = pretrain(2, two_then_one, dataset_path, *flags, "--num_epochs", "2")
+    assert "2 processes" in first.stdout and first.stdout.count("Done") == 1
+    assert_same_training(two_then_one, half)
+    LightGPT(**load_checkpoint(two_then_one)["model_args"]).load_state_dict(load_checkpoint(two_then_one)["model"])
+    pretrain(1, two_then_one, dataset_path, *flags, "--num_epochs", "4", "--resume")
+    assert_same_training(two_then_one, whole)
+
+    one_then_two = tmp_path / "one_then_two.pt"
+    shutil.copy(half, one_then_two)
+    shutil.copy(half.with_suffix(".metrics.jsonl"), one_then_two.with_suffix(".metrics.jsonl"))
+    pretrain(2, one_then_two, dataset_path, *flags, "--num_epochs", "4", "--resume")
+    assert_same_training(one_then_two, whole)
+
+
+def test_the_readme_cpu_torchrun_command_trains_in_two_processes(tmp_path, dataset_path):
+    readme = (REPOSITORY / "README.md").read_text()
+    command = re.search(r"^torchrun --standalone --nproc-per-node=2 pre-train.py (.+)$", readme, re.M)
+    assert command, "the README has no two-process CPU command"
+    checkpoint = tmp_path / "readme.pt"
+    result = torchrun("pre-train.py", *shlex.split(command.group(1)), "--samples_per_epoch", "32",
+                      "--num_epochs", "1", "--eval_samples", "8", "--dataset_path", dataset_path,
+                      "--checkpoint_path", checkpoint)
+    assert result.returncode == 0, result.stderr
+    assert "2 processes" in result.stdout and len(metrics(checkpoint)) == 1
+
+
+def test_uneven_accumulation_warns_and_still_trains_like_one_process(tmp_path, dataset_path):
+    flags = ["--optimizer", "adamw", "--gradient_accumulation_steps", "3", "--samples_per_epoch", "6",
+             "--num_epochs", "2", "--ddp_sharding_level", "3"]
+    pretrain(1, tmp_path / "one.pt", dataset_path, *flags)
+    two = pretrain(2, tmp_path / "two.pt", dataset_path, *flags)
+    assert two.stderr.count("--gradient_accumulation_steps (3) does not divide evenly by the 2 processes") == 1
+    assert_same_training(tmp_path / "two.pt", tmp_path / "one.pt")
+
+
+def test_a_rank_that_fails_stops_every_rank_with_one_message(tmp_path, dataset_path):
+    result = torchrun("pre-train.py", *COMMON, "--dataset", "text", "--text_files", "/nonexistent/*.txt",
+                      "--dataset_path", tmp_path, "--checkpoint_path", tmp_path / "c.pt", timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("pre-train.py: error: --text_files") == 1, result.stderr
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path, dataset_path):
+    checkpoint = tmp_path / "stopped.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "pre-train.py",
+               *map(str, COMMON), "--dataset_path", str(dataset_path), "--checkpoint_path", str(checkpoint),
+               "--num_epochs", "1000", "--eval_interval", "1000", "--checkpoint_interval", "1000"]
+    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=os.environ | {"OMP_NUM_THREADS": "1"})
+    log = checkpoint.with_suffix(".metrics.jsonl")
+    deadline = time.monotonic() + 120
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # torchrun passes the signal on to both ranks, then reports that it was signalled.
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert stdout.count("Stopped by signal") == 1, stdout + stderr
+    stopped_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < stopped_at < 1000 and f"Stopped by signal at step {stopped_at};" in stdout
+    resumed = pretrain(1, checkpoint, dataset_path, "--num_epochs", str(stopped_at + 1), "--resume")
+    assert f"step {stopped_at}" in resumed.stdout
+
+
+def local_bytes(tensors) -> int:
+    """What this rank stores for `tensors`: a DTensor's own shard only."""
+    return sum(getattr(tensor, "_local_tensor", tensor).nbytes for tensor in tensors)
+
+
+def measure_training_memory() -> None:
+    """Under torchrun: each rank's parameter, gradient and AdamW-state bytes at every sharding level."""
+    figures = {}
+    with distributed("cpu"):
+        for level in (0, 2, 3):
+            torch.manual_seed(0)
+            model = LightGPT(1024, 64, 4, 4, eos_index=0)
+            training_model = parallelize(model, activation_checkpointing=False, compile=False, sharding_level=level)
+            optimizer = torch.optim.AdamW(training_model.parameters())
+            at_rest = local_bytes(training_model.parameters())
+            tokens = torch.randint(0, 1024, (2, 33), generator=torch.Generator().manual_seed(0))
+            _, loss = training_model(tokens[:, :-1], tokens[:, 1:])
+            # FSDP2 swaps a module's shards for whole parameters while they are gathered.
+            gathered = sum(p.nbytes for p in training_model.parameters() if not hasattr(p, "_local_tensor"))
+            between_forward_and_backward = at_rest + (gathered if level else 0)
+            loss.backward()
+            gradients = local_bytes(p.grad for p in training_model.parameters())
+            optimizer.step()
+            optimizer_state = local_bytes(value for state in optimizer.state.values() for value in state.values()
+                                          if value.dim() > 0)
+            figures[level] = {"parameters": at_rest, "parameters_between_forward_and_backward":
+                              between_forward_and_backward, "gradients": gradients,
+                              "optimizer_state": optimizer_state}
+        if rank() == 0:
+            print(json.dumps(figures))
+
+
+def test_sharding_levels_divide_the_training_state_between_two_ranks():
+    result = torchrun(Path(__file__).resolve(), "measure")
+    assert result.returncode == 0, result.stderr
+    figures = {int(level): value for level, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    print("\nBytes per rank with 2 ranks (LightGPT 1024 vocabulary, 64 wide, 4 layers; AdamW):")
+    for level, value in figures.items():
+        print(f"level {level}: " + ", ".join(f"{name} {size:,}" for name, size in value.items()))
+    replicated = figures[0]
+    assert replicated["parameters"] == replicated["parameters_between_forward_and_backward"]
+    for level in (2, 3):
+        for name in ("parameters", "gradients", "optimizer_state"):
+            assert figures[level][name] == pytest.approx(replicated[name] / 2, rel=0.02), (level, name)
+    # Level 2 keeps every gathered parameter from its forward to its backward, beside the shards; level 3 gathers
+    # each block (and the root) again only while it computes it.
+    assert figures[2]["parameters_between_forward_and_backward"] == 3 * figures[2]["parameters"]
+    assert figures[3]["parameters_between_forward_and_backward"] == figures[3]["parameters"]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
+    measure_training_memory()
