@@ -18,7 +18,8 @@ SIDE_BY_SIDE = {"train_tokens_per_s", "parameters", "train_peak_memory"}
 def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_measurement():
     result = run_script(
         "bench.py", *TINY_SHAPE, "--steps", "2", "--warmup", "1", "--checkpointing_layers", "4",
-        "--parts", "train", "checkpointing", "data", "--dataset_repeats", "1", "--json",
+        "--parts", "train", "generate", "beam_search", "checkpointing", "data", "--dataset_repeats", "1",
+        "--generation_lengths", "4", "8", "--beam_tokens", "4", "--beam_width", "4", "--json",
     )
     assert result.returncode == 0, result.stderr
     records = {}
@@ -26,7 +27,16 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
         record = json.loads(line)
         assert {"metric", "value", "unit"} <= record.keys(), record
         assert math.isfinite(record["value"]) and record["value"] > 0, record
-        records[record["metric"], record.get("processes")] = record
+        records[record["metric"], record.get("processes", record.get("tokens"))] = record
+
+    for length in (4, 8):
+        for mode in ("greedy", "sample"):
+            assert records[f"generate_{mode}_tokens_per_s", length]["gpt2_value"] > 0
+        assert records["kv_cache_speedup", length]["value"] == pytest.approx(
+            records["generate_sample_tokens_per_s", length]["value"]
+            / records["generate_uncached_tokens_per_s", length]["value"]
+        )
+    assert records["beam_search_tokens_per_s", 4]["gpt2_value"] > 0
 
     for metric in SIDE_BY_SIDE:
         record = records[metric, None]
