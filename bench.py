@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="The depth of the model whose peak memory is measured with and without checkpointing.")
     parser.add_argument("--device", default=best_device(),
                         help="The device to run on: cuda, mps or cpu (default: the best one available).")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's). On cores that other processes "
+                        "share, 1 avoids stalling every operator while a descheduled thread catches up.")
     parser.add_argument("--seed", type=int, default=0, help="The seed for the weights and the random tokens.")
     parser.add_argument("--json", action="store_true",
                         help="Print one JSON object per measurement and line instead of the table.")
@@ -132,6 +135,8 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--embedding_dimensions ({args.embedding_dimensions}) must be divisible by "
             f"--num_attention_heads ({args.num_attention_heads})"
         )
+    if args.num_threads is not None and args.num_threads < 1:
+        raise ValueError(f"--num_threads must be a positive integer, got {args.num_threads}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"--peak_tflops must be positive, got {args.peak_tflops}")
     check_device(args.device)
@@ -530,6 +535,8 @@ def main() -> None:
         validate_args(args)
     except ValueError as error:
         sys.exit(f"bench.py: error: {error}")
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     measure = {
         "train": measure_training,
         "generate": measure_generation,
