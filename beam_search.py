@@ -43,7 +43,7 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-        model, block_size = load_model(args.checkpoint_path, args.device, args.lora_path)
+        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"beam_search.py: error: {error}")
     if args.seed is not None:
@@ -51,7 +51,7 @@ def main() -> None:
     tokenizer = load_tokenizer()
     try:
         for text in read_prompts(args.prompt):
-            prompt = torch.tensor(encode_prompt(text), device=args.device)
+            prompt = torch.tensor(encode_prompt(text, template), device=args.device)
             candidates = model.beam_search(prompt, args.max_tokens, args.beam_width, args.num_candidates,
                                            args.length_penalty, block_size, show_progress=True)
             for rank, (tokens, score) in enumerate(candidates, 1):

@@ -103,6 +103,11 @@ def resolve_text_files(pattern: str) -> list[Path]:
     """A file, a folder (searched recursively) or a glob, as a sorted list of supported files."""
     if not pattern:
         raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
+    return resolve_files(pattern, TEXT_EXTENSIONS, "--text_files")
+
+
+def resolve_files(pattern: str, extensions: tuple[str, ...], flag: str) -> list[Path]:
+    """A file, a folder (searched recursively) or a glob, as a sorted list of files with those extensions."""
     path = Path(pattern)
     if path.is_dir():
         candidates = [file for file in path.rglob("*") if file.is_file()]
@@ -110,11 +115,9 @@ def resolve_text_files(pattern: str) -> list[Path]:
         candidates = [path]
     else:
         candidates = [Path(file) for file in glob.glob(pattern, recursive=True)]
-    files = sorted(file for file in candidates if file.suffix in TEXT_EXTENSIONS)
+    files = sorted(file for file in candidates if file.suffix in extensions)
     if not files:
-        raise FileNotFoundError(
-            f"--text_files: no {', '.join(TEXT_EXTENSIONS)} files found at {pattern!r}"
-        )
+        raise FileNotFoundError(f"{flag}: no {', '.join(extensions)} files found at {pattern!r}")
     return files
 
 
@@ -142,14 +145,18 @@ def text_documents(files: list[Path]):
 
 def openwebtext_documents(num_processes: int):
     """OpenWebText from the HuggingFace hub (about 9B tokens); needs internet the first time."""
+    return hub_dataset("openwebtext", f"use an offline corpus: {', '.join(OFFLINE_CORPORA)}", num_proc=num_processes)
+
+
+def hub_dataset(name: str, alternative: str, **options):
+    """The train split of a HuggingFace hub dataset, or a one-line ConnectionError that offers an alternative."""
     import datasets
 
     try:
-        return datasets.load_dataset("openwebtext", num_proc=num_processes, split="train")
+        return datasets.load_dataset(name, split="train", **options)
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
         raise ConnectionError(
-            f"--dataset openwebtext: the HuggingFace hub could not be reached ({type(error).__name__}); "
-            f"use an offline corpus: {', '.join(OFFLINE_CORPORA)}"
+            f"--dataset: the HuggingFace hub could not be reached for {name} ({type(error).__name__}); {alternative}"
         ) from None
 
 
@@ -306,6 +313,148 @@ class TokenWindows:
         return batch[:, :-1], batch[:, 1:]
 
 
+INSTRUCTION_DATASETS = ("alpaca", "local")
+INSTRUCTION_EXTENSIONS = (".json", ".jsonl")
+INSTRUCTION_TEST_RATIO = 0.05
+
+# Alpaca's own template. It is saved in every adapter checkpoint, so generation formats a prompt as training did.
+PROMPT_TEMPLATE = {
+    "with_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    ),
+    "without_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n"
+    ),
+}
+
+
+def format_prompt(template: dict[str, str], instruction: str, input: str = "") -> str:
+    """The text the model sees before its response."""
+    if input:
+        return template["with_input"].format(instruction=instruction, input=input)
+    return template["without_input"].format(instruction=instruction)
+
+
+def checked_record(record, where: str) -> dict[str, str]:
+    """An Alpaca record ({instruction, optional input, output}, all strings), or a ValueError naming it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is not a JSON object with instruction and output fields")
+    for field in ("instruction", "output"):
+        if field not in record:
+            raise ValueError(f"{where} has no {field!r} field (found: {', '.join(record) or 'none'})")
+    for field in ("instruction", "input", "output"):
+        if record.get(field) is not None and not isinstance(record[field], str):
+            raise ValueError(f"{where}: {field!r} must be a string, got {type(record[field]).__name__}")
+    return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
+
+
+def read_instruction_file(path: Path) -> list[dict[str, str]]:
+    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(checked_record(json.loads(line), f"{path}: line {number}"))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+        return records
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(loaded, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(loaded).__name__}")
+    return [checked_record(record, f"{path}: record {number}") for number, record in enumerate(loaded, start=1)]
+
+
+def load_instructions(dataset: str, dataset_path: str | None = None) -> list[dict[str, str]]:
+    """Instruction/response records from the hub (alpaca) or from local .json/.jsonl files (local)."""
+    if dataset == "alpaca":
+        records = hub_dataset(
+            "tatsu-lab/alpaca", "use your own files: --dataset local --dataset_path FILE.json (see the README)"
+        )
+        return [checked_record(record, f"tatsu-lab/alpaca: record {number}")
+                for number, record in enumerate(records, start=1)]
+    if dataset == "local":
+        if not dataset_path:
+            raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
+        files = resolve_files(dataset_path, INSTRUCTION_EXTENSIONS, "--dataset_path")
+        return [record for file in files for record in read_instruction_file(file)]
+    raise ValueError(f"--dataset: unknown instruction dataset {dataset!r}; choose from {', '.join(INSTRUCTION_DATASETS)}")
+
+
+def split_instructions(records: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """About 5% of the records, at least one, held out for validation; the same ones on every run."""
+    if len(records) < 2:
+        raise ValueError(f"the instruction dataset has {len(records)} record(s); at least 2 are needed "
+                         f"(one is held out for validation)")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0)).tolist()
+    num_test = max(1, round(INSTRUCTION_TEST_RATIO * len(records)))
+    return [records[index] for index in order[num_test:]], [records[index] for index in order[:num_test]]
+
+
+def tokenize_instruction(
+    record: dict[str, str], template: dict[str, str], block_size: int, mask_input: bool, padding_index: int
+) -> tuple[list[int], list[int], bool]:
+    """Inputs x and targets y of one sample, and whether it was truncated.
+
+    The response ends with <|endoftext|>. With mask_input the prompt's targets are padding_index, so only the
+    response is learned. A sample longer than block_size loses the start of its prompt, never its response's end.
+    """
+    tokenizer = load_tokenizer()
+    prompt = tokenizer.encode_ordinary(format_prompt(template, record["instruction"], record.get("input", "")))
+    response = tokenizer.encode_ordinary(record["output"]) + [tokenizer.eot_token]
+    tokens = prompt + response
+    labels = ([padding_index] * len(prompt) if mask_input else prompt) + response
+    truncated = len(tokens) > block_size + 1
+    tokens, labels = tokens[-(block_size + 1):], labels[-(block_size + 1):]
+    return tokens[:-1], labels[1:], truncated
+
+
+class InstructionSamples:
+    """Tokenized instruction records, batched with right padding that never enters the loss."""
+
+    def __init__(
+        self,
+        records: list[dict[str, str]],
+        template: dict[str, str],
+        block_size: int,
+        mask_input: bool,
+        padding_index: int,
+        show_progress: bool = True,
+    ):
+        from tqdm import tqdm
+
+        self.padding_index = padding_index
+        self.samples = []
+        self.num_truncated = 0
+        for record in tqdm(records, desc="Tokenizing instructions", unit="sample", disable=not show_progress):
+            x, y, truncated = tokenize_instruction(record, template, block_size, mask_input, padding_index)
+            self.samples.append((torch.tensor(x), torch.tensor(y)))
+            self.num_truncated += truncated
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Samples padded on the right: x with <|endoftext|>, y with padding_index. The causal mask keeps the
+        padding, which comes after every real token, from changing any real token's logits."""
+        length = max(len(self.samples[index][0]) for index in indices)
+        x = torch.full((len(indices), length), load_tokenizer().eot_token)
+        y = torch.full((len(indices), length), self.padding_index)
+        for row, index in enumerate(indices):
+            sample_x, sample_y = self.samples[index]
+            x[row, : len(sample_x)] = sample_x
+            y[row, : len(sample_y)] = sample_y
+        return x, y
+
+
 def read_prompts(prompt: str | None) -> Iterator[str]:
     """The texts to complete: the one given, else one per line typed at a terminal (until Ctrl-D), else one per
     line of standard input, so that a script can pipe prompts in."""
@@ -323,7 +472,10 @@ def read_prompts(prompt: str | None) -> Iterator[str]:
                 return
 
 
-def encode_prompt(text: str) -> list[int]:
-    """A prompt's tokens; an empty prompt is the end-of-text token, which comes before every training document."""
+def encode_prompt(text: str, template: dict[str, str] | None = None) -> list[int]:
+    """A prompt's tokens, put first in an instruction template if one is given (an adapter's); an empty prompt is
+    the end-of-text token, which comes before every training document."""
     tokenizer = load_tokenizer()
+    if template is not None:
+        text = format_prompt(template, text)
     return tokenizer.encode_ordinary(text) or [tokenizer.eot_token]

@@ -58,7 +58,7 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-        model, block_size = load_model(args.checkpoint_path, args.device, args.lora_path)
+        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path)
         if args.top_k > model.vocabulary_size:
             raise ValueError(f"--top_k must be at most the vocabulary size {model.vocabulary_size}, got {args.top_k}")
     except (ValueError, FileNotFoundError) as error:
@@ -67,7 +67,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
     try:
         for text in read_prompts(args.prompt):
-            prompt = torch.tensor(encode_prompt(text), device=args.device)
+            prompt = torch.tensor(encode_prompt(text, template), device=args.device)
             tokens = model.generate(prompt, args.max_tokens, args.temperature, args.top_k, args.top_p,
                                     args.repeat_penalty, block_size)
             for piece in stream_text(tokens):

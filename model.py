@@ -14,6 +14,7 @@ from torch.nn import (
     Linear,
     Module,
     ModuleList,
+    Parameter,
     RMSNorm,
     Sequential,
 )
@@ -45,8 +46,8 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device: {device!r} is not supported; use cuda, mps or cpu")
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by pre-train.py, loaded safely onto the CPU."""
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = ("model_args", "model")) -> dict:
+    """A checkpoint written by pre-train.py (or, with other `required` entries, an adapter), loaded safely."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint file there")
@@ -54,17 +55,19 @@ def load_checkpoint(path: str | Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or not {"model_args", "model"} <= checkpoint.keys():
-        raise ValueError(f"{path}: not a LightGPT checkpoint (no model_args and model entries)")
+    if not isinstance(checkpoint, dict) or not set(required) <= checkpoint.keys():
+        raise ValueError(f"{path}: not a LightGPT checkpoint of this kind (no {' and '.join(required)} entries)")
     return checkpoint
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
-    parser.add_argument("--checkpoint_path", default="./out/checkpoint.pt",
-                        help="The checkpoint written by pre-train.py.")
+    parser.add_argument("--checkpoint_path", default=None,
+                        help="The checkpoint written by pre-train.py (default: ./out/checkpoint.pt, or with "
+                        "--lora_path the base checkpoint the adapter names).")
     parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter checkpoint to apply to the model (not supported yet).")
+                        help="A LoRA adapter written by instruction-tune.py: it is merged into the base model, and "
+                        "each prompt is put in the instruction template it was tuned with.")
     parser.add_argument("--prompt", default=None,
                         help="The text to complete, once; without it, prompts typed at the terminal, or one per "
                         "line of standard input.")
@@ -83,10 +86,16 @@ def check_inference_arguments(args: argparse.Namespace) -> None:
     check_device(args.device)
 
 
-def load_model(path: str | Path, device: str = "cpu", lora_path: str | Path | None = None) -> tuple["LightGPT", int]:
-    """The model a pre-training checkpoint holds, in evaluation mode on the device, and its training context length."""
+def load_model(
+    path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None
+) -> tuple["LightGPT", int, dict | None]:
+    """The model a pre-training checkpoint holds (by default ./out/checkpoint.pt), in evaluation mode on the device,
+    its training context length, and None. With lora_path: the adapter merged into its base (path, else the base
+    the adapter names) and the adapter's prompt template."""
     if lora_path is not None:
-        raise ValueError("--lora_path: LoRA adapters are not supported yet")
+        model, block_size, template = load_lora_model(lora_path, path)
+        return model.to(device), block_size, template
+    path = path or "./out/checkpoint.pt"
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get("block_size"), int):
         raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
@@ -94,7 +103,7 @@ def load_model(path: str | Path, device: str = "cpu", lora_path: str | Path | No
         model = LightGPT.from_checkpoint(checkpoint)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
-    return model.to(device).eval(), checkpoint["block_size"]
+    return model.to(device).eval(), checkpoint["block_size"], None
 
 
 def penalize_repeats(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
@@ -456,12 +465,136 @@ class LinearCrossEntropy(torch.autograd.Function):
                 minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
                 gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
                 torch.mul(gradient @ weight, scale[rows], out=grad_hidden[rows])
-                grad_weight.addmm_(gradient.T, hidden[rows] * scale[rows])
+                if ctx.needs_input_grad[1]:  # not when the weight is frozen, as under LoRA
+                    grad_weight.addmm_(gradient.T, hidden[rows] * scale[rows])
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss if ctx.needs_input_grad[1] else None, None, None
+
+
+class LoRALinear(Module):
+    """A frozen Linear layer plus a trainable low-rank update: W x + alpha * B A dropout(x).
+
+    B starts at zero, so a fresh adapter changes nothing; A starts as N(0, 1/in_features).
+    """
+
+    def __init__(self, base: Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        self.base = base.requires_grad_(False)
+        weight = base.weight
+        self.lora_a = Parameter(
+            torch.randn(rank, base.in_features, device=weight.device, dtype=weight.dtype) / math.sqrt(base.in_features)
+        )
+        self.lora_b = Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
+        self.alpha = alpha
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.alpha * (self.dropout(x) @ self.lora_a.T @ self.lora_b.T)
+
+    @torch.no_grad()
+    def merged(self) -> Linear:
+        """A plain Linear layer whose weight is W + alpha * B @ A: the same outputs, no extra work."""
+        weight = self.base.weight
+        linear = Linear(self.base.in_features, self.base.out_features, bias=False, device=weight.device,
+                        dtype=weight.dtype)
+        linear.weight.copy_(weight + self.alpha * (self.lora_b @ self.lora_a))
+        return linear
+
+
+def lora_layers(model: LightGPT) -> dict[str, LoRALinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def replace_module(model: Module, name: str, module: Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def add_lora(model: LightGPT, rank: int, alpha: float, dropout: float) -> None:
+    """Freeze every parameter, then give each block's attention and MLP weight matrices a LoRA adapter."""
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA adapters")
+    model.requires_grad_(False)
+    for name, module in list(model.body.named_modules(prefix="body")):
+        if isinstance(module, Linear):
+            replace_module(model, name, LoRALinear(module, rank, alpha, dropout))
+
+
+def merge_lora(model: LightGPT) -> LightGPT:
+    """Fold every adapter into its base weight, leaving a plain LightGPT for inference."""
+    for name, layer in lora_layers(model).items():
+        replace_module(model, name, layer.merged())
+    return model
+
+
+def lora_state_dict(model: LightGPT) -> dict[str, Tensor]:
+    """Only the adapters' A and B matrices: all that instruction tuning changes."""
+    return {
+        name: tensor for name, tensor in model.state_dict().items() if name.endswith((".lora_a", ".lora_b"))
+    }
+
+
+def load_lora_state_dict(model: LightGPT, state: dict[str, Tensor]) -> None:
+    """Copy saved adapters into a model that has adapters of the same rank on a base of the same size."""
+    expected = lora_state_dict(model)
+    if state.keys() != expected.keys():
+        raise ValueError(
+            f"the adapter has {len(state)} matrices, the model has {len(expected)}: they were made for "
+            f"a model with another number of layers"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"the adapter's {name} has shape {tuple(tensor.shape)}, the model needs "
+                f"{tuple(expected[name].shape)}: it was made for a model of another size or rank"
+            )
+    model.load_state_dict(state, strict=False)
+
+
+def load_lora_checkpoint(path: str | Path) -> dict:
+    """An adapter checkpoint written by instruction-tune.py, loaded safely onto the CPU."""
+    return load_checkpoint(path, required=("lora_args", "model_args", "lora", "prompt_template"))
+
+
+def check_same_base(lora_checkpoint: dict, base_checkpoint: dict) -> None:
+    """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
+    for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+        trained_on, given = lora_checkpoint["model_args"].get(name), base_checkpoint["model_args"].get(name)
+        if trained_on != given:
+            raise ValueError(
+                f"the adapter was trained on a base model with {name}={trained_on}, "
+                f"but the base checkpoint has {name}={given}"
+            )
+
+
+def load_adapted_model(lora_checkpoint: dict, base_checkpoint: dict) -> LightGPT:
+    """The base model with its adapter applied and merged: a plain LightGPT in eval mode."""
+    check_same_base(lora_checkpoint, base_checkpoint)
+    model = LightGPT(**base_checkpoint["model_args"])
+    model.load_state_dict(base_checkpoint["model"])
+    add_lora(model, **lora_checkpoint["lora_args"])
+    load_lora_state_dict(model, lora_checkpoint["lora"])
+    return merge_lora(model).eval()
+
+
+def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) -> tuple[LightGPT, int, dict]:
+    """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
+    mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
+    adapter = load_lora_checkpoint(lora_path)
+    base_path = base_path or adapter.get("base_model_path")
+    if not base_path:
+        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
+    base = load_checkpoint(base_path)
+    try:
+        model = load_adapted_model(adapter, base)
+    except ValueError as error:
+        raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
+    return model, base["block_size"], adapter["prompt_template"]

@@ -1,9 +1,11 @@
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,19 @@ def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subpr
         [sys.executable, str(REPOSITORY / script), *map(str, args)],
         cwd=kwargs.pop("cwd", REPOSITORY), capture_output=True, text=True, timeout=timeout, **kwargs,
     )
+
+
+def run_until_first_epoch_then_terminate(script: str, *args: str, metrics_path: Path,
+                                          timeout: float = 120) -> subprocess.CompletedProcess:
+    """Start a training script, send it SIGTERM once its first epoch is logged, and capture what it prints."""
+    command = [sys.executable, str(REPOSITORY / script), *map(str, args)]
+    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not metrics_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -290,7 +290,7 @@ def test_the_scripts_exit_with_one_line_for_bad_arguments(checkpoint_path):
     assert_one_line_error(result, "--top_k", "50257", "50258")
     result = run_script("beam_search.py", "--checkpoint_path", checkpoint_path, "--lora_path", "adapter.pt",
                         "--device", "cpu")
-    assert_one_line_error(result, "--lora_path", "LoRA adapters are not supported yet")
+    assert_one_line_error(result, "adapter.pt", "no checkpoint file")
 
 
 def test_missing_truncated_and_foreign_checkpoints_are_named_in_one_line(tmp_path, checkpoint_path):
@@ -309,10 +309,10 @@ def test_missing_truncated_and_foreign_checkpoints_are_named_in_one_line(tmp_pat
     torch.save(checkpoint | {"model_args": checkpoint["model_args"] | {"num_layers": 2}}, mismatched)
     with pytest.raises(ValueError, match="mismatched.pt: its model_args and weights do not make a LightGPT"):
         load_model(mismatched)
-    with pytest.raises(ValueError, match="--lora_path: LoRA adapters are not supported yet"):
+    with pytest.raises(FileNotFoundError, match="adapter.pt: no checkpoint"):
         load_model(checkpoint_path, lora_path=tmp_path / "adapter.pt")
-    model, block_size = load_model(checkpoint_path)
-    assert block_size == 16 and not model.training
+    model, block_size, template = load_model(checkpoint_path)
+    assert block_size == 16 and not model.training and template is None
 
 
 @pytest.mark.parametrize("script", ["generate.py", "beam_search.py"])

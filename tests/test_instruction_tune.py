@@ -1,0 +1,259 @@
+import importlib.util
+import json
+import re
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from conftest import REPOSITORY, assert_one_line_error, run_script, run_until_first_epoch_then_terminate
+from data import PROMPT_TEMPLATE, InstructionSamples, encode_prompt, load_instructions, load_tokenizer
+from model import (
+    LightGPT,
+    LoRALinear,
+    add_lora,
+    load_adapted_model,
+    load_checkpoint,
+    load_lora_checkpoint,
+    load_lora_model,
+)
+from training import optimizer_step
+
+# Instructions and answers in words the tiny base met often in pre-training: with its embeddings frozen, a
+# word it never learned to tell apart from thousands of others cannot be learned by an adapter either.
+INSTRUCTIONS = [
+    ("Where is the city?", "The city is in Europe."),
+    ("Where is the state?", "The state is in America."),
+    ("Where is the country?", "The country is in Asia."),
+    ("Where is the sea?", "The sea is in the south."),
+    ("What is the population?", "The population is two million."),
+    ("What is the language?", "The language is English."),
+    ("When was the war?", "The war was in the 18th century."),
+    ("What is water?", "Water is a natural chemical."),
+    ("Who was the first?", "He was the first of his family."),
+]
+BASE_MODEL = ["--embedding_dimensions", "64", "--num_attention_heads", "4", "--num_hidden_layers", "2",
+              "--feed_forward_ratio", "2", "--block_size", "64", "--device", "cpu"]
+FINE_TUNING = ["--batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-2",
+               "--rank", "8", "--alpha", "1.0", "--dropout", "0", "--mask_input", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def base_model_path(tmp_path_factory, dataset_path):
+    """A tiny model pre-trained by pre-train.py for a few steps on the embedded Wikipedia corpus."""
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    result = run_script(
+        "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path", path,
+        *BASE_MODEL, "--optimizer", "adamw", "--learning_rate", "2e-2", "--warmup_steps", "2", "--batch_size", "8",
+        "--gradient_accumulation_steps", "1", "--samples_per_epoch", "240", "--num_epochs", "1",
+        "--eval_samples", "16", "--dropout", "0", "--seed", "0",
+    )
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def instructions_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("instructions") / "instructions.jsonl"
+    path.write_text("".join(json.dumps({"instruction": instruction, "input": "", "output": output}) + "\n"
+                            for instruction, output in INSTRUCTIONS))
+    return path
+
+
+def instruction_tune(base_model_path, instructions_path, checkpoint_path, *args, **kwargs):
+    return run_script("instruction-tune.py", "--base_model_path", base_model_path, "--dataset", "local",
+                      "--dataset_path", instructions_path, "--checkpoint_path", checkpoint_path, *FINE_TUNING,
+                      *args, **kwargs)
+
+
+def metrics(checkpoint_path):
+    return [json.loads(line) for line in checkpoint_path.with_suffix(".metrics.jsonl").read_text().splitlines()]
+
+
+@torch.no_grad()
+def loss_on_instructions(model: LightGPT, instructions_path) -> float:
+    samples = InstructionSamples(load_instructions("local", str(instructions_path)), PROMPT_TEMPLATE, 64, True,
+                                 model.padding_index, show_progress=False)
+    return model.eval()(*samples.batch(range(len(samples))))[1].item()
+
+
+@pytest.fixture(scope="module")
+def adapter_path(base_model_path, instructions_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapter") / "lora.pt"
+    result = instruction_tune(base_model_path, instructions_path, path, "--num_epochs", "30",
+                              "--eval_interval", "10", "--checkpoint_interval", "10", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_lora_learns_to_answer_the_training_instructions(base_model_path, instructions_path, adapter_path):
+    base = load_checkpoint(base_model_path)
+    before = loss_on_instructions(base_only(base), instructions_path)
+    after = loss_on_instructions(load_adapted_model(load_lora_checkpoint(adapter_path), base), instructions_path)
+    print(f"loss on the training instructions' responses: {before:.3f} before, {after:.3f} after LoRA")
+    assert after < 0.75 * before
+    records = metrics(adapter_path)
+    assert [record["epoch"] for record in records] == list(range(1, 31))
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert {"validation_loss", "validation_perplexity"} <= records[9].keys()
+
+
+def base_only(checkpoint: dict) -> LightGPT:
+    model = LightGPT(**checkpoint["model_args"])
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def test_the_adapter_checkpoint_holds_only_adapters_and_is_a_small_fraction_of_the_base(
+    base_model_path, adapter_path
+):
+    adapter = load_lora_checkpoint(adapter_path)
+    assert adapter["lora"] and all(name.endswith((".lora_a", ".lora_b")) for name in adapter["lora"])
+    assert adapter["prompt_template"] == PROMPT_TEMPLATE
+    assert adapter["lora_args"] == {"rank": 8, "alpha": 1.0, "dropout": 0.0}
+    assert adapter["base_model_path"] == str(base_model_path.resolve())
+    ratio = adapter_path.stat().st_size / base_model_path.stat().st_size
+    print(f"adapter checkpoint / base checkpoint = {adapter_path.stat().st_size:,} / "
+          f"{base_model_path.stat().st_size:,} bytes = {ratio:.2%}")
+    assert ratio < 0.02
+    assert not list(adapter_path.parent.glob("*.tmp"))
+
+
+def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instructions_path, tmp_path):
+    common = ["--num_epochs", "12", "--eval_interval", "6", "--checkpoint_interval", "1000", "--dropout", "0.1",
+              "--seed", "3", "--learning_rate", "1e-2"]
+    uninterrupted = instruction_tune(base_model_path, instructions_path, tmp_path / "uninterrupted.pt", *common)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    interrupted = tmp_path / "interrupted.pt"
+    result = run_until_first_epoch_then_terminate(
+        "instruction-tune.py", "--base_model_path", base_model_path, "--dataset", "local", "--dataset_path",
+        instructions_path, "--checkpoint_path", interrupted, *FINE_TUNING, *common,
+        metrics_path=interrupted.with_suffix(".metrics.jsonl"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Stopped by signal" in result.stdout
+    stopped_at = load_lora_checkpoint(interrupted)["step"]
+    assert 0 < stopped_at < 24
+
+    resumed = instruction_tune(base_model_path, instructions_path, interrupted, *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step {stopped_at}" in resumed.stdout
+    expected = load_lora_checkpoint(tmp_path / "uninterrupted.pt")["lora"]
+    for name, tensor in load_lora_checkpoint(interrupted)["lora"].items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_resuming_with_another_rank_is_refused(base_model_path, instructions_path, adapter_path):
+    result = instruction_tune(base_model_path, instructions_path, adapter_path, "--resume", "--rank", "4")
+    assert_one_line_error(result, "--resume", "--rank 8", "4")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--rank", "0"], ["--rank", "positive", "0"]),
+        (["--alpha", "0"], ["--alpha", "positive"]),
+        (["--dropout", "1"], ["--dropout", "[0, 1)"]),
+        (["--batch_size", "two"], ["--batch_size", "two"]),
+        (["--mask_input", "False"], ["unrecognized arguments: False"]),
+        (["--dataset", "dolly"], ["--dataset", "dolly", "alpaca"]),
+        (["--dataset_path", "/nonexistent/*.jsonl"], ["--dataset_path", "/nonexistent/*.jsonl"]),
+        (["--base_model_path", "/nonexistent/base.pt"], ["--base_model_path", "/nonexistent/base.pt"]),
+        (["--resume"], ["--resume", "no adapter checkpoint"]),
+        (["--device", "cuda"], ["--device", "cuda", "cpu"]),
+    ],
+)
+def test_bad_arguments_get_one_clear_line(base_model_path, instructions_path, tmp_path, args, fragments):
+    result = instruction_tune(base_model_path, instructions_path, tmp_path / "lora.pt", *args)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "lora.pt").exists()
+
+
+def test_bad_data_and_an_offline_hub_get_one_clear_line(base_model_path, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Bye"}\n')
+    bad = run_script("instruction-tune.py", "--base_model_path", base_model_path, "--dataset", "local",
+                     "--dataset_path", tmp_path / "bad.jsonl", "--checkpoint_path", tmp_path / "lora.pt",
+                     "--device", "cpu")
+    assert_one_line_error(bad, "bad.jsonl: line 2 has no 'output' field")
+    offline = run_script("instruction-tune.py", "--base_model_path", base_model_path, "--checkpoint_path",
+                         tmp_path / "lora.pt", "--device", "cpu")
+    assert_one_line_error(offline, "tatsu-lab/alpaca", "--dataset local --dataset_path")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPOSITORY / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_seed_readme_arguments_keep_their_names_and_defaults():
+    parse_args = load_script("instruction-tune").parse_args
+    defaults = vars(parse_args([]))
+    seed_table = {
+        "base_model_path": "./out/checkpoint.pt", "batch_size": 1, "gradient_accumulation_steps": 128,
+        "learning_rate": 5e-4, "mask_input": False, "rank": 8, "alpha": 1.0, "dropout": 0.05, "num_epochs": 4,
+        "eval_interval": 1, "checkpoint_interval": 1, "checkpoint_path": "./out/lora_instruction.pt",
+        "resume": False, "seed": None, "dataset": "alpaca", "dataset_path": None,
+    }
+    assert {name: defaults[name] for name in seed_table} == seed_table
+    assert defaults["device"] == "cpu"
+    assert parse_args(["--mask_input"]).mask_input is True
+    assert parse_args(["--mask_input", "--no-mask_input"]).mask_input is False
+    help_text = run_script("instruction-tune.py", "--help").stdout
+    for flag in defaults:
+        assert f"--{flag}" in help_text
+    assert len(re.findall(r"^  --", help_text, re.M)) == len(defaults)
+
+
+def test_an_adapter_loads_onto_the_base_it_names_and_refuses_another_size(base_model_path, adapter_path, tmp_path):
+    model, block_size, template = load_lora_model(adapter_path)
+    assert block_size == 64 and template == PROMPT_TEMPLATE
+    expected = load_adapted_model(load_lora_checkpoint(adapter_path), load_checkpoint(base_model_path))
+    tokens = torch.randint(0, 50257, (1, 10))
+    assert torch.equal(model(tokens)[0], expected(tokens)[0])
+    other = LightGPT(vocabulary_size=50257, embedding_dimensions=32, num_heads=2, num_layers=2)
+    torch.save({"model_args": {"vocabulary_size": 50257, "embedding_dimensions": 32, "num_heads": 2,
+                               "num_layers": 2}, "model": other.state_dict(), "block_size": 64}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="embedding_dimensions=64, but the base checkpoint has embedding_dimensions=32"):
+        load_lora_model(adapter_path, tmp_path / "other.pt")
+
+
+
+def test_accumulating_padded_batches_gives_the_gradient_of_one_batch(instructions_path):
+    samples = InstructionSamples(load_instructions("local", str(instructions_path)), PROMPT_TEMPLATE, 64, True,
+                                 -100, show_progress=False)
+    counts = [int((samples.batch([index])[1] != -100).sum()) for index in range(4)]
+    assert len(set(counts)) > 1, "the samples must differ in length for the weighting to matter"
+    weights = []
+    for micro_batches in ([samples.batch(range(4))], [samples.batch([index]) for index in range(4)]):
+        torch.manual_seed(0)
+        model = LightGPT(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1)
+        add_lora(model, rank=2, alpha=1.0, dropout=0.0)
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                torch.nn.init.normal_(layer.lora_b)
+        adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer_step(model, torch.optim.SGD(adapters), micro_batches, 1.0, 1e9, -100, nullcontext())
+        weights.append(adapters)
+    for one_batch, accumulated in zip(*weights):
+        torch.testing.assert_close(accumulated, one_batch)
+
+
+@pytest.mark.parametrize("script", ["generate.py", "beam_search.py"])
+def test_the_scripts_answer_with_the_adapter_in_its_prompt_template(adapter_path, script, tmp_path):
+    question = "Where is the city?"
+    model, _, template = load_lora_model(adapter_path)
+    first_token = model(torch.tensor([encode_prompt(question, template)]))[0][0, -1].argmax().item()
+    greedy = ["--top_k", "1"] if script == "generate.py" else ["--beam_width", "1", "--num_candidates", "1"]
+    result = run_script(script, "--lora_path", adapter_path, "--prompt", question, "--max_tokens", "4",
+                        "--device", "cpu", *greedy)
+    assert result.returncode == 0, result.stderr
+    assert load_tokenizer().decode([first_token]) in result.stdout
+    other = LightGPT(vocabulary_size=50257, embedding_dimensions=32, num_heads=2, num_layers=2)
+    torch.save({"model_args": {"vocabulary_size": 50257, "embedding_dimensions": 32, "num_heads": 2,
+                               "num_layers": 2}, "model": other.state_dict(), "block_size": 64}, tmp_path / "other.pt")
+    mismatched = run_script(script, "--lora_path", adapter_path, "--checkpoint_path", tmp_path / "other.pt",
+                            "--prompt", question, "--device", "cpu")
+    assert_one_line_error(mismatched, "other.pt", "embedding_dimensions=64", "embedding_dimensions=32")

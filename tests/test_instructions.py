@@ -1,0 +1,141 @@
+import json
+
+import pytest
+import torch
+
+from data import (
+    PROMPT_TEMPLATE,
+    InstructionSamples,
+    format_prompt,
+    load_instructions,
+    load_tokenizer,
+    split_instructions,
+    tokenize_instruction,
+)
+from model import LightGPT
+
+RECORDS = [
+    {"instruction": "What is the capital of France?", "output": "Paris."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour."},
+    {"instruction": "Name a primary color.", "input": "", "output": "Red."},
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    return path
+
+
+def test_local_json_and_jsonl_files_load_the_same_records(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(RECORDS[:2]))
+    write_jsonl(tmp_path / "b.jsonl", RECORDS[2:])
+    records = load_instructions("local", str(tmp_path))
+    assert [record["instruction"] for record in records] == [record["instruction"] for record in RECORDS]
+    assert [record["input"] for record in records] == ["", "Good morning", ""]
+    assert load_instructions("local", str(tmp_path / "a.json")) == records[:2]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"instruction": "Hi"}\n', r"data.jsonl: line 1 has no 'output' field \(found: instruction\)"),
+        ('{"instruction": "Hi", "output": "Hello"}\n\n{"output": "x"}\n', "data.jsonl: line 3 has no 'instruction'"),
+        ('{"instruction": "Hi", "output": 3}\n', "data.jsonl: line 1: 'output' must be a string, got int"),
+        ('["Hi", "Hello"]\n', "data.jsonl: line 1 is not a JSON object"),
+        ('{"instruction": "Hi", "output": \n', "data.jsonl: line 1 is not valid JSON"),
+    ],
+)
+def test_a_bad_record_is_named_by_file_and_line(tmp_path, content, message):
+    (tmp_path / "data.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_instructions("local", str(tmp_path / "data.jsonl"))
+
+
+def test_a_json_file_must_hold_a_list_of_complete_records(tmp_path):
+    (tmp_path / "data.json").write_text(json.dumps(RECORDS + [{"input": "x", "output": "y"}]))
+    with pytest.raises(ValueError, match="data.json: record 4 has no 'instruction' field"):
+        load_instructions("local", str(tmp_path / "data.json"))
+    (tmp_path / "data.json").write_text(json.dumps({"instruction": "Hi", "output": "Hello"}))
+    with pytest.raises(ValueError, match="expected a JSON list of records, got a JSON dict"):
+        load_instructions("local", str(tmp_path / "data.json"))
+
+
+def test_missing_files_and_offline_hub_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--dataset_path: no .json, .jsonl files found"):
+        load_instructions("local", str(tmp_path / "nothing.json"))
+    with pytest.raises(ConnectionError, match="tatsu-lab/alpaca.*--dataset local --dataset_path"):
+        load_instructions("alpaca")
+
+
+def test_the_prompt_template_is_alpacas_with_and_without_input():
+    with_input = format_prompt(PROMPT_TEMPLATE, "Translate to French.", "Good morning")
+    assert with_input.endswith("### Instruction:\nTranslate to French.\n\n### Input:\nGood morning\n\n### Response:\n")
+    without_input = format_prompt(PROMPT_TEMPLATE, "Name a color.")
+    assert "### Input:" not in without_input and without_input.endswith("Name a color.\n\n### Response:\n")
+
+
+def test_masking_leaves_only_the_response_and_its_end_of_text_as_targets():
+    tokenizer = load_tokenizer()
+    record = {"instruction": "What is the capital of France?", "input": "", "output": "Paris."}
+    prompt = tokenizer.encode_ordinary(format_prompt(PROMPT_TEMPLATE, record["instruction"]))
+    response = tokenizer.encode_ordinary("Paris.") + [tokenizer.eot_token]
+    x, y, truncated = tokenize_instruction(record, PROMPT_TEMPLATE, 1024, mask_input=True, padding_index=-100)
+    assert not truncated
+    assert x == (prompt + response)[:-1]
+    assert y == [-100] * (len(prompt) - 1) + response
+    x_unmasked, y_unmasked, _ = tokenize_instruction(record, PROMPT_TEMPLATE, 1024, False, -100)
+    assert x_unmasked == x and y_unmasked == (prompt + response)[1:]
+
+
+def test_masked_prompt_tokens_do_not_enter_the_loss():
+    torch.manual_seed(0)
+    model = LightGPT(50257, 16, 2, 1).eval()
+    records = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris."}]
+    masked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, True, model.padding_index, show_progress=False)
+    unmasked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, False, model.padding_index, show_progress=False)
+    x, y = masked.batch([0])
+    logits, loss = model(x, y)
+    response_length = len(load_tokenizer().encode_ordinary("Paris.")) + 1
+    expected = torch.nn.functional.cross_entropy(logits[0, -response_length:], y[0, -response_length:])
+    torch.testing.assert_close(loss, expected)
+    _, unmasked_loss = model(*unmasked.batch([0]))
+    assert not torch.isclose(loss, unmasked_loss)
+
+
+def test_a_long_sample_loses_the_start_of_its_prompt_never_its_response():
+    record = {"instruction": "word " * 300, "input": "", "output": "The answer."}
+    x, y, truncated = tokenize_instruction(record, PROMPT_TEMPLATE, 32, mask_input=True, padding_index=-100)
+    tokenizer = load_tokenizer()
+    response = tokenizer.encode_ordinary("The answer.") + [tokenizer.eot_token]
+    assert truncated and len(x) == len(y) == 32
+    assert y[-len(response):] == response
+    assert tokenizer.decode(x).endswith("### Response:\nThe answer.")
+    samples = InstructionSamples([record] + RECORDS, PROMPT_TEMPLATE, 32, True, -100, show_progress=False)
+    assert len(samples) == 4 and samples.num_truncated >= 1
+
+
+def test_batches_are_padded_and_the_padding_changes_neither_logits_nor_loss():
+    torch.manual_seed(0)
+    model = LightGPT(50257, 16, 2, 1).eval()
+    samples = InstructionSamples(RECORDS, PROMPT_TEMPLATE, 1024, False, model.padding_index, show_progress=False)
+    x, y = samples.batch([0, 1, 2])
+    lengths = [len(sample_x) for sample_x, _ in samples.samples]
+    assert x.shape == y.shape == (3, max(lengths))
+    batch_logits, batch_loss = model(x, y)
+    total, count = 0.0, 0
+    for row, length in enumerate(lengths):
+        assert (y[row, length:] == model.padding_index).all()
+        single_logits, single_loss = model(*samples.batch([row]))
+        torch.testing.assert_close(batch_logits[row, :length], single_logits[0], rtol=1e-4, atol=1e-5)
+        total, count = total + single_loss * length, count + length
+    torch.testing.assert_close(batch_loss, total / count)
+
+
+def test_the_held_out_split_is_fixed_and_never_empty():
+    records = [{"instruction": str(number), "input": "", "output": "x"} for number in range(40)]
+    train, test = split_instructions(records)
+    assert len(test) == 2 and len(train) == 38 and not set(map(str, train)) & set(map(str, test))
+    assert split_instructions(records) == (train, test)
+    assert [len(split) for split in split_instructions(records[:2])] == [1, 1]
+    with pytest.raises(ValueError, match="1 record"):
+        split_instructions(records[:1])
