@@ -131,3 +131,16 @@ def test_training_mode_without_gradients_still_returns_logits():
     with torch.no_grad():
         logits, loss = model(x, x)
     assert logits.shape == (2, 8, VOCABULARY) and loss is not None
+
+
+def test_the_fused_loss_trains_the_body_alone_when_the_tied_weight_is_frozen():
+    gradients = []
+    for training in (True, False):
+        model = tiny_model().train(training)
+        model.token_embeddings.weight.requires_grad_(False)
+        x = torch.randint(0, VOCABULARY, (2, 9), generator=torch.Generator().manual_seed(3))
+        model(x, x)[1].backward()
+        assert model.token_embeddings.weight.grad is None
+        gradients.append([parameter.grad for parameter in model.body.parameters()])
+    for fused, plain in zip(*gradients):
+        torch.testing.assert_close(fused, plain)
