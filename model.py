@@ -236,14 +236,21 @@ class LightGPT(Module):
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.activation_checkpointing = enabled
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """The logits of every position and, given targets y, the mean cross entropy over those that are
+        not padding. Training with targets returns (None, loss): the output layer and the loss are fused
+        so that the logits, the largest tensor of a step, are never stored (see LinearCrossEntropy)."""
         z = self.embedding_dropout(self.token_embeddings(x))
         for block in self.body:
             if self.activation_checkpointing and self.training:
                 z = checkpoint(block, z, use_reentrant=False)
             else:
                 z = block(z)
-        logits = self.output_layer(self.output_norm(z))
+        z = self.output_norm(z)
+        if y is not None and self.training and torch.is_grad_enabled():
+            loss = LinearCrossEntropy.apply(z.flatten(0, 1), self.output_layer.weight, y.flatten(), self.padding_index)
+            return None, loss
+        logits = self.output_layer(z)
         if y is None:
             return logits, None
         loss = cross_entropy(
@@ -423,6 +430,51 @@ class CausalSelfAttention(Module):
         )
         z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)
         return self.output_dropout(self.output_projection(z))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The output layer and the mean cross entropy fused, a chunk of positions at a time.
+
+    The forward pass also computes the gradients with respect to the hidden states and the weight, and
+    keeps only those for the backward pass, never the (positions x vocabulary) logits. That saves their
+    memory, and on a CPU a quarter of the output layer's time: a chunk's logits stay in the cache and in
+    memory the allocator reuses, instead of half a gigabyte of fresh pages every step.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+        device_type = hidden.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+        # Chunks of logits of at most 32 MB measured fastest on a CPU; a GPU wants a few large kernels.
+        chunk_size = max(1, (2**23 if device_type == "cpu" else 2**28) // weight.size(0))
+        kept = targets != ignore_index
+        # d(mean loss)/d(logits) = (softmax - one_hot(target)) * kept / count; the scale is applied to
+        # the small hidden-sized factors rather than to the vocabulary-sized chunk.
+        scale = (kept / kept.sum()).unsqueeze(1).to(dtype)
+        targets = targets.where(kept, 0).unsqueeze(1)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        loss = torch.zeros((), device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, len(hidden), chunk_size):
+                rows = slice(start, start + chunk_size)
+                log_probabilities = (hidden[rows] @ weight.T).float().log_softmax(-1)
+                loss -= (log_probabilities.gather(1, targets[rows]) * scale[rows]).sum()
+                minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
+                gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
+                torch.mul(gradient @ weight, scale[rows], out=grad_hidden[rows])
+                if ctx.needs_input_grad[1]:  # not when the weight is frozen, as under LoRA
+                    grad_weight.addmm_(gradient.T, hidden[rows] * scale[rows])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss if ctx.needs_input_grad[1] else None, None, None
 
 
 class LoRALinear(Module):

@@ -104,3 +104,43 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_constructor_arguments_are_checked(overrides, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
         tiny_model(**overrides)
+
+
+def test_training_fuses_the_output_layer_and_loss_with_the_plain_path_s_loss_and_gradients():
+    # The real vocabulary makes the fused path run several chunks of positions; some targets are padding.
+    results = []
+    for training in (True, False):
+        model = tiny_model(vocabulary_size=50257, embedding_dimensions=16, num_heads=2).train(training)
+        generator = torch.Generator().manual_seed(2)
+        x = torch.randint(0, 50257, (2, 200), generator=generator)
+        y = torch.randint(0, 50257, (2, 200), generator=generator)
+        y[0, 50:90] = -100
+        logits, loss = model(x, y)
+        loss.backward()
+        results.append((logits, loss, [parameter.grad for parameter in model.parameters()]))
+    (fused_logits, fused_loss, fused_gradients), (plain_logits, plain_loss, plain_gradients) = results
+    assert fused_logits is None and plain_logits.shape == (2, 200, 50257)
+    torch.testing.assert_close(fused_loss, plain_loss)
+    for fused, plain in zip(fused_gradients, plain_gradients):
+        torch.testing.assert_close(fused, plain)
+
+
+def test_training_mode_without_gradients_still_returns_logits():
+    model = tiny_model()
+    x = torch.randint(0, VOCABULARY, (2, 8))
+    with torch.no_grad():
+        logits, loss = model(x, x)
+    assert logits.shape == (2, 8, VOCABULARY) and loss is not None
+
+
+def test_the_fused_loss_trains_the_body_alone_when_the_tied_weight_is_frozen():
+    gradients = []
+    for training in (True, False):
+        model = tiny_model().train(training)
+        model.token_embeddings.weight.requires_grad_(False)
+        x = torch.randint(0, VOCABULARY, (2, 9), generator=torch.Generator().manual_seed(3))
+        model(x, x)[1].backward()
+        assert model.token_embeddings.weight.grad is None
+        gradients.append([parameter.grad for parameter in model.body.parameters()])
+    for fused, plain in zip(*gradients):
+        torch.testing.assert_close(fused, plain)

@@ -1,0 +1,559 @@
+"""Benchmark LightGPT side by side with HuggingFace's GPT-2 of the same shape, in one run.
+
+Training throughput, MFU and peak memory, generation and beam search, corpus preparation and activation
+checkpointing. Machines are noisy, so the two models' runs are interleaved step by step and each figure comes
+with the ratio LightGPT / GPT-2 measured in the same run.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import weakref
+from argparse import BooleanOptionalAction
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from tqdm import tqdm
+
+from data import load_documents, load_tokenizer, tokenize_corpus
+from model import LightGPT, best_device, check_device
+
+R50K_VOCABULARY_SIZE = 50257
+PARTS = ("train", "generate", "beam_search", "data", "checkpointing")
+
+# Dense (no sparsity) peak tensor TFLOPS from NVIDIA's datasheets, bf16 and fp32 (no TF32), matched in order
+# against torch.cuda.get_device_name(); --peak_tflops overrides.
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 51.0},
+    "H100 NVL": {"bfloat16": 835.0, "float32": 60.0},
+    "H100": {"bfloat16": 989.0, "float32": 67.0},
+    "H200 NVL": {"bfloat16": 835.0, "float32": 60.0},
+    "H200": {"bfloat16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "L40S": {"bfloat16": 362.0, "float32": 91.6},
+    "L4": {"bfloat16": 121.0, "float32": 30.3},
+    "A10": {"bfloat16": 125.0, "float32": 31.2},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [options] (see --help)",
+        description="Benchmark LightGPT against HuggingFace's GPT2LMHeadModel of the same depth, width, heads, "
+        "vocabulary and context, with the same batch, optimizer and dtype. Prints a table, or JSON lines.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
+                        help="What to measure: training, generation (with and without the KV cache), beam search, "
+                        "corpus preparation, activation checkpointing.")
+    parser.add_argument("--block_size", type=int, default=1024,
+                        help="The number of tokens within the context window of every training sample.")
+    parser.add_argument("--embedding_dimensions", type=int, default=1024,
+                        help="The dimensionality of the token embeddings.")
+    parser.add_argument("--num_attention_heads", type=int, default=16,
+                        help="The number of attention heads within every block.")
+    parser.add_argument("--num_hidden_layers", type=int, default=24,
+                        help="The number of attention/MLP blocks.")
+    parser.add_argument("--feed_forward_ratio", type=int, default=4,
+                        help="The width of each MLP's hidden layer as a multiple of --embedding_dimensions.")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="Dropout in both models (pre-train.py's default is 0.1).")
+    parser.add_argument("--vocabulary_size", type=int, default=R50K_VOCABULARY_SIZE,
+                        help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="The number of samples in every training step.")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"),
+                        help="The optimizer of both models, built as pre-train.py builds it.")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="Timed training steps of each model (the reported figure is the median step).")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="Untimed training steps of each model first.")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="float32, or bfloat16 autocast (mixed precision, as pre-train.py trains on a GPU).")
+    parser.add_argument("--compile", action=BooleanOptionalAction, default=False,
+                        help="Compile both models' training steps with torch.compile.")
+    parser.add_argument("--gpt2", action=BooleanOptionalAction, default=True,
+                        help="Measure HuggingFace's GPT-2 side by side (needs transformers, see requirements-dev.txt).")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="The device's peak TFLOPS for MFU (default: looked up from the GPU's name).")
+    parser.add_argument("--generation_lengths", type=int, nargs="+", default=[128, 1024],
+                        help="The numbers of tokens to generate after the prompt.")
+    parser.add_argument("--prompt_length", type=int, default=16,
+                        help="The number of (random) prompt tokens for generation and beam search.")
+    parser.add_argument("--beam_width", type=int, default=16,
+                        help="The number of sequences beam search keeps.")
+    parser.add_argument("--num_candidates", type=int, default=3,
+                        help="The number of sequences beam search returns.")
+    parser.add_argument("--beam_tokens", type=int, default=64,
+                        help="The number of tokens beam search generates.")
+    parser.add_argument("--dataset", default="wikipedia", choices=("wikipedia", "kjv"),
+                        help="The embedded corpus whose preparation is timed.")
+    parser.add_argument("--dataset_repeats", type=int, default=8,
+                        help="Tokenize the corpus this many times over in the tokenization measurement, so that "
+                        "tokenizing outweighs starting the processes (an embedded corpus takes a fraction of a second).")
+    parser.add_argument("--num_dataset_processes", type=int, default=2,
+                        help="Corpus preparation with this many processes is compared with one process.")
+    parser.add_argument("--checkpointing_layers", type=int, default=24,
+                        help="The depth of the model whose peak memory is measured with and without checkpointing.")
+    parser.add_argument("--device", default=best_device(),
+                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's). On cores that other processes "
+                        "share, 1 avoids stalling every operator while a descheduled thread catches up.")
+    parser.add_argument("--seed", type=int, default=0, help="The seed for the weights and the random tokens.")
+    parser.add_argument("--json", action="store_true",
+                        help="Print one JSON object per measurement and line instead of the table.")
+    return parser.parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError for the first flag that cannot work."""
+    for name in (
+        "block_size", "embedding_dimensions", "num_attention_heads", "num_hidden_layers", "feed_forward_ratio",
+        "vocabulary_size", "batch_size", "steps", "prompt_length", "beam_width", "num_candidates", "beam_tokens",
+        "num_dataset_processes", "dataset_repeats", "checkpointing_layers",
+    ):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be zero or more, got {args.warmup}")
+    if min(args.generation_lengths) < 1:
+        raise ValueError(f"--generation_lengths must be positive integers, got {args.generation_lengths}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.embedding_dimensions % args.num_attention_heads != 0:
+        raise ValueError(
+            f"--embedding_dimensions ({args.embedding_dimensions}) must be divisible by "
+            f"--num_attention_heads ({args.num_attention_heads})"
+        )
+    if args.num_threads is not None and args.num_threads < 1:
+        raise ValueError(f"--num_threads must be a positive integer, got {args.num_threads}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    check_device(args.device)
+    if args.gpt2 and {"train", "generate", "beam_search"} & set(args.parts):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ValueError("--gpt2: the transformers package is not installed; run: "
+                             "pip install -r requirements-dev.txt, or pass --no-gpt2") from None
+    if {"generate", "beam_search"} & set(args.parts) and not hasattr(LightGPT, "generate"):
+        raise ValueError("--parts generate/beam_search: this model.py has no LightGPT.generate or "
+                         "LightGPT.beam_search yet; measure the other parts")
+
+
+@dataclass
+class Measurement:
+    """One row of the table and one JSON line: LightGPT's figure and, side by side, GPT-2's and their ratio."""
+
+    metric: str
+    value: float
+    unit: str
+    gpt2_value: float | None = None
+    higher_is_better: bool = True
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        record = {"metric": self.metric, "value": self.value, "unit": self.unit} | self.details
+        if self.gpt2_value is not None:
+            ratio = self.value / self.gpt2_value
+            record |= {"gpt2_value": self.gpt2_value, "ratio": ratio if self.higher_is_better else 1 / ratio}
+        return record
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """The peak bytes of tensor storage alive at once, for devices whose allocator keeps no statistics.
+
+    Every operator's outputs are counted when made and uncounted when their storage is freed; memory that
+    kernels allocate internally and never return as a tensor is not seen.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self.seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        outputs = func(*args, **(kwargs or {}))
+        for output in tree_leaves(outputs):
+            if isinstance(output, torch.Tensor):
+                self.count(output.untyped_storage())
+        return outputs
+
+    def count(self, storage: torch.UntypedStorage) -> None:
+        if id(storage) in self.seen or storage.nbytes() == 0:
+            return
+        self.seen.add(id(storage))
+        self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self.release, id(storage), storage.nbytes())
+
+    def release(self, key: int, nbytes: int) -> None:
+        self.seen.discard(key)
+        self.current -= nbytes
+
+
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    return sum(tensor.untyped_storage().nbytes() for tensor in {id(t): t for t in tensors}.values())
+
+
+def peak_step_bytes(step: Callable[[], None], model, optimizer, device: torch.device) -> int:
+    """Peak memory of one training step: the weights, the optimizer state and all that the step allocates."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return resident_bytes(model, optimizer) + torch.cuda.max_memory_allocated() - before
+    with PeakTensorMemory() as tracker:
+        step()
+    return resident_bytes(model, optimizer) + tracker.peak
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def interleaved_seconds(runs: dict[str, Callable], steps: int, warmup: int, device, description: str) -> dict:
+    """The median seconds of each run, the runs taking turns (in alternating order) so noise hits all alike."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    seconds = {name: [] for name in runs}
+    for step in tqdm(range(steps), desc=description, unit="step", file=sys.stderr):
+        for name in list(runs)[:: 1 if step % 2 == 0 else -1]:
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def precision(args: argparse.Namespace):
+    if args.dtype == "bfloat16":
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def lightgpt(args: argparse.Namespace, num_layers: int | None = None) -> LightGPT:
+    torch.manual_seed(args.seed)
+    return LightGPT(
+        vocabulary_size=args.vocabulary_size,
+        embedding_dimensions=args.embedding_dimensions,
+        num_heads=args.num_attention_heads,
+        num_layers=num_layers or args.num_hidden_layers,
+        feed_forward_ratio=args.feed_forward_ratio,
+        dropout=args.dropout,
+        eos_index=args.vocabulary_size - 1,
+    ).to(args.device)
+
+
+def gpt2(args: argparse.Namespace, context: int):
+    """HuggingFace's GPT-2 of LightGPT's depth, width, heads, MLP width and vocabulary, with its own init."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(args.seed)
+    config = GPT2Config(
+        vocab_size=args.vocabulary_size,
+        n_positions=context,
+        n_embd=args.embedding_dimensions,
+        n_layer=args.num_hidden_layers,
+        n_head=args.num_attention_heads,
+        n_inner=args.feed_forward_ratio * args.embedding_dimensions,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
+        bos_token_id=args.vocabulary_size - 1,
+        eos_token_id=args.vocabulary_size - 1,
+        attn_implementation="sdpa",
+    )
+    return GPT2LMHeadModel(config).to(args.device)
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    if args.optimizer == "adafactor":
+        return torch.optim.Adafactor(model.parameters(), lr=1e-4)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(args.device).type == "cuda")
+
+
+def training_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], args, is_gpt2: bool) -> Callable:
+    """One forward, backward and optimizer step. GPT-2 shifts its labels itself, so it is given x as labels."""
+    forward = torch.compile(model) if args.compile else model
+    x, y = batch
+
+    def step() -> None:
+        with precision(args):
+            loss = forward(input_ids=x, labels=x).loss if is_gpt2 else forward(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def random_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, args.vocabulary_size, (args.batch_size, args.block_size + 1),
+                           generator=torch.Generator().manual_seed(args.seed))
+    return tokens[:, :-1].to(args.device), tokens[:, 1:].to(args.device)
+
+
+def device_peak_tflops(args: argparse.Namespace) -> float | None:
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(args.device)
+    return next((peaks[args.dtype] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
+
+
+def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace) -> Measurement | None:
+    """Achieved FLOPs (the sizing module's training FLOPs per token) as a share of the device's peak."""
+    try:
+        from sizing import training_flops_per_token
+    except ImportError:
+        print("bench.py: MFU needs sizing.py's training_flops_per_token, not in this checkout", file=sys.stderr)
+        return None
+    peak = device_peak_tflops(args)
+    if peak is None:
+        print(f"bench.py: no peak TFLOPS known for {torch.cuda.get_device_name(args.device)}; "
+              f"pass --peak_tflops for MFU", file=sys.stderr)
+        return None
+    flops_per_token = training_flops_per_token(
+        args.vocabulary_size, args.block_size, args.embedding_dimensions, args.num_hidden_layers,
+        args.feed_forward_ratio,
+    )
+    mfu = tokens_per_second * flops_per_token / (peak * 1e12)
+    return Measurement("train_mfu", 100 * mfu, "%", details={"peak_tflops": peak, "dtype": args.dtype})
+
+
+def measure_training(args: argparse.Namespace) -> list[Measurement]:
+    device = torch.device(args.device)
+    batch = random_batch(args)
+    models = {"lightgpt": lightgpt(args)}
+    if args.gpt2:
+        models["gpt2"] = gpt2(args, args.block_size)
+    optimizers = {name: make_optimizer(model, args) for name, model in models.items()}
+    steps = {name: training_step(model, optimizers[name], batch, args, name == "gpt2")
+             for name, model in models.items()}
+    seconds = interleaved_seconds(steps, args.steps, args.warmup, device, "Training")
+    tokens_per_second = {name: args.batch_size * args.block_size / value for name, value in seconds.items()}
+    peaks = {name: peak_step_bytes(steps[name], model, optimizers[name], device) for name, model in models.items()}
+    parameters = {name: sum(p.numel() for p in model.parameters() if p.requires_grad)
+                  for name, model in models.items()}
+    details = {"batch_size": args.batch_size, "block_size": args.block_size, "dtype": args.dtype}
+    rows = [
+        Measurement("train_tokens_per_s", tokens_per_second["lightgpt"], "tokens/s", tokens_per_second.get("gpt2"),
+                    details=details),
+        Measurement("parameters", parameters["lightgpt"], "count", parameters.get("gpt2"), higher_is_better=False),
+        Measurement("train_peak_memory", peaks["lightgpt"], "bytes", peaks.get("gpt2"), higher_is_better=False,
+                    details={"method": "cuda_max_memory_allocated" if device.type == "cuda" else "live_tensor_bytes"}),
+    ]
+    if device.type == "cuda":
+        rows.append(model_flops_utilization(tokens_per_second["lightgpt"], args))
+    return [row for row in rows if row is not None]
+
+
+def timed(run: Callable[[], int], device) -> tuple[int, float]:
+    """The tokens a generation run produced and the seconds it took."""
+    synchronize(device)
+    start = time.perf_counter()
+    tokens = run()
+    synchronize(device)
+    return tokens, time.perf_counter() - start
+
+
+def measure_generation(args: argparse.Namespace) -> list[Measurement]:
+    device = torch.device(args.device)
+    model = lightgpt(args).eval()
+    longest = args.prompt_length + max(args.generation_lengths)
+    hf = gpt2(args, longest).eval() if args.gpt2 else None
+    prompt = torch.randint(0, args.vocabulary_size - 1, (args.prompt_length,),
+                           generator=torch.Generator().manual_seed(args.seed)).to(device)
+    top_k = min(500, args.vocabulary_size)  # generate's default, as far as the vocabulary allows
+    rows = []
+    for length in tqdm(args.generation_lengths, desc="Generation", unit="length", file=sys.stderr):
+        context = args.prompt_length + length
+        runs = {
+            "greedy": lambda: sum(1 for _ in model.generate(prompt, length, top_k=1, block_size=context)),
+            "sample": lambda: sum(1 for _ in model.generate(prompt, length, top_k=top_k, block_size=context)),
+            "uncached": lambda: sum(
+                1 for _ in model.generate(prompt, length, top_k=top_k, block_size=context, use_cache=False)
+            ),
+        }
+        if hf is not None:
+            # min_new_tokens keeps GPT-2 from stopping early; LightGPT counts the tokens it actually made.
+            settings = dict(max_new_tokens=length, min_new_tokens=length, pad_token_id=args.vocabulary_size - 1)
+            runs["gpt2_greedy"] = lambda: hf.generate(prompt[None], do_sample=False, **settings).size(1) - len(prompt)
+            runs["gpt2_sample"] = lambda: hf.generate(prompt[None], do_sample=True, top_k=top_k, top_p=0.9,
+                                                      **settings).size(1) - len(prompt)
+        if length == args.generation_lengths[0]:
+            for run in runs.values():  # warm up (first calls allocate and dispatch slowly)
+                run()
+        speed = {}
+        for name, run in runs.items():
+            tokens, seconds = timed(run, device)
+            speed[name] = tokens / seconds
+        details = {"tokens": length, "prompt_tokens": args.prompt_length}
+        for mode in ("greedy", "sample"):
+            rows.append(Measurement(f"generate_{mode}_tokens_per_s", speed[mode], "tokens/s",
+                                    speed.get(f"gpt2_{mode}"), details=details))
+        rows.append(Measurement("generate_uncached_tokens_per_s", speed["uncached"], "tokens/s", details=details))
+        rows.append(Measurement("kv_cache_speedup", speed["sample"] / speed["uncached"], "x", details=details))
+    return rows
+
+
+def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
+    device = torch.device(args.device)
+    model = lightgpt(args).eval()
+    prompt = torch.randint(0, args.vocabulary_size - 1, (args.prompt_length,),
+                           generator=torch.Generator().manual_seed(args.seed)).to(device)
+    context = args.prompt_length + args.beam_tokens
+
+    def ours() -> int:
+        candidates = model.beam_search(prompt, args.beam_tokens, beam_width=args.beam_width,
+                                       num_candidates=args.num_candidates, block_size=context)
+        return max(len(tokens) for tokens, _ in candidates)
+
+    tokens, seconds = timed(ours, device)
+    gpt2_speed = None
+    if args.gpt2:
+        hf = gpt2(args, context).eval()
+        tokens_gpt2, seconds_gpt2 = timed(lambda: hf.generate(
+            prompt[None], do_sample=False, num_beams=args.beam_width, num_return_sequences=args.num_candidates,
+            max_new_tokens=args.beam_tokens, min_new_tokens=args.beam_tokens, length_penalty=1.0,
+            pad_token_id=args.vocabulary_size - 1,
+        ).size(1) - len(prompt), device)
+        gpt2_speed = tokens_gpt2 / seconds_gpt2
+    details = {"beam_width": args.beam_width, "tokens": args.beam_tokens}
+    return [Measurement("beam_search_tokens_per_s", tokens / seconds, "tokens/s", gpt2_speed, details=details)]
+
+
+def measure_data(args: argparse.Namespace) -> list[Measurement]:
+    """Whole preparations of the corpus into a fresh folder, and the tokenization phase alone."""
+    from data import prepare_corpus
+
+    documents = load_documents(args.dataset, 1)
+    tokenization, preparation = {}, {}
+    for processes in tqdm((1, args.num_dataset_processes), desc="Corpus preparation", file=sys.stderr):
+        load_tokenizer()
+        start = time.perf_counter()
+        repeated = tokenize_corpus(documents * args.dataset_repeats, processes)
+        tokens = sum(len(train) + len(test) for train, test in repeated) // 2
+        tokenization[processes] = tokens / (time.perf_counter() - start)
+        tokens //= args.dataset_repeats
+        with tempfile.TemporaryDirectory() as folder:
+            load_tokenizer.cache_clear()  # a user's run builds the tokenizer too
+            start = time.perf_counter()
+            prepare_corpus(args.dataset, folder, processes, show_progress=False)
+            preparation[processes] = tokens / (time.perf_counter() - start)
+    rows = []
+    for metric, speeds in (("tokenize_tokens_per_s", tokenization), ("prepare_corpus_tokens_per_s", preparation)):
+        for processes, speed in speeds.items():
+            rows.append(Measurement(metric, speed, "tokens/s", details={"processes": processes}))
+        speedup = speeds[args.num_dataset_processes] / speeds[1]
+        rows.append(Measurement(f"{metric.removesuffix('_tokens_per_s')}_speedup", speedup, "x",
+                                details={"processes": args.num_dataset_processes}))
+    return rows
+
+
+def measure_checkpointing(args: argparse.Namespace) -> list[Measurement]:
+    """Peak training memory and speed of a deep LightGPT with activation checkpointing on and off."""
+    device = torch.device(args.device)
+    batch = random_batch(args)
+    peaks, steps = {}, {}
+    for enabled in (False, True):
+        model = lightgpt(args, args.checkpointing_layers)
+        model.enable_activation_checkpointing(enabled)
+        optimizer = make_optimizer(model, args)
+        steps[enabled] = training_step(model, optimizer, batch, args, is_gpt2=False)
+        steps[enabled]()  # the optimizer state exists from the first step on
+        peaks[enabled] = peak_step_bytes(steps[enabled], model, optimizer, device)
+    seconds = interleaved_seconds(steps, max(2, args.steps // 2), 0, device, "Checkpointing")
+    details = {"num_layers": args.checkpointing_layers, "batch_size": args.batch_size, "block_size": args.block_size}
+    return [
+        Measurement("checkpointing_peak_memory", peaks[True], "bytes", details=details),
+        Measurement("no_checkpointing_peak_memory", peaks[False], "bytes", details=details),
+        Measurement("checkpointing_memory_fraction", peaks[True] / peaks[False], "fraction", details=details),
+        Measurement("checkpointing_speed_fraction", seconds[False] / seconds[True], "fraction", details=details),
+    ]
+
+
+def process_peak_memory() -> Measurement:
+    """The bench process's peak resident memory, all parts and both models together (ru_maxrss)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return Measurement("process_peak_rss", peak if sys.platform == "darwin" else peak * 1024, "bytes")
+
+
+def formatted(value: float, unit: str) -> str:
+    if unit == "bytes":
+        return f"{value / 2**20:,.1f} MiB"
+    if unit == "count":
+        return f"{value / 1e6:,.2f}M"
+    if unit in ("x", "fraction"):
+        return f"{value:.2f}{'x' if unit == 'x' else ''}"
+    if unit == "%":
+        return f"{value:.1f}%"
+    return f"{value:,.0f} {unit}"
+
+
+def print_table(rows: list[Measurement]) -> None:
+    header = ("Measurement", "LightGPT", "GPT-2", "LightGPT/GPT-2")
+    lines = [header]
+    for row in rows:
+        record = row.as_dict()
+        context = ", ".join(f"{key}={value}" for key, value in row.details.items())
+        lines.append((
+            f"{row.metric} ({context})" if context else row.metric,
+            formatted(row.value, row.unit),
+            formatted(row.gpt2_value, row.unit) if row.gpt2_value is not None else "",
+            f"{record['ratio']:.2f}" if "ratio" in record else "",
+        ))
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        validate_args(args)
+    except ValueError as error:
+        sys.exit(f"bench.py: error: {error}")
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    measure = {
+        "train": measure_training,
+        "generate": measure_generation,
+        "beam_search": measure_beam_search,
+        "data": measure_data,
+        "checkpointing": measure_checkpointing,
+    }
+    rows = [row for part in PARTS if part in args.parts for row in measure[part](args)]
+    if torch.device(args.device).type != "cuda":
+        rows.append(process_peak_memory())
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_dict()))
+    else:
+        print(f"LightGPT vs GPT-2 on {args.device}, {args.dtype}, torch {torch.__version__}")
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

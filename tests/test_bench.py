@@ -1,0 +1,91 @@
+import json
+import math
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_script
+
+from bench import PeakTensorMemory
+from model import LightGPT
+
+TINY_SHAPE = [
+    "--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers", "2", "--block_size", "16",
+    "--feed_forward_ratio", "2", "--vocabulary_size", "97", "--batch_size", "2", "--device", "cpu",
+]
+SIDE_BY_SIDE = {"train_tokens_per_s", "parameters", "train_peak_memory"}
+
+
+def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_measurement():
+    result = run_script(
+        "bench.py", *TINY_SHAPE, "--steps", "2", "--warmup", "1", "--checkpointing_layers", "4",
+        "--parts", "train", "generate", "beam_search", "checkpointing", "data", "--dataset_repeats", "1",
+        "--generation_lengths", "4", "8", "--beam_tokens", "4", "--beam_width", "4", "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    records = {}
+    for line in result.stdout.strip().splitlines():
+        record = json.loads(line)
+        assert {"metric", "value", "unit"} <= record.keys(), record
+        assert math.isfinite(record["value"]) and record["value"] > 0, record
+        records[record["metric"], record.get("processes", record.get("tokens"))] = record
+
+    for length in (4, 8):
+        for mode in ("greedy", "sample"):
+            assert records[f"generate_{mode}_tokens_per_s", length]["gpt2_value"] > 0
+        assert records["kv_cache_speedup", length]["value"] == pytest.approx(
+            records["generate_sample_tokens_per_s", length]["value"]
+            / records["generate_uncached_tokens_per_s", length]["value"]
+        )
+    assert records["beam_search_tokens_per_s", 4]["gpt2_value"] > 0
+
+    for metric in SIDE_BY_SIDE:
+        record = records[metric, None]
+        ratio = record["value"] / record["gpt2_value"]
+        assert record["ratio"] == pytest.approx(ratio if metric == "train_tokens_per_s" else 1 / ratio)
+    tiny = LightGPT(vocabulary_size=97, embedding_dimensions=16, num_heads=2, num_layers=2, feed_forward_ratio=2,
+                    eos_index=96)
+    assert records["parameters", None]["value"] == tiny.num_trainable_params
+    # GPT-2 of the same shape also has biases and learned positions.
+    assert records["parameters", None]["gpt2_value"] > tiny.num_trainable_params
+
+    with_checkpointing = records["checkpointing_peak_memory", None]["value"]
+    without = records["no_checkpointing_peak_memory", None]["value"]
+    assert with_checkpointing < without
+    assert records["checkpointing_memory_fraction", None]["value"] == pytest.approx(with_checkpointing / without)
+
+    one, two = records["tokenize_tokens_per_s", 1]["value"], records["tokenize_tokens_per_s", 2]["value"]
+    assert records["tokenize_speedup", 2]["value"] == pytest.approx(two / one)
+    assert {"prepare_corpus_tokens_per_s", "process_peak_rss"} <= {metric for metric, _ in records}
+
+
+def test_bench_prints_a_table_by_default():
+    result = run_script("bench.py", *TINY_SHAPE, "--steps", "1", "--warmup", "0", "--no-gpt2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].split() == ["Measurement", "LightGPT", "GPT-2", "LightGPT/GPT-2"]
+    assert any(line.startswith("train_tokens_per_s") for line in lines)
+
+
+def test_peak_tensor_memory_counts_storages_while_they_live():
+    with PeakTensorMemory() as tracker:
+        first = torch.empty(1000)
+        second = torch.empty(2000)
+        view = second[10:]
+        del first, second
+        third = torch.empty(500)
+    assert tracker.peak == 3000 * 4
+    assert tracker.current == (2000 + 500) * 4  # the view keeps the second storage alive
+    del view, third
+    assert tracker.current == 0
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--steps", "0"], ["--steps", "positive"]),
+        (["--embedding_dimensions", "30", "--num_attention_heads", "4"], ["divisible by"]),
+        (["--generation_lengths", "0"], ["--generation_lengths"]),
+    ],
+)
+def test_bad_flags_get_one_clear_line(flags, fragments):
+    assert_one_line_error(run_script("bench.py", "--device", "cpu", *flags), *fragments)
