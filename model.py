@@ -456,7 +456,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         loss = torch.zeros((), device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         with torch.autocast(device_type, enabled=False):
             for start in range(0, len(hidden), chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -465,7 +465,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
                 gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
                 torch.mul(gradient @ weight, scale[rows], out=grad_hidden[rows])
-                if ctx.needs_input_grad[1]:  # not when the weight is frozen, as under LoRA
+                if grad_weight is not None:  # not when the weight is frozen, as under LoRA
                     grad_weight.addmm_(gradient.T, hidden[rows] * scale[rows])
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 FP32_BYTES = 4
 BF16_BYTES = 2
 INDEX_BYTES = 8  # token ids and targets are int64
+LOSS_CHUNK_ELEMENTS = 2**28  # the fused loss's logits per chunk on a GPU (model.LinearCrossEntropy)
 OPTIMIZERS = ("adafactor", "adamw")
 SHARDING_LEVELS = (0, 2, 3)
 
@@ -151,15 +152,13 @@ def activation_bytes(
         blocks = layers * FP32_BYTES * width
     else:
         blocks = layers * _block_bytes_per_token(architecture, mixed_precision)
-    output_norm = _rms_norm_bytes_per_token(width) + matmul_bytes * width
-    log_probabilities = FP32_BYTES * architecture.vocabulary_size
+    # The fused output layer and loss (model.LinearCrossEntropy) keep only their gradients with respect to the
+    # normalised hidden states and to the tied weight, never the logits.
+    output = _rms_norm_bytes_per_token(width) + matmul_bytes * width
     tokens = batch_size * architecture.block_size
-    saved = tokens * (2 * INDEX_BYTES + blocks + output_norm + log_probabilities)
-    if mixed_precision:
-        copied_weights = architecture.parameters["embedding"]
-        if not activation_checkpointing:
-            copied_weights += layers * architecture.block_matrix_parameters
-        saved += BF16_BYTES * copied_weights
+    saved = tokens * (INDEX_BYTES + blocks + output) + matmul_bytes * architecture.parameters["embedding"]
+    if mixed_precision and not activation_checkpointing:
+        saved += BF16_BYTES * layers * architecture.block_matrix_parameters
     return saved
 
 
@@ -168,13 +167,18 @@ def activation_peak_bytes(
 ) -> float:
     """The most activation memory a training step holds: the saved activations plus the largest transient.
 
-    The backward starts with the gradients of the log-probabilities and of the logits (fp32, vocabulary-wide)
-    while everything is still saved. With checkpointing it later recomputes one block's activations at a time,
-    and under autocast the forward pass caches bf16 copies of every block's weights until it ends.
+    The fused loss holds one chunk of fp32 log-probabilities (and under autocast their bf16 gradient) at a time,
+    and the backward starts by scaling its saved gradients. With checkpointing the backward later recomputes
+    one block's activations at a time, and under autocast the forward pass caches bf16 copies of every block's
+    weights until it ends.
     """
     saved = activation_bytes(architecture, batch_size, mixed_precision, activation_checkpointing)
     tokens = batch_size * architecture.block_size
-    transient = tokens * 2 * FP32_BYTES * architecture.vocabulary_size
+    vocabulary, width = architecture.vocabulary_size, architecture.embedding_dimensions
+    matmul_bytes = BF16_BYTES if mixed_precision else FP32_BYTES
+    chunk_rows = min(tokens, LOSS_CHUNK_ELEMENTS // vocabulary)
+    chunk = chunk_rows * vocabulary * (FP32_BYTES + (BF16_BYTES if mixed_precision else 0))
+    transient = max(chunk, matmul_bytes * (vocabulary + tokens) * width)
     if activation_checkpointing:
         transient = max(transient, tokens * _block_bytes_per_token(architecture, mixed_precision))
         if mixed_precision:

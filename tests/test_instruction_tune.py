@@ -140,8 +140,9 @@ def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instruction
     assert resumed.returncode == 0, resumed.stderr
     assert f"step {stopped_at}" in resumed.stdout
     expected = load_lora_checkpoint(tmp_path / "uninterrupted.pt")["lora"]
+    # Equal to float rounding: once in a CI run the BLAS summed a product in another order after the resume.
     for name, tensor in load_lora_checkpoint(interrupted)["lora"].items():
-        assert torch.equal(tensor, expected[name]), name
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_resuming_with_another_rank_is_refused(base_model_path, instructions_path, adapter_path):
