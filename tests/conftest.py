@@ -39,8 +39,15 @@ def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subpr
 def run_until_first_epoch_then_terminate(script: str, *args: str, metrics_path: Path,
                                           timeout: float = 120) -> subprocess.CompletedProcess:
     """Start a training script, send it SIGTERM once its first epoch is logged, and capture what it prints."""
-    command = [sys.executable, str(REPOSITORY / script), *map(str, args)]
-    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return terminate_after_first_epoch([sys.executable, REPOSITORY / script, *args], metrics_path, timeout)
+
+
+def terminate_after_first_epoch(command: list, metrics_path: Path, timeout: float = 120,
+                                env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start a training command, send it SIGTERM once its first epoch is logged, and capture what it prints."""
+    command = [str(part) for part in command]
+    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
     deadline = time.monotonic() + timeout
     while not metrics_path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -6,17 +6,15 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import REPOSITORY, TINY_MODEL, run_script  # noqa: E402
+from conftest import REPOSITORY, TINY_MODEL, run_script, terminate_after_first_epoch  # noqa: E402
 from model import LightGPT, load_checkpoint  # noqa: E402
 from training import Adafactor, distributed, parallelize, rank  # noqa: E402
 
@@ -144,15 +142,10 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path,
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "pre-train.py",
                *map(str, COMMON), "--dataset_path", str(dataset_path), "--checkpoint_path", str(checkpoint),
                "--num_epochs", "1000", "--eval_interval", "1000", "--checkpoint_interval", "1000"]
-    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=os.environ | {"OMP_NUM_THREADS": "1"})
-    log = checkpoint.with_suffix(".metrics.jsonl")
-    deadline = time.monotonic() + 120
-    while not log.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
     # torchrun passes the signal on to both ranks, then reports that it was signalled.
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
+    result = terminate_after_first_epoch(command, checkpoint.with_suffix(".metrics.jsonl"),
+                                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    stdout, stderr = result.stdout, result.stderr
     assert stdout.count("Stopped by signal") == 1, stdout + stderr
     stopped_at = torch.load(checkpoint, weights_only=True)["step"]
     assert 0 < stopped_at < 1000 and f"Stopped by signal at step {stopped_at};" in stdout

@@ -1,15 +1,11 @@
 import json
 import re
 import shlex
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, run_script
+from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, run_script, run_until_first_epoch_then_terminate
 from model import LightGPT
 
 
@@ -96,17 +92,12 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, dataset_path)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
 
     interrupted_path = tmp_path / "interrupted.pt"
-    command = [sys.executable, str(REPOSITORY / "pre-train.py"), "--dataset", "wikipedia", "--dataset_path",
-               str(dataset_path), "--checkpoint_path", str(interrupted_path), *TINY_MODEL, *common]
-    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = interrupted_path.with_suffix(".metrics.jsonl")
-    deadline = time.monotonic() + 120
-    while not log.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert "Stopped by signal" in stdout
+    result = run_until_first_epoch_then_terminate(
+        "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
+        interrupted_path, *TINY_MODEL, *common, metrics_path=interrupted_path.with_suffix(".metrics.jsonl"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Stopped by signal" in result.stdout
     stopped_at = torch.load(interrupted_path, weights_only=True)["step"]
     assert 0 < stopped_at < 120
 
