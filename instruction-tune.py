@@ -40,6 +40,7 @@ from training import (
     restore_rng_state,
     rng_state,
     save_atomically,
+    weighted_by_targets,
 )
 
 
@@ -185,8 +186,9 @@ def train(args, model: LightGPT, base: dict, seed: int, train_samples: Instructi
         step = checkpoint["step"]
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
-    eval_batches = [test_samples.batch(indices.tolist())
-                    for indices in torch.arange(len(test_samples)).split(args.batch_size)]
+    eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
+                                        for indices in torch.arange(len(test_samples)).split(args.batch_size)],
+                                       model.padding_index)
     print(f"LoRA: {model.num_trainable_params:,} trainable adapter parameters on a frozen base of "
           f"{sum(parameter.numel() for parameter in model.parameters()) - model.num_trainable_params:,}; "
           f"{len(train_samples)} training and {len(test_samples)} held-out instructions, "
@@ -220,12 +222,12 @@ def train(args, model: LightGPT, base: dict, seed: int, train_samples: Instructi
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(seed, epoch, len(train_samples))[position * samples_per_step:][:samples_per_step]
-        micro_batches = [train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)]
+        micro_batches = weighted_by_targets([train_samples.batch(chunk.tolist())
+                                             for chunk in indices.split(args.batch_size)], model.padding_index)
         learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
         try:
-            step_loss, gradient_norm = optimizer_step(
-                training_model, optimizer, micro_batches, learning_rate, args.max_gradient_norm,
-                model.padding_index, precision,
+            step_loss, gradient_norm, _ = optimizer_step(
+                training_model, optimizer, micro_batches, learning_rate, args.max_gradient_norm, precision
             )
         except FloatingPointError as error:
             progress.close()

@@ -20,21 +20,20 @@ from training import (
     add_runtime_arguments,
     check_launch,
     distributed,
+    evaluate,
     first_error_of_any_rank,
     from_rank_zero,
     full_training_state,
-    gradient_sync,
-    item,
     learning_rate_at,
     load_training_state,
     micro_batches_of_this_rank,
+    optimizer_step,
     parallelize,
     precision,
     rank,
     restore_rng_state,
     rng_state,
     save_atomically,
-    sum_across_ranks,
     world_size,
 )
 
@@ -164,19 +163,10 @@ def check_resumable(checkpoint: dict, model_args: dict, block_size: int) -> None
         )
 
 
-@torch.no_grad()
-def evaluate(model, windows: TokenWindows, starts: torch.Tensor, batch_size: int, device, precision) -> float:
-    """Mean cross entropy over the fixed held-out windows, each rank evaluating its share of them."""
-    model.eval()
-    total = torch.zeros((), device=device)
-    for batch_starts, weight in micro_batches_of_this_rank(starts, batch_size):
-        x, y = windows.windows(batch_starts.tolist())
-        with precision:
-            _, loss = model(x.to(device), y.to(device))
-        if weight:
-            total += loss.float() * len(batch_starts)
-    model.train()
-    return sum_across_ranks(total).item() / len(starts)
+def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_size: int) -> list[tuple]:
+    """This rank's micro-batches of the windows at `starts`, as (inputs, targets, loss weight)."""
+    return [(*windows.windows(batch_starts.tolist()), weight)
+            for batch_starts, weight in micro_batches_of_this_rank(starts, batch_size)]
 
 
 def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
@@ -260,6 +250,7 @@ def train(args, device: torch.device, train_windows: TokenWindows, test_windows:
         torch.manual_seed(hash((seed, rank(), step)))
 
     eval_starts = test_windows.random_starts(args.eval_samples, torch.Generator().manual_seed(0))
+    eval_batches = micro_batches_of_windows(test_windows, eval_starts, args.batch_size)
     metrics_path = Path(args.checkpoint_path).with_suffix(".metrics.jsonl")
     if main_process:
         print(f"LightGPT: {model.num_trainable_params:,} trainable parameters, {steps_per_epoch} steps per epoch"
@@ -292,30 +283,15 @@ def train(args, device: torch.device, train_windows: TokenWindows, test_windows:
     model.train()
     while step < total_steps:
         learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
         starts = train_windows.random_starts(args.batch_size * args.gradient_accumulation_steps, sampler)
-        micro_batches = micro_batches_of_this_rank(starts, args.batch_size)
-        step_loss = torch.zeros((), device=device)
-        for index, (micro_starts, weight) in enumerate(micro_batches):
-            x, y = train_windows.windows(micro_starts.tolist())
-            with gradient_sync(training_model, index == len(micro_batches) - 1):
-                with autocast:
-                    _, loss = training_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                (loss * weight).backward()
-            step_loss += loss.detach() * weight
-        # One reduction per step carries both the loss and the stop request, so every rank stops at the same step.
-        step_loss, stop_requests = sum_across_ranks(
-            torch.stack([step_loss, torch.tensor(float(exit_request.requested), device=device)])
-        ).tolist()
-        step_loss /= world_size()
-        if not torch.isfinite(torch.tensor(step_loss)):
+        try:
+            step_loss, gradient_norm, stop_requested = optimizer_step(
+                training_model, optimizer, micro_batches_of_windows(train_windows, starts, args.batch_size),
+                learning_rate, args.max_gradient_norm, autocast, exit_request.requested,
+            )
+        except FloatingPointError as error:
             progress.close()
-            sys.exit(f"pre-train.py: error: the loss became {step_loss} at step {step}; training stopped "
-                     f"(try a lower --learning_rate or a lower --max_gradient_norm)" if main_process else 1)
-        gradient_norm = item(torch.nn.utils.clip_grad_norm_(training_model.parameters(), args.max_gradient_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            sys.exit(f"pre-train.py: error: at step {step}, {error}" if main_process else 1)
         step += 1
         log.add_step(step_loss, gradient_norm, learning_rate)
 
@@ -323,11 +299,11 @@ def train(args, device: torch.device, train_windows: TokenWindows, test_windows:
         if end_of_epoch == 0:
             validation_loss = None
             if epoch % args.eval_interval == 0 or step == total_steps:
-                validation_loss = evaluate(training_model, test_windows, eval_starts, args.batch_size, device, autocast)
+                validation_loss = evaluate(training_model, eval_batches, model.padding_index, autocast)
             log.end_epoch(epoch, step, "tokens", tokens_per_epoch, validation_loss)
             if epoch % args.checkpoint_interval == 0 or step == total_steps:
                 save(epoch)
-        if stop_requests:
+        if stop_requested:
             save(step // steps_per_epoch)
             progress.close()
             if main_process:

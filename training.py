@@ -292,59 +292,74 @@ class GracefulExit:
         self.requested = True
 
 
+def weighted_by_targets(batches: list[tuple[Tensor, Tensor]], padding_index: int) -> list[tuple[Tensor, Tensor, float]]:
+    """Each micro-batch with its share of the step's targets that are not padding_index as its loss weight, so
+    k padded batches of b samples give exactly the gradient of one batch of k x b."""
+    counts = [int((targets != padding_index).sum()) for _, targets in batches]
+    return [(inputs, targets, count / sum(counts)) for (inputs, targets), count in zip(batches, counts)]
+
+
 def optimizer_step(
     model: Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: list[tuple[Tensor, Tensor, float]],
     learning_rate: float,
     max_gradient_norm: float,
-    padding_index: int,
-    precision,
-) -> tuple[float, float]:
-    """One optimizer step over accumulated micro-batches; returns the step's loss and gradient norm.
+    precision: AbstractContextManager,
+    stop_requested: bool = False,
+) -> tuple[float, float, bool]:
+    """One optimizer step over this rank's accumulated micro-batches, each (inputs, targets, loss weight).
 
-    Each micro-batch's mean loss is weighted by its share of the step's targets (those that are not
-    padding_index), so k batches of b samples give exactly the gradient of one batch of k x b. A loss that is
-    not finite raises FloatingPointError before the weights change.
+    The weights make the ranks' averaged gradients the gradient of the step's mean loss; the gradients are
+    synchronised once, after the last micro-batch. Returns the step's loss, the gradient norm, and whether any
+    rank asked to stop (one reduction carries the loss and the requests, so every rank stops at the same step).
+    A loss that is not finite raises FloatingPointError on every rank before the weights change.
     """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
     device = next(model.parameters()).device
-    num_targets = sum(int((y != padding_index).sum()) for _, y in micro_batches)
     step_loss = torch.zeros((), device=device)
-    for x, y in micro_batches:
-        with precision:
-            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        weighted = loss * (int((y != padding_index).sum()) / num_targets)
-        weighted.backward()
-        step_loss += weighted.detach()
-    loss = step_loss.item()
-    if not math.isfinite(loss):
+    for index, (inputs, targets, weight) in enumerate(micro_batches):
+        with gradient_sync(model, index == len(micro_batches) - 1):
+            with precision:
+                _, loss = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+            (loss * weight).backward()
+        step_loss += loss.detach() * weight
+    step_loss, stop_requests = sum_across_ranks(
+        torch.stack([step_loss, torch.tensor(float(stop_requested), device=device)])
+    ).tolist()
+    step_loss /= world_size()
+    if not math.isfinite(step_loss):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(
-            f"the loss became {loss}; training stopped (try a lower --learning_rate or a lower --max_gradient_norm)"
+            f"the loss became {step_loss}; training stopped (try a lower --learning_rate or a lower "
+            f"--max_gradient_norm)"
         )
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
-    gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm).item()
+    gradient_norm = item(torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, gradient_norm
+    return step_loss, gradient_norm, stop_requests > 0
 
 
 @torch.no_grad()
-def evaluate(model: Module, batches: list[tuple[torch.Tensor, torch.Tensor]], padding_index: int, precision) -> float:
-    """Mean cross entropy per target (padding excluded) over fixed held-out batches."""
+def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding_index: int,
+             precision: AbstractContextManager) -> float:
+    """Mean cross entropy per target (padding excluded) over fixed held-out batches, each rank evaluating its
+    share; a batch of weight 0 is a pass that only keeps the ranks in step, and counts nothing."""
     model.eval()
     device = next(model.parameters()).device
-    total, count = torch.zeros((), device=device), 0
-    for x, y in batches:
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for inputs, targets, weight in batches:
         with precision:
-            _, loss = model(x.to(device), y.to(device))
-        num_targets = int((y != padding_index).sum())
-        total += loss.float() * num_targets
-        count += num_targets
+            _, loss = model(inputs.to(device), targets.to(device))
+        if weight:
+            num_targets = (targets != padding_index).sum().to(device)
+            total += loss.float() * num_targets
+            count += num_targets
     model.train()
-    return total.item() / count
+    total, count = sum_across_ranks(torch.stack([total, count])).tolist()
+    return total / count
 
 
 class EpochLog:

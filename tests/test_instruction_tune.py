@@ -17,7 +17,7 @@ from model import (
     load_lora_checkpoint,
     load_lora_model,
 )
-from training import optimizer_step
+from training import optimizer_step, weighted_by_targets
 
 # Instructions and answers in words the tiny base met often in pre-training: with its embeddings frozen, a
 # word it never learned to tell apart from thousands of others cannot be learned by an adapter either.
@@ -237,7 +237,8 @@ def test_accumulating_padded_batches_gives_the_gradient_of_one_batch(instruction
             if isinstance(layer, LoRALinear):
                 torch.nn.init.normal_(layer.lora_b)
         adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-        optimizer_step(model, torch.optim.SGD(adapters), micro_batches, 1.0, 1e9, -100, nullcontext())
+        optimizer_step(model, torch.optim.SGD(adapters), weighted_by_targets(micro_batches, -100), 1.0, 1e9,
+                       nullcontext())
         weights.append(adapters)
     for one_batch, accumulated in zip(*weights):
         torch.testing.assert_close(accumulated, one_batch)
