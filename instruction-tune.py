@@ -27,6 +27,7 @@ from model import (
     load_lora_checkpoint,
     load_lora_state_dict,
     lora_state_dict,
+    weights_fingerprint,
 )
 from training import (
     EpochLog,
@@ -119,6 +120,9 @@ def validate_args(args: argparse.Namespace) -> None:
 def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_train_samples: int) -> None:
     """Resuming must continue the same adapters on the same base and data: never change them silently."""
     check_same_base(checkpoint, base)
+    if checkpoint.get("base_fingerprint") not in (None, weights_fingerprint(base["model"])):
+        raise ValueError(f"--resume: the adapters were trained on a base with other weights than "
+                         f"--base_model_path {args.base_model_path}; use the original base checkpoint")
     for name in ("rank", "alpha"):
         if checkpoint["lora_args"][name] != getattr(args, name):
             raise ValueError(f"--resume: the checkpoint has --{name} {checkpoint['lora_args'][name]}, "
@@ -194,11 +198,14 @@ def train(args, model: LightGPT, base: dict, seed: int, train_samples: Instructi
           f"{len(train_samples)} training and {len(test_samples)} held-out instructions, "
           f"{steps_per_epoch} steps per epoch")
 
+    base_fingerprint = weights_fingerprint(base["model"])
+
     def save(epoch: int) -> None:
         save_atomically(
             {
                 "lora_args": {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
                 "base_model_path": str(Path(args.base_model_path).resolve()),
+                "base_fingerprint": base_fingerprint,
                 "model_args": base["model_args"],
                 "block_size": base["block_size"],
                 "tokenizer": TOKENIZER_NAME,

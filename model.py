@@ -1,7 +1,9 @@
 """The LightGPT model: a bias-free, position-free, weight-tied GPT in pure PyTorch."""
 
 import argparse
+import hashlib
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -564,6 +566,17 @@ def load_lora_checkpoint(path: str | Path) -> dict:
     return load_checkpoint(path, required=("lora_args", "model_args", "lora", "prompt_template"))
 
 
+def weights_fingerprint(state: dict[str, Tensor]) -> str:
+    """A short hash of a model's weights, from the first and last thousand numbers of each tensor: enough to tell
+    the base an adapter was trained on from another base of the same shape, quickly at any model size."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        numbers = state[name].detach().flatten()
+        digest.update(name.encode())
+        digest.update(torch.cat([numbers[:1000], numbers[-1000:]]).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def check_same_base(lora_checkpoint: dict, base_checkpoint: dict) -> None:
     """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
     for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
@@ -597,4 +610,7 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) 
         model = load_adapted_model(adapter, base)
     except ValueError as error:
         raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
+    if adapter.get("base_fingerprint") not in (None, weights_fingerprint(base["model"])):
+        warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
+                      f"its answers may be poor", stacklevel=2)
     return model, base["block_size"], adapter["prompt_template"]

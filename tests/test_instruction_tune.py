@@ -150,6 +150,20 @@ def test_resuming_with_another_rank_is_refused(base_model_path, instructions_pat
     assert_one_line_error(result, "--resume", "--rank 8", "4")
 
 
+@pytest.fixture
+def retrained_base_path(base_model_path, tmp_path):
+    """A base of the same sizes as base_model_path with other weights, as if it had been trained further."""
+    base = load_checkpoint(base_model_path)
+    base["model"] = {name: tensor + 0.01 for name, tensor in base["model"].items()}
+    torch.save(base, tmp_path / "retrained.pt")
+    return tmp_path / "retrained.pt"
+
+
+def test_resuming_on_a_base_with_other_weights_is_refused(retrained_base_path, instructions_path, adapter_path):
+    result = instruction_tune(retrained_base_path, instructions_path, adapter_path, "--resume")
+    assert_one_line_error(result, "--resume", "other weights", str(retrained_base_path))
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [
@@ -219,6 +233,15 @@ def test_an_adapter_loads_onto_the_base_it_names_and_refuses_another_size(base_m
                                "num_layers": 2}, "model": other.state_dict(), "block_size": 64}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="embedding_dimensions=64, but the base checkpoint has embedding_dimensions=32"):
         load_lora_model(adapter_path, tmp_path / "other.pt")
+
+
+def test_an_adapter_on_a_base_with_other_weights_of_the_same_sizes_warns(adapter_path, retrained_base_path):
+    with pytest.warns(UserWarning, match="trained on a base with other weights"):
+        load_lora_model(adapter_path, retrained_base_path)
+    result = run_script("generate.py", "--lora_path", adapter_path, "--checkpoint_path", retrained_base_path,
+                        "--prompt", "Where is the city?", "--max_tokens", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "other weights" in result.stderr
 
 
 

@@ -10,6 +10,7 @@ from model import (
     load_lora_state_dict,
     lora_state_dict,
     merge_lora,
+    weights_fingerprint,
 )
 
 VOCABULARY = 97
@@ -123,3 +124,13 @@ def test_adapters_cannot_be_added_twice():
     add_lora(model, rank=2, alpha=1.0, dropout=0.0)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         add_lora(model, rank=2, alpha=1.0, dropout=0.0)
+
+
+def test_the_weights_fingerprint_tells_a_base_from_another_of_the_same_shape():
+    model = base_model()
+    copy = base_model()
+    copy.load_state_dict(model.state_dict())
+    assert weights_fingerprint(copy.state_dict()) == weights_fingerprint(model.state_dict())
+    with torch.no_grad():
+        copy.body[-1].mlp[-2].weight[-1, -1] += 1e-3
+    assert weights_fingerprint(copy.state_dict()) != weights_fingerprint(model.state_dict())
