@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import re
+import shlex
 from contextlib import nullcontext
 
 import pytest
@@ -282,3 +283,22 @@ def test_the_scripts_answer_with_the_adapter_in_its_prompt_template(adapter_path
     mismatched = run_script(script, "--lora_path", adapter_path, "--checkpoint_path", tmp_path / "other.pt",
                             "--prompt", question, "--device", "cpu")
     assert_one_line_error(mismatched, "other.pt", "embedding_dimensions=64", "embedding_dimensions=32")
+
+
+def test_the_readme_instruction_tuning_commands_run(base_model_path, tmp_path):
+    readme = (REPOSITORY / "README.md").read_text()
+    section = readme.split("## Instruction-tuning", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"```json\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "my_instructions.jsonl").write_text(example)
+    tune = re.search(r"^python instruction-tune.py (--dataset local .+)$", section, re.M)
+    assert tune, "the README's Instruction-tuning section has no command for local files"
+    result = run_script("instruction-tune.py", *shlex.split(tune.group(1)), "--base_model_path", base_model_path,
+                        "--gradient_accumulation_steps", "1", "--num_epochs", "2", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "lora_instruction.pt").is_file()
+    commands = re.findall(r"^python ((?:generate|beam_search)\.py --lora_path .+)$", section, re.M)
+    assert len(commands) == 2, "the README's Instruction-tuning section shows no generation commands"
+    for script, *arguments in map(shlex.split, commands):
+        result = run_script(script, *arguments, "--max_tokens", "3", "--device", "cpu", cwd=tmp_path)
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+        assert result.stdout.strip(), f"{script} printed nothing"
