@@ -21,6 +21,7 @@ from training import (
     check_launch,
     distributed,
     evaluate,
+    every_rank_s,
     first_error_of_any_rank,
     from_rank_zero,
     full_training_state,
@@ -235,18 +236,23 @@ def train(args, device: torch.device, train_windows: TokenWindows, test_windows:
 
     steps_per_epoch = args.samples_per_epoch // (args.batch_size * args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.num_epochs
-    step = 0
+    step, saved_rng_states = 0, []
     if args.resume:
         load_training_state(training_model, optimizer, checkpoint)
         progress_state = from_rank_zero({key: checkpoint[key] for key in ("sampler", "rng", "step")}
                                         if main_process else None)
         sampler.set_state(progress_state["sampler"])
-        restore_rng_state(progress_state["rng"])
         step = progress_state["step"]
+        saved_rng_states = progress_state["rng"]
+        if isinstance(saved_rng_states, dict):  # a checkpoint from before every rank's state was kept
+            saved_rng_states = [saved_rng_states]
         if main_process:
             print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
-    if rank():
-        # Dropout masks differ between ranks; rank 0 keeps the stream a single process would use.
+    # Dropout masks differ between ranks: rank 0 draws the stream a single process would, and a resumed rank
+    # continues its own stream when the checkpoint has one for it (it was saved by at least as many ranks).
+    if rank() < len(saved_rng_states):
+        restore_rng_state(saved_rng_states[rank()])
+    elif rank():
         torch.manual_seed(hash((seed, rank(), step)))
 
     eval_starts = test_windows.random_starts(args.eval_samples, torch.Generator().manual_seed(0))
@@ -257,6 +263,7 @@ def train(args, device: torch.device, train_windows: TokenWindows, test_windows:
               + (f", {world_size()} processes" if world_size() > 1 else ""))
 
     def save(epoch: int) -> None:
+        rng_states = every_rank_s(rng_state())
         model_state, optimizer_state = full_training_state(training_model, optimizer)
         if not main_process:
             return
@@ -270,7 +277,7 @@ def train(args, device: torch.device, train_windows: TokenWindows, test_windows:
                 "step": step,
                 "epoch": epoch,
                 "sampler": sampler.get_state(),
-                "rng": rng_state(),
+                "rng": rng_states,
                 "args": vars(args) | {"seed": seed},
             },
             args.checkpoint_path,

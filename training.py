@@ -81,14 +81,19 @@ def sum_across_ranks(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def every_rank_s(value: Value) -> list[Value]:
+    """Every rank's value of a small picklable object, in rank order, on every rank ([value] when alone)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def first_error_of_any_rank(error: str | None) -> str | None:
     """The first rank's error message, on every rank, so that all ranks stop together rather than wait forever
     on one that left."""
-    if not dist.is_initialized():
-        return error
-    errors = [None] * world_size()
-    dist.all_gather_object(errors, error)
-    return next((message for message in errors if message), None)
+    return next((message for message in every_rank_s(error) if message), None)
 
 
 def from_rank_zero(value: Value) -> Value:

@@ -153,6 +153,24 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path,
     assert f"step {stopped_at}" in resumed.stdout
 
 
+@pytest.mark.parametrize("level", [0, 3])
+def test_two_processes_with_dropout_resume_exactly_where_they_stopped(tmp_path, dataset_path, level):
+    flags = ["--optimizer", "adamw", "--dropout", "0.1", "--ddp_sharding_level", str(level), "--num_epochs", "40",
+             "--eval_interval", "1000", "--checkpoint_interval", "1000"]
+    pretrain(2, tmp_path / "uninterrupted.pt", dataset_path, *flags)
+    interrupted = tmp_path / "interrupted.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "pre-train.py",
+               *COMMON, "--dataset_path", dataset_path, "--checkpoint_path", interrupted, *flags]
+    stopped = terminate_after_first_epoch(command, interrupted.with_suffix(".metrics.jsonl"),
+                                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert "Stopped by signal" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert len(torch.load(interrupted, weights_only=True)["rng"]) == 2
+    pretrain(2, interrupted, dataset_path, *flags, "--resume")
+    resumed, expected = (torch.load(path, weights_only=True) for path in (interrupted, tmp_path / "uninterrupted.pt"))
+    assert resumed["step"] == expected["step"] == 40
+    torch.testing.assert_close(resumed["model"], expected["model"], rtol=0, atol=0)
+
+
 def local_bytes(tensors) -> int:
     """What this rank stores for `tensors`: a DTensor's own shard only."""
     return sum(getattr(tensor, "_local_tensor", tensor).nbytes for tensor in tensors)
