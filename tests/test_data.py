@@ -171,3 +171,20 @@ def test_a_corpus_shorter_than_a_window_is_a_clear_error(tmp_path):
     np.arange(10, dtype=np.uint16).tofile(tmp_path / "train.bin")
     with pytest.raises(ValueError, match="fewer than block_size"):
         TokenWindows(tmp_path / "train.bin", block_size=10)
+
+
+def test_openwebtext_prepares_through_the_hub_code_from_a_local_copy(tmp_path, monkeypatch):
+    """datasets.load_dataset reads a local folder named like the hub dataset: the users' real loading and
+    tokenizing code for OpenWebText, run offline on a parquet file of its shape (one 'text' column)."""
+    import datasets
+
+    documents = [f"Document number {index} is about the city and its language." for index in range(200)]
+    folder = tmp_path / "openwebtext" / "plain_text"
+    folder.mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": documents}).to_parquet(folder / "train-00000-of-00001.parquet")
+    monkeypatch.chdir(tmp_path)
+    corpus = prepare_corpus("openwebtext", tmp_path / "prepared", num_processes=2, show_progress=False)
+    tokens = np.concatenate([np.fromfile(corpus / name, dtype=np.uint16) for name in ("train.bin", "test.bin")])
+    expected = sum(len(load_tokenizer().encode_ordinary(document)) + 1 for document in documents)
+    assert len(tokens) == expected
+    assert (tokens == load_tokenizer().eot_token).sum() == len(documents)

@@ -139,3 +139,21 @@ def test_the_held_out_split_is_fixed_and_never_empty():
     assert [len(split) for split in split_instructions(records[:2])] == [1, 1]
     with pytest.raises(ValueError, match="1 record"):
         split_instructions(records[:1])
+
+
+def test_alpaca_loads_through_the_hub_code_from_a_local_copy(tmp_path, monkeypatch):
+    """datasets.load_dataset reads a local folder named like the hub repository: the users' real loading code,
+    run offline on a parquet file shaped like tatsu-lab/alpaca's."""
+    import datasets
+
+    folder = tmp_path / "tatsu-lab" / "alpaca" / "data"
+    folder.mkdir(parents=True)
+    alpaca = [{"input": ""} | record | {"text": "the formatted prompt"} for record in RECORDS]
+    datasets.Dataset.from_list(alpaca).to_parquet(folder / "train-00000-of-00001.parquet")
+    monkeypatch.chdir(tmp_path)
+    records = load_instructions("alpaca")
+    assert [(record["instruction"], record["input"], record["output"]) for record in records] == [
+        (record["instruction"], record["input"], record["output"]) for record in alpaca
+    ]
+    train, test = split_instructions(records)
+    assert len(train) == 2 and len(test) == 1
