@@ -27,6 +27,7 @@ from model import (
     load_lora_checkpoint,
     load_lora_state_dict,
     lora_state_dict,
+    trained_on_these_weights,
     weights_fingerprint,
 )
 from training import (
@@ -120,7 +121,7 @@ def validate_args(args: argparse.Namespace) -> None:
 def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_train_samples: int) -> None:
     """Resuming must continue the same adapters on the same base and data: never change them silently."""
     check_same_base(checkpoint, base)
-    if checkpoint.get("base_fingerprint") not in (None, weights_fingerprint(base["model"])):
+    if not trained_on_these_weights(checkpoint, base):
         raise ValueError(f"--resume: the adapters were trained on a base with other weights than "
                          f"--base_model_path {args.base_model_path}; use the original base checkpoint")
     for name in ("rank", "alpha"):

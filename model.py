@@ -577,6 +577,11 @@ def weights_fingerprint(state: dict[str, Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def trained_on_these_weights(lora_checkpoint: dict, base_checkpoint: dict) -> bool:
+    """Whether the adapter was trained on the base's very weights (true of adapters that predate fingerprints)."""
+    return lora_checkpoint.get("base_fingerprint") in (None, weights_fingerprint(base_checkpoint["model"]))
+
+
 def check_same_base(lora_checkpoint: dict, base_checkpoint: dict) -> None:
     """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
     for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
@@ -610,7 +615,7 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) 
         model = load_adapted_model(adapter, base)
     except ValueError as error:
         raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
-    if adapter.get("base_fingerprint") not in (None, weights_fingerprint(base["model"])):
+    if not trained_on_these_weights(adapter, base):
         warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
                       f"its answers may be poor", stacklevel=2)
     return model, base["block_size"], adapter["prompt_template"]
