@@ -120,12 +120,8 @@ def test_the_adapter_checkpoint_holds_only_adapters_and_is_a_small_fraction_of_t
     assert not list(adapter_path.parent.glob("*.tmp"))
 
 
-@pytest.mark.xfail(strict=False, reason="in about one full-suite run in six the interrupted process rounds its first "
-                   "steps differently (epoch-1 gradient norm 0.25113133 vs 0.25113221) and AdamW at lr 1e-2 grows "
-                   "that to 2.7e-5 in the adapters, above this test's 1e-5 tolerance; the cause of the rounding "
-                   "difference is not found")
 def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instructions_path, tmp_path):
-    common = ["--num_epochs", "12", "--eval_interval", "6", "--checkpoint_interval", "1000", "--dropout", "0.1",
+    common = ["--num_epochs", "12", "--eval_interval", "1", "--checkpoint_interval", "1000", "--dropout", "0.1",
               "--seed", "3", "--learning_rate", "1e-2"]
     uninterrupted = instruction_tune(base_model_path, instructions_path, tmp_path / "uninterrupted.pt", *common)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
@@ -145,9 +141,19 @@ def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instruction
     resumed = instruction_tune(base_model_path, instructions_path, interrupted, *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"step {stopped_at}" in resumed.stdout
-    expected = load_lora_checkpoint(tmp_path / "uninterrupted.pt")["lora"]
-    for name, tensor in load_lora_checkpoint(interrupted)["lora"].items():
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-7)
+    assert load_lora_checkpoint(interrupted)["step"] == 24
+    # The losses are compared, not the adapters' numbers: AdamW divides each update by its gradient's size, so
+    # where a gradient is near zero a rounding difference of one part in a million, which about one full-suite
+    # run in six meets, grows to 2e-5 in the adapters over 24 steps but stays below 1e-6 in the losses.
+    # Skipping the RNG or the optimizer restore moves the losses by 3e-3 to 3e-2.
+    expected = {record["step"]: record for record in metrics(tmp_path / "uninterrupted.pt")}
+    steps_per_epoch = expected[24]["step"] // expected[24]["epoch"]
+    after_stop = [record for record in metrics(interrupted) if record["step"] > stopped_at]
+    assert [record["step"] for record in after_stop] == [step for step in expected if step > stopped_at]
+    for record in after_stop:
+        assert record["validation_loss"] == pytest.approx(expected[record["step"]]["validation_loss"], rel=1e-5)
+        if record["step"] - steps_per_epoch >= stopped_at:  # an epoch trained wholly after the resume
+            assert record["loss"] == pytest.approx(expected[record["step"]]["loss"], rel=1e-5)
 
 
 def test_resuming_with_another_rank_is_refused(base_model_path, instructions_path, adapter_path):
