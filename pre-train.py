@@ -22,6 +22,7 @@ from training import (
     distributed,
     evaluate,
     every_rank_s,
+    exit_rank,
     first_error_of_any_rank,
     from_rank_zero,
     full_training_state,
@@ -208,6 +209,7 @@ def main() -> None:
         sys.exit(f"pre-train.py: error: {error}")
     with distributed(args.device) as device:
         train(args, device, *load_inputs(args))
+    exit_rank()
 
 
 def train(args, device: torch.device, train_windows: TokenWindows, test_windows: TokenWindows, model_args: dict,

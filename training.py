@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -64,6 +65,19 @@ def distributed(device_name: str) -> Iterator[torch.device]:
         yield device
     finally:
         dist.destroy_process_group()
+
+
+def exit_rank() -> None:
+    """Under torchrun, end this rank at once, once its work is saved and its process group destroyed.
+
+    Gloo's worker threads drop their last references to a finished collective's tensors a moment after it
+    completes. When that moment falls in the interpreter's shutdown, taking the GIL to free them aborts the
+    process ("terminate called without an active exception"): 4 runs in 181 of a two-process CPU run did so
+    here. Leaving without the interpreter's teardown leaves nothing for them to race with."""
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def rank() -> int:
