@@ -26,6 +26,7 @@ from training import (
     first_error_of_any_rank,
     from_rank_zero,
     full_training_state,
+    launch_rank,
     learning_rate_at,
     load_training_state,
     micro_batches_of_this_rank,
@@ -205,8 +206,8 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-    except ValueError as error:
-        sys.exit(f"pre-train.py: error: {error}")
+    except ValueError as error:  # every rank finds the same mistake; rank 0 alone says it
+        sys.exit(f"pre-train.py: error: {error}" if launch_rank() == 0 else 1)
     with distributed(args.device) as device:
         train(args, device, *load_inputs(args))
     exit_rank()

@@ -41,6 +41,11 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun numbers it, known before any process group exists (0 when alone)."""
+    return int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
+
+
 def check_launch(device: str) -> None:
     """Raise a one-line ValueError when torchrun asks for a device that has no process-group backend."""
     if launched_by_torchrun() and torch.device(device).type not in ("cuda", "cpu"):

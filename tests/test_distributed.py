@@ -137,11 +137,15 @@ def test_uneven_accumulation_warns_and_still_trains_like_one_process(tmp_path, d
     assert_same_training(tmp_path / "two.pt", tmp_path / "one.pt")
 
 
-def test_a_rank_that_fails_stops_every_rank_with_one_message(tmp_path, dataset_path):
-    result = torchrun("pre-train.py", *COMMON, "--dataset", "text", "--text_files", "/nonexistent/*.txt",
-                      "--dataset_path", tmp_path, "--checkpoint_path", tmp_path / "c.pt", timeout=120)
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "text", "--text_files", "/nonexistent/*.txt"], "pre-train.py: error: --text_files"),
+    (["--batch_size", "0"], "pre-train.py: error: --batch_size must be a positive integer, got 0"),
+])
+def test_a_rank_that_fails_stops_every_rank_with_one_message(tmp_path, dataset_path, flags, message):
+    result = torchrun("pre-train.py", *COMMON, *flags, "--dataset_path", tmp_path, "--checkpoint_path",
+                      tmp_path / "c.pt", timeout=120)
     assert result.returncode != 0
-    assert result.stderr.count("pre-train.py: error: --text_files") == 1, result.stderr
+    assert result.stderr.count(message) == 1, result.stderr
     assert not (tmp_path / "c.pt").exists()
 
 
