@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import REPOSITORY, TINY_MODEL, run_script, terminate_after_first_epoch  # noqa: E402
+from conftest import REPOSITORY, TINY_MODEL, one_thread, run_script, terminate_after_first_epoch  # noqa: E402
 from model import LightGPT, load_checkpoint  # noqa: E402
 from training import Adafactor, distributed, parallelize, rank  # noqa: E402
 
@@ -24,24 +24,16 @@ COMMON = ["--dataset", "wikipedia", *TINY_MODEL, "--batch_size", "2", "--gradien
           "--seed", "3", "--warmup_steps", "0", "--learning_rate", "1e-2", "--num_dataset_processes", "1"]
 
 
-# One thread a process on both sides of every comparison: MKL rounds a matrix product differently with one
-# thread than with two (3.6e-7 in the weights of the uneven run below), so neither side's count is left to it.
-ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
-
-
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *map(str, args)],
-        cwd=REPOSITORY, capture_output=True, text=True, timeout=timeout, env=ONE_THREAD,
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=timeout, env=one_thread(),
     )
 
 
 def pretrain(processes: int, checkpoint: Path, dataset_path: Path, *args: str) -> subprocess.CompletedProcess:
     flags = [*COMMON, "--dataset_path", dataset_path, "--checkpoint_path", checkpoint, *args]
-    if processes == 2:
-        result = torchrun("pre-train.py", *flags)
-    else:
-        result = run_script("pre-train.py", *flags, env=ONE_THREAD)
+    result = torchrun("pre-train.py", *flags) if processes == 2 else run_script("pre-train.py", *flags)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -155,8 +147,7 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path,
                *map(str, COMMON), "--dataset_path", str(dataset_path), "--checkpoint_path", str(checkpoint),
                "--num_epochs", "1000", "--eval_interval", "1000", "--checkpoint_interval", "1000"]
     # torchrun passes the signal on to both ranks, then reports that it was signalled.
-    result = terminate_after_first_epoch(command, checkpoint.with_suffix(".metrics.jsonl"),
-                                         env=ONE_THREAD)
+    result = terminate_after_first_epoch(command, checkpoint.with_suffix(".metrics.jsonl"))
     stdout, stderr = result.stdout, result.stderr
     assert stdout.count("Stopped by signal") == 1, stdout + stderr
     stopped_at = torch.load(checkpoint, weights_only=True)["step"]
@@ -173,8 +164,7 @@ def test_two_processes_with_dropout_resume_exactly_where_they_stopped(tmp_path, 
     interrupted = tmp_path / "interrupted.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "pre-train.py",
                *COMMON, "--dataset_path", dataset_path, "--checkpoint_path", interrupted, *flags]
-    stopped = terminate_after_first_epoch(command, interrupted.with_suffix(".metrics.jsonl"),
-                                          env=ONE_THREAD)
+    stopped = terminate_after_first_epoch(command, interrupted.with_suffix(".metrics.jsonl"))
     assert "Stopped by signal" in stopped.stdout, stopped.stdout + stopped.stderr
     assert len(torch.load(interrupted, weights_only=True)["rng"]) == 2
     pretrain(2, interrupted, dataset_path, *flags, "--resume")
