@@ -2,7 +2,6 @@
 batches. Run as a script under torchrun, this file measures each rank's training-state memory."""
 
 import json
-import os
 import re
 import shlex
 import shutil
