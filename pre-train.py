@@ -15,6 +15,7 @@ from data import CORPORA, TOKENIZER_NAME, TokenWindows, load_tokenizer, prepare_
 from model import LightGPT, check_device, load_checkpoint
 from training import (
     Adafactor,
+    ArgumentParser,
     EpochLog,
     GracefulExit,
     add_runtime_arguments,
@@ -42,7 +43,7 @@ from training import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         usage="%(prog)s [options] (see --help)",
         description="Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
         "evaluates and checkpoints. Launch with torchrun for several devices.",

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,15 @@ def launched_by_torchrun() -> bool:
 def launch_rank() -> int:
     """This process's rank as torchrun numbers it, known before any process group exists (0 when alone)."""
     return int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, except that under torchrun only rank 0 prints a usage error: every rank meets it."""
+
+    def error(self, message: str) -> NoReturn:
+        if launch_rank() == 0:
+            super().error(message)
+        sys.exit(2)
 
 
 def check_launch(device: str) -> None:

@@ -131,6 +131,7 @@ def test_uneven_accumulation_warns_and_still_trains_like_one_process(tmp_path, d
 @pytest.mark.parametrize("flags, message", [
     (["--dataset", "text", "--text_files", "/nonexistent/*.txt"], "pre-train.py: error: --text_files"),
     (["--batch_size", "0"], "pre-train.py: error: --batch_size must be a positive integer, got 0"),
+    (["--batch_size", "two"], "pre-train.py: error: argument --batch_size: invalid int value: 'two'"),
 ])
 def test_a_rank_that_fails_stops_every_rank_with_one_message(tmp_path, dataset_path, flags, message):
     result = torchrun("pre-train.py", *COMMON, *flags, "--dataset_path", tmp_path, "--checkpoint_path",
