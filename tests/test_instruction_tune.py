@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import random
 import re
 import shlex
 from contextlib import nullcontext
@@ -20,19 +21,13 @@ from model import (
 )
 from training import optimizer_step, weighted_by_targets
 
-# Instructions and answers in words the tiny base met often in pre-training: with its embeddings frozen, a
-# word it never learned to tell apart from thousands of others cannot be learned by an adapter either.
-INSTRUCTIONS = [
-    ("Where is the city?", "The city is in Europe."),
-    ("Where is the state?", "The state is in America."),
-    ("Where is the country?", "The country is in Asia."),
-    ("Where is the sea?", "The sea is in the south."),
-    ("What is the population?", "The population is two million."),
-    ("What is the language?", "The language is English."),
-    ("When was the war?", "The war was in the 18th century."),
-    ("What is water?", "Water is a natural chemical."),
-    ("Who was the first?", "He was the first of his family."),
-]
+# The base learns the answers' words from sentences that pair every thing with every place, so each answer is
+# plausible to it but none is known. (A base pre-trained as briefly on Wikipedia keeps its frozen token embeddings
+# so close together that even fine-tuning every block weight left the answers' loss near 4 nats, and how far
+# LoRA brought it down from 5.9 depended on the CPU's rounding.)
+THINGS = ["city", "state", "country", "sea", "river", "town", "lake", "island", "village"]
+PLACES = ["Europe", "America", "Asia", "Africa", "Australia", "the north", "the south", "the east", "the west"]
+INSTRUCTIONS = [(f"Where is the {thing}?", f"The {thing} is in {place}.") for thing, place in zip(THINGS, PLACES)]
 BASE_MODEL = ["--embedding_dimensions", "64", "--num_attention_heads", "4", "--num_hidden_layers", "2",
               "--feed_forward_ratio", "2", "--block_size", "64", "--device", "cpu"]
 FINE_TUNING = ["--batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-2",
@@ -40,11 +35,17 @@ FINE_TUNING = ["--batch_size", "4", "--gradient_accumulation_steps", "1", "--lea
 
 
 @pytest.fixture(scope="module")
-def base_model_path(tmp_path_factory, dataset_path):
-    """A tiny model pre-trained by pre-train.py for a few steps on the embedded Wikipedia corpus."""
-    path = tmp_path_factory.mktemp("base") / "base.pt"
+def base_model_path(tmp_path_factory):
+    """A tiny model pre-trained by pre-train.py for a few steps on sentences of the form of the answers."""
+    folder = tmp_path_factory.mktemp("base")
+    generator = random.Random(0)
+    sentences = [f"The {generator.choice(THINGS)} is in {generator.choice(PLACES)}." for _ in range(3000)]
+    (folder / "places.txt").write_text("\n\n".join(" ".join(sentences[start:start + 10])
+                                                   for start in range(0, len(sentences), 10)))
+    path = folder / "base.pt"
     result = run_script(
-        "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path", path,
+        "pre-train.py", "--dataset", "text", "--text_files", folder / "places.txt", "--dataset_path", folder,
+        "--checkpoint_path", path,
         *BASE_MODEL, "--optimizer", "adamw", "--learning_rate", "2e-2", "--warmup_steps", "2", "--batch_size", "8",
         "--gradient_accumulation_steps", "1", "--samples_per_epoch", "240", "--num_epochs", "1",
         "--eval_samples", "16", "--dropout", "0", "--seed", "0",
@@ -92,7 +93,7 @@ def test_lora_learns_to_answer_the_training_instructions(base_model_path, instru
     before = loss_on_instructions(base_only(base), instructions_path)
     after = loss_on_instructions(load_adapted_model(load_lora_checkpoint(adapter_path), base), instructions_path)
     print(f"loss on the training instructions' responses: {before:.3f} before, {after:.3f} after LoRA")
-    assert after < 0.75 * before
+    assert after < 0.5 * before
     records = metrics(adapter_path)
     assert [record["epoch"] for record in records] == list(range(1, 31))
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
@@ -122,7 +123,7 @@ def test_the_adapter_checkpoint_holds_only_adapters_and_is_a_small_fraction_of_t
 
 def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instructions_path, tmp_path):
     common = ["--num_epochs", "12", "--eval_interval", "1", "--checkpoint_interval", "1000", "--dropout", "0.1",
-              "--seed", "3", "--learning_rate", "1e-2"]
+              "--seed", "3", "--learning_rate", "1e-3"]
     uninterrupted = instruction_tune(base_model_path, instructions_path, tmp_path / "uninterrupted.pt", *common)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     assert "Done: adapters saved" in uninterrupted.stdout, uninterrupted.stdout
@@ -143,7 +144,7 @@ def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instruction
     assert f"step {stopped_at}" in resumed.stdout
     assert load_lora_checkpoint(interrupted)["step"] == 24
     # Every epoch after the stop trains as the uninterrupted run did: its losses agree to 1e-5, where skipping the
-    # RNG or the optimizer restore moves them by 3e-3 to 3e-2 ...
+    # RNG or the optimizer restore moves them by 2e-4 to 2e-1 ...
     expected = {record["step"]: record for record in metrics(tmp_path / "uninterrupted.pt")}
     steps_per_epoch = expected[24]["step"] // expected[24]["epoch"]
     after_stop = [record for record in metrics(interrupted) if record["step"] > stopped_at]
@@ -153,8 +154,9 @@ def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instruction
         if record["step"] - steps_per_epoch >= stopped_at:  # an epoch trained wholly after the resume
             assert record["loss"] == pytest.approx(expected[record["step"]]["loss"], rel=1e-5)
     # ... and it ends with the same adapters. AdamW divides each update by its gradient's size, so where a
-    # gradient is near zero a rounding difference of one part in a million grows to 2e-5 here: this holds only
-    # because both processes round alike (one thread each, see conftest), while the losses barely move (<1e-6).
+    # gradient is near zero a difference of one part in a million in the base grows to 4e-7 here, over this
+    # bound: it holds only because both processes round alike (one thread each, see conftest), while that
+    # difference moves the losses by about 1e-6.
     final = load_lora_checkpoint(tmp_path / "uninterrupted.pt")["lora"]
     for name, tensor in load_lora_checkpoint(interrupted)["lora"].items():
         torch.testing.assert_close(tensor, final[name], rtol=1e-5, atol=1e-7)
@@ -263,10 +265,11 @@ def test_an_adapter_on_a_base_with_other_weights_of_the_same_sizes_warns(adapter
 def test_accumulating_padded_batches_gives_the_gradient_of_one_batch(instructions_path):
     samples = InstructionSamples(load_instructions("local", str(instructions_path)), PROMPT_TEMPLATE, 64, True,
                                  -100, show_progress=False)
-    counts = [int((samples.batch([index])[1] != -100).sum()) for index in range(4)]
+    indices = range(3, 7)  # answers that end "in Africa", "in Australia", "in the north", "in the south"
+    counts = [int((samples.batch([index])[1] != -100).sum()) for index in indices]
     assert len(set(counts)) > 1, "the samples must differ in length for the weighting to matter"
     weights = []
-    for micro_batches in ([samples.batch(range(4))], [samples.batch([index]) for index in range(4)]):
+    for micro_batches in ([samples.batch(indices)], [samples.batch([index]) for index in indices]):
         torch.manual_seed(0)
         model = LightGPT(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1)
         add_lora(model, rank=2, alpha=1.0, dropout=0.0)
