@@ -194,13 +194,21 @@ def tokenize_documents(task: tuple[list[str], list[bool]]) -> tuple[bytes, bytes
     return tuple(np.array(tokens, dtype=np.uint16).tobytes() for tokens in splits)
 
 
+def held_out_documents(num_documents: int) -> list[bool]:
+    """About TEST_RATIO of the documents, at least one, for validation: the same ones on every run."""
+    draws = np.random.default_rng(0).random(num_documents)
+    held_out = draws < TEST_RATIO
+    held_out[draws.argmin()] = True
+    return held_out.tolist()
+
+
 def tokenize_corpus(documents, num_processes: int) -> Iterator[tuple[bytes, bytes]]:
     """The train and test token bytes of each batch of DOCUMENTS_PER_TASK documents, in order.
 
     The tokenizer is built before the pool starts, so that forked workers inherit it rather than each
     building it again: that takes seconds, longer than tokenizing an embedded corpus.
     """
-    held_out = (np.random.default_rng(0).random(len(documents)) < TEST_RATIO).tolist()
+    held_out = held_out_documents(len(documents))
     tasks = (
         (texts, held_out[index * DOCUMENTS_PER_TASK : index * DOCUMENTS_PER_TASK + len(texts)])
         for index, texts in enumerate(document_batches(documents, DOCUMENTS_PER_TASK))
@@ -253,6 +261,10 @@ def prepare_corpus(
 
     documents = load_documents(dataset, num_processes, text_files)
     num_documents = len(documents)
+    if num_documents < 2:
+        given = f"--text_files {' '.join(map(str, text_files or []))}" if dataset == "text" else f"--dataset {dataset}"
+        raise ValueError(f"{given}: {num_documents} document(s), but whole documents are held out for validation, "
+                         f"so at least 2 are needed (in a .txt file, a blank line ends a document)")
 
     from tqdm import tqdm
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+from conftest import assert_one_line_error, run_script
 from data import TokenWindows, build_tokenizer, load_tokenizer, package_data_path, prepare_corpus, resolve_text_files
 
 
@@ -75,6 +76,19 @@ def test_preparation_round_trips_documents_and_holds_out_whole_documents(tmp_pat
     assert sorted(train + test) == sorted(documents)
     assert [document for document in documents if document in set(train)] == train
     assert meta["train_tokens"] == os.path.getsize(folder / "train.bin") // 2
+
+
+def test_a_few_documents_still_hold_one_out_and_a_single_one_is_a_clear_error(tmp_path):
+    files = write_text_corpus(tmp_path / "texts", ["The first document.", "The second document.", "The third."])
+    folder = prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)
+    assert decode_split(folder, "test").count("<|endoftext|>") == 1
+    assert decode_split(folder, "train").count("<|endoftext|>") == 2
+
+    (tmp_path / "one.txt").write_text("One long paragraph without a blank line. " * 100)
+    result = run_script("pre-train.py", "--dataset", "text", "--text_files", tmp_path / "one.txt",
+                        "--dataset_path", tmp_path / "single", "--block_size", "16", "--device", "cpu")
+    assert_one_line_error(result, f"--text_files {tmp_path / 'one.txt'}", "1 document", "at least 2")
+    assert not list((tmp_path / "single").rglob("*.bin*"))
 
 
 def test_one_and_two_processes_prepare_identical_files(tmp_path):
