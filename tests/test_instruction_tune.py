@@ -23,8 +23,8 @@ from training import optimizer_step, weighted_by_targets
 
 # The base learns the answers' words from sentences that pair every thing with every place, so each answer is
 # plausible to it but none is known. (A base pre-trained as briefly on Wikipedia keeps its frozen token embeddings
-# so close together that even fine-tuning every block weight left the answers' loss near 4 nats, and how far
-# LoRA brought it down from 5.9 depended on the CPU's rounding.)
+# so close together that even fine-tuning every block weight took 300 steps to bring the answers' loss from 5.9
+# to 2.4 nats; LoRA stalled near 4, and whether it passed the bar depended on the CPU's rounding.)
 THINGS = ["city", "state", "country", "sea", "river", "town", "lake", "island", "village"]
 PLACES = ["Europe", "America", "Asia", "Africa", "Australia", "the north", "the south", "the east", "the west"]
 INSTRUCTIONS = [(f"Where is the {thing}?", f"The {thing} is in {place}.") for thing, place in zip(THINGS, PLACES)]
