@@ -271,18 +271,19 @@ def prepare_corpus(
     folder.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "test": 0}
     temporary = {split: folder / f"{split}.bin.{os.getpid()}.tmp" for split in counts}
-    files = {split: open(path, "wb") for split, path in temporary.items()}
     try:
-        progress = tqdm(total=num_documents, desc=f"Tokenizing {dataset}", unit="doc", disable=not show_progress)
-        for index, (train_bytes, test_bytes) in enumerate(tokenize_corpus(documents, num_processes)):
-            for split, data in (("train", train_bytes), ("test", test_bytes)):
-                files[split].write(data)
-                counts[split] += len(data) // 2
-            progress.update(min(DOCUMENTS_PER_TASK, num_documents - index * DOCUMENTS_PER_TASK))
-        progress.close()
-    finally:
-        for file in files.values():
-            file.close()
+        with open(temporary["train"], "wb") as train_file, open(temporary["test"], "wb") as test_file:
+            progress = tqdm(total=num_documents, desc=f"Tokenizing {dataset}", unit="doc", disable=not show_progress)
+            for index, (train_bytes, test_bytes) in enumerate(tokenize_corpus(documents, num_processes)):
+                for split, file, data in (("train", train_file, train_bytes), ("test", test_file, test_bytes)):
+                    file.write(data)
+                    counts[split] += len(data) // 2
+                progress.update(min(DOCUMENTS_PER_TASK, num_documents - index * DOCUMENTS_PER_TASK))
+            progress.close()
+    except BaseException:  # Ctrl-C included: leave no partial token file behind
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+        raise
 
     for split, path in temporary.items():
         os.replace(path, folder / f"{split}.bin")

@@ -100,7 +100,7 @@ def test_one_and_two_processes_prepare_identical_files(tmp_path):
         assert (one / f"{split}.bin").read_bytes() == (two / f"{split}.bin").read_bytes()
 
 
-def test_an_interrupted_preparation_is_never_trusted_and_is_redone(tmp_path, monkeypatch):
+def test_an_interrupted_preparation_leaves_no_file_and_is_redone(tmp_path, monkeypatch):
     documents = [f"Document {index} " * 5 for index in range(data.DOCUMENTS_PER_TASK * 3)]
     files = write_text_corpus(tmp_path / "texts", documents)
     real_tokenize = data.tokenize_documents
@@ -116,8 +116,7 @@ def test_an_interrupted_preparation_is_never_trusted_and_is_redone(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)
     folder = data.corpus_folder(tmp_path / "dataset", "text", files)
-    assert not (folder / "meta.json").exists()
-    assert not (folder / "train.bin").exists()
+    assert list(folder.iterdir()) == []
 
     monkeypatch.setattr(data, "tokenize_documents", real_tokenize)
     prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)
