@@ -5,34 +5,29 @@ import sys
 
 import torch
 
+from checkpoint import load_model
 from data import encode_prompt, load_tokenizer, read_prompts
-from model import add_inference_arguments, check_inference_arguments, load_model
+from flags import ArgumentParser, add_inference_arguments, finite_float, positive_int
+from generation import beam_search
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        usage="%(prog)s [options] (see --help)",
-        description="Print the num_candidates most likely continuations of each prompt, with their scores: "
-        "--prompt once, else every line typed at the terminal, else every line of standard input.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = ArgumentParser("Print the num_candidates most likely continuations of each prompt, with their "
+                            "scores: --prompt once, else every line typed at the terminal, else every line of "
+                            "standard input.")
     add_inference_arguments(parser, max_tokens=200)
-    parser.add_argument("--num_candidates", type=int, default=3,
+    parser.add_argument("--num_candidates", type=positive_int, default=3,
                         help="The number of candidate sequences to output.")
-    parser.add_argument("--beam_width", type=int, default=16,
+    parser.add_argument("--beam_width", type=positive_int, default=16,
                         help="The number of unfinished sequences to keep track of during the search.")
-    parser.add_argument("--length_penalty", type=float, default=1.0,
+    parser.add_argument("--length_penalty", type=finite_float, default=1.0,
                         help="Rank candidates by total log-probability / length ** length_penalty: 0 ranks by "
                         "probability alone, which favours short candidates; larger values favour long ones.")
     return parser.parse_args(argv)
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Raise a one-line ValueError for the first flag that cannot work."""
-    check_inference_arguments(args)
-    for name in ("num_candidates", "beam_width"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    """Raise a one-line ValueError for flags that cannot work together."""
     if args.beam_width < args.num_candidates:
         raise ValueError(
             f"--beam_width ({args.beam_width}) must be at least --num_candidates ({args.num_candidates})"
@@ -52,8 +47,8 @@ def main() -> None:
     try:
         for text in read_prompts(args.prompt):
             prompt = torch.tensor(encode_prompt(text, template), device=args.device)
-            candidates = model.beam_search(prompt, args.max_tokens, args.beam_width, args.num_candidates,
-                                           args.length_penalty, block_size, show_progress=True)
+            candidates = beam_search(model, prompt, args.max_tokens, args.beam_width, args.num_candidates,
+                                     args.length_penalty, block_size, show_progress=True)
             for rank, (tokens, score) in enumerate(candidates, 1):
                 print(f"{rank}. [{score:.3f}] {tokenizer.decode(tokens)}", flush=True)
     except KeyboardInterrupt:

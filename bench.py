@@ -24,7 +24,18 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from data import load_documents, load_tokenizer, tokenize_corpus
-from model import LightGPT, best_device, check_device
+from flags import (
+    ArgumentParser,
+    add_device_argument,
+    add_model_arguments,
+    model_config,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from generation import beam_search, generate
+from model import LightGPT
+from sizing import training_flops_per_token
 
 R50K_VOCABULARY_SIZE = 50257
 PARTS = ("train", "generate", "beam_search", "data", "checkpointing")
@@ -45,36 +56,22 @@ PEAK_TFLOPS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        usage="%(prog)s [options] (see --help)",
-        description="Benchmark LightGPT against HuggingFace's GPT2LMHeadModel of the same depth, width, heads, "
-        "vocabulary and context, with the same batch, optimizer and dtype. Prints a table, or JSON lines.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = ArgumentParser("Benchmark LightGPT against HuggingFace's GPT2LMHeadModel of the same depth, width, "
+                            "heads, vocabulary and context, with the same batch, optimizer and dtype. Prints a table, "
+                            "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
                         "corpus preparation, activation checkpointing.")
-    parser.add_argument("--block_size", type=int, default=1024,
-                        help="The number of tokens within the context window of every training sample.")
-    parser.add_argument("--embedding_dimensions", type=int, default=1024,
-                        help="The dimensionality of the token embeddings.")
-    parser.add_argument("--num_attention_heads", type=int, default=16,
-                        help="The number of attention heads within every block.")
-    parser.add_argument("--num_hidden_layers", type=int, default=24,
-                        help="The number of attention/MLP blocks.")
-    parser.add_argument("--feed_forward_ratio", type=int, default=4,
-                        help="The width of each MLP's hidden layer as a multiple of --embedding_dimensions.")
-    parser.add_argument("--dropout", type=float, default=0.0,
-                        help="Dropout in both models (pre-train.py's default is 0.1).")
-    parser.add_argument("--vocabulary_size", type=int, default=R50K_VOCABULARY_SIZE,
+    add_model_arguments(parser, dropout=0.0)
+    parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
-    parser.add_argument("--batch_size", type=int, default=1,
+    parser.add_argument("--batch_size", type=positive_int, default=1,
                         help="The number of samples in every training step.")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"),
                         help="The optimizer of both models, built as pre-train.py builds it.")
-    parser.add_argument("--steps", type=int, default=10,
+    parser.add_argument("--steps", type=positive_int, default=10,
                         help="Timed training steps of each model (the reported figure is the median step).")
-    parser.add_argument("--warmup", type=int, default=2,
+    parser.add_argument("--warmup", type=non_negative_int, default=2,
                         help="Untimed training steps of each model first.")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="float32, or bfloat16 autocast (mixed precision, as pre-train.py trains on a GPU).")
@@ -82,30 +79,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Compile both models' training steps with torch.compile.")
     parser.add_argument("--gpt2", action=BooleanOptionalAction, default=True,
                         help="Measure HuggingFace's GPT-2 side by side (needs transformers, see requirements-dev.txt).")
-    parser.add_argument("--peak_tflops", type=float, default=None,
+    parser.add_argument("--peak_tflops", type=positive_float, default=None,
                         help="The device's peak TFLOPS for MFU (default: looked up from the GPU's name).")
-    parser.add_argument("--generation_lengths", type=int, nargs="+", default=[128, 1024],
+    parser.add_argument("--generation_lengths", type=positive_int, nargs="+", default=[128, 1024],
                         help="The numbers of tokens to generate after the prompt.")
-    parser.add_argument("--prompt_length", type=int, default=16,
+    parser.add_argument("--prompt_length", type=positive_int, default=16,
                         help="The number of (random) prompt tokens for generation and beam search.")
-    parser.add_argument("--beam_width", type=int, default=16,
+    parser.add_argument("--beam_width", type=positive_int, default=16,
                         help="The number of sequences beam search keeps.")
-    parser.add_argument("--num_candidates", type=int, default=3,
+    parser.add_argument("--num_candidates", type=positive_int, default=3,
                         help="The number of sequences beam search returns.")
-    parser.add_argument("--beam_tokens", type=int, default=64,
+    parser.add_argument("--beam_tokens", type=positive_int, default=64,
                         help="The number of tokens beam search generates.")
     parser.add_argument("--dataset", default="wikipedia", choices=("wikipedia", "kjv"),
                         help="The embedded corpus whose preparation is timed.")
-    parser.add_argument("--dataset_repeats", type=int, default=8,
+    parser.add_argument("--dataset_repeats", type=positive_int, default=8,
                         help="Tokenize the corpus this many times over in the tokenization measurement, so that "
                         "tokenizing outweighs starting the processes (an embedded corpus takes a fraction of a second).")
-    parser.add_argument("--num_dataset_processes", type=int, default=2,
+    parser.add_argument("--num_dataset_processes", type=positive_int, default=2,
                         help="Corpus preparation with this many processes is compared with one process.")
-    parser.add_argument("--checkpointing_layers", type=int, default=24,
+    parser.add_argument("--checkpointing_layers", type=positive_int, default=24,
                         help="The depth of the model whose peak memory is measured with and without checkpointing.")
-    parser.add_argument("--device", default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
-    parser.add_argument("--num_threads", type=int, default=None,
+    add_device_argument(parser)
+    parser.add_argument("--num_threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the run (default: torch's). On cores that other processes "
                         "share, 1 avoids stalling every operator while a descheduled thread catches up.")
     parser.add_argument("--seed", type=int, default=0, help="The seed for the weights and the random tokens.")
@@ -115,40 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Raise a one-line ValueError for the first flag that cannot work."""
-    for name in (
-        "block_size", "embedding_dimensions", "num_attention_heads", "num_hidden_layers", "feed_forward_ratio",
-        "vocabulary_size", "batch_size", "steps", "prompt_length", "beam_width", "num_candidates", "beam_tokens",
-        "num_dataset_processes", "dataset_repeats", "checkpointing_layers",
-    ):
-        value = getattr(args, name)
-        if value < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {value}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be zero or more, got {args.warmup}")
-    if min(args.generation_lengths) < 1:
-        raise ValueError(f"--generation_lengths must be positive integers, got {args.generation_lengths}")
-    if not 0.0 <= args.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.embedding_dimensions % args.num_attention_heads != 0:
-        raise ValueError(
-            f"--embedding_dimensions ({args.embedding_dimensions}) must be divisible by "
-            f"--num_attention_heads ({args.num_attention_heads})"
-        )
-    if args.num_threads is not None and args.num_threads < 1:
-        raise ValueError(f"--num_threads must be a positive integer, got {args.num_threads}")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise ValueError(f"--peak_tflops must be positive, got {args.peak_tflops}")
-    check_device(args.device)
+    """Raise a one-line ValueError for the first combination of flags that cannot work."""
+    model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
     if args.gpt2 and {"train", "generate", "beam_search"} & set(args.parts):
         try:
             import transformers  # noqa: F401
         except ImportError:
             raise ValueError("--gpt2: the transformers package is not installed; run: "
                              "pip install -r requirements-dev.txt, or pass --no-gpt2") from None
-    if {"generate", "beam_search"} & set(args.parts) and not hasattr(LightGPT, "generate"):
-        raise ValueError("--parts generate/beam_search: this model.py has no LightGPT.generate or "
-                         "LightGPT.beam_search yet; measure the other parts")
 
 
 @dataclass
@@ -253,15 +223,10 @@ def precision(args: argparse.Namespace):
 
 def lightgpt(args: argparse.Namespace, num_layers: int | None = None) -> LightGPT:
     torch.manual_seed(args.seed)
-    return LightGPT(
-        vocabulary_size=args.vocabulary_size,
-        embedding_dimensions=args.embedding_dimensions,
-        num_heads=args.num_attention_heads,
-        num_layers=num_layers or args.num_hidden_layers,
-        feed_forward_ratio=args.feed_forward_ratio,
-        dropout=args.dropout,
-        eos_index=args.vocabulary_size - 1,
-    ).to(args.device)
+    config = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
+    if num_layers:
+        config.num_layers = num_layers
+    return LightGPT(config).to(args.device)
 
 
 def gpt2(args: argparse.Namespace, context: int):
@@ -271,18 +236,19 @@ def gpt2(args: argparse.Namespace, context: int):
 
     logging.set_verbosity_error()
     torch.manual_seed(args.seed)
+    ours = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
     config = GPT2Config(
-        vocab_size=args.vocabulary_size,
+        vocab_size=ours.vocabulary_size,
         n_positions=context,
-        n_embd=args.embedding_dimensions,
-        n_layer=args.num_hidden_layers,
-        n_head=args.num_attention_heads,
-        n_inner=args.feed_forward_ratio * args.embedding_dimensions,
-        resid_pdrop=args.dropout,
-        embd_pdrop=args.dropout,
-        attn_pdrop=args.dropout,
-        bos_token_id=args.vocabulary_size - 1,
-        eos_token_id=args.vocabulary_size - 1,
+        n_embd=ours.embedding_dimensions,
+        n_layer=ours.num_layers,
+        n_head=ours.num_heads,
+        n_inner=ours.feed_forward_ratio * ours.embedding_dimensions,
+        resid_pdrop=ours.dropout,
+        embd_pdrop=ours.dropout,
+        attn_pdrop=ours.dropout,
+        bos_token_id=ours.eos_index,
+        eos_token_id=ours.eos_index,
         attn_implementation="sdpa",
     )
     return GPT2LMHeadModel(config).to(args.device)
@@ -324,19 +290,15 @@ def device_peak_tflops(args: argparse.Namespace) -> float | None:
 
 def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace) -> Measurement | None:
     """Achieved FLOPs (the sizing module's training FLOPs per token) as a share of the device's peak."""
-    try:
-        from sizing import training_flops_per_token
-    except ImportError:
-        print("bench.py: MFU needs sizing.py's training_flops_per_token, not in this checkout", file=sys.stderr)
-        return None
     peak = device_peak_tflops(args)
     if peak is None:
         print(f"bench.py: no peak TFLOPS known for {torch.cuda.get_device_name(args.device)}; "
               f"pass --peak_tflops for MFU", file=sys.stderr)
         return None
+    config = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
     flops_per_token = training_flops_per_token(
-        args.vocabulary_size, args.block_size, args.embedding_dimensions, args.num_hidden_layers,
-        args.feed_forward_ratio,
+        config.vocabulary_size, args.block_size, config.embedding_dimensions, config.num_layers,
+        config.feed_forward_ratio,
     )
     mfu = tokens_per_second * flops_per_token / (peak * 1e12)
     return Measurement("train_mfu", 100 * mfu, "%", details={"peak_tflops": peak, "dtype": args.dtype})
@@ -390,10 +352,10 @@ def measure_generation(args: argparse.Namespace) -> list[Measurement]:
     for length in tqdm(args.generation_lengths, desc="Generation", unit="length", file=sys.stderr):
         context = args.prompt_length + length
         runs = {
-            "greedy": lambda: sum(1 for _ in model.generate(prompt, length, top_k=1, block_size=context)),
-            "sample": lambda: sum(1 for _ in model.generate(prompt, length, top_k=top_k, block_size=context)),
+            "greedy": lambda: sum(1 for _ in generate(model, prompt, length, top_k=1, block_size=context)),
+            "sample": lambda: sum(1 for _ in generate(model, prompt, length, top_k=top_k, block_size=context)),
             "uncached": lambda: sum(
-                1 for _ in model.generate(prompt, length, top_k=top_k, block_size=context, use_cache=False)
+                1 for _ in generate(model, prompt, length, top_k=top_k, block_size=context, use_cache=False)
             ),
         }
         if hf is not None:
@@ -426,8 +388,8 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     context = args.prompt_length + args.beam_tokens
 
     def ours() -> int:
-        candidates = model.beam_search(prompt, args.beam_tokens, beam_width=args.beam_width,
-                                       num_candidates=args.num_candidates, block_size=context)
+        candidates = beam_search(model, prompt, args.beam_tokens, beam_width=args.beam_width,
+                                 num_candidates=args.num_candidates, block_size=context)
         return max(len(tokens) for tokens, _ in candidates)
 
     tokens, seconds = timed(ours, device)

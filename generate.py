@@ -7,42 +7,27 @@ from collections.abc import Iterator
 
 import torch
 
+from checkpoint import load_model
 from data import encode_prompt, load_tokenizer, read_prompts
-from model import add_inference_arguments, check_inference_arguments, load_model
+from flags import ArgumentParser, add_inference_arguments, positive_float, positive_int, probability
+from generation import generate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        usage="%(prog)s [options] (see --help)",
-        description="Complete prompts with a LightGPT checkpoint: --prompt once, else every line typed at the "
-        "terminal, else every line of standard input (one completion per line).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = ArgumentParser("Complete prompts with a LightGPT checkpoint: --prompt once, else every line typed at "
+                            "the terminal, else every line of standard input (one completion per line).")
     add_inference_arguments(parser, max_tokens=500)
-    parser.add_argument("--temperature", type=float, default=1.0,
+    parser.add_argument("--temperature", type=positive_float, default=1.0,
                         help="Divide the logits by this: below 1 sharpens the distribution, above 1 flattens it.")
-    parser.add_argument("--top_k", type=int, default=500,
+    parser.add_argument("--top_k", type=positive_int, default=500,
                         help="Only sample from this many candidate tokens with the highest probabilities.")
-    parser.add_argument("--top_p", type=float, default=0.9,
+    parser.add_argument("--top_p", type=probability, default=0.9,
                         help="Of the top_k tokens, keep only the most likely ones whose probabilities add up to "
                         "top_p (the most likely one always stays).")
-    parser.add_argument("--repeat_penalty", type=float, default=1.0,
+    parser.add_argument("--repeat_penalty", type=positive_float, default=1.0,
                         help="Make the tokens already in the context less likely: their positive logits are "
                         "divided by this, negative ones multiplied (1 turns it off).")
     return parser.parse_args(argv)
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Raise a one-line ValueError for the first flag that cannot work."""
-    check_inference_arguments(args)
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}")
-    if args.top_k < 1:
-        raise ValueError(f"--top_k must be a positive integer, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if not args.repeat_penalty > 0:
-        raise ValueError(f"--repeat_penalty must be positive, got {args.repeat_penalty}")
 
 
 def stream_text(tokens: Iterator[int]) -> Iterator[str]:
@@ -57,7 +42,6 @@ def stream_text(tokens: Iterator[int]) -> Iterator[str]:
 def main() -> None:
     args = parse_args()
     try:
-        validate_args(args)
         model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path)
         if args.top_k > model.vocabulary_size:
             raise ValueError(f"--top_k must be at most the vocabulary size {model.vocabulary_size}, got {args.top_k}")
@@ -68,8 +52,8 @@ def main() -> None:
     try:
         for text in read_prompts(args.prompt):
             prompt = torch.tensor(encode_prompt(text, template), device=args.device)
-            tokens = model.generate(prompt, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                                    args.repeat_penalty, block_size)
+            tokens = generate(model, prompt, args.max_tokens, args.temperature, args.top_k, args.top_p,
+                              args.repeat_penalty, block_size)
             for piece in stream_text(tokens):
                 print(piece, end="", flush=True)
             print()

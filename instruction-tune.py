@@ -8,51 +8,28 @@ from argparse import BooleanOptionalAction
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from data import (
-    INSTRUCTION_DATASETS,
-    PROMPT_TEMPLATE,
-    TOKENIZER_NAME,
-    InstructionSamples,
-    load_instructions,
-    split_instructions,
-)
-from model import (
-    LightGPT,
-    add_lora,
-    check_device,
+from checkpoint import (
     check_same_base,
     load_checkpoint,
     load_lora_checkpoint,
-    load_lora_state_dict,
-    lora_state_dict,
+    model_from_checkpoint,
+    save_atomically,
     trained_on_these_weights,
+    training_checkpoint,
     weights_fingerprint,
 )
-from training import (
-    EpochLog,
-    add_runtime_arguments,
-    GracefulExit,
-    autocast,
-    evaluate,
-    learning_rate_at,
-    optimizer_step,
-    parallelize,
-    restore_rng_state,
-    rng_state,
-    save_atomically,
-    weighted_by_targets,
-)
+from data import INSTRUCTION_DATASETS, PROMPT_TEMPLATE, InstructionSamples, load_instructions, split_instructions
+from devices import autocast
+from distributed import parallelize
+from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
+from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
+from training import restore_rng_state, rng_state, train, weighted_by_targets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        usage="%(prog)s [options] (see --help)",
-        description="Instruction-tune a pre-trained LightGPT: train small LoRA adapters on instruction/response "
-        "pairs while the base model stays frozen, and save only the adapters.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = ArgumentParser("Instruction-tune a pre-trained LightGPT: train small LoRA adapters on "
+                            "instruction/response pairs while the base model stays frozen, and save only the adapters.")
     parser.add_argument("--base_model_path", default="./out/checkpoint.pt",
                         help="The pre-trained checkpoint written by pre-train.py.")
     parser.add_argument("--dataset", default="alpaca", choices=INSTRUCTION_DATASETS,
@@ -61,52 +38,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_path", default=None,
                         help="With --dataset local: a .json or .jsonl file, a folder or a glob of them, with "
                         "records {instruction, input (optional), output}.")
-    parser.add_argument("--batch_size", type=int, default=1,
-                        help="The number of samples to pass through the network at a time.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=128,
-                        help="The number of batches to pass through the network before updating the weights.")
-    parser.add_argument("--learning_rate", type=float, default=5e-4,
-                        help="The peak AdamW step size, reached after --warmup_steps and decayed by a cosine.")
-    parser.add_argument("--warmup_steps", type=int, default=0,
-                        help="Optimizer steps of linear learning-rate warmup before the cosine decay to a tenth.")
     parser.add_argument("--mask_input", action=BooleanOptionalAction, default=False,
                         help="Leave the prompt out of the loss, so only the response is learned.")
-    parser.add_argument("--rank", type=int, default=8,
+    parser.add_argument("--rank", type=positive_int, default=8,
                         help="The rank of the LoRA decomposition matrices A and B.")
-    parser.add_argument("--alpha", type=float, default=1.0,
+    parser.add_argument("--alpha", type=positive_float, default=1.0,
                         help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A.")
-    parser.add_argument("--dropout", type=float, default=0.05,
+    parser.add_argument("--dropout", type=fraction, default=0.05,
                         help="The proportion of signals to send to zero during training as regularization "
                         "(in the adapters' inputs and in the frozen model).")
-    parser.add_argument("--num_epochs", type=int, default=4,
-                        help="The number of passes over the training instructions.")
-    parser.add_argument("--eval_interval", type=int, default=1,
-                        help="Evaluate the model on the held-out instructions after this many epochs.")
-    parser.add_argument("--checkpoint_interval", type=int, default=1,
-                        help="Save the adapters every this many epochs (and always at the end).")
-    parser.add_argument("--checkpoint_path", default="./out/lora_instruction.pt",
-                        help="The adapter checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
-    parser.add_argument("--resume", action=BooleanOptionalAction, default=False,
-                        help="Resume training from the adapter checkpoint at --checkpoint_path.")
-    add_runtime_arguments(parser)
+    add_training_arguments(parser, learning_rate=5e-4, warmup_steps=0, num_epochs=4, eval_interval=1,
+                           checkpoint_interval=1, checkpoint_path="./out/lora_instruction.pt", what="adapter")
     return parser.parse_args(argv)
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Raise a one-line ValueError for the first flag that cannot work."""
-    for name in ("batch_size", "gradient_accumulation_steps", "rank", "num_epochs", "eval_interval",
-                 "checkpoint_interval"):
-        value = getattr(args, name)
-        if value < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {value}")
-    for name in ("learning_rate", "max_gradient_norm", "alpha"):
-        value = getattr(args, name)
-        if not value > 0:
-            raise ValueError(f"--{name} must be positive, got {value}")
-    if args.warmup_steps < 0:
-        raise ValueError(f"--warmup_steps must be zero or more, got {args.warmup_steps}")
-    if not 0.0 <= args.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    """Raise a one-line ValueError for the first combination of flags that cannot work."""
     if args.dataset == "local" and not args.dataset_path:
         raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
     if args.dataset == "alpaca" and args.dataset_path:
@@ -115,7 +62,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
-    check_device(args.device)
 
 
 def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_train_samples: int) -> None:
@@ -142,13 +88,12 @@ def main() -> None:
         checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
         if checkpoint:
             check_resumable(checkpoint, base, args, len(train_records))
+        seed = checkpoint["seed"] if checkpoint else args.seed if args.seed is not None else random.randrange(2**31)
+        torch.manual_seed(seed)
+        model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
+                                      args.base_model_path)
     except (ValueError, FileNotFoundError, ConnectionError) as error:
         sys.exit(f"instruction-tune.py: error: {error}")
-
-    seed = checkpoint["seed"] if checkpoint else args.seed if args.seed is not None else random.randrange(2**31)
-    torch.manual_seed(seed)
-    model = LightGPT(**base["model_args"] | {"dropout": args.dropout})
-    model.load_state_dict(base["model"])
     add_lora(model, args.rank, args.alpha, args.dropout)
 
     block_size = base["block_size"]
@@ -160,7 +105,7 @@ def main() -> None:
     if num_truncated:
         print(f"{num_truncated} samples are longer than the {block_size}-token context: "
               f"the start of their prompt is cut off")
-    train(args, model, base, seed, train_samples, test_samples, checkpoint)
+    instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint)
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
@@ -169,8 +114,8 @@ def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def train(args, model: LightGPT, base: dict, seed: int, train_samples: InstructionSamples,
-          test_samples: InstructionSamples, checkpoint) -> None:
+def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: InstructionSamples,
+                     test_samples: InstructionSamples, checkpoint: dict | None) -> None:
     """Train the adapters of a model whose base is frozen; save them with what generation needs to use them."""
     device = torch.device(args.device)
     model.to(device)
@@ -178,16 +123,14 @@ def train(args, model: LightGPT, base: dict, seed: int, train_samples: Instructi
     training_model = parallelize(model, args.activation_checkpointing, compile)
     adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(adapters, lr=args.learning_rate, fused=device.type == "cuda")
-    precision = autocast(device, args.mixed_precision)
 
     samples_per_step = args.batch_size * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
-    total_steps = steps_per_epoch * args.num_epochs
     step = 0
     if checkpoint:
         load_lora_state_dict(model, checkpoint["lora"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"])
+        restore_rng_state(checkpoint["rng"][0])
         step = checkpoint["step"]
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
@@ -199,65 +142,28 @@ def train(args, model: LightGPT, base: dict, seed: int, train_samples: Instructi
           f"{len(train_samples)} training and {len(test_samples)} held-out instructions, "
           f"{steps_per_epoch} steps per epoch")
 
-    base_fingerprint = weights_fingerprint(base["model"])
-
-    def save(epoch: int) -> None:
-        save_atomically(
-            {
-                "lora_args": {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
-                "base_model_path": str(Path(args.base_model_path).resolve()),
-                "base_fingerprint": base_fingerprint,
-                "model_args": base["model_args"],
-                "block_size": base["block_size"],
-                "tokenizer": TOKENIZER_NAME,
-                "prompt_template": PROMPT_TEMPLATE,
-                "lora": lora_state_dict(model),
-                "optimizer": optimizer.state_dict(),
-                "num_train_samples": len(train_samples),
-                "step": step,
-                "epoch": epoch,
-                "seed": seed,
-                "rng": rng_state(),
-                "args": vars(args) | {"seed": seed},
-            },
-            args.checkpoint_path,
-        )
-
-    exit_request = GracefulExit()
-    progress = tqdm(total=total_steps, initial=step, desc="Instruction-tuning", unit="step")
-    log = EpochLog(progress, Path(args.checkpoint_path).with_suffix(".metrics.jsonl"))
-    model.train()
-    while step < total_steps:
+    def micro_batches_at(step: int) -> list[tuple]:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(seed, epoch, len(train_samples))[position * samples_per_step:][:samples_per_step]
-        micro_batches = weighted_by_targets([train_samples.batch(chunk.tolist())
-                                             for chunk in indices.split(args.batch_size)], model.padding_index)
-        learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
-        try:
-            step_loss, gradient_norm, _ = optimizer_step(
-                training_model, optimizer, micro_batches, learning_rate, args.max_gradient_norm, precision
-            )
-        except FloatingPointError as error:
-            progress.close()
-            sys.exit(f"instruction-tune.py: error: at step {step}, {error}")
-        step += 1
-        log.add_step(step_loss, gradient_norm, learning_rate)
+        return weighted_by_targets([train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)],
+                                   model.padding_index)
 
-        epoch, end_of_epoch = divmod(step, steps_per_epoch)
-        if end_of_epoch == 0:
-            last = step == total_steps
-            validation_loss = (evaluate(training_model, eval_batches, model.padding_index, precision)
-                               if epoch % args.eval_interval == 0 or last else None)
-            log.end_epoch(epoch, step, "samples", len(train_samples), validation_loss)
-            if epoch % args.checkpoint_interval == 0 or last:
-                save(epoch)
-        if exit_request.requested:
-            save(step // steps_per_epoch)
-            progress.close()
-            print(f"Stopped by signal at step {step}; adapters saved to {args.checkpoint_path}")
-            return
-    progress.close()
-    print(f"Done: adapters saved to {args.checkpoint_path}")
+    base_fingerprint = weights_fingerprint(base["model"])
+
+    def save(step: int, epoch: int) -> None:
+        save_atomically(training_checkpoint(
+            base["model_args"], base["block_size"], optimizer.state_dict(), step, epoch, [rng_state()],
+            vars(args) | {"seed": seed},
+            lora_args={"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
+            base_model_path=str(Path(args.base_model_path).resolve()), base_fingerprint=base_fingerprint,
+            prompt_template=PROMPT_TEMPLATE, lora=lora_state_dict(model), num_train_samples=len(train_samples),
+            seed=seed,
+        ), args.checkpoint_path)
+
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
+          steps_per_epoch=steps_per_epoch, precision=autocast(device, args.mixed_precision),
+          padding_index=model.padding_index, unit="samples", units_per_epoch=len(train_samples),
+          description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py")
 
 
 if __name__ == "__main__":

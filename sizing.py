@@ -103,25 +103,25 @@ def optimizer_state_bytes(shapes: list[tuple[int, ...]], optimizer: str, shards:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A LightGPT's shape, in the names of pre-train.py's flags."""
+    """A LightGPT's shape and context, in the names of model.LightGPTConfig."""
 
     vocabulary_size: int
     block_size: int
     embedding_dimensions: int
-    num_attention_heads: int
-    num_hidden_layers: int
+    num_heads: int
+    num_layers: int
     feed_forward_ratio: int = 4
 
     @property
     def parameters(self) -> dict[str, int]:
         return parameter_counts(
-            self.vocabulary_size, self.embedding_dimensions, self.num_hidden_layers, self.feed_forward_ratio
+            self.vocabulary_size, self.embedding_dimensions, self.num_layers, self.feed_forward_ratio
         )
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
         return parameter_shapes(
-            self.vocabulary_size, self.embedding_dimensions, self.num_hidden_layers, self.feed_forward_ratio
+            self.vocabulary_size, self.embedding_dimensions, self.num_layers, self.feed_forward_ratio
         )
 
     @property
@@ -131,7 +131,7 @@ class Architecture:
     @property
     def flops_per_token(self) -> float:
         return training_flops_per_token(
-            self.vocabulary_size, self.block_size, self.embedding_dimensions, self.num_hidden_layers,
+            self.vocabulary_size, self.block_size, self.embedding_dimensions, self.num_layers,
             self.feed_forward_ratio,
         )
 
@@ -146,7 +146,7 @@ def activation_bytes(
     inputs and outputs are bf16 while the residual stream, RMSNorm's statistics and the loss stay fp32, and
     the backward keeps autocast's bf16 copies of the weights it multiplies by.
     """
-    width, layers = architecture.embedding_dimensions, architecture.num_hidden_layers
+    width, layers = architecture.embedding_dimensions, architecture.num_layers
     matmul_bytes = BF16_BYTES if mixed_precision else FP32_BYTES
     if activation_checkpointing:
         blocks = layers * FP32_BYTES * width
@@ -182,7 +182,7 @@ def activation_peak_bytes(
     if activation_checkpointing:
         transient = max(transient, tokens * _block_bytes_per_token(architecture, mixed_precision))
         if mixed_precision:
-            cached_weights = architecture.num_hidden_layers * architecture.block_matrix_parameters
+            cached_weights = architecture.num_layers * architecture.block_matrix_parameters
             transient = max(transient, BF16_BYTES * cached_weights)
     return saved + transient
 
@@ -240,7 +240,7 @@ def fits(memory: dict[str, float], device_memory_bytes: float, headroom: float =
 
 def _block_bytes_per_token(architecture: Architecture, mixed_precision: bool) -> float:
     """What one block saves per token: two RMSNorms, two normalized matrix inputs, attention, GELU."""
-    width, heads = architecture.embedding_dimensions, architecture.num_attention_heads
+    width, heads = architecture.embedding_dimensions, architecture.num_heads
     matmul_bytes = BF16_BYTES if mixed_precision else FP32_BYTES
     norms = 2 * _rms_norm_bytes_per_token(width)
     linear_inputs = 2 * matmul_bytes * width  # what the query-key-value projection and the MLP read

@@ -1,229 +1,22 @@
-"""What pre-training and instruction tuning share: devices, precision, wrapping, checkpoints, signals."""
+"""The training loop that pre-training and instruction tuning share: optimizer, schedule, optimizer step,
+evaluation, logging, random-number state and stopping on a signal."""
 
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import timedelta
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import NoReturn, TypeVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
 from torch.nn import Module
-from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from model import LightGPT, best_device
-
-# Long enough for rank 0 to write a large checkpoint while the others wait; short enough that a rank that
-# died takes the job down in minutes instead of leaving the others waiting forever.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
-
-Value = TypeVar("Value")
-
-
-def launched_by_torchrun() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def launch_rank() -> int:
-    """This process's rank as torchrun numbers it, known before any process group exists (0 when alone)."""
-    return int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, except that under torchrun only rank 0 prints a usage error: every rank meets it."""
-
-    def error(self, message: str) -> NoReturn:
-        if launch_rank() == 0:
-            super().error(message)
-        sys.exit(2)
-
-
-def check_launch(device: str) -> None:
-    """Raise a one-line ValueError when torchrun asks for a device that has no process-group backend."""
-    if launched_by_torchrun() and torch.device(device).type not in ("cuda", "cpu"):
-        raise ValueError(f"--device: {device!r} cannot train under torchrun; use cuda (nccl) or cpu (gloo)")
-
-
-@contextmanager
-def distributed(device_name: str) -> Iterator[torch.device]:
-    """This process's device; under torchrun also a process group, pinned to this rank's GPU, that is destroyed
-    however the block ends (normally, by an error or after a signal)."""
-    device = torch.device(device_name)
-    if not launched_by_torchrun():
-        yield device
-        return
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
-    else:
-        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
-
-
-def exit_rank() -> None:
-    """Under torchrun, end this rank at once, once its work is saved and its process group destroyed.
-
-    Gloo's worker threads drop their last references to a finished collective's tensors a moment after it
-    completes. When that moment falls in the interpreter's shutdown, taking the GIL to free them aborts the
-    process ("terminate called without an active exception"): 4 runs in 181 of a two-process CPU run did so
-    here. Leaving without the interpreter's teardown leaves nothing for them to race with."""
-    if launched_by_torchrun():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def sum_across_ranks(tensor: Tensor) -> Tensor:
-    """The sum of `tensor` over every rank, in place (itself when training alone)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def every_rank_s(value: Value) -> list[Value]:
-    """Every rank's value of a small picklable object, in rank order, on every rank ([value] when alone)."""
-    if not dist.is_initialized():
-        return [value]
-    values = [None] * world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def first_error_of_any_rank(error: str | None) -> str | None:
-    """The first rank's error message, on every rank, so that all ranks stop together rather than wait forever
-    on one that left."""
-    return next((message for message in every_rank_s(error) if message), None)
-
-
-def from_rank_zero(value: Value) -> Value:
-    """Rank 0's value of a small picklable object, on every rank."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def micro_batches_of_this_rank(starts: Tensor, batch_size: int) -> list[tuple[Tensor, float]]:
-    """This rank's share of the window starts of one step, as (micro-batch, loss weight) pairs. Rank r takes
-    micro-batches r, r + world size, ...; every rank runs the same number of passes (a rank short of real
-    micro-batches repeats one with weight 0), and the weights make the ranks' averaged gradients equal the
-    gradient of the mean loss over all the micro-batches, as one process computes it."""
-    micro_batches = starts.split(batch_size)
-    num_ranks = world_size()
-    passes = -(-len(micro_batches) // num_ranks)
-    mine = micro_batches[rank()::num_ranks]
-    weight = num_ranks / len(micro_batches)
-    return [(mine[index], weight) if index < len(mine) else (micro_batches[0], 0.0) for index in range(passes)]
-
-
-def autocast(device: torch.device, mixed_precision: bool):
-    """bf16 autocast on CUDA devices that support it; full precision elsewhere."""
-    if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def precision(model: Module, device: torch.device, mixed_precision: bool) -> AbstractContextManager:
-    """The autocast to train `model` under: none for FSDP2, whose own policy already computes in bf16."""
-    return nullcontext() if isinstance(model, FSDPModule) else autocast(device, mixed_precision)
-
-
-def parallelize(
-    model: LightGPT, activation_checkpointing: bool, compile: bool, sharding_level: int = 2,
-    mixed_precision: bool = False,
-) -> Module:
-    """Wrap a pure model for training in torchtitan's order: activation checkpointing, then compile each block,
-    then, under torchrun, data parallelism: DDP at sharding level 0, FSDP2 at levels 2 and 3. FSDP2 shards each
-    block on its own and leaves the tied embedding/output weight and the final norm to the root."""
-    model.enable_activation_checkpointing(activation_checkpointing)
-    if compile:
-        for index, block in enumerate(model.body):
-            model.body.register_module(str(index), torch.compile(block))
-    if not dist.is_initialized():
-        return model
-    device = next(model.parameters()).device
-    if sharding_level == 0:
-        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    policy = MixedPrecisionPolicy()
-    if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.body:
-        fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
-    return fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
-
-
-def gradient_sync(model: Module, enabled: bool) -> AbstractContextManager:
-    """A context for one backward pass that synchronises gradients across ranks only when `enabled`: the
-    micro-steps before the optimizer step accumulate locally, with no communication."""
-    if isinstance(model, DistributedDataParallel) and not enabled:
-        return model.no_sync()
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
-    return nullcontext()
-
-
-def full_training_state(model: Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """The whole model and optimizer state, unsharded and on the CPU, in the same plain, parameter-named form
-    whatever the world size or wrapper (all ranks must call it; only rank 0 gets the tensors)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (
-        get_model_state_dict(unwrapped(model), options=options),
-        get_optimizer_state_dict(unwrapped(model), optimizer, options=options),
-    )
-
-
-def load_training_state(model: Module, optimizer: torch.optim.Optimizer, checkpoint: dict | None) -> None:
-    """Load a full_training_state that only rank 0 has read, sharding or replicating it onto every rank."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
-    set_model_state_dict(unwrapped(model), checkpoint["model"] if checkpoint else {}, options=options)
-    set_optimizer_state_dict(unwrapped(model), optimizer, checkpoint["optimizer"] if checkpoint else {},
-                             options=options)
-
-
-def unwrapped(model: Module) -> Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def replicated(tensor: Tensor) -> Tensor:
-    """A DTensor made whole on every rank (DTensor communicates); a plain tensor as it is."""
-    if isinstance(tensor, DTensor):
-        return tensor.redistribute(tensor.device_mesh, [Replicate()] * tensor.device_mesh.ndim)
-    return tensor
-
-
-def item(tensor: Tensor) -> float:
-    return tensor.full_tensor().item() if isinstance(tensor, DTensor) else tensor.item()
-
+from distributed import gradient_sync, item, rank, replicated, sum_across_ranks, world_size
 
 class Adafactor(torch.optim.Adafactor):
     """torch.optim.Adafactor, same hyperparameters and state, with a step that also runs on FSDP2's sharded
@@ -283,15 +76,6 @@ def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
-def save_atomically(checkpoint: dict, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
 
 
 def rng_state() -> dict:
@@ -436,18 +220,66 @@ class EpochLog:
         self._start_epoch()
 
 
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of how a training run uses its device, the same in pre-training and instruction tuning."""
-    parser.add_argument("--max_gradient_norm", type=float, default=1.0,
-                        help="Clip gradients above this global norm before stepping.")
-    parser.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                        help="Recompute each block's activations during the backward pass to save memory.")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
-    parser.add_argument("--mixed_precision", action=argparse.BooleanOptionalAction, default=True,
-                        help="Compute in bf16 on CUDA devices that support it (autocast; FSDP2's bf16 parameters at "
-                        "sharding levels 2 and 3).")
-    parser.add_argument("--device", default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generators (default: a random one, recorded).")
+def train(
+    model: Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches_at: Callable[[int], list[tuple[Tensor, Tensor, float]]],
+    eval_batches: list[tuple[Tensor, Tensor, float]],
+    save: Callable[[int, int], None],
+    args: argparse.Namespace,
+    *,
+    start_step: int,
+    steps_per_epoch: int,
+    precision: AbstractContextManager,
+    padding_index: int,
+    unit: str,
+    units_per_epoch: int,
+    description: str,
+    saved_what: str,
+    program: str,
+) -> None:
+    """Train from start_step to the end of args.num_epochs, on every rank.
+
+    micro_batches_at(step) gives this rank's micro-batches of a step, each (inputs, targets, loss weight); `unit`
+    names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every
+    rank calls it). Each epoch is logged, evaluated every args.eval_interval epochs and saved every
+    args.checkpoint_interval epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the
+    same step. Rank 0 alone shows progress and writes the metrics log beside args.checkpoint_path.
+    """
+    main_process = rank() == 0
+    total_steps = steps_per_epoch * args.num_epochs
+    step = start_step
+    exit_request = GracefulExit()
+    progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main_process)
+    log = EpochLog(progress, Path(args.checkpoint_path).with_suffix(".metrics.jsonl") if main_process else None)
+    model.train()
+    while step < total_steps:
+        learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
+        try:
+            step_loss, gradient_norm, stop_requested = optimizer_step(
+                model, optimizer, micro_batches_at(step), learning_rate, args.max_gradient_norm, precision,
+                exit_request.requested,
+            )
+        except FloatingPointError as error:
+            progress.close()
+            sys.exit(f"{program}: error: at step {step}, {error}" if main_process else 1)
+        step += 1
+        log.add_step(step_loss, gradient_norm, learning_rate)
+
+        epoch, end_of_epoch = divmod(step, steps_per_epoch)
+        if end_of_epoch == 0:
+            last = step == total_steps
+            validation_loss = (evaluate(model, eval_batches, padding_index, precision)
+                               if epoch % args.eval_interval == 0 or last else None)
+            log.end_epoch(epoch, step, unit, units_per_epoch, validation_loss)
+            if epoch % args.checkpoint_interval == 0 or last:
+                save(step, epoch)
+        if stop_requested:
+            save(step, step // steps_per_epoch)
+            progress.close()
+            if main_process:
+                print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")
+            return
+    progress.close()
+    if main_process:
+        print(f"Done: {saved_what} saved to {args.checkpoint_path}")

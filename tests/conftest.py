@@ -1,4 +1,5 @@
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -9,11 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
 # Tests never reach the network: the HuggingFace libraries fail fast instead of retrying.
+from model import LightGPT, LightGPTConfig  # noqa: E402
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 # and keep their caches of the tests' little corpora out of the user's home.
@@ -26,11 +30,34 @@ TINY_MODEL = [
     "--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers", "1",
     "--block_size", "16", "--feed_forward_ratio", "2", "--device", "cpu",
 ]
+# A small model for the tests that build one in-process: distinct predictions, milliseconds a step.
+TINY_SHAPE = dict(vocabulary_size=97, embedding_dimensions=32, num_heads=4, num_layers=2, eos_index=0)
 
 
-# Scripts run one thread a process. Tests compare separate processes bit for bit, and now and then (in one of
-# several full-suite runs) one process rounded a step differently in the last bit, as a different split of the
-# work between threads would. The cause is not found; one thread a process leaves no such split to choose.
+def lightgpt(**config) -> LightGPT:
+    """A LightGPT of this configuration, its weights drawn from seed 0."""
+    torch.manual_seed(0)
+    return LightGPT(LightGPTConfig(**config))
+
+
+def tiny_model(**overrides) -> LightGPT:
+    return lightgpt(**(TINY_SHAPE | overrides))
+
+
+def save_pretrained_checkpoint(model: LightGPT, path: Path, block_size: int) -> Path:
+    """A hand-built checkpoint of the model, with the entries generate.py and instruction-tune.py read."""
+    torch.save({"model_args": vars(model.config), "block_size": block_size, "tokenizer": "r50k_base",
+                "model": model.state_dict(), "step": 0, "epoch": 0}, path)
+    return path
+
+
+def metrics(checkpoint_path: Path) -> list[dict]:
+    """The records of the metrics log beside a checkpoint."""
+    return [json.loads(line) for line in Path(checkpoint_path).with_suffix(".metrics.jsonl").read_text().splitlines()]
+
+
+# Scripts run one thread a process, so that separate processes round alike and can be compared bit for bit
+# (see docs/testing.md).
 def one_thread() -> dict:
     return os.environ | {"OMP_NUM_THREADS": "1"}
 
@@ -71,6 +98,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     last_line = result.stderr.strip().splitlines()[-1]
     for fragment in fragments:
         assert fragment in last_line, last_line
+
+
+def flag_error(script, arguments: list[str], capsys) -> str:
+    """The one line with which a script's parse_args (argparse, then exit) or validate_args (ValueError) refuses
+    these flags."""
+    try:
+        args = script.parse_args(arguments)
+        if hasattr(script, "validate_args"):
+            script.validate_args(args)
+    except SystemExit:
+        return capsys.readouterr().err.strip().splitlines()[-1]
+    except ValueError as error:
+        assert "\n" not in str(error)
+        return str(error)
+    raise AssertionError(f"{arguments} were accepted")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import torch
 from conftest import assert_one_line_error, run_script
 
 from bench import PeakTensorMemory
-from model import LightGPT
+from conftest import lightgpt
 
 TINY_SHAPE = [
     "--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers", "2", "--block_size", "16",
@@ -42,7 +42,7 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
         record = records[metric, None]
         ratio = record["value"] / record["gpt2_value"]
         assert record["ratio"] == pytest.approx(ratio if metric == "train_tokens_per_s" else 1 / ratio)
-    tiny = LightGPT(vocabulary_size=97, embedding_dimensions=16, num_heads=2, num_layers=2, feed_forward_ratio=2,
+    tiny = lightgpt(vocabulary_size=97, embedding_dimensions=16, num_heads=2, num_layers=2, feed_forward_ratio=2,
                     eos_index=96)
     assert records["parameters", None]["value"] == tiny.num_trainable_params
     # GPT-2 of the same shape also has biases and learned positions.

@@ -6,20 +6,29 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-import beam_search
-import generate
-from conftest import REPOSITORY, assert_one_line_error, run_script
+import beam_search as beam_search_script
+import generate as generate_script
+from checkpoint import load_model, model_from_checkpoint
+from conftest import (
+    REPOSITORY,
+    TINY_SHAPE,
+    assert_one_line_error,
+    flag_error,
+    lightgpt,
+    run_script,
+    save_pretrained_checkpoint,
+)
+from conftest import tiny_model as random_tiny_model
 from data import load_tokenizer
-from model import LightGPT, load_model, penalize_repeats, top_k_top_p
+from generation import beam_search, generate, penalize_repeats, top_k_top_p
+from model import LightGPT
 
-VOCABULARY = 97
+VOCABULARY = TINY_SHAPE["vocabulary_size"]
 
 
 def tiny_model(**overrides) -> LightGPT:
     """A random tiny model with embeddings five times the usual size: distinct, not quite uniform predictions."""
-    torch.manual_seed(0)
-    arguments = dict(vocabulary_size=VOCABULARY, embedding_dimensions=32, num_heads=4, num_layers=2, eos_index=0)
-    model = LightGPT(**(arguments | overrides)).eval()
+    model = random_tiny_model(**overrides).eval()
     with torch.no_grad():
         model.token_embeddings.weight.mul_(5)
     return model
@@ -90,7 +99,7 @@ def test_top_k_of_one_is_greedy_decoding_even_past_the_block_size(use_cache):
     prompt = [5, 17, 3]
     with torch.no_grad():
         expected = greedy_reference(model, prompt, 40, block_size=8)
-    tokens = model.generate(torch.tensor(prompt), 40, top_k=1, block_size=8, use_cache=use_cache)
+    tokens = generate(model, torch.tensor(prompt), 40, top_k=1, block_size=8, use_cache=use_cache)
     assert isinstance(tokens, Iterator)
     assert list(tokens) == expected
 
@@ -102,7 +111,7 @@ def test_cached_and_uncached_sampling_draw_the_same_tokens_under_one_seed():
     runs = []
     for use_cache in (True, False):
         torch.manual_seed(1)
-        runs.append(list(model.generate(prompt, 30, use_cache=use_cache, **settings)))
+        runs.append(list(generate(model, prompt, 30, use_cache=use_cache, **settings)))
     assert runs[0] == runs[1]
     assert len(runs[0]) > 10
 
@@ -113,7 +122,7 @@ def test_seeded_sampling_is_reproducible_and_the_seed_matters():
 
     def sample(seed):
         torch.manual_seed(seed)
-        return list(model.generate(prompt, 20, temperature=2.0, top_k=50, top_p=0.95))
+        return list(generate(model, prompt, 20, temperature=2.0, top_k=50, top_p=0.95))
 
     assert sample(0) == sample(0)
     assert sample(0) != sample(1)
@@ -124,7 +133,7 @@ def test_generation_stops_at_the_end_of_text_token_and_at_max_tokens():
 
     def sample(max_tokens):
         torch.manual_seed(0)
-        return list(model.generate(torch.tensor([3]), max_tokens, top_k=VOCABULARY, top_p=1.0))
+        return list(generate(model, torch.tensor([3]), max_tokens, top_k=VOCABULARY, top_p=1.0))
 
     tokens = sample(12)
     assert len(tokens) == 12 and model.eos_index not in tokens
@@ -132,7 +141,7 @@ def test_generation_stops_at_the_end_of_text_token_and_at_max_tokens():
     # The same draws, but now the sixth distinct token ends the text.
     distinct = list(dict.fromkeys(tokens))
     assert len(distinct) >= 6
-    model.eos_index = distinct[5]
+    model.config.eos_index = distinct[5]
     assert sample(12) == tokens[: tokens.index(distinct[5])]
 
 
@@ -186,7 +195,7 @@ def test_a_wide_enough_beam_search_equals_exhaustive_search():
     for length_penalty in (0.0, 1.0, 2.0):
         ranked = sorted(((tokens, total / length**length_penalty) for tokens, total, length in sequences),
                         key=lambda result: result[1], reverse=True)[:5]
-        found = model.beam_search(torch.tensor(prompt), 4, beam_width=27, num_candidates=5,
+        found = beam_search(model, torch.tensor(prompt), 4, beam_width=27, num_candidates=5,
                                   length_penalty=length_penalty)
         assert [tokens for tokens, _ in found] == [tokens for tokens, _ in ranked]
         assert [score for _, score in found] == pytest.approx([score for _, score in ranked], abs=1e-4)
@@ -196,11 +205,11 @@ def test_a_wide_enough_beam_search_equals_exhaustive_search():
 def test_beam_search_past_the_block_size_and_with_a_narrow_beam():
     model = tiny_model()
     prompt = torch.tensor([3, 1, 4, 1, 5])
-    found = model.beam_search(prompt, 12, beam_width=4, num_candidates=2, block_size=6)
+    found = beam_search(model, prompt, 12, beam_width=4, num_candidates=2, block_size=6)
     assert 1 <= len(found) <= 2
     assert [score for _, score in found] == sorted((score for _, score in found), reverse=True)
     assert all(len(tokens) <= 12 and model.eos_index not in tokens for tokens, _ in found)
-    one = model.beam_search(prompt, 12, beam_width=1, num_candidates=1, block_size=6)
+    one = beam_search(model, prompt, 12, beam_width=1, num_candidates=1, block_size=6)
     assert found[0][1] >= one[0][1] - 1e-6
 
 
@@ -210,18 +219,13 @@ def test_beam_search_past_the_block_size_and_with_a_narrow_beam():
 @pytest.fixture(scope="module")
 def checkpoint_path(tmp_path_factory):
     tokenizer = load_tokenizer()
-    model_args = dict(vocabulary_size=tokenizer.n_vocab, embedding_dimensions=16, num_heads=2, num_layers=1,
-                      feed_forward_ratio=2, dropout=0.0, eos_index=tokenizer.eot_token)
-    torch.manual_seed(0)
-    model = LightGPT(**model_args)
-    path = tmp_path_factory.mktemp("generation") / "checkpoint.pt"
-    torch.save({"model_args": model_args, "block_size": 16, "tokenizer": "r50k_base",
-                "model": model.state_dict(), "step": 0, "epoch": 0}, path)
-    return path
+    model = lightgpt(vocabulary_size=tokenizer.n_vocab, embedding_dimensions=16, num_heads=2, num_layers=1,
+                     feed_forward_ratio=2, eos_index=tokenizer.eot_token)
+    return save_pretrained_checkpoint(model, tmp_path_factory.mktemp("generation") / "checkpoint.pt", block_size=16)
 
 
 def script_model(checkpoint_path):
-    return LightGPT.from_checkpoint(torch.load(checkpoint_path, weights_only=True)).eval()
+    return model_from_checkpoint(torch.load(checkpoint_path, weights_only=True), checkpoint_path).eval()
 
 
 def test_generate_samples_as_the_model_does_under_the_same_seed(checkpoint_path):
@@ -233,7 +237,7 @@ def test_generate_samples_as_the_model_does_under_the_same_seed(checkpoint_path)
     model = script_model(checkpoint_path)
     torch.manual_seed(7)
     prompt = torch.tensor(tokenizer.encode_ordinary("The history of"))
-    tokens = model.generate(prompt, 20, 1.2, 100, 0.95, 1.2, block_size=16)
+    tokens = generate(model, prompt, 20, 1.2, 100, 0.95, 1.2, block_size=16)
     assert result.stdout == tokenizer.decode(list(tokens)) + "\n"
 
 
@@ -247,7 +251,7 @@ def test_generate_completes_every_line_of_standard_input(checkpoint_path):
     expected = ""
     for line in lines:
         prompt = torch.tensor(tokenizer.encode_ordinary(line) or [tokenizer.eot_token])
-        expected += tokenizer.decode(list(model.generate(prompt, 6, top_k=1, block_size=16))) + "\n"
+        expected += tokenizer.decode(list(generate(model, prompt, 6, top_k=1, block_size=16))) + "\n"
     assert result.stdout == expected
 
 
@@ -257,7 +261,7 @@ def test_beam_search_prints_the_best_candidates_with_their_scores(checkpoint_pat
                         "--max_tokens", "8", "--beam_width", "4", "--num_candidates", "2", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     prompt = torch.tensor(tokenizer.encode_ordinary("In the beginning"))
-    found = script_model(checkpoint_path).beam_search(prompt, 8, beam_width=4, num_candidates=2, block_size=16)
+    found = beam_search(script_model(checkpoint_path), prompt, 8, beam_width=4, num_candidates=2, block_size=16)
     printed = re.findall(r"^(\d+)\. \[(-?\d+\.\d+)\] (.*)$", result.stdout, re.M)
     assert [rank for rank, _, _ in printed] == ["1", "2"]
     for (_, score, text), (tokens, expected_score) in zip(printed, found):
@@ -266,22 +270,20 @@ def test_beam_search_prints_the_best_candidates_with_their_scores(checkpoint_pat
 
 
 @pytest.mark.parametrize("script, arguments, fragments", [
-    (generate, ["--top_k", "0"], ["--top_k", "0"]),
-    (generate, ["--top_p", "0"], ["--top_p", "(0, 1]"]),
-    (generate, ["--top_p", "1.5"], ["--top_p", "1.5"]),
-    (generate, ["--temperature", "0"], ["--temperature", "0"]),
-    (generate, ["--repeat_penalty", "-1"], ["--repeat_penalty", "-1"]),
-    (generate, ["--max_tokens", "0"], ["--max_tokens", "0"]),
-    (generate, ["--device", "cuda:7"], ["--device"]),
-    (beam_search, ["--beam_width", "2", "--num_candidates", "3"], ["--beam_width (2)", "--num_candidates (3)"]),
-    (beam_search, ["--num_candidates", "0"], ["--num_candidates", "0"]),
-    (beam_search, ["--max_tokens", "-3"], ["--max_tokens", "-3"]),
+    (generate_script, ["--top_k", "0"], ["--top_k", "0"]),
+    (generate_script, ["--top_p", "0"], ["--top_p", "(0, 1]"]),
+    (generate_script, ["--top_p", "1.5"], ["--top_p", "1.5"]),
+    (generate_script, ["--temperature", "0"], ["--temperature", "0"]),
+    (generate_script, ["--repeat_penalty", "-1"], ["--repeat_penalty", "-1"]),
+    (generate_script, ["--max_tokens", "0"], ["--max_tokens", "0"]),
+    (generate_script, ["--device", "cuda:7"], ["--device"]),
+    (beam_search_script, ["--beam_width", "2", "--num_candidates", "3"], ["--beam_width (2)", "--num_candidates (3)"]),
+    (beam_search_script, ["--num_candidates", "0"], ["--num_candidates", "0"]),
+    (beam_search_script, ["--max_tokens", "-3"], ["--max_tokens", "-3"]),
 ])
-def test_bad_arguments_are_named_in_one_line(script, arguments, fragments):
-    with pytest.raises(ValueError) as error:
-        script.validate_args(script.parse_args(["--device", "cpu", *arguments]))
-    message = str(error.value)
-    assert "\n" not in message and all(fragment in message for fragment in fragments), message
+def test_bad_arguments_are_named_in_one_line(script, arguments, fragments, capsys):
+    message = flag_error(script, ["--device", "cpu", *arguments], capsys)
+    assert all(fragment in message for fragment in fragments), message
 
 
 def test_the_scripts_exit_with_one_line_for_bad_arguments(checkpoint_path):

@@ -8,17 +8,24 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from conftest import REPOSITORY, assert_one_line_error, run_script, run_until_first_epoch_then_terminate
-from data import PROMPT_TEMPLATE, InstructionSamples, encode_prompt, load_instructions, load_tokenizer
-from model import (
-    LightGPT,
-    LoRALinear,
-    add_lora,
+from checkpoint import (
     load_adapted_model,
     load_checkpoint,
     load_lora_checkpoint,
     load_lora_model,
+    model_from_checkpoint,
 )
+from conftest import (
+    REPOSITORY,
+    assert_one_line_error,
+    lightgpt,
+    metrics,
+    run_script,
+    run_until_first_epoch_then_terminate,
+    save_pretrained_checkpoint,
+)
+from data import PROMPT_TEMPLATE, InstructionSamples, encode_prompt, load_instructions, load_tokenizer
+from model import LightGPT, LoRALinear, add_lora
 from training import optimizer_step, weighted_by_targets
 
 # The base learns the answers' words from sentences that pair every thing with every place, so each answer is
@@ -68,10 +75,6 @@ def instruction_tune(base_model_path, instructions_path, checkpoint_path, *args,
                       *args, **kwargs)
 
 
-def metrics(checkpoint_path):
-    return [json.loads(line) for line in checkpoint_path.with_suffix(".metrics.jsonl").read_text().splitlines()]
-
-
 @torch.no_grad()
 def loss_on_instructions(model: LightGPT, instructions_path) -> float:
     samples = InstructionSamples(load_instructions("local", str(instructions_path)), PROMPT_TEMPLATE, 64, True,
@@ -90,7 +93,7 @@ def adapter_path(base_model_path, instructions_path, tmp_path_factory):
 
 def test_lora_learns_to_answer_the_training_instructions(base_model_path, instructions_path, adapter_path):
     base = load_checkpoint(base_model_path)
-    before = loss_on_instructions(base_only(base), instructions_path)
+    before = loss_on_instructions(model_from_checkpoint(base, base_model_path), instructions_path)
     after = loss_on_instructions(load_adapted_model(load_lora_checkpoint(adapter_path), base), instructions_path)
     print(f"loss on the training instructions' responses: {before:.3f} before, {after:.3f} after LoRA")
     assert after < 0.5 * before
@@ -100,10 +103,9 @@ def test_lora_learns_to_answer_the_training_instructions(base_model_path, instru
     assert {"validation_loss", "validation_perplexity"} <= records[9].keys()
 
 
-def base_only(checkpoint: dict) -> LightGPT:
-    model = LightGPT(**checkpoint["model_args"])
-    model.load_state_dict(checkpoint["model"])
-    return model
+def other_base() -> LightGPT:
+    """A base of another width than the adapters' base."""
+    return lightgpt(vocabulary_size=50257, embedding_dimensions=32, num_heads=2, num_layers=2)
 
 
 def test_the_adapter_checkpoint_holds_only_adapters_and_is_a_small_fraction_of_the_base(
@@ -220,7 +222,7 @@ def load_script(name: str):
     return module
 
 
-def test_the_seed_readme_arguments_keep_their_names_and_defaults():
+def test_the_original_readme_arguments_keep_their_names_and_defaults():
     parse_args = load_script("instruction-tune").parse_args
     defaults = vars(parse_args([]))
     seed_table = {
@@ -245,9 +247,7 @@ def test_an_adapter_loads_onto_the_base_it_names_and_refuses_another_size(base_m
     expected = load_adapted_model(load_lora_checkpoint(adapter_path), load_checkpoint(base_model_path))
     tokens = torch.randint(0, 50257, (1, 10))
     assert torch.equal(model(tokens)[0], expected(tokens)[0])
-    other = LightGPT(vocabulary_size=50257, embedding_dimensions=32, num_heads=2, num_layers=2)
-    torch.save({"model_args": {"vocabulary_size": 50257, "embedding_dimensions": 32, "num_heads": 2,
-                               "num_layers": 2}, "model": other.state_dict(), "block_size": 64}, tmp_path / "other.pt")
+    save_pretrained_checkpoint(other_base(), tmp_path / "other.pt", block_size=64)
     with pytest.raises(ValueError, match="embedding_dimensions=64, but the base checkpoint has embedding_dimensions=32"):
         load_lora_model(adapter_path, tmp_path / "other.pt")
 
@@ -270,8 +270,7 @@ def test_accumulating_padded_batches_gives_the_gradient_of_one_batch(instruction
     assert len(set(counts)) > 1, "the samples must differ in length for the weighting to matter"
     weights = []
     for micro_batches in ([samples.batch(indices)], [samples.batch([index]) for index in indices]):
-        torch.manual_seed(0)
-        model = LightGPT(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1)
+        model = lightgpt(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1)
         add_lora(model, rank=2, alpha=1.0, dropout=0.0)
         for layer in model.modules():
             if isinstance(layer, LoRALinear):
@@ -294,9 +293,7 @@ def test_the_scripts_answer_with_the_adapter_in_its_prompt_template(adapter_path
                         "--device", "cpu", *greedy)
     assert result.returncode == 0, result.stderr
     assert load_tokenizer().decode([first_token]) in result.stdout
-    other = LightGPT(vocabulary_size=50257, embedding_dimensions=32, num_heads=2, num_layers=2)
-    torch.save({"model_args": {"vocabulary_size": 50257, "embedding_dimensions": 32, "num_heads": 2,
-                               "num_layers": 2}, "model": other.state_dict(), "block_size": 64}, tmp_path / "other.pt")
+    save_pretrained_checkpoint(other_base(), tmp_path / "other.pt", block_size=64)
     mismatched = run_script(script, "--lora_path", adapter_path, "--checkpoint_path", tmp_path / "other.pt",
                             "--prompt", question, "--device", "cpu")
     assert_one_line_error(mismatched, "other.pt", "embedding_dimensions=64", "embedding_dimensions=32")

@@ -12,7 +12,7 @@ from data import (
     split_instructions,
     tokenize_instruction,
 )
-from model import LightGPT
+from conftest import lightgpt
 
 RECORDS = [
     {"instruction": "What is the capital of France?", "output": "Paris."},
@@ -89,7 +89,7 @@ def test_masking_leaves_only_the_response_and_its_end_of_text_as_targets():
 
 def test_masked_prompt_tokens_do_not_enter_the_loss():
     torch.manual_seed(0)
-    model = LightGPT(50257, 16, 2, 1).eval()
+    model = lightgpt(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1).eval()
     records = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris."}]
     masked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, True, model.padding_index, show_progress=False)
     unmasked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, False, model.padding_index, show_progress=False)
@@ -116,7 +116,7 @@ def test_a_long_sample_loses_the_start_of_its_prompt_never_its_response():
 
 def test_batches_are_padded_and_the_padding_changes_neither_logits_nor_loss():
     torch.manual_seed(0)
-    model = LightGPT(50257, 16, 2, 1).eval()
+    model = lightgpt(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1).eval()
     samples = InstructionSamples(RECORDS, PROMPT_TEMPLATE, 1024, False, model.padding_index, show_progress=False)
     x, y = samples.batch([0, 1, 2])
     lengths = [len(sample_x) for sample_x, _ in samples.samples]

@@ -1,25 +1,16 @@
 import pytest
 import torch
 
-from model import (
-    LightGPT,
-    LoRALinear,
-    add_lora,
-    check_same_base,
-    load_adapted_model,
-    load_lora_state_dict,
-    lora_state_dict,
-    merge_lora,
-    weights_fingerprint,
-)
+from checkpoint import check_same_base, load_adapted_model, weights_fingerprint
+from conftest import TINY_SHAPE, tiny_model
+from model import LightGPT, LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
 
-VOCABULARY = 97
-SIZES = dict(vocabulary_size=VOCABULARY, embedding_dimensions=32, num_heads=4, num_layers=2, eos_index=0)
+VOCABULARY = TINY_SHAPE["vocabulary_size"]
+SIZES = TINY_SHAPE
 
 
 def base_model(**overrides) -> LightGPT:
-    torch.manual_seed(0)
-    return LightGPT(**(SIZES | overrides)).eval()
+    return tiny_model(**overrides).eval()
 
 
 def trained_adapter(model: LightGPT) -> None:
@@ -39,7 +30,7 @@ def test_every_attention_and_mlp_matrix_gets_an_adapter_and_only_adapters_train(
     add_lora(model, rank=4, alpha=1.0, dropout=0.0)
     wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
     assert wrapped == [f"body.{layer}.{name}" for layer in range(2)
-                       for name in ("attention.qkv_projection", "attention.output_projection", "mlp.0", "mlp.2")]
+                       for name in ("attention.qkv_projection", "attention.output_projection", "mlp.up_projection", "mlp.down_projection")]
     x = tokens()
     model.train()
     _, loss = model(x, x)
@@ -132,5 +123,5 @@ def test_the_weights_fingerprint_tells_a_base_from_another_of_the_same_shape():
     copy.load_state_dict(model.state_dict())
     assert weights_fingerprint(copy.state_dict()) == weights_fingerprint(model.state_dict())
     with torch.no_grad():
-        copy.body[-1].mlp[-2].weight[-1, -1] += 1e-3
+        copy.body[-1].mlp.down_projection.weight[-1, -1] += 1e-3
     assert weights_fingerprint(copy.state_dict()) != weights_fingerprint(model.state_dict())

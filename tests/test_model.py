@@ -1,15 +1,12 @@
+from dataclasses import asdict
+
 import pytest
 import torch
 
-from model import LightGPT
+from conftest import TINY_SHAPE, tiny_model
+from model import LightGPT, LightGPTConfig
 
-VOCABULARY = 97
-
-
-def tiny_model(**overrides) -> LightGPT:
-    torch.manual_seed(0)
-    arguments = dict(vocabulary_size=VOCABULARY, embedding_dimensions=32, num_heads=4, num_layers=2, eos_index=0)
-    return LightGPT(**(arguments | overrides))
+VOCABULARY = TINY_SHAPE["vocabulary_size"]
 
 
 def test_no_bias_parameters_anywhere():
@@ -144,3 +141,13 @@ def test_the_fused_loss_trains_the_body_alone_when_the_tied_weight_is_frozen():
         gradients.append([parameter.grad for parameter in model.body.parameters()])
     for fused, plain in zip(*gradients):
         torch.testing.assert_close(fused, plain)
+
+
+def test_the_config_is_stored_as_plain_model_args_and_rebuilds_the_same_model():
+    model = tiny_model()
+    model_args = asdict(model.config)
+    assert all(isinstance(value, (int, float)) for value in model_args.values())
+    rebuilt = LightGPT(LightGPTConfig(**model_args))
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randint(0, VOCABULARY, (1, 5))
+    assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])

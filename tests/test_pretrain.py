@@ -1,12 +1,18 @@
-import json
 import re
 import shlex
 
 import pytest
 import torch
 
-from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, run_script, run_until_first_epoch_then_terminate
-from model import LightGPT
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import (
+    REPOSITORY,
+    TINY_MODEL,
+    assert_one_line_error,
+    metrics,
+    run_script,
+    run_until_first_epoch_then_terminate,
+)
 
 
 def pretrain(tmp_path, dataset_path, *args, name="checkpoint.pt"):
@@ -14,10 +20,6 @@ def pretrain(tmp_path, dataset_path, *args, name="checkpoint.pt"):
         "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
         "--checkpoint_path", tmp_path / name, *TINY_MODEL, *args,
     )
-
-
-def metrics(checkpoint_path):
-    return [json.loads(line) for line in checkpoint_path.with_suffix(".metrics.jsonl").read_text().splitlines()]
 
 
 def load_weights(path):
@@ -41,7 +43,7 @@ def test_the_readme_quick_start_pretrains_with_a_falling_validation_loss(tmp_pat
     records = metrics(checkpoint)
     assert [record["epoch"] for record in records] == [1, 2]
     assert records[1]["validation_loss"] < records[0]["validation_loss"] < 10.9
-    assert LightGPT(**torch.load(checkpoint, weights_only=True)["model_args"]).num_trainable_params > 0
+    assert model_from_checkpoint(load_checkpoint(checkpoint), checkpoint).num_trainable_params > 0
 
 
 def test_a_tiny_model_learns_the_embedded_corpus(tmp_path, dataset_path):
@@ -62,11 +64,11 @@ def test_the_checkpoint_is_a_plain_safe_dictionary(tmp_path, dataset_path):
                       "--samples_per_epoch", "2", "--num_epochs", "1", "--seed", "0")
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert {"model_args", "model", "optimizer", "step", "epoch", "rng", "sampler", "tokenizer",
+    assert {"format_version", "model_args", "model", "optimizer", "step", "epoch", "rng", "sampler", "tokenizer",
             "block_size"} <= checkpoint.keys()
     assert checkpoint["tokenizer"] == "r50k_base" and checkpoint["block_size"] == 16
     assert not [key for key in checkpoint["model"] if key.startswith(("_orig_mod", "module"))]
-    LightGPT(**checkpoint["model_args"]).load_state_dict(checkpoint["model"])
+    model_from_checkpoint(checkpoint, "checkpoint.pt")
     assert not list(tmp_path.glob("*.tmp"))
 
 

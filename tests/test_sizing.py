@@ -12,21 +12,22 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import sizing
+from conftest import lightgpt
 from model import LightGPT
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPOSITORY / "model_sizing.ipynb"
 OPTIMIZERS = {"adafactor": torch.optim.Adafactor, "adamw": torch.optim.AdamW}
 
-# (vocabulary_size, block_size, embedding_dimensions, num_attention_heads, num_hidden_layers, feed_forward_ratio)
+# (vocabulary_size, block_size, embedding_dimensions, num_heads, num_layers, feed_forward_ratio)
 SHAPES = [(97, 64, 32, 4, 2, 4), (101, 16, 48, 3, 3, 2), (50, 128, 16, 2, 1, 1), (300, 8, 64, 8, 2, 3)]
 
 
 def build(architecture: sizing.Architecture) -> LightGPT:
-    torch.manual_seed(0)
-    return LightGPT(
-        architecture.vocabulary_size, architecture.embedding_dimensions, architecture.num_attention_heads,
-        architecture.num_hidden_layers, architecture.feed_forward_ratio, eos_index=0,
+    return lightgpt(
+        vocabulary_size=architecture.vocabulary_size, embedding_dimensions=architecture.embedding_dimensions,
+        num_heads=architecture.num_heads, num_layers=architecture.num_layers,
+        feed_forward_ratio=architecture.feed_forward_ratio, eos_index=0,
     )
 
 

@@ -1,0 +1,192 @@
+"""Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from data import TOKENIZER_NAME
+from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
+
+# Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
+# kept one random-number state rather than a list of each rank's.
+FORMAT_VERSION = 2
+V1_RENAMES = ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_projection."))
+PRETRAINING_ENTRIES = ("model_args", "model")
+ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
+DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
+
+
+def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step: int, epoch: int,
+                        rng: list[dict], args: dict, **entries) -> dict:
+    """What every checkpoint a training run writes holds: the format version, the model's shape and context,
+    the tokenizer, the optimizer, the progress, every rank's random-number state and the run's flags; `entries`
+    adds what the kind of run needs (pre-training: model and sampler; instruction tuning: the adapters, their
+    base and prompt template)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_args": model_args,
+        "block_size": block_size,
+        "tokenizer": TOKENIZER_NAME,
+        "optimizer": optimizer,
+        "step": step,
+        "epoch": epoch,
+        "rng": rng,
+        "args": args,
+    } | entries
+
+
+def save_atomically(checkpoint: dict, path: str | Path) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES) -> dict:
+    """A checkpoint written by pre-train.py (or, with required=ADAPTER_ENTRIES, an adapter), loaded safely onto
+    the CPU, memory-mapped so that its tensors are read as they are used, in the current format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint file there")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or not set(required) <= checkpoint.keys():
+        raise ValueError(f"{path}: not a LightGPT checkpoint of this kind (no {' and '.join(required)} entries)")
+    version = checkpoint.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: written in checkpoint format {version!r}, newer than this LightGPT's "
+                         f"{FORMAT_VERSION}; update LightGPT")
+    return upgraded(checkpoint) if version < FORMAT_VERSION else checkpoint
+
+
+def load_lora_checkpoint(path: str | Path) -> dict:
+    """An adapter checkpoint written by instruction-tune.py, loaded as load_checkpoint loads."""
+    return load_checkpoint(path, required=ADAPTER_ENTRIES)
+
+
+def upgraded(checkpoint: dict) -> dict:
+    """A version 1 checkpoint in the current format: the MLP's parameter names, in the weights, the adapters
+    and the optimizer state, and the random-number states as a list."""
+    def renamed(name):
+        if isinstance(name, str):
+            for old, new in V1_RENAMES:
+                name = name.replace(old, new)
+        return name
+
+    checkpoint = dict(checkpoint)
+    for entry in ("model", "lora"):
+        if entry in checkpoint:
+            checkpoint[entry] = {renamed(name): tensor for name, tensor in checkpoint[entry].items()}
+    if "optimizer" in checkpoint:
+        optimizer = checkpoint["optimizer"]
+        checkpoint["optimizer"] = {
+            "state": {renamed(name): state for name, state in optimizer["state"].items()},
+            "param_groups": [group | {"params": [renamed(name) for name in group["params"]]}
+                             for group in optimizer["param_groups"]],
+        }
+    if isinstance(checkpoint.get("rng"), dict):
+        checkpoint["rng"] = [checkpoint["rng"]]
+    checkpoint["format_version"] = FORMAT_VERSION
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
+    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU."""
+    try:
+        model = LightGPT(LightGPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({reason})") from None
+    return model
+
+
+def load_model(
+    path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None
+) -> tuple[LightGPT, int, dict | None]:
+    """The model a pre-training checkpoint holds (by default ./out/checkpoint.pt), in evaluation mode on the device,
+    its training context length, and None. With lora_path: the adapter merged into its base (path, else the base
+    the adapter names) and the adapter's prompt template."""
+    if lora_path is not None:
+        model, block_size, template = load_lora_model(lora_path, path)
+        return model.to(device), block_size, template
+    path = path or DEFAULT_CHECKPOINT_PATH
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint.get("block_size"), int):
+        raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
+    return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint["block_size"], None
+
+
+def weights_fingerprint(state: dict[str, Tensor]) -> str:
+    """A short hash of a model's weights, from the first and last thousand numbers of each tensor: enough to tell
+    the base an adapter was trained on from another base of the same shape, quickly at any model size."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        numbers = state[name].detach().flatten()
+        digest.update(name.encode())
+        digest.update(torch.cat([numbers[:1000], numbers[-1000:]]).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def trained_on_these_weights(adapter: dict, base: dict) -> bool:
+    """Whether the adapter was trained on the base's very weights (true of adapters that predate fingerprints).
+    Version 1 files fingerprinted the names of version 1, so both sides are compared as written."""
+    fingerprint = adapter.get("base_fingerprint")
+    return fingerprint is None or fingerprint in (weights_fingerprint(base["model"]),
+                                                  weights_fingerprint(v1_named(base["model"])))
+
+
+def v1_named(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights under their version 1 names, as version 1 fingerprinted them."""
+    def old_name(name: str) -> str:
+        for old, new in V1_RENAMES:
+            name = name.replace(new, old)
+        return name
+
+    return {old_name(name): tensor for name, tensor in state.items()}
+
+
+def check_same_base(adapter: dict, base: dict) -> None:
+    """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
+    for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+        trained_on, given = adapter["model_args"].get(name), base["model_args"].get(name)
+        if trained_on != given:
+            raise ValueError(
+                f"the adapter was trained on a base model with {name}={trained_on}, "
+                f"but the base checkpoint has {name}={given}"
+            )
+
+
+def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
+    """The base model with its adapter applied and merged: a plain LightGPT in eval mode."""
+    check_same_base(adapter, base)
+    model = model_from_checkpoint(base, "the base checkpoint")
+    add_lora(model, **adapter["lora_args"])
+    load_lora_state_dict(model, adapter["lora"])
+    return merge_lora(model).eval()
+
+
+def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) -> tuple[LightGPT, int, dict]:
+    """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
+    mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
+    adapter = load_lora_checkpoint(lora_path)
+    base_path = base_path or adapter.get("base_model_path")
+    if not base_path:
+        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
+    base = load_checkpoint(base_path)
+    try:
+        model = load_adapted_model(adapter, base)
+    except ValueError as error:
+        raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
+    if not trained_on_these_weights(adapter, base):
+        warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
+                      f"its answers may be poor", stacklevel=2)
+    return model, base["block_size"], adapter["prompt_template"]

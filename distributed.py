@@ -1,0 +1,202 @@
+"""Training on several processes: torchrun, the process group, collectives, wrapping a model for data
+parallelism (DDP, FSDP2) and gathering or scattering its state."""
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate
+from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
+
+from devices import autocast
+from model import LightGPT
+
+# Long enough for rank 0 to write a large checkpoint while the others wait; short enough that a rank that
+# died takes the job down in minutes instead of leaving the others waiting forever.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
+
+Value = TypeVar("Value")
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun numbers it, known before any process group exists (0 when alone)."""
+    return int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
+
+
+def check_launch(device: str) -> None:
+    """Raise a one-line ValueError when torchrun asks for a device that has no process-group backend."""
+    if launched_by_torchrun() and torch.device(device).type not in ("cuda", "cpu"):
+        raise ValueError(f"--device: {device!r} cannot train under torchrun; use cuda (nccl) or cpu (gloo)")
+
+
+@contextmanager
+def distributed(device_name: str) -> Iterator[torch.device]:
+    """This process's device; under torchrun also a process group, pinned to this rank's GPU, that is destroyed
+    however the block ends (normally, by an error or after a signal)."""
+    device = torch.device(device_name)
+    if not launched_by_torchrun():
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def exit_rank() -> None:
+    """Under torchrun, end this rank at once, once its work is saved and its process group destroyed: gloo's
+    worker threads free a finished collective's tensors a moment late, and doing so during the interpreter's
+    shutdown can abort the process (see docs/design.md)."""
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def sum_across_ranks(tensor: Tensor) -> Tensor:
+    """The sum of `tensor` over every rank, in place (itself when training alone)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def every_rank_s(value: Value) -> list[Value]:
+    """Every rank's value of a small picklable object, in rank order, on every rank ([value] when alone)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def first_error_of_any_rank(error: str | None) -> str | None:
+    """The first rank's error message, on every rank, so that all ranks stop together rather than wait forever
+    on one that left."""
+    return next((message for message in every_rank_s(error) if message), None)
+
+
+def from_rank_zero(value: Value) -> Value:
+    """Rank 0's value of a small picklable object, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def micro_batches_of_this_rank(starts: Tensor, batch_size: int) -> list[tuple[Tensor, float]]:
+    """This rank's share of the window starts of one step, as (micro-batch, loss weight) pairs. Rank r takes
+    micro-batches r, r + world size, ...; every rank runs the same number of passes (a rank short of real
+    micro-batches repeats one with weight 0), and the weights make the ranks' averaged gradients equal the
+    gradient of the mean loss over all the micro-batches, as one process computes it."""
+    micro_batches = starts.split(batch_size)
+    num_ranks = world_size()
+    passes = -(-len(micro_batches) // num_ranks)
+    mine = micro_batches[rank()::num_ranks]
+    weight = num_ranks / len(micro_batches)
+    return [(mine[index], weight) if index < len(mine) else (micro_batches[0], 0.0) for index in range(passes)]
+
+
+def precision(model: Module, device: torch.device, mixed_precision: bool) -> AbstractContextManager:
+    """The autocast to train `model` under: none for FSDP2, whose own policy already computes in bf16."""
+    return nullcontext() if isinstance(model, FSDPModule) else autocast(device, mixed_precision)
+
+
+def parallelize(
+    model: LightGPT, activation_checkpointing: bool, compile: bool, sharding_level: int = 2,
+    mixed_precision: bool = False,
+) -> Module:
+    """Wrap a pure model for training in torchtitan's order: activation checkpointing, then compile each block,
+    then, under torchrun, data parallelism: DDP at sharding level 0, FSDP2 at levels 2 and 3. FSDP2 shards each
+    block on its own and leaves the tied embedding/output weight and the final norm to the root."""
+    model.enable_activation_checkpointing(activation_checkpointing)
+    if compile:
+        for index, block in enumerate(model.body):
+            model.body.register_module(str(index), torch.compile(block))
+    if not dist.is_initialized():
+        return model
+    device = next(model.parameters()).device
+    if sharding_level == 0:
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    policy = MixedPrecisionPolicy()
+    if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.body:
+        fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+    return fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+
+
+def gradient_sync(model: Module, enabled: bool) -> AbstractContextManager:
+    """A context for one backward pass that synchronises gradients across ranks only when `enabled`: the
+    micro-steps before the optimizer step accumulate locally, with no communication."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+def full_training_state(model: Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The whole model and optimizer state, unsharded and on the CPU, in the same plain, parameter-named form
+    whatever the world size or wrapper (all ranks must call it; only rank 0 gets the tensors)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(unwrapped(model), options=options),
+        get_optimizer_state_dict(unwrapped(model), optimizer, options=options),
+    )
+
+
+def load_training_state(model: Module, optimizer: torch.optim.Optimizer, checkpoint: dict | None) -> None:
+    """Load a full_training_state that only rank 0 has read, sharding or replicating it onto every rank."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    set_model_state_dict(unwrapped(model), checkpoint["model"] if checkpoint else {}, options=options)
+    set_optimizer_state_dict(unwrapped(model), optimizer, checkpoint["optimizer"] if checkpoint else {},
+                             options=options)
+
+
+def unwrapped(model: Module) -> Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def replicated(tensor: Tensor) -> Tensor:
+    """A DTensor made whole on every rank (DTensor communicates); a plain tensor as it is."""
+    if isinstance(tensor, DTensor):
+        return tensor.redistribute(tensor.device_mesh, [Replicate()] * tensor.device_mesh.ndim)
+    return tensor
+
+
+def item(tensor: Tensor) -> float:
+    return tensor.full_tensor().item() if isinstance(tensor, DTensor) else tensor.item()

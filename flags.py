@@ -1,0 +1,184 @@
+"""The command-line flags the scripts share, each defined once, with validators that name the flag."""
+
+import argparse
+import math
+import re
+import sys
+from argparse import BooleanOptionalAction
+from typing import NoReturn
+
+from devices import best_device, check_device
+from distributed import launch_rank
+from model import LightGPTConfig
+
+# The seed's flag names for the model's shape, and the names of LightGPTConfig they set.
+CONFIG_FIELDS = {
+    "embedding_dimensions": "embedding_dimensions",
+    "num_attention_heads": "num_heads",
+    "num_hidden_layers": "num_layers",
+    "feed_forward_ratio": "feed_forward_ratio",
+    "dropout": "dropout",
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with the defaults shown in --help, except that under torchrun only rank 0 prints a
+    usage error: every rank meets it."""
+
+    def __init__(self, description: str):
+        super().__init__(usage="%(prog)s [options] (see --help)", description=description,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message: str) -> NoReturn:
+        if launch_rank() == 0:
+            super().error(message)
+        sys.exit(2)
+
+
+def _number(kind: type, text: str, description: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(int, text, "zero or a positive integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text, "a positive number")
+    if not value > 0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A proportion such as a dropout rate: in [0, 1)."""
+    value = _number(float, text, "a number in [0, 1)")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A probability mass such as top_p: in (0, 1]."""
+    value = _number(float, text, "a number in (0, 1]")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = _number(float, text, "a number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return value
+
+
+def device(text: str) -> str:
+    try:
+        check_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device, default=best_device(),
+                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None:
+    """The shape of the model to build; model_config turns them into a LightGPTConfig."""
+    parser.add_argument("--block_size", type=positive_int, default=1024,
+                        help="The number of tokens within the context window of every sample.")
+    parser.add_argument("--embedding_dimensions", type=positive_int, default=1024,
+                        help="The dimensionality of the token embeddings.")
+    parser.add_argument("--num_attention_heads", type=positive_int, default=16,
+                        help="The number of attention heads within every block.")
+    parser.add_argument("--num_hidden_layers", type=positive_int, default=24,
+                        help="The number of attention/MLP blocks within the hidden layer of the network.")
+    parser.add_argument("--feed_forward_ratio", type=positive_int, default=4,
+                        help="The width of each MLP's hidden layer as a multiple of --embedding_dimensions.")
+    parser.add_argument("--dropout", type=fraction, default=dropout,
+                        help="The proportion of signals to send to zero during training as regularization.")
+
+
+def model_config(args: argparse.Namespace, vocabulary_size: int, eos_index: int) -> LightGPTConfig:
+    """The LightGPTConfig that add_model_arguments' flags ask for; a one-line ValueError in the flags' names
+    when they do not make a model (LightGPTConfig checks, for example, that the heads divide the width)."""
+    fields = {field: getattr(args, flag) for flag, field in CONFIG_FIELDS.items()}
+    try:
+        return LightGPTConfig(vocabulary_size=vocabulary_size, eos_index=eos_index, **fields)
+    except ValueError as error:
+        message = str(error)
+        for flag, field in CONFIG_FIELDS.items():
+            message = re.sub(rf"\b{field}\b", f"--{flag}", message)
+        raise ValueError(message) from None
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, warmup_steps: int,
+                           num_epochs: int, eval_interval: int, checkpoint_interval: int,
+                           checkpoint_path: str, what: str) -> None:
+    """The flags of a training run, the same in pre-training and instruction tuning, with each script's defaults;
+    `what` names what the checkpoint holds."""
+    parser.add_argument("--batch_size", type=positive_int, default=1,
+                        help="The number of samples to pass through the network at a time.")
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
+                        help="The number of batches to pass through the network before updating the weights "
+                        "(under torchrun: in total, across all processes).")
+    parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
+                        help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
+    parser.add_argument("--warmup_steps", type=non_negative_int, default=warmup_steps,
+                        help="Optimizer steps of linear learning-rate warmup before the cosine decay.")
+    parser.add_argument("--num_epochs", type=positive_int, default=num_epochs,
+                        help="The number of epochs to train for.")
+    parser.add_argument("--eval_interval", type=positive_int, default=eval_interval,
+                        help="Evaluate the model on the held-out split every this many epochs (and at the end).")
+    parser.add_argument("--checkpoint_interval", type=positive_int, default=checkpoint_interval,
+                        help="Save a checkpoint every this many epochs (and always at the end).")
+    parser.add_argument("--checkpoint_path", default=checkpoint_path,
+                        help=f"The {what} checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
+    parser.add_argument("--resume", action=BooleanOptionalAction, default=False,
+                        help="Resume training from the checkpoint at --checkpoint_path.")
+    parser.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
+                        help="Clip gradients above this global norm before stepping.")
+    parser.add_argument("--activation_checkpointing", action=BooleanOptionalAction, default=False,
+                        help="Recompute each block's activations during the backward pass to save memory.")
+    parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
+                        help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
+    parser.add_argument("--mixed_precision", action=BooleanOptionalAction, default=True,
+                        help="Compute in bf16 on CUDA devices that support it (autocast; FSDP2's bf16 parameters at "
+                        "sharding levels 2 and 3).")
+    add_device_argument(parser)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="The seed for the random number generators (default: a random one, recorded).")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
+    parser.add_argument("--checkpoint_path", default=None,
+                        help="The checkpoint written by pre-train.py (default: ./out/checkpoint.pt, or with "
+                        "--lora_path the base checkpoint the adapter names).")
+    parser.add_argument("--lora_path", default=None,
+                        help="A LoRA adapter written by instruction-tune.py: it is merged into the base model, and "
+                        "each prompt is put in the instruction template it was tuned with.")
+    parser.add_argument("--prompt", default=None,
+                        help="The text to complete, once; without it, prompts typed at the terminal, or one per "
+                        "line of standard input.")
+    parser.add_argument("--max_tokens", type=positive_int, default=max_tokens,
+                        help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
+    add_device_argument(parser)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="The seed for the random number generator, for reproducible runs.")

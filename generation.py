@@ -1,0 +1,146 @@
+"""Decoding: sampling (temperature, top-k, top-p, repetition penalty) and beam search over a LightGPT's cached
+next-token step."""
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from model import LightGPT
+
+
+def penalize_repeats(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
+    """Make the tokens of the context less likely (CTRL's repetition penalty): their positive logits are divided
+    by the penalty and their negative ones multiplied by it."""
+    seen = context.unique()
+    logits = logits.clone()
+    logits[seen] = torch.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+    return logits
+
+
+def top_k_top_p(logits: Tensor, temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
+    """The tokens worth sampling and their probabilities: the top_k most likely at this temperature, then of those
+    the fewest whose probabilities add up to top_p (nucleus sampling; the most likely token always stays)."""
+    values, tokens = (logits.float() / temperature).topk(top_k)
+    probabilities = values.softmax(-1)
+    more_likely_mass = probabilities.cumsum(-1) - probabilities
+    probabilities = probabilities.masked_fill(more_likely_mass >= top_p, 0.0)
+    return tokens, probabilities / probabilities.sum()
+
+
+class Context:
+    """The tokens a model sees, one sequence a row, with their key/value cache and the next token's logits.
+
+    The model sees at most block_size tokens: a longer prompt is cut to its last block_size tokens, and when the
+    context outgrows block_size, only its most recent half is kept and the cache is rebuilt from it, so that the
+    next block_size / 2 tokens again cost one single-token pass each. Without a cache every step is a full
+    forward pass over the context, the slow baseline.
+    """
+
+    def __init__(self, model: LightGPT, prompt: Tensor, block_size: int, max_tokens: int, use_cache: bool = True):
+        """prompt: (batch, length) token ids; max_tokens: how many tokens will follow, to size the cache."""
+        self.model, self.block_size = model, block_size
+        self.tokens = prompt[:, -block_size:]  # (batch, at most block_size)
+        capacity = min(block_size, self.tokens.size(1) + max_tokens)
+        self.cache = model.new_cache(len(self.tokens), capacity) if use_cache else None
+        self.logits = model.next_token_logits(self.tokens, self.cache)  # (batch, vocabulary)
+
+    def extend(self, new_tokens: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Continue each row with one new token (after keeping the rows at `rows`, in that order, if given: the
+        surviving beams); the next token's logits."""
+        if rows is not None:
+            self.tokens = self.tokens[rows]
+        self.tokens = torch.cat((self.tokens, new_tokens[:, None]), 1)  # (batch, length + 1)
+        if self.cache is not None and self.tokens.size(1) <= self.block_size:
+            if rows is not None:
+                for layer in self.cache:
+                    layer.reorder(rows)
+            self.logits = self.model.next_token_logits(new_tokens[:, None], self.cache)
+            return self.logits
+        if self.tokens.size(1) > self.block_size:
+            self.tokens = self.tokens[:, -((self.block_size + 1) // 2):]  # (batch, the most recent half)
+        if self.cache is not None:
+            self.cache = self.model.new_cache(len(self.tokens), self.block_size)
+        self.logits = self.model.next_token_logits(self.tokens, self.cache)
+        return self.logits
+
+
+@torch.no_grad()
+def generate(
+    model: LightGPT,
+    prompt: Tensor,
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 500,
+    top_p: float = 0.9,
+    repeat_penalty: float = 1.0,
+    block_size: int = 1024,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Sample up to max_tokens tokens that follow the prompt (a 1-D tensor of at least one token id), yielding
+    each as soon as it is chosen; stop at the model's eos_index, which is not yielded. The context is cut as
+    Context cuts it; use_cache=False runs the same steps with a full forward pass for every token."""
+    context = Context(model, prompt[None], block_size, max_tokens, use_cache)
+    for _ in range(max_tokens):
+        logits = context.logits[0]
+        if repeat_penalty != 1.0:
+            logits = penalize_repeats(logits, context.tokens[0], repeat_penalty)
+        candidates, probabilities = top_k_top_p(logits, temperature, top_k, top_p)
+        token = candidates[torch.multinomial(probabilities, 1)]
+        if token.item() == model.eos_index:
+            return
+        yield token.item()
+        context.extend(token)
+
+
+@torch.no_grad()
+def beam_search(
+    model: LightGPT,
+    prompt: Tensor,
+    max_tokens: int,
+    beam_width: int = 16,
+    num_candidates: int = 3,
+    length_penalty: float = 1.0,
+    block_size: int = 1024,
+    show_progress: bool = False,
+) -> list[tuple[list[int], float]]:
+    """The num_candidates most likely continuations of the prompt (new tokens only), best first, with scores.
+
+    All beams run as one batch against one cache: every step extends each of the beam_width most likely
+    unfinished sequences by every token, keeps the beam_width most likely results, and finishes a sequence at
+    eos_index (scored, but not among its tokens) or at max_tokens. A score is the total log-probability divided
+    by the length (eos included) to the power length_penalty: 0 ranks by probability alone, 1 by the average
+    per token, which favours longer sequences more. The context is cut as Context cuts it. show_progress
+    draws a progress bar of the steps on standard error.
+    """
+    context = Context(model, prompt[None], block_size, max_tokens)
+    sequences = prompt.new_empty(1, 0)  # (beams, tokens generated so far)
+    totals = torch.zeros(1, device=prompt.device)
+    logits = context.logits
+    finished: list[tuple[list[int], float]] = []
+
+    def finish(sequences: Tensor, totals: Tensor, length: int) -> None:
+        finished.extend((sequence, total / length**length_penalty)
+                        for sequence, total in zip(sequences.tolist(), totals.tolist()))
+
+    steps = tqdm(range(1, max_tokens + 1), desc="Beam search", unit="token", leave=False, disable=not show_progress)
+    for length in steps:
+        scores = totals[:, None] + logits.float().log_softmax(-1)  # (beams, vocabulary)
+        finish(sequences, scores[:, model.eos_index], length)
+        scores[:, model.eos_index] = -math.inf
+        totals, indices = scores.view(-1).topk(min(beam_width, scores.numel() - len(scores)))
+        beams, tokens = indices // model.vocabulary_size, indices % model.vocabulary_size
+        sequences = torch.cat((sequences[beams], tokens[:, None]), 1)
+        if length == max_tokens:
+            finish(sequences, totals, length)
+        finished = sorted(finished, key=lambda candidate: candidate[1], reverse=True)[:num_candidates]
+        if length == max_tokens or len(totals) == 0:
+            break
+        # A sequence only loses log-probability as it grows, which bounds the best score a live beam can reach.
+        best_reachable = totals[0].item() / max((length + 1) ** length_penalty, max_tokens**length_penalty)
+        if len(finished) == num_candidates and finished[-1][1] >= best_reachable:
+            break
+        logits = context.extend(tokens, rows=beams)
+    return finished

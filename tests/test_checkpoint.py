@@ -1,0 +1,53 @@
+import warnings
+
+import pytest
+import torch
+
+from checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    load_lora_checkpoint,
+    load_lora_model,
+    load_model,
+    save_atomically,
+    trained_on_these_weights,
+)
+from conftest import REPOSITORY, tiny_model
+from distributed import load_training_state
+
+FIXTURES = REPOSITORY / "tests" / "fixtures"
+
+
+def test_a_checkpoint_written_before_format_versions_loads_to_the_same_logits():
+    expected = torch.load(FIXTURES / "v1_expected_logits.pt", weights_only=True)
+    model, block_size, template = load_model(FIXTURES / "v1_checkpoint.pt")
+    assert block_size == 8 and template is None
+    torch.testing.assert_close(model(expected["tokens"])[0], expected["base_logits"], rtol=0, atol=0)
+
+
+def test_an_adapter_written_before_format_versions_merges_to_the_same_logits_without_a_warning():
+    expected = torch.load(FIXTURES / "v1_expected_logits.pt", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _, _ = load_lora_model(FIXTURES / "v1_adapter.pt", FIXTURES / "v1_checkpoint.pt")
+    torch.testing.assert_close(model(expected["tokens"])[0], expected["adapted_logits"])
+    adapter, base = load_lora_checkpoint(FIXTURES / "v1_adapter.pt"), load_checkpoint(FIXTURES / "v1_checkpoint.pt")
+    assert trained_on_these_weights(adapter, base)
+    assert isinstance(adapter["rng"], list) and adapter["format_version"] == FORMAT_VERSION
+
+
+def test_an_old_checkpoint_s_optimizer_state_resumes_under_the_new_parameter_names():
+    checkpoint = load_checkpoint(FIXTURES / "v1_checkpoint.pt")
+    assert not [name for name in checkpoint["optimizer"]["state"] if ".mlp.0." in name or ".mlp.2." in name]
+    model = tiny_model(**checkpoint["model_args"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_training_state(model, optimizer, checkpoint)
+    moments = optimizer.state[model.body[0].mlp.up_projection.weight]["exp_avg"]
+    torch.testing.assert_close(moments, checkpoint["optimizer"]["state"]["body.0.mlp.up_projection.weight"]["exp_avg"])
+
+
+def test_a_checkpoint_from_a_newer_lightgpt_is_refused_in_one_line(tmp_path):
+    checkpoint = load_checkpoint(FIXTURES / "v1_checkpoint.pt") | {"format_version": FORMAT_VERSION + 1}
+    save_atomically(checkpoint, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match=f"format {FORMAT_VERSION + 1}, newer than"):
+        load_checkpoint(tmp_path / "newer.pt")
