@@ -11,7 +11,7 @@ from flags import ArgumentParser, add_inference_arguments, finite_float, positiv
 from generation import beam_search
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Print the num_candidates most likely continuations of each prompt, with their "
                             "scores: --prompt once, else every line typed at the terminal, else every line of "
                             "standard input.")
@@ -23,7 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--length_penalty", type=finite_float, default=1.0,
                         help="Rank candidates by total log-probability / length ** length_penalty: 0 ranks by "
                         "probability alone, which favours short candidates; larger values favour long ones.")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def validate_args(args: argparse.Namespace) -> None:

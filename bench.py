@@ -55,7 +55,7 @@ PEAK_TFLOPS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Benchmark LightGPT against HuggingFace's GPT2LMHeadModel of the same depth, width, "
                             "heads, vocabulary and context, with the same batch, optimizer and dtype. Prints a table, "
                             "or JSON lines.")
@@ -107,7 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="The seed for the weights and the random tokens.")
     parser.add_argument("--json", action="store_true",
                         help="Print one JSON object per measurement and line instead of the table.")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -96,7 +96,7 @@ def device(text: str) -> str:
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one available).")
+                        help="The device to run on: cuda, mps or cpu (default: the best one here).")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None:
@@ -108,7 +108,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None
     parser.add_argument("--num_attention_heads", type=positive_int, default=16,
                         help="The number of attention heads within every block.")
     parser.add_argument("--num_hidden_layers", type=positive_int, default=24,
-                        help="The number of attention/MLP blocks within the hidden layer of the network.")
+                        help="The number of attention/MLP blocks.")
     parser.add_argument("--feed_forward_ratio", type=positive_int, default=4,
                         help="The width of each MLP's hidden layer as a multiple of --embedding_dimensions.")
     parser.add_argument("--dropout", type=fraction, default=dropout,

@@ -13,7 +13,7 @@ from flags import ArgumentParser, add_inference_arguments, positive_float, posit
 from generation import generate
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Complete prompts with a LightGPT checkpoint: --prompt once, else every line typed at "
                             "the terminal, else every line of standard input (one completion per line).")
     add_inference_arguments(parser, max_tokens=500)
@@ -27,7 +27,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat_penalty", type=positive_float, default=1.0,
                         help="Make the tokens already in the context less likely: their positive logits are "
                         "divided by this, negative ones multiplied (1 turns it off).")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def stream_text(tokens: Iterator[int]) -> Iterator[str]:

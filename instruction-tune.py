@@ -27,7 +27,7 @@ from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
 from training import restore_rng_state, rng_state, train, weighted_by_targets
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Instruction-tune a pre-trained LightGPT: train small LoRA adapters on "
                             "instruction/response pairs while the base model stays frozen, and save only the adapters.")
     parser.add_argument("--base_model_path", default="./out/checkpoint.pt",
@@ -49,7 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(in the adapters' inputs and in the frozen model).")
     add_training_arguments(parser, learning_rate=5e-4, warmup_steps=0, num_epochs=4, eval_interval=1,
                            checkpoint_interval=1, checkpoint_path="./out/lora_instruction.pt", what="adapter")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -33,7 +33,7 @@ from model import LightGPT, LightGPTConfig
 from training import Adafactor, restore_rng_state, rng_state, train
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
                             "evaluates and checkpoints. Launch with torchrun for several devices.")
     parser.add_argument("--dataset", default="openwebtext", choices=CORPORA,
@@ -58,7 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "state (FSDP2, parameters whole from forward to backward), 3 also shards the parameters.")
     add_training_arguments(parser, learning_rate=5e-4, warmup_steps=100, num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ TINY_SHAPE = [
 SIDE_BY_SIDE = {"train_tokens_per_s", "parameters", "train_peak_memory"}
 
 
+@pytest.mark.slow
 def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_measurement():
     result = run_script(
         "bench.py", *TINY_SHAPE, "--steps", "2", "--warmup", "1", "--checkpointing_layers", "4",
@@ -58,6 +59,7 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
     assert {"prepare_corpus_tokens_per_s", "process_peak_rss"} <= {metric for metric, _ in records}
 
 
+@pytest.mark.slow
 def test_bench_prints_a_table_by_default():
     result = run_script("bench.py", *TINY_SHAPE, "--steps", "1", "--warmup", "0", "--no-gpt2")
     assert result.returncode == 0, result.stderr
@@ -79,6 +81,7 @@ def test_peak_tensor_memory_counts_storages_while_they_live():
     assert tracker.current == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, fragments",
     [

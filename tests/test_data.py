@@ -78,6 +78,7 @@ def test_preparation_round_trips_documents_and_holds_out_whole_documents(tmp_pat
     assert meta["train_tokens"] == os.path.getsize(folder / "train.bin") // 2
 
 
+@pytest.mark.slow
 def test_a_few_documents_still_hold_one_out_and_a_single_one_is_a_clear_error(tmp_path):
     files = write_text_corpus(tmp_path / "texts", ["The first document.", "The second document.", "The third."])
     folder = prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)

@@ -26,6 +26,8 @@ from conftest import (  # noqa: E402
 from distributed import distributed, parallelize, rank  # noqa: E402
 from training import Adafactor  # noqa: E402
 
+pytestmark = pytest.mark.slow  # nearly every test here starts processes
+
 # Four micro-batches per step: two for each of the two ranks.
 COMMON = ["--dataset", "wikipedia", *TINY_MODEL, "--batch_size", "2", "--gradient_accumulation_steps", "4",
           "--samples_per_epoch", "8", "--eval_interval", "1", "--eval_samples", "6", "--dropout", "0",

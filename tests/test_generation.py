@@ -228,6 +228,7 @@ def script_model(checkpoint_path):
     return model_from_checkpoint(torch.load(checkpoint_path, weights_only=True), checkpoint_path).eval()
 
 
+@pytest.mark.slow
 def test_generate_samples_as_the_model_does_under_the_same_seed(checkpoint_path):
     tokenizer = load_tokenizer()
     result = run_script("generate.py", "--checkpoint_path", checkpoint_path, "--prompt", "The history of",
@@ -241,6 +242,7 @@ def test_generate_samples_as_the_model_does_under_the_same_seed(checkpoint_path)
     assert result.stdout == tokenizer.decode(list(tokens)) + "\n"
 
 
+@pytest.mark.slow
 def test_generate_completes_every_line_of_standard_input(checkpoint_path):
     tokenizer = load_tokenizer()
     model = script_model(checkpoint_path)
@@ -255,6 +257,7 @@ def test_generate_completes_every_line_of_standard_input(checkpoint_path):
     assert result.stdout == expected
 
 
+@pytest.mark.slow
 def test_beam_search_prints_the_best_candidates_with_their_scores(checkpoint_path):
     tokenizer = load_tokenizer()
     result = run_script("beam_search.py", "--checkpoint_path", checkpoint_path, "--prompt", "In the beginning",
@@ -286,6 +289,7 @@ def test_bad_arguments_are_named_in_one_line(script, arguments, fragments, capsy
     assert all(fragment in message for fragment in fragments), message
 
 
+@pytest.mark.slow
 def test_the_scripts_exit_with_one_line_for_bad_arguments(checkpoint_path):
     result = run_script("generate.py", "--checkpoint_path", checkpoint_path, "--prompt", "x", "--top_k", "50258",
                         "--device", "cpu")
@@ -317,6 +321,7 @@ def test_missing_truncated_and_foreign_checkpoints_are_named_in_one_line(tmp_pat
     assert block_size == 16 and not model.training and template is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["generate.py", "beam_search.py"])
 def test_the_scripts_exit_with_one_line_for_a_bad_checkpoint(tmp_path, checkpoint_path, script):
     truncated = tmp_path / "truncated.pt"
@@ -333,6 +338,7 @@ def readme_generation_commands() -> list[list[str]]:
     return [shlex.split(command) for command in commands]
 
 
+@pytest.mark.slow
 def test_the_readme_generation_commands_run(checkpoint_path):
     for script, *arguments in readme_generation_commands():
         result = run_script(script, *arguments, "--checkpoint_path", checkpoint_path, "--max_tokens", "4",

@@ -28,10 +28,10 @@ from data import PROMPT_TEMPLATE, InstructionSamples, encode_prompt, load_instru
 from model import LightGPT, LoRALinear, add_lora
 from training import optimizer_step, weighted_by_targets
 
+pytestmark = pytest.mark.slow  # every test here starts processes, or uses a base that pre-train.py trained
+
 # The base learns the answers' words from sentences that pair every thing with every place, so each answer is
-# plausible to it but none is known. (A base pre-trained as briefly on Wikipedia keeps its frozen token embeddings
-# so close together that even fine-tuning every block weight took 300 steps to bring the answers' loss from 5.9
-# to 2.4 nats; LoRA stalled near 4, and whether it passed the bar depended on the CPU's rounding.)
+# plausible to it but none is known (why not Wikipedia: docs/testing.md).
 THINGS = ["city", "state", "country", "sea", "river", "town", "lake", "island", "village"]
 PLACES = ["Europe", "America", "Asia", "Africa", "Australia", "the north", "the south", "the east", "the west"]
 INSTRUCTIONS = [(f"Where is the {thing}?", f"The {thing} is in {place}.") for thing, place in zip(THINGS, PLACES)]

@@ -14,6 +14,8 @@ from conftest import (
     run_until_first_epoch_then_terminate,
 )
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def pretrain(tmp_path, dataset_path, *args, name="checkpoint.pt"):
     return run_script(

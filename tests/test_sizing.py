@@ -206,6 +206,7 @@ def test_notebook_is_committed_without_outputs():
     assert all(not cell["outputs"] and cell["execution_count"] is None for cell in code)
 
 
+@pytest.mark.slow
 def test_the_readme_command_runs_the_notebook_top_to_bottom_and_draws_its_charts(tmp_path, monkeypatch):
     # The README's `jupyter execute model_sizing.ipynb`, on copies, so the committed chart stays untouched.
     for name in (NOTEBOOK.name, "sizing.py"):

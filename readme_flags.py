@@ -1,0 +1,62 @@
+"""Write the README's argument tables from the scripts' own parsers, so the two never drift apart.
+
+python readme_flags.py rewrites every table between <!-- flags:SCRIPT --> and <!-- /flags --> in README.md;
+with --check it only says whether they are current (exit 1 if not).
+"""
+
+import argparse
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().with_name("README.md")
+TABLE = re.compile(r"(<!-- flags:(?P<script>[\w.-]+) -->\n).*?(?=<!-- /flags -->)", re.S)
+
+def script_parser(script: str) -> argparse.ArgumentParser:
+    """The parser a script builds in its build_parser()."""
+    path = README.with_name(script)
+    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def default_text(action: argparse.Action) -> str:
+    if action.dest == "device":
+        return "the best available"  # the machine's, not one value
+    if isinstance(action.default, str):
+        return f"`{action.default}`"
+    return str(action.default)
+
+
+def flags_table(parser: argparse.ArgumentParser) -> str:
+    rows = ["| Argument | Default | Description |", "| --- | --- | --- |"]
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        description = " ".join(action.help.split()).replace("|", "\\|").replace("<", "&lt;")
+        rows.append(f"| `{action.option_strings[0]}` | {default_text(action)} | {description} |")
+    return "\n".join(rows) + "\n\n"
+
+
+def with_current_tables(readme: str) -> str:
+    return TABLE.sub(lambda match: match[1] + "\n" + flags_table(script_parser(match["script"])), readme)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="Only check that README.md's tables are current; exit 1 if they are not.")
+    args = parser.parse_args()
+    readme = README.read_text()
+    current = with_current_tables(readme)
+    if args.check:
+        if current != readme:
+            sys.exit("readme_flags.py: README.md's argument tables differ from the parsers; run python readme_flags.py")
+        return
+    README.write_text(current)
+
+
+if __name__ == "__main__":
+    main()
