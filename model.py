@@ -150,33 +150,42 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
         # Chunks of logits of at most 32 MB measured fastest on a CPU; a GPU wants a few large kernels.
         chunk_size = max(1, (2**23 if device_type == "cpu" else 2**28) // weight.size(0))
-        kept = targets != ignore_index
-        # d(mean loss)/d(logits) = (softmax - one_hot(target)) * kept / count; the scale is applied to
-        # the small hidden-sized factors rather than to the vocabulary-sized chunk.
-        scale = (kept / kept.sum()).unsqueeze(1).to(dtype)
-        targets = targets.where(kept, 0).unsqueeze(1)
+        kept = (targets != ignore_index).unsqueeze(1)
+        count = kept.sum()
+        # d(mean loss)/d(logits) = (softmax - one_hot(target)) * kept / count. The mask is applied to the small
+        # hidden-sized factors rather than to the vocabulary-sized chunk, and the division by count waits for the
+        # backward pass, in float32: in fp16 the quotients of a large batch would underflow.
+        mask = kept.to(dtype)
+        targets = targets.unsqueeze(1).where(kept, 0)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         loss = torch.zeros((), device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        # Summed over the chunks in float32 whatever the compute dtype: in bf16 the later chunks' contributions
+        # would be rounded against the running sum, an error that grows with the number of chunks.
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         with torch.autocast(device_type, enabled=False):
             for start in range(0, len(hidden), chunk_size):
                 rows = slice(start, start + chunk_size)
                 log_probabilities = (hidden[rows] @ weight.T).float().log_softmax(-1)
-                loss -= (log_probabilities.gather(1, targets[rows]) * scale[rows]).sum()
+                loss -= (log_probabilities.gather(1, targets[rows]) * kept[rows]).sum()
                 minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
                 gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
-                torch.mul(gradient @ weight, scale[rows], out=grad_hidden[rows])
-                if grad_weight is not None:  # not when the weight is frozen, as under LoRA
-                    grad_weight.addmm_(gradient.T, hidden[rows] * scale[rows])
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
+                torch.mul(gradient @ weight, mask[rows], out=grad_hidden[rows])
+                if grad_weight is None:  # the weight is frozen, as under LoRA
+                    continue
+                if dtype == torch.float32:
+                    grad_weight.addmm_(gradient.T, hidden[rows] * mask[rows])
+                else:  # addmm_ wants one dtype: the chunk's product is added to the float32 sum
+                    grad_weight += gradient.T @ (hidden[rows] * mask[rows])
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        return loss / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss if ctx.needs_input_grad[1] else None, None, None
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        factor = grad_loss / count
+        return grad_hidden.float() * factor, grad_weight * factor if ctx.needs_input_grad[1] else None, None, None
 
 
 class LightGPT(Module):
