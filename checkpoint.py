@@ -21,17 +21,18 @@ DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
 
 
 def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step: int, epoch: int,
-                        rng: list[dict], args: dict, **entries) -> dict:
+                        rng: list[dict], args: dict, *, grad_scaler: dict, **entries) -> dict:
     """What every checkpoint a training run writes holds: the format version, the model's shape and context,
-    the tokenizer, the optimizer, the progress, every rank's random-number state and the run's flags; `entries`
-    adds what the kind of run needs (pre-training: model and sampler; instruction tuning: the adapters, their
-    base and prompt template)."""
+    the tokenizer, the optimizer and fp16's loss scaler (empty under other precisions), the progress, every
+    rank's random-number state and the run's flags; `entries` adds what the kind of run needs (pre-training:
+    model and sampler; instruction tuning: the adapters, their base and prompt template)."""
     return {
         "format_version": FORMAT_VERSION,
         "model_args": model_args,
         "block_size": block_size,
         "tokenizer": TOKENIZER_NAME,
         "optimizer": optimizer,
+        "grad_scaler": grad_scaler,
         "step": step,
         "epoch": epoch,
         "rng": rng,

@@ -1,8 +1,10 @@
-"""Which device to run on, and the precision to compute in there."""
+"""Which device to run on, the precision to compute in there, and whether to compile."""
 
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def best_device() -> str:
@@ -28,8 +30,50 @@ def check_device(device: str) -> None:
         raise ValueError(f"{device!r} is not supported; use cuda, mps or cpu")
 
 
-def autocast(device: torch.device, mixed_precision: bool) -> AbstractContextManager:
-    """bf16 autocast on CUDA devices that support it; full precision elsewhere."""
-    if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bf16 in hardware rather than by emulation: a CUDA GPU of compute capability
+    8.0 or more (is_bf16_supported's default also says yes to T4 and V100, which emulate it slowly), or a CPU with
+    AVX-512 BF16 or AMX instructions."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return False
+
+
+def choose_dtype(precision: str, device_type: str, native_bf16: bool) -> torch.dtype:
+    """The dtype to compute in for --precision on a kind of device: a pure function of what the device can do,
+    so that the CUDA choices are tested on any machine. `auto` is bf16 where the hardware has it; fp16 on other
+    CUDA GPUs (tensor cores, with a GradScaler); fp32 on other CPUs, where bf16 and fp16 are emulated and measured
+    slower, and on MPS (not measured)."""
+    if precision != "auto":
+        return PRECISIONS[precision]
+    if native_bf16 and device_type in ("cuda", "cpu"):
+        return torch.bfloat16
+    return torch.float16 if device_type == "cuda" else torch.float32
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """choose_dtype for this device as it is; on CUDA it also lets float32 matrix products use TF32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    return choose_dtype(precision, device.type, has_native_bf16(device))
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """Autocast to dtype; full precision when it is float32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def gradient_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """A GradScaler that works only under fp16, whose small range would flush small gradients to zero; under
+    other dtypes its calls pass the loss and the step through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def compiles_by_default(device_type: str) -> bool:
+    """Whether --compile is on unless the flags say otherwise: where it measured faster (docs/performance.md)."""
+    return device_type == "cuda"

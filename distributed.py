@@ -130,14 +130,14 @@ def micro_batches_of_this_rank(starts: Tensor, batch_size: int) -> list[tuple[Te
     return [(mine[index], weight) if index < len(mine) else (micro_batches[0], 0.0) for index in range(passes)]
 
 
-def precision(model: Module, device: torch.device, mixed_precision: bool) -> AbstractContextManager:
-    """The autocast to train `model` under: none for FSDP2, whose own policy already computes in bf16."""
-    return nullcontext() if isinstance(model, FSDPModule) else autocast(device, mixed_precision)
+def precision(model: Module, device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """The autocast to train `model` under: none for FSDP2, whose own policy already computes in dtype."""
+    return nullcontext() if isinstance(model, FSDPModule) else autocast(device, dtype)
 
 
 def parallelize(
     model: LightGPT, activation_checkpointing: bool, compile: bool, sharding_level: int = 2,
-    mixed_precision: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Module:
     """Wrap a pure model for training in torchtitan's order: activation checkpointing, then compile each block,
     then, under torchrun, data parallelism: DDP at sharding level 0, FSDP2 at levels 2 and 3. FSDP2 shards each
@@ -152,8 +152,8 @@ def parallelize(
     if sharding_level == 0:
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     policy = MixedPrecisionPolicy()
-    if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if dtype != torch.float32:  # parameters gathered and computed with in dtype, gradients reduced in float32
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.body:
         fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
     return fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)

@@ -7,7 +7,7 @@ import sys
 from argparse import BooleanOptionalAction
 from typing import NoReturn
 
-from devices import best_device, check_device
+from devices import PRECISIONS, best_device, check_device
 from distributed import launch_rank
 from model import LightGPTConfig
 
@@ -99,6 +99,28 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
                         help="The device to run on: cuda, mps or cpu (default: the best one here).")
 
 
+class MixedPrecisionAlias(argparse.Action):
+    """--mixed_precision and --no-mixed_precision, the flags of earlier versions: --precision auto and fp32."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, "fp32" if option_string.startswith("--no-") else "auto")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+                        help="The dtype to compute in: auto is bf16 on GPUs and CPUs with native bf16, fp16 (loss "
+                        "scaled) on other GPUs, else fp32. --mixed_precision means auto, --no-mixed_precision fp32.")
+    parser.add_argument("--mixed_precision", "--no-mixed_precision", dest="precision", action=MixedPrecisionAlias)
+
+
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
+                        help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None:
     """The shape of the model to build; model_config turns them into a LightGPTConfig."""
     parser.add_argument("--block_size", type=positive_int, default=1024,
@@ -156,11 +178,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="Clip gradients above this global norm before stepping.")
     parser.add_argument("--activation_checkpointing", action=BooleanOptionalAction, default=False,
                         help="Recompute each block's activations during the backward pass to save memory.")
-    parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
-                        help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
-    parser.add_argument("--mixed_precision", action=BooleanOptionalAction, default=True,
-                        help="Compute in bf16 on CUDA devices that support it (autocast; FSDP2's bf16 parameters at "
-                        "sharding levels 2 and 3).")
+    add_compile_argument(parser)
+    add_precision_argument(parser)
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=None,
                         help="The seed for the random number generators (default: a random one, recorded).")

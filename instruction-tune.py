@@ -20,11 +20,11 @@ from checkpoint import (
     weights_fingerprint,
 )
 from data import INSTRUCTION_DATASETS, PROMPT_TEMPLATE, InstructionSamples, load_instructions, split_instructions
-from devices import autocast
+from devices import autocast, compiles_by_default, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
 from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
-from training import restore_rng_state, rng_state, train, weighted_by_targets
+from training import restore_rng_state, restore_scaler, rng_state, train, weighted_by_targets
 
 
 def build_parser() -> ArgumentParser:
@@ -123,8 +123,10 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     """Train the adapters of a model whose base is frozen; save them with what generation needs to use them."""
     device = torch.device(args.device)
     model.to(device)
-    compile = args.compile if args.compile is not None else device.type == "cuda"
+    dtype = compute_dtype(args.precision, device)
+    compile = args.compile if args.compile is not None else compiles_by_default(device.type)
     training_model = parallelize(model, args.activation_checkpointing, compile)
+    scaler = gradient_scaler(device, dtype)
     adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(adapters, lr=args.learning_rate, fused=device.type == "cuda")
 
@@ -135,6 +137,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
         load_lora_state_dict(model, checkpoint["lora"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng_state(checkpoint["rng"][0])
+        restore_scaler(scaler, checkpoint.get("grad_scaler"))
         step = checkpoint["step"]
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
@@ -157,7 +160,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     def save(step: int, epoch: int) -> None:
         save_atomically(training_checkpoint(
             base["model_args"], base["block_size"], optimizer.state_dict(), step, epoch, [rng_state()],
-            vars(args) | {"seed": seed},
+            vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
             lora_args={"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
             base_model_path=str(Path(args.base_model_path).resolve()), base_fingerprint=base_fingerprint,
             prompt_template=PROMPT_TEMPLATE, lora=lora_state_dict(model), num_train_samples=len(train_samples),
@@ -165,7 +168,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
         ), args.checkpoint_path)
 
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, precision=autocast(device, args.mixed_precision),
+          steps_per_epoch=steps_per_epoch, precision=autocast(device, dtype), scaler=scaler,
           padding_index=model.padding_index, unit="samples", units_per_epoch=len(train_samples),
           description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py")
 

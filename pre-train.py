@@ -12,6 +12,7 @@ import torch
 
 from checkpoint import load_checkpoint, save_atomically, training_checkpoint
 from data import CORPORA, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
+from devices import compiles_by_default, compute_dtype, gradient_scaler
 from distributed import (
     check_launch,
     distributed,
@@ -30,7 +31,7 @@ from distributed import (
 )
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
 from model import LightGPT, LightGPTConfig
-from training import Adafactor, restore_rng_state, rng_state, train
+from training import Adafactor, restore_rng_state, restore_scaler, rng_state, train
 
 
 def build_parser() -> ArgumentParser:
@@ -163,9 +164,10 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
         )
 
     model = LightGPT(LightGPTConfig(**model_args)).to(device)
-    compile = args.compile if args.compile is not None else device.type == "cuda"
-    training_model = parallelize(model, args.activation_checkpointing, compile, args.ddp_sharding_level,
-                                 args.mixed_precision)
+    dtype = compute_dtype(args.precision, device)
+    compile = args.compile if args.compile is not None else compiles_by_default(device.type)
+    training_model = parallelize(model, args.activation_checkpointing, compile, args.ddp_sharding_level, dtype)
+    scaler = gradient_scaler(device, dtype)
     if args.optimizer == "adafactor":
         optimizer = Adafactor(training_model.parameters(), lr=args.learning_rate)
     else:
@@ -176,9 +178,10 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     step, saved_rng_states = 0, []
     if args.resume:
         load_training_state(training_model, optimizer, checkpoint)
-        progress_state = from_rank_zero({key: checkpoint[key] for key in ("sampler", "rng", "step")}
-                                        if main_process else None)
+        progress_keys = ("sampler", "rng", "step", "grad_scaler")
+        progress_state = from_rank_zero({key: checkpoint.get(key) for key in progress_keys} if main_process else None)
         sampler.set_state(progress_state["sampler"])
+        restore_scaler(scaler, progress_state["grad_scaler"])
         step = progress_state["step"]
         saved_rng_states = progress_state["rng"]
         if main_process:
@@ -206,12 +209,12 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
         if main_process:
             save_atomically(training_checkpoint(
                 model_args, args.block_size, optimizer_state, step, epoch, rng_states, vars(args) | {"seed": seed},
-                model=model_state, sampler=sampler.get_state(),
+                grad_scaler=scaler.state_dict(), model=model_state, sampler=sampler.get_state(),
             ), args.checkpoint_path)
 
     tokens_per_epoch = args.batch_size * args.gradient_accumulation_steps * args.block_size * steps_per_epoch
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, precision=precision(training_model, device, args.mixed_precision),
+          steps_per_epoch=steps_per_epoch, precision=precision(training_model, device, dtype), scaler=scaler,
           padding_index=model.padding_index, unit="tokens", units_per_epoch=tokens_per_epoch,
           description="Pre-training", saved_what="checkpoint", program="pre-train.py")
 

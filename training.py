@@ -91,6 +91,13 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
+    """Continue with the loss scale a checkpoint saved; one written under another precision, or before the
+    scale was saved, has none, and the scaler starts afresh."""
+    if state:
+        scaler.load_state_dict(state)
+
+
 def append_metrics(path: str | Path, record: dict) -> None:
     """One JSON object per line, so a run's curves can be plotted while it trains."""
     with open(path, "a") as file:
@@ -123,6 +130,7 @@ def optimizer_step(
     learning_rate: float,
     max_gradient_norm: float,
     precision: AbstractContextManager,
+    scaler: torch.amp.GradScaler,
     stop_requested: bool = False,
 ) -> tuple[float, float, bool]:
     """One optimizer step over this rank's accumulated micro-batches, each (inputs, targets, loss weight).
@@ -130,7 +138,9 @@ def optimizer_step(
     The weights make the ranks' averaged gradients the gradient of the step's mean loss; the gradients are
     synchronised once, after the last micro-batch. Returns the step's loss, the gradient norm, and whether any
     rank asked to stop (one reduction carries the loss and the requests, so every rank stops at the same step).
-    A loss that is not finite raises FloatingPointError on every rank before the weights change.
+    A loss that is not finite raises FloatingPointError on every rank before the weights change. Under fp16 the
+    scaler multiplies the loss before the backward pass and divides the gradients before they are clipped; it
+    skips a step whose gradients overflowed, and lowers its scale.
     """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
@@ -140,7 +150,7 @@ def optimizer_step(
         with gradient_sync(model, index == len(micro_batches) - 1):
             with precision:
                 _, loss = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-            (loss * weight).backward()
+            scaler.scale(loss * weight).backward()
         step_loss += loss.detach() * weight
     step_loss, stop_requests = sum_across_ranks(
         torch.stack([step_loss, torch.tensor(float(stop_requested), device=device)])
@@ -152,9 +162,11 @@ def optimizer_step(
             f"the loss became {step_loss}; training stopped (try a lower --learning_rate or a lower "
             f"--max_gradient_norm)"
         )
+    scaler.unscale_(optimizer)
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     gradient_norm = item(torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm))
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, gradient_norm, stop_requests > 0
 
@@ -231,6 +243,7 @@ def train(
     start_step: int,
     steps_per_epoch: int,
     precision: AbstractContextManager,
+    scaler: torch.amp.GradScaler,
     padding_index: int,
     unit: str,
     units_per_epoch: int,
@@ -240,10 +253,11 @@ def train(
 ) -> None:
     """Train from start_step to the end of args.num_epochs, on every rank.
 
-    micro_batches_at(step) gives this rank's micro-batches of a step, each (inputs, targets, loss weight); `unit`
-    names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every
-    rank calls it). Each epoch is logged, evaluated every args.eval_interval epochs and saved every
-    args.checkpoint_interval epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the
+    micro_batches_at(step) gives this rank's micro-batches of a step, each (inputs, targets, loss weight); the
+    forward passes run under `precision`, with `scaler` scaling the fp16 loss; `unit` names what units_per_epoch
+    counts (tokens, samples); save(step, epoch) writes a checkpoint (every rank calls it). Each epoch is logged,
+    evaluated every args.eval_interval epochs and saved every args.checkpoint_interval epochs, both always at
+    the end. SIGINT or SIGTERM saves and stops every rank at the
     same step. Rank 0 alone shows progress and writes the metrics log beside args.checkpoint_path.
     """
     main_process = rank() == 0
@@ -257,7 +271,7 @@ def train(
         learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
         try:
             step_loss, gradient_norm, stop_requested = optimizer_step(
-                model, optimizer, micro_batches_at(step), learning_rate, args.max_gradient_norm, precision,
+                model, optimizer, micro_batches_at(step), learning_rate, args.max_gradient_norm, precision, scaler,
                 exit_request.requested,
             )
         except FloatingPointError as error:

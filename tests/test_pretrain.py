@@ -113,6 +113,26 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, dataset_path)
         assert torch.equal(tensor, expected[name]), name
 
 
+def test_an_fp16_run_resumes_with_the_state_of_its_loss_scaler(tmp_path, dataset_path):
+    common = ["--batch_size", "2", "--gradient_accumulation_steps", "2", "--samples_per_epoch", "4",
+              "--num_epochs", "6", "--eval_interval", "100", "--checkpoint_interval", "100", "--seed", "7",
+              "--precision", "fp16"]
+    assert pretrain(tmp_path, dataset_path, *common, name="uninterrupted.pt").returncode == 0
+    interrupted_path = tmp_path / "interrupted.pt"
+    stopped = run_until_first_epoch_then_terminate(
+        "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
+        interrupted_path, *TINY_MODEL, *common, metrics_path=interrupted_path.with_suffix(".metrics.jsonl"),
+    )
+    assert "Stopped by signal" in stopped.stdout, stopped.stderr
+    assert pretrain(tmp_path, dataset_path, *common, "--resume", name="interrupted.pt").returncode == 0
+    resumed, expected = (torch.load(tmp_path / name, weights_only=True) for name in ("interrupted.pt",
+                                                                                        "uninterrupted.pt"))
+    # The scaler counts the steps since its scale last changed, and doubles it after 2000 of them.
+    assert resumed["grad_scaler"] == expected["grad_scaler"] and expected["grad_scaler"]["_growth_tracker"] == 6
+    for name, tensor in resumed["model"].items():
+        assert torch.equal(tensor, expected["model"][name]), name
+
+
 def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, dataset_path):
     result = pretrain(tmp_path, dataset_path, "--optimizer", "adamw", "--learning_rate", "1e30",
                       "--warmup_steps", "0", "--batch_size", "2", "--gradient_accumulation_steps", "1",
