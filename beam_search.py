@@ -7,6 +7,7 @@ import torch
 
 from checkpoint import load_model
 from data import encode_prompt, load_tokenizer, read_prompts
+from devices import compute_dtype
 from flags import ArgumentParser, add_inference_arguments, finite_float, positive_int
 from generation import beam_search
 
@@ -42,7 +43,8 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path)
+        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path,
+                                                   compute_dtype(args.precision, torch.device(args.device)))
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"beam_search.py: error: {error}")
     if args.seed is not None:

@@ -111,19 +111,20 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
 
 
 def load_model(
-    path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None
+    path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[LightGPT, int, dict | None]:
-    """The model a pre-training checkpoint holds (by default ./out/checkpoint.pt), in evaluation mode on the device,
-    its training context length, and None. With lora_path: the adapter merged into its base (path, else the base
-    the adapter names) and the adapter's prompt template."""
+    """The model a pre-training checkpoint holds (by default ./out/checkpoint.pt), in evaluation mode on the device
+    and in dtype, its training context length, and None. With lora_path: the adapter merged into its base (path,
+    else the base the adapter names) and the adapter's prompt template."""
     if lora_path is not None:
         model, block_size, template = load_lora_model(lora_path, path)
-        return model.to(device), block_size, template
+        return model.to(device, dtype), block_size, template
     path = path or DEFAULT_CHECKPOINT_PATH
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get("block_size"), int):
         raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
-    return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint["block_size"], None
+    return model_from_checkpoint(checkpoint, path).to(device, dtype).eval(), checkpoint["block_size"], None
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:

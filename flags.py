@@ -198,6 +198,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
                         "line of standard input.")
     parser.add_argument("--max_tokens", type=positive_int, default=max_tokens,
                         help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
+    add_precision_argument(parser)
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=None,
                         help="The seed for the random number generator, for reproducible runs.")

@@ -9,6 +9,7 @@ import torch
 
 from checkpoint import load_model
 from data import encode_prompt, load_tokenizer, read_prompts
+from devices import compute_dtype
 from flags import ArgumentParser, add_inference_arguments, positive_float, positive_int, probability
 from generation import generate
 
@@ -46,7 +47,8 @@ def stream_text(tokens: Iterator[int]) -> Iterator[str]:
 def main() -> None:
     args = parse_args()
     try:
-        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path)
+        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path,
+                                                   compute_dtype(args.precision, torch.device(args.device)))
         if args.top_k > model.vocabulary_size:
             raise ValueError(f"--top_k must be at most the vocabulary size {model.vocabulary_size}, got {args.top_k}")
     except (ValueError, FileNotFoundError) as error:

@@ -272,12 +272,12 @@ class LightGPT(Module):
         ]
 
     def next_token_logits(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
-        """The logits of the token that follows each row of x. With a cache, x continues the tokens cached so far,
-        and its keys and values join them; without one, x is the whole context."""
+        """The float32 logits of the token that follows each row of x, whatever the weights' dtype. With a cache, x
+        continues the tokens cached so far, and its keys and values join them; without one, x is the whole context."""
         z = self.token_embeddings(x)
         for index, block in enumerate(self.body):
             z = block(z, cache[index] if cache is not None else None)
-        return self.output_layer(self.output_norm(z[:, -1]))
+        return self.output_layer(self.output_norm(z[:, -1])).float()
 
 
 class LoRALinear(Module):

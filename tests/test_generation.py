@@ -20,6 +20,7 @@ from conftest import (
 )
 from conftest import tiny_model as random_tiny_model
 from data import load_tokenizer
+from devices import compute_dtype
 from generation import beam_search, generate, penalize_repeats, top_k_top_p
 from model import LightGPT
 
@@ -54,6 +55,19 @@ def test_the_cache_gives_the_logits_of_a_full_forward_pass_step_after_step(batch
         cached = model.next_token_logits(tokens[:, 15:20], cache)
         torch.testing.assert_close(cached, full_forward_logits(model, tokens))
     assert cache[0].length == 20
+
+
+def test_a_bf16_model_caches_in_bf16_and_gives_float32_logits_near_float32_s():
+    model = tiny_model()
+    tokens = torch.randint(0, VOCABULARY, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.next_token_logits(tokens)
+        model.to(torch.bfloat16)
+        cache = model.new_cache(2, 12)
+        model.next_token_logits(tokens[:, :11], cache)
+        logits = model.next_token_logits(tokens[:, 11:], cache)
+    assert cache[0].keys.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.05)
 
 
 def test_reordering_the_cache_follows_the_chosen_beams():
@@ -225,7 +239,9 @@ def checkpoint_path(tmp_path_factory):
 
 
 def script_model(checkpoint_path):
-    return model_from_checkpoint(torch.load(checkpoint_path, weights_only=True), checkpoint_path).eval()
+    """The checkpoint's model as the scripts run it by default: in the precision auto chooses for this CPU."""
+    model = model_from_checkpoint(torch.load(checkpoint_path, weights_only=True), checkpoint_path)
+    return model.to(compute_dtype("auto", torch.device("cpu"))).eval()
 
 
 @pytest.mark.slow
