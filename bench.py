@@ -15,7 +15,6 @@ import time
 import weakref
 from argparse import BooleanOptionalAction
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +23,14 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from data import load_documents, load_tokenizer, tokenize_corpus
+from devices import autocast, compiles_by_default, compute_dtype, gradient_scaler
+from distributed import parallelize
 from flags import (
     ArgumentParser,
+    add_compile_argument,
     add_device_argument,
     add_model_arguments,
+    add_precision_argument,
     model_config,
     non_negative_int,
     positive_float,
@@ -73,14 +76,13 @@ def build_parser() -> ArgumentParser:
                         help="Timed training steps of each model (the reported figure is the median step).")
     parser.add_argument("--warmup", type=non_negative_int, default=2,
                         help="Untimed training steps of each model first.")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="float32, or bfloat16 autocast (mixed precision, as pre-train.py trains on a GPU).")
-    parser.add_argument("--compile", action=BooleanOptionalAction, default=False,
-                        help="Compile both models' training steps with torch.compile.")
+    add_precision_argument(parser)
+    add_compile_argument(parser)
     parser.add_argument("--gpt2", action=BooleanOptionalAction, default=True,
                         help="Measure HuggingFace's GPT-2 side by side (needs transformers, see requirements-dev.txt).")
     parser.add_argument("--peak_tflops", type=positive_float, default=None,
-                        help="The device's peak TFLOPS for MFU (default: looked up from the GPU's name).")
+                        help="The device's peak TFLOPS for MFU (default: a GPU's from a table by its name, else "
+                        "measured: the best throughput of a large square matrix product in the run's dtype).")
     parser.add_argument("--generation_lengths", type=positive_int, nargs="+", default=[128, 1024],
                         help="The numbers of tokens to generate after the prompt.")
     parser.add_argument("--prompt_length", type=positive_int, default=16,
@@ -219,12 +221,6 @@ def interleaved_seconds(runs: dict[str, Callable], steps: int, warmup: int, devi
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def precision(args: argparse.Namespace):
-    if args.dtype == "bfloat16":
-        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def lightgpt(args: argparse.Namespace, num_layers: int | None = None) -> LightGPT:
     torch.manual_seed(args.seed)
     config = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
@@ -265,18 +261,33 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
 
 
 def training_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], args, is_gpt2: bool) -> Callable:
-    """One forward, backward and optimizer step. GPT-2 shifts its labels itself, so it is given x as labels."""
-    forward = torch.compile(model) if args.compile else model
+    """One forward, backward and optimizer step in the run's precision, as pre-train.py steps: autocast, fp16's
+    loss scaling and, with --compile, each block compiled. GPT-2 shifts its labels itself, so it is given x as
+    labels."""
+    if args.compile:
+        compile_blocks(model, is_gpt2)
+    device = torch.device(args.device)
+    scaler = gradient_scaler(device, args.dtype)
     x, y = batch
 
     def step() -> None:
-        with precision(args):
-            loss = forward(input_ids=x, labels=x).loss if is_gpt2 else forward(x, y)[1]
-        loss.backward()
-        optimizer.step()
+        with autocast(device, args.dtype):
+            loss = model(input_ids=x, labels=x).loss if is_gpt2 else model(x, y)[1]
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def compile_blocks(model, is_gpt2: bool) -> None:
+    """Compile each of GPT-2's blocks, or LightGPT's as pre-train.py does, so that both are compiled alike."""
+    if is_gpt2:
+        for block in model.transformer.h:
+            block.compile()
+    else:
+        parallelize(model, model.activation_checkpointing, compile=True)
 
 
 def random_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,27 +296,50 @@ def random_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].to(args.device), tokens[:, 1:].to(args.device)
 
 
-def device_peak_tflops(args: argparse.Namespace) -> float | None:
+def peak_tflops(args: argparse.Namespace) -> tuple[float | None, str]:
+    """The device's peak TFLOPS in the run's dtype and where the figure comes from: --peak_tflops, a GPU's
+    datasheet (PEAK_TFLOPS), or measured on this device in this run."""
     if args.peak_tflops is not None:
-        return args.peak_tflops
-    name = torch.cuda.get_device_name(args.device)
-    return next((peaks[args.dtype] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
+        return args.peak_tflops, "flag"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        column = "float32" if args.dtype == torch.float32 else "bfloat16"  # fp16's dense peak is bf16's
+        peak = next((peaks[column] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
+        if peak is not None:
+            return peak, "table"
+    return measured_matmul_tflops(device, args.dtype), "measured"
 
 
-def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace) -> Measurement | None:
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The best throughput of square matrix products in dtype on this device, with the run's threads: what this
+    machine can do at best. The products grow from 512 wide until one takes a quarter of a second (or 8192)."""
+    best, size = 0.0, 512
+    while True:
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        a @ b  # the first product allocates and chooses its kernels
+        for _ in range(3):
+            synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            best = max(best, 2 * size**3 / seconds / 1e12)
+        if seconds > 0.25 or size >= 8192:
+            return best
+        size *= 2
+
+
+def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace) -> Measurement:
     """Achieved FLOPs (the sizing module's training FLOPs per token) as a share of the device's peak."""
-    peak = device_peak_tflops(args)
-    if peak is None:
-        print(f"bench.py: no peak TFLOPS known for {torch.cuda.get_device_name(args.device)}; "
-              f"pass --peak_tflops for MFU", file=sys.stderr)
-        return None
+    peak, source = peak_tflops(args)
     config = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
     flops_per_token = training_flops_per_token(
         config.vocabulary_size, args.block_size, config.embedding_dimensions, config.num_layers,
         config.feed_forward_ratio,
     )
     mfu = tokens_per_second * flops_per_token / (peak * 1e12)
-    return Measurement("train_mfu", 100 * mfu, "%", details={"peak_tflops": peak, "dtype": args.dtype})
+    return Measurement("train_mfu", 100 * mfu, "%", details={"peak_tflops": float(f"{peak:.4g}"), "peak": source})
 
 
 def measure_training(args: argparse.Namespace) -> list[Measurement]:
@@ -322,7 +356,7 @@ def measure_training(args: argparse.Namespace) -> list[Measurement]:
     peaks = {name: peak_step_bytes(steps[name], model, optimizers[name], device) for name, model in models.items()}
     parameters = {name: sum(p.numel() for p in model.parameters() if p.requires_grad)
                   for name, model in models.items()}
-    details = {"batch_size": args.batch_size, "block_size": args.block_size, "dtype": args.dtype}
+    details = {"batch_size": args.batch_size, "block_size": args.block_size}
     rows = [
         Measurement("train_tokens_per_s", tokens_per_second["lightgpt"], "tokens/s", tokens_per_second.get("gpt2"),
                     details=details),
@@ -330,9 +364,8 @@ def measure_training(args: argparse.Namespace) -> list[Measurement]:
         Measurement("train_peak_memory", peaks["lightgpt"], "bytes", peaks.get("gpt2"), higher_is_better=False,
                     details={"method": "cuda_max_memory_allocated" if device.type == "cuda" else "live_tensor_bytes"}),
     ]
-    if device.type == "cuda":
-        rows.append(model_flops_utilization(tokens_per_second["lightgpt"], args))
-    return [row for row in rows if row is not None]
+    rows.append(model_flops_utilization(tokens_per_second["lightgpt"], args))
+    return rows
 
 
 def timed(run: Callable[[], int], device) -> tuple[int, float]:
@@ -346,9 +379,9 @@ def timed(run: Callable[[], int], device) -> tuple[int, float]:
 
 def measure_generation(args: argparse.Namespace) -> list[Measurement]:
     device = torch.device(args.device)
-    model = lightgpt(args).eval()
+    model = lightgpt(args).to(args.dtype).eval()  # as generate.py loads it
     longest = args.prompt_length + max(args.generation_lengths)
-    hf = gpt2(args, longest).eval() if args.gpt2 else None
+    hf = gpt2(args, longest).to(args.dtype).eval() if args.gpt2 else None
     prompt = torch.randint(0, args.vocabulary_size - 1, (args.prompt_length,),
                            generator=torch.Generator().manual_seed(args.seed)).to(device)
     top_k = min(500, args.vocabulary_size)  # generate's default, as far as the vocabulary allows
@@ -386,7 +419,7 @@ def measure_generation(args: argparse.Namespace) -> list[Measurement]:
 
 def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     device = torch.device(args.device)
-    model = lightgpt(args).eval()
+    model = lightgpt(args).to(args.dtype).eval()
     prompt = torch.randint(0, args.vocabulary_size - 1, (args.prompt_length,),
                            generator=torch.Generator().manual_seed(args.seed)).to(device)
     context = args.prompt_length + args.beam_tokens
@@ -399,7 +432,7 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     tokens, seconds = timed(ours, device)
     gpt2_speed = None
     if args.gpt2:
-        hf = gpt2(args, context).eval()
+        hf = gpt2(args, context).to(args.dtype).eval()
         tokens_gpt2, seconds_gpt2 = timed(lambda: hf.generate(
             prompt[None], do_sample=False, num_beams=args.beam_width, num_return_sequences=args.num_candidates,
             max_new_tokens=args.beam_tokens, min_new_tokens=args.beam_tokens, length_penalty=1.0,
@@ -503,6 +536,9 @@ def main() -> None:
         sys.exit(f"bench.py: error: {error}")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device)
+    args.dtype = compute_dtype(args.precision, device)
+    args.compile = args.compile if args.compile is not None else compiles_by_default(device.type)
     measure = {
         "train": measure_training,
         "generate": measure_generation,
@@ -517,7 +553,8 @@ def main() -> None:
         for row in rows:
             print(json.dumps(row.as_dict()))
     else:
-        print(f"LightGPT vs GPT-2 on {args.device}, {args.dtype}, torch {torch.__version__}")
+        print(f"LightGPT vs GPT-2 on {args.device}, {str(args.dtype).removeprefix('torch.')}"
+              f"{', compiled' if args.compile else ''}, torch {torch.__version__}")
         print_table(rows)
 
 

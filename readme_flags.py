@@ -33,7 +33,7 @@ def default_text(action: argparse.Action) -> str:
 def flags_table(parser: argparse.ArgumentParser) -> str:
     rows = ["| Argument | Default | Description |", "| --- | --- | --- |"]
     for action in parser._actions:
-        if action.dest == "help" or action.help == argparse.SUPPRESS:  # a hidden alias, explained in another flag's help
+        if action.dest == "help" or action.help == argparse.SUPPRESS:  # a hidden alias that another flag explains
             continue
         description = " ".join(action.help.split()).replace("|", "\\|").replace("<", "&lt;")
         rows.append(f"| `{action.option_strings[0]}` | {default_text(action)} | {description} |")

@@ -7,6 +7,8 @@ from conftest import assert_one_line_error, run_script
 
 from bench import PeakTensorMemory
 from conftest import lightgpt
+from devices import compute_dtype
+from sizing import training_flops_per_token
 
 TINY_SHAPE = [
     "--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers", "2", "--block_size", "16",
@@ -17,8 +19,9 @@ SIDE_BY_SIDE = {"train_tokens_per_s", "parameters", "train_peak_memory"}
 
 @pytest.mark.slow
 def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_measurement():
+    # fp32: in bf16 this tiny model's peak memory is not in its activations, so checkpointing cannot lower it.
     result = run_script(
-        "bench.py", *TINY_SHAPE, "--steps", "2", "--warmup", "1", "--checkpointing_layers", "4",
+        "bench.py", *TINY_SHAPE, "--precision", "fp32", "--steps", "2", "--warmup", "1", "--checkpointing_layers", "4",
         "--parts", "train", "generate", "beam_search", "checkpointing", "data", "--dataset_repeats", "1",
         "--generation_lengths", "4", "8", "--beam_tokens", "4", "--beam_width", "4", "--json",
     )
@@ -54,6 +57,12 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
     assert with_checkpointing < without
     assert records["checkpointing_memory_fraction", None]["value"] == pytest.approx(with_checkpointing / without)
 
+    # MFU on a CPU: against the best matrix product measured in the same run, in the run's dtype.
+    mfu = records["train_mfu", None]
+    assert mfu["peak"] == "measured" and mfu["peak_tflops"] > 0
+    flops = training_flops_per_token(97, 16, 16, 2, 2) * records["train_tokens_per_s", None]["value"]
+    assert mfu["value"] == pytest.approx(100 * flops / (mfu["peak_tflops"] * 1e12), rel=1e-3)
+
     one, two = records["tokenize_tokens_per_s", 1]["value"], records["tokenize_tokens_per_s", 2]["value"]
     assert records["tokenize_speedup", 2]["value"] == pytest.approx(two / one)
     assert {"prepare_corpus_tokens_per_s", "process_peak_rss"} <= {metric for metric, _ in records}
@@ -64,6 +73,8 @@ def test_bench_prints_a_table_by_default():
     result = run_script("bench.py", *TINY_SHAPE, "--steps", "1", "--warmup", "0", "--no-gpt2")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    dtype = str(compute_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert lines[0].startswith(f"LightGPT vs GPT-2 on cpu, {dtype}")  # auto, as in training
     assert lines[1].split() == ["Measurement", "LightGPT", "GPT-2", "LightGPT/GPT-2"]
     assert any(line.startswith("train_tokens_per_s") for line in lines)
 

@@ -10,7 +10,7 @@ from devices import autocast, choose_dtype, compute_dtype, gradient_scaler
 from training import evaluate, optimizer_step
 
 CPU = torch.device("cpu")
-SCRIPTS = ("pre-train.py", "instruction-tune.py", "generate.py", "beam_search.py")
+SCRIPTS = ("pre-train.py", "instruction-tune.py", "generate.py", "beam_search.py", "bench.py")
 
 
 def script(name: str):
