@@ -6,6 +6,7 @@ with the ratio LightGPT / GPT-2 measured in the same run.
 """
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -23,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from data import load_documents, load_tokenizer, tokenize_corpus
-from devices import autocast, compiles_by_default, compute_dtype, gradient_scaler
+from devices import PRECISIONS, autocast, compiles_by_default, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import (
     ArgumentParser,
@@ -41,6 +42,7 @@ from model import LightGPT
 from sizing import training_flops_per_token
 
 R50K_VOCABULARY_SIZE = 50257
+PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
 PARTS = ("train", "generate", "beam_search", "data", "checkpointing")
 
 # Dense (no sparsity) peak tensor TFLOPS from NVIDIA's datasheets, bf16 and fp32 (no TF32), matched in order
@@ -78,6 +80,10 @@ def build_parser() -> ArgumentParser:
                         help="Untimed training steps of each model first.")
     add_precision_argument(parser)
     add_compile_argument(parser)
+    parser.add_argument("--variants", nargs="+", type=variant, default=None,
+                        help="Train in several settings in one run, their steps interleaved: each a precision, "
+                        "alone or with +compile, e.g. fp32 fp32+compile bf16 bf16+compile (default: the one that "
+                        "--precision and --compile set).")
     parser.add_argument("--gpt2", action=BooleanOptionalAction, default=True,
                         help="Measure HuggingFace's GPT-2 side by side (needs transformers, see requirements-dev.txt).")
     parser.add_argument("--peak_tflops", type=positive_float, default=None,
@@ -110,6 +116,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--json", action="store_true",
                         help="Print one JSON object per measurement and line instead of the table.")
     return parser
+
+
+def variant(text: str) -> tuple[str, bool]:
+    """A training setting of --variants: (precision, compiled)."""
+    precision, plus, compiled = text.partition("+")
+    if precision not in ("auto", *PRECISIONS) or (plus and compiled != "compile"):
+        raise argparse.ArgumentTypeError(f"must be auto, fp32, bf16 or fp16, alone or with +compile, got {text!r}")
+    return precision, bool(plus)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -260,19 +274,19 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(args.device).type == "cuda")
 
 
-def training_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], args, is_gpt2: bool) -> Callable:
-    """One forward, backward and optimizer step in the run's precision, as pre-train.py steps: autocast, fp16's
-    loss scaling and, with --compile, each block compiled. GPT-2 shifts its labels itself, so it is given x as
-    labels."""
-    if args.compile:
+def training_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], args, is_gpt2: bool,
+                  dtype: torch.dtype, compile: bool) -> Callable:
+    """One forward, backward and optimizer step in dtype, as pre-train.py steps: autocast, fp16's loss scaling
+    and, when compile is set, each block compiled. GPT-2 shifts its labels itself, so it is given x as labels."""
+    if compile:
         compile_blocks(model, is_gpt2)
     device = torch.device(args.device)
-    scaler = gradient_scaler(device, args.dtype)
+    scaler = gradient_scaler(device, dtype)
     x, y = batch
 
     def step() -> None:
-        with autocast(device, args.dtype):
-            loss = model(input_ids=x, labels=x).loss if is_gpt2 else model(x, y)[1]
+        with autocast(device, dtype):
+            loss = model(input_ids=x, labels=x, use_cache=False).loss if is_gpt2 else model(x, y)[1]
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -296,21 +310,22 @@ def random_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].to(args.device), tokens[:, 1:].to(args.device)
 
 
-def peak_tflops(args: argparse.Namespace) -> tuple[float | None, str]:
-    """The device's peak TFLOPS in the run's dtype and where the figure comes from: --peak_tflops, a GPU's
-    datasheet (PEAK_TFLOPS), or measured on this device in this run."""
+def peak_tflops(args: argparse.Namespace, dtype: torch.dtype) -> tuple[float, str]:
+    """The device's peak TFLOPS in dtype and where the figure comes from: --peak_tflops, a GPU's datasheet
+    (PEAK_TFLOPS), or measured on this device in this run."""
     if args.peak_tflops is not None:
         return args.peak_tflops, "flag"
     device = torch.device(args.device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        column = "float32" if args.dtype == torch.float32 else "bfloat16"  # fp16's dense peak is bf16's
+        column = "float32" if dtype == torch.float32 else "bfloat16"  # fp16's dense peak is bf16's
         peak = next((peaks[column] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
         if peak is not None:
             return peak, "table"
-    return measured_matmul_tflops(device, args.dtype), "measured"
+    return measured_matmul_tflops(device, dtype), "measured"
 
 
+@functools.cache
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """The best throughput of square matrix products in dtype on this device, with the run's threads: what this
     machine can do at best. The products grow from 512 wide until one takes a quarter of a second (or 8192)."""
@@ -330,51 +345,62 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
         size *= 2
 
 
-def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace) -> Measurement:
-    """Achieved FLOPs (the sizing module's training FLOPs per token) as a share of the device's peak."""
-    peak, source = peak_tflops(args)
+def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace, dtype: torch.dtype,
+                            details: dict) -> Measurement:
+    """Achieved FLOPs (the sizing module's training FLOPs per token) as a share of the device's peak in dtype."""
+    peak, source = peak_tflops(args, dtype)
     config = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
     flops_per_token = training_flops_per_token(
         config.vocabulary_size, args.block_size, config.embedding_dimensions, config.num_layers,
         config.feed_forward_ratio,
     )
     mfu = tokens_per_second * flops_per_token / (peak * 1e12)
-    return Measurement("train_mfu", 100 * mfu, "%", details={"peak_tflops": float(f"{peak:.4g}"), "peak": source})
+    return Measurement("train_mfu", 100 * mfu, "%",
+                       details=details | {"peak_tflops": float(f"{peak:.4g}"), "peak": source})
 
 
 def measure_training(args: argparse.Namespace) -> list[Measurement]:
+    """Each of --variants' settings for LightGPT and, in the same setting, GPT-2, all their steps interleaved."""
     device = torch.device(args.device)
     batch = random_batch(args)
-    models = {"lightgpt": lightgpt(args)}
-    if args.gpt2:
-        models["gpt2"] = gpt2(args, args.block_size)
-    optimizers = {name: make_optimizer(model, args) for name, model in models.items()}
-    steps = {name: training_step(model, optimizers[name], batch, args, name == "gpt2")
-             for name, model in models.items()}
-    seconds = interleaved_seconds(steps, args.steps, args.warmup, device, "Training")
-    tokens_per_second = {name: args.batch_size * args.block_size / value for name, value in seconds.items()}
-    peaks = {name: peak_step_bytes(steps[name], model, optimizers[name], device) for name, model in models.items()}
+    models, steps = {}, {}
+    for dtype, compile in args.variants:
+        for name in ("lightgpt", "gpt2") if args.gpt2 else ("lightgpt",):
+            model = lightgpt(args) if name == "lightgpt" else gpt2(args, args.block_size)
+            optimizer = make_optimizer(model, args)
+            models[name, dtype, compile] = model, optimizer
+            steps[name, dtype, compile] = training_step(model, optimizer, batch, args, name == "gpt2", dtype, compile)
+    first_seconds = {key: timed(step, device)[1] for key, step in steps.items()}  # with compiling, if any
+    seconds = interleaved_seconds(steps, args.steps, max(0, args.warmup - 1), device, "Training")
+    peaks = {key: peak_step_bytes(steps[key], *models[key], device) for key in steps}
     parameters = {name: sum(p.numel() for p in model.parameters() if p.requires_grad)
-                  for name, model in models.items()}
-    details = {"batch_size": args.batch_size, "block_size": args.block_size}
-    rows = [
-        Measurement("train_tokens_per_s", tokens_per_second["lightgpt"], "tokens/s", tokens_per_second.get("gpt2"),
-                    details=details),
-        Measurement("parameters", parameters["lightgpt"], "count", parameters.get("gpt2"), higher_is_better=False),
-        Measurement("train_peak_memory", peaks["lightgpt"], "bytes", peaks.get("gpt2"), higher_is_better=False,
-                    details={"method": "cuda_max_memory_allocated" if device.type == "cuda" else "live_tensor_bytes"}),
-    ]
-    rows.append(model_flops_utilization(tokens_per_second["lightgpt"], args))
+                  for (name, *_), (model, _) in models.items()}
+    rows = [Measurement("parameters", parameters["lightgpt"], "count", parameters.get("gpt2"), higher_is_better=False)]
+    for dtype, compile in args.variants:
+        ours, theirs = ("lightgpt", dtype, compile), ("gpt2", dtype, compile)
+        setting = {"precision": PRECISION_NAMES[dtype], "compile": compile}
+        tokens_per_second = {key: args.batch_size * args.block_size / seconds[key] for key in (ours, theirs)
+                             if key in seconds}
+        rows += [
+            Measurement("train_tokens_per_s", tokens_per_second[ours], "tokens/s", tokens_per_second.get(theirs),
+                        details={"batch_size": args.batch_size, "block_size": args.block_size} | setting),
+            Measurement("train_first_step_seconds", first_seconds[ours], "s", first_seconds.get(theirs),
+                        higher_is_better=False, details=setting),
+            Measurement("train_peak_memory", peaks[ours], "bytes", peaks.get(theirs), higher_is_better=False,
+                        details=setting | {"method": "cuda_max_memory_allocated" if device.type == "cuda"
+                                           else "live_tensor_bytes"}),
+            model_flops_utilization(tokens_per_second[ours], args, dtype, setting),
+        ]
     return rows
 
 
-def timed(run: Callable[[], int], device) -> tuple[int, float]:
-    """The tokens a generation run produced and the seconds it took."""
+def timed(run: Callable, device) -> tuple:
+    """What run() returns (a generation run: the tokens it produced) and the seconds it took."""
     synchronize(device)
     start = time.perf_counter()
-    tokens = run()
+    result = run()
     synchronize(device)
-    return tokens, time.perf_counter() - start
+    return result, time.perf_counter() - start
 
 
 def measure_generation(args: argparse.Namespace) -> list[Measurement]:
@@ -480,7 +506,7 @@ def measure_checkpointing(args: argparse.Namespace) -> list[Measurement]:
         model = lightgpt(args, args.checkpointing_layers)
         model.enable_activation_checkpointing(enabled)
         optimizer = make_optimizer(model, args)
-        steps[enabled] = training_step(model, optimizer, batch, args, is_gpt2=False)
+        steps[enabled] = training_step(model, optimizer, batch, args, False, args.dtype, args.compile)
         steps[enabled]()  # the optimizer state exists from the first step on
         peaks[enabled] = peak_step_bytes(steps[enabled], model, optimizer, device)
     seconds = interleaved_seconds(steps, max(2, args.steps // 2), 0, device, "Checkpointing")
@@ -508,6 +534,8 @@ def formatted(value: float, unit: str) -> str:
         return f"{value:.2f}{'x' if unit == 'x' else ''}"
     if unit == "%":
         return f"{value:.1f}%"
+    if unit == "s":
+        return f"{value:,.1f} s"
     return f"{value:,.0f} {unit}"
 
 
@@ -539,6 +567,8 @@ def main() -> None:
     device = torch.device(args.device)
     args.dtype = compute_dtype(args.precision, device)
     args.compile = args.compile if args.compile is not None else compiles_by_default(device.type)
+    args.variants = [(compute_dtype(precision, device), compile) for precision, compile in args.variants or
+                     [(args.precision, args.compile)]]
     measure = {
         "train": measure_training,
         "generate": measure_generation,

@@ -69,7 +69,7 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
 
 
 @pytest.mark.slow
-def test_bench_prints_a_table_by_default():
+def test_bench_prints_a_table_by_default_and_a_row_for_each_training_variant():
     result = run_script("bench.py", *TINY_SHAPE, "--steps", "1", "--warmup", "0", "--no-gpt2")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -77,6 +77,13 @@ def test_bench_prints_a_table_by_default():
     assert lines[0].startswith(f"LightGPT vs GPT-2 on cpu, {dtype}")  # auto, as in training
     assert lines[1].split() == ["Measurement", "LightGPT", "GPT-2", "LightGPT/GPT-2"]
     assert any(line.startswith("train_tokens_per_s") for line in lines)
+
+    result = run_script("bench.py", *TINY_SHAPE, "--steps", "1", "--warmup", "0", "--no-gpt2", "--json",
+                        "--variants", "fp32", "bf16")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    for metric in ("train_tokens_per_s", "train_first_step_seconds", "train_peak_memory", "train_mfu"):
+        assert [record["precision"] for record in records if record["metric"] == metric] == ["fp32", "bf16"]
 
 
 def test_peak_tensor_memory_counts_storages_while_they_live():
@@ -99,6 +106,7 @@ def test_peak_tensor_memory_counts_storages_while_they_live():
         (["--steps", "0"], ["--steps", "positive"]),
         (["--embedding_dimensions", "30", "--num_attention_heads", "4"], ["divisible by"]),
         (["--generation_lengths", "0"], ["--generation_lengths"]),
+        (["--variants", "bf16+fast"], ["--variants", "with +compile", "bf16+fast"]),
     ],
 )
 def test_bad_flags_get_one_clear_line(flags, fragments):
