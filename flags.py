@@ -96,7 +96,7 @@ def device(text: str) -> str:
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one here).")
+                        help="The device to run on: cuda, mps or cpu.")
 
 
 class MixedPrecisionAlias(argparse.Action):
@@ -111,14 +111,15 @@ class MixedPrecisionAlias(argparse.Action):
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
-                        help="The dtype to compute in: auto is bf16 on GPUs and CPUs with native bf16, fp16 (loss "
-                        "scaled) on other GPUs, else fp32. --mixed_precision means auto, --no-mixed_precision fp32.")
+                        help="auto: bf16 where the device has it natively, else fp16 on CUDA, else fp32. "
+                        "--mixed_precision is auto, --no-mixed_precision fp32.")
     parser.add_argument("--mixed_precision", "--no-mixed_precision", dest="precision", action=MixedPrecisionAlias)
 
 
 def add_compile_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
-                        help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
+                        help="Compile each block with torch.compile (default: on CUDA only); adds 5 to 10 s at "
+                        "start-up on a small model.")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None:
@@ -156,10 +157,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     """The flags of a training run, the same in pre-training and instruction tuning, with each script's defaults;
     `what` names what the checkpoint holds."""
     parser.add_argument("--batch_size", type=positive_int, default=1,
-                        help="The number of samples to pass through the network at a time.")
+                        help="The number of samples in each forward pass.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
-                        help="The number of batches to pass through the network before updating the weights "
-                        "(under torchrun: in total, across all processes).")
+                        help="Batches per optimizer step (under torchrun: in total, across all processes).")
     parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
                         help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
     parser.add_argument("--warmup_steps", type=non_negative_int, default=warmup_steps,
@@ -167,7 +167,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     parser.add_argument("--num_epochs", type=positive_int, default=num_epochs,
                         help="The number of epochs to train for.")
     parser.add_argument("--eval_interval", type=positive_int, default=eval_interval,
-                        help="Evaluate the model on the held-out split every this many epochs (and at the end).")
+                        help="Evaluate on the held-out split every this many epochs (and at the end).")
     parser.add_argument("--checkpoint_interval", type=positive_int, default=checkpoint_interval,
                         help="Save a checkpoint every this many epochs (and always at the end).")
     parser.add_argument("--checkpoint_path", default=checkpoint_path,
@@ -177,7 +177,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     parser.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
                         help="Clip gradients above this global norm before stepping.")
     parser.add_argument("--activation_checkpointing", action=BooleanOptionalAction, default=False,
-                        help="Recompute each block's activations during the backward pass to save memory.")
+                        help="Recompute each block's activations in the backward pass to save memory.")
     add_compile_argument(parser)
     add_precision_argument(parser)
     add_device_argument(parser)
@@ -188,14 +188,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
 def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
     parser.add_argument("--checkpoint_path", default=None,
-                        help="The checkpoint written by pre-train.py (default: ./out/checkpoint.pt, or with "
-                        "--lora_path the base checkpoint the adapter names).")
+                        help="pre-train.py's checkpoint (default: ./out/checkpoint.pt, or with --lora_path the base "
+                        "the adapter names).")
     parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter written by instruction-tune.py: it is merged into the base model, and "
-                        "each prompt is put in the instruction template it was tuned with.")
+                        help="A LoRA adapter from instruction-tune.py, merged into the base model; each prompt is put "
+                        "in its instruction template.")
     parser.add_argument("--prompt", default=None,
-                        help="The text to complete, once; without it, prompts typed at the terminal, or one per "
-                        "line of standard input.")
+                        help="The text to complete; without it, each line typed at the terminal or read from "
+                        "standard input.")
     parser.add_argument("--max_tokens", type=positive_int, default=max_tokens,
                         help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
     add_precision_argument(parser)
