@@ -310,7 +310,7 @@ def random_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].to(args.device), tokens[:, 1:].to(args.device)
 
 
-def peak_tflops(args: argparse.Namespace, dtype: torch.dtype) -> tuple[float, str]:
+def peak_for_mfu(args: argparse.Namespace, dtype: torch.dtype) -> tuple[float, str]:
     """The device's peak TFLOPS in dtype and where the figure comes from: --peak_tflops, a GPU's datasheet
     (PEAK_TFLOPS), or measured on this device in this run."""
     if args.peak_tflops is not None:
@@ -348,7 +348,7 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
 def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace, dtype: torch.dtype,
                             details: dict) -> Measurement:
     """Achieved FLOPs (the sizing module's training FLOPs per token) as a share of the device's peak in dtype."""
-    peak, source = peak_tflops(args, dtype)
+    peak, source = peak_for_mfu(args, dtype)
     config = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
     flops_per_token = training_flops_per_token(
         config.vocabulary_size, args.block_size, config.embedding_dimensions, config.num_layers,
