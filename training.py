@@ -21,7 +21,17 @@ from distributed import gradient_sync, item, rank, replicated, sum_across_ranks,
 class Adafactor(torch.optim.Adafactor):
     """torch.optim.Adafactor, same hyperparameters and state, with a step that also runs on FSDP2's sharded
     DTensor parameters: the factored second moments average whole columns, which span the shards, and
-    PyTorch's in-place kernels cannot ask DTensor for that sum; these out-of-place operations can."""
+    PyTorch's in-place kernels cannot ask DTensor for that sum; these out-of-place operations can.
+
+    scale_parameter=True is PyTorch's rule: each step is min(lr, 1/sqrt(step)) times the parameter's RMS, about
+    0.02 for a freshly initialised matrix. scale_parameter=False takes steps of lr itself, as AdamW does (T5's
+    setting; see docs/design.md for why pre-training uses it).
+    """
+
+    def __init__(self, params, lr: float = 1e-2, scale_parameter: bool = True, **options):
+        super().__init__(params, lr=lr, **options)
+        for group in self.param_groups:
+            group.setdefault("scale_parameter", scale_parameter)
 
     @torch.no_grad()
     def step(self, closure=None) -> Tensor | None:
@@ -47,8 +57,10 @@ class Adafactor(torch.optim.Adafactor):
         state["step"] += 1
         step = state["step"].item()
         decay = step ** group["beta2_decay"]
-        relative_step = min(learning_rate, 1 / step**0.5)
-        scale = max(smallest_scale, item(parameter.norm()) / parameter.numel() ** 0.5) * relative_step
+        scale = learning_rate
+        if group.get("scale_parameter", True):  # checkpoints from before the choice used PyTorch's rule
+            relative_step = min(learning_rate, 1 / step**0.5)
+            scale = max(smallest_scale, item(parameter.norm()) / parameter.numel() ** 0.5) * relative_step
         if group["weight_decay"]:
             parameter.mul_(1 - learning_rate * group["weight_decay"])
         if gradient.dim() > 1:

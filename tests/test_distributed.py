@@ -73,7 +73,19 @@ def test_our_adafactor_steps_exactly_like_pytorchs():
         models.append((model, optimizer))
     (theirs, their_optimizer), (ours, our_optimizer) = models
     torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
-    torch.testing.assert_close(our_optimizer.state_dict(), their_optimizer.state_dict())
+    ours_state = our_optimizer.state_dict()
+    # Ours has one hyperparameter more, the choice of PyTorch's rule.
+    assert [group.pop("scale_parameter") for group in ours_state["param_groups"]] == [True]
+    torch.testing.assert_close(ours_state, their_optimizer.state_dict())
+
+
+def test_adafactor_without_parameter_scaling_steps_by_the_learning_rate_itself():
+    vector = torch.nn.Parameter(torch.tensor([0.5, -2.0, 0.0, 3.0]))
+    optimizer = Adafactor([vector], lr=0.1, scale_parameter=False)
+    vector.grad = torch.tensor([4.0, -1e-3, 0.0, 2.0])
+    optimizer.step()
+    # The first step's second moment is the squared gradient itself: the update is the gradient's sign.
+    torch.testing.assert_close(vector.detach(), torch.tensor([0.4, -1.9, 0.0, 2.9]))
 
 
 @pytest.fixture(scope="module")
