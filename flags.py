@@ -150,6 +150,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="Save a checkpoint every this many epochs (and always at the end).")
     parser.add_argument("--checkpoint_path", default=checkpoint_path,
                         help=f"The {what} checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
+    parser.add_argument("--log_dir", default=None,
+                        help="TensorBoard curves go to <log_dir>/<checkpoint name>, where a resumed run continues "
+                        "them (default: runs/ beside the checkpoint, ./out/runs).")
+    parser.add_argument("--tensorboard", action=BooleanOptionalAction, default=True,
+                        help="Write TensorBoard curves (the metrics file is written either way).")
     parser.add_argument("--resume", action=BooleanOptionalAction, default=False,
                         help="Resume training from the checkpoint at --checkpoint_path.")
     parser.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
