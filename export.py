@@ -47,12 +47,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT_PATH,
                         help="The checkpoint written by pre-train.py (with --lora_path: the adapter's base).")
     parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter written by instruction-tune.py, merged into the model before export.")
+                        help="A LoRA adapter (instruction-tune.py) to merge into the model first.")
     parser.add_argument("--output_dir", required=True,
-                        help="The folder to create; it must not exist yet, or be empty.")
+                        help="The folder to write: a new or an empty one.")
     parser.add_argument("--onnx", action=BooleanOptionalAction, default=False,
-                        help="Also write model.onnx: token ids (batch, sequence) in, logits out (needs onnx and "
-                        "onnxscript, see requirements-dev.txt).")
+                        help="Also write model.onnx (needs the onnx and onnxscript packages).")
     return parser
 
 
