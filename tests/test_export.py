@@ -1,4 +1,6 @@
 import json
+import re
+import shlex
 import subprocess
 import sys
 
@@ -38,10 +40,18 @@ def checkpoint_path(tmp_path_factory, dataset_path):
     return path
 
 
+def readme_export_flags() -> list[str]:
+    command = re.search(r"^python export.py (.+)$", (REPOSITORY / "README.md").read_text(), re.M)
+    assert command, "the README shows no export command"
+    return shlex.split(command.group(1))
+
+
 @pytest.fixture(scope="module")
 def exported(checkpoint_path, tmp_path_factory):
+    """The README's export command (with --onnx) on the tiny checkpoint."""
     folder = tmp_path_factory.mktemp("exports") / "tiny-lightgpt"
-    result = export_folder(folder, "--checkpoint_path", checkpoint_path, "--onnx")
+    result = run_script("export.py", *readme_export_flags(), "--checkpoint_path", checkpoint_path,
+                        "--output_dir", folder)
     assert result.returncode == 0, result.stderr
     return folder
 
@@ -155,6 +165,12 @@ def test_a_damaged_exported_folder_is_one_line(tmp_path, damage, fragments):
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         load_model(tmp_path)
     assert "\n" not in str(error.value) and all(fragment in str(error.value) for fragment in fragments), error.value
+
+
+def test_help_explains_every_flag():
+    help_text = export.build_parser().format_help()
+    for flag in ("--checkpoint_path", "--lora_path", "--output_dir", "--onnx"):
+        assert flag in help_text
 
 
 def test_an_output_folder_that_is_not_empty_is_refused(tmp_path, capsys):

@@ -206,5 +206,5 @@ def test_help_explains_every_flag():
                  "max_gradient_norm", "num_epochs", "eval_interval", "block_size", "embedding_dimensions",
                  "num_attention_heads", "num_hidden_layers", "dropout", "activation_checkpointing",
                  "ddp_sharding_level", "checkpoint_interval", "checkpoint_path", "dataset_path",
-                 "num_dataset_processes", "resume", "device", "seed"):
+                 "num_dataset_processes", "resume", "device", "seed", "log_dir", "tensorboard"):
         assert f"--{flag}" in result.stdout
