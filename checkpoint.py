@@ -184,7 +184,7 @@ def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
         with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints where it loads from
             model = LightGPT.from_pretrained(folder)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"{folder}: its {EXPORTED_CONFIG} and {EXPORTED_WEIGHTS} do not make a LightGPT "
                          f"({reason})") from None
     return model, block_size, config.get("prompt_template")

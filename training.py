@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,6 +19,10 @@ from tqdm import tqdm
 
 from devices import compute_dtype, peak_tflops
 from distributed import gradient_sync, item, rank, replicated, sum_across_ranks, world_size
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
 
 class Adafactor(torch.optim.Adafactor):
     """torch.optim.Adafactor, same hyperparameters and state, with a step that also runs on FSDP2's sharded
@@ -180,7 +185,7 @@ def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding
     return total / count
 
 
-def tensorboard_writer(args: argparse.Namespace, start_step: int):
+def tensorboard_writer(args: argparse.Namespace, start_step: int) -> "SummaryWriter":
     """A TensorBoard SummaryWriter in <log_dir>/<checkpoint name> (log_dir by default runs/ beside the checkpoint),
     with the run's flags as text. Every step is logged at its global step, so a resumed run continues its own
     curves there; earlier runs' events after start_step are hidden (purged), so a run that starts over replaces the
@@ -200,7 +205,7 @@ class EpochLog:
     """Each step's loss on the progress bar; each epoch's means, throughput and validation figures printed and
     appended to the metrics file; with a TensorBoard writer, the curves of both."""
 
-    def __init__(self, progress, metrics_path: str | Path | None, tensorboard=None,
+    def __init__(self, progress, metrics_path: str | Path | None, tensorboard: "SummaryWriter | None" = None,
                  flops_per_unit: float | None = None, peak_flops: float | None = None):
         """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun).
         tensorboard: a SummaryWriter or None. The model FLOPs utilization is logged when flops_per_unit (the
