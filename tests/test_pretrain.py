@@ -115,7 +115,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, dataset_path)
         assert torch.equal(tensor, expected[name]), name
 
 
-def test_a_resumed_run_continues_its_tensorboard_curves_in_its_own_folder(tmp_path, dataset_path):
+def test_a_resumed_run_continues_its_tensorboard_curves_and_a_new_run_replaces_them(tmp_path, dataset_path):
     common = ["--batch_size", "2", "--gradient_accumulation_steps", "1", "--samples_per_epoch", "4",
               "--eval_interval", "1", "--seed", "0"]
     first = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")
@@ -137,6 +137,10 @@ def test_a_resumed_run_continues_its_tensorboard_curves_in_its_own_folder(tmp_pa
     flags = run.Tensors("flags/text_summary")
     assert [event.step for event in flags] == [1, 3]
     assert "| --resume | True |" in flags[1].tensor_proto.string_val[0].decode()
+
+    started_over = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")
+    assert started_over.returncode == 0, started_over.stderr
+    assert [event.step for event in tensorboard_run(tmp_path / "runs" / "checkpoint").Scalars("train/loss")] == [1, 2]
 
 
 def test_no_tensorboard_writes_the_metrics_file_alone(tmp_path, dataset_path):
