@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from data import load_documents, load_tokenizer, tokenize_corpus
+from devices import peak_tflops
 from flags import (
     ArgumentParser,
     add_device_argument,
@@ -39,21 +40,6 @@ from sizing import training_flops_per_token
 
 R50K_VOCABULARY_SIZE = 50257
 PARTS = ("train", "generate", "beam_search", "data", "checkpointing")
-
-# Dense (no sparsity) peak tensor TFLOPS from NVIDIA's datasheets, bf16 and fp32 (no TF32), matched in order
-# against torch.cuda.get_device_name(); --peak_tflops overrides.
-PEAK_TFLOPS = {
-    "H100 PCIe": {"bfloat16": 756.0, "float32": 51.0},
-    "H100 NVL": {"bfloat16": 835.0, "float32": 60.0},
-    "H100": {"bfloat16": 989.0, "float32": 67.0},
-    "H200 NVL": {"bfloat16": 835.0, "float32": 60.0},
-    "H200": {"bfloat16": 989.0, "float32": 67.0},
-    "A100": {"bfloat16": 312.0, "float32": 19.5},
-    "L40S": {"bfloat16": 362.0, "float32": 91.6},
-    "L4": {"bfloat16": 121.0, "float32": 30.3},
-    "A10": {"bfloat16": 125.0, "float32": 31.2},
-}
-
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Benchmark LightGPT against HuggingFace's GPT2LMHeadModel of the same depth, width, "
@@ -285,16 +271,9 @@ def random_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].to(args.device), tokens[:, 1:].to(args.device)
 
 
-def device_peak_tflops(args: argparse.Namespace) -> float | None:
-    if args.peak_tflops is not None:
-        return args.peak_tflops
-    name = torch.cuda.get_device_name(args.device)
-    return next((peaks[args.dtype] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
-
-
 def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace) -> Measurement | None:
     """Achieved FLOPs (the sizing module's training FLOPs per token) as a share of the device's peak."""
-    peak = device_peak_tflops(args)
+    peak = args.peak_tflops or peak_tflops(torch.device(args.device), getattr(torch, args.dtype))
     if peak is None:
         print(f"bench.py: no peak TFLOPS known for {torch.cuda.get_device_name(args.device)}; "
               f"pass --peak_tflops for MFU", file=sys.stderr)

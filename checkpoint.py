@@ -1,8 +1,15 @@
 """Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
 
+import contextlib
 import hashlib
+import io
+import json
 import os
+import shutil
+import uuid
 import warnings
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,6 +25,8 @@ V1_RENAMES = ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_project
 PRETRAINING_ENTRIES = ("model_args", "model")
 ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
 DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
+# An exported folder (export.py, or its copy on the Hub): the mixin's model.safetensors and config.json.
+EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
 
 
 def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step: int, epoch: int,
@@ -46,6 +55,21 @@ def save_atomically(checkpoint: dict, path: str | Path) -> None:
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(checkpoint, temporary)
     os.replace(temporary, path)
+
+
+def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """write(folder) into a temporary folder beside path, then rename it to path (which may be an empty folder):
+    a crash or an error never leaves a half-written folder, and the temporary one is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # mkdir, unlike mkdtemp, keeps the umask
+    temporary.mkdir()
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES) -> dict:
@@ -112,17 +136,58 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
 def load_model(
     path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None
 ) -> tuple[LightGPT, int, dict | None]:
-    """The model a pre-training checkpoint holds (by default ./out/checkpoint.pt), in evaluation mode on the device,
-    its training context length, and None. With lora_path: the adapter merged into its base (path, else the base
-    the adapter names) and the adapter's prompt template."""
+    """The model a pre-training checkpoint or an exported folder holds (by default ./out/checkpoint.pt), in
+    evaluation mode on the device, its training context length, and the prompt template of an instruction-tuned
+    export, else None. With lora_path: the adapter merged into its base (path, else the base the adapter names)
+    and the adapter's prompt template."""
     if lora_path is not None:
         model, block_size, template = load_lora_model(lora_path, path)
         return model.to(device), block_size, template
     path = path or DEFAULT_CHECKPOINT_PATH
+    if is_exported(path):
+        model, block_size, template = load_exported(path)
+        return model.to(device), block_size, template
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get("block_size"), int):
         raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
     return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint["block_size"], None
+
+
+def is_exported(path: str | Path) -> bool:
+    """Whether path is an exported folder rather than a checkpoint file."""
+    return (Path(path) / EXPORTED_CONFIG).is_file()
+
+
+def exported_config(model: LightGPT, block_size: int, prompt_template: dict | None = None) -> dict:
+    """What an exported folder's config.json holds: the LightGPTConfig fields (from_pretrained builds the model from
+    them) and what generation needs besides: the tokenizer, the context length the model was trained with and, when
+    it was instruction-tuned, the prompt template."""
+    config = asdict(model.config) | {"tokenizer": TOKENIZER_NAME, "block_size": block_size}
+    if prompt_template:
+        config["prompt_template"] = prompt_template
+    return config
+
+
+def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
+    """The model of an exported folder, through LightGPT.from_pretrained, in evaluation mode on the CPU, with its
+    training context length and its prompt template (None unless it was instruction-tuned)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / EXPORTED_CONFIG).read_text())
+        block_size = config["block_size"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{folder / EXPORTED_CONFIG}: not the configuration of an exported LightGPT "
+                         f"({type(error).__name__}: {error})") from None
+    if not (folder / EXPORTED_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder}: no {EXPORTED_WEIGHTS} there")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints where it loads from
+            model = LightGPT.from_pretrained(folder)
+    except Exception as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ValueError(f"{folder}: its {EXPORTED_CONFIG} and {EXPORTED_WEIGHTS} do not make a LightGPT "
+                         f"({reason})") from None
+    return model, block_size, config.get("prompt_template")
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:

@@ -136,8 +136,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     parser.add_argument("--batch_size", type=positive_int, default=1,
                         help="The number of samples to pass through the network at a time.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
-                        help="The number of batches to pass through the network before updating the weights "
-                        "(under torchrun: in total, across all processes).")
+                        help="Batches per weight update (under torchrun: in total, across all processes).")
     parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
                         help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
     parser.add_argument("--warmup_steps", type=non_negative_int, default=warmup_steps,
@@ -145,11 +144,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     parser.add_argument("--num_epochs", type=positive_int, default=num_epochs,
                         help="The number of epochs to train for.")
     parser.add_argument("--eval_interval", type=positive_int, default=eval_interval,
-                        help="Evaluate the model on the held-out split every this many epochs (and at the end).")
+                        help="Evaluate on the held-out split every this many epochs (and at the end).")
     parser.add_argument("--checkpoint_interval", type=positive_int, default=checkpoint_interval,
                         help="Save a checkpoint every this many epochs (and always at the end).")
     parser.add_argument("--checkpoint_path", default=checkpoint_path,
                         help=f"The {what} checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
+    parser.add_argument("--log_dir", default=None,
+                        help="TensorBoard's folder, one run per checkpoint name (default: runs/ beside the checkpoint).")
+    parser.add_argument("--tensorboard", action=BooleanOptionalAction, default=True,
+                        help="Write TensorBoard curves.")
     parser.add_argument("--resume", action=BooleanOptionalAction, default=False,
                         help="Resume training from the checkpoint at --checkpoint_path.")
     parser.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
@@ -159,8 +162,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
                         help="Compile each block with torch.compile (default: on for CUDA, off elsewhere).")
     parser.add_argument("--mixed_precision", action=BooleanOptionalAction, default=True,
-                        help="Compute in bf16 on CUDA devices that support it (autocast; FSDP2's bf16 parameters at "
-                        "sharding levels 2 and 3).")
+                        help="Compute in bf16 on CUDA devices that support it.")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=None,
                         help="The seed for the random number generators (default: a random one, recorded).")

@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor
 from torch.nn import GELU, Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
 from torch.nn.functional import cross_entropy, scaled_dot_product_attention
@@ -179,8 +180,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss if ctx.needs_input_grad[1] else None, None, None
 
 
-class LightGPT(Module):
-    """A decoder-only Transformer with no biases, no positional embeddings and tied embeddings."""
+class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_tag="text-generation"):
+    """A decoder-only Transformer with no biases, no positional embeddings and tied embeddings.
+
+    LightGPT.from_pretrained(folder or Hub id) and model.push_to_hub(repo_id) come from huggingface_hub's mixin:
+    the weights in model.safetensors (the tied matrix once), the LightGPTConfig in config.json.
+    """
 
     def __init__(self, config: LightGPTConfig):
         super().__init__()
@@ -193,6 +198,11 @@ class LightGPT(Module):
         self.output_layer.weight = self.token_embeddings.weight
         self.activation_checkpointing = False
         self.init_weights()
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "LightGPT":
+        """The mixin's loading, except that a weight missing from the file is an error, not a random layer."""
+        return super()._from_pretrained(strict=strict, **kwargs)
 
     @property
     def vocabulary_size(self) -> int:

@@ -30,6 +30,7 @@ from distributed import (
 )
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
 from model import LightGPT, LightGPTConfig
+from sizing import training_flops_per_token
 from training import Adafactor, restore_rng_state, rng_state, train
 
 
@@ -55,7 +56,7 @@ def build_parser() -> ArgumentParser:
     add_model_arguments(parser, dropout=0.1)
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
                         help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
-                        "state (FSDP2, parameters whole from forward to backward), 3 also shards the parameters.")
+                        "state (FSDP2), 3 also shards the parameters.")
     add_training_arguments(parser, learning_rate=5e-4, warmup_steps=100, num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
     return parser
@@ -210,10 +211,14 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
             ), args.checkpoint_path)
 
     tokens_per_epoch = args.batch_size * args.gradient_accumulation_steps * args.block_size * steps_per_epoch
+    config = model.config
+    flops_per_token = training_flops_per_token(config.vocabulary_size, args.block_size, config.embedding_dimensions,
+                                               config.num_layers, config.feed_forward_ratio)
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
           steps_per_epoch=steps_per_epoch, precision=precision(training_model, device, args.mixed_precision),
           padding_index=model.padding_index, unit="tokens", units_per_epoch=tokens_per_epoch,
-          description="Pre-training", saved_what="checkpoint", program="pre-train.py")
+          flops_per_unit=flops_per_token, description="Pre-training", saved_what="checkpoint",
+          program="pre-train.py")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,19 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 from tqdm import tqdm
 
+from devices import compute_dtype, peak_tflops
 from distributed import gradient_sync, item, rank, replicated, sum_across_ranks, world_size
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
 
 class Adafactor(torch.optim.Adafactor):
     """torch.optim.Adafactor, same hyperparameters and state, with a step that also runs on FSDP2's sharded
@@ -191,45 +197,96 @@ def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding
     return total / count
 
 
+def tensorboard_writer(args: argparse.Namespace, start_step: int) -> "SummaryWriter":
+    """A TensorBoard SummaryWriter in <log_dir>/<checkpoint name> (log_dir by default runs/ beside the checkpoint),
+    with the run's flags as text. Every step is logged at its global step, so a resumed run continues its own
+    curves there; earlier runs' events after start_step are hidden (purged), so a run that starts over replaces the
+    curves as it replaces the checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter  # here, not at the top: importing it takes most of a second
+
+    first_step = start_step + 1  # step n is logged once n optimizer steps are done
+    checkpoint = Path(args.checkpoint_path)
+    log_dir = Path(args.log_dir) if args.log_dir else checkpoint.parent / "runs"
+    writer = SummaryWriter(log_dir / checkpoint.stem, purge_step=first_step)
+    flags = "\n".join(f"| --{name} | {value} |" for name, value in sorted(vars(args).items()))
+    writer.add_text("flags", "| flag | value |\n| --- | --- |\n" + flags, first_step)
+    return writer
+
+
 class EpochLog:
     """Each step's loss on the progress bar; each epoch's means, throughput and validation figures printed and
-    appended to the metrics file."""
+    appended to the metrics file; with a TensorBoard writer, the curves of both."""
 
-    def __init__(self, progress, metrics_path: str | Path | None):
-        """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun)."""
+    def __init__(self, progress, metrics_path: str | Path | None, tensorboard: "SummaryWriter | None" = None,
+                 flops_per_unit: float | None = None, peak_flops: float | None = None):
+        """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun).
+        tensorboard: a SummaryWriter or None. The model FLOPs utilization is logged when flops_per_unit (the
+        FLOPs of training on one unit) and peak_flops (per second, all the processes' devices together) are known."""
         self.progress = progress
         self.metrics_path = Path(metrics_path) if metrics_path else None
         if self.metrics_path:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = tensorboard
+        self.utilization_per_unit = flops_per_unit / peak_flops if flops_per_unit and peak_flops else None
         self._start_epoch()
 
     def _start_epoch(self) -> None:
         self.losses, self.gradient_norms, self.start = [], [], time.perf_counter()
 
-    def add_step(self, loss: float, gradient_norm: float, learning_rate: float) -> None:
+    def add_step(self, step: int, loss: float, gradient_norm: float, learning_rate: float) -> None:
         self.progress.update()
         self.progress.set_postfix(loss=f"{loss:.3f}", lr=f"{learning_rate:.2e}")
         self.losses.append(loss)
         self.gradient_norms.append(gradient_norm)
         self.learning_rate = learning_rate
+        self._add_scalars(step, {"train/loss": loss, "train/gradient_norm": gradient_norm,
+                                 "train/learning_rate": learning_rate})
 
     def end_epoch(self, epoch: int, step: int, unit: str, units: int, validation_loss: float | None) -> None:
         """Log the epoch that just ended; `units` of `unit` (tokens, samples) were trained on in it."""
+        units_per_second = units / (time.perf_counter() - self.start)
         record = {
             "epoch": epoch,
             "step": step,
             "loss": sum(self.losses) / len(self.losses),
             "gradient_norm": sum(self.gradient_norms) / len(self.gradient_norms),
             "learning_rate": self.learning_rate,
-            f"{unit}_per_second": units / (time.perf_counter() - self.start),
+            f"{unit}_per_second": units_per_second,
         }
+        if self.utilization_per_unit:
+            record["mfu"] = units_per_second * self.utilization_per_unit
         if validation_loss is not None:
             record |= {"validation_loss": validation_loss, "validation_perplexity": math.exp(validation_loss)}
         if self.metrics_path:
             self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                          for key, value in record.items()))
             append_metrics(self.metrics_path, record)
+        self._add_scalars(step, {f"speed/{unit}_per_second": units_per_second, "speed/mfu": record.get("mfu"),
+                                 "validation/loss": validation_loss,
+                                 "validation/perplexity": record.get("validation_perplexity")})
         self._start_epoch()
+
+    def _add_scalars(self, step: int, values: dict[str, float | None]) -> None:
+        if self.tensorboard:
+            for tag, value in values.items():
+                if value is not None:
+                    self.tensorboard.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        """End the progress bar and write out what TensorBoard still holds."""
+        self.progress.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def main_log(args: argparse.Namespace, progress, start_step: int, device: torch.device,
+             flops_per_unit: float | None) -> EpochLog:
+    """Rank 0's log: the metrics file beside the checkpoint, TensorBoard unless turned off, and the model FLOPs
+    utilization where the device's peak is known (the peak of all the processes' devices together)."""
+    peak = peak_tflops(device, compute_dtype(device, args.mixed_precision))
+    return EpochLog(progress, Path(args.checkpoint_path).with_suffix(".metrics.jsonl"),
+                    tensorboard_writer(args, start_step) if args.tensorboard else None,
+                    flops_per_unit, peak and peak * 1e12 * world_size())
 
 
 def train(
@@ -249,6 +306,7 @@ def train(
     description: str,
     saved_what: str,
     program: str,
+    flops_per_unit: float | None = None,
 ) -> None:
     """Train from start_step to the end of args.num_epochs, on every rank.
 
@@ -256,14 +314,17 @@ def train(
     names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every
     rank calls it). Each epoch is logged, evaluated every args.eval_interval epochs and saved every
     args.checkpoint_interval epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the
-    same step. Rank 0 alone shows progress and writes the metrics log beside args.checkpoint_path.
+    same step. Rank 0 alone shows progress, writes the metrics log beside args.checkpoint_path and, unless
+    args.tensorboard is off, TensorBoard curves under args.log_dir, with the model FLOPs utilization when
+    flops_per_unit (the FLOPs of training on one unit) and the device's peak are known.
     """
     main_process = rank() == 0
     total_steps = steps_per_epoch * args.num_epochs
     step = start_step
     exit_request = GracefulExit()
     progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main_process)
-    log = EpochLog(progress, Path(args.checkpoint_path).with_suffix(".metrics.jsonl") if main_process else None)
+    device = next(model.parameters()).device
+    log = main_log(args, progress, start_step, device, flops_per_unit) if main_process else EpochLog(progress, None)
     model.train()
     while step < total_steps:
         learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
@@ -273,10 +334,10 @@ def train(
                 exit_request.requested,
             )
         except FloatingPointError as error:
-            progress.close()
+            log.close()
             sys.exit(f"{program}: error: at step {step}, {error}" if main_process else 1)
         step += 1
-        log.add_step(step_loss, gradient_norm, learning_rate)
+        log.add_step(step, step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
         if end_of_epoch == 0:
@@ -288,10 +349,10 @@ def train(
                 save(step, epoch)
         if stop_requested:
             save(step, step // steps_per_epoch)
-            progress.close()
+            log.close()
             if main_process:
                 print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")
             return
-    progress.close()
+    log.close()
     if main_process:
         print(f"Done: {saved_what} saved to {args.checkpoint_path}")

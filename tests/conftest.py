@@ -56,6 +56,15 @@ def metrics(checkpoint_path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(checkpoint_path).with_suffix(".metrics.jsonl").read_text().splitlines()]
 
 
+def tensorboard_run(folder: Path):
+    """The TensorBoard events of a run folder, read as TensorBoard reads them (an EventAccumulator)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = EventAccumulator(str(folder))
+    run.Reload()
+    return run
+
+
 # Scripts run one thread a process, so that separate processes round alike and can be compared bit for bit
 # (see docs/testing.md).
 def one_thread() -> dict:

@@ -135,6 +135,7 @@ def test_the_readme_cpu_torchrun_command_trains_in_two_processes(tmp_path, datas
                       "--checkpoint_path", checkpoint)
     assert result.returncode == 0, result.stderr
     assert "2 processes" in result.stdout and len(metrics(checkpoint)) == 1
+    assert len(list((tmp_path / "runs" / "readme").iterdir())) == 1  # one TensorBoard event file: rank 0's
 
 
 def test_uneven_accumulation_warns_and_still_trains_like_one_process(tmp_path, dataset_path):

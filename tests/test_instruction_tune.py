@@ -23,6 +23,7 @@ from conftest import (
     run_script,
     run_until_first_epoch_then_terminate,
     save_pretrained_checkpoint,
+    tensorboard_run,
 )
 from data import PROMPT_TEMPLATE, InstructionSamples, encode_prompt, load_instructions, load_tokenizer
 from model import LightGPT, LoRALinear, add_lora
@@ -101,6 +102,10 @@ def test_lora_learns_to_answer_the_training_instructions(base_model_path, instru
     assert [record["epoch"] for record in records] == list(range(1, 31))
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     assert {"validation_loss", "validation_perplexity"} <= records[9].keys()
+    curves = tensorboard_run(adapter_path.parent / "runs" / "lora")
+    assert {"train/loss", "train/learning_rate", "speed/samples_per_second"} <= set(curves.Tags()["scalars"])
+    assert [event.value for event in curves.Scalars("validation/loss")] == pytest.approx(
+        [record["validation_loss"] for record in records if "validation_loss" in record])
 
 
 def other_base() -> LightGPT:

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from devices import peak_tflops
 from conftest import (
     REPOSITORY,
     TINY_MODEL,
     assert_one_line_error,
     metrics,
     run_script,
+    tensorboard_run,
     run_until_first_epoch_then_terminate,
 )
 
@@ -113,6 +115,42 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, dataset_path)
         assert torch.equal(tensor, expected[name]), name
 
 
+def test_a_resumed_run_continues_its_tensorboard_curves_and_a_new_run_replaces_them(tmp_path, dataset_path):
+    common = ["--batch_size", "2", "--gradient_accumulation_steps", "1", "--samples_per_epoch", "4",
+              "--eval_interval", "1", "--seed", "0"]
+    first = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")
+    resumed = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "2", "--resume")
+    assert first.returncode == resumed.returncode == 0, first.stderr + resumed.stderr
+
+    assert [folder.name for folder in (tmp_path / "runs").iterdir()] == ["checkpoint"]
+    run = tensorboard_run(tmp_path / "runs" / "checkpoint")
+    steps = {tag: [event.step for event in run.Scalars(tag)] for tag in run.Tags()["scalars"]}
+    every_step, every_epoch = [1, 2, 3, 4], [2, 4]
+    expected = {"train/loss": every_step, "train/gradient_norm": every_step, "train/learning_rate": every_step,
+                "speed/tokens_per_second": every_epoch, "validation/loss": every_epoch,
+                "validation/perplexity": every_epoch}
+    if peak_tflops(torch.device("cpu"), torch.float32):
+        expected["speed/mfu"] = every_epoch
+    assert steps == expected
+    validation_losses = [record["validation_loss"] for record in metrics(tmp_path / "checkpoint.pt")]
+    assert [event.value for event in run.Scalars("validation/loss")] == pytest.approx(validation_losses)
+    flags = run.Tensors("flags/text_summary")
+    assert [event.step for event in flags] == [1, 3]
+    assert "| --resume | True |" in flags[1].tensor_proto.string_val[0].decode()
+
+    started_over = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")
+    assert started_over.returncode == 0, started_over.stderr
+    assert [event.step for event in tensorboard_run(tmp_path / "runs" / "checkpoint").Scalars("train/loss")] == [1, 2]
+
+
+def test_no_tensorboard_writes_the_metrics_file_alone(tmp_path, dataset_path):
+    result = pretrain(tmp_path, dataset_path, "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                      "--samples_per_epoch", "2", "--num_epochs", "1", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr
+    assert len(metrics(tmp_path / "checkpoint.pt")) == 1
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, dataset_path):
     result = pretrain(tmp_path, dataset_path, "--optimizer", "adamw", "--learning_rate", "1e30",
                       "--warmup_steps", "0", "--batch_size", "2", "--gradient_accumulation_steps", "1",
@@ -172,5 +210,5 @@ def test_help_explains_every_flag():
                  "max_gradient_norm", "num_epochs", "eval_interval", "block_size", "embedding_dimensions",
                  "num_attention_heads", "num_hidden_layers", "dropout", "activation_checkpointing",
                  "ddp_sharding_level", "checkpoint_interval", "checkpoint_path", "dataset_path",
-                 "num_dataset_processes", "resume", "device", "seed"):
+                 "num_dataset_processes", "resume", "device", "seed", "log_dir", "tensorboard"):
         assert f"--{flag}" in result.stdout
