@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from data import TOKENIZER_NAME
+from data import TOKENIZER_NAME, temporary_path
 from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
@@ -43,7 +43,7 @@ def save_atomically(checkpoint: dict, path: str | Path) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(path)
     torch.save(checkpoint, temporary)
     os.replace(temporary, path)
 
