@@ -144,8 +144,8 @@ def parallelize(
     block on its own and leaves the tied embedding/output weight and the final norm to the root."""
     model.enable_activation_checkpointing(activation_checkpointing)
     if compile:
-        for index, block in enumerate(model.body):
-            model.body.register_module(str(index), torch.compile(block))
+        for block in model.body:
+            block.compile()  # in place: the state-dict keys stay the same however the model runs
     if not dist.is_initialized():
         return model
     device = next(model.parameters()).device

@@ -339,11 +339,14 @@ def lora_state_dict(model: LightGPT) -> dict[str, Tensor]:
 def load_lora_state_dict(model: LightGPT, state: dict[str, Tensor]) -> None:
     """Copy saved adapters into a model that has adapters of the same rank on a base of the same size."""
     expected = lora_state_dict(model)
-    if state.keys() != expected.keys():
+    if len(state) != len(expected):
         raise ValueError(
             f"the adapter has {len(state)} matrices, the model has {len(expected)}: they were made for "
             f"a model with another number of layers"
         )
+    if state.keys() != expected.keys():
+        raise ValueError(f"the adapter's {sorted(state.keys() - expected.keys())[0]} is not one of this model's "
+                         f"adapter matrices")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise ValueError(

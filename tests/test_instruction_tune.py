@@ -316,3 +316,20 @@ def test_the_readme_instruction_tuning_commands_run(base_model_path, tmp_path):
         result = run_script(script, *arguments, "--max_tokens", "3", "--device", "cpu", cwd=tmp_path)
         assert result.returncode == 0, f"{script}: {result.stderr}"
         assert result.stdout.strip(), f"{script} printed nothing"
+
+
+def test_an_adapter_trained_compiled_loads_in_the_scripts_and_resumes_uncompiled(
+    base_model_path, instructions_path, tmp_path
+):
+    path = tmp_path / "compiled.pt"
+    common = ["--num_epochs", "1", "--eval_interval", "1", "--seed", "0", "--batch_size", "9"]
+    compiled = instruction_tune(base_model_path, instructions_path, path, *common, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    for script in ("generate.py", "beam_search.py"):
+        result = run_script(script, "--lora_path", path, "--prompt", "Where is the city?", "--max_tokens", "2",
+                            "--device", "cpu")
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+    resumed = instruction_tune(base_model_path, instructions_path, path, *common[2:], "--num_epochs", "2",
+                               "--resume", "--no-compile")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [record["epoch"] for record in metrics(path)] == [1, 2]
