@@ -186,7 +186,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     # Dropout masks differ between ranks: rank 0 draws the stream a single process would, and a resumed rank
     # continues its own stream when the checkpoint has one for it (it was saved by at least as many ranks).
     if rank() < len(saved_rng_states):
-        restore_rng_state(saved_rng_states[rank()])
+        restore_rng_state(saved_rng_states[rank()], device)
     elif rank():
         torch.manual_seed(hash((seed, rank(), step)))
 
@@ -201,7 +201,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
         return micro_batches_of_windows(train_windows, starts, args.batch_size)
 
     def save(step: int, epoch: int) -> None:
-        rng_states = every_rank_s(rng_state())
+        rng_states = every_rank_s(rng_state(device))
         model_state, optimizer_state = full_training_state(training_model, optimizer)
         if main_process:
             save_atomically(training_checkpoint(

@@ -78,17 +78,32 @@ def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This process's random-number state: the CPU's and, on a GPU, its own GPU's. Not every visible GPU's:
+    a run resumed on fewer GPUs could not restore them all."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    own = saved_device_state(state, device)
+    if own is not None:
+        torch.cuda.set_rng_state(own, device)
+
+
+def saved_device_state(state: dict, device: torch.device) -> Tensor | None:
+    """The saved generator state of this process's GPU, if it has one. Older checkpoints kept a list of every
+    visible GPU's state, in which this process's is the one at its device's index."""
+    saved = state.get("cuda")
+    if device.type != "cuda" or saved is None:
+        return None
+    if isinstance(saved, Tensor):
+        return saved
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return saved[index] if index < len(saved) else None
 
 
 def append_metrics(path: str | Path, record: dict) -> None:
