@@ -145,7 +145,8 @@ class Measurement:
 
 
 class PeakTensorMemory(TorchDispatchMode):
-    """The peak bytes of tensor storage alive at once, for devices whose allocator keeps no statistics.
+    """The peak bytes of tensor storage alive at once, for devices whose allocator keeps no statistics, and the
+    largest single storage.
 
     Every operator's outputs are counted when made and uncounted when their storage is freed; memory that
     kernels allocate internally and never return as a tensor is not seen.
@@ -153,7 +154,7 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.current = self.peak = 0
+        self.current = self.peak = self.largest = 0
         self.seen: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -169,6 +170,7 @@ class PeakTensorMemory(TorchDispatchMode):
         self.seen.add(id(storage))
         self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
+        self.largest = max(self.largest, storage.nbytes())
         weakref.finalize(storage, self.release, id(storage), storage.nbytes())
 
     def release(self, key: int, nbytes: int) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.nn import GELU, Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
-from torch.nn.functional import cross_entropy, scaled_dot_product_attention
+from torch.nn.functional import scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -134,8 +134,44 @@ class CausalSelfAttentionBlock(Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, gradients: tuple[bool, bool] = (False, False)
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The mean cross entropy of the logits hidden @ weight.T over the targets that are not ignore_index, a chunk
+    of positions at a time so that the (positions x vocabulary) logits never exist whole; with gradients
+    (for hidden, for weight), also those gradients, computed chunk by chunk on the way."""
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    # Chunks of logits of at most 32 MB measured fastest on a CPU; a GPU wants a few large kernels.
+    chunk_size = max(1, (2**23 if device_type == "cpu" else 2**28) // weight.size(0))
+    kept = targets != ignore_index
+    # d(mean loss)/d(logits) = (softmax - one_hot(target)) * kept / count; the scale is applied to
+    # the small hidden-sized factors rather than to the vocabulary-sized chunk.
+    scale = (kept / kept.sum()).unsqueeze(1).to(dtype)
+    targets = targets.where(kept, 0).unsqueeze(1)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    loss = torch.zeros((), device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if gradients[0] else None
+    grad_weight = torch.zeros_like(weight) if gradients[1] else None
+    with torch.autocast(device_type, enabled=False):
+        for start in range(0, len(hidden), chunk_size):
+            rows = slice(start, start + chunk_size)
+            log_probabilities = (hidden[rows] @ weight.T).float().log_softmax(-1)
+            loss -= (log_probabilities.gather(1, targets[rows]) * scale[rows]).sum()
+            if not any(gradients):
+                continue
+            minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
+            gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
+            if grad_hidden is not None:
+                torch.mul(gradient @ weight, scale[rows], out=grad_hidden[rows])
+            if grad_weight is not None:
+                grad_weight.addmm_(gradient.T, hidden[rows] * scale[rows])
+    return loss, grad_hidden, grad_weight
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """The output layer and the mean cross entropy fused, a chunk of positions at a time.
+    """The output layer and the mean cross entropy fused (linear_cross_entropy), for training.
 
     The forward pass also computes the gradients with respect to the hidden states and the weight, and
     keeps only those for the backward pass, never the (positions x vocabulary) logits. That saves their
@@ -145,30 +181,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-        device_type = hidden.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-        # Chunks of logits of at most 32 MB measured fastest on a CPU; a GPU wants a few large kernels.
-        chunk_size = max(1, (2**23 if device_type == "cpu" else 2**28) // weight.size(0))
-        kept = targets != ignore_index
-        # d(mean loss)/d(logits) = (softmax - one_hot(target)) * kept / count; the scale is applied to
-        # the small hidden-sized factors rather than to the vocabulary-sized chunk.
-        scale = (kept / kept.sum()).unsqueeze(1).to(dtype)
-        targets = targets.where(kept, 0).unsqueeze(1)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        loss = torch.zeros((), device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        with torch.autocast(device_type, enabled=False):
-            for start in range(0, len(hidden), chunk_size):
-                rows = slice(start, start + chunk_size)
-                log_probabilities = (hidden[rows] @ weight.T).float().log_softmax(-1)
-                loss -= (log_probabilities.gather(1, targets[rows]) * scale[rows]).sum()
-                minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
-                gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
-                torch.mul(gradient @ weight, scale[rows], out=grad_hidden[rows])
-                if grad_weight is not None:  # not when the weight is frozen, as under LoRA
-                    grad_weight.addmm_(gradient.T, hidden[rows] * scale[rows])
+        # The weight's gradient is skipped when it is frozen, as under LoRA.
+        loss, grad_hidden, grad_weight = linear_cross_entropy(hidden, weight, targets, ignore_index,
+                                                              (True, ctx.needs_input_grad[1]))
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -231,9 +246,9 @@ class LightGPT(Module):
         self.activation_checkpointing = enabled
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-        """The logits of every position and, given targets y, the mean cross entropy over those that are
-        not padding. Training with targets returns (None, loss): the output layer and the loss are fused
-        so that the logits, the largest tensor of a step, are never stored (see LinearCrossEntropy)."""
+        """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
+        over those that are not padding): the output layer and the loss are fused so that the logits, the
+        largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
         z = self.embedding_dropout(self.token_embeddings(x))
         for block in self.body:
             if self.activation_checkpointing and self.training:
@@ -241,18 +256,12 @@ class LightGPT(Module):
             else:
                 z = block(z)
         z = self.output_norm(z)
-        if y is not None and self.training and torch.is_grad_enabled():
-            loss = LinearCrossEntropy.apply(z.flatten(0, 1), self.output_layer.weight, y.flatten(), self.padding_index)
-            return None, loss
-        logits = self.output_layer(z)
         if y is None:
-            return logits, None
-        loss = cross_entropy(
-            logits.view(-1, logits.size(-1)).float(),  # (batch * sequence, vocabulary)
-            y.reshape(-1),
-            ignore_index=self.padding_index,
-        )
-        return logits, loss
+            return self.output_layer(z), None
+        hidden, weight, targets = z.flatten(0, 1), self.output_layer.weight, y.flatten()
+        if torch.is_grad_enabled():
+            return None, LinearCrossEntropy.apply(hidden, weight, targets, self.padding_index)
+        return None, linear_cross_entropy(hidden, weight, targets, self.padding_index)[0]
 
     def new_cache(self, batch_size: int, capacity: int) -> list[KVCache]:
         """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""
