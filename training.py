@@ -131,6 +131,14 @@ def weighted_by_targets(batches: list[tuple[Tensor, Tensor]], padding_index: int
     return [(inputs, targets, count / sum(counts)) for (inputs, targets), count in zip(batches, counts)]
 
 
+def to_device(batch: Tensor, device: torch.device) -> Tensor:
+    """A batch on the device. A GPU gets it through pinned memory, so that the copy runs while the GPU computes:
+    a non-blocking copy from ordinary (pageable) memory waits until it is done."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def optimizer_step(
     model: Module,
     optimizer: torch.optim.Optimizer,
@@ -154,7 +162,7 @@ def optimizer_step(
     for index, (inputs, targets, weight) in enumerate(micro_batches):
         with gradient_sync(model, index == len(micro_batches) - 1):
             with precision:
-                _, loss = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+                _, loss = model(to_device(inputs, device), to_device(targets, device))
             (loss * weight).backward()
         step_loss += loss.detach() * weight
     step_loss, stop_requests = sum_across_ranks(
@@ -184,7 +192,7 @@ def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for inputs, targets, weight in batches:
         with precision:
-            _, loss = model(inputs.to(device), targets.to(device))
+            _, loss = model(to_device(inputs, device), to_device(targets, device))
         if weight:
             num_targets = (targets != padding_index).sum().to(device)
             total += loss.float() * num_targets

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training import restore_rng_state, rng_state, saved_device_state
+from training import restore_rng_state, rng_state, saved_device_state, to_device
 
 
 def test_the_cpu_random_state_round_trips_and_a_cpu_process_saves_no_gpu_state():
@@ -39,3 +39,13 @@ def test_a_gpu_process_saves_and_restores_its_own_gpu_s_generator():
     expected = torch.rand(3, device=device)
     restore_rng_state(state, device)
     assert torch.equal(torch.rand(3, device=device), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_batch_reaches_the_gpu_through_pinned_memory():
+    batch = torch.arange(12).view(3, 4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        moved = to_device(batch, torch.device("cuda"))
+        torch.cuda.synchronize()
+    assert torch.equal(moved.cpu(), batch)
+    assert any("Pinned" in event.name for event in profile.events()), [event.name for event in profile.events()]
