@@ -99,10 +99,14 @@ def upgraded(checkpoint: dict) -> dict:
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
-    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU."""
+    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU.
+    The model takes the checkpoint's tensors as its parameters, memory-mapped from the file: building it never
+    holds the weights twice."""
     try:
-        model = LightGPT(LightGPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
+        with torch.device("meta"):
+            model = LightGPT(LightGPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"], assign=True)
+        model.tie_weights()
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({reason})") from None

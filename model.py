@@ -205,9 +205,19 @@ class LightGPT(Module):
         self.body = ModuleList(CausalSelfAttentionBlock(config) for _ in range(config.num_layers))
         self.output_norm = RMSNorm(config.embedding_dimensions)
         self.output_layer = Linear(config.embedding_dimensions, config.vocabulary_size, bias=False)
-        self.output_layer.weight = self.token_embeddings.weight
+        self.tie_weights()
         self.activation_checkpointing = False
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """One matrix for the embedding and the output layer, again after whatever makes parameters anew
+        (to_empty, load_state_dict with assign=True)."""
+        self.output_layer.weight = self.token_embeddings.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> "LightGPT":
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     @property
     def vocabulary_size(self) -> int:

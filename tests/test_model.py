@@ -165,3 +165,10 @@ def test_the_config_is_stored_as_plain_model_args_and_rebuilds_the_same_model():
     rebuilt.load_state_dict(model.state_dict())
     x = torch.randint(0, VOCABULARY, (1, 5))
     assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])
+
+
+def test_a_model_built_on_the_meta_device_keeps_its_tied_weight_once_allocated():
+    with torch.device("meta"):
+        model = LightGPT(LightGPTConfig(**TINY_SHAPE))
+    model.to_empty(device="cpu")
+    assert model.output_layer.weight is model.token_embeddings.weight
