@@ -161,11 +161,11 @@ class PeakTensorMemory(TorchDispatchMode):
         outputs = func(*args, **(kwargs or {}))
         for output in tree_leaves(outputs):
             if isinstance(output, torch.Tensor):
-                self.count(output.untyped_storage())
+                self.count(getattr(output, "_local_tensor", output).untyped_storage())  # a DTensor's own shard
         return outputs
 
     def count(self, storage: torch.UntypedStorage) -> None:
-        if id(storage) in self.seen or storage.nbytes() == 0:
+        if id(storage) in self.seen or storage.nbytes() == 0 or storage.device.type == "meta":  # meta holds nothing
             return
         self.seen.add(id(storage))
         self.current += storage.nbytes()

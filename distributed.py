@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 
@@ -136,27 +136,46 @@ def precision(model: Module, device: torch.device, mixed_precision: bool) -> Abs
 
 
 def parallelize(
-    model: LightGPT, activation_checkpointing: bool, compile: bool, sharding_level: int = 2,
+    model: LightGPT, device: torch.device, activation_checkpointing: bool, compile: bool, sharding_level: int = 2,
     mixed_precision: bool = False,
 ) -> Module:
     """Wrap a pure model for training in torchtitan's order: activation checkpointing, then compile each block,
     then, under torchrun, data parallelism: DDP at sharding level 0, FSDP2 at levels 2 and 3. FSDP2 shards each
-    block on its own and leaves the tied embedding/output weight and the final norm to the root."""
+    block on its own and leaves the tied embedding/output weight and the final norm to the root. A model built on
+    the meta device is allocated on `device` and initialised only after it is sharded (see materialize)."""
     model.enable_activation_checkpointing(activation_checkpointing)
     if compile:
         for block in model.body:
             block.compile()  # in place: the state-dict keys stay the same however the model runs
-    if not dist.is_initialized():
-        return model
-    device = next(model.parameters()).device
-    if sharding_level == 0:
+    sharded = dist.is_initialized() and sharding_level != 0
+    if sharded:
+        policy = MixedPrecisionPolicy()
+        if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.body:
+            fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+        fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+    if next(model.parameters()).is_meta:
+        materialize(model, device)
+    if dist.is_initialized() and not sharded:
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    policy = MixedPrecisionPolicy()
-    if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.body:
-        fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
-    return fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: LightGPT, device: torch.device) -> None:
+    """Allocate a model built on the meta device on `device` (under FSDP2, only this rank's shards) and draw its
+    weights as one process does: each parameter whole, one at a time and in model order, of which a rank keeps
+    its shard. No rank ever holds the whole model, and the same seed gives the same weights at any number of
+    processes."""
+    model.to_empty(device=device)
+    for name, parameter in model.named_parameters():
+        if not isinstance(parameter, DTensor):
+            model.init_parameter(name, parameter)
+            continue
+        whole = torch.empty(parameter.shape, dtype=parameter.dtype, device=device)
+        model.init_parameter(name, whole)
+        parameter.copy_(distribute_tensor(whole, parameter.device_mesh, parameter.placements, src_data_rank=None))
 
 
 def gradient_sync(model: Module, enabled: bool) -> AbstractContextManager:

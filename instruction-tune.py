@@ -124,7 +124,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     device = torch.device(args.device)
     model.to(device)
     compile = args.compile if args.compile is not None else device.type == "cuda"
-    training_model = parallelize(model, args.activation_checkpointing, compile)
+    training_model = parallelize(model, device, args.activation_checkpointing, compile)
     adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(adapters, lr=args.learning_rate, fused=device.type == "cuda")
 

@@ -233,18 +233,22 @@ class LightGPT(Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2's initialisation: N(0, 0.02) for every matrix, and the projections that write into the residual
-        stream scaled down by the depth. N(0, 1), Embedding's default, tied to the output layer would make huge
-        logits whose gradients underflow to denormals and slow the CPU tenfold."""
-        for module in self.modules():
-            if isinstance(module, (Linear, Embedding)):
-                torch.nn.init.normal_(module.weight, std=0.02)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
-        for block in self.body:
-            torch.nn.init.normal_(block.attention.output_projection.weight, std=residual_std)
-            torch.nn.init.normal_(block.mlp.down_projection.weight, std=residual_std)
+        """Draw every parameter afresh (init_parameter), one at a time in model order."""
+        for name, parameter in self.named_parameters():
+            self.init_parameter(name, parameter)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, tensor: Tensor) -> None:
+        """Fill `tensor`, the parameter `name` or a tensor of its shape, as the model starts. GPT-2's
+        initialisation: N(0, 0.02) for every matrix, and the projections that write into the residual stream
+        scaled down by the depth; RMSNorm's weights at one. N(0, 1), Embedding's default, tied to the output
+        layer would make huge logits whose gradients underflow to denormals and slow the CPU tenfold."""
+        if isinstance(self.get_submodule(name.rpartition(".")[0]), RMSNorm):
+            torch.nn.init.ones_(tensor)
+        elif name.endswith(("attention.output_projection.weight", "mlp.down_projection.weight")):
+            torch.nn.init.normal_(tensor, std=0.02 / math.sqrt(2 * self.config.num_layers))
+        else:
+            torch.nn.init.normal_(tensor, std=0.02)
 
     @property
     def num_trainable_params(self) -> int:

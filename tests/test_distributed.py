@@ -11,19 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import PeakTensorMemory  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from conftest import (  # noqa: E402
     REPOSITORY,
     TINY_MODEL,
     lightgpt,
+    load_script,
     metrics,
     one_thread,
     run_script,
     terminate_after_first_epoch,
 )
-from distributed import distributed, parallelize, rank  # noqa: E402
+from distributed import distributed, every_rank_s, parallelize, rank  # noqa: E402
 from training import Adafactor  # noqa: E402
 
 pytestmark = pytest.mark.slow  # nearly every test here starts processes
@@ -190,7 +193,8 @@ def measure_training_memory() -> None:
     with distributed("cpu"):
         for level in (0, 2, 3):
             model = lightgpt(vocabulary_size=1024, embedding_dimensions=64, num_heads=4, num_layers=4, eos_index=0)
-            training_model = parallelize(model, activation_checkpointing=False, compile=False, sharding_level=level)
+            training_model = parallelize(model, torch.device("cpu"), activation_checkpointing=False, compile=False,
+                                         sharding_level=level)
             optimizer = torch.optim.AdamW(training_model.parameters())
             at_rest = local_bytes(training_model.parameters())
             tokens = torch.randint(0, 1024, (2, 33), generator=torch.Generator().manual_seed(0))
@@ -228,5 +232,45 @@ def test_sharding_levels_divide_the_training_state_between_two_ranks():
     assert figures[3]["parameters_between_forward_and_backward"] == figures[3]["parameters"]
 
 
+# Blocks, not the embedding, make up most of this model, as of any large one: a rank that held the whole model
+# would show it.
+SMALL_VOCABULARY_MODEL = dict(vocabulary_size=64, embedding_dimensions=64, num_heads=4, num_layers=4, eos_index=0)
+
+
+def initial_weights(level: int) -> tuple[dict, int]:
+    """The weights pre-train.py starts from at seed 0 at this sharding level, whole, and the most tensor memory
+    this process held while building them."""
+    pretrain = load_script("pre-train")
+    args = pretrain.parse_args(["--device", "cpu", "--ddp_sharding_level", str(level)])
+    torch.manual_seed(0)
+    with PeakTensorMemory() as memory:
+        model, _ = pretrain.build_model(args, SMALL_VOCABULARY_MODEL, torch.device("cpu"))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), memory.peak
+
+
+def save_initial_weights(path: str) -> None:
+    """Under torchrun: rank 0 saves the initial weights and every rank's peak memory at levels 2 and 3."""
+    with distributed("cpu"):
+        figures = {level: initial_weights(level) for level in (2, 3)}
+        peaks = every_rank_s({level: peak for level, (_, peak) in figures.items()})
+        if rank() == 0:
+            torch.save({level: state for level, (state, _) in figures.items()} | {"peaks": peaks}, path)
+
+
+def test_sharded_ranks_start_from_one_process_s_weights_without_ever_holding_the_whole_model(tmp_path):
+    result = torchrun(Path(__file__).resolve(), "initial-weights", tmp_path / "weights.pt")
+    assert result.returncode == 0, result.stderr
+    two_processes = torch.load(tmp_path / "weights.pt", weights_only=True)
+    one_process, _ = initial_weights(2)
+    whole_model_bytes = 4 * sum(tensor.numel() for name, tensor in one_process.items() if name != "output_layer.weight")
+    for level in (2, 3):
+        torch.testing.assert_close(two_processes[level], one_process, rtol=0, atol=0)
+        for rank_peaks in two_processes["peaks"]:
+            assert rank_peaks[level] < 0.75 * whole_model_bytes, (level, rank_peaks, whole_model_bytes)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
     measure_training_memory()
+if __name__ == "__main__" and sys.argv[1:2] == ["initial-weights"]:
+    save_initial_weights(sys.argv[2])

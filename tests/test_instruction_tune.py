@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import random
 import re
@@ -19,6 +18,7 @@ from conftest import (
     REPOSITORY,
     assert_one_line_error,
     lightgpt,
+    load_script,
     metrics,
     run_script,
     run_until_first_epoch_then_terminate,
@@ -213,13 +213,6 @@ def test_bad_data_and_an_offline_hub_get_one_clear_line(base_model_path, tmp_pat
     offline = run_script("instruction-tune.py", "--base_model_path", base_model_path, "--checkpoint_path",
                          tmp_path / "lora.pt", "--device", "cpu")
     assert_one_line_error(offline, "tatsu-lab/alpaca", "--dataset local --dataset_path")
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPOSITORY / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_original_readme_arguments_keep_their_names_and_defaults():

@@ -138,7 +138,7 @@ def test_compiling_for_training_leaves_the_adapter_names_as_they_are():
     add_lora(eager, rank=4, alpha=1.0, dropout=0.0)
     compiled = base_model()
     add_lora(compiled, rank=4, alpha=1.0, dropout=0.0)
-    parallelize(compiled, activation_checkpointing=False, compile=True)
+    parallelize(compiled, torch.device("cpu"), activation_checkpointing=False, compile=True)
     assert lora_state_dict(compiled).keys() == lora_state_dict(eager).keys()
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     load_lora_state_dict(eager, lora_state_dict(compiled))
