@@ -26,9 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from devices import autocast
 from model import LightGPT
 
-# Long enough for rank 0 to write a large checkpoint while the others wait; short enough that a rank that
-# died takes the job down in minutes instead of leaving the others waiting forever.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
+# How long a rank waits in a collective for the others, in seconds. While training: short enough that a rank
+# that died takes the job down in minutes instead of leaving the others waiting forever. At start-up (while a
+# node's first process downloads and tokenizes the corpus, rank 0 reads a checkpoint, and each rank compiles
+# its first step) and while a checkpoint is written: long enough for one rank's slow work. The environment
+# variables let a test, or a job on slow storage, change them.
+TIMEOUTS = {"LIGHTGPT_PG_TIMEOUT_S": 300, "LIGHTGPT_STARTUP_TIMEOUT_S": 6 * 3600}
 
 Value = TypeVar("Value")
 
@@ -43,9 +46,24 @@ def launch_rank() -> int:
 
 
 def check_launch(device: str) -> None:
-    """Raise a one-line ValueError when torchrun asks for a device that has no process-group backend."""
+    """Raise a one-line ValueError when torchrun asks for a device that has no process-group backend, or the
+    environment for a timeout that is not a number of seconds."""
     if launched_by_torchrun() and torch.device(device).type not in ("cuda", "cpu"):
         raise ValueError(f"--device: {device!r} cannot train under torchrun; use cuda (nccl) or cpu (gloo)")
+    for variable in TIMEOUTS:
+        timeout(variable)
+
+
+def timeout(variable: str) -> timedelta:
+    """The timeout that the environment variable sets (see TIMEOUTS), else its default."""
+    text = os.environ.get(variable, str(TIMEOUTS[variable]))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"{variable}: must be a positive number of seconds, got {text!r}")
+    return timedelta(seconds=seconds)
 
 
 @contextmanager
@@ -59,13 +77,35 @@ def distributed(device_name: str) -> Iterator[torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+        dist.init_process_group("nccl", timeout=timeout("LIGHTGPT_STARTUP_TIMEOUT_S"), device_id=device)
     else:
-        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+        dist.init_process_group("gloo", timeout=timeout("LIGHTGPT_STARTUP_TIMEOUT_S"))
     try:
         yield device
     finally:
         dist.destroy_process_group()
+
+
+def end_start_up() -> None:
+    """Once every rank is here (after its first step, compiled), collectives wait only the training timeout."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.group.WORLD.set_timeout(timeout("LIGHTGPT_PG_TIMEOUT_S"))
+
+
+@contextmanager
+def patience() -> Iterator[None]:
+    """For work that takes one rank far longer than the others, such as rank 0 writing a checkpoint: collectives
+    within may wait as long as at start-up, and the block ends with every rank in step again."""
+    if not dist.is_initialized():
+        yield
+        return
+    dist.group.WORLD.set_timeout(timeout("LIGHTGPT_STARTUP_TIMEOUT_S"))
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.group.WORLD.set_timeout(timeout("LIGHTGPT_PG_TIMEOUT_S"))
 
 
 def exit_rank() -> None:

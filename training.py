@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn import Module
 from tqdm import tqdm
 
-from distributed import gradient_sync, item, rank, replicated, sum_across_ranks, world_size
+from distributed import end_start_up, gradient_sync, item, patience, rank, replicated, sum_across_ranks, world_size
 
 class Adafactor(torch.optim.Adafactor):
     """torch.optim.Adafactor, same hyperparameters and state, with a step that also runs on FSDP2's sharded
@@ -267,7 +267,8 @@ def train(
     names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every
     rank calls it). Each epoch is logged, evaluated every args.eval_interval epochs and saved every
     args.checkpoint_interval epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the
-    same step. Rank 0 alone shows progress and writes the metrics log beside args.checkpoint_path.
+    same step. Rank 0 alone shows progress and writes the metrics log beside args.checkpoint_path. Ranks wait for
+    each other as long as at start-up until the first step is done, and while a checkpoint is saved.
     """
     main_process = rank() == 0
     total_steps = steps_per_epoch * args.num_epochs
@@ -287,6 +288,8 @@ def train(
             progress.close()
             sys.exit(f"{program}: error: at step {step}, {error}" if main_process else 1)
         step += 1
+        if step == start_step + 1:
+            end_start_up()
         log.add_step(step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
@@ -296,9 +299,11 @@ def train(
                                if epoch % args.eval_interval == 0 or last else None)
             log.end_epoch(epoch, step, unit, units_per_epoch, validation_loss)
             if epoch % args.checkpoint_interval == 0 or last:
-                save(step, epoch)
+                with patience():
+                    save(step, epoch)
         if stop_requested:
-            save(step, step // steps_per_epoch)
+            with patience():
+                save(step, step // steps_per_epoch)
             progress.close()
             if main_process:
                 print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")

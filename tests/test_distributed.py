@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,65 @@ def test_sharded_ranks_start_from_one_process_s_weights_without_ever_holding_the
             assert rank_peaks[level] < 0.75 * whole_model_bytes, (level, rank_peaks, whole_model_bytes)
 
 
+def pretrain_slowed(slow_part: str, seconds: float, argv: list[str]) -> None:
+    """Under torchrun: pre-train.py with one part made slow, as a download, slow storage or a stuck rank make it:
+    "preparation" (every rank's corpus preparation), "save" (rank 0 writing the checkpoint) or "step" (rank 1's
+    third optimizer step)."""
+    import training
+
+    pretrain = load_script("pre-train")
+
+    def slowed(function, on_call=lambda calls: True):
+        calls = []
+
+        def slow(*args, **kwargs):
+            calls.append(1)
+            if on_call(len(calls)):
+                time.sleep(seconds)
+            return function(*args, **kwargs)
+        return slow
+
+    if slow_part == "preparation":
+        pretrain.prepare_corpus = slowed(pretrain.prepare_corpus)
+    elif slow_part == "save":
+        pretrain.save_atomically = slowed(pretrain.save_atomically)
+    else:
+        training.optimizer_step = slowed(training.optimizer_step, lambda calls: calls == 3 and rank() == 1)
+    sys.argv = ["pre-train.py", *argv]
+    pretrain.main()
+
+
+def torchrun_slowed(slow_part: str, seconds: float, *args: str, timeout_s: float = 3) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--shutdown-timeout=1",
+         Path(__file__).resolve(), "slowed", slow_part, str(seconds), *map(str, args)],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300,
+        env=one_thread() | {"LIGHTGPT_PG_TIMEOUT_S": str(timeout_s)},
+    )
+
+
+@pytest.mark.parametrize("slow_part", ["preparation", "save"])
+def test_a_preparation_or_a_save_slower_than_the_timeout_still_ends_in_a_trained_run(tmp_path, slow_part):
+    # A first run on a GPU cluster downloads and tokenizes for tens of minutes, and rank 0 writes a large
+    # checkpoint to slow storage, while the other ranks wait.
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"Document {index} is here." for index in range(40)))
+    flags = [*COMMON, "--dataset", "text", "--text_files", tmp_path / "corpus.txt", "--dataset_path", tmp_path,
+             "--checkpoint_path", tmp_path / "c.pt", "--num_epochs", "2", "--block_size", "4"]
+    result = torchrun_slowed(slow_part, 6, *flags)
+    assert result.returncode == 0, result.stderr
+    assert [record["epoch"] for record in metrics(tmp_path / "c.pt")] == [1, 2]
+
+
+def test_a_rank_that_stalls_while_training_stops_the_job_within_the_timeout(tmp_path, dataset_path):
+    start = time.monotonic()
+    result = torchrun_slowed("step", 120, *COMMON, "--dataset_path", dataset_path, "--checkpoint_path",
+                             tmp_path / "c.pt", "--num_epochs", "4")
+    assert result.returncode != 0 and "Timed out" in result.stderr, result.stderr
+    assert time.monotonic() - start < 60
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["slowed"]:
+    pretrain_slowed(sys.argv[2], float(sys.argv[3]), sys.argv[4:])
 if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
     measure_training_memory()
 if __name__ == "__main__" and sys.argv[1:2] == ["initial-weights"]:
