@@ -131,7 +131,8 @@ class Measurement:
 
 
 class PeakTensorMemory(TorchDispatchMode):
-    """The peak bytes of tensor storage alive at once, for devices whose allocator keeps no statistics.
+    """The peak bytes of tensor storage alive at once, for devices whose allocator keeps no statistics, and the
+    largest single storage.
 
     Every operator's outputs are counted when made and uncounted when their storage is freed; memory that
     kernels allocate internally and never return as a tensor is not seen.
@@ -139,22 +140,23 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.current = self.peak = 0
+        self.current = self.peak = self.largest = 0
         self.seen: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         outputs = func(*args, **(kwargs or {}))
         for output in tree_leaves(outputs):
             if isinstance(output, torch.Tensor):
-                self.count(output.untyped_storage())
+                self.count(getattr(output, "_local_tensor", output).untyped_storage())  # a DTensor's own shard
         return outputs
 
     def count(self, storage: torch.UntypedStorage) -> None:
-        if id(storage) in self.seen or storage.nbytes() == 0:
+        if id(storage) in self.seen or storage.nbytes() == 0 or storage.device.type == "meta":  # meta holds nothing
             return
         self.seen.add(id(storage))
         self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
+        self.largest = max(self.largest, storage.nbytes())
         weakref.finalize(storage, self.release, id(storage), storage.nbytes())
 
     def release(self, key: int, nbytes: int) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from data import TOKENIZER_NAME
+from data import TOKENIZER_NAME, temporary_path
 from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
@@ -52,7 +52,7 @@ def save_atomically(checkpoint: dict, path: str | Path) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(path)
     torch.save(checkpoint, temporary)
     os.replace(temporary, path)
 
@@ -123,10 +123,14 @@ def upgraded(checkpoint: dict) -> dict:
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
-    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU."""
+    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU.
+    The model takes the checkpoint's tensors as its parameters, memory-mapped from the file: building it never
+    holds the weights twice."""
     try:
-        model = LightGPT(LightGPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
+        with torch.device("meta"):
+            model = LightGPT(LightGPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"], assign=True)
+        model.tie_weights()
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({reason})") from None

@@ -7,6 +7,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import secrets
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from multiprocessing import Pool
@@ -270,7 +272,7 @@ def prepare_corpus(
 
     folder.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "test": 0}
-    temporary = {split: folder / f"{split}.bin.{os.getpid()}.tmp" for split in counts}
+    temporary = {split: temporary_path(folder / f"{split}.bin") for split in counts}
     try:
         with open(temporary["train"], "wb") as train_file, open(temporary["test"], "wb") as test_file:
             progress = tqdm(total=num_documents, desc=f"Tokenizing {dataset}", unit="doc", disable=not show_progress)
@@ -299,8 +301,14 @@ def prepare_corpus(
     return folder
 
 
+def temporary_path(path: Path) -> Path:
+    """A name beside `path` to write it under before renaming it into place, unique to this process even among
+    containers on several nodes that share the filesystem (where process ids coincide)."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 def write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(path)
     temporary.write_text(text)
     os.replace(temporary, path)
 

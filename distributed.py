@@ -19,16 +19,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 
 from devices import autocast
 from model import LightGPT
 
-# Long enough for rank 0 to write a large checkpoint while the others wait; short enough that a rank that
-# died takes the job down in minutes instead of leaving the others waiting forever.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
+# How long a rank waits in a collective for the others, in seconds. While training: short enough that a rank
+# that died takes the job down in minutes instead of leaving the others waiting forever. At start-up (while a
+# node's first process downloads and tokenizes the corpus, rank 0 reads a checkpoint, and each rank compiles
+# its first step) and while a checkpoint is written: long enough for one rank's slow work. The environment
+# variables let a test, or a job on slow storage, change them.
+TIMEOUTS = {"LIGHTGPT_PG_TIMEOUT_S": 300, "LIGHTGPT_STARTUP_TIMEOUT_S": 6 * 3600}
 
 Value = TypeVar("Value")
 
@@ -43,9 +46,24 @@ def launch_rank() -> int:
 
 
 def check_launch(device: str) -> None:
-    """Raise a one-line ValueError when torchrun asks for a device that has no process-group backend."""
+    """Raise a one-line ValueError when torchrun asks for a device that has no process-group backend, or the
+    environment for a timeout that is not a number of seconds."""
     if launched_by_torchrun() and torch.device(device).type not in ("cuda", "cpu"):
         raise ValueError(f"--device: {device!r} cannot train under torchrun; use cuda (nccl) or cpu (gloo)")
+    for variable in TIMEOUTS:
+        timeout(variable)
+
+
+def timeout(variable: str) -> timedelta:
+    """The timeout that the environment variable sets (see TIMEOUTS), else its default."""
+    text = os.environ.get(variable, str(TIMEOUTS[variable]))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"{variable}: must be a positive number of seconds, got {text!r}")
+    return timedelta(seconds=seconds)
 
 
 @contextmanager
@@ -59,13 +77,35 @@ def distributed(device_name: str) -> Iterator[torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+        dist.init_process_group("nccl", timeout=timeout("LIGHTGPT_STARTUP_TIMEOUT_S"), device_id=device)
     else:
-        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+        dist.init_process_group("gloo", timeout=timeout("LIGHTGPT_STARTUP_TIMEOUT_S"))
     try:
         yield device
     finally:
         dist.destroy_process_group()
+
+
+def end_start_up() -> None:
+    """Once every rank is here (after its first step, compiled), collectives wait only the training timeout."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.group.WORLD.set_timeout(timeout("LIGHTGPT_PG_TIMEOUT_S"))
+
+
+@contextmanager
+def patience() -> Iterator[None]:
+    """For work that takes one rank far longer than the others, such as rank 0 writing a checkpoint: collectives
+    within may wait as long as at start-up, and the block ends with every rank in step again."""
+    if not dist.is_initialized():
+        yield
+        return
+    dist.group.WORLD.set_timeout(timeout("LIGHTGPT_STARTUP_TIMEOUT_S"))
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.group.WORLD.set_timeout(timeout("LIGHTGPT_PG_TIMEOUT_S"))
 
 
 def exit_rank() -> None:
@@ -136,27 +176,46 @@ def precision(model: Module, device: torch.device, mixed_precision: bool) -> Abs
 
 
 def parallelize(
-    model: LightGPT, activation_checkpointing: bool, compile: bool, sharding_level: int = 2,
+    model: LightGPT, device: torch.device, activation_checkpointing: bool, compile: bool, sharding_level: int = 2,
     mixed_precision: bool = False,
 ) -> Module:
     """Wrap a pure model for training in torchtitan's order: activation checkpointing, then compile each block,
     then, under torchrun, data parallelism: DDP at sharding level 0, FSDP2 at levels 2 and 3. FSDP2 shards each
-    block on its own and leaves the tied embedding/output weight and the final norm to the root."""
+    block on its own and leaves the tied embedding/output weight and the final norm to the root. A model built on
+    the meta device is allocated on `device` and initialised only after it is sharded (see materialize)."""
     model.enable_activation_checkpointing(activation_checkpointing)
     if compile:
-        for index, block in enumerate(model.body):
-            model.body.register_module(str(index), torch.compile(block))
-    if not dist.is_initialized():
-        return model
-    device = next(model.parameters()).device
-    if sharding_level == 0:
+        for block in model.body:
+            block.compile()  # in place: the state-dict keys stay the same however the model runs
+    sharded = dist.is_initialized() and sharding_level != 0
+    if sharded:
+        policy = MixedPrecisionPolicy()
+        if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.body:
+            fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+        fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+    if next(model.parameters()).is_meta:
+        materialize(model, device)
+    if dist.is_initialized() and not sharded:
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    policy = MixedPrecisionPolicy()
-    if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.body:
-        fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
-    return fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: LightGPT, device: torch.device) -> None:
+    """Allocate a model built on the meta device on `device` (under FSDP2, only this rank's shards) and draw its
+    weights as one process does: each parameter whole, one at a time and in model order, of which a rank keeps
+    its shard. No rank ever holds the whole model, and the same seed gives the same weights at any number of
+    processes."""
+    model.to_empty(device=device)
+    for name, parameter in model.named_parameters():
+        if not isinstance(parameter, DTensor):
+            model.init_parameter(name, parameter)
+            continue
+        whole = torch.empty(parameter.shape, dtype=parameter.dtype, device=device)
+        model.init_parameter(name, whole)
+        parameter.copy_(distribute_tensor(whole, parameter.device_mesh, parameter.placements, src_data_rank=None))
 
 
 def gradient_sync(model: Module, enabled: bool) -> AbstractContextManager:

@@ -124,7 +124,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     device = torch.device(args.device)
     model.to(device)
     compile = args.compile if args.compile is not None else device.type == "cuda"
-    training_model = parallelize(model, args.activation_checkpointing, compile)
+    training_model = parallelize(model, device, args.activation_checkpointing, compile)
     adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(adapters, lr=args.learning_rate, fused=device.type == "cuda")
 
@@ -134,7 +134,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     if checkpoint:
         load_lora_state_dict(model, checkpoint["lora"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"][0])
+        restore_rng_state(checkpoint["rng"][0], device)
         step = checkpoint["step"]
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
@@ -156,7 +156,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
 
     def save(step: int, epoch: int) -> None:
         save_atomically(training_checkpoint(
-            base["model_args"], base["block_size"], optimizer.state_dict(), step, epoch, [rng_state()],
+            base["model_args"], base["block_size"], optimizer.state_dict(), step, epoch, [rng_state(device)],
             vars(args) | {"seed": seed},
             lora_args={"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
             base_model_path=str(Path(args.base_model_path).resolve()), base_fingerprint=base_fingerprint,

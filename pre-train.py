@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch.nn import Module
 
 from checkpoint import load_checkpoint, save_atomically, training_checkpoint
 from data import CORPORA, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
@@ -139,6 +140,17 @@ def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, d
     return inputs
 
 
+def build_model(args: argparse.Namespace, model_args: dict, device: torch.device) -> tuple[LightGPT, Module]:
+    """The model, and the model wrapped for training. It is built on the meta device and allocated as it is
+    sharded, so that under FSDP2 no rank ever holds all of it; its weights come from the current seed, the same
+    at any number of processes."""
+    with torch.device("meta"):
+        model = LightGPT(LightGPTConfig(**model_args))
+    compile = args.compile if args.compile is not None else device.type == "cuda"
+    return model, parallelize(model, device, args.activation_checkpointing, compile, args.ddp_sharding_level,
+                              args.mixed_precision)
+
+
 def main() -> None:
     args = parse_args()
     try:
@@ -163,10 +175,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
             f"{world_size()} processes, so some run an idle pass every step; use a multiple of {world_size()}"
         )
 
-    model = LightGPT(LightGPTConfig(**model_args)).to(device)
-    compile = args.compile if args.compile is not None else device.type == "cuda"
-    training_model = parallelize(model, args.activation_checkpointing, compile, args.ddp_sharding_level,
-                                 args.mixed_precision)
+    model, training_model = build_model(args, model_args, device)
     if args.optimizer == "adafactor":
         optimizer = Adafactor(training_model.parameters(), lr=args.learning_rate)
     else:
@@ -187,7 +196,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     # Dropout masks differ between ranks: rank 0 draws the stream a single process would, and a resumed rank
     # continues its own stream when the checkpoint has one for it (it was saved by at least as many ranks).
     if rank() < len(saved_rng_states):
-        restore_rng_state(saved_rng_states[rank()])
+        restore_rng_state(saved_rng_states[rank()], device)
     elif rank():
         torch.manual_seed(hash((seed, rank(), step)))
 
@@ -202,7 +211,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
         return micro_batches_of_windows(train_windows, starts, args.batch_size)
 
     def save(step: int, epoch: int) -> None:
-        rng_states = every_rank_s(rng_state())
+        rng_states = every_rank_s(rng_state(device))
         model_state, optimizer_state = full_training_state(training_model, optimizer)
         if main_process:
             save_atomically(training_checkpoint(

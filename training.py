@@ -18,7 +18,7 @@ from torch.nn import Module
 from tqdm import tqdm
 
 from devices import compute_dtype, peak_tflops
-from distributed import gradient_sync, item, rank, replicated, sum_across_ranks, world_size
+from distributed import end_start_up, gradient_sync, item, patience, rank, replicated, sum_across_ranks, world_size
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -96,17 +96,32 @@ def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This process's random-number state: the CPU's and, on a GPU, its own GPU's. Not every visible GPU's:
+    a run resumed on fewer GPUs could not restore them all."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    own = saved_device_state(state, device)
+    if own is not None:
+        torch.cuda.set_rng_state(own, device)
+
+
+def saved_device_state(state: dict, device: torch.device) -> Tensor | None:
+    """The saved generator state of this process's GPU, if it has one. Older checkpoints kept a list of every
+    visible GPU's state, in which this process's is the one at its device's index."""
+    saved = state.get("cuda")
+    if device.type != "cuda" or saved is None:
+        return None
+    if isinstance(saved, Tensor):
+        return saved
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return saved[index] if index < len(saved) else None
 
 
 def append_metrics(path: str | Path, record: dict) -> None:
@@ -134,6 +149,14 @@ def weighted_by_targets(batches: list[tuple[Tensor, Tensor]], padding_index: int
     return [(inputs, targets, count / sum(counts)) for (inputs, targets), count in zip(batches, counts)]
 
 
+def to_device(batch: Tensor, device: torch.device) -> Tensor:
+    """A batch on the device. A GPU gets it through pinned memory, so that the copy runs while the GPU computes:
+    a non-blocking copy from ordinary (pageable) memory waits until it is done."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def optimizer_step(
     model: Module,
     optimizer: torch.optim.Optimizer,
@@ -157,7 +180,7 @@ def optimizer_step(
     for index, (inputs, targets, weight) in enumerate(micro_batches):
         with gradient_sync(model, index == len(micro_batches) - 1):
             with precision:
-                _, loss = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+                _, loss = model(to_device(inputs, device), to_device(targets, device))
             (loss * weight).backward()
         step_loss += loss.detach() * weight
     step_loss, stop_requests = sum_across_ranks(
@@ -187,7 +210,7 @@ def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for inputs, targets, weight in batches:
         with precision:
-            _, loss = model(inputs.to(device), targets.to(device))
+            _, loss = model(to_device(inputs, device), to_device(targets, device))
         if weight:
             num_targets = (targets != padding_index).sum().to(device)
             total += loss.float() * num_targets
@@ -316,7 +339,8 @@ def train(
     args.checkpoint_interval epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the
     same step. Rank 0 alone shows progress, writes the metrics log beside args.checkpoint_path and, unless
     args.tensorboard is off, TensorBoard curves under args.log_dir, with the model FLOPs utilization when
-    flops_per_unit (the FLOPs of training on one unit) and the device's peak are known.
+    flops_per_unit (the FLOPs of training on one unit) and the device's peak are known. Ranks wait for each other
+    as long as at start-up until the first step is done, and while a checkpoint is saved.
     """
     main_process = rank() == 0
     total_steps = steps_per_epoch * args.num_epochs
@@ -337,6 +361,8 @@ def train(
             log.close()
             sys.exit(f"{program}: error: at step {step}, {error}" if main_process else 1)
         step += 1
+        if step == start_step + 1:
+            end_start_up()
         log.add_step(step, step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
@@ -346,9 +372,11 @@ def train(
                                if epoch % args.eval_interval == 0 or last else None)
             log.end_epoch(epoch, step, unit, units_per_epoch, validation_loss)
             if epoch % args.checkpoint_interval == 0 or last:
-                save(step, epoch)
+                with patience():
+                    save(step, epoch)
         if stop_requested:
-            save(step, step // steps_per_epoch)
+            with patience():
+                save(step, step // steps_per_epoch)
             log.close()
             if main_process:
                 print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")

@@ -1,4 +1,5 @@
 import atexit
+import importlib.util
 import json
 import os
 import shutil
@@ -69,6 +70,14 @@ def tensorboard_run(folder: Path):
 # (see docs/testing.md).
 def one_thread() -> dict:
     return os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+def load_script(name: str):
+    """A script of the repository (its name without .py) as a module, to call its functions."""
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPOSITORY / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

@@ -1,3 +1,4 @@
+import os
 import warnings
 
 import pytest
@@ -9,10 +10,12 @@ from checkpoint import (
     load_lora_checkpoint,
     load_lora_model,
     load_model,
+    model_from_checkpoint,
     save_atomically,
     trained_on_these_weights,
 )
-from conftest import REPOSITORY, tiny_model
+from conftest import REPOSITORY, save_pretrained_checkpoint, tiny_model
+from data import write_text_atomically
 from distributed import load_training_state
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
@@ -51,3 +54,29 @@ def test_a_checkpoint_from_a_newer_lightgpt_is_refused_in_one_line(tmp_path):
     save_atomically(checkpoint, tmp_path / "newer.pt")
     with pytest.raises(ValueError, match=f"format {FORMAT_VERSION + 1}, newer than"):
         load_checkpoint(tmp_path / "newer.pt")
+
+
+def test_a_save_leaves_alone_the_temporary_file_of_a_process_with_the_same_id_on_another_node(tmp_path):
+    # Containers on several nodes sharing a filesystem often run the trainer with the same process id.
+    path = tmp_path / "checkpoint.pt"
+    others = [path.with_name(f"checkpoint.pt.{os.getpid()}.tmp"), tmp_path / f"meta.json.{os.getpid()}.tmp"]
+    for other in others:
+        other.write_text("another node's half-written file")
+    save_atomically({"step": 1}, path)
+    write_text_atomically(tmp_path / "meta.json", "{}")
+    assert torch.load(path, weights_only=True) == {"step": 1} and (tmp_path / "meta.json").read_text() == "{}"
+    for other in others:
+        assert other.read_text() == "another node's half-written file"
+    assert len(list(tmp_path.glob("*.tmp"))) == 2
+
+
+def test_a_loaded_model_runs_on_the_checkpoint_s_memory_mapped_tensors_without_copying_them(tmp_path):
+    # A 7B base must not need twice its size in RAM to be instruction-tuned or to generate.
+    path = save_pretrained_checkpoint(tiny_model(), tmp_path / "base.pt", block_size=8)
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, path)
+    for name, parameter in model.named_parameters():
+        assert parameter.data_ptr() == checkpoint["model"][name].data_ptr(), name
+    assert model.output_layer.weight is model.token_embeddings.weight
+    tokens = torch.randint(0, 97, (1, 8))
+    torch.testing.assert_close(model.eval()(tokens)[0], tiny_model().eval()(tokens)[0], rtol=0, atol=0)

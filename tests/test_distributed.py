@@ -7,23 +7,27 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import PeakTensorMemory  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from conftest import (  # noqa: E402
     REPOSITORY,
     TINY_MODEL,
     lightgpt,
+    load_script,
     metrics,
     one_thread,
     run_script,
     terminate_after_first_epoch,
 )
-from distributed import distributed, parallelize, rank  # noqa: E402
+from distributed import distributed, every_rank_s, parallelize, rank  # noqa: E402
 from training import Adafactor  # noqa: E402
 
 pytestmark = pytest.mark.slow  # nearly every test here starts processes
@@ -203,7 +207,8 @@ def measure_training_memory() -> None:
     with distributed("cpu"):
         for level in (0, 2, 3):
             model = lightgpt(vocabulary_size=1024, embedding_dimensions=64, num_heads=4, num_layers=4, eos_index=0)
-            training_model = parallelize(model, activation_checkpointing=False, compile=False, sharding_level=level)
+            training_model = parallelize(model, torch.device("cpu"), activation_checkpointing=False, compile=False,
+                                         sharding_level=level)
             optimizer = torch.optim.AdamW(training_model.parameters())
             at_rest = local_bytes(training_model.parameters())
             tokens = torch.randint(0, 1024, (2, 33), generator=torch.Generator().manual_seed(0))
@@ -241,5 +246,104 @@ def test_sharding_levels_divide_the_training_state_between_two_ranks():
     assert figures[3]["parameters_between_forward_and_backward"] == figures[3]["parameters"]
 
 
+# Blocks, not the embedding, make up most of this model, as of any large one: a rank that held the whole model
+# would show it.
+SMALL_VOCABULARY_MODEL = dict(vocabulary_size=64, embedding_dimensions=64, num_heads=4, num_layers=4, eos_index=0)
+
+
+def initial_weights(level: int) -> tuple[dict, int]:
+    """The weights pre-train.py starts from at seed 0 at this sharding level, whole, and the most tensor memory
+    this process held while building them."""
+    pretrain = load_script("pre-train")
+    args = pretrain.parse_args(["--device", "cpu", "--ddp_sharding_level", str(level)])
+    torch.manual_seed(0)
+    with PeakTensorMemory() as memory:
+        model, _ = pretrain.build_model(args, SMALL_VOCABULARY_MODEL, torch.device("cpu"))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), memory.peak
+
+
+def save_initial_weights(path: str) -> None:
+    """Under torchrun: rank 0 saves the initial weights and every rank's peak memory at levels 2 and 3."""
+    with distributed("cpu"):
+        figures = {level: initial_weights(level) for level in (2, 3)}
+        peaks = every_rank_s({level: peak for level, (_, peak) in figures.items()})
+        if rank() == 0:
+            torch.save({level: state for level, (state, _) in figures.items()} | {"peaks": peaks}, path)
+
+
+def test_sharded_ranks_start_from_one_process_s_weights_without_ever_holding_the_whole_model(tmp_path):
+    result = torchrun(Path(__file__).resolve(), "initial-weights", tmp_path / "weights.pt")
+    assert result.returncode == 0, result.stderr
+    two_processes = torch.load(tmp_path / "weights.pt", weights_only=True)
+    one_process, _ = initial_weights(2)
+    whole_model_bytes = 4 * sum(tensor.numel() for name, tensor in one_process.items() if name != "output_layer.weight")
+    for level in (2, 3):
+        torch.testing.assert_close(two_processes[level], one_process, rtol=0, atol=0)
+        for rank_peaks in two_processes["peaks"]:
+            assert rank_peaks[level] < 0.75 * whole_model_bytes, (level, rank_peaks, whole_model_bytes)
+
+
+def pretrain_slowed(slow_part: str, seconds: float, argv: list[str]) -> None:
+    """Under torchrun: pre-train.py with one part made slow, as a download, slow storage or a stuck rank make it:
+    "preparation" (every rank's corpus preparation), "save" (rank 0 writing the checkpoint) or "step" (rank 1's
+    third optimizer step)."""
+    import training
+
+    pretrain = load_script("pre-train")
+
+    def slowed(function, on_call=lambda calls: True):
+        calls = []
+
+        def slow(*args, **kwargs):
+            calls.append(1)
+            if on_call(len(calls)):
+                time.sleep(seconds)
+            return function(*args, **kwargs)
+        return slow
+
+    if slow_part == "preparation":
+        pretrain.prepare_corpus = slowed(pretrain.prepare_corpus)
+    elif slow_part == "save":
+        pretrain.save_atomically = slowed(pretrain.save_atomically)
+    else:
+        training.optimizer_step = slowed(training.optimizer_step, lambda calls: calls == 3 and rank() == 1)
+    sys.argv = ["pre-train.py", *argv]
+    pretrain.main()
+
+
+def torchrun_slowed(slow_part: str, seconds: float, *args: str, timeout_s: float = 3) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--shutdown-timeout=1",
+         Path(__file__).resolve(), "slowed", slow_part, str(seconds), *map(str, args)],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300,
+        env=one_thread() | {"LIGHTGPT_PG_TIMEOUT_S": str(timeout_s)},
+    )
+
+
+@pytest.mark.parametrize("slow_part", ["preparation", "save"])
+def test_a_preparation_or_a_save_slower_than_the_timeout_still_ends_in_a_trained_run(tmp_path, slow_part):
+    # A first run on a GPU cluster downloads and tokenizes for tens of minutes, and rank 0 writes a large
+    # checkpoint to slow storage, while the other ranks wait.
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"Document {index} is here." for index in range(40)))
+    flags = [*COMMON, "--dataset", "text", "--text_files", tmp_path / "corpus.txt", "--dataset_path", tmp_path,
+             "--checkpoint_path", tmp_path / "c.pt", "--num_epochs", "2", "--block_size", "4"]
+    result = torchrun_slowed(slow_part, 6, *flags)
+    assert result.returncode == 0, result.stderr
+    assert [record["epoch"] for record in metrics(tmp_path / "c.pt")] == [1, 2]
+
+
+def test_a_rank_that_stalls_while_training_stops_the_job_within_the_timeout(tmp_path, dataset_path):
+    start = time.monotonic()
+    result = torchrun_slowed("step", 120, *COMMON, "--dataset_path", dataset_path, "--checkpoint_path",
+                             tmp_path / "c.pt", "--num_epochs", "4")
+    assert result.returncode != 0 and "Timed out" in result.stderr, result.stderr
+    assert time.monotonic() - start < 60
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["slowed"]:
+    pretrain_slowed(sys.argv[2], float(sys.argv[3]), sys.argv[4:])
 if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
     measure_training_memory()
+if __name__ == "__main__" and sys.argv[1:2] == ["initial-weights"]:
+    save_initial_weights(sys.argv[2])

@@ -110,7 +110,7 @@ def test_cached_and_uncached_sampling_draw_the_same_tokens_under_one_seed():
     settings = dict(temperature=1.5, top_k=VOCABULARY, top_p=1.0, repeat_penalty=1.3, block_size=10)
     runs = []
     for use_cache in (True, False):
-        torch.manual_seed(1)
+        torch.manual_seed(0)
         runs.append(list(generate(model, prompt, 30, use_cache=use_cache, **settings)))
     assert runs[0] == runs[1]
     assert len(runs[0]) > 10

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import random
 import re
@@ -19,6 +18,7 @@ from conftest import (
     REPOSITORY,
     assert_one_line_error,
     lightgpt,
+    load_script,
     metrics,
     run_script,
     run_until_first_epoch_then_terminate,
@@ -220,13 +220,6 @@ def test_bad_data_and_an_offline_hub_get_one_clear_line(base_model_path, tmp_pat
     assert_one_line_error(offline, "tatsu-lab/alpaca", "--dataset local --dataset_path")
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPOSITORY / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_original_readme_arguments_keep_their_names_and_defaults():
     parse_args = load_script("instruction-tune").parse_args
     defaults = vars(parse_args([]))
@@ -321,3 +314,20 @@ def test_the_readme_instruction_tuning_commands_run(base_model_path, tmp_path):
         result = run_script(script, *arguments, "--max_tokens", "3", "--device", "cpu", cwd=tmp_path)
         assert result.returncode == 0, f"{script}: {result.stderr}"
         assert result.stdout.strip(), f"{script} printed nothing"
+
+
+def test_an_adapter_trained_compiled_loads_in_the_scripts_and_resumes_uncompiled(
+    base_model_path, instructions_path, tmp_path
+):
+    path = tmp_path / "compiled.pt"
+    common = ["--num_epochs", "1", "--eval_interval", "1", "--seed", "0", "--batch_size", "9"]
+    compiled = instruction_tune(base_model_path, instructions_path, path, *common, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    for script in ("generate.py", "beam_search.py"):
+        result = run_script(script, "--lora_path", path, "--prompt", "Where is the city?", "--max_tokens", "2",
+                            "--device", "cpu")
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+    resumed = instruction_tune(base_model_path, instructions_path, path, *common[2:], "--num_epochs", "2",
+                               "--resume", "--no-compile")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [record["epoch"] for record in metrics(path)] == [1, 2]

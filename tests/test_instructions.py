@@ -94,7 +94,8 @@ def test_masked_prompt_tokens_do_not_enter_the_loss():
     masked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, True, model.padding_index, show_progress=False)
     unmasked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, False, model.padding_index, show_progress=False)
     x, y = masked.batch([0])
-    logits, loss = model(x, y)
+    logits, _ = model(x)
+    _, loss = model(x, y)
     response_length = len(load_tokenizer().encode_ordinary("Paris.")) + 1
     expected = torch.nn.functional.cross_entropy(logits[0, -response_length:], y[0, -response_length:])
     torch.testing.assert_close(loss, expected)
@@ -121,11 +122,12 @@ def test_batches_are_padded_and_the_padding_changes_neither_logits_nor_loss():
     x, y = samples.batch([0, 1, 2])
     lengths = [len(sample_x) for sample_x, _ in samples.samples]
     assert x.shape == y.shape == (3, max(lengths))
-    batch_logits, batch_loss = model(x, y)
+    (batch_logits, _), (_, batch_loss) = model(x), model(x, y)
     total, count = 0.0, 0
     for row, length in enumerate(lengths):
         assert (y[row, length:] == model.padding_index).all()
-        single_logits, single_loss = model(*samples.batch([row]))
+        single_x, single_y = samples.batch([row])
+        (single_logits, _), (_, single_loss) = model(single_x), model(single_x, single_y)
         torch.testing.assert_close(batch_logits[row, :length], single_logits[0], rtol=1e-4, atol=1e-5)
         total, count = total + single_loss * length, count + length
     torch.testing.assert_close(batch_loss, total / count)

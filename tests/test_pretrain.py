@@ -11,6 +11,7 @@ from conftest import (
     TINY_MODEL,
     assert_one_line_error,
     metrics,
+    one_thread,
     run_script,
     tensorboard_run,
     run_until_first_epoch_then_terminate,
@@ -183,6 +184,14 @@ def test_bad_arguments_get_one_clear_line(tmp_path, dataset_path, args, fragment
                         "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL, *args)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("variable", ["LIGHTGPT_PG_TIMEOUT_S", "LIGHTGPT_STARTUP_TIMEOUT_S"])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_a_clear_error(tmp_path, dataset_path, variable):
+    result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
+                        "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL,
+                        env=one_thread() | {variable: "soon"})
+    assert_one_line_error(result, variable, "positive number of seconds", "'soon'")
 
 
 def test_a_corpus_shorter_than_the_context_is_a_clear_error(tmp_path):

@@ -1,9 +1,13 @@
+"""The pieces of the training loop that need no process: the epoch log's figures, random-number states across
+devices."""
+
 import json
 
 import pytest
+import torch
 from tqdm import tqdm
 
-from training import EpochLog
+from training import EpochLog, restore_rng_state, rng_state, saved_device_state, to_device
 
 
 def logged_epoch(tmp_path, **utilization) -> dict:
@@ -22,3 +26,48 @@ def test_an_epoch_s_mfu_is_its_flops_per_second_over_the_peak(tmp_path):
 @pytest.mark.parametrize("utilization", [{}, {"flops_per_unit": 6e6}, {"peak_flops": 2e12}])
 def test_without_a_peak_or_the_flops_there_is_no_mfu(tmp_path, utilization):
     assert "mfu" not in logged_epoch(tmp_path, **utilization)
+
+
+def test_the_cpu_random_state_round_trips_and_a_cpu_process_saves_no_gpu_state():
+    state = rng_state(torch.device("cpu"))
+    assert state.keys() == {"torch"}
+    expected = torch.rand(3)
+    restore_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+
+
+# The CUDA calls themselves cannot run without a GPU; which saved state a process restores is decided here.
+GPU_STATES = [torch.full((16,), index, dtype=torch.uint8) for index in range(8)]
+
+
+@pytest.mark.parametrize("saved, device, expected", [
+    (GPU_STATES[5], "cuda:0", 5),  # today's checkpoints: each process's own GPU state
+    (GPU_STATES, "cuda:3", 3),  # older ones kept every visible GPU's: this process's is at its index
+    (GPU_STATES[:2], "cuda:3", None),  # written where fewer GPUs were visible: nothing to restore, no IndexError
+    (None, "cuda:0", None),  # written on a CPU
+    (GPU_STATES[1], "cpu", None),  # resumed on a CPU
+])
+def test_a_process_restores_its_own_gpu_s_state_only(saved, device, expected):
+    state = {"torch": torch.get_rng_state()} | ({"cuda": saved} if saved is not None else {})
+    own = saved_device_state(state, torch.device(device))
+    assert (own is None) if expected is None else torch.equal(own, GPU_STATES[expected])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_process_saves_and_restores_its_own_gpu_s_generator():
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    state = rng_state(device)
+    assert torch.equal(state["cuda"], torch.cuda.get_rng_state(device))
+    expected = torch.rand(3, device=device)
+    restore_rng_state(state, device)
+    assert torch.equal(torch.rand(3, device=device), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_batch_reaches_the_gpu_through_pinned_memory():
+    batch = torch.arange(12).view(3, 4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        moved = to_device(batch, torch.device("cuda"))
+        torch.cuda.synchronize()
+    assert torch.equal(moved.cpu(), batch)
+    assert any("Pinned" in event.name for event in profile.events()), [event.name for event in profile.events()]
