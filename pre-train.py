@@ -58,7 +58,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
                         help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
                         "state (FSDP2), 3 also shards the parameters.")
-    add_training_arguments(parser, learning_rate=5e-4, warmup_steps=100, num_epochs=2145, eval_interval=10,
+    add_training_arguments(parser, learning_rate=3e-3, warmup_steps=100, num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
     return parser
 
@@ -177,7 +177,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
 
     model, training_model = build_model(args, model_args, device)
     if args.optimizer == "adafactor":
-        optimizer = Adafactor(training_model.parameters(), lr=args.learning_rate)
+        optimizer = Adafactor(training_model.parameters(), lr=args.learning_rate, scale_parameter=False)
     else:
         optimizer = torch.optim.AdamW(training_model.parameters(), lr=args.learning_rate,
                                       fused=device.type == "cuda")
