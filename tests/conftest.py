@@ -17,14 +17,15 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
 # Tests never reach the network: the HuggingFace libraries fail fast instead of retrying.
-from model import LightGPT, LightGPTConfig  # noqa: E402
-
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 # and keep their caches of the tests' little corpora out of the user's home.
 HUGGINGFACE_CACHE = tempfile.mkdtemp(prefix="lightgpt-tests-hf-")
 atexit.register(shutil.rmtree, HUGGINGFACE_CACHE, ignore_errors=True)
 os.environ["HF_HOME"] = HUGGINGFACE_CACHE
+
+# Only now: model.py imports huggingface_hub, which reads those variables once, on import.
+from model import LightGPT, LightGPTConfig  # noqa: E402
 
 # A tiny model over the real 50257-token vocabulary: fast enough for a CPU, real in every code path.
 TINY_MODEL = [

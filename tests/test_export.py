@@ -4,6 +4,7 @@ import shlex
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
 import torch
 from safetensors import safe_open
@@ -126,9 +127,10 @@ def test_an_adapter_is_merged_before_export_and_its_template_travels_along(tmp_p
     assert "LoRA rank 2" in (tmp_path / "tuned" / "README.md").read_text()
 
 
-def test_from_pretrained_reads_a_hub_id_from_the_hub_cache(tmp_path, monkeypatch):
+def test_from_pretrained_reads_a_hub_id_from_the_hub_cache(tmp_path):
     """The Hub code path, offline (HF_HUB_OFFLINE): a model pushed to someone/tiny-lightgpt and downloaded before
     sits in the cache in the Hub's layout."""
+    assert huggingface_hub.constants.HF_HUB_OFFLINE, "conftest sets HF_HUB_OFFLINE before huggingface_hub is imported"
     model = tiny_model()
     commit = "0123456789abcdef0123456789abcdef01234567"
     repository = tmp_path / "models--someone--tiny-lightgpt"
