@@ -136,8 +136,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     parser.add_argument("--batch_size", type=positive_int, default=1,
                         help="The number of samples to pass through the network at a time.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
-                        help="The number of batches to pass through the network before updating the weights "
-                        "(under torchrun: in total, across all processes).")
+                        help="Batches per weight update (under torchrun: in total, across all processes).")
     parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
                         help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
     parser.add_argument("--warmup_steps", type=non_negative_int, default=warmup_steps,
