@@ -470,7 +470,8 @@ def measure_data(args: argparse.Namespace) -> list[Measurement]:
         for tokens in (args.data_tokens // 4, args.data_tokens):
             corpus = write_synthetic_corpus(Path(scratch) / f"corpus-{tokens}", tokens, args.seed)
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
-                figures = fresh_process.submit(preparation_figures, str(corpus), str(Path(scratch) / f"prepared-{tokens}"),
+                prepared = Path(scratch) / f"prepared-{tokens}"
+                figures = fresh_process.submit(preparation_figures, str(corpus), str(prepared),
                                                args.num_dataset_processes).result()
             details = {"tokens": figures["tokens"], "processes": args.num_dataset_processes}
             rows += [

@@ -1,4 +1,4 @@
-"""Tokenizer and pre-training corpora: tokenized once into uint16 memmaps, sampled as random windows."""
+"""Tokenizer and pre-training corpora: streamed, tokenized once into uint16 memmaps, sampled as random windows."""
 
 import ast
 import codecs
@@ -278,7 +278,8 @@ def text_files_failure(files: list[Path], error: Exception) -> ValueError:
         if problem:
             return ValueError(f"--text_files: {problem}")
     reason = " ".join(str(error).split())[:300]
-    return ValueError(f"--text_files: {', '.join(map(str, files))} could not be read ({type(error).__name__}: {reason})")
+    names = ", ".join(map(str, files))
+    return ValueError(f"--text_files: {names} could not be read ({type(error).__name__}: {reason})")
 
 
 def text_file_problem(file: Path) -> str | None:

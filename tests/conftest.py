@@ -155,5 +155,6 @@ def fineweb_edu_mirror(root: Path, documents: list[str], num_files: int = 2, row
             "token_count": [len(text.split()) for text in texts], "score": [3.2] * rows, "int_score": [3] * rows,
         })
         assert table.column_names == list(FINEWEB_EDU_COLUMNS)
-        pq.write_table(table, repository / "sample" / "10BT" / f"{shard:03d}_00000.parquet", row_group_size=row_group_size)
+        shard_path = repository / "sample" / "10BT" / f"{shard:03d}_00000.parquet"
+        pq.write_table(table, shard_path, row_group_size=row_group_size)
     return root
