@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -197,6 +198,38 @@ def test_bytes_a_killed_preparation_never_recorded_are_cut_and_dead_processes_fi
     assert prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False) == folder
     assert corpus_bytes(folder) == sound
     assert not list(folder.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_preparation_waits_while_another_process_prepares_the_same_folder(tmp_path, capfd):
+    files = write_text_corpus(tmp_path / "texts", [f"Doc {index}" for index in range(100)])
+    folder = data.corpus_folder(tmp_path / "dataset", "text", files)
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder / "prepare.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    preparation = threading.Thread(target=prepare_corpus, args=("text", tmp_path / "dataset", 1, files, False))
+    preparation.start()
+    preparation.join(timeout=2)
+    assert preparation.is_alive() and not (folder / "meta.json").exists()
+    assert f"Waiting for process {holder.pid}, which is preparing {folder}" in capfd.readouterr().err
+    holder.kill()  # the OS releases a dead process's lock
+    holder.wait()
+    preparation.join(timeout=60)
+    assert json.loads((folder / "meta.json").read_text())["complete"]
+
+
+# Takes the lock as a preparation does, says so, and holds it until killed.
+LOCK_HOLDER = """
+import fcntl, os, sys, time
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+lock.truncate(0)
+lock.write(str(os.getpid()))
+lock.flush()
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_a_second_preparation_reuses_the_files_at_once(tmp_path, monkeypatch):
