@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
                         help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
                         "state (FSDP2), 3 the parameters too.")
-    add_training_arguments(parser, learning_rate=5e-4, warmup_steps=100, num_epochs=2145, eval_interval=10,
+    add_training_arguments(parser, learning_rate=5e-4, warmup_steps="5%", num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
     return parser
 
