@@ -415,16 +415,18 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
 
 
 def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
-    """Parquet shards of documents of about 1,000 tokens (FineWeb-Edu's mean), of words drawn at the frequencies
-    of the embedded Wikipedia corpus, so that the tokenizer meets English; written a shard at a time."""
+    """Parquet shards of at least `tokens` tokens, in documents of about 1,000 tokens (FineWeb-Edu's mean), of words
+    drawn at the frequencies of the embedded Wikipedia corpus, so that the tokenizer meets English; written a shard
+    at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     words = np.array(" ".join(wikipedia_documents()).split(), dtype=object)
-    tokens_per_word = len(load_tokenizer().encode_ordinary(" ".join(words[:100_000]))) / 100_000
     generator = np.random.default_rng(seed)
+    sample = " ".join(words[generator.integers(0, len(words), size=100_000)])
+    tokens_per_word = len(load_tokenizer().encode_ordinary(sample)) / 100_000
     folder.mkdir(parents=True)
-    remaining, shard = int(tokens / tokens_per_word), 0
+    remaining, shard = int(1.01 * tokens / tokens_per_word), 0  # 1% over the estimate: never fewer tokens
     with tqdm(total=remaining, desc="Writing a synthetic corpus", unit="word", unit_scale=True, file=sys.stderr) as bar:
         while remaining > 0:
             lengths = generator.integers(100, 1400, size=2_000)  # words; about 1,000 tokens a document on average
