@@ -218,7 +218,7 @@ def hub_failure(dataset: str, repository: str, error: Exception) -> ConnectionEr
     elif "BuilderConfig" in reason:
         advice = "choose another --dataset_subset"
     else:
-        advice = "check that you can access it (a gated dataset needs: hf auth login)"
+        advice = "check your connection and your access to it (a gated dataset needs: hf auth login)"
     return ConnectionError(f"--dataset {dataset}: could not read {repository} from the HuggingFace hub "
                            f"({type(error).__name__}: {reason}); {advice}")
 
@@ -498,6 +498,11 @@ def prepare_corpus(
                 except KeyboardInterrupt:
                     cut_to_recorded_counts(folder, meta)  # under the lock: no other preparation is writing
                     raise
+                except ConnectionError as error:  # the hub, lost mid-stream: nothing prepared is lost
+                    if not meta["train_tokens"]:
+                        raise
+                    raise ConnectionError(f"{error}; the {meta['train_tokens']:,} training tokens prepared are kept, "
+                                          f"and the next run continues from them") from None
     except KeyboardInterrupt:
         raise PreparationInterrupted(
             f"--dataset {dataset}: preparation stopped at {meta.get('train_tokens', 0):,} training tokens; "

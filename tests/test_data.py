@@ -318,6 +318,21 @@ def test_fineweb_edu_streams_through_the_hub_code_from_a_local_mirror(tmp_path, 
     assert sorted(train + test) == sorted(documents) and 0 < len(test) < 40
 
 
+def test_a_hub_stream_that_breaks_mid_way_keeps_what_it_prepared_and_continues(tmp_path, monkeypatch):
+    documents = [f"Document {index} is about the river and the town." for index in range(1500)]
+    monkeypatch.chdir(fineweb_edu_mirror(tmp_path, documents, num_files=3))
+    uninterrupted = corpus_bytes(prepare_corpus("fineweb-edu", tmp_path / "uninterrupted", show_progress=False))
+    last_shard = tmp_path / "HuggingFaceFW" / "fineweb-edu" / "sample" / "10BT" / "002_00000.parquet"
+    intact = last_shard.read_bytes()
+    last_shard.write_bytes(intact[: len(intact) // 2])  # as a connection lost in the middle of the shard
+    with pytest.raises(ConnectionError) as broken:
+        prepare_corpus("fineweb-edu", tmp_path / "dataset", show_progress=False)
+    assert "could not read HuggingFaceFW/fineweb-edu" in str(broken.value)
+    assert "training tokens prepared are kept, and the next run continues from them" in str(broken.value)
+    last_shard.write_bytes(intact)
+    assert corpus_bytes(prepare_corpus("fineweb-edu", tmp_path / "dataset", show_progress=False)) == uninterrupted
+
+
 def test_hub_failures_are_one_line_that_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.chdir(fineweb_edu_mirror(tmp_path, ["One.", "Two."]))
     with pytest.raises(ConnectionError) as missing:
