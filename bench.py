@@ -7,7 +7,9 @@ with the ratio LightGPT / GPT-2 measured in the same run.
 
 import argparse
 import json
+import multiprocessing
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -15,15 +17,18 @@ import time
 import weakref
 from argparse import BooleanOptionalAction
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
-from data import load_documents, load_tokenizer, tokenize_corpus
+from data import load_tokenizer, prepare_corpus, wikipedia_documents
 from devices import peak_tflops
 from flags import (
     ArgumentParser,
@@ -40,6 +45,7 @@ from sizing import training_flops_per_token
 
 R50K_VOCABULARY_SIZE = 50257
 PARTS = ("train", "generate", "beam_search", "data", "checkpointing")
+RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Benchmark LightGPT against HuggingFace's GPT2LMHeadModel of the same depth, width, "
@@ -77,13 +83,11 @@ def build_parser() -> ArgumentParser:
                         help="The number of sequences beam search returns.")
     parser.add_argument("--beam_tokens", type=positive_int, default=64,
                         help="The number of tokens beam search generates.")
-    parser.add_argument("--dataset", default="wikipedia", choices=("wikipedia", "kjv"),
-                        help="The embedded corpus whose preparation is timed.")
-    parser.add_argument("--dataset_repeats", type=positive_int, default=8,
-                        help="Tokenize the corpus this many times over in the tokenization measurement, so that "
-                        "tokenizing outweighs starting the processes (an embedded corpus takes a fraction of a second).")
+    parser.add_argument("--data_tokens", type=positive_int, default=50_000_000,
+                        help="The size in tokens of the synthetic Parquet corpus whose whole preparation is measured, "
+                        "and of a quarter of it, to show that memory does not grow with the corpus.")
     parser.add_argument("--num_dataset_processes", type=positive_int, default=2,
-                        help="Corpus preparation with this many processes is compared with one process.")
+                        help="The processes that tokenize the corpus, as pre-train.py's flag.")
     parser.add_argument("--checkpointing_layers", type=positive_int, default=24,
                         help="The depth of the model whose peak memory is measured with and without checkpointing.")
     add_device_argument(parser)
@@ -391,31 +395,77 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     return [Measurement("beam_search_tokens_per_s", tokens / seconds, "tokens/s", gpt2_speed, details=details)]
 
 
-def measure_data(args: argparse.Namespace) -> list[Measurement]:
-    """Whole preparations of the corpus into a fresh folder, and the tokenization phase alone."""
-    from data import prepare_corpus
+def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
+    """Parquet shards of at least `tokens` tokens, in documents of about 1,000 tokens (FineWeb-Edu's mean), of words
+    drawn at the frequencies of the embedded Wikipedia corpus, so that the tokenizer meets English; written a shard
+    at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    documents = load_documents(args.dataset, 1)
-    tokenization, preparation = {}, {}
-    for processes in tqdm((1, args.num_dataset_processes), desc="Corpus preparation", file=sys.stderr):
-        load_tokenizer()
-        start = time.perf_counter()
-        repeated = tokenize_corpus(documents * args.dataset_repeats, processes)
-        tokens = sum(len(train) + len(test) for train, test in repeated) // 2
-        tokenization[processes] = tokens / (time.perf_counter() - start)
-        tokens //= args.dataset_repeats
-        with tempfile.TemporaryDirectory() as folder:
-            load_tokenizer.cache_clear()  # a user's run builds the tokenizer too
-            start = time.perf_counter()
-            prepare_corpus(args.dataset, folder, processes, show_progress=False)
-            preparation[processes] = tokens / (time.perf_counter() - start)
+    words = np.array(" ".join(wikipedia_documents()).split(), dtype=object)
+    generator = np.random.default_rng(seed)
+    sample = " ".join(words[generator.integers(0, len(words), size=100_000)])
+    tokens_per_word = len(load_tokenizer().encode_ordinary(sample)) / 100_000
+    folder.mkdir(parents=True)
+    remaining, shard = int(1.01 * tokens / tokens_per_word), 0  # 1% over the estimate: never fewer tokens
+    with tqdm(total=remaining, desc="Writing a synthetic corpus", unit="word", unit_scale=True, file=sys.stderr) as bar:
+        while remaining > 0:
+            lengths = generator.integers(100, 1400, size=2_000)  # words; about 1,000 tokens a document on average
+            lengths = lengths[: np.searchsorted(np.cumsum(lengths), remaining) + 1]
+            drawn = words[generator.integers(0, len(words), size=int(lengths.sum()))]
+            texts = [" ".join(document) for document in np.split(drawn, np.cumsum(lengths)[:-1])]
+            pq.write_table(pa.table({"text": texts}), folder / f"{shard:05d}.parquet")
+            remaining -= int(lengths.sum())
+            bar.update(int(lengths.sum()))
+            shard += 1
+    return folder
+
+
+def preparation_figures(corpus: str, dataset_path: str, processes: int) -> dict:
+    """One whole preparation of the Parquet files in `corpus`, in this (fresh) process: its tokens, seconds, and
+    the peak resident memory of this process and of its largest tokenizing process."""
+    from data import resolve_text_files
+
+    start = time.perf_counter()
+    folder = prepare_corpus("text", dataset_path, processes, resolve_text_files(corpus), show_progress=False)
+    seconds = time.perf_counter() - start
+    meta = json.loads((folder / "meta.json").read_text())
+    return {"tokens": meta["train_tokens"] + meta["test_tokens"], "seconds": seconds,
+            "peak_rss": peak_resident_bytes(),
+            "worker_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * RU_MAXRSS_UNIT}
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory. On Linux ru_maxrss carries a parent's peak over into a new program
+    (a spawned process starts at the bench's), so read the process's own high-water mark, VmHWM, instead."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT
+
+
+def measure_data(args: argparse.Namespace) -> list[Measurement]:
+    """Whole preparations (read, tokenize, write) of a synthetic corpus and of a quarter of it, each in a fresh
+    process, so that its peak memory is its own: a streamed preparation's must not grow with the corpus."""
     rows = []
-    for metric, speeds in (("tokenize_tokens_per_s", tokenization), ("prepare_corpus_tokens_per_s", preparation)):
-        for processes, speed in speeds.items():
-            rows.append(Measurement(metric, speed, "tokens/s", details={"processes": processes}))
-        speedup = speeds[args.num_dataset_processes] / speeds[1]
-        rows.append(Measurement(f"{metric.removesuffix('_tokens_per_s')}_speedup", speedup, "x",
-                                details={"processes": args.num_dataset_processes}))
+    with tempfile.TemporaryDirectory() as scratch:
+        for tokens in (args.data_tokens // 4, args.data_tokens):
+            corpus = write_synthetic_corpus(Path(scratch) / f"corpus-{tokens}", tokens, args.seed)
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
+                prepared = Path(scratch) / f"prepared-{tokens}"
+                figures = fresh_process.submit(preparation_figures, str(corpus), str(prepared),
+                                               args.num_dataset_processes).result()
+            details = {"tokens": figures["tokens"], "processes": args.num_dataset_processes}
+            rows += [
+                Measurement("prepare_corpus_tokens_per_s", figures["tokens"] / figures["seconds"], "tokens/s",
+                            details=details),
+                Measurement("prepare_corpus_peak_rss", figures["peak_rss"], "bytes", higher_is_better=False,
+                            details=details),
+                Measurement("prepare_corpus_worker_peak_rss", figures["worker_peak_rss"], "bytes",
+                            higher_is_better=False, details=details),
+            ]
+            shutil.rmtree(corpus)
     return rows
 
 
@@ -443,8 +493,7 @@ def measure_checkpointing(args: argparse.Namespace) -> list[Measurement]:
 
 def process_peak_memory() -> Measurement:
     """The bench process's peak resident memory, all parts and both models together (ru_maxrss)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return Measurement("process_peak_rss", peak if sys.platform == "darwin" else peak * 1024, "bytes")
+    return Measurement("process_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT, "bytes")
 
 
 def formatted(value: float, unit: str) -> str:

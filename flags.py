@@ -56,6 +56,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def steps_or_percentage(text: str) -> int | float:
+    """A number of optimizer steps ("100"), or a percentage of a run's steps ("5%"), returned as a fraction."""
+    if text.endswith("%"):
+        try:
+            value = float(text[:-1]) / 100
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"must be a percentage from 0% to 100%, got {text!r}")
+        return value
+    value = _number(int, text, "a number of steps or a percentage such as 5%")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero steps or more, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _number(float, text, "a positive number")
     if not value > 0:  # NaN fails this too
@@ -128,7 +144,7 @@ def model_config(args: argparse.Namespace, vocabulary_size: int, eos_index: int)
         raise ValueError(message) from None
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, warmup_steps: int,
+def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, warmup_steps: int | str,
                            num_epochs: int, eval_interval: int, checkpoint_interval: int,
                            checkpoint_path: str, what: str) -> None:
     """The flags of a training run, the same in pre-training and instruction tuning, with each script's defaults;
@@ -139,8 +155,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="Batches per weight update (under torchrun: in total, across all processes).")
     parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
                         help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
-    parser.add_argument("--warmup_steps", type=non_negative_int, default=warmup_steps,
-                        help="Optimizer steps of linear learning-rate warmup before the cosine decay.")
+    parser.add_argument("--warmup_steps", type=steps_or_percentage, default=warmup_steps,
+                        help="Linear warmup: a number of optimizer steps, or a percentage of all steps like 5%%.")
     parser.add_argument("--num_epochs", type=positive_int, default=num_epochs,
                         help="The number of epochs to train for.")
     parser.add_argument("--eval_interval", type=positive_int, default=eval_interval,

@@ -12,7 +12,16 @@ import torch
 from torch.nn import Module
 
 from checkpoint import load_checkpoint, save_atomically, training_checkpoint
-from data import CORPORA, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
+from data import (
+    CORPORA,
+    DEFAULT_SUBSET,
+    SUBSET_TOKENS,
+    PreparationInterrupted,
+    TokenWindows,
+    load_tokenizer,
+    prepare_corpus,
+    resolve_text_files,
+)
 from distributed import (
     check_launch,
     distributed,
@@ -38,16 +47,19 @@ from training import Adafactor, restore_rng_state, rng_state, train
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
                             "evaluates and checkpoints. Launch with torchrun for several devices.")
-    parser.add_argument("--dataset", default="openwebtext", choices=CORPORA,
-                        help="The corpus: openwebtext (HuggingFace hub, needs internet), wikipedia and kjv "
-                        "(embedded, offline), or text (your own files, see --text_files).")
+    parser.add_argument("--dataset", default="fineweb-edu", choices=CORPORA,
+                        help="Web corpora stream from the HuggingFace hub; wikipedia and kjv are offline; text reads "
+                        "--text_files.")
+    parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS),
+                        help="The sample of fineweb-edu or fineweb.")
+    parser.add_argument("--max_dataset_tokens", type=positive_int, default=None,
+                        help="Prepare about this many training tokens (default: all); more later continues.")
     parser.add_argument("--text_files", default=None,
-                        help="With --dataset text: a file, a folder or a glob of .txt, .json, .jsonl or .parquet "
-                        "files (JSON and Parquet need a 'text' field).")
+                        help="With --dataset text: a file, folder or glob (.txt, .json, .jsonl, .parquet).")
     parser.add_argument("--dataset_path", default="./dataset",
-                        help="The folder where the tokenized corpus is stored and reused.")
+                        help="Where tokenized corpora are stored and reused.")
     parser.add_argument("--num_dataset_processes", type=positive_int, default=8,
-                        help="The number of processes (CPUs) used to tokenize the corpus.")
+                        help="The processes (CPUs) that tokenize the corpus.")
     parser.add_argument("--samples_per_epoch", type=positive_int, default=4096,
                         help="The number of training samples to pass through the network every epoch.")
     parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"),
@@ -57,8 +69,8 @@ def build_parser() -> ArgumentParser:
     add_model_arguments(parser, dropout=0.1)
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
                         help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
-                        "state (FSDP2), 3 also shards the parameters.")
-    add_training_arguments(parser, learning_rate=3e-3, warmup_steps=100, num_epochs=2145, eval_interval=10,
+                        "state (FSDP2), 3 the parameters too.")
+    add_training_arguments(parser, learning_rate=3e-3, warmup_steps="5%", num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
     return parser
 
@@ -113,7 +125,8 @@ def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_
 def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
     """The corpus, prepared on the first run, the model's arguments and, on rank 0 alone, the checkpoint to resume."""
     text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
-    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
+    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files,
+                            subset=args.dataset_subset, max_tokens=args.max_dataset_tokens)
     model_args = model_args_from(args)
     checkpoint = load_checkpoint(args.checkpoint_path) if args.resume and rank() == 0 else None
     if checkpoint:
@@ -132,7 +145,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, d
         if my_turn:
             try:
                 inputs = read_inputs(args)
-            except (ValueError, FileNotFoundError, ConnectionError) as exception:
+            except (ValueError, FileNotFoundError, ConnectionError, PreparationInterrupted) as exception:
                 error = str(exception)
         error = first_error_of_any_rank(error)
         if error:

@@ -88,6 +88,12 @@ class Adafactor(torch.optim.Adafactor):
         parameter.add_(update, alpha=-scale / clipping)
 
 
+def warmup_steps_of(warmup: int | float, total_steps: int) -> int:
+    """--warmup_steps as steps: a number of steps as given, or a fraction of the run's steps (from a percentage),
+    so that a short run warms up in proportion, and still reaches its peak learning rate."""
+    return warmup if isinstance(warmup, int) else round(warmup * total_steps)
+
+
 def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
     """Linear warmup to the peak, then cosine decay to a tenth of it by the last step."""
     if step < warmup_steps:
@@ -344,6 +350,7 @@ def train(
     """
     main_process = rank() == 0
     total_steps = steps_per_epoch * args.num_epochs
+    warmup_steps = warmup_steps_of(args.warmup_steps, total_steps)
     step = start_step
     exit_request = GracefulExit()
     progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main_process)
@@ -351,7 +358,7 @@ def train(
     log = main_log(args, progress, start_step, device, flops_per_unit) if main_process else EpochLog(progress, None)
     model.train()
     while step < total_steps:
-        learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
+        learning_rate = learning_rate_at(step, total_steps, warmup_steps, args.learning_rate)
         try:
             step_loss, gradient_norm, stop_requested = optimizer_step(
                 model, optimizer, micro_batches_at(step), learning_rate, args.max_gradient_norm, precision,

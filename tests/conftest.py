@@ -142,3 +142,38 @@ def dataset_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dataset")
     prepare_corpus("wikipedia", path, num_processes=2, show_progress=False)
     return path
+
+
+# FineWeb-Edu's columns, in its order; LightGPT reads only 'text'.
+FINEWEB_EDU_COLUMNS = ("text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score",
+                       "int_score")
+
+
+def fineweb_edu_mirror(root: Path, documents: list[str], num_files: int = 2, row_group_size: int = 100) -> Path:
+    """A local folder laid out like HuggingFaceFW/fineweb-edu on the hub (its README's sample-10BT config and
+    Parquet shards with its columns), which datasets.load_dataset reads, from a working directory of `root`, by the
+    repository's name: the hub's streaming code path, run offline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repository = root / "HuggingFaceFW" / "fineweb-edu"
+    (repository / "sample" / "10BT").mkdir(parents=True)
+    (repository / "README.md").write_text(
+        "---\nlicense: odc-by\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
+        "    path: sample/10BT/*\n---\n"
+    )
+    shard_size = -(-len(documents) // num_files)
+    for shard, start in enumerate(range(0, len(documents), shard_size)):
+        texts = documents[start : start + shard_size]
+        rows = len(texts)
+        table = pa.table({
+            "text": texts, "id": [f"<urn:uuid:{start + row}>" for row in range(rows)],
+            "dump": ["CC-MAIN-2024-10"] * rows, "url": [f"https://example.org/{start + row}" for row in range(rows)],
+            "file_path": ["s3://commoncrawl/crawl-data/CC-MAIN-2024-10/segments/0/warc/0.warc.gz"] * rows,
+            "language": ["en"] * rows, "language_score": [0.95] * rows,
+            "token_count": [len(text.split()) for text in texts], "score": [3.2] * rows, "int_score": [3] * rows,
+        })
+        assert table.column_names == list(FINEWEB_EDU_COLUMNS)
+        shard_path = repository / "sample" / "10BT" / f"{shard:03d}_00000.parquet"
+        pq.write_table(table, shard_path, row_group_size=row_group_size)
+    return root

@@ -153,6 +153,7 @@ def test_uneven_accumulation_warns_and_still_trains_like_one_process(tmp_path, d
 
 @pytest.mark.parametrize("flags, message", [
     (["--dataset", "text", "--text_files", "/nonexistent/*.txt"], "pre-train.py: error: --text_files"),
+    (["--dataset", "fineweb-edu"], "pre-train.py: error: --dataset fineweb-edu: could not read HuggingFaceFW/"),
     (["--batch_size", "0"], "pre-train.py: error: argument --batch_size: must be a positive integer, got 0"),
     (["--batch_size", "two"], "pre-train.py: error: argument --batch_size: must be a positive integer, got 'two'"),
 ])
