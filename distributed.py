@@ -246,6 +246,20 @@ def load_training_state(model: Module, optimizer: torch.optim.Optimizer, checkpo
                              options=options)
 
 
+def sharded_training_state(model: Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """This rank's shards of the model and optimizer state (the whole state alone or under DDP), named as in
+    full_training_state. All ranks call it; the tensors are the model's and the optimizer's own, so filling them
+    in place (torch.distributed.checkpoint's load) loads them."""
+    return get_model_state_dict(unwrapped(model)), get_optimizer_state_dict(unwrapped(model), optimizer)
+
+
+def load_sharded_training_state(model: Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                                optimizer_state: dict) -> None:
+    """Load the states that sharded_training_state gave, once read from a checkpoint, on every rank."""
+    set_model_state_dict(unwrapped(model), model_state)
+    set_optimizer_state_dict(unwrapped(model), optimizer, optimizer_state)
+
+
 def unwrapped(model: Module) -> Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 

@@ -96,7 +96,7 @@ def device(text: str) -> str:
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one here).")
+                        help="The device to run on: cuda, mps or cpu.")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None:
@@ -134,10 +134,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     """The flags of a training run, the same in pre-training and instruction tuning, with each script's defaults;
     `what` names what the checkpoint holds."""
     parser.add_argument("--batch_size", type=positive_int, default=1,
-                        help="The number of samples to pass through the network at a time.")
+                        help="The number of samples in each micro-batch.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
-                        help="The number of batches to pass through the network before updating the weights "
-                        "(under torchrun: in total, across all processes).")
+                        help="Micro-batches per weight update (under torchrun: in total, across all processes).")
     parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
                         help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
     parser.add_argument("--warmup_steps", type=non_negative_int, default=warmup_steps,
@@ -145,7 +144,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     parser.add_argument("--num_epochs", type=positive_int, default=num_epochs,
                         help="The number of epochs to train for.")
     parser.add_argument("--eval_interval", type=positive_int, default=eval_interval,
-                        help="Evaluate the model on the held-out split every this many epochs (and at the end).")
+                        help="Evaluate on the held-out split every this many epochs (and at the end).")
     parser.add_argument("--checkpoint_interval", type=positive_int, default=checkpoint_interval,
                         help="Save a checkpoint every this many epochs (and always at the end).")
     parser.add_argument("--checkpoint_path", default=checkpoint_path,
@@ -163,7 +162,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         "sharding levels 2 and 3).")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generators (default: a random one, recorded).")
+                        help="The random seed (default: a random one, recorded).")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -172,8 +171,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
                         help="The checkpoint written by pre-train.py (default: ./out/checkpoint.pt, or with "
                         "--lora_path the base checkpoint the adapter names).")
     parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter written by instruction-tune.py: it is merged into the base model, and "
-                        "each prompt is put in the instruction template it was tuned with.")
+                        help="A LoRA adapter written by instruction-tune.py, merged into its base; each prompt is "
+                        "put in the adapter's instruction template.")
     parser.add_argument("--prompt", default=None,
                         help="The text to complete, once; without it, prompts typed at the terminal, or one per "
                         "line of standard input.")
@@ -181,4 +180,4 @@ def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
                         help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generator, for reproducible runs.")
+                        help="The random seed, for reproducible runs.")

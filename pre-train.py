@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 from torch.nn import Module
 
-from checkpoint import load_checkpoint, save_atomically, training_checkpoint
+from checkpoint import (
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_index,
+    load_shards,
+    save_atomically,
+    save_sharded,
+    training_checkpoint,
+)
 from data import CORPORA, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
 from distributed import (
     check_launch,
@@ -22,11 +30,13 @@ from distributed import (
     from_rank_zero,
     full_training_state,
     launch_rank,
+    load_sharded_training_state,
     load_training_state,
     micro_batches_of_this_rank,
     parallelize,
     precision,
     rank,
+    sharded_training_state,
     world_size,
 )
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
@@ -38,8 +48,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
                             "evaluates and checkpoints. Launch with torchrun for several devices.")
     parser.add_argument("--dataset", default="openwebtext", choices=CORPORA,
-                        help="The corpus: openwebtext (HuggingFace hub, needs internet), wikipedia and kjv "
-                        "(embedded, offline), or text (your own files, see --text_files).")
+                        help="The corpus (see Corpora): openwebtext (needs internet), wikipedia and kjv "
+                        "(offline), or text (your own files, see --text_files).")
     parser.add_argument("--text_files", default=None,
                         help="With --dataset text: a file, a folder or a glob of .txt, .json, .jsonl or .parquet "
                         "files (JSON and Parquet need a 'text' field).")
@@ -48,7 +58,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--num_dataset_processes", type=positive_int, default=8,
                         help="The number of processes (CPUs) used to tokenize the corpus.")
     parser.add_argument("--samples_per_epoch", type=positive_int, default=4096,
-                        help="The number of training samples to pass through the network every epoch.")
+                        help="The number of training samples in each epoch.")
     parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"),
                         help="Adafactor keeps factored second moments (little memory); AdamW keeps two full moments.")
     parser.add_argument("--eval_samples", type=positive_int, default=256,
@@ -59,6 +69,9 @@ def build_parser() -> ArgumentParser:
                         "state (FSDP2, parameters whole from forward to backward), 3 also shards the parameters.")
     add_training_arguments(parser, learning_rate=5e-4, warmup_steps=100, num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
+    parser.add_argument("--checkpoint_format", default="single", choices=("single", "sharded"),
+                        help="single: one file, gathered on rank 0; sharded: a folder that every rank writes its "
+                        "own shards into.")
     return parser
 
 
@@ -76,8 +89,14 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.dataset == "text" and not args.text_files:
         raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
-    if args.resume and not Path(args.checkpoint_path).is_file():
-        raise ValueError(f"--resume: no checkpoint at --checkpoint_path {args.checkpoint_path}")
+    path = Path(args.checkpoint_path)
+    if args.resume and not (path.is_file() or is_sharded_checkpoint(path)):
+        raise ValueError(f"--resume: no checkpoint at --checkpoint_path {path}")
+    if args.checkpoint_format == "sharded" and path.is_file():
+        raise ValueError(f"--checkpoint_path: {path} is a single-file checkpoint, and --checkpoint_format sharded "
+                         f"writes a folder; choose another path")
+    if args.checkpoint_format == "single" and path.is_dir():
+        raise ValueError(f"--checkpoint_path: {path} is a folder; use --checkpoint_format sharded for it")
     model_args_from(args)
     check_launch(args.device)
 
@@ -109,19 +128,19 @@ def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_
             for batch_starts, weight in micro_batches_of_this_rank(starts, batch_size)]
 
 
-def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
-    """The corpus, prepared on the first run, the model's arguments and, on rank 0 alone, the checkpoint to resume."""
+def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
+    """The corpus, prepared on the first run, and the model's arguments; rank 0 checks that the checkpoint to
+    resume is of that model."""
     text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
     corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
     model_args = model_args_from(args)
-    checkpoint = load_checkpoint(args.checkpoint_path) if args.resume and rank() == 0 else None
-    if checkpoint:
-        check_resumable(checkpoint, model_args, args.block_size)
+    if args.resume and rank() == 0:
+        check_resumable(load_index(args.checkpoint_path), model_args, args.block_size)
     train_windows = TokenWindows(corpus / "train.bin", args.block_size)
-    return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args, checkpoint
+    return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
+def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
     """read_inputs on every rank: each node's first process goes first and prepares the corpus, then the others
     reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
     first_on_its_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
@@ -137,6 +156,9 @@ def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, d
         if error:
             sys.exit(f"pre-train.py: error: {error}" if rank() == 0 else 1)
     return inputs
+
+
+PROGRESS = ("step", "sampler", "rng")  # what a resumed run takes from a checkpoint besides the weights and optimizer
 
 
 def build_model(args: argparse.Namespace, model_args: dict, device: torch.device) -> tuple[LightGPT, Module]:
@@ -161,8 +183,25 @@ def main() -> None:
     exit_rank()
 
 
+def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load the checkpoint at --checkpoint_path, of either format and written at any number of processes, into
+    the model and the optimizer; return its progress (step, sampler, rng). Its tensors are let go on return: a
+    file is memory-mapped and read by rank 0 alone, a folder read by every rank, each its own shards."""
+    path = args.checkpoint_path
+    if is_sharded_checkpoint(path):
+        index = load_index(path)
+        model_state, optimizer_state = sharded_training_state(training_model, optimizer)
+        load_shards(path, index, {"model": model_state, "optimizer": optimizer_state["state"]})
+        optimizer_state["param_groups"] = index["optimizer"]["param_groups"]
+        load_sharded_training_state(training_model, optimizer, model_state, optimizer_state)
+        return {key: index[key] for key in PROGRESS}
+    checkpoint = load_checkpoint(path) if rank() == 0 else None
+    load_training_state(training_model, optimizer, checkpoint)
+    return from_rank_zero({key: checkpoint[key] for key in PROGRESS} if rank() == 0 else None)
+
+
 def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windows: TokenWindows,
-             model_args: dict, checkpoint: dict | None) -> None:
+             model_args: dict) -> None:
     """Train on this process's device; under torchrun every rank runs this, and rank 0 alone prints and writes."""
     main_process = rank() == 0
     seed = from_rank_zero(args.seed if args.seed is not None else random.randrange(2**31))
@@ -184,12 +223,10 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     steps_per_epoch = args.samples_per_epoch // (args.batch_size * args.gradient_accumulation_steps)
     step, saved_rng_states = 0, []
     if args.resume:
-        load_training_state(training_model, optimizer, checkpoint)
-        progress_state = from_rank_zero({key: checkpoint[key] for key in ("sampler", "rng", "step")}
-                                        if main_process else None)
-        sampler.set_state(progress_state["sampler"])
-        step = progress_state["step"]
-        saved_rng_states = progress_state["rng"]
+        progress = resume(args, training_model, optimizer)
+        sampler.set_state(progress["sampler"])
+        step = progress["step"]
+        saved_rng_states = progress["rng"]
         if main_process:
             print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
     # Dropout masks differ between ranks: rank 0 draws the stream a single process would, and a resumed rank
@@ -211,12 +248,17 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
 
     def save(step: int, epoch: int) -> None:
         rng_states = every_rank_s(rng_state(device))
-        model_state, optimizer_state = full_training_state(training_model, optimizer)
-        if main_process:
-            save_atomically(training_checkpoint(
-                model_args, args.block_size, optimizer_state, step, epoch, rng_states, vars(args) | {"seed": seed},
-                model=model_state, sampler=sampler.get_state(),
-            ), args.checkpoint_path)
+        sharded = args.checkpoint_format == "sharded"
+        model_state, optimizer_state = (sharded_training_state if sharded else full_training_state)(
+            training_model, optimizer)
+        checkpoint = training_checkpoint(
+            model_args, args.block_size, optimizer_state, step, epoch, rng_states, vars(args) | {"seed": seed},
+            model=model_state, sampler=sampler.get_state(),
+        )
+        if sharded:
+            save_sharded(checkpoint, args.checkpoint_path)
+        elif main_process:
+            save_atomically(checkpoint, args.checkpoint_path)
 
     tokens_per_epoch = args.batch_size * args.gradient_accumulation_steps * args.block_size * steps_per_epoch
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,

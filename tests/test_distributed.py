@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import PeakTensorMemory  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, load_model, model_from_checkpoint  # noqa: E402
 from conftest import (  # noqa: E402
     REPOSITORY,
     TINY_MODEL,
@@ -27,6 +27,7 @@ from conftest import (  # noqa: E402
     run_script,
     terminate_after_first_epoch,
 )
+from data import load_tokenizer  # noqa: E402
 from distributed import distributed, every_rank_s, parallelize, rank  # noqa: E402
 from training import Adafactor  # noqa: E402
 
@@ -115,6 +116,46 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(
     shutil.copy(half.with_suffix(".metrics.jsonl"), one_then_two.with_suffix(".metrics.jsonl"))
     pretrain(2, one_then_two, dataset_path, *flags, "--num_epochs", "4", "--resume")
     assert_same_training(one_then_two, whole)
+
+
+def copy_run(source: Path, destination: Path) -> None:
+    """A checkpoint (file or folder) and its metrics, as if the run had been made at `destination`."""
+    (shutil.copytree if source.is_dir() else shutil.copy)(source, destination)
+    shutil.copy(source.with_suffix(".metrics.jsonl"), destination.with_suffix(".metrics.jsonl"))
+
+
+def assert_same_losses_and_weights(checkpoint: Path, expected: Path) -> None:
+    for field in ("loss", "validation_loss"):
+        assert [record[field] for record in metrics(checkpoint)] == pytest.approx(
+            [record[field] for record in metrics(expected)], rel=1e-5)
+    state, expected_state = load_checkpoint(checkpoint), load_checkpoint(expected)
+    torch.testing.assert_close(state["model"], expected_state["model"], rtol=1e-3, atol=1e-4)
+    assert state["step"] == expected_state["step"]
+
+
+@pytest.mark.parametrize("level, optimizer", [(2, "adafactor"), (3, "adamw")])
+def test_a_sharded_checkpoint_resumes_at_one_and_at_two_processes_and_generates(
+    tmp_path, dataset_path, one_process_runs, level, optimizer
+):
+    half, whole = one_process_runs[optimizer]
+    flags = ["--optimizer", optimizer, "--ddp_sharding_level", str(level), "--checkpoint_format", "sharded"]
+    sharded = tmp_path / "sharded"
+    pretrain(2, sharded, dataset_path, *flags, "--num_epochs", "2")
+    shards = [path.name for path in sharded.glob("shards-*/*")]
+    assert sorted(shards) == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards  # each rank wrote its own
+    assert_same_losses_and_weights(sharded, half)
+    for processes in (1, 2):
+        resumed = tmp_path / f"resumed_at_{processes}"
+        copy_run(sharded, resumed)
+        pretrain(processes, resumed, dataset_path, *flags, "--num_epochs", "4", "--resume")
+        assert_same_losses_and_weights(resumed, whole)
+        assert len(list(resumed.glob("shards-*"))) == 1  # the earlier save's shards are gone
+    result = run_script("generate.py", "--checkpoint_path", sharded, "--prompt", "The", "--max_tokens", "3",
+                        "--top_k", "1", "--device", "cpu")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    model, _, _ = load_model(sharded)
+    first = model(torch.tensor([load_tokenizer().encode("The")]))[0][0, -1].argmax().item()
+    assert result.stdout.startswith(load_tokenizer().decode([first]))
 
 
 def test_the_readme_cpu_torchrun_command_trains_in_two_processes(tmp_path, dataset_path):
