@@ -293,17 +293,17 @@ def train(
         log.add_step(step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
+        due = stop_requested  # saved once, even when a stop falls on a checkpoint's epoch: torchrun waits 30 s
         if end_of_epoch == 0:
             last = step == total_steps
             validation_loss = (evaluate(model, eval_batches, padding_index, precision)
                                if epoch % args.eval_interval == 0 or last else None)
             log.end_epoch(epoch, step, unit, units_per_epoch, validation_loss)
-            if epoch % args.checkpoint_interval == 0 or last:
-                with patience():
-                    save(step, epoch)
-        if stop_requested:
+            due = due or epoch % args.checkpoint_interval == 0 or last
+        if due:
             with patience():
-                save(step, step // steps_per_epoch)
+                save(step, epoch)
+        if stop_requested:
             progress.close()
             if main_process:
                 print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")
