@@ -218,9 +218,17 @@ def materialize(model: LightGPT, device: torch.device) -> None:
         parameter.copy_(distribute_tensor(whole, parameter.device_mesh, parameter.placements, src_data_rank=None))
 
 
+# With several micro-batches per step, whether each one's gradients are reduced (reduce-scattered) across ranks
+# at once, or kept whole and accumulated locally until the last one. Level 3 reduces every micro-batch, as
+# torchtitan does: its gradients are never whole beyond one block. Levels 0 and 2 save those collectives; at
+# level 2 that costs 4 bytes a parameter, as it already holds the whole parameters for a pass (measured in
+# docs/performance.md; sizing.py models the same choice).
+REDUCE_EVERY_MICRO_BATCH = {0: False, 2: False, 3: True}
+
+
 def gradient_sync(model: Module, enabled: bool) -> AbstractContextManager:
-    """A context for one backward pass that synchronises gradients across ranks only when `enabled`: the
-    micro-steps before the optimizer step accumulate locally, with no communication."""
+    """A context for one backward pass that synchronises gradients across ranks only when `enabled`: otherwise
+    they accumulate locally, whole, with no communication."""
     if isinstance(model, DistributedDataParallel) and not enabled:
         return model.no_sync()
     if isinstance(model, FSDPModule):

@@ -22,6 +22,7 @@ from checkpoint import (
 )
 from data import CORPORA, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
 from distributed import (
+    REDUCE_EVERY_MICRO_BATCH,
     check_launch,
     distributed,
     every_rank_s,
@@ -264,7 +265,8 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
           steps_per_epoch=steps_per_epoch, precision=precision(training_model, device, args.mixed_precision),
           padding_index=model.padding_index, unit="tokens", units_per_epoch=tokens_per_epoch,
-          description="Pre-training", saved_what="checkpoint", program="pre-train.py")
+          description="Pre-training", saved_what="checkpoint", program="pre-train.py",
+          reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[args.ddp_sharding_level])
 
 
 if __name__ == "__main__":
