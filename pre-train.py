@@ -159,9 +159,6 @@ def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, d
     return inputs
 
 
-PROGRESS = ("step", "sampler", "rng")  # what a resumed run takes from a checkpoint besides the weights and optimizer
-
-
 def build_model(args: argparse.Namespace, model_args: dict, device: torch.device) -> tuple[LightGPT, Module]:
     """The model, and the model wrapped for training. It is built on the meta device and allocated as it is
     sharded, so that under FSDP2 no rank ever holds all of it; its weights come from the current seed, the same
@@ -182,6 +179,9 @@ def main() -> None:
     with distributed(args.device) as device:
         pretrain(args, device, *load_inputs(args))
     exit_rank()
+
+
+PROGRESS = ("step", "sampler", "rng")  # what a resumed run takes from a checkpoint besides the weights and optimizer
 
 
 def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
