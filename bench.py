@@ -39,12 +39,23 @@ from flags import (
     positive_float,
     positive_int,
 )
+from distributed import (
+    check_launch,
+    distributed,
+    exit_rank,
+    gradient_sync,
+    launch_rank,
+    launched_by_torchrun,
+    parallelize,
+    rank,
+    world_size,
+)
 from generation import beam_search, generate
 from model import LightGPT
 from sizing import training_flops_per_token
 
 R50K_VOCABULARY_SIZE = 50257
-PARTS = ("train", "generate", "beam_search", "data", "checkpointing")
+PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation")
 RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
 
 def build_parser() -> ArgumentParser:
@@ -53,7 +64,8 @@ def build_parser() -> ArgumentParser:
                             "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
-                        "corpus preparation, activation checkpointing.")
+                        "corpus preparation, activation checkpointing; alone and under torchrun, FSDP2's gradient "
+                        "accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
@@ -88,6 +100,8 @@ def build_parser() -> ArgumentParser:
                         "and of a quarter of it, to show that memory does not grow with the corpus.")
     parser.add_argument("--num_dataset_processes", type=positive_int, default=2,
                         help="The processes that tokenize the corpus, as pre-train.py's flag.")
+    parser.add_argument("--micro_batches", type=positive_int, default=4,
+                        help="Micro-batches per process in each step of the accumulation measurement.")
     parser.add_argument("--checkpointing_layers", type=positive_int, default=24,
                         help="The depth of the model whose peak memory is measured with and without checkpointing.")
     add_device_argument(parser)
@@ -107,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def validate_args(args: argparse.Namespace) -> None:
     """Raise a one-line ValueError for the first combination of flags that cannot work."""
     model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
+    if ("accumulation" in args.parts) != launched_by_torchrun() or launched_by_torchrun() and len(args.parts) > 1:
+        raise ValueError("--parts: accumulation is measured alone, under torchrun with two processes or more; "
+                         "the other parts in one process")
+    check_launch(args.device)
     if args.gpt2 and {"train", "generate", "beam_search"} & set(args.parts):
         try:
             import transformers  # noqa: F401
@@ -139,13 +157,14 @@ class PeakTensorMemory(TorchDispatchMode):
     largest single storage.
 
     Every operator's outputs are counted when made and uncounted when their storage is freed; memory that
-    kernels allocate internally and never return as a tensor is not seen.
+    kernels allocate internally and never return as a tensor is not seen, nor a storage resized in place (FSDP2
+    frees and refills its gathered parameters so): held() says what the storages seen hold at the moment.
     """
 
     def __init__(self):
         super().__init__()
         self.current = self.peak = self.largest = 0
-        self.seen: set[int] = set()
+        self.seen: weakref.WeakValueDictionary[int, torch.UntypedStorage] = weakref.WeakValueDictionary()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         outputs = func(*args, **(kwargs or {}))
@@ -157,20 +176,24 @@ class PeakTensorMemory(TorchDispatchMode):
     def count(self, storage: torch.UntypedStorage) -> None:
         if id(storage) in self.seen or storage.nbytes() == 0 or storage.device.type == "meta":  # meta holds nothing
             return
-        self.seen.add(id(storage))
+        self.seen[id(storage)] = storage
         self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
         self.largest = max(self.largest, storage.nbytes())
         weakref.finalize(storage, self.release, id(storage), storage.nbytes())
 
     def release(self, key: int, nbytes: int) -> None:
-        self.seen.discard(key)
         self.current -= nbytes
+
+    def held(self) -> int:
+        """The bytes that the storages seen and still alive hold now."""
+        return sum(storage.nbytes() for storage in list(self.seen.values()))
 
 
 def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    tensors = [getattr(tensor, "_local_tensor", tensor) for tensor in tensors]  # a DTensor's own shard
     return sum(tensor.untyped_storage().nbytes() for tensor in {id(t): t for t in tensors}.values())
 
 
@@ -491,6 +514,57 @@ def measure_checkpointing(args: argparse.Namespace) -> list[Measurement]:
     ]
 
 
+def accumulation_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], args,
+                      reduce_every_micro_batch: bool) -> Callable:
+    """One optimizer step over args.micro_batches micro-batches on this process, its gradients reduce-scattered
+    after every micro-batch, or kept whole until the last one."""
+    def step() -> None:
+        for index in range(args.micro_batches):
+            with gradient_sync(model, reduce_every_micro_batch or index == args.micro_batches - 1):
+                with precision(args):
+                    loss = model(*batch)[1]
+                loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def kept_between_micro_batches(step: Callable[[], None], model: torch.nn.Module) -> int:
+    """The tensor bytes that a step keeps from its first micro-batch to its last: the gradients accumulating."""
+    held = []
+    with PeakTensorMemory() as memory:
+        hook = model.register_forward_pre_hook(lambda *_: held.append(memory.held()))
+        step()
+        hook.remove()
+    return held[-1] - held[0]
+
+
+def measure_accumulation(args: argparse.Namespace) -> list[Measurement]:
+    """Under torchrun: gradient accumulation under FSDP2 at sharding levels 2 and 3, the gradients reduce-scattered
+    after every micro-batch or only after the last: the step time, and the gradient bytes that this process
+    keeps between micro-batches, each way."""
+    device = torch.device(args.device)
+    batch = random_batch(args)
+    rows = []
+    for level in (2, 3):
+        torch.manual_seed(args.seed)
+        with torch.device("meta"):
+            model = LightGPT(model_config(args, args.vocabulary_size, args.vocabulary_size - 1))
+        training_model = parallelize(model, device, False, args.compile, level, args.dtype == "bfloat16")
+        optimizer = make_optimizer(training_model, args)
+        steps = {every: accumulation_step(training_model, optimizer, batch, args, every) for every in (True, False)}
+        kept = {every: kept_between_micro_batches(step, training_model) for every, step in steps.items()}
+        seconds = interleaved_seconds(steps, args.steps, args.warmup, device, f"Accumulation, level {level}")
+        details = {"level": level, "processes": world_size(), "micro_batches": args.micro_batches}
+        for every, name in ((True, "every_micro_batch"), (False, "last_micro_batch")):
+            rows.append(Measurement(f"reduce_{name}_step_seconds", seconds[every], "s", details=details))
+            rows.append(Measurement(f"reduce_{name}_kept_gradients", kept[every], "bytes", details=details))
+        rows.append(Measurement("reduce_every_micro_batch_speed_fraction", seconds[False] / seconds[True],
+                                "fraction", details=details))
+    return rows
+
+
 def process_peak_memory() -> Measurement:
     """The bench process's peak resident memory, all parts and both models together (ru_maxrss)."""
     return Measurement("process_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT, "bytes")
@@ -505,6 +579,8 @@ def formatted(value: float, unit: str) -> str:
         return f"{value:.2f}{'x' if unit == 'x' else ''}"
     if unit == "%":
         return f"{value:.1f}%"
+    if unit == "s":
+        return f"{value:.3f} s"
     return f"{value:,.0f} {unit}"
 
 
@@ -529,8 +605,8 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-    except ValueError as error:
-        sys.exit(f"bench.py: error: {error}")
+    except ValueError as error:  # under torchrun every rank finds it; rank 0 alone says it
+        sys.exit(f"bench.py: error: {error}" if launch_rank() == 0 else 1)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     measure = {
@@ -539,10 +615,19 @@ def main() -> None:
         "beam_search": measure_beam_search,
         "data": measure_data,
         "checkpointing": measure_checkpointing,
+        "accumulation": measure_accumulation,
     }
-    rows = [row for part in PARTS if part in args.parts for row in measure[part](args)]
-    if torch.device(args.device).type != "cuda":
-        rows.append(process_peak_memory())
+    with distributed(args.device) as device:
+        args.device = str(device)
+        rows = [row for part in PARTS if part in args.parts for row in measure[part](args)]
+        if device.type != "cuda":
+            rows.append(process_peak_memory())
+        if rank() == 0:  # under torchrun the figures are rank 0's
+            print_rows(rows, args)
+    exit_rank()
+
+
+def print_rows(rows: list[Measurement], args: argparse.Namespace) -> None:
     if args.json:
         for row in rows:
             print(json.dumps(row.as_dict()))

@@ -5,17 +5,23 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import secrets
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.metadata import Metadata
 
 from data import TOKENIZER_NAME, temporary_path
+from distributed import from_rank_zero, rank
 from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
@@ -27,6 +33,13 @@ ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
 DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
 # An exported folder (export.py, or its copy on the Hub): the mixin's model.safetensors and config.json.
 EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
+
+# A sharded checkpoint is a folder: this index holds all but the tensors of the model and the optimizer state,
+# which are in the folder of shards that the index names.
+SHARDED_INDEX = "checkpoint.pt"
+# What torch.distributed.checkpoint's metadata file (a pickle) is made of; anything else is refused.
+METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                    ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
 
 def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step: int, epoch: int,
@@ -72,12 +85,97 @@ def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> 
         raise
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a sharded checkpoint (a folder that pre-train.py --checkpoint_format sharded wrote)."""
+    return (Path(path) / SHARDED_INDEX).is_file()
+
+
+def save_sharded(checkpoint: dict, path: str | Path) -> None:
+    """Save a training_checkpoint whose model and optimizer state are this rank's shards; every rank calls it.
+
+    Each rank writes its shards into a new folder inside `path` with torch.distributed.checkpoint, all at
+    once; then rank 0 writes the rest as the index, which names that folder, atomically, and removes the
+    folders of earlier saves. Until the index is renamed into place, the previous checkpoint stays whole.
+    """
+    path = Path(path)
+    shards = from_rank_zero(f"shards-{checkpoint['step']}-{secrets.token_hex(4)}")
+    optimizer = checkpoint["optimizer"]
+    with one_process_is_meant():
+        dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
+    if rank() == 0:
+        index = {name: entry for name, entry in checkpoint.items() if name != "model"}
+        save_atomically(index | {"optimizer": {"param_groups": optimizer["param_groups"]}, "shards": shards},
+                        path / SHARDED_INDEX)
+        for folder in path.glob("shards-*"):
+            if folder.name != shards:
+                shutil.rmtree(folder)
+
+
+def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False) -> None:
+    """Fill `state`, shaped like what save_sharded wrote ({"model": ..., "optimizer": ...}, or a part of it)
+    and holding this rank's shards, with the tensors of the sharded checkpoint at `path`, in place: each rank
+    reads its own parts, whatever the number of ranks that wrote them. alone: in this process only, even under
+    torchrun."""
+    folder = Path(path) / index["shards"]
+    safe_metadata(folder)  # refuse a metadata file that would run code before DCP unpickles it
+    with one_process_is_meant():
+        dcp.load(state, checkpoint_id=folder, no_dist=alone)
+
+
+@contextmanager
+def one_process_is_meant() -> Iterator[None]:
+    """Silence DCP's warning, on every save and load without a process group, that it assumes one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def safe_metadata(folder: Path) -> Metadata:
+    """torch.distributed.checkpoint's metadata of a folder of shards, unpickled with only the classes that it
+    is made of: the file is a pickle, and DCP itself would unpickle anything, code included."""
+    class MetadataUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            if module == "torch.distributed.checkpoint.metadata" or (module, name) in METADATA_GLOBALS or dtype:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint")
+
+    try:
+        with open(folder / ".metadata", "rb") as file:
+            return MetadataUnpickler(file).load()
+    except (OSError, pickle.UnpicklingError, EOFError) as error:
+        raise ValueError(f"{folder}: not a readable folder of shards ({error})") from None
+
+
+def whole_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
+    """The model weights of a sharded checkpoint, read whole into this process's memory."""
+    metadata = safe_metadata(Path(path) / index["shards"])
+    weights = {name.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
+               for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
+    load_shards(path, index, {"model": weights}, alone=True)
+    return weights
+
+
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES) -> dict:
     """A checkpoint written by pre-train.py (or, with required=ADAPTER_ENTRIES, an adapter), loaded safely onto
-    the CPU, memory-mapped so that its tensors are read as they are used, in the current format."""
+    the CPU, in the current format. A file is memory-mapped, so that its tensors are read as they are used; of a
+    sharded checkpoint, the model's weights are read whole and the optimizer state is left out (a resumed run
+    reads it shard by shard: load_shards)."""
+    index = load_index(path, required)
+    if not is_sharded_checkpoint(path):
+        return index
+    return index | {"model": whole_weights(path, index)}
+
+
+def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES) -> dict:
+    """load_checkpoint without reading any weights: of a sharded checkpoint its index, of a file the whole
+    checkpoint, memory-mapped."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        path, required = path / SHARDED_INDEX, tuple(entry for entry in required if entry != "model")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint file there")
+        raise FileNotFoundError(f"{path}: no checkpoint file there"
+                                + (f", and no {SHARDED_INDEX} in the folder" if path.is_dir() else ""))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:

@@ -218,9 +218,17 @@ def materialize(model: LightGPT, device: torch.device) -> None:
         parameter.copy_(distribute_tensor(whole, parameter.device_mesh, parameter.placements, src_data_rank=None))
 
 
+# With several micro-batches per step, whether each one's gradients are reduced (reduce-scattered) across ranks
+# at once, or kept whole and accumulated locally until the last one. Level 3 reduces every micro-batch, as
+# torchtitan does: its gradients are never whole beyond one block. Levels 0 and 2 save those collectives; at
+# level 2 that costs 4 bytes a parameter, as it already holds the whole parameters for a pass (measured in
+# docs/performance.md; sizing.py models the same choice).
+REDUCE_EVERY_MICRO_BATCH = {0: False, 2: False, 3: True}
+
+
 def gradient_sync(model: Module, enabled: bool) -> AbstractContextManager:
-    """A context for one backward pass that synchronises gradients across ranks only when `enabled`: the
-    micro-steps before the optimizer step accumulate locally, with no communication."""
+    """A context for one backward pass that synchronises gradients across ranks only when `enabled`: otherwise
+    they accumulate locally, whole, with no communication."""
     if isinstance(model, DistributedDataParallel) and not enabled:
         return model.no_sync()
     if isinstance(model, FSDPModule):
@@ -244,6 +252,20 @@ def load_training_state(model: Module, optimizer: torch.optim.Optimizer, checkpo
     set_model_state_dict(unwrapped(model), checkpoint["model"] if checkpoint else {}, options=options)
     set_optimizer_state_dict(unwrapped(model), optimizer, checkpoint["optimizer"] if checkpoint else {},
                              options=options)
+
+
+def sharded_training_state(model: Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """This rank's shards of the model and optimizer state (the whole state alone or under DDP), named as in
+    full_training_state. All ranks call it; the tensors are the model's and the optimizer's own, so filling them
+    in place (torch.distributed.checkpoint's load) loads them."""
+    return get_model_state_dict(unwrapped(model)), get_optimizer_state_dict(unwrapped(model), optimizer)
+
+
+def load_sharded_training_state(model: Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                                optimizer_state: dict) -> None:
+    """Load the states that sharded_training_state gave, once read from a checkpoint, on every rank."""
+    set_model_state_dict(unwrapped(model), model_state)
+    set_optimizer_state_dict(unwrapped(model), optimizer, optimizer_state)
 
 
 def unwrapped(model: Module) -> Module:

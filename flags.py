@@ -112,7 +112,7 @@ def device(text: str) -> str:
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default=best_device(),
-                        help="The device to run on: cuda, mps or cpu (default: the best one here).")
+                        help="The device to run on: cuda, mps or cpu.")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None:
@@ -150,9 +150,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     """The flags of a training run, the same in pre-training and instruction tuning, with each script's defaults;
     `what` names what the checkpoint holds."""
     parser.add_argument("--batch_size", type=positive_int, default=1,
-                        help="The number of samples to pass through the network at a time.")
+                        help="The number of samples in each micro-batch.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
-                        help="Batches per weight update (under torchrun: in total, across all processes).")
+                        help="Micro-batches per weight update (under torchrun: in total, across all processes).")
     parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
                         help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
     parser.add_argument("--warmup_steps", type=steps_or_percentage, default=warmup_steps,
@@ -181,22 +181,20 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="Compute in bf16 on CUDA devices that support it.")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generators (default: a random one, recorded).")
+                        help="The random seed (default: a random one, recorded).")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
     parser.add_argument("--checkpoint_path", default=None,
-                        help="The checkpoint written by pre-train.py (default: ./out/checkpoint.pt, or with "
-                        "--lora_path the base checkpoint the adapter names).")
+                        help="A checkpoint of pre-train.py or a folder of export.py (default: ./out/checkpoint.pt, "
+                        "or the base an adapter names).")
     parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter written by instruction-tune.py: it is merged into the base model, and "
-                        "each prompt is put in the instruction template it was tuned with.")
+                        help="An adapter of instruction-tune.py, merged into its base; prompts take its template.")
     parser.add_argument("--prompt", default=None,
-                        help="The text to complete, once; without it, prompts typed at the terminal, or one per "
-                        "line of standard input.")
+                        help="The text to complete (default: each line typed, or of standard input).")
     parser.add_argument("--max_tokens", type=positive_int, default=max_tokens,
                         help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generator, for reproducible runs.")
+                        help="The random seed, for reproducible runs.")

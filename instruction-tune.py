@@ -11,6 +11,7 @@ import torch
 
 from checkpoint import (
     check_same_base,
+    is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
     model_from_checkpoint,
@@ -62,7 +63,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
     if args.dataset == "alpaca" and args.dataset_path:
         raise ValueError("--dataset_path: only used with --dataset local; --dataset alpaca comes from the hub")
-    if not Path(args.base_model_path).is_file():
+    if not (Path(args.base_model_path).is_file() or is_sharded_checkpoint(args.base_model_path)):
         raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")

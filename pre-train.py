@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 from torch.nn import Module
 
-from checkpoint import load_checkpoint, save_atomically, training_checkpoint
+from checkpoint import (
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_index,
+    load_shards,
+    save_atomically,
+    save_sharded,
+    training_checkpoint,
+)
 from data import (
     CORPORA,
     DEFAULT_SUBSET,
@@ -23,6 +31,7 @@ from data import (
     resolve_text_files,
 )
 from distributed import (
+    REDUCE_EVERY_MICRO_BATCH,
     check_launch,
     distributed,
     every_rank_s,
@@ -31,11 +40,13 @@ from distributed import (
     from_rank_zero,
     full_training_state,
     launch_rank,
+    load_sharded_training_state,
     load_training_state,
     micro_batches_of_this_rank,
     parallelize,
     precision,
     rank,
+    sharded_training_state,
     world_size,
 )
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
@@ -61,7 +72,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--num_dataset_processes", type=positive_int, default=8,
                         help="The processes (CPUs) that tokenize the corpus.")
     parser.add_argument("--samples_per_epoch", type=positive_int, default=4096,
-                        help="The number of training samples to pass through the network every epoch.")
+                        help="The number of training samples in each epoch.")
     parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"),
                         help="Adafactor keeps factored second moments (little memory); AdamW keeps two full moments.")
     parser.add_argument("--eval_samples", type=positive_int, default=256,
@@ -72,6 +83,9 @@ def build_parser() -> ArgumentParser:
                         "state (FSDP2), 3 the parameters too.")
     add_training_arguments(parser, learning_rate=3e-3, warmup_steps="5%", num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
+    parser.add_argument("--checkpoint_format", default="single", choices=("single", "sharded"),
+                        help="single: one file, gathered on rank 0; sharded: a folder that every rank writes its "
+                        "own shards into.")
     return parser
 
 
@@ -89,8 +103,14 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.dataset == "text" and not args.text_files:
         raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
-    if args.resume and not Path(args.checkpoint_path).is_file():
-        raise ValueError(f"--resume: no checkpoint at --checkpoint_path {args.checkpoint_path}")
+    path = Path(args.checkpoint_path)
+    if args.resume and not (path.is_file() or is_sharded_checkpoint(path)):
+        raise ValueError(f"--resume: no checkpoint at --checkpoint_path {path}")
+    if args.checkpoint_format == "sharded" and path.is_file():
+        raise ValueError(f"--checkpoint_path: {path} is a single-file checkpoint, and --checkpoint_format sharded "
+                         f"writes a folder; choose another path")
+    if args.checkpoint_format == "single" and path.is_dir():
+        raise ValueError(f"--checkpoint_path: {path} is a folder; use --checkpoint_format sharded for it")
     model_args_from(args)
     check_launch(args.device)
 
@@ -122,20 +142,20 @@ def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_
             for batch_starts, weight in micro_batches_of_this_rank(starts, batch_size)]
 
 
-def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
-    """The corpus, prepared on the first run, the model's arguments and, on rank 0 alone, the checkpoint to resume."""
+def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
+    """The corpus, prepared on the first run, and the model's arguments; rank 0 checks that the checkpoint to
+    resume is of that model."""
     text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
     corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files,
                             subset=args.dataset_subset, max_tokens=args.max_dataset_tokens)
     model_args = model_args_from(args)
-    checkpoint = load_checkpoint(args.checkpoint_path) if args.resume and rank() == 0 else None
-    if checkpoint:
-        check_resumable(checkpoint, model_args, args.block_size)
+    if args.resume and rank() == 0:
+        check_resumable(load_index(args.checkpoint_path), model_args, args.block_size)
     train_windows = TokenWindows(corpus / "train.bin", args.block_size)
-    return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args, checkpoint
+    return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
+def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
     """read_inputs on every rank: each node's first process goes first and prepares the corpus, then the others
     reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
     first_on_its_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
@@ -175,8 +195,28 @@ def main() -> None:
     exit_rank()
 
 
+PROGRESS = ("step", "sampler", "rng")  # what a resumed run takes from a checkpoint besides the weights and optimizer
+
+
+def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load the checkpoint at --checkpoint_path, of either format and written at any number of processes, into
+    the model and the optimizer; return its progress (step, sampler, rng). Its tensors are let go on return: a
+    file is memory-mapped and read by rank 0 alone, a folder read by every rank, each its own shards."""
+    path = args.checkpoint_path
+    if is_sharded_checkpoint(path):
+        index = load_index(path)
+        model_state, optimizer_state = sharded_training_state(training_model, optimizer)
+        load_shards(path, index, {"model": model_state, "optimizer": optimizer_state["state"]})
+        optimizer_state["param_groups"] = index["optimizer"]["param_groups"]
+        load_sharded_training_state(training_model, optimizer, model_state, optimizer_state)
+        return {key: index[key] for key in PROGRESS}
+    checkpoint = load_checkpoint(path) if rank() == 0 else None
+    load_training_state(training_model, optimizer, checkpoint)
+    return from_rank_zero({key: checkpoint[key] for key in PROGRESS} if rank() == 0 else None)
+
+
 def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windows: TokenWindows,
-             model_args: dict, checkpoint: dict | None) -> None:
+             model_args: dict) -> None:
     """Train on this process's device; under torchrun every rank runs this, and rank 0 alone prints and writes."""
     main_process = rank() == 0
     seed = from_rank_zero(args.seed if args.seed is not None else random.randrange(2**31))
@@ -198,12 +238,10 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     steps_per_epoch = args.samples_per_epoch // (args.batch_size * args.gradient_accumulation_steps)
     step, saved_rng_states = 0, []
     if args.resume:
-        load_training_state(training_model, optimizer, checkpoint)
-        progress_state = from_rank_zero({key: checkpoint[key] for key in ("sampler", "rng", "step")}
-                                        if main_process else None)
-        sampler.set_state(progress_state["sampler"])
-        step = progress_state["step"]
-        saved_rng_states = progress_state["rng"]
+        progress = resume(args, training_model, optimizer)
+        sampler.set_state(progress["sampler"])
+        step = progress["step"]
+        saved_rng_states = progress["rng"]
         if main_process:
             print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
     # Dropout masks differ between ranks: rank 0 draws the stream a single process would, and a resumed rank
@@ -225,12 +263,17 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
 
     def save(step: int, epoch: int) -> None:
         rng_states = every_rank_s(rng_state(device))
-        model_state, optimizer_state = full_training_state(training_model, optimizer)
-        if main_process:
-            save_atomically(training_checkpoint(
-                model_args, args.block_size, optimizer_state, step, epoch, rng_states, vars(args) | {"seed": seed},
-                model=model_state, sampler=sampler.get_state(),
-            ), args.checkpoint_path)
+        sharded = args.checkpoint_format == "sharded"
+        model_state, optimizer_state = (sharded_training_state if sharded else full_training_state)(
+            training_model, optimizer)
+        checkpoint = training_checkpoint(
+            model_args, args.block_size, optimizer_state, step, epoch, rng_states, vars(args) | {"seed": seed},
+            model=model_state, sampler=sampler.get_state(),
+        )
+        if sharded:
+            save_sharded(checkpoint, args.checkpoint_path)
+        elif main_process:
+            save_atomically(checkpoint, args.checkpoint_path)
 
     tokens_per_epoch = args.batch_size * args.gradient_accumulation_steps * args.block_size * steps_per_epoch
     config = model.config
@@ -240,7 +283,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
           steps_per_epoch=steps_per_epoch, precision=precision(training_model, device, args.mixed_precision),
           padding_index=model.padding_index, unit="tokens", units_per_epoch=tokens_per_epoch,
           flops_per_unit=flops_per_token, description="Pre-training", saved_what="checkpoint",
-          program="pre-train.py")
+          program="pre-train.py", reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[args.ddp_sharding_level])
 
 
 if __name__ == "__main__":

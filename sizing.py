@@ -195,6 +195,7 @@ def memory_per_device(
     activation_checkpointing: bool = False,
     ddp_sharding_level: int = 0,
     world_size: int = 1,
+    micro_batches: int = 1,
 ) -> dict[str, float]:
     """Peak training memory on each device, in bytes, by component, and their total.
 
@@ -203,7 +204,9 @@ def memory_per_device(
     and optimizer state, while the full parameters, gathered in the forward pass, stay beside their shards
     until the backward ends. 3 shards the parameters too and gathers only the root's (the tied embedding and
     final norm) and one block's at a time. Under FSDP the full gradients of one unit (the root or a block)
-    exist until they are reduce-scattered. Not counted: the CUDA context, allocator fragmentation,
+    exist until they are reduce-scattered. micro_batches is the forward passes each device runs per optimizer
+    step: with more than one, level 2 keeps the whole gradients until the last (it saves the collectives, as
+    distributed.REDUCE_EVERY_MICRO_BATCH says), while level 3 reduces them after every one. Not counted: the CUDA context, allocator fragmentation,
     communication buffers, DDP's gradient buckets, and what torch.compile saves by fusing. One device
     (world_size 1, no torchrun) shards and gathers nothing, whatever the level.
     """
@@ -211,6 +214,8 @@ def memory_per_device(
         raise ValueError(f"ddp_sharding_level must be one of {SHARDING_LEVELS}, got {ddp_sharding_level}")
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
     counts = architecture.parameters
     total = counts["total"]
     shards = 1 if ddp_sharding_level == 0 else world_size
@@ -219,6 +224,8 @@ def memory_per_device(
     else:
         largest_unit = max(counts["embedding"], counts["per_block"])
         gradients = total / shards + largest_unit
+        if ddp_sharding_level == 2 and micro_batches > 1:
+            gradients = total + largest_unit  # whole until the last micro-batch reduces them, unit by unit
         if ddp_sharding_level == 2:
             parameters = total / shards + total
         else:

@@ -171,11 +171,12 @@ def optimizer_step(
     max_gradient_norm: float,
     precision: AbstractContextManager,
     stop_requested: bool = False,
+    reduce_every_micro_batch: bool = False,
 ) -> tuple[float, float, bool]:
     """One optimizer step over this rank's accumulated micro-batches, each (inputs, targets, loss weight).
 
     The weights make the ranks' averaged gradients the gradient of the step's mean loss; the gradients are
-    synchronised once, after the last micro-batch. Returns the step's loss, the gradient norm, and whether any
+    synchronised once, after the last micro-batch, or after every one (see REDUCE_EVERY_MICRO_BATCH). Returns the step's loss, the gradient norm, and whether any
     rank asked to stop (one reduction carries the loss and the requests, so every rank stops at the same step).
     A loss that is not finite raises FloatingPointError on every rank before the weights change.
     """
@@ -184,7 +185,7 @@ def optimizer_step(
     device = next(model.parameters()).device
     step_loss = torch.zeros((), device=device)
     for index, (inputs, targets, weight) in enumerate(micro_batches):
-        with gradient_sync(model, index == len(micro_batches) - 1):
+        with gradient_sync(model, reduce_every_micro_batch or index == len(micro_batches) - 1):
             with precision:
                 _, loss = model(to_device(inputs, device), to_device(targets, device))
             (loss * weight).backward()
@@ -336,12 +337,13 @@ def train(
     saved_what: str,
     program: str,
     flops_per_unit: float | None = None,
+    reduce_every_micro_batch: bool = False,
 ) -> None:
     """Train from start_step to the end of args.num_epochs, on every rank.
 
     micro_batches_at(step) gives this rank's micro-batches of a step, each (inputs, targets, loss weight); `unit`
     names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every
-    rank calls it). Each epoch is logged, evaluated every args.eval_interval epochs and saved every
+    rank calls it); reduce_every_micro_batch: see distributed.REDUCE_EVERY_MICRO_BATCH. Each epoch is logged, evaluated every args.eval_interval epochs and saved every
     args.checkpoint_interval epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the
     same step. Rank 0 alone shows progress, writes the metrics log beside args.checkpoint_path and, unless
     args.tensorboard is off, TensorBoard curves under args.log_dir, with the model FLOPs utilization when
@@ -362,7 +364,7 @@ def train(
         try:
             step_loss, gradient_norm, stop_requested = optimizer_step(
                 model, optimizer, micro_batches_at(step), learning_rate, args.max_gradient_norm, precision,
-                exit_request.requested,
+                exit_request.requested, reduce_every_micro_batch,
             )
         except FloatingPointError as error:
             log.close()
@@ -373,17 +375,17 @@ def train(
         log.add_step(step, step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
+        due = stop_requested  # saved once, even when a stop falls on a checkpoint's epoch: torchrun waits 30 s
         if end_of_epoch == 0:
             last = step == total_steps
             validation_loss = (evaluate(model, eval_batches, padding_index, precision)
                                if epoch % args.eval_interval == 0 or last else None)
             log.end_epoch(epoch, step, unit, units_per_epoch, validation_loss)
-            if epoch % args.checkpoint_interval == 0 or last:
-                with patience():
-                    save(step, epoch)
-        if stop_requested:
+            due = due or epoch % args.checkpoint_interval == 0 or last
+        if due:
             with patience():
-                save(step, step // steps_per_epoch)
+                save(step, epoch)
+        if stop_requested:
             log.close()
             if main_process:
                 print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")

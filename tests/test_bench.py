@@ -1,9 +1,11 @@
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script
+from conftest import REPOSITORY, assert_one_line_error, one_thread, run_script
 
 from bench import PeakTensorMemory
 from conftest import lightgpt
@@ -84,6 +86,32 @@ def test_peak_tensor_memory_counts_storages_while_they_live():
     assert tracker.current == 0
 
 
+def test_peak_tensor_memory_sees_what_live_storages_hold_after_an_in_place_resize():
+    # FSDP2 frees a gathered parameter by resizing its storage to nothing, and gathers into it again.
+    with PeakTensorMemory() as tracker:
+        gathered = torch.empty(1000)
+        gathered.untyped_storage().resize_(0)
+        assert tracker.held() == 0
+        gathered.untyped_storage().resize_(400)
+        assert tracker.held() == 400
+
+
+@pytest.mark.slow
+def test_bench_measures_fsdp2_gradient_accumulation_both_ways_under_torchrun():
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "bench.py",
+         *TINY_SHAPE, "--parts", "accumulation", "--micro_batches", "2", "--steps", "1", "--warmup", "0", "--json"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300, env=one_thread(),
+    )
+    assert result.returncode == 0, result.stderr
+    records = {(record["metric"], record.get("level")): record["value"]
+               for record in map(json.loads, result.stdout.strip().splitlines())}
+    for level in (2, 3):
+        every, last = (records[f"reduce_{when}_micro_batch_kept_gradients", level] for when in ("every", "last"))
+        assert last == pytest.approx(2 * every, rel=0.01)  # whole gradients, or each process's half
+        assert records["reduce_every_micro_batch_speed_fraction", level] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, fragments",
@@ -91,6 +119,7 @@ def test_peak_tensor_memory_counts_storages_while_they_live():
         (["--steps", "0"], ["--steps", "positive"]),
         (["--embedding_dimensions", "30", "--num_attention_heads", "4"], ["divisible by"]),
         (["--generation_lengths", "0"], ["--generation_lengths"]),
+        (["--parts", "accumulation"], ["--parts", "under torchrun"]),
     ],
 )
 def test_bad_flags_get_one_clear_line(flags, fragments):

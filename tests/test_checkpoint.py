@@ -1,4 +1,5 @@
 import os
+import pickle
 import warnings
 
 import pytest
@@ -6,17 +7,21 @@ import torch
 
 from checkpoint import (
     FORMAT_VERSION,
+    is_sharded_checkpoint,
     load_checkpoint,
+    load_index,
     load_lora_checkpoint,
     load_lora_model,
     load_model,
     model_from_checkpoint,
     save_atomically,
+    save_sharded,
     trained_on_these_weights,
+    training_checkpoint,
 )
-from conftest import REPOSITORY, save_pretrained_checkpoint, tiny_model
+from conftest import REPOSITORY, flag_error, load_script, save_pretrained_checkpoint, tiny_model
 from data import write_text_atomically
-from distributed import load_training_state
+from distributed import load_training_state, sharded_training_state
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
 
@@ -80,3 +85,55 @@ def test_a_loaded_model_runs_on_the_checkpoint_s_memory_mapped_tensors_without_c
     assert model.output_layer.weight is model.token_embeddings.weight
     tokens = torch.randint(0, 97, (1, 8))
     torch.testing.assert_close(model.eval()(tokens)[0], tiny_model().eval()(tokens)[0], rtol=0, atol=0)
+
+
+def sharded_checkpoint(model, path):
+    """A sharded checkpoint of the model and a step of AdamW, saved as pre-train.py saves one, in this process."""
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(*[torch.randint(0, 97, (2, 8))] * 2)[1].backward()
+    optimizer.step()
+    model_state, optimizer_state = sharded_training_state(model, optimizer)
+    save_sharded(training_checkpoint(vars(model.config), 8, optimizer_state, 1, 1, [], {},
+                                     model=model_state, sampler=torch.Generator().get_state()), path)
+
+
+def test_a_sharded_checkpoint_is_a_folder_that_loads_like_a_file(tmp_path):
+    model = tiny_model()
+    sharded_checkpoint(model, tmp_path / "sharded")
+    assert is_sharded_checkpoint(tmp_path / "sharded") and not is_sharded_checkpoint(tmp_path)
+    assert "model" not in load_index(tmp_path / "sharded")
+    loaded, block_size, _ = load_model(tmp_path / "sharded")
+    tokens = torch.randint(0, 97, (1, 8))
+    assert block_size == 8
+    torch.testing.assert_close(loaded(tokens)[0], model.eval()(tokens)[0], rtol=0, atol=0)
+    sharded_checkpoint(model, tmp_path / "sharded")  # a second save replaces the first one's shards
+    assert len(list((tmp_path / "sharded").glob("shards-*"))) == 1
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path, capsys):
+    sharded_checkpoint(tiny_model(), tmp_path / "sharded")
+    metadata = next((tmp_path / "sharded").glob("shards-*/.metadata"))
+    metadata.write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(ValueError, match=r"builtins\.print has no place in a checkpoint"):
+        load_checkpoint(tmp_path / "sharded")
+    assert "this ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("format, existing, message", [
+    ("sharded", "file", "is a single-file checkpoint, and --checkpoint_format sharded writes a folder"),
+    ("single", "folder", "is a folder; use --checkpoint_format sharded"),
+])
+def test_the_checkpoint_format_must_fit_what_is_at_the_checkpoint_path(tmp_path, capsys, format, existing, message):
+    path = tmp_path / "checkpoint"
+    if existing == "file":
+        save_pretrained_checkpoint(tiny_model(), path, block_size=8)
+    else:
+        sharded_checkpoint(tiny_model(), path)
+    error = flag_error(load_script("pre-train"), ["--checkpoint_path", str(path), "--checkpoint_format", format,
+                                                  "--resume", "--device", "cpu"], capsys)
+    assert message in error

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import PeakTensorMemory  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from bench import PeakTensorMemory, kept_between_micro_batches  # noqa: E402
+from checkpoint import load_checkpoint, load_model, model_from_checkpoint  # noqa: E402
 from conftest import (  # noqa: E402
     REPOSITORY,
     TINY_MODEL,
@@ -27,8 +28,10 @@ from conftest import (  # noqa: E402
     run_script,
     terminate_after_first_epoch,
 )
-from distributed import distributed, every_rank_s, parallelize, rank  # noqa: E402
-from training import Adafactor  # noqa: E402
+from data import load_tokenizer  # noqa: E402
+from distributed import REDUCE_EVERY_MICRO_BATCH, distributed, every_rank_s, parallelize, rank  # noqa: E402
+from sizing import parameter_counts  # noqa: E402
+from training import Adafactor, optimizer_step  # noqa: E402
 
 pytestmark = pytest.mark.slow  # nearly every test here starts processes
 
@@ -127,6 +130,46 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(
     shutil.copy(half.with_suffix(".metrics.jsonl"), one_then_two.with_suffix(".metrics.jsonl"))
     pretrain(2, one_then_two, dataset_path, *flags, "--num_epochs", "4", "--resume")
     assert_same_training(one_then_two, whole)
+
+
+def copy_run(source: Path, destination: Path) -> None:
+    """A checkpoint (file or folder) and its metrics, as if the run had been made at `destination`."""
+    (shutil.copytree if source.is_dir() else shutil.copy)(source, destination)
+    shutil.copy(source.with_suffix(".metrics.jsonl"), destination.with_suffix(".metrics.jsonl"))
+
+
+def assert_same_losses_and_weights(checkpoint: Path, expected: Path) -> None:
+    for field in ("loss", "validation_loss"):
+        assert [record[field] for record in metrics(checkpoint)] == pytest.approx(
+            [record[field] for record in metrics(expected)], rel=1e-5)
+    state, expected_state = load_checkpoint(checkpoint), load_checkpoint(expected)
+    torch.testing.assert_close(state["model"], expected_state["model"], rtol=1e-3, atol=1e-4)
+    assert state["step"] == expected_state["step"]
+
+
+@pytest.mark.parametrize("level, optimizer", [(2, "adafactor"), (3, "adamw")])
+def test_a_sharded_checkpoint_resumes_at_one_and_at_two_processes_and_generates(
+    tmp_path, dataset_path, one_process_runs, level, optimizer
+):
+    half, whole = one_process_runs[optimizer]
+    flags = ["--optimizer", optimizer, "--ddp_sharding_level", str(level), "--checkpoint_format", "sharded"]
+    sharded = tmp_path / "sharded"
+    pretrain(2, sharded, dataset_path, *flags, "--num_epochs", "2")
+    shards = [path.name for path in sharded.glob("shards-*/*")]
+    assert sorted(shards) == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards  # each rank wrote its own
+    assert_same_losses_and_weights(sharded, half)
+    for processes in (1, 2):
+        resumed = tmp_path / f"resumed_at_{processes}"
+        copy_run(sharded, resumed)
+        pretrain(processes, resumed, dataset_path, *flags, "--num_epochs", "4", "--resume")
+        assert_same_losses_and_weights(resumed, whole)
+        assert len(list(resumed.glob("shards-*"))) == 1  # the earlier save's shards are gone
+    result = run_script("generate.py", "--checkpoint_path", sharded, "--prompt", "The", "--max_tokens", "3",
+                        "--top_k", "1", "--device", "cpu")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    model, _, _ = load_model(sharded)
+    first = model(torch.tensor([load_tokenizer().encode("The")]))[0][0, -1].argmax().item()
+    assert result.stdout.startswith(load_tokenizer().decode([first]))
 
 
 def test_the_readme_cpu_torchrun_command_trains_in_two_processes(tmp_path, dataset_path):
@@ -229,10 +272,15 @@ def measure_training_memory() -> None:
             print(json.dumps(figures))
 
 
-def test_sharding_levels_divide_the_training_state_between_two_ranks():
-    result = torchrun(Path(__file__).resolve(), "measure")
+def figures_by_level(mode: str) -> dict:
+    """Run this file under torchrun in `mode`, and read the figures by sharding level that rank 0 printed."""
+    result = torchrun(Path(__file__).resolve(), mode)
     assert result.returncode == 0, result.stderr
-    figures = {int(level): value for level, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    return {int(level): value for level, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+def test_sharding_levels_divide_the_training_state_between_two_ranks():
+    figures = figures_by_level("measure")
     print("\nBytes per rank with 2 ranks (LightGPT 1024 vocabulary, 64 wide, 4 layers; AdamW):")
     for level, value in figures.items():
         print(f"level {level}: " + ", ".join(f"{name} {size:,}" for name, size in value.items()))
@@ -245,6 +293,33 @@ def test_sharding_levels_divide_the_training_state_between_two_ranks():
     # each block (and the root) again only while it computes it.
     assert figures[2]["parameters_between_forward_and_backward"] == 3 * figures[2]["parameters"]
     assert figures[3]["parameters_between_forward_and_backward"] == figures[3]["parameters"]
+
+
+def measure_accumulated_gradients() -> None:
+    """Under torchrun: the tensor bytes each level keeps from the first of two micro-batches to the second, in the
+    optimizer step that pre-train.py runs."""
+    kept = {}
+    with distributed("cpu") as device:
+        for level in (2, 3):
+            model = lightgpt(vocabulary_size=64, embedding_dimensions=64, num_heads=4, num_layers=4, eos_index=0)
+            training_model = parallelize(model, device, activation_checkpointing=False, compile=False,
+                                         sharding_level=level)
+            tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+            micro_batch = (tokens[:, :-1], tokens[:, 1:], 0.5)
+            kept[level] = kept_between_micro_batches(lambda: optimizer_step(
+                training_model, torch.optim.SGD(training_model.parameters()), [micro_batch] * 2, 1e-3, 1.0,
+                nullcontext(), reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[level],
+            ), training_model)
+        if rank() == 0:
+            print(json.dumps(kept))
+
+
+def test_level_2_keeps_whole_gradients_between_micro_batches_and_level_3_only_its_shards():
+    kept = figures_by_level("accumulation")
+    counts = parameter_counts(vocabulary_size=64, embedding_dimensions=64, num_layers=4)
+    # What sizing.memory_per_device counts as gradients held while a step accumulates, at 2 processes.
+    assert kept[2] == pytest.approx(4 * counts["total"], rel=0.02)
+    assert kept[3] == pytest.approx(4 * counts["total"] / 2, rel=0.02)
 
 
 # Blocks, not the embedding, make up most of this model, as of any large one: a rank that held the whole model
@@ -344,6 +419,8 @@ def test_a_rank_that_stalls_while_training_stops_the_job_within_the_timeout(tmp_
 
 if __name__ == "__main__" and sys.argv[1:2] == ["slowed"]:
     pretrain_slowed(sys.argv[2], float(sys.argv[3]), sys.argv[4:])
+if __name__ == "__main__" and sys.argv[1:] == ["accumulation"]:
+    measure_accumulated_gradients()
 if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
     measure_training_memory()
 if __name__ == "__main__" and sys.argv[1:2] == ["initial-weights"]:

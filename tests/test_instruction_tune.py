@@ -13,6 +13,8 @@ from checkpoint import (
     load_lora_checkpoint,
     load_lora_model,
     model_from_checkpoint,
+    save_sharded,
+    trained_on_these_weights,
 )
 from conftest import (
     REPOSITORY,
@@ -331,3 +333,21 @@ def test_an_adapter_trained_compiled_loads_in_the_scripts_and_resumes_uncompiled
                                "--resume", "--no-compile")
     assert resumed.returncode == 0, resumed.stderr
     assert [record["epoch"] for record in metrics(path)] == [1, 2]
+
+
+def test_a_sharded_base_checkpoint_is_tuned_and_generates_like_its_single_file(
+    base_model_path, instructions_path, tmp_path
+):
+    base = load_checkpoint(base_model_path)
+    sharded = tmp_path / "sharded_base"
+    save_sharded(base | {"optimizer": {"state": {}, "param_groups": []}}, sharded)
+    path = tmp_path / "lora.pt"
+    result = instruction_tune(sharded, instructions_path, path, "--num_epochs", "1", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    adapter = load_lora_checkpoint(path)
+    assert adapter["base_model_path"] == str(sharded.resolve()) and trained_on_these_weights(adapter, base)
+    answers = [run_script("generate.py", "--lora_path", path, *base_flag, "--prompt", "Where is the city?",
+                          "--max_tokens", "4", "--top_k", "1", "--device", "cpu")
+               for base_flag in ([], ["--checkpoint_path", base_model_path])]
+    assert answers[0].returncode == 0 and "Traceback" not in answers[0].stderr, answers[0].stderr
+    assert answers[0].stdout == answers[1].stdout and not answers[1].stderr.strip()

@@ -177,6 +177,20 @@ def test_sharding_divides_gradients_and_optimizer_state_and_level_3_the_paramete
     assert replicated["activations"] == level_3["activations"]
 
 
+def test_with_accumulation_level_2_keeps_the_whole_gradients_and_level_3_only_shards():
+    # What tests/test_distributed.py measures FSDP2 keeping between two micro-batches at each level.
+    architecture = sizing.Architecture(50257, 1024, 1024, 16, 24)
+
+    def gradients(level: int, micro_batches: int) -> float:
+        return sizing.memory_per_device(architecture, 1, True, "adamw", False, level, 8, micro_batches)["gradients"]
+
+    whole = 4 * architecture.parameters["total"]
+    assert gradients(2, 1) == gradients(3, 1) == gradients(3, 16) < whole / 2
+    assert gradients(2, 16) > whole
+    with pytest.raises(ValueError, match="micro_batches must be at least 1"):
+        sizing.memory_per_device(architecture, micro_batches=0)
+
+
 def test_fits_compares_the_total_with_the_device_memory():
     architecture = sizing.Architecture(50257, 2048, 4096, 64, 64)
     memory = sizing.memory_per_device(architecture, 1, True, "adafactor", True, 0, 1)

@@ -1,13 +1,17 @@
-"""The pieces of the training loop that need no process: the epoch log's figures, random-number states across
-devices."""
+"""The training loop in one process: the epoch log's figures, random-number states across devices, batches onto
+the device, saving on a stop."""
 
+import argparse
 import json
+import signal
+from contextlib import nullcontext
 
 import pytest
 import torch
 from tqdm import tqdm
 
-from training import EpochLog, restore_rng_state, rng_state, saved_device_state, to_device
+from conftest import TINY_SHAPE, tiny_model
+from training import EpochLog, restore_rng_state, rng_state, saved_device_state, to_device, train
 
 
 def logged_epoch(tmp_path, **utilization) -> dict:
@@ -71,3 +75,29 @@ def test_a_batch_reaches_the_gpu_through_pinned_memory():
         torch.cuda.synchronize()
     assert torch.equal(moved.cpu(), batch)
     assert any("Pinned" in event.name for event in profile.events()), [event.name for event in profile.events()]
+
+
+def test_a_stop_at_the_end_of_an_epoch_saves_once(tmp_path):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    tokens = torch.randint(0, TINY_SHAPE["vocabulary_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = [(tokens[:, :-1], tokens[:, 1:], 1.0)]
+    saves = []
+
+    def micro_batches_at(step: int) -> list:
+        if step == 3:  # the last step of the second epoch, at which a checkpoint is due anyway
+            signal.raise_signal(signal.SIGTERM)
+        return batch
+
+    args = argparse.Namespace(num_epochs=5, warmup_steps=0, learning_rate=1e-3, max_gradient_norm=1.0,
+                              eval_interval=1, checkpoint_interval=2, checkpoint_path=tmp_path / "c.pt",
+                              mixed_precision=False, tensorboard=False)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(model, optimizer, micro_batches_at, batch, lambda step, epoch: saves.append((step, epoch)), args,
+              start_step=0, steps_per_epoch=2, precision=nullcontext(), padding_index=-100, unit="samples",
+              units_per_epoch=4, description="test", saved_what="model", program="test")
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert saves == [(4, 2)], saves
