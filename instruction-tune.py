@@ -5,12 +5,14 @@ import math
 import random
 import sys
 from argparse import BooleanOptionalAction
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from checkpoint import (
     check_same_base,
+    claimed_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
     model_from_checkpoint,
@@ -19,7 +21,15 @@ from checkpoint import (
     training_checkpoint,
     weights_fingerprint,
 )
-from data import INSTRUCTION_DATASETS, PROMPT_TEMPLATE, InstructionSamples, load_instructions, split_instructions
+from data import (
+    INSTRUCTION_DATASETS,
+    INSTRUCTION_EXTENSIONS,
+    PROMPT_TEMPLATE,
+    InstructionSamples,
+    load_instructions,
+    resolve_files,
+    split_instructions,
+)
 from devices import autocast
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
@@ -68,6 +78,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
 
 
+def instruction_files(args: argparse.Namespace) -> list[Path]:
+    return resolve_files(args.dataset_path, INSTRUCTION_EXTENSIONS, "--dataset_path") if args.dataset == "local" else []
+
+
 def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_train_samples: int) -> None:
     """Resuming must continue the same adapters on the same base and data: never change them silently."""
     check_same_base(checkpoint, base)
@@ -85,31 +99,35 @@ def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_
 
 def main() -> None:
     args = parse_args()
-    try:
-        validate_args(args)
-        base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
-        train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
-        checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
-        if checkpoint:
-            check_resumable(checkpoint, base, args, len(train_records))
-        seed = checkpoint["seed"] if checkpoint else args.seed if args.seed is not None else random.randrange(2**31)
-        torch.manual_seed(seed)
-        model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
-                                      args.base_model_path)
-    except (ValueError, FileNotFoundError, ConnectionError) as error:
-        sys.exit(f"instruction-tune.py: error: {error}")
-    add_lora(model, args.rank, args.alpha, args.dropout)
+    with ExitStack() as run:
+        try:
+            validate_args(args)
+            inputs = {"--base_model_path": [Path(args.base_model_path)], "--dataset_path": instruction_files(args)}
+            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
+            base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
+            train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
+            checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
+            if checkpoint:
+                check_resumable(checkpoint, base, args, len(train_records))
+            seed = (checkpoint["seed"] if checkpoint else
+                    args.seed if args.seed is not None else random.randrange(2**31))
+            torch.manual_seed(seed)
+            model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
+                                          args.base_model_path)
+        except (ValueError, FileNotFoundError, ConnectionError) as error:
+            sys.exit(f"instruction-tune.py: error: {error}")
+        add_lora(model, args.rank, args.alpha, args.dropout)
 
-    block_size = base["block_size"]
-    train_samples, test_samples = (
-        InstructionSamples(records, PROMPT_TEMPLATE, block_size, args.mask_input, model.padding_index)
-        for records in (train_records, test_records)
-    )
-    num_truncated = train_samples.num_truncated + test_samples.num_truncated
-    if num_truncated:
-        print(f"{num_truncated} samples are longer than the {block_size}-token context: "
-              f"the start of their prompt is cut off")
-    instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint)
+        block_size = base["block_size"]
+        train_samples, test_samples = (
+            InstructionSamples(records, PROMPT_TEMPLATE, block_size, args.mask_input, model.padding_index)
+            for records in (train_records, test_records)
+        )
+        num_truncated = train_samples.num_truncated + test_samples.num_truncated
+        if num_truncated:
+            print(f"{num_truncated} samples are longer than the {block_size}-token context: "
+                  f"the start of their prompt is cut off")
+        instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint)
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:

@@ -5,12 +5,15 @@ import os
 import random
 import sys
 import warnings
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from checkpoint import load_checkpoint, save_atomically, training_checkpoint
+from checkpoint import claimed_checkpoint, load_checkpoint, save_atomically, training_checkpoint
 from data import CORPORA, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
 from distributed import (
     check_launch,
@@ -31,6 +34,8 @@ from distributed import (
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
 from model import LightGPT, LightGPTConfig
 from training import Adafactor, restore_rng_state, rng_state, train
+
+Value = TypeVar("Value")
 
 
 def build_parser() -> ArgumentParser:
@@ -120,22 +125,38 @@ def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, d
     return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args, checkpoint
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
-    """read_inputs on every rank: each node's first process goes first and prepares the corpus, then the others
-    reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
+def load_inputs(args: argparse.Namespace, run: ExitStack) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
+    """read_inputs on every rank, once rank 0 has claimed the checkpoint (claim_checkpoint): each node's first
+    process goes first and prepares the corpus, then the others reuse its files. When any rank meets an error,
+    every rank stops with it, and rank 0 says it once."""
+    stop_every_rank_on_error(lambda: claim_checkpoint(args, run))
     first_on_its_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     inputs = None
     for my_turn in (first_on_its_node, not first_on_its_node):
-        error = None
-        if my_turn:
-            try:
-                inputs = read_inputs(args)
-            except (ValueError, FileNotFoundError, ConnectionError) as exception:
-                error = str(exception)
-        error = first_error_of_any_rank(error)
-        if error:
-            sys.exit(f"pre-train.py: error: {error}" if rank() == 0 else 1)
+        inputs = stop_every_rank_on_error(lambda: read_inputs(args) if my_turn else inputs)
     return inputs
+
+
+def claim_checkpoint(args: argparse.Namespace, run: ExitStack) -> None:
+    """On rank 0, which writes it: claim the checkpoint's files until `run` ends (see claimed_checkpoint), never
+    to write over the --text_files the run reads."""
+    if rank() == 0:
+        text_files = resolve_text_files(args.text_files) if args.dataset == "text" else []
+        run.enter_context(claimed_checkpoint(args.checkpoint_path, {"--text_files": text_files}))
+
+
+def stop_every_rank_on_error(work: Callable[[], Value]) -> Value:
+    """work() on this rank; when it raises a mistake of the user's on any rank, every rank stops, and rank 0 says
+    it once."""
+    error, result = None, None
+    try:
+        result = work()
+    except (ValueError, FileNotFoundError, ConnectionError) as exception:
+        error = str(exception)
+    error = first_error_of_any_rank(error)
+    if error:
+        sys.exit(f"pre-train.py: error: {error}" if rank() == 0 else 1)
+    return result
 
 
 def main() -> None:
@@ -144,8 +165,8 @@ def main() -> None:
         validate_args(args)
     except ValueError as error:  # every rank finds the same mistake; rank 0 alone says it
         sys.exit(f"pre-train.py: error: {error}" if launch_rank() == 0 else 1)
-    with distributed(args.device) as device:
-        pretrain(args, device, *load_inputs(args))
+    with distributed(args.device) as device, ExitStack() as run:
+        pretrain(args, device, *load_inputs(args, run))
     exit_rank()
 
 

@@ -10,13 +10,15 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 from tqdm import tqdm
 
-from distributed import gradient_sync, item, rank, replicated, sum_across_ranks, world_size
+from checkpoint import metrics_path, write_atomically
+from distributed import first_error_of_any_rank, gradient_sync, item, rank, replicated, sum_across_ranks, world_size
 
 class Adafactor(torch.optim.Adafactor):
     """torch.optim.Adafactor, same hyperparameters and state, with a step that also runs on FSDP2's sharded
@@ -92,9 +94,30 @@ def restore_rng_state(state: dict) -> None:
 
 
 def append_metrics(path: str | Path, record: dict) -> None:
-    """One JSON object per line, so a run's curves can be plotted while it trains."""
-    with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
+    """One JSON object per line, so a run's curves can be plotted while it trains. A write that fails (a full
+    disk) leaves no half line and is a one-line OSError naming the file."""
+    line = (json.dumps(record) + "\n").encode()
+    try:
+        with open(path, "ab", buffering=0) as file:
+            start = file.tell()
+            try:
+                written = 0
+                while written < len(line):  # an unbuffered write may write part of the line, then fail
+                    written += file.write(line[written:])
+            except OSError:
+                file.truncate(start)
+                raise
+    except OSError as error:
+        raise OSError(f"could not write {path}: {error.strerror or error}") from None
+
+
+def records_up_to(path: Path, step: int) -> None:
+    """Keep only the metrics log's records of steps up to `step`, where a run starts (or resumes): epochs that
+    ran after the checkpoint was saved run again and are logged again, never twice."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+    write_atomically(path, lambda file: file.write("".join(lines).encode()))
 
 
 class GracefulExit:
@@ -183,12 +206,13 @@ class EpochLog:
     """Each step's loss on the progress bar; each epoch's means, throughput and validation figures printed and
     appended to the metrics file."""
 
-    def __init__(self, progress, metrics_path: str | Path | None):
-        """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun)."""
+    def __init__(self, progress, metrics_path: str | Path | None, start_step: int = 0):
+        """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun). The
+        log's records past start_step are dropped (see records_up_to)."""
         self.progress = progress
         self.metrics_path = Path(metrics_path) if metrics_path else None
         if self.metrics_path:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            records_up_to(self.metrics_path, start_step)
         self._start_epoch()
 
     def _start_epoch(self) -> None:
@@ -248,10 +272,21 @@ def train(
     """
     main_process = rank() == 0
     total_steps = steps_per_epoch * args.num_epochs
+    if start_step >= total_steps:
+        if main_process:
+            print(f"Nothing left to train: {args.checkpoint_path} is at step {start_step}, where --num_epochs "
+                  f"{args.num_epochs} of {steps_per_epoch} steps each ends; to train further, resume with a larger "
+                  f"--num_epochs")
+        return
     step = start_step
     exit_request = GracefulExit()
     progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main_process)
-    log = EpochLog(progress, Path(args.checkpoint_path).with_suffix(".metrics.jsonl") if main_process else None)
+    log = EpochLog(progress, metrics_path(args.checkpoint_path) if main_process else None, start_step)
+
+    def stop(error: str) -> NoReturn:
+        progress.close()
+        sys.exit(f"{program}: error: {error}" if main_process else 1)
+
     model.train()
     while step < total_steps:
         learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
@@ -261,21 +296,24 @@ def train(
                 exit_request.requested,
             )
         except FloatingPointError as error:
-            progress.close()
-            sys.exit(f"{program}: error: at step {step}, {error}" if main_process else 1)
+            stop(f"at step {step}, {error}")
         step += 1
         log.add_step(step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
+        failure = None
+        last = step == total_steps
         if end_of_epoch == 0:
-            last = step == total_steps
             validation_loss = (evaluate(model, eval_batches, padding_index, precision)
                                if epoch % args.eval_interval == 0 or last else None)
-            log.end_epoch(epoch, step, unit, units_per_epoch, validation_loss)
-            if epoch % args.checkpoint_interval == 0 or last:
-                save(step, epoch)
+            failure = failed_write(log.end_epoch, epoch, step, unit, units_per_epoch, validation_loss)
+        if stop_requested or end_of_epoch == 0 and (epoch % args.checkpoint_interval == 0 or last):
+            failure = failed_write(save, step, epoch) or failure
+        if end_of_epoch == 0 or stop_requested:  # rank 0 writes; every rank stops if it could not
+            failure = first_error_of_any_rank(failure)
+            if failure:
+                stop(failure)
         if stop_requested:
-            save(step, step // steps_per_epoch)
             progress.close()
             if main_process:
                 print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")
@@ -283,3 +321,12 @@ def train(
     progress.close()
     if main_process:
         print(f"Done: {saved_what} saved to {args.checkpoint_path}")
+
+
+def failed_write(write: Callable[..., None], *args) -> str | None:
+    """write(*args), and the message of the OSError it raises when a file could not be written, else None."""
+    try:
+        write(*args)
+    except OSError as error:
+        return str(error)
+    return None

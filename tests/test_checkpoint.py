@@ -1,3 +1,8 @@
+import json
+import os
+import socket
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -5,6 +10,9 @@ import torch
 
 from checkpoint import (
     FORMAT_VERSION,
+    check_outputs,
+    claimed_checkpoint,
+    exclusive_lock,
     load_checkpoint,
     load_lora_checkpoint,
     load_lora_model,
@@ -14,6 +22,7 @@ from checkpoint import (
 )
 from conftest import REPOSITORY, tiny_model
 from distributed import load_training_state
+from training import EpochLog, append_metrics
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
 
@@ -51,3 +60,92 @@ def test_a_checkpoint_from_a_newer_lightgpt_is_refused_in_one_line(tmp_path):
     save_atomically(checkpoint, tmp_path / "newer.pt")
     with pytest.raises(ValueError, match=f"format {FORMAT_VERSION + 1}, newer than"):
         load_checkpoint(tmp_path / "newer.pt")
+
+
+def a_dead_process_id() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_failed_save_names_the_file_and_leaves_the_previous_checkpoint_whole(tmp_path, full_disk_after_4_kb):
+    path = tmp_path / "checkpoint.pt"
+    save_atomically({"step": 1}, path)
+    with pytest.raises(OSError, match=f"could not write {path}: File too large"):
+        save_atomically({"step": 2, "weights": torch.zeros(10_000)}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_failed_metrics_record_leaves_no_half_line(tmp_path, full_disk_after_4_kb):
+    path = tmp_path / "checkpoint.metrics.jsonl"
+    append_metrics(path, {"step": 1})
+    with pytest.raises(OSError, match=f"could not write {path}: File too large"):
+        append_metrics(path, {"step": 2, "note": "x" * 5000})
+    assert path.read_text() == '{"step": 1}\n'
+
+
+def test_resuming_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.metrics.jsonl"
+    for step in (2, 4, 6):
+        append_metrics(path, {"step": step})
+    EpochLog(progress=None, metrics_path=path, start_step=4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    EpochLog(progress=None, metrics_path=path, start_step=0)  # a new run starts a new log
+    assert path.read_text() == ""
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_naming_the_holder(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    with claimed_checkpoint(path, {}):
+        with pytest.raises(ValueError, match=rf"{path}: another run \(process {os.getpid()}\) is writing"):
+            with claimed_checkpoint(path, {}):
+                pass
+    with claimed_checkpoint(path, {}):  # released when the first run ended
+        pass
+
+
+@pytest.mark.slow
+def test_the_lock_of_a_killed_run_is_free_for_the_next(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from checkpoint import exclusive_lock\nwith exclusive_lock({str(path)!r}):\n"
+         f"    print('locked', flush=True)\n    input()"],
+        cwd=REPOSITORY, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(ValueError, match=f"process {holder.pid}"):
+        with exclusive_lock(path):
+            pass
+    holder.kill()
+    holder.wait()
+    with exclusive_lock(path):
+        pass
+
+
+@pytest.mark.parametrize("where, message", [
+    (".", "is a folder, where a file must go"),
+    ("file.txt/checkpoint.pt", "file.txt is a file, not a folder"),
+    ("inputs.jsonl", "is also --dataset_path, an input of this run"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, where, message):
+    (tmp_path / "file.txt").write_text("")
+    (tmp_path / "inputs.jsonl").write_text("")
+    with pytest.raises(ValueError, match=f"--checkpoint_path {tmp_path / where}: .*{message}"):
+        check_outputs(tmp_path / where, {"--dataset_path": [tmp_path / "inputs.jsonl"]})
+
+
+def test_temporary_files_of_dead_processes_of_this_machine_are_removed(tmp_path):
+    dead, alive, host = a_dead_process_id(), os.getpid(), socket.gethostname()
+    names = {
+        f"checkpoint.pt.{dead}.tmp": False,
+        f"checkpoint.pt.{host}.{dead}.tmp": False,
+        f"checkpoint.metrics.jsonl.{dead}.tmp": False,
+        f"checkpoint.pt.{alive}.tmp": True,  # a live process may still be writing it
+        f"checkpoint.pt.another-machine.{dead}.tmp": True,  # whose processes this one cannot see
+        f"notes.txt.{dead}.tmp": True,  # not a file this run writes
+    }
+    for name in names:
+        (tmp_path / name).write_text("")
+    with claimed_checkpoint(tmp_path / "checkpoint.pt", {}):
+        pass
+    assert sorted(path.name for path in tmp_path.glob("*.tmp")) == sorted(name for name, kept in names.items() if kept)

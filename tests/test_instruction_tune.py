@@ -204,6 +204,13 @@ def test_bad_arguments_get_one_clear_line(base_model_path, instructions_path, tm
     assert not (tmp_path / "lora.pt").exists()
 
 
+def test_adapters_are_never_written_over_the_base_model(base_model_path, instructions_path):
+    before = base_model_path.read_bytes()
+    result = instruction_tune(base_model_path, instructions_path, base_model_path)
+    assert_one_line_error(result, f"--checkpoint_path {base_model_path}", "is also --base_model_path")
+    assert base_model_path.read_bytes() == before
+
+
 def test_bad_data_and_an_offline_hub_get_one_clear_line(base_model_path, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Bye"}\n')
     bad = run_script("instruction-tune.py", "--base_model_path", base_model_path, "--dataset", "local",

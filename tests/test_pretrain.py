@@ -1,5 +1,11 @@
+import functools
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -9,7 +15,9 @@ from conftest import (
     REPOSITORY,
     TINY_MODEL,
     assert_one_line_error,
+    limit_file_size,
     metrics,
+    one_thread,
     run_script,
     run_until_first_epoch_then_terminate,
 )
@@ -17,10 +25,10 @@ from conftest import (
 pytestmark = pytest.mark.slow  # every test here starts processes
 
 
-def pretrain(tmp_path, dataset_path, *args, name="checkpoint.pt"):
+def pretrain(tmp_path, dataset_path, *args, name="checkpoint.pt", **kwargs):
     return run_script(
         "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
-        "--checkpoint_path", tmp_path / name, *TINY_MODEL, *args,
+        "--checkpoint_path", tmp_path / name, *TINY_MODEL, *args, **kwargs,
     )
 
 
@@ -174,3 +182,43 @@ def test_help_explains_every_flag():
                  "ddp_sharding_level", "checkpoint_interval", "checkpoint_path", "dataset_path",
                  "num_dataset_processes", "resume", "device", "seed"):
         assert f"--{flag}" in result.stdout
+
+
+ONE_STEP_EPOCHS = ["--batch_size", "2", "--gradient_accumulation_steps", "1", "--samples_per_epoch", "2",
+                   "--eval_samples", "2"]
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_trains(tmp_path, dataset_path):
+    path = tmp_path / "checkpoint.pt"
+    first = subprocess.Popen(
+        [sys.executable, "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
+         path, *TINY_MODEL, *ONE_STEP_EPOCHS, "--num_epochs", "100000"],
+        cwd=REPOSITORY, env=one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not path.with_suffix(".metrics.jsonl").exists():
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.1)
+    second = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+    assert_one_line_error(second, str(path), f"another run (process {first.pid})")
+    first.send_signal(signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0 and "Stopped by signal" in stdout, stderr
+    assert [record["epoch"] for record in metrics(path)] == list(range(1, len(metrics(path)) + 1))
+
+
+def test_a_checkpoint_path_that_is_a_folder_is_refused_before_any_work(tmp_path, dataset_path):
+    result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", tmp_path / "dataset",
+                        "--checkpoint_path", tmp_path, *TINY_MODEL)
+    assert_one_line_error(result, f"--checkpoint_path {tmp_path}", "is a folder")
+    assert os.listdir(tmp_path) == []  # not even the corpus was prepared
+
+
+def test_a_save_that_fails_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, dataset_path):
+    first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    # Any file larger than 100 kB fails to write, as on a full disk; the checkpoint is 3 MB.
+    full_disk = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2", "--resume",
+                         preexec_fn=functools.partial(limit_file_size, 100_000))
+    assert_one_line_error(full_disk, f"could not write {tmp_path / 'checkpoint.pt'}: File too large")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
