@@ -1,7 +1,9 @@
 """Training on several processes: torchrun, the process group, collectives, wrapping a model for data
 parallelism (DDP, FSDP2) and gathering or scattering its state."""
 
+import ctypes
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -29,6 +31,7 @@ from model import LightGPT
 # Long enough for rank 0 to write a large checkpoint while the others wait; short enough that a rank that
 # died takes the job down in minutes instead of leaving the others waiting forever.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 Value = TypeVar("Value")
 
@@ -56,6 +59,7 @@ def distributed(device_name: str) -> Iterator[torch.device]:
     if not launched_by_torchrun():
         yield device
         return
+    stop_with_launcher()
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -66,6 +70,18 @@ def distributed(device_name: str) -> Iterator[torch.device]:
         yield device
     finally:
         dist.destroy_process_group()
+
+
+def stop_with_launcher() -> None:
+    """On Linux, have the kernel send this rank SIGTERM when the torchrun agent that started it dies (kill -9,
+    the out-of-memory killer), so that no rank trains on alone: SIGTERM stops the ranks together after a step,
+    with a checkpoint, as when the agent passes a signal on."""
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:  # the agent died before the kernel was asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def exit_rank() -> None:

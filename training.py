@@ -113,10 +113,12 @@ def append_metrics(path: str | Path, record: dict) -> None:
 
 def records_up_to(path: Path, step: int) -> None:
     """Keep only the metrics log's records of steps up to `step`, where a run starts (or resumes): epochs that
-    ran after the checkpoint was saved run again and are logged again, never twice."""
+    ran after the checkpoint was saved run again and are logged again, never twice. A last line cut short by a
+    killed run goes too."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines(keepends=True)
+             if line.endswith("\n") and json.loads(line)["step"] <= step]
     write_atomically(path, lambda file: file.write("".join(lines).encode()))
 
 

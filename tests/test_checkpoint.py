@@ -89,6 +89,8 @@ def test_resuming_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.metrics.jsonl"
     for step in (2, 4, 6):
         append_metrics(path, {"step": step})
+    with open(path, "a") as file:
+        file.write('{"step": 8, "loss"')  # cut short by a kill
     EpochLog(progress=None, metrics_path=path, start_step=4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
     EpochLog(progress=None, metrics_path=path, start_step=0)  # a new run starts a new log
