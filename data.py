@@ -121,6 +121,17 @@ def resolve_files(pattern: str, extensions: tuple[str, ...], flag: str) -> list[
     return files
 
 
+def same_files(pattern: str | None, other: str | None, extensions: tuple[str, ...]) -> bool:
+    """Whether two patterns (see resolve_files) name the same files, now."""
+    if pattern == other:
+        return True
+    try:
+        return [file.resolve() for file in resolve_files(pattern or "", extensions, "")] == \
+            [file.resolve() for file in resolve_files(other or "", extensions, "")]
+    except FileNotFoundError:
+        return False
+
+
 def text_documents(files: list[Path]):
     """The user's own files through datasets' local loaders: a 'text' column of documents."""
     import datasets

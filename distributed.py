@@ -196,11 +196,13 @@ def full_training_state(model: Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def load_training_state(model: Module, optimizer: torch.optim.Optimizer, checkpoint: dict | None) -> None:
-    """Load a full_training_state that only rank 0 has read, sharding or replicating it onto every rank."""
+    """Load a full_training_state that only rank 0 has read, sharding or replicating it onto every rank. A
+    checkpoint with no optimizer state leaves the optimizer as it is."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(unwrapped(model), checkpoint["model"] if checkpoint else {}, options=options)
-    set_optimizer_state_dict(unwrapped(model), optimizer, checkpoint["optimizer"] if checkpoint else {},
-                             options=options)
+    if from_rank_zero(bool(checkpoint and checkpoint.get("optimizer"))):
+        set_optimizer_state_dict(unwrapped(model), optimizer, checkpoint["optimizer"] if checkpoint else {},
+                                 options=options)
 
 
 def unwrapped(model: Module) -> Module:

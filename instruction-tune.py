@@ -28,13 +28,14 @@ from data import (
     InstructionSamples,
     load_instructions,
     resolve_files,
+    same_files,
     split_instructions,
 )
 from devices import autocast
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
 from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
-from training import restore_rng_state, rng_state, train, weighted_by_targets
+from training import note_optimizer_starts_afresh, restore_rng_state, rng_state, train, weighted_by_targets
 
 
 def build_parser() -> ArgumentParser:
@@ -92,9 +93,19 @@ def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_
         if checkpoint["lora_args"][name] != getattr(args, name):
             raise ValueError(f"--resume: the checkpoint has --{name} {checkpoint['lora_args'][name]}, "
                              f"the flags ask for {getattr(args, name)}; repeat the original run's flags")
-    if checkpoint["num_train_samples"] != num_train_samples:
+    trained_with = checkpoint.get("args", {})
+    if "dataset" in trained_with and (trained_with["dataset"] != args.dataset or not same_files(
+            trained_with.get("dataset_path"), args.dataset_path, INSTRUCTION_EXTENSIONS)):
+        raise ValueError(f"--resume: the checkpoint was trained on {dataset_flags(trained_with)}, the flags ask for "
+                         f"{dataset_flags(vars(args))}; use the original dataset, or start anew without --resume")
+    if checkpoint.get("num_train_samples", num_train_samples) != num_train_samples:
         raise ValueError(f"--resume: the checkpoint was trained on {checkpoint['num_train_samples']} instructions, "
                          f"this dataset has {num_train_samples}; use the original dataset")
+
+
+def dataset_flags(flags: dict) -> str:
+    return f"--dataset {flags['dataset']}" + (f" --dataset_path {flags.get('dataset_path')}"
+                                              if flags["dataset"] == "local" else "")
 
 
 def main() -> None:
@@ -109,8 +120,8 @@ def main() -> None:
             checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
             if checkpoint:
                 check_resumable(checkpoint, base, args, len(train_records))
-            seed = (checkpoint["seed"] if checkpoint else
-                    args.seed if args.seed is not None else random.randrange(2**31))
+            seed = (checkpoint or {}).get("seed", args.seed)
+            seed = seed if seed is not None else random.randrange(2**31)
             torch.manual_seed(seed)
             model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
                                           args.base_model_path)
@@ -151,9 +162,13 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     step = 0
     if checkpoint:
         load_lora_state_dict(model, checkpoint["lora"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"][0])
-        step = checkpoint["step"]
+        if checkpoint.get("optimizer"):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        else:
+            note_optimizer_starts_afresh(args.checkpoint_path)
+        if checkpoint.get("rng"):
+            restore_rng_state(checkpoint["rng"][0])
+        step = checkpoint.get("step", 0)
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
     eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())

@@ -14,7 +14,15 @@ from typing import TypeVar
 import torch
 
 from checkpoint import claimed_checkpoint, load_checkpoint, save_atomically, training_checkpoint
-from data import CORPORA, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
+from data import (
+    CORPORA,
+    TEXT_EXTENSIONS,
+    TokenWindows,
+    load_tokenizer,
+    prepare_corpus,
+    resolve_text_files,
+    same_files,
+)
 from distributed import (
     check_launch,
     distributed,
@@ -33,7 +41,7 @@ from distributed import (
 )
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
 from model import LightGPT, LightGPTConfig
-from training import Adafactor, restore_rng_state, rng_state, train
+from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, rng_state, train
 
 Value = TypeVar("Value")
 
@@ -91,8 +99,9 @@ def model_args_from(args: argparse.Namespace) -> dict:
     return asdict(model_config(args, tokenizer.n_vocab, tokenizer.eot_token))
 
 
-def check_resumable(checkpoint: dict, model_args: dict, block_size: int) -> None:
-    """The checkpoint must be of the shape the flags ask for: resuming never changes the model silently."""
+def check_resumable(checkpoint: dict, model_args: dict, args: argparse.Namespace) -> None:
+    """The checkpoint must be of the shape, corpus and optimizer the flags ask for: resuming never changes them
+    silently."""
     saved_args = asdict(LightGPTConfig(**checkpoint["model_args"]))
     for name, value in model_args.items():
         if saved_args[name] != value:
@@ -100,11 +109,31 @@ def check_resumable(checkpoint: dict, model_args: dict, block_size: int) -> None
                 f"--resume: the checkpoint has {name}={saved_args[name]}, "
                 f"the flags ask for {value}; repeat the original run's flags"
             )
-    if checkpoint.get("block_size") != block_size:
+    if checkpoint.get("block_size") != args.block_size:
         raise ValueError(
             f"--resume: the checkpoint was trained with --block_size {checkpoint.get('block_size')}, "
-            f"the flags ask for {block_size}"
+            f"the flags ask for {args.block_size}"
         )
+    trained_with = checkpoint.get("args", {})
+    if "dataset" in trained_with and not same_corpus(trained_with, vars(args)):
+        raise ValueError(f"--resume: the checkpoint was trained on {corpus_flags(trained_with)}, the flags ask for "
+                         f"{corpus_flags(vars(args))}; resume on the same corpus, or start a new run without --resume")
+    optimizer = trained_with.get("optimizer", args.optimizer)
+    if checkpoint.get("optimizer") and optimizer != args.optimizer:
+        raise ValueError(f"--resume: the checkpoint holds the state of --optimizer {optimizer}, the flags ask for "
+                         f"{args.optimizer}; repeat --optimizer {optimizer}")
+
+
+def same_corpus(trained_with: dict, flags: dict) -> bool:
+    if trained_with["dataset"] != flags["dataset"]:
+        return False
+    return flags["dataset"] != "text" or same_files(trained_with.get("text_files"), flags["text_files"],
+                                                    TEXT_EXTENSIONS)
+
+
+def corpus_flags(flags: dict) -> str:
+    return f"--dataset {flags['dataset']}" + (f" --text_files {flags.get('text_files')}"
+                                              if flags["dataset"] == "text" else "")
 
 
 def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_size: int) -> list[tuple]:
@@ -114,13 +143,14 @@ def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_
 
 
 def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
-    """The corpus, prepared on the first run, the model's arguments and, on rank 0 alone, the checkpoint to resume."""
-    text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
-    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
+    """The corpus, prepared on the first run, the model's arguments and, on rank 0 alone, the checkpoint to resume
+    (checked before the corpus is prepared)."""
     model_args = model_args_from(args)
     checkpoint = load_checkpoint(args.checkpoint_path) if args.resume and rank() == 0 else None
     if checkpoint:
-        check_resumable(checkpoint, model_args, args.block_size)
+        check_resumable(checkpoint, model_args, args)
+    text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
+    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
     train_windows = TokenWindows(corpus / "train.bin", args.block_size)
     return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args, checkpoint
 
@@ -197,11 +227,14 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     step, saved_rng_states = 0, []
     if args.resume:
         load_training_state(training_model, optimizer, checkpoint)
-        progress_state = from_rank_zero({key: checkpoint[key] for key in ("sampler", "rng", "step")}
+        progress_state = from_rank_zero({key: checkpoint.get(key) for key in ("sampler", "rng", "step")}
                                         if main_process else None)
-        sampler.set_state(progress_state["sampler"])
-        step = progress_state["step"]
-        saved_rng_states = progress_state["rng"]
+        if progress_state["sampler"] is not None:
+            sampler.set_state(progress_state["sampler"])
+        step = progress_state["step"] or 0
+        saved_rng_states = progress_state["rng"] or []
+        if main_process and not checkpoint.get("optimizer"):
+            note_optimizer_starts_afresh(args.checkpoint_path)
         if main_process:
             print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
     # Dropout masks differ between ranks: rank 0 draws the stream a single process would, and a resumed rank

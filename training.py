@@ -122,6 +122,12 @@ def records_up_to(path: Path, step: int) -> None:
     write_atomically(path, lambda file: file.write("".join(lines).encode()))
 
 
+def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:
+    """What resuming from a checkpoint that no training run wrote (one made by hand, or for inference) resets."""
+    print(f"Note: {checkpoint_path} holds no optimizer state (a training run did not write it): the optimizer "
+          f"starts afresh")
+
+
 class GracefulExit:
     """Turns SIGINT and SIGTERM into a flag the training loop checks after each step."""
 
@@ -276,9 +282,9 @@ def train(
     total_steps = steps_per_epoch * args.num_epochs
     if start_step >= total_steps:
         if main_process:
-            print(f"Nothing left to train: {args.checkpoint_path} is at step {start_step}, where --num_epochs "
-                  f"{args.num_epochs} of {steps_per_epoch} steps each ends; to train further, resume with a larger "
-                  f"--num_epochs")
+            print(f"Nothing left to train: {args.checkpoint_path} is at step {start_step}, and --num_epochs "
+                  f"{args.num_epochs} ends at step {total_steps} ({steps_per_epoch} steps per epoch); to train "
+                  f"further, resume with a larger --num_epochs")
         return
     step = start_step
     exit_request = GracefulExit()

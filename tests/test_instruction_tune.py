@@ -169,6 +169,14 @@ def test_resuming_with_another_rank_is_refused(base_model_path, instructions_pat
     assert_one_line_error(result, "--resume", "--rank 8", "4")
 
 
+def test_resuming_on_another_dataset_of_the_same_size_is_refused(base_model_path, instructions_path, adapter_path,
+                                                                  tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text(instructions_path.read_text().replace("Europe", "Asia"))
+    result = instruction_tune(base_model_path, other, adapter_path, "--resume")
+    assert_one_line_error(result, "--resume", f"--dataset_path {instructions_path}", f"--dataset_path {other}")
+
+
 @pytest.fixture
 def retrained_base_path(base_model_path, tmp_path):
     """A base of the same sizes as base_model_path with other weights, as if it had been trained further."""

@@ -15,11 +15,13 @@ from conftest import (
     REPOSITORY,
     TINY_MODEL,
     assert_one_line_error,
+    lightgpt,
     limit_file_size,
     metrics,
     one_thread,
     run_script,
     run_until_first_epoch_then_terminate,
+    save_pretrained_checkpoint,
 )
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -222,3 +224,37 @@ def test_a_save_that_fails_names_the_file_and_keeps_the_previous_checkpoint(tmp_
     assert_one_line_error(full_disk, f"could not write {tmp_path / 'checkpoint.pt'}: File too large")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resuming_on_another_corpus_or_with_another_optimizer_is_refused(tmp_path, dataset_path):
+    first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1", "--optimizer", "adamw")
+    assert first.returncode == 0, first.stderr
+    resume = ["--resume", *ONE_STEP_EPOCHS, "--num_epochs", "2", "--optimizer", "adamw"]
+    other_corpus = run_script("pre-train.py", "--dataset", "kjv", "--dataset_path", tmp_path / "dataset",
+                              "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL, *resume)
+    assert_one_line_error(other_corpus, "--resume", "trained on --dataset wikipedia", "ask for --dataset kjv")
+    assert not (tmp_path / "dataset").exists()  # refused before preparing the other corpus
+    other_optimizer = pretrain(tmp_path, dataset_path, *resume, "--optimizer", "adafactor")
+    assert_one_line_error(other_optimizer, "--resume", "--optimizer adamw", "adafactor")
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_and_writes_nothing(tmp_path, dataset_path):
+    first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2")
+    assert first.returncode == 0, first.stderr
+    files = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    again = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "Nothing left to train" in again.stdout and "a larger --num_epochs" in again.stdout
+    assert "Done" not in again.stdout
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == files
+
+
+def test_resuming_from_a_checkpoint_without_optimizer_state_says_the_optimizer_starts_afresh(tmp_path,
+                                                                                            dataset_path):
+    model = lightgpt(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1, feed_forward_ratio=2,
+                     eos_index=50256, dropout=0.1)
+    save_pretrained_checkpoint(model, tmp_path / "checkpoint.pt", block_size=16)
+    result = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "holds no optimizer state" in result.stdout and "starts afresh" in result.stdout
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
