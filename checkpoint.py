@@ -110,13 +110,17 @@ def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]]) ->
         if output.is_dir():
             raise ValueError(f"--checkpoint_path {checkpoint_path}: {output} is a folder, where a file must go; "
                              f"name a file, such as {checkpoint_path / 'checkpoint.pt'}")
-        not_a_folder = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
-        if not_a_folder:
-            raise ValueError(f"--checkpoint_path {checkpoint_path}: {not_a_folder} is a file, not a folder")
+        if blocking := file_in_the_way(output.parent):
+            raise ValueError(f"--checkpoint_path {checkpoint_path}: {blocking} is a file, not a folder")
         for flag, files in inputs.items():
             if output.exists() and any(os.path.samefile(output, file) for file in files):
                 raise ValueError(f"--checkpoint_path {checkpoint_path}: {output} is also {flag}, an input of "
                                  f"this run; choose another --checkpoint_path")
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file, if any, that stands where `folder` or one of its parents should be a folder."""
+    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
 
 
 @contextmanager
@@ -237,7 +241,25 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({reason})") from None
+    return finite(model, path)
+
+
+def finite(model: LightGPT, path: str | Path) -> LightGPT:
+    """The model, or a one-line ValueError naming the first weight that holds NaN or an infinity."""
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: its weights hold NaN or infinite numbers (in {name}); the run that wrote "
+                             f"it diverged, or the file is damaged")
     return model
+
+
+def context_length(checkpoint: dict, path: str | Path) -> int:
+    """The block_size the checkpoint was trained with, or a one-line ValueError when it is not a positive
+    whole number."""
+    block_size = checkpoint.get("block_size")
+    if type(block_size) is not int or block_size < 1:
+        raise ValueError(f"{path}: its block_size must be a positive whole number, got {block_size!r}")
+    return block_size
 
 
 def load_model(
@@ -251,9 +273,8 @@ def load_model(
         return model.to(device), block_size, template
     path = path or DEFAULT_CHECKPOINT_PATH
     checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint.get("block_size"), int):
-        raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
-    return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint["block_size"], None
+    block_size = context_length(checkpoint, path)
+    return model_from_checkpoint(checkpoint, path).to(device).eval(), block_size, None
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:
@@ -313,6 +334,7 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) 
     if not base_path:
         raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
     base = load_checkpoint(base_path)
+    block_size = context_length(base, base_path)
     try:
         model = load_adapted_model(adapter, base)
     except ValueError as error:
@@ -320,4 +342,4 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) 
     if not trained_on_these_weights(adapter, base):
         warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
                       f"its answers may be poor", stacklevel=2)
-    return model, base["block_size"], adapter["prompt_template"]
+    return finite(model, lora_path), block_size, adapter["prompt_template"]

@@ -377,8 +377,12 @@ def checked_record(record, where: str) -> dict[str, str]:
 
 
 def read_instruction_file(path: Path) -> list[dict[str, str]]:
-    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line."""
-    text = path.read_text(encoding="utf-8")
+    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line, in UTF-8."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
+                         f"save it as UTF-8") from None
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), start=1):

@@ -2,6 +2,7 @@
 
 from contextlib import AbstractContextManager, nullcontext
 
+import psutil
 import torch
 
 
@@ -33,3 +34,13 @@ def autocast(device: torch.device, mixed_precision: bool) -> AbstractContextMana
     if mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def available_memory(device: torch.device) -> int:
+    """The bytes free for tensors on the device now: a GPU's free memory, what MPS recommends less what it holds,
+    or the memory the system has available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return psutil.virtual_memory().available

@@ -94,6 +94,11 @@ def exit_rank() -> None:
         os._exit(0)
 
 
+def processes_on_this_machine() -> int:
+    """How many ranks torchrun started on this machine (1 when alone): they share its memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -13,6 +13,7 @@ import torch
 from checkpoint import (
     check_same_base,
     claimed_checkpoint,
+    context_length,
     load_checkpoint,
     load_lora_checkpoint,
     model_from_checkpoint,
@@ -116,6 +117,7 @@ def main() -> None:
             inputs = {"--base_model_path": [Path(args.base_model_path)], "--dataset_path": instruction_files(args)}
             run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
             base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
+            block_size = context_length(base, args.base_model_path)
             train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
             checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
             if checkpoint:
@@ -129,7 +131,6 @@ def main() -> None:
             sys.exit(f"instruction-tune.py: error: {error}")
         add_lora(model, args.rank, args.alpha, args.dropout)
 
-        block_size = base["block_size"]
         train_samples, test_samples = (
             InstructionSamples(records, PROMPT_TEMPLATE, block_size, args.mask_input, model.padding_index)
             for records in (train_records, test_records)
@@ -142,9 +143,9 @@ def main() -> None:
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed), so a resumed run
-    sees the same order without saving it."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed, below 2**63), so a
+    resumed run sees the same order without saving it."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63))
 
 
 def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: InstructionSamples,

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import torch
 
-from checkpoint import claimed_checkpoint, load_checkpoint, save_atomically, training_checkpoint
+from checkpoint import claimed_checkpoint, file_in_the_way, load_checkpoint, save_atomically, training_checkpoint
 from data import (
     CORPORA,
     TEXT_EXTENSIONS,
@@ -36,11 +36,14 @@ from distributed import (
     micro_batches_of_this_rank,
     parallelize,
     precision,
+    processes_on_this_machine,
     rank,
     world_size,
 )
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
+from devices import available_memory
 from model import LightGPT, LightGPTConfig
+from sizing import Architecture, gigabytes, memory_per_device
 from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, rng_state, train
 
 Value = TypeVar("Value")
@@ -88,6 +91,8 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.dataset == "text" and not args.text_files:
         raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
+    if blocking := file_in_the_way(Path(args.dataset_path)):
+        raise ValueError(f"--dataset_path {args.dataset_path}: {blocking} is a file, not a folder")
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no checkpoint at --checkpoint_path {args.checkpoint_path}")
     model_args_from(args)
@@ -155,16 +160,36 @@ def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, d
     return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args, checkpoint
 
 
-def load_inputs(args: argparse.Namespace, run: ExitStack) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
-    """read_inputs on every rank, once rank 0 has claimed the checkpoint (claim_checkpoint): each node's first
-    process goes first and prepares the corpus, then the others reuse its files. When any rank meets an error,
-    every rank stops with it, and rank 0 says it once."""
+def load_inputs(args: argparse.Namespace, device: torch.device,
+                run: ExitStack) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
+    """read_inputs on every rank, once each rank has checked that the model fits (check_memory) and rank 0 has
+    claimed the checkpoint (claim_checkpoint): each node's first process goes first and prepares the corpus, then
+    the others reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
+    stop_every_rank_on_error(lambda: check_memory(args, device))
     stop_every_rank_on_error(lambda: claim_checkpoint(args, run))
     first_on_its_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     inputs = None
     for my_turn in (first_on_its_node, not first_on_its_node):
         inputs = stop_every_rank_on_error(lambda: read_inputs(args) if my_turn else inputs)
     return inputs
+
+
+def check_memory(args: argparse.Namespace, device: torch.device) -> None:
+    """Raise a one-line ValueError, before anything is allocated, when the model's weights, gradients and
+    optimizer state alone (sizing.memory_per_device) exceed the memory this process has: a certain failure.
+    Activations are left out of the comparison, since torch.compile makes them smaller than the estimate."""
+    config = model_args_from(args)
+    architecture = Architecture(config["vocabulary_size"], args.block_size, config["embedding_dimensions"],
+                                config["num_heads"], config["num_layers"], config["feed_forward_ratio"])
+    memory = memory_per_device(architecture, args.batch_size, False, args.optimizer, args.activation_checkpointing,
+                               args.ddp_sharding_level, world_size())
+    state = memory["parameters"] + memory["gradients"] + memory["optimizer_state"]
+    available = available_memory(device) // (processes_on_this_machine() if device.type == "cpu" else 1)
+    if state > available:
+        raise ValueError(f"this model needs about {gigabytes(memory['total'])} to train, {gigabytes(state)} of it "
+                         f"for its weights, gradients and optimizer state alone, more than the "
+                         f"{gigabytes(available)} available on {device}; choose a smaller model "
+                         f"(see model_sizing.ipynb)")
 
 
 def claim_checkpoint(args: argparse.Namespace, run: ExitStack) -> None:
@@ -196,7 +221,7 @@ def main() -> None:
     except ValueError as error:  # every rank finds the same mistake; rank 0 alone says it
         sys.exit(f"pre-train.py: error: {error}" if launch_rank() == 0 else 1)
     with distributed(args.device) as device, ExitStack() as run:
-        pretrain(args, device, *load_inputs(args, run))
+        pretrain(args, device, *load_inputs(args, device, run))
     exit_rank()
 
 

@@ -219,6 +219,14 @@ def test_adapters_are_never_written_over_the_base_model(base_model_path, instruc
     assert base_model_path.read_bytes() == before
 
 
+def test_a_base_whose_model_args_do_not_match_its_weights_is_named_in_one_line(base_model_path, instructions_path,
+                                                                               tmp_path):
+    base = load_checkpoint(base_model_path)
+    torch.save(base | {"model_args": base["model_args"] | {"embedding_dimensions": 32}}, tmp_path / "mismatched.pt")
+    result = instruction_tune(tmp_path / "mismatched.pt", instructions_path, tmp_path / "lora.pt")
+    assert_one_line_error(result, "mismatched.pt: its model_args and weights do not make a LightGPT")
+
+
 def test_bad_data_and_an_offline_hub_get_one_clear_line(base_model_path, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Bye"}\n')
     bad = run_script("instruction-tune.py", "--base_model_path", base_model_path, "--dataset", "local",

@@ -148,6 +148,10 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, dataset_p
         (["--device", "toaster"], ["--device", "toaster"]),
         (["--ddp_sharding_level", "1"], ["--ddp_sharding_level", "1"]),
         (["--block_size", "many"], ["--block_size", "many"]),
+        (["--seed", "99999999999999999999999"], ["--seed", "[0, 2**63)", "99999999999999999999999"]),
+        (["--embedding_dimensions", "1099511627776"], ["needs about", "for its weights, gradients and optimizer state",
+                                                       "available on cpu"]),
+        (["--dataset_path", REPOSITORY / "README.md"], ["--dataset_path", "README.md is a file, not a folder"]),
     ],
 )
 def test_bad_arguments_get_one_clear_line(tmp_path, dataset_path, args, fragments):
