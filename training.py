@@ -214,13 +214,10 @@ class EpochLog:
     """Each step's loss on the progress bar; each epoch's means, throughput and validation figures printed and
     appended to the metrics file."""
 
-    def __init__(self, progress, metrics_path: str | Path | None, start_step: int = 0):
-        """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun). The
-        log's records past start_step are dropped (see records_up_to)."""
+    def __init__(self, progress, metrics_path: str | Path | None):
+        """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun)."""
         self.progress = progress
         self.metrics_path = Path(metrics_path) if metrics_path else None
-        if self.metrics_path:
-            records_up_to(self.metrics_path, start_step)
         self._start_epoch()
 
     def _start_epoch(self) -> None:
@@ -276,7 +273,8 @@ def train(
     names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every
     rank calls it). Each epoch is logged, evaluated every args.eval_interval epochs and saved every
     args.checkpoint_interval epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the
-    same step. Rank 0 alone shows progress and writes the metrics log beside args.checkpoint_path.
+    same step. Rank 0 alone shows progress and writes the metrics log beside args.checkpoint_path, first
+    dropping its records past start_step. A file that cannot be written stops every rank with one line.
     """
     main_process = rank() == 0
     total_steps = steps_per_epoch * args.num_epochs
@@ -289,11 +287,16 @@ def train(
     step = start_step
     exit_request = GracefulExit()
     progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main_process)
-    log = EpochLog(progress, metrics_path(args.checkpoint_path) if main_process else None, start_step)
+    log = EpochLog(progress, metrics_path(args.checkpoint_path) if main_process else None)
 
     def stop(error: str) -> NoReturn:
         progress.close()
         sys.exit(f"{program}: error: {error}" if main_process else 1)
+
+    # Rank 0 writes every file; every rank stops when it could not.
+    failure = failed_write(records_up_to, log.metrics_path, step) if main_process else None
+    if failure := first_error_of_any_rank(failure):
+        stop(failure)
 
     model.train()
     while step < total_steps:
@@ -317,10 +320,8 @@ def train(
             failure = failed_write(log.end_epoch, epoch, step, unit, units_per_epoch, validation_loss)
         if stop_requested or end_of_epoch == 0 and (epoch % args.checkpoint_interval == 0 or last):
             failure = failed_write(save, step, epoch) or failure
-        if end_of_epoch == 0 or stop_requested:  # rank 0 writes; every rank stops if it could not
-            failure = first_error_of_any_rank(failure)
-            if failure:
-                stop(failure)
+        if (end_of_epoch == 0 or stop_requested) and (failure := first_error_of_any_rank(failure)):
+            stop(failure)
         if stop_requested:
             progress.close()
             if main_process:

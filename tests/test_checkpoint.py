@@ -22,7 +22,7 @@ from checkpoint import (
 )
 from conftest import REPOSITORY, tiny_model
 from distributed import load_training_state
-from training import EpochLog, append_metrics
+from training import append_metrics, records_up_to
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
 
@@ -91,9 +91,9 @@ def test_resuming_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
         append_metrics(path, {"step": step})
     with open(path, "a") as file:
         file.write('{"step": 8, "loss"')  # cut short by a kill
-    EpochLog(progress=None, metrics_path=path, start_step=4)
+    records_up_to(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
-    EpochLog(progress=None, metrics_path=path, start_step=0)  # a new run starts a new log
+    records_up_to(path, 0)  # a new run starts a new log
     assert path.read_text() == ""
 
 
