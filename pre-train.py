@@ -18,11 +18,13 @@ from data import (
     CORPORA,
     TEXT_EXTENSIONS,
     TokenWindows,
+    corpus_folder,
     load_tokenizer,
     prepare_corpus,
     resolve_text_files,
     same_files,
 )
+from devices import available_memory
 from distributed import (
     check_launch,
     distributed,
@@ -41,7 +43,6 @@ from distributed import (
     world_size,
 )
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
-from devices import available_memory
 from model import LightGPT, LightGPTConfig
 from sizing import Architecture, gigabytes, memory_per_device
 from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, rng_state, train
@@ -194,10 +195,12 @@ def check_memory(args: argparse.Namespace, device: torch.device) -> None:
 
 def claim_checkpoint(args: argparse.Namespace, run: ExitStack) -> None:
     """On rank 0, which writes it: claim the checkpoint's files until `run` ends (see claimed_checkpoint), never
-    to write over the --text_files the run reads."""
+    to write over the --text_files or the prepared corpus the run reads."""
     if rank() == 0:
         text_files = resolve_text_files(args.text_files) if args.dataset == "text" else []
-        run.enter_context(claimed_checkpoint(args.checkpoint_path, {"--text_files": text_files}))
+        corpus = corpus_folder(args.dataset_path, args.dataset, text_files)
+        inputs = {"--text_files": text_files, "--dataset_path": list(corpus.glob("*"))}
+        run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
 
 
 def stop_every_rank_on_error(work: Callable[[], Value]) -> Value:

@@ -218,6 +218,15 @@ def test_a_checkpoint_path_that_is_a_folder_is_refused_before_any_work(tmp_path,
     assert os.listdir(tmp_path) == []  # not even the corpus was prepared
 
 
+def test_a_checkpoint_path_that_is_one_of_the_corpus_files_is_refused(dataset_path):
+    corpus_file = dataset_path / "wikipedia" / "train.bin"
+    before = corpus_file.read_bytes()
+    result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
+                        "--checkpoint_path", corpus_file, *TINY_MODEL, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+    assert_one_line_error(result, f"{corpus_file} is also --dataset_path, an input of this run")
+    assert corpus_file.read_bytes() == before
+
+
 def test_a_save_that_fails_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, dataset_path):
     first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1")
     assert first.returncode == 0, first.stderr
