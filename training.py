@@ -117,9 +117,10 @@ def records_up_to(path: Path, step: int) -> None:
     killed run goes too."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines(keepends=True)
-             if line.endswith("\n") and json.loads(line)["step"] <= step]
-    write_atomically(path, lambda file: file.write("".join(lines).encode()))
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if kept != lines:
+        write_atomically(path, lambda file: file.write("".join(kept).encode()))
 
 
 def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:

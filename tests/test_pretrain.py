@@ -211,7 +211,7 @@ def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_trains(t
     assert [record["epoch"] for record in metrics(path)] == list(range(1, len(metrics(path)) + 1))
 
 
-def test_a_checkpoint_path_that_is_a_folder_is_refused_before_any_work(tmp_path, dataset_path):
+def test_a_checkpoint_path_that_is_a_folder_is_refused_before_any_work(tmp_path):
     result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", tmp_path / "dataset",
                         "--checkpoint_path", tmp_path, *TINY_MODEL)
     assert_one_line_error(result, f"--checkpoint_path {tmp_path}", "is a folder")
