@@ -38,6 +38,7 @@ from flags import (
     non_negative_int,
     positive_float,
     positive_int,
+    seed,
 )
 from distributed import (
     check_launch,
@@ -108,7 +109,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--num_threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the run (default: torch's). On cores that other processes "
                         "share, 1 avoids stalling every operator while a descheduled thread catches up.")
-    parser.add_argument("--seed", type=int, default=0, help="The seed for the weights and the random tokens.")
+    parser.add_argument("--seed", type=seed, default=0, help="The seed for the weights and the random tokens.")
     parser.add_argument("--json", action="store_true",
                         help="Print one JSON object per measurement and line instead of the table.")
     return parser

@@ -1,19 +1,24 @@
 """Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import io
 import json
 import os
 import pickle
+import re
 import secrets
 import shutil
+import socket
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -62,12 +67,142 @@ def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step
 
 
 def save_atomically(checkpoint: dict, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary name, then rename (see write_atomically)."""
+    write_atomically(path, lambda file: torch.save(checkpoint, file))
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through write(file) under a temporary name, flush it to disk, then rename it into place: a
+    crash leaves the previous file whole, and an error removes the temporary file and is a one-line OSError
+    naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_path(path)
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        raise OSError(f"could not write {path}: {cause.strerror or cause}") from None
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind an error, if any: torch.save reports a failed write as a RuntimeError whose context is
+    the file's OSError (no space left, file too large)."""
+    if isinstance(error, RuntimeError):
+        error = error.__context__
+    return error if isinstance(error, OSError) else None
+
+
+def metrics_path(checkpoint_path: str | Path) -> Path:
+    """The metrics log a training run keeps beside its checkpoint."""
+    return Path(checkpoint_path).with_suffix(".metrics.jsonl")
+
+
+def lock_path(checkpoint_path: str | Path) -> Path:
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.name}.lock")
+
+
+@contextmanager
+def claimed_checkpoint(checkpoint_path: str | Path, inputs: dict[str, list[Path]],
+                       sharded: bool = False) -> Iterator[None]:
+    """The files a training run writes, claimed before any work and held until the block ends: the checkpoint,
+    its metrics log and its lock are checked (check_outputs), the lock is taken (exclusive_lock), and the
+    temporary files that dead processes left of them are removed. `inputs`: each input flag's files, which the
+    run must never write over; sharded: the checkpoint is a folder (--checkpoint_format sharded)."""
+    check_outputs(checkpoint_path, inputs, sharded)
+    with exclusive_lock(checkpoint_path):
+        remove_stray_temporary_files([Path(checkpoint_path), metrics_path(checkpoint_path)])
+        yield
+
+
+def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sharded: bool = False) -> None:
+    """Raise a one-line ValueError when the checkpoint, its metrics log or its lock cannot be a file (a folder
+    is in the way, or a file where a folder should be), or is one of the run's inputs. A sharded checkpoint is
+    a folder itself."""
+    checkpoint_path = Path(checkpoint_path)
+    for output in (checkpoint_path, metrics_path(checkpoint_path), lock_path(checkpoint_path)):
+        if output.is_dir() and not (sharded and output == checkpoint_path):
+            raise ValueError(f"--checkpoint_path {checkpoint_path}: {output} is a folder, where a file must go; "
+                             f"name a file, such as {checkpoint_path / 'checkpoint.pt'}")
+        if blocking := file_in_the_way(output.parent):
+            raise ValueError(f"--checkpoint_path {checkpoint_path}: {blocking} is a file, not a folder")
+        for flag, files in inputs.items():
+            if output.exists() and any(os.path.samefile(output, file) for file in files):
+                raise ValueError(f"--checkpoint_path {checkpoint_path}: {output} is also {flag}, an input of "
+                                 f"this run; choose another --checkpoint_path")
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file, if any, that stands where `folder` or one of its parents should be a folder."""
+    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+
+
+@contextmanager
+def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
+    """Hold <checkpoint>.lock, with this process's id in it, so that a second run writing the same checkpoint is
+    refused with one line that names the holder. The operating system releases the lock when the process ends,
+    however it ends, so a crashed run never blocks the next one; the emptied file stays, as a lock must."""
+    path = lock_path(checkpoint_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, "a+")
+    except OSError as error:
+        raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
+                         f"({error.strerror or error})") from None
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
+                             f"this checkpoint; wait for it to end, or choose another --checkpoint_path") from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        try:
+            yield
+        finally:
+            file.truncate(0)
+
+
+def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
+    """Remove the temporary files of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
+    no longer exists: a process killed while saving leaves one. Those of live processes and of other machines
+    stay. Returns the files removed."""
+    removed = []
+    for path in paths:
+        prefix = f"{path.name}."
+        for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+            if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
+                temporary.unlink(missing_ok=True)
+                removed.append(temporary)
+    return removed
+
+
+def written_by_a_dead_process(tag: str) -> bool:
+    """Whether a temporary file's tag, <pid> or this machine's name and a pid (<host>.<pid>, <pid>-<host>, ...),
+    names a process that no longer exists."""
+    host = re.escape(socket.gethostname())
+    patterns = (r"(\d+)", rf"{host}[.-](\d+)", rf"(\d+)[.-]{host}", rf"{host}-(\d+)-[0-9a-f]+")
+    match = next(filter(None, (re.fullmatch(pattern, tag) for pattern in patterns)), None)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process, or no process id at all
+        pass
+    return False
 
 
 def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -232,7 +367,25 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({reason})") from None
+    return finite(model, path)
+
+
+def finite(model: LightGPT, path: str | Path) -> LightGPT:
+    """The model, or a one-line ValueError naming the first weight that holds NaN or an infinity."""
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: its weights hold NaN or infinite numbers (in {name}); the run that wrote "
+                             f"it diverged, or the file is damaged")
     return model
+
+
+def context_length(checkpoint: dict, path: str | Path) -> int:
+    """The block_size the checkpoint was trained with, or a one-line ValueError when it is not a positive
+    whole number."""
+    block_size = checkpoint.get("block_size")
+    if type(block_size) is not int or block_size < 1:
+        raise ValueError(f"{path}: its block_size must be a positive whole number, got {block_size!r}")
+    return block_size
 
 
 def load_model(
@@ -250,9 +403,8 @@ def load_model(
         model, block_size, template = load_exported(path)
         return model.to(device), block_size, template
     checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint.get("block_size"), int):
-        raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
-    return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint["block_size"], None
+    block_size = context_length(checkpoint, path)
+    return model_from_checkpoint(checkpoint, path).to(device).eval(), block_size, None
 
 
 def is_exported(path: str | Path) -> bool:
@@ -349,6 +501,7 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) 
     if not base_path:
         raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
     base = load_checkpoint(base_path)
+    block_size = context_length(base, base_path)
     try:
         model = load_adapted_model(adapter, base)
     except ValueError as error:
@@ -356,4 +509,4 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) 
     if not trained_on_these_weights(adapter, base):
         warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
                       f"its answers may be poor", stacklevel=2)
-    return model, base["block_size"], adapter["prompt_template"]
+    return finite(model, lora_path), block_size, adapter["prompt_template"]

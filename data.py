@@ -158,6 +158,17 @@ def resolve_files(pattern: str, extensions: tuple[str, ...], flag: str) -> list[
     return files
 
 
+def same_files(pattern: str | None, other: str | None, extensions: tuple[str, ...]) -> bool:
+    """Whether two patterns (see resolve_files) name the same files, now."""
+    if pattern == other:
+        return True
+    try:
+        return [file.resolve() for file in resolve_files(pattern or "", extensions, "")] == \
+            [file.resolve() for file in resolve_files(other or "", extensions, "")]
+    except FileNotFoundError:
+        return False
+
+
 class Part(NamedTuple):
     """A stretch of a corpus that datasets streams: open() gives its IterableDataset (with a 'text' column), and
     failure(error) the exception, one line, that says what went wrong in reading it and what to do."""
@@ -712,8 +723,12 @@ def checked_record(record, where: str) -> dict[str, str]:
 
 
 def read_instruction_file(path: Path) -> list[dict[str, str]]:
-    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line."""
-    text = path.read_text(encoding="utf-8")
+    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line, in UTF-8."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
+                         f"save it as UTF-8") from None
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), start=1):

@@ -2,6 +2,7 @@
 
 from contextlib import AbstractContextManager, nullcontext
 
+import psutil
 import torch
 
 
@@ -71,3 +72,13 @@ def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type == "cuda":
         return gpu_peak_tflops(torch.cuda.get_device_name(device), dtype)
     return None
+
+
+def available_memory(device: torch.device) -> int:
+    """The bytes free for tensors on the device now: a GPU's free memory, what MPS recommends less what it holds,
+    or the memory the system has available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return psutil.virtual_memory().available

@@ -1,7 +1,9 @@
 """Training on several processes: torchrun, the process group, collectives, wrapping a model for data
 parallelism (DDP, FSDP2) and gathering or scattering its state."""
 
+import ctypes
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -32,6 +34,7 @@ from model import LightGPT
 # its first step) and while a checkpoint is written: long enough for one rank's slow work. The environment
 # variables let a test, or a job on slow storage, change them.
 TIMEOUTS = {"LIGHTGPT_PG_TIMEOUT_S": 300, "LIGHTGPT_STARTUP_TIMEOUT_S": 6 * 3600}
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 Value = TypeVar("Value")
 
@@ -74,6 +77,7 @@ def distributed(device_name: str) -> Iterator[torch.device]:
     if not launched_by_torchrun():
         yield device
         return
+    stop_with_launcher()
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -108,6 +112,18 @@ def patience() -> Iterator[None]:
         dist.group.WORLD.set_timeout(timeout("LIGHTGPT_PG_TIMEOUT_S"))
 
 
+def stop_with_launcher() -> None:
+    """On Linux, have the kernel send this rank SIGTERM when the torchrun agent that started it dies (kill -9,
+    the out-of-memory killer), so that no rank trains on alone: SIGTERM stops the ranks together after a step,
+    with a checkpoint, as when the agent passes a signal on."""
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:  # the agent died before the kernel was asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def exit_rank() -> None:
     """Under torchrun, end this rank at once, once its work is saved and its process group destroyed: gloo's
     worker threads free a finished collective's tensors a moment late, and doing so during the interpreter's
@@ -116,6 +132,11 @@ def exit_rank() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def processes_on_this_machine() -> int:
+    """How many ranks torchrun started on this machine (1 when alone): they share its memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def rank() -> int:
@@ -247,11 +268,13 @@ def full_training_state(model: Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def load_training_state(model: Module, optimizer: torch.optim.Optimizer, checkpoint: dict | None) -> None:
-    """Load a full_training_state that only rank 0 has read, sharding or replicating it onto every rank."""
+    """Load a full_training_state that only rank 0 has read, sharding or replicating it onto every rank. A
+    checkpoint with no optimizer state leaves the optimizer as it is."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(unwrapped(model), checkpoint["model"] if checkpoint else {}, options=options)
-    set_optimizer_state_dict(unwrapped(model), optimizer, checkpoint["optimizer"] if checkpoint else {},
-                             options=options)
+    if from_rank_zero(bool(checkpoint and checkpoint.get("optimizer"))):
+        set_optimizer_state_dict(unwrapped(model), optimizer, checkpoint["optimizer"] if checkpoint else {},
+                                 options=options)
 
 
 def sharded_training_state(model: Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -102,6 +102,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def seed(text: str) -> int:
+    """A random-number seed, in [0, 2**63): what every generator here accepts."""
+    value = _number(int, text, "an integer in [0, 2**63)")
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
 def device(text: str) -> str:
     try:
         check_device(text)
@@ -180,7 +188,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     parser.add_argument("--mixed_precision", action=BooleanOptionalAction, default=True,
                         help="Compute in bf16 on CUDA devices that support it.")
     add_device_argument(parser)
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed, default=None,
                         help="The random seed (default: a random one, recorded).")
 
 
@@ -196,5 +204,5 @@ def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
     parser.add_argument("--max_tokens", type=positive_int, default=max_tokens,
                         help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
     add_device_argument(parser)
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed, default=None,
                         help="The random seed, for reproducible runs.")

@@ -5,12 +5,15 @@ import math
 import random
 import sys
 from argparse import BooleanOptionalAction
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from checkpoint import (
     check_same_base,
+    claimed_checkpoint,
+    context_length,
     is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
@@ -20,12 +23,21 @@ from checkpoint import (
     training_checkpoint,
     weights_fingerprint,
 )
-from data import INSTRUCTION_DATASETS, PROMPT_TEMPLATE, InstructionSamples, load_instructions, split_instructions
+from data import (
+    INSTRUCTION_DATASETS,
+    INSTRUCTION_EXTENSIONS,
+    PROMPT_TEMPLATE,
+    InstructionSamples,
+    load_instructions,
+    resolve_files,
+    same_files,
+    split_instructions,
+)
 from devices import autocast
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
 from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
-from training import restore_rng_state, rng_state, train, weighted_by_targets
+from training import note_optimizer_starts_afresh, restore_rng_state, rng_state, train, weighted_by_targets
 
 
 def build_parser() -> ArgumentParser:
@@ -69,6 +81,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
 
 
+def instruction_files(args: argparse.Namespace) -> list[Path]:
+    return resolve_files(args.dataset_path, INSTRUCTION_EXTENSIONS, "--dataset_path") if args.dataset == "local" else []
+
+
 def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_train_samples: int) -> None:
     """Resuming must continue the same adapters on the same base and data: never change them silently."""
     check_same_base(checkpoint, base)
@@ -79,44 +95,58 @@ def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_
         if checkpoint["lora_args"][name] != getattr(args, name):
             raise ValueError(f"--resume: the checkpoint has --{name} {checkpoint['lora_args'][name]}, "
                              f"the flags ask for {getattr(args, name)}; repeat the original run's flags")
-    if checkpoint["num_train_samples"] != num_train_samples:
+    trained_with = checkpoint.get("args", {})
+    if "dataset" in trained_with and (trained_with["dataset"] != args.dataset or not same_files(
+            trained_with.get("dataset_path"), args.dataset_path, INSTRUCTION_EXTENSIONS)):
+        raise ValueError(f"--resume: the checkpoint was trained on {dataset_flags(trained_with)}, the flags ask for "
+                         f"{dataset_flags(vars(args))}; use the original dataset, or start anew without --resume")
+    if checkpoint.get("num_train_samples", num_train_samples) != num_train_samples:
         raise ValueError(f"--resume: the checkpoint was trained on {checkpoint['num_train_samples']} instructions, "
                          f"this dataset has {num_train_samples}; use the original dataset")
 
 
+def dataset_flags(flags: dict) -> str:
+    return f"--dataset {flags['dataset']}" + (f" --dataset_path {flags.get('dataset_path')}"
+                                              if flags["dataset"] == "local" else "")
+
+
 def main() -> None:
     args = parse_args()
-    try:
-        validate_args(args)
-        base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
-        train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
-        checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
-        if checkpoint:
-            check_resumable(checkpoint, base, args, len(train_records))
-        seed = checkpoint["seed"] if checkpoint else args.seed if args.seed is not None else random.randrange(2**31)
-        torch.manual_seed(seed)
-        model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
-                                      args.base_model_path)
-    except (ValueError, FileNotFoundError, ConnectionError) as error:
-        sys.exit(f"instruction-tune.py: error: {error}")
-    add_lora(model, args.rank, args.alpha, args.dropout)
+    with ExitStack() as run:
+        try:
+            validate_args(args)
+            inputs = {"--base_model_path": [Path(args.base_model_path)], "--dataset_path": instruction_files(args)}
+            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
+            base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
+            block_size = context_length(base, args.base_model_path)
+            train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
+            checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
+            if checkpoint:
+                check_resumable(checkpoint, base, args, len(train_records))
+            seed = (checkpoint or {}).get("seed", args.seed)
+            seed = seed if seed is not None else random.randrange(2**31)
+            torch.manual_seed(seed)
+            model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
+                                          args.base_model_path)
+        except (ValueError, FileNotFoundError, ConnectionError) as error:
+            sys.exit(f"instruction-tune.py: error: {error}")
+        add_lora(model, args.rank, args.alpha, args.dropout)
 
-    block_size = base["block_size"]
-    train_samples, test_samples = (
-        InstructionSamples(records, PROMPT_TEMPLATE, block_size, args.mask_input, model.padding_index)
-        for records in (train_records, test_records)
-    )
-    num_truncated = train_samples.num_truncated + test_samples.num_truncated
-    if num_truncated:
-        print(f"{num_truncated} samples are longer than the {block_size}-token context: "
-              f"the start of their prompt is cut off")
-    instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint)
+        train_samples, test_samples = (
+            InstructionSamples(records, PROMPT_TEMPLATE, block_size, args.mask_input, model.padding_index)
+            for records in (train_records, test_records)
+        )
+        num_truncated = train_samples.num_truncated + test_samples.num_truncated
+        if num_truncated:
+            print(f"{num_truncated} samples are longer than the {block_size}-token context: "
+                  f"the start of their prompt is cut off")
+        instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint)
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed), so a resumed run
-    sees the same order without saving it."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed, below 2**63), so a
+    resumed run sees the same order without saving it."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63))
 
 
 def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: InstructionSamples,
@@ -134,9 +164,13 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     step = 0
     if checkpoint:
         load_lora_state_dict(model, checkpoint["lora"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"][0], device)
-        step = checkpoint["step"]
+        if checkpoint.get("optimizer"):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        else:
+            note_optimizer_starts_afresh(args.checkpoint_path)
+        if checkpoint.get("rng"):
+            restore_rng_state(checkpoint["rng"][0], device)
+        step = checkpoint.get("step", 0)
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
     eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())

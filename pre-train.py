@@ -5,13 +5,18 @@ import os
 import random
 import sys
 import warnings
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.nn import Module
 
 from checkpoint import (
+    claimed_checkpoint,
+    file_in_the_way,
     is_sharded_checkpoint,
     load_checkpoint,
     load_index,
@@ -24,12 +29,16 @@ from data import (
     CORPORA,
     DEFAULT_SUBSET,
     SUBSET_TOKENS,
+    TEXT_EXTENSIONS,
     PreparationInterrupted,
     TokenWindows,
+    corpus_folder,
     load_tokenizer,
     prepare_corpus,
     resolve_text_files,
+    same_files,
 )
+from devices import available_memory
 from distributed import (
     REDUCE_EVERY_MICRO_BATCH,
     check_launch,
@@ -45,14 +54,17 @@ from distributed import (
     micro_batches_of_this_rank,
     parallelize,
     precision,
+    processes_on_this_machine,
     rank,
     sharded_training_state,
     world_size,
 )
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
 from model import LightGPT, LightGPTConfig
-from sizing import training_flops_per_token
-from training import Adafactor, restore_rng_state, rng_state, train
+from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
+from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, rng_state, train
+
+Value = TypeVar("Value")
 
 
 def build_parser() -> ArgumentParser:
@@ -103,6 +115,8 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.dataset == "text" and not args.text_files:
         raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
+    if blocking := file_in_the_way(Path(args.dataset_path)):
+        raise ValueError(f"--dataset_path {args.dataset_path}: {blocking} is a file, not a folder")
     path = Path(args.checkpoint_path)
     if args.resume and not (path.is_file() or is_sharded_checkpoint(path)):
         raise ValueError(f"--resume: no checkpoint at --checkpoint_path {path}")
@@ -120,8 +134,9 @@ def model_args_from(args: argparse.Namespace) -> dict:
     return asdict(model_config(args, tokenizer.n_vocab, tokenizer.eot_token))
 
 
-def check_resumable(checkpoint: dict, model_args: dict, block_size: int) -> None:
-    """The checkpoint must be of the shape the flags ask for: resuming never changes the model silently."""
+def check_resumable(checkpoint: dict, model_args: dict, args: argparse.Namespace) -> None:
+    """The checkpoint must be of the shape, corpus and optimizer the flags ask for: resuming never changes them
+    silently."""
     saved_args = asdict(LightGPTConfig(**checkpoint["model_args"]))
     for name, value in model_args.items():
         if saved_args[name] != value:
@@ -129,11 +144,33 @@ def check_resumable(checkpoint: dict, model_args: dict, block_size: int) -> None
                 f"--resume: the checkpoint has {name}={saved_args[name]}, "
                 f"the flags ask for {value}; repeat the original run's flags"
             )
-    if checkpoint.get("block_size") != block_size:
+    if checkpoint.get("block_size") != args.block_size:
         raise ValueError(
             f"--resume: the checkpoint was trained with --block_size {checkpoint.get('block_size')}, "
-            f"the flags ask for {block_size}"
+            f"the flags ask for {args.block_size}"
         )
+    trained_with = checkpoint.get("args", {})
+    if "dataset" in trained_with and not same_corpus(trained_with, vars(args)):
+        raise ValueError(f"--resume: the checkpoint was trained on {corpus_flags(trained_with)}, the flags ask for "
+                         f"{corpus_flags(vars(args))}; resume on the same corpus, or start a new run without --resume")
+    optimizer = trained_with.get("optimizer", args.optimizer)
+    if checkpoint.get("optimizer") and optimizer != args.optimizer:
+        raise ValueError(f"--resume: the checkpoint holds the state of --optimizer {optimizer}, the flags ask for "
+                         f"{args.optimizer}; repeat --optimizer {optimizer}")
+
+
+def same_corpus(trained_with: dict, flags: dict) -> bool:
+    if trained_with["dataset"] != flags["dataset"]:
+        return False
+    if trained_with.get("dataset_subset", flags["dataset_subset"]) != flags["dataset_subset"]:
+        return False
+    return flags["dataset"] != "text" or same_files(trained_with.get("text_files"), flags["text_files"],
+                                                    TEXT_EXTENSIONS)
+
+
+def corpus_flags(flags: dict) -> str:
+    return f"--dataset {flags['dataset']}" + (f" --text_files {flags.get('text_files')}"
+                                              if flags["dataset"] == "text" else "")
 
 
 def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_size: int) -> list[tuple]:
@@ -144,33 +181,71 @@ def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_
 
 def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
     """The corpus, prepared on the first run, and the model's arguments; rank 0 checks that the checkpoint to
-    resume is of that model."""
+    resume is of that model, corpus and optimizer before the corpus is prepared."""
+    model_args = model_args_from(args)
+    if args.resume and rank() == 0:
+        check_resumable(load_index(args.checkpoint_path), model_args, args)
     text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
     corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files,
                             subset=args.dataset_subset, max_tokens=args.max_dataset_tokens)
-    model_args = model_args_from(args)
-    if args.resume and rank() == 0:
-        check_resumable(load_index(args.checkpoint_path), model_args, args.block_size)
     train_windows = TokenWindows(corpus / "train.bin", args.block_size)
     return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
-    """read_inputs on every rank: each node's first process goes first and prepares the corpus, then the others
-    reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
+def load_inputs(args: argparse.Namespace, device: torch.device,
+                run: ExitStack) -> tuple[TokenWindows, TokenWindows, dict]:
+    """read_inputs on every rank, once each rank has checked that the model fits (check_memory) and rank 0 has
+    claimed the checkpoint (claim_checkpoint): each node's first process goes first and prepares the corpus, then
+    the others reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
+    stop_every_rank_on_error(lambda: check_memory(args, device))
+    stop_every_rank_on_error(lambda: claim_checkpoint(args, run))
     first_on_its_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     inputs = None
     for my_turn in (first_on_its_node, not first_on_its_node):
-        error = None
-        if my_turn:
-            try:
-                inputs = read_inputs(args)
-            except (ValueError, FileNotFoundError, ConnectionError, PreparationInterrupted) as exception:
-                error = str(exception)
-        error = first_error_of_any_rank(error)
-        if error:
-            sys.exit(f"pre-train.py: error: {error}" if rank() == 0 else 1)
+        inputs = stop_every_rank_on_error(lambda: read_inputs(args) if my_turn else inputs)
     return inputs
+
+
+def check_memory(args: argparse.Namespace, device: torch.device) -> None:
+    """Raise a one-line ValueError, before anything is allocated, when the model's weights, gradients and
+    optimizer state alone (sizing.memory_per_device) exceed the memory this process has: a certain failure.
+    Activations are left out of the comparison, since torch.compile makes them smaller than the estimate."""
+    config = model_args_from(args)
+    architecture = Architecture(config["vocabulary_size"], args.block_size, config["embedding_dimensions"],
+                                config["num_heads"], config["num_layers"], config["feed_forward_ratio"])
+    memory = memory_per_device(architecture, args.batch_size, False, args.optimizer, args.activation_checkpointing,
+                               args.ddp_sharding_level, world_size())
+    state = memory["parameters"] + memory["gradients"] + memory["optimizer_state"]
+    available = available_memory(device) // (processes_on_this_machine() if device.type == "cpu" else 1)
+    if state > available:
+        raise ValueError(f"this model needs about {gigabytes(memory['total'])} to train, {gigabytes(state)} of it "
+                         f"for its weights, gradients and optimizer state alone, more than the "
+                         f"{gigabytes(available)} available on {device}; choose a smaller model "
+                         f"(see model_sizing.ipynb)")
+
+
+def claim_checkpoint(args: argparse.Namespace, run: ExitStack) -> None:
+    """On rank 0, which writes it: claim the checkpoint's files until `run` ends (see claimed_checkpoint), never
+    to write over the --text_files or the prepared corpus the run reads."""
+    if rank() == 0:
+        text_files = resolve_text_files(args.text_files) if args.dataset == "text" else []
+        corpus = corpus_folder(args.dataset_path, args.dataset, text_files, args.dataset_subset)
+        inputs = {"--text_files": text_files, "--dataset_path": list(corpus.glob("*"))}
+        run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, args.checkpoint_format == "sharded"))
+
+
+def stop_every_rank_on_error(work: Callable[[], Value]) -> Value:
+    """work() on this rank; when it raises a mistake of the user's on any rank, every rank stops, and rank 0 says
+    it once."""
+    error, result = None, None
+    try:
+        result = work()
+    except (ValueError, FileNotFoundError, ConnectionError, PreparationInterrupted) as exception:
+        error = str(exception)
+    error = first_error_of_any_rank(error)
+    if error:
+        sys.exit(f"pre-train.py: error: {error}" if rank() == 0 else 1)
+    return result
 
 
 def build_model(args: argparse.Namespace, model_args: dict, device: torch.device) -> tuple[LightGPT, Module]:
@@ -190,8 +265,8 @@ def main() -> None:
         validate_args(args)
     except ValueError as error:  # every rank finds the same mistake; rank 0 alone says it
         sys.exit(f"pre-train.py: error: {error}" if launch_rank() == 0 else 1)
-    with distributed(args.device) as device:
-        pretrain(args, device, *load_inputs(args))
+    with distributed(args.device) as device, ExitStack() as run:
+        pretrain(args, device, *load_inputs(args, device, run))
     exit_rank()
 
 
@@ -212,7 +287,9 @@ def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.op
         return {key: index[key] for key in PROGRESS}
     checkpoint = load_checkpoint(path) if rank() == 0 else None
     load_training_state(training_model, optimizer, checkpoint)
-    return from_rank_zero({key: checkpoint[key] for key in PROGRESS} if rank() == 0 else None)
+    if rank() == 0 and not checkpoint.get("optimizer"):
+        note_optimizer_starts_afresh(path)
+    return from_rank_zero({key: checkpoint.get(key) for key in PROGRESS} if rank() == 0 else None)
 
 
 def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windows: TokenWindows,
@@ -239,9 +316,10 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     step, saved_rng_states = 0, []
     if args.resume:
         progress = resume(args, training_model, optimizer)
-        sampler.set_state(progress["sampler"])
-        step = progress["step"]
-        saved_rng_states = progress["rng"]
+        if progress["sampler"] is not None:
+            sampler.set_state(progress["sampler"])
+        step = progress["step"] or 0
+        saved_rng_states = progress["rng"] or []
         if main_process:
             print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
     # Dropout masks differ between ranks: rank 0 draws the stream a single process would, and a resumed rank

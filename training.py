@@ -10,15 +10,26 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 from tqdm import tqdm
 
+from checkpoint import metrics_path, write_atomically
 from devices import compute_dtype, peak_tflops
-from distributed import end_start_up, gradient_sync, item, patience, rank, replicated, sum_across_ranks, world_size
+from distributed import (
+    end_start_up,
+    first_error_of_any_rank,
+    gradient_sync,
+    item,
+    patience,
+    rank,
+    replicated,
+    sum_across_ranks,
+    world_size,
+)
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -131,9 +142,39 @@ def saved_device_state(state: dict, device: torch.device) -> Tensor | None:
 
 
 def append_metrics(path: str | Path, record: dict) -> None:
-    """One JSON object per line, so a run's curves can be plotted while it trains."""
-    with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
+    """One JSON object per line, so a run's curves can be plotted while it trains. A write that fails (a full
+    disk) leaves no half line and is a one-line OSError naming the file."""
+    line = (json.dumps(record) + "\n").encode()
+    try:
+        with open(path, "ab", buffering=0) as file:
+            start = file.tell()
+            try:
+                written = 0
+                while written < len(line):  # an unbuffered write may write part of the line, then fail
+                    written += file.write(line[written:])
+            except OSError:
+                file.truncate(start)
+                raise
+    except OSError as error:
+        raise OSError(f"could not write {path}: {error.strerror or error}") from None
+
+
+def records_up_to(path: Path, step: int) -> None:
+    """Keep only the metrics log's records of steps up to `step`, where a run starts (or resumes): epochs that
+    ran after the checkpoint was saved run again and are logged again, never twice. A last line cut short by a
+    killed run goes too."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if kept != lines:
+        write_atomically(path, lambda file: file.write("".join(kept).encode()))
+
+
+def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:
+    """What resuming from a checkpoint that no training run wrote (one made by hand, or for inference) resets."""
+    print(f"Note: {checkpoint_path} holds no optimizer state (a training run did not write it): the optimizer "
+          f"starts afresh")
 
 
 class GracefulExit:
@@ -254,8 +295,6 @@ class EpochLog:
         FLOPs of training on one unit) and peak_flops (per second, all the processes' devices together) are known."""
         self.progress = progress
         self.metrics_path = Path(metrics_path) if metrics_path else None
-        if self.metrics_path:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self.tensorboard = tensorboard
         self.utilization_per_unit = flops_per_unit / peak_flops if flops_per_unit and peak_flops else None
         self._start_epoch()
@@ -314,7 +353,7 @@ def main_log(args: argparse.Namespace, progress, start_step: int, device: torch.
     """Rank 0's log: the metrics file beside the checkpoint, TensorBoard unless turned off, and the model FLOPs
     utilization where the device's peak is known (the peak of all the processes' devices together)."""
     peak = peak_tflops(device, compute_dtype(device, args.mixed_precision))
-    return EpochLog(progress, Path(args.checkpoint_path).with_suffix(".metrics.jsonl"),
+    return EpochLog(progress, metrics_path(args.checkpoint_path),
                     tensorboard_writer(args, start_step) if args.tensorboard else None,
                     flops_per_unit, peak and peak * 1e12 * world_size())
 
@@ -345,19 +384,36 @@ def train(
     names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every
     rank calls it); reduce_every_micro_batch: see distributed.REDUCE_EVERY_MICRO_BATCH. Each epoch is logged, evaluated every args.eval_interval epochs and saved every
     args.checkpoint_interval epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the
-    same step. Rank 0 alone shows progress, writes the metrics log beside args.checkpoint_path and, unless
-    args.tensorboard is off, TensorBoard curves under args.log_dir, with the model FLOPs utilization when
-    flops_per_unit (the FLOPs of training on one unit) and the device's peak are known. Ranks wait for each other
-    as long as at start-up until the first step is done, and while a checkpoint is saved.
+    same step. Rank 0 alone shows progress, writes the metrics log beside args.checkpoint_path (first dropping its
+    records past start_step) and, unless args.tensorboard is off, TensorBoard curves under args.log_dir, with the
+    model FLOPs utilization when flops_per_unit (the FLOPs of training on one unit) and the device's peak are known.
+    A file that cannot be written stops every rank with one line. Ranks wait for each other as long as at start-up
+    until the first step is done, and while a checkpoint is saved.
     """
     main_process = rank() == 0
     total_steps = steps_per_epoch * args.num_epochs
+    if start_step >= total_steps:
+        if main_process:
+            print(f"Nothing left to train: {args.checkpoint_path} is at step {start_step}, and --num_epochs "
+                  f"{args.num_epochs} ends at step {total_steps} ({steps_per_epoch} steps per epoch); to train "
+                  f"further, resume with a larger --num_epochs")
+        return
     warmup_steps = warmup_steps_of(args.warmup_steps, total_steps)
     step = start_step
     exit_request = GracefulExit()
     progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main_process)
     device = next(model.parameters()).device
     log = main_log(args, progress, start_step, device, flops_per_unit) if main_process else EpochLog(progress, None)
+
+    def stop(error: str) -> NoReturn:
+        log.close()
+        sys.exit(f"{program}: error: {error}" if main_process else 1)
+
+    # Rank 0 writes every file; every rank stops when it could not.
+    failure = failed_write(records_up_to, log.metrics_path, step) if main_process else None
+    if failure := first_error_of_any_rank(failure):
+        stop(failure)
+
     model.train()
     while step < total_steps:
         learning_rate = learning_rate_at(step, total_steps, warmup_steps, args.learning_rate)
@@ -367,24 +423,24 @@ def train(
                 exit_request.requested, reduce_every_micro_batch,
             )
         except FloatingPointError as error:
-            log.close()
-            sys.exit(f"{program}: error: at step {step}, {error}" if main_process else 1)
+            stop(f"at step {step}, {error}")
         step += 1
         if step == start_step + 1:
             end_start_up()
         log.add_step(step, step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
-        due = stop_requested  # saved once, even when a stop falls on a checkpoint's epoch: torchrun waits 30 s
+        failure = None
+        last = step == total_steps
         if end_of_epoch == 0:
-            last = step == total_steps
             validation_loss = (evaluate(model, eval_batches, padding_index, precision)
                                if epoch % args.eval_interval == 0 or last else None)
-            log.end_epoch(epoch, step, unit, units_per_epoch, validation_loss)
-            due = due or epoch % args.checkpoint_interval == 0 or last
-        if due:
+            failure = failed_write(log.end_epoch, epoch, step, unit, units_per_epoch, validation_loss)
+        if stop_requested or end_of_epoch == 0 and (epoch % args.checkpoint_interval == 0 or last):
             with patience():
-                save(step, epoch)
+                failure = failed_write(save, step, epoch) or failure
+        if (end_of_epoch == 0 or stop_requested) and (failure := first_error_of_any_rank(failure)):
+            stop(failure)
         if stop_requested:
             log.close()
             if main_process:
@@ -393,3 +449,12 @@ def train(
     log.close()
     if main_process:
         print(f"Done: {saved_what} saved to {args.checkpoint_path}")
+
+
+def failed_write(write: Callable[..., None], *args) -> str | None:
+    """write(*args), and the message of the OSError it raises when a file could not be written, else None."""
+    try:
+        write(*args)
+    except OSError as error:
+        return str(error)
+    return None

@@ -2,6 +2,7 @@ import atexit
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -108,6 +109,23 @@ def terminate_after_first_epoch(command: list, metrics_path: Path, timeout: floa
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def limit_file_size(size: int) -> None:
+    """From now on, in this process and those it starts, writing a file past `size` bytes fails (EFBIG), as
+    writing to a full disk does (ENOSPC)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # which would otherwise kill the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@pytest.fixture
+def full_disk_after_4_kb():
+    """limit_file_size(4096) for the length of a test."""
+    limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+    limit_file_size(4096)
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    signal.signal(signal.SIGXFSZ, handler)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

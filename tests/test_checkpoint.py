@@ -1,5 +1,9 @@
+import json
 import os
 import pickle
+import socket
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -7,6 +11,9 @@ import torch
 
 from checkpoint import (
     FORMAT_VERSION,
+    check_outputs,
+    claimed_checkpoint,
+    exclusive_lock,
     is_sharded_checkpoint,
     load_checkpoint,
     load_index,
@@ -22,6 +29,7 @@ from checkpoint import (
 from conftest import REPOSITORY, flag_error, load_script, save_pretrained_checkpoint, tiny_model
 from data import write_text_atomically
 from distributed import load_training_state, sharded_training_state
+from training import append_metrics, records_up_to
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
 
@@ -137,3 +145,94 @@ def test_the_checkpoint_format_must_fit_what_is_at_the_checkpoint_path(tmp_path,
     error = flag_error(load_script("pre-train"), ["--checkpoint_path", str(path), "--checkpoint_format", format,
                                                   "--resume", "--device", "cpu"], capsys)
     assert message in error
+
+
+def a_dead_process_id() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_failed_save_names_the_file_and_leaves_the_previous_checkpoint_whole(tmp_path, full_disk_after_4_kb):
+    path = tmp_path / "checkpoint.pt"
+    save_atomically({"step": 1}, path)
+    with pytest.raises(OSError, match=f"could not write {path}: File too large"):
+        save_atomically({"step": 2, "weights": torch.zeros(10_000)}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_failed_metrics_record_leaves_no_half_line(tmp_path, full_disk_after_4_kb):
+    path = tmp_path / "checkpoint.metrics.jsonl"
+    append_metrics(path, {"step": 1})
+    with pytest.raises(OSError, match=f"could not write {path}: File too large"):
+        append_metrics(path, {"step": 2, "note": "x" * 5000})
+    assert path.read_text() == '{"step": 1}\n'
+
+
+def test_resuming_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.metrics.jsonl"
+    for step in (2, 4, 6):
+        append_metrics(path, {"step": step})
+    with open(path, "a") as file:
+        file.write('{"step": 8, "loss"')  # cut short by a kill
+    records_up_to(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    records_up_to(path, 0)  # a new run starts a new log
+    assert path.read_text() == ""
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_naming_the_holder(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    with claimed_checkpoint(path, {}):
+        with pytest.raises(ValueError, match=rf"{path}: another run \(process {os.getpid()}\) is writing"):
+            with claimed_checkpoint(path, {}):
+                pass
+    with claimed_checkpoint(path, {}):  # released when the first run ended
+        pass
+
+
+@pytest.mark.slow
+def test_the_lock_of_a_killed_run_is_free_for_the_next(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from checkpoint import exclusive_lock\nwith exclusive_lock({str(path)!r}):\n"
+         f"    print('locked', flush=True)\n    input()"],
+        cwd=REPOSITORY, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(ValueError, match=f"process {holder.pid}"):
+        with exclusive_lock(path):
+            pass
+    holder.kill()
+    holder.wait()
+    with exclusive_lock(path):
+        pass
+
+
+@pytest.mark.parametrize("where, message", [
+    (".", "is a folder, where a file must go"),
+    ("file.txt/checkpoint.pt", "file.txt is a file, not a folder"),
+    ("inputs.jsonl", "is also --dataset_path, an input of this run"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, where, message):
+    (tmp_path / "file.txt").write_text("")
+    (tmp_path / "inputs.jsonl").write_text("")
+    with pytest.raises(ValueError, match=f"--checkpoint_path {tmp_path / where}: .*{message}"):
+        check_outputs(tmp_path / where, {"--dataset_path": [tmp_path / "inputs.jsonl"]})
+
+
+def test_temporary_files_of_dead_processes_of_this_machine_are_removed(tmp_path):
+    dead, alive, host = a_dead_process_id(), os.getpid(), socket.gethostname()
+    names = {
+        f"checkpoint.pt.{dead}.tmp": False,
+        f"checkpoint.pt.{host}.{dead}.tmp": False,
+        f"checkpoint.metrics.jsonl.{dead}.tmp": False,
+        f"checkpoint.pt.{alive}.tmp": True,  # a live process may still be writing it
+        f"checkpoint.pt.another-machine.{dead}.tmp": True,  # whose processes this one cannot see
+        f"notes.txt.{dead}.tmp": True,  # not a file this run writes
+    }
+    for name in names:
+        (tmp_path / name).write_text("")
+    with claimed_checkpoint(tmp_path / "checkpoint.pt", {}):
+        pass
+    assert sorted(path.name for path in tmp_path.glob("*.tmp")) == sorted(name for name, kept in names.items() if kept)

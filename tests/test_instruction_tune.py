@@ -176,6 +176,14 @@ def test_resuming_with_another_rank_is_refused(base_model_path, instructions_pat
     assert_one_line_error(result, "--resume", "--rank 8", "4")
 
 
+def test_resuming_on_another_dataset_of_the_same_size_is_refused(base_model_path, instructions_path, adapter_path,
+                                                                  tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text(instructions_path.read_text().replace("Europe", "Asia"))
+    result = instruction_tune(base_model_path, other, adapter_path, "--resume")
+    assert_one_line_error(result, "--resume", f"--dataset_path {instructions_path}", f"--dataset_path {other}")
+
+
 @pytest.fixture
 def retrained_base_path(base_model_path, tmp_path):
     """A base of the same sizes as base_model_path with other weights, as if it had been trained further."""
@@ -209,6 +217,21 @@ def test_bad_arguments_get_one_clear_line(base_model_path, instructions_path, tm
     result = instruction_tune(base_model_path, instructions_path, tmp_path / "lora.pt", *args)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "lora.pt").exists()
+
+
+def test_adapters_are_never_written_over_the_base_model(base_model_path, instructions_path):
+    before = base_model_path.read_bytes()
+    result = instruction_tune(base_model_path, instructions_path, base_model_path)
+    assert_one_line_error(result, f"--checkpoint_path {base_model_path}", "is also --base_model_path")
+    assert base_model_path.read_bytes() == before
+
+
+def test_a_base_whose_model_args_do_not_match_its_weights_is_named_in_one_line(base_model_path, instructions_path,
+                                                                               tmp_path):
+    base = load_checkpoint(base_model_path)
+    torch.save(base | {"model_args": base["model_args"] | {"embedding_dimensions": 32}}, tmp_path / "mismatched.pt")
+    result = instruction_tune(tmp_path / "mismatched.pt", instructions_path, tmp_path / "lora.pt")
+    assert_one_line_error(result, "mismatched.pt: its model_args and weights do not make a LightGPT")
 
 
 def test_bad_data_and_an_offline_hub_get_one_clear_line(base_model_path, tmp_path):

@@ -51,6 +51,12 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path, content, message):
         load_instructions("local", str(tmp_path / "data.jsonl"))
 
 
+def test_a_file_that_is_not_utf_8_is_named(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes('{"instruction": "Où?", "output": "Ici."}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl: not UTF-8 text \(byte 18 is 0xf9\); save it as UTF-8"):
+        load_instructions("local", str(tmp_path / "latin1.jsonl"))
+
+
 def test_a_json_file_must_hold_a_list_of_complete_records(tmp_path):
     (tmp_path / "data.json").write_text(json.dumps(RECORDS + [{"input": "x", "output": "y"}]))
     with pytest.raises(ValueError, match="data.json: record 4 has no 'instruction' field"):
