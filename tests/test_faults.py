@@ -162,7 +162,6 @@ def test_a_two_process_run_stops_within_seconds_and_loses_nothing_when_a_process
     finish(checkpoint, dataset_path)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: corpus preparation removes or resumes from a dead run's files")
 def test_a_run_killed_while_preparing_the_corpus_leaves_no_temporary_file_after_the_next(tmp_path):
     dataset, checkpoint = tmp_path / "dataset", tmp_path / "checkpoint.pt"
     process = pretraining(dataset, checkpoint, tmp_path / "killed.txt")
