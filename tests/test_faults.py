@@ -67,6 +67,12 @@ def temporary_files(folder: Path, pid: int | None = None) -> list[Path]:
     return [path for path in folder.rglob("*.tmp") if pid is None or re.search(rf"\b{pid}\b", path.name)]
 
 
+def preparing(corpus: Path, pid: int) -> bool:
+    """Whether the process holds the corpus folder's preparation lock (it writes its id into the lock file)."""
+    lock = corpus / "prepare.lock"
+    return lock.exists() and lock.read_text().strip() == str(pid)
+
+
 def epochs_logged(checkpoint: Path) -> int:
     path = checkpoint.with_suffix(".metrics.jsonl")
     return path.read_text().count("\n") if path.exists() else 0
@@ -107,7 +113,7 @@ def test_pretraining_killed_at_random_moments_loses_nothing(tmp_path):
         if step is not None:
             assert_resumed(checkpoint, output, process, step)
         if moment == "preparation":
-            wait_for(lambda: temporary_files(dataset, process.pid), process)
+            wait_for(lambda: preparing(dataset / "wikipedia", process.pid), process)
             time.sleep(generator.uniform(0, 0.5))
         elif moment == "saving":
             wait_for(lambda: temporary_files(checkpoint.parent, process.pid), process)
