@@ -121,10 +121,11 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.resume and not (path.is_file() or is_sharded_checkpoint(path)):
         raise ValueError(f"--resume: no checkpoint at --checkpoint_path {path}")
     if args.checkpoint_format == "sharded" and path.is_file():
-        raise ValueError(f"--checkpoint_path: {path} is a single-file checkpoint, and --checkpoint_format sharded "
+        raise ValueError(f"--checkpoint_path {path}: is a single-file checkpoint, and --checkpoint_format sharded "
                          f"writes a folder; choose another path")
     if args.checkpoint_format == "single" and path.is_dir():
-        raise ValueError(f"--checkpoint_path: {path} is a folder; use --checkpoint_format sharded for it")
+        raise ValueError(f"--checkpoint_path {path}: is a folder; use --checkpoint_format sharded for it, or name a "
+                         f"file in it")
     model_args_from(args)
     check_launch(args.device)
 

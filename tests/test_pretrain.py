@@ -310,12 +310,12 @@ def test_resuming_on_another_corpus_or_with_another_optimizer_is_refused(tmp_pat
 def test_resuming_a_finished_run_says_there_is_nothing_left_and_writes_nothing(tmp_path, dataset_path):
     first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2")
     assert first.returncode == 0, first.stderr
-    files = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     again = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2", "--resume")
     assert again.returncode == 0, again.stderr
     assert "Nothing left to train" in again.stdout and "a larger --num_epochs" in again.stdout
     assert "Done" not in again.stdout
-    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == files
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
 
 
 def test_resuming_from_a_checkpoint_without_optimizer_state_says_the_optimizer_starts_afresh(tmp_path,
