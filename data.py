@@ -508,7 +508,8 @@ def prepare_corpus(
                 try:
                     extend_corpus(folder, meta, corpus_parts(dataset, subset, text_files), num_processes, max_tokens,
                                   dataset, expected_train_tokens(dataset, subset, max_tokens), show_progress)
-                except KeyboardInterrupt:
+                except KeyboardInterrupt:  # the sidecar on disk, not meta in memory, says what was recorded
+                    meta = recorded_meta(folder, source) or fresh_meta(source)
                     cut_to_recorded_counts(folder, meta)  # under the lock: no other preparation is writing
                     raise
                 except ConnectionError as error:  # the hub, lost mid-stream: nothing prepared is lost

@@ -146,6 +146,34 @@ def test_an_interrupted_preparation_continues_where_it_stopped_and_gives_the_sam
     assert json.loads((folder / "meta.json").read_text())["num_documents"] == len(documents)
 
 
+@pytest.mark.parametrize("recorded", [False, True], ids=["before-the-sidecar", "after-the-sidecar"])
+def test_a_signal_around_the_sidecar_write_reports_and_keeps_what_was_recorded(tmp_path, monkeypatch, recorded):
+    documents = [f"Document {index} " * (index % 7 + 1) for index in range(data.DOCUMENTS_PER_TASK * 5 + 17)]
+    files = write_text_corpus(tmp_path / "texts", documents)
+    uninterrupted = corpus_bytes(prepare_corpus("text", tmp_path / "uninterrupted", 1, files, show_progress=False))
+    real_write = data.write_text_atomically
+    calls = []
+
+    def interrupted_at_the_third_batch(path, text):
+        calls.append(1)
+        if len(calls) == 3 and recorded:
+            real_write(path, text)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # counted in memory, then stopped before or after the sidecar holds the count
+        real_write(path, text)
+
+    monkeypatch.setattr(data, "write_text_atomically", interrupted_at_the_third_batch)
+    with pytest.raises(data.PreparationInterrupted) as stopped:
+        prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)
+    folder = data.corpus_folder(tmp_path / "dataset", "text", files)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["position"]["batch"] == (3 if recorded else 2)
+    assert f"stopped at {meta['train_tokens']:,} training tokens" in str(stopped.value)
+    assert os.path.getsize(folder / "train.bin") == 2 * meta["train_tokens"]
+    monkeypatch.setattr(data, "write_text_atomically", real_write)
+    assert corpus_bytes(prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)) == uninterrupted
+
+
 def test_max_dataset_tokens_stops_early_and_asking_for_more_continues(tmp_path):
     documents = [f"Sentence {index} " * 10 for index in range(data.DOCUMENTS_PER_TASK * 6)]
     files = write_text_corpus(tmp_path / "texts", documents)
