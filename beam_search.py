@@ -9,7 +9,10 @@ from checkpoint import load_model
 from data import encode_prompt, load_tokenizer, read_prompts
 from devices import compute_dtype
 from flags import ArgumentParser, add_inference_arguments, finite_float, positive_int
+from devices import available_memory
 from generation import beam_search
+from model import LightGPT
+from sizing import beam_search_bytes, gigabytes
 
 
 def build_parser() -> ArgumentParser:
@@ -39,6 +42,18 @@ def validate_args(args: argparse.Namespace) -> None:
         )
 
 
+def check_memory(args: argparse.Namespace, model: LightGPT, block_size: int, prompt_length: int) -> None:
+    """Raise a one-line ValueError when the search would need more memory than the device has free."""
+    config = model.config
+    needed = beam_search_bytes(config.vocabulary_size, config.embedding_dimensions, config.num_layers, block_size,
+                               args.beam_width, args.max_tokens, prompt_length)
+    available = available_memory(torch.device(args.device))
+    if needed > available:
+        raise ValueError(f"--beam_width {args.beam_width} and --max_tokens {args.max_tokens} need about "
+                         f"{gigabytes(needed)} for the search, more than the {gigabytes(available)} available on "
+                         f"{args.device}; lower them")
+
+
 def main() -> None:
     args = parse_args()
     try:
@@ -53,6 +68,10 @@ def main() -> None:
     try:
         for text in read_prompts(args.prompt):
             prompt = torch.tensor(encode_prompt(text, template), device=args.device)
+            try:
+                check_memory(args, model, block_size, len(prompt))
+            except ValueError as error:
+                sys.exit(f"beam_search.py: error: {error}")
             candidates = beam_search(model, prompt, args.max_tokens, args.beam_width, args.num_candidates,
                                      args.length_penalty, block_size, show_progress=True)
             for rank, (tokens, score) in enumerate(candidates, 1):

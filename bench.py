@@ -8,7 +8,9 @@ with the ratio LightGPT / GPT-2 measured in the same run.
 import argparse
 import functools
 import json
+import multiprocessing
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -16,16 +18,18 @@ import time
 import weakref
 from argparse import BooleanOptionalAction
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
-from data import load_documents, load_tokenizer, tokenize_corpus
-from devices import PRECISIONS, autocast, compiles_by_default, compute_dtype, gradient_scaler
-from distributed import parallelize
+from data import load_tokenizer, prepare_corpus, wikipedia_documents
+from devices import PRECISIONS, autocast, compiles_by_default, compute_dtype, gradient_scaler, peak_tflops
 from flags import (
     ArgumentParser,
     add_compile_argument,
@@ -36,6 +40,19 @@ from flags import (
     non_negative_int,
     positive_float,
     positive_int,
+    seed,
+)
+from distributed import (
+    autocast_unless_sharded,
+    check_launch,
+    distributed,
+    exit_rank,
+    gradient_sync,
+    launch_rank,
+    launched_by_torchrun,
+    parallelize,
+    rank,
+    world_size,
 )
 from generation import beam_search, generate
 from model import LightGPT
@@ -43,21 +60,8 @@ from sizing import training_flops_per_token
 
 R50K_VOCABULARY_SIZE = 50257
 PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
-PARTS = ("train", "generate", "beam_search", "data", "checkpointing")
-
-# Dense (no sparsity) peak tensor TFLOPS from NVIDIA's datasheets, bf16 and fp32 (no TF32), matched in order
-# against torch.cuda.get_device_name(); --peak_tflops overrides.
-PEAK_TFLOPS = {
-    "H100 PCIe": {"bfloat16": 756.0, "float32": 51.0},
-    "H100 NVL": {"bfloat16": 835.0, "float32": 60.0},
-    "H100": {"bfloat16": 989.0, "float32": 67.0},
-    "H200 NVL": {"bfloat16": 835.0, "float32": 60.0},
-    "H200": {"bfloat16": 989.0, "float32": 67.0},
-    "A100": {"bfloat16": 312.0, "float32": 19.5},
-    "L40S": {"bfloat16": 362.0, "float32": 91.6},
-    "L4": {"bfloat16": 121.0, "float32": 30.3},
-    "A10": {"bfloat16": 125.0, "float32": 31.2},
-}
+PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation")
+RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
 
 
 def build_parser() -> ArgumentParser:
@@ -66,7 +70,8 @@ def build_parser() -> ArgumentParser:
                             "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
-                        "corpus preparation, activation checkpointing.")
+                        "corpus preparation, activation checkpointing; alone and under torchrun, FSDP2's gradient "
+                        "accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
@@ -99,20 +104,20 @@ def build_parser() -> ArgumentParser:
                         help="The number of sequences beam search returns.")
     parser.add_argument("--beam_tokens", type=positive_int, default=64,
                         help="The number of tokens beam search generates.")
-    parser.add_argument("--dataset", default="wikipedia", choices=("wikipedia", "kjv"),
-                        help="The embedded corpus whose preparation is timed.")
-    parser.add_argument("--dataset_repeats", type=positive_int, default=8,
-                        help="Tokenize the corpus this many times over in the tokenization measurement, so that "
-                        "tokenizing outweighs starting the processes (an embedded corpus takes a fraction of a second).")
+    parser.add_argument("--data_tokens", type=positive_int, default=50_000_000,
+                        help="The size in tokens of the synthetic Parquet corpus whose whole preparation is measured, "
+                        "and of a quarter of it, to show that memory does not grow with the corpus.")
     parser.add_argument("--num_dataset_processes", type=positive_int, default=2,
-                        help="Corpus preparation with this many processes is compared with one process.")
+                        help="The processes that tokenize the corpus, as pre-train.py's flag.")
+    parser.add_argument("--micro_batches", type=positive_int, default=4,
+                        help="Micro-batches per process in each step of the accumulation measurement.")
     parser.add_argument("--checkpointing_layers", type=positive_int, default=24,
                         help="The depth of the model whose peak memory is measured with and without checkpointing.")
     add_device_argument(parser)
     parser.add_argument("--num_threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the run (default: torch's). On cores that other processes "
                         "share, 1 avoids stalling every operator while a descheduled thread catches up.")
-    parser.add_argument("--seed", type=int, default=0, help="The seed for the weights and the random tokens.")
+    parser.add_argument("--seed", type=seed, default=0, help="The seed for the weights and the random tokens.")
     parser.add_argument("--json", action="store_true",
                         help="Print one JSON object per measurement and line instead of the table.")
     return parser
@@ -133,6 +138,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def validate_args(args: argparse.Namespace) -> None:
     """Raise a one-line ValueError for the first combination of flags that cannot work."""
     model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
+    if ("accumulation" in args.parts) != launched_by_torchrun() or launched_by_torchrun() and len(args.parts) > 1:
+        raise ValueError("--parts: accumulation is measured alone, under torchrun with two processes or more; "
+                         "the other parts in one process")
+    check_launch(args.device)
     if args.gpt2 and {"train", "generate", "beam_search"} & set(args.parts):
         try:
             import transformers  # noqa: F401
@@ -161,40 +170,47 @@ class Measurement:
 
 
 class PeakTensorMemory(TorchDispatchMode):
-    """The peak bytes of tensor storage alive at once, for devices whose allocator keeps no statistics.
+    """The peak bytes of tensor storage alive at once, for devices whose allocator keeps no statistics, and the
+    largest single storage.
 
     Every operator's outputs are counted when made and uncounted when their storage is freed; memory that
-    kernels allocate internally and never return as a tensor is not seen.
+    kernels allocate internally and never return as a tensor is not seen, nor a storage resized in place (FSDP2
+    frees and refills its gathered parameters so): held() says what the storages seen hold at the moment.
     """
 
     def __init__(self):
         super().__init__()
-        self.current = self.peak = 0
-        self.seen: set[int] = set()
+        self.current = self.peak = self.largest = 0
+        self.seen: weakref.WeakValueDictionary[int, torch.UntypedStorage] = weakref.WeakValueDictionary()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         outputs = func(*args, **(kwargs or {}))
         for output in tree_leaves(outputs):
             if isinstance(output, torch.Tensor):
-                self.count(output.untyped_storage())
+                self.count(getattr(output, "_local_tensor", output).untyped_storage())  # a DTensor's own shard
         return outputs
 
     def count(self, storage: torch.UntypedStorage) -> None:
-        if id(storage) in self.seen or storage.nbytes() == 0:
+        if id(storage) in self.seen or storage.nbytes() == 0 or storage.device.type == "meta":  # meta holds nothing
             return
-        self.seen.add(id(storage))
+        self.seen[id(storage)] = storage
         self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
+        self.largest = max(self.largest, storage.nbytes())
         weakref.finalize(storage, self.release, id(storage), storage.nbytes())
 
     def release(self, key: int, nbytes: int) -> None:
-        self.seen.discard(key)
         self.current -= nbytes
+
+    def held(self) -> int:
+        """The bytes that the storages seen and still alive hold now."""
+        return sum(storage.nbytes() for storage in list(self.seen.values()))
 
 
 def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    tensors = [getattr(tensor, "_local_tensor", tensor) for tensor in tensors]  # a DTensor's own shard
     return sum(tensor.untyped_storage().nbytes() for tensor in {id(t): t for t in tensors}.values())
 
 
@@ -301,7 +317,7 @@ def compile_blocks(model, is_gpt2: bool) -> None:
         for block in model.transformer.h:
             block.compile()
     else:
-        parallelize(model, model.activation_checkpointing, compile=True)
+        parallelize(model, next(model.parameters()).device, model.activation_checkpointing, compile=True)
 
 
 def random_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,16 +328,13 @@ def random_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 def peak_for_mfu(args: argparse.Namespace, dtype: torch.dtype) -> tuple[float, str]:
     """The device's peak TFLOPS in dtype and where the figure comes from: --peak_tflops, a GPU's datasheet
-    (PEAK_TFLOPS), or measured on this device in this run."""
+    (devices.GPU_PEAK_TFLOPS), or measured on this device in this run."""
     if args.peak_tflops is not None:
         return args.peak_tflops, "flag"
     device = torch.device(args.device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        column = "float32" if dtype == torch.float32 else "bfloat16"  # fp16's dense peak is bf16's
-        peak = next((peaks[column] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
-        if peak is not None:
-            return peak, "table"
+    peak = peak_tflops(device, dtype)
+    if peak is not None:
+        return peak, "table"
     return measured_matmul_tflops(device, dtype), "measured"
 
 
@@ -469,31 +482,77 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     return [Measurement("beam_search_tokens_per_s", tokens / seconds, "tokens/s", gpt2_speed, details=details)]
 
 
-def measure_data(args: argparse.Namespace) -> list[Measurement]:
-    """Whole preparations of the corpus into a fresh folder, and the tokenization phase alone."""
-    from data import prepare_corpus
+def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
+    """Parquet shards of at least `tokens` tokens, in documents of about 1,000 tokens (FineWeb-Edu's mean), of words
+    drawn at the frequencies of the embedded Wikipedia corpus, so that the tokenizer meets English; written a shard
+    at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    documents = load_documents(args.dataset, 1)
-    tokenization, preparation = {}, {}
-    for processes in tqdm((1, args.num_dataset_processes), desc="Corpus preparation", file=sys.stderr):
-        load_tokenizer()
-        start = time.perf_counter()
-        repeated = tokenize_corpus(documents * args.dataset_repeats, processes)
-        tokens = sum(len(train) + len(test) for train, test in repeated) // 2
-        tokenization[processes] = tokens / (time.perf_counter() - start)
-        tokens //= args.dataset_repeats
-        with tempfile.TemporaryDirectory() as folder:
-            load_tokenizer.cache_clear()  # a user's run builds the tokenizer too
-            start = time.perf_counter()
-            prepare_corpus(args.dataset, folder, processes, show_progress=False)
-            preparation[processes] = tokens / (time.perf_counter() - start)
+    words = np.array(" ".join(wikipedia_documents()).split(), dtype=object)
+    generator = np.random.default_rng(seed)
+    sample = " ".join(words[generator.integers(0, len(words), size=100_000)])
+    tokens_per_word = len(load_tokenizer().encode_ordinary(sample)) / 100_000
+    folder.mkdir(parents=True)
+    remaining, shard = int(1.01 * tokens / tokens_per_word), 0  # 1% over the estimate: never fewer tokens
+    with tqdm(total=remaining, desc="Writing a synthetic corpus", unit="word", unit_scale=True, file=sys.stderr) as bar:
+        while remaining > 0:
+            lengths = generator.integers(100, 1400, size=2_000)  # words; about 1,000 tokens a document on average
+            lengths = lengths[: np.searchsorted(np.cumsum(lengths), remaining) + 1]
+            drawn = words[generator.integers(0, len(words), size=int(lengths.sum()))]
+            texts = [" ".join(document) for document in np.split(drawn, np.cumsum(lengths)[:-1])]
+            pq.write_table(pa.table({"text": texts}), folder / f"{shard:05d}.parquet")
+            remaining -= int(lengths.sum())
+            bar.update(int(lengths.sum()))
+            shard += 1
+    return folder
+
+
+def preparation_figures(corpus: str, dataset_path: str, processes: int) -> dict:
+    """One whole preparation of the Parquet files in `corpus`, in this (fresh) process: its tokens, seconds, and
+    the peak resident memory of this process and of its largest tokenizing process."""
+    from data import resolve_text_files
+
+    start = time.perf_counter()
+    folder = prepare_corpus("text", dataset_path, processes, resolve_text_files(corpus), show_progress=False)
+    seconds = time.perf_counter() - start
+    meta = json.loads((folder / "meta.json").read_text())
+    return {"tokens": meta["train_tokens"] + meta["test_tokens"], "seconds": seconds,
+            "peak_rss": peak_resident_bytes(),
+            "worker_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * RU_MAXRSS_UNIT}
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory. On Linux ru_maxrss carries a parent's peak over into a new program
+    (a spawned process starts at the bench's), so read the process's own high-water mark, VmHWM, instead."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT
+
+
+def measure_data(args: argparse.Namespace) -> list[Measurement]:
+    """Whole preparations (read, tokenize, write) of a synthetic corpus and of a quarter of it, each in a fresh
+    process, so that its peak memory is its own: a streamed preparation's must not grow with the corpus."""
     rows = []
-    for metric, speeds in (("tokenize_tokens_per_s", tokenization), ("prepare_corpus_tokens_per_s", preparation)):
-        for processes, speed in speeds.items():
-            rows.append(Measurement(metric, speed, "tokens/s", details={"processes": processes}))
-        speedup = speeds[args.num_dataset_processes] / speeds[1]
-        rows.append(Measurement(f"{metric.removesuffix('_tokens_per_s')}_speedup", speedup, "x",
-                                details={"processes": args.num_dataset_processes}))
+    with tempfile.TemporaryDirectory() as scratch:
+        for tokens in (args.data_tokens // 4, args.data_tokens):
+            corpus = write_synthetic_corpus(Path(scratch) / f"corpus-{tokens}", tokens, args.seed)
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
+                prepared = Path(scratch) / f"prepared-{tokens}"
+                figures = fresh_process.submit(preparation_figures, str(corpus), str(prepared),
+                                               args.num_dataset_processes).result()
+            details = {"tokens": figures["tokens"], "processes": args.num_dataset_processes}
+            rows += [
+                Measurement("prepare_corpus_tokens_per_s", figures["tokens"] / figures["seconds"], "tokens/s",
+                            details=details),
+                Measurement("prepare_corpus_peak_rss", figures["peak_rss"], "bytes", higher_is_better=False,
+                            details=details),
+                Measurement("prepare_corpus_worker_peak_rss", figures["worker_peak_rss"], "bytes",
+                            higher_is_better=False, details=details),
+            ]
+            shutil.rmtree(corpus)
     return rows
 
 
@@ -519,10 +578,60 @@ def measure_checkpointing(args: argparse.Namespace) -> list[Measurement]:
     ]
 
 
+def accumulation_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], args,
+                      reduce_every_micro_batch: bool) -> Callable:
+    """One optimizer step over args.micro_batches micro-batches on this process, its gradients reduce-scattered
+    after every micro-batch, or kept whole until the last one."""
+    def step() -> None:
+        for index in range(args.micro_batches):
+            with gradient_sync(model, reduce_every_micro_batch or index == args.micro_batches - 1):
+                with autocast_unless_sharded(model, torch.device(args.device), args.dtype):
+                    loss = model(*batch)[1]
+                loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def kept_between_micro_batches(step: Callable[[], None], model: torch.nn.Module) -> int:
+    """The tensor bytes that a step keeps from its first micro-batch to its last: the gradients accumulating."""
+    held = []
+    with PeakTensorMemory() as memory:
+        hook = model.register_forward_pre_hook(lambda *_: held.append(memory.held()))
+        step()
+        hook.remove()
+    return held[-1] - held[0]
+
+
+def measure_accumulation(args: argparse.Namespace) -> list[Measurement]:
+    """Under torchrun: gradient accumulation under FSDP2 at sharding levels 2 and 3, the gradients reduce-scattered
+    after every micro-batch or only after the last: the step time, and the gradient bytes that this process
+    keeps between micro-batches, each way."""
+    device = torch.device(args.device)
+    batch = random_batch(args)
+    rows = []
+    for level in (2, 3):
+        torch.manual_seed(args.seed)
+        with torch.device("meta"):
+            model = LightGPT(model_config(args, args.vocabulary_size, args.vocabulary_size - 1))
+        training_model = parallelize(model, device, False, args.compile, level, args.dtype)
+        optimizer = make_optimizer(training_model, args)
+        steps = {every: accumulation_step(training_model, optimizer, batch, args, every) for every in (True, False)}
+        kept = {every: kept_between_micro_batches(step, training_model) for every, step in steps.items()}
+        seconds = interleaved_seconds(steps, args.steps, args.warmup, device, f"Accumulation, level {level}")
+        details = {"level": level, "processes": world_size(), "micro_batches": args.micro_batches}
+        for every, name in ((True, "every_micro_batch"), (False, "last_micro_batch")):
+            rows.append(Measurement(f"reduce_{name}_step_seconds", seconds[every], "s", details=details))
+            rows.append(Measurement(f"reduce_{name}_kept_gradients", kept[every], "bytes", details=details))
+        rows.append(Measurement("reduce_every_micro_batch_speed_fraction", seconds[False] / seconds[True],
+                                "fraction", details=details))
+    return rows
+
+
 def process_peak_memory() -> Measurement:
     """The bench process's peak resident memory, all parts and both models together (ru_maxrss)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return Measurement("process_peak_rss", peak if sys.platform == "darwin" else peak * 1024, "bytes")
+    return Measurement("process_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT, "bytes")
 
 
 def formatted(value: float, unit: str) -> str:
@@ -535,7 +644,7 @@ def formatted(value: float, unit: str) -> str:
     if unit == "%":
         return f"{value:.1f}%"
     if unit == "s":
-        return f"{value:,.1f} s"
+        return f"{value:,.3f} s"
     return f"{value:,.0f} {unit}"
 
 
@@ -560,8 +669,8 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-    except ValueError as error:
-        sys.exit(f"bench.py: error: {error}")
+    except ValueError as error:  # under torchrun every rank finds it; rank 0 alone says it
+        sys.exit(f"bench.py: error: {error}" if launch_rank() == 0 else 1)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     device = torch.device(args.device)
@@ -575,10 +684,19 @@ def main() -> None:
         "beam_search": measure_beam_search,
         "data": measure_data,
         "checkpointing": measure_checkpointing,
+        "accumulation": measure_accumulation,
     }
-    rows = [row for part in PARTS if part in args.parts for row in measure[part](args)]
-    if torch.device(args.device).type != "cuda":
-        rows.append(process_peak_memory())
+    with distributed(args.device) as device:
+        args.device = str(device)
+        rows = [row for part in PARTS if part in args.parts for row in measure[part](args)]
+        if device.type != "cuda":
+            rows.append(process_peak_memory())
+        if rank() == 0:  # under torchrun the figures are rank 0's
+            print_rows(rows, args)
+    exit_rank()
+
+
+def print_rows(rows: list[Measurement], args: argparse.Namespace) -> None:
     if args.json:
         for row in rows:
             print(json.dumps(row.as_dict()))

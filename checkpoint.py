@@ -1,14 +1,32 @@
 """Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
 
+import contextlib
+import fcntl
+import glob
 import hashlib
+import io
+import json
 import os
+import pickle
+import re
+import secrets
+import shutil
+import socket
+import uuid
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.metadata import Metadata
 
-from data import TOKENIZER_NAME
+from data import TOKENIZER_NAME, temporary_path
+from distributed import from_rank_zero, rank
 from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
@@ -18,6 +36,15 @@ V1_RENAMES = ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_project
 PRETRAINING_ENTRIES = ("model_args", "model")
 ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
 DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
+# An exported folder (export.py, or its copy on the Hub): the mixin's model.safetensors and config.json.
+EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
+
+# A sharded checkpoint is a folder: this index holds all but the tensors of the model and the optimizer state,
+# which are in the folder of shards that the index names.
+SHARDED_INDEX = "checkpoint.pt"
+# What torch.distributed.checkpoint's metadata file (a pickle) is made of; anything else is refused.
+METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                    ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
 
 def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step: int, epoch: int,
@@ -41,20 +68,250 @@ def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step
 
 
 def save_atomically(checkpoint: dict, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary name, then rename (see write_atomically)."""
+    write_atomically(path, lambda file: torch.save(checkpoint, file))
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through write(file) under a temporary name, flush it to disk, then rename it into place: a
+    crash leaves the previous file whole, and an error removes the temporary file and is a one-line OSError
+    naming the path."""
+    path = Path(path)
+    temporary = temporary_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        raise OSError(f"could not write {path}: {cause.strerror or cause}") from None
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind an error, if any: torch.save reports a failed write as a RuntimeError whose context is
+    the file's OSError (no space left, file too large)."""
+    if isinstance(error, RuntimeError):
+        error = error.__context__
+    return error if isinstance(error, OSError) else None
+
+
+def metrics_path(checkpoint_path: str | Path) -> Path:
+    """The metrics log a training run keeps beside its checkpoint."""
+    return Path(checkpoint_path).with_suffix(".metrics.jsonl")
+
+
+def lock_path(checkpoint_path: str | Path) -> Path:
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.name}.lock")
+
+
+@contextmanager
+def claimed_checkpoint(checkpoint_path: str | Path, inputs: dict[str, list[Path]],
+                       sharded: bool = False) -> Iterator[None]:
+    """The files a training run writes, claimed before any work and held until the block ends: the checkpoint,
+    its metrics log and its lock are checked (check_outputs), the lock is taken (exclusive_lock), and the
+    temporary files that dead processes left of them are removed. `inputs`: each input flag's files, which the
+    run must never write over; sharded: the checkpoint is a folder (--checkpoint_format sharded)."""
+    check_outputs(checkpoint_path, inputs, sharded)
+    with exclusive_lock(checkpoint_path):
+        remove_stray_temporary_files([Path(checkpoint_path), metrics_path(checkpoint_path)])
+        yield
+
+
+def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sharded: bool = False) -> None:
+    """Raise a one-line ValueError when the checkpoint, its metrics log or its lock cannot be a file (a folder
+    is in the way, or a file where a folder should be), or is one of the run's inputs. A sharded checkpoint is
+    a folder itself."""
+    checkpoint_path = Path(checkpoint_path)
+    for output in (checkpoint_path, metrics_path(checkpoint_path), lock_path(checkpoint_path)):
+        if output.is_dir() and not (sharded and output == checkpoint_path):
+            raise ValueError(f"--checkpoint_path {checkpoint_path}: {output} is a folder, where a file must go; "
+                             f"name a file, such as {checkpoint_path / 'checkpoint.pt'}")
+        if blocking := file_in_the_way(output.parent):
+            raise ValueError(f"--checkpoint_path {checkpoint_path}: {blocking} is a file, not a folder")
+        for flag, files in inputs.items():
+            if output.exists() and any(os.path.samefile(output, file) for file in files):
+                raise ValueError(f"--checkpoint_path {checkpoint_path}: {output} is also {flag}, an input of "
+                                 f"this run; choose another --checkpoint_path")
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file, if any, that stands where `folder` or one of its parents should be a folder."""
+    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+
+
+@contextmanager
+def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
+    """Hold <checkpoint>.lock, with this process's id in it, so that a second run writing the same checkpoint is
+    refused with one line that names the holder. The operating system releases the lock when the process ends,
+    however it ends, so a crashed run never blocks the next one; the emptied file stays, as a lock must."""
+    path = lock_path(checkpoint_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, "a+")
+    except OSError as error:
+        raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
+                         f"({error.strerror or error})") from None
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
+                             f"this checkpoint; wait for it to end, or choose another --checkpoint_path") from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        try:
+            yield
+        finally:
+            file.truncate(0)
+
+
+def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
+    """Remove the temporary files of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
+    no longer exists: a process killed while saving leaves one. Those of live processes and of other machines
+    stay. Returns the files removed."""
+    removed = []
+    for path in paths:
+        prefix = f"{path.name}."
+        for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+            if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
+                temporary.unlink(missing_ok=True)
+                removed.append(temporary)
+    return removed
+
+
+def written_by_a_dead_process(tag: str) -> bool:
+    """Whether a temporary file's tag, <pid> or this machine's name and a pid (<host>.<pid>, <pid>-<host>, ...),
+    names a process that no longer exists."""
+    host = re.escape(socket.gethostname())
+    patterns = (r"(\d+)", rf"{host}[.-](\d+)", rf"(\d+)[.-]{host}", rf"{host}-(\d+)-[0-9a-f]+")
+    match = next(filter(None, (re.fullmatch(pattern, tag) for pattern in patterns)), None)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process, or no process id at all
+        pass
+    return False
+
+
+def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """write(folder) into a temporary folder beside path, then rename it to path (which may be an empty folder):
+    a crash or an error never leaves a half-written folder, and the temporary one is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # mkdir, unlike mkdtemp, keeps the umask
+    temporary.mkdir()
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a sharded checkpoint (a folder that pre-train.py --checkpoint_format sharded wrote)."""
+    return (Path(path) / SHARDED_INDEX).is_file()
+
+
+def save_sharded(checkpoint: dict, path: str | Path) -> None:
+    """Save a training_checkpoint whose model and optimizer state are this rank's shards; every rank calls it.
+
+    Each rank writes its shards into a new folder inside `path` with torch.distributed.checkpoint, all at
+    once; then rank 0 writes the rest as the index, which names that folder, atomically, and removes the
+    folders of earlier saves. Until the index is renamed into place, the previous checkpoint stays whole.
+    """
+    path = Path(path)
+    shards = from_rank_zero(f"shards-{checkpoint['step']}-{secrets.token_hex(4)}")
+    optimizer = checkpoint["optimizer"]
+    with one_process_is_meant():
+        dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
+    if rank() == 0:
+        index = {name: entry for name, entry in checkpoint.items() if name != "model"}
+        save_atomically(index | {"optimizer": {"param_groups": optimizer["param_groups"]}, "shards": shards},
+                        path / SHARDED_INDEX)
+        for folder in path.glob("shards-*"):
+            if folder.name != shards:
+                shutil.rmtree(folder)
+
+
+def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False) -> None:
+    """Fill `state`, shaped like what save_sharded wrote ({"model": ..., "optimizer": ...}, or a part of it)
+    and holding this rank's shards, with the tensors of the sharded checkpoint at `path`, in place: each rank
+    reads its own parts, whatever the number of ranks that wrote them. alone: in this process only, even under
+    torchrun."""
+    folder = Path(path) / index["shards"]
+    safe_metadata(folder)  # refuse a metadata file that would run code before DCP unpickles it
+    with one_process_is_meant():
+        dcp.load(state, checkpoint_id=folder, no_dist=alone)
+
+
+@contextmanager
+def one_process_is_meant() -> Iterator[None]:
+    """Silence DCP's warning, on every save and load without a process group, that it assumes one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def safe_metadata(folder: Path) -> Metadata:
+    """torch.distributed.checkpoint's metadata of a folder of shards, unpickled with only the classes that it
+    is made of: the file is a pickle, and DCP itself would unpickle anything, code included."""
+    class MetadataUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            if module == "torch.distributed.checkpoint.metadata" or (module, name) in METADATA_GLOBALS or dtype:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint")
+
+    try:
+        with open(folder / ".metadata", "rb") as file:
+            return MetadataUnpickler(file).load()
+    except (OSError, pickle.UnpicklingError, EOFError) as error:
+        raise ValueError(f"{folder}: not a readable folder of shards ({error})") from None
+
+
+def whole_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
+    """The model weights of a sharded checkpoint, read whole into this process's memory."""
+    metadata = safe_metadata(Path(path) / index["shards"])
+    weights = {name.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
+               for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
+    load_shards(path, index, {"model": weights}, alone=True)
+    return weights
 
 
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES) -> dict:
     """A checkpoint written by pre-train.py (or, with required=ADAPTER_ENTRIES, an adapter), loaded safely onto
-    the CPU, memory-mapped so that its tensors are read as they are used, in the current format."""
+    the CPU, in the current format. A file is memory-mapped, so that its tensors are read as they are used; of a
+    sharded checkpoint, the model's weights are read whole and the optimizer state is left out (a resumed run
+    reads it shard by shard: load_shards)."""
+    index = load_index(path, required)
+    if not is_sharded_checkpoint(path):
+        return index
+    return index | {"model": whole_weights(path, index)}
+
+
+def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES) -> dict:
+    """load_checkpoint without reading any weights: of a sharded checkpoint its index, of a file the whole
+    checkpoint, memory-mapped."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        path, required = path / SHARDED_INDEX, tuple(entry for entry in required if entry != "model")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint file there")
+        raise FileNotFoundError(f"{path}: no checkpoint file there"
+                                + (f", and no {SHARDED_INDEX} in the folder" if path.is_dir() else ""))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
@@ -100,31 +357,93 @@ def upgraded(checkpoint: dict) -> dict:
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
-    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU."""
+    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU.
+    The model takes the checkpoint's tensors as its parameters, memory-mapped from the file: building it never
+    holds the weights twice."""
     try:
-        model = LightGPT(LightGPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
+        with torch.device("meta"):
+            model = LightGPT(LightGPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"], assign=True)
+        model.tie_weights()
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({reason})") from None
+    return finite(model, path)
+
+
+def finite(model: LightGPT, path: str | Path) -> LightGPT:
+    """The model, or a one-line ValueError naming the first weight that holds NaN or an infinity."""
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: its weights hold NaN or infinite numbers (in {name}); the run that wrote "
+                             f"it diverged, or the file is damaged")
     return model
+
+
+def context_length(checkpoint: dict, path: str | Path) -> int:
+    """The block_size the checkpoint was trained with, or a one-line ValueError when it is not a positive
+    whole number."""
+    block_size = checkpoint.get("block_size")
+    if type(block_size) is not int or block_size < 1:
+        raise ValueError(f"{path}: its block_size must be a positive whole number, got {block_size!r}")
+    return block_size
 
 
 def load_model(
     path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[LightGPT, int, dict | None]:
-    """The model a pre-training checkpoint holds (by default ./out/checkpoint.pt), in evaluation mode on the device
-    and in dtype, its training context length, and None. With lora_path: the adapter merged into its base (path,
-    else the base the adapter names) and the adapter's prompt template."""
+    """The model a pre-training checkpoint or an exported folder holds (by default ./out/checkpoint.pt), in
+    evaluation mode on the device and in dtype, its training context length, and the prompt template of an
+    instruction-tuned export, else None. With lora_path: the adapter merged into its base (path, else the base the
+    adapter names) and the adapter's prompt template."""
     if lora_path is not None:
         model, block_size, template = load_lora_model(lora_path, path)
         return model.to(device, dtype), block_size, template
     path = path or DEFAULT_CHECKPOINT_PATH
+    if is_exported(path):
+        model, block_size, template = load_exported(path)
+        return model.to(device, dtype), block_size, template
     checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint.get("block_size"), int):
-        raise ValueError(f"{path}: not a LightGPT checkpoint (no block_size entry)")
-    return model_from_checkpoint(checkpoint, path).to(device, dtype).eval(), checkpoint["block_size"], None
+    block_size = context_length(checkpoint, path)
+    return model_from_checkpoint(checkpoint, path).to(device, dtype).eval(), block_size, None
+
+
+def is_exported(path: str | Path) -> bool:
+    """Whether path is an exported folder rather than a checkpoint file."""
+    return (Path(path) / EXPORTED_CONFIG).is_file()
+
+
+def exported_config(model: LightGPT, block_size: int, prompt_template: dict | None = None) -> dict:
+    """What an exported folder's config.json holds: the LightGPTConfig fields (from_pretrained builds the model from
+    them) and what generation needs besides: the tokenizer, the context length the model was trained with and, when
+    it was instruction-tuned, the prompt template."""
+    config = asdict(model.config) | {"tokenizer": TOKENIZER_NAME, "block_size": block_size}
+    if prompt_template:
+        config["prompt_template"] = prompt_template
+    return config
+
+
+def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
+    """The model of an exported folder, through LightGPT.from_pretrained, in evaluation mode on the CPU, with its
+    training context length and its prompt template (None unless it was instruction-tuned)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / EXPORTED_CONFIG).read_text())
+        block_size = config["block_size"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{folder / EXPORTED_CONFIG}: not the configuration of an exported LightGPT "
+                         f"({type(error).__name__}: {error})") from None
+    if not (folder / EXPORTED_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder}: no {EXPORTED_WEIGHTS} there")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints where it loads from
+            model = LightGPT.from_pretrained(folder)
+    except Exception as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ValueError(f"{folder}: its {EXPORTED_CONFIG} and {EXPORTED_WEIGHTS} do not make a LightGPT "
+                         f"({reason})") from None
+    return model, block_size, config.get("prompt_template")
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:
@@ -184,6 +503,7 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) 
     if not base_path:
         raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
     base = load_checkpoint(base_path)
+    block_size = context_length(base, base_path)
     try:
         model = load_adapted_model(adapter, base)
     except ValueError as error:
@@ -191,4 +511,4 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) 
     if not trained_on_these_weights(adapter, base):
         warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
                       f"its answers may be poor", stacklevel=2)
-    return model, base["block_size"], adapter["prompt_template"]
+    return finite(model, lora_path), block_size, adapter["prompt_template"]

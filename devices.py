@@ -1,7 +1,8 @@
-"""Which device to run on, the precision to compute in there, and whether to compile."""
+"""Which device to run on, the precision to compute in there, whether to compile, and how fast it can compute."""
 
 from contextlib import AbstractContextManager, nullcontext
 
+import psutil
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,3 +78,55 @@ def gradient_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradS
 def compiles_by_default(device_type: str) -> bool:
     """Whether --compile is on unless the flags say otherwise: where it measured faster (docs/performance.md)."""
     return device_type == "cuda"
+
+
+# Dense (no sparsity) peak tensor TFLOPS from NVIDIA's datasheets by the exact name torch.cuda.get_device_name()
+# reports (a substring would take an L40 for an L4). From Ampere on, bf16 and fp16 share a peak, and float32 runs
+# as TF32 (compute_dtype turns it on) at half of it; V100 and T4 have no bf16 and no TF32.
+def _tensor_peaks(sixteen_bit: float, fp32: float | None = None) -> dict[torch.dtype, float]:
+    if fp32 is not None:
+        return {torch.float16: sixteen_bit, torch.float32: fp32}
+    return {torch.bfloat16: sixteen_bit, torch.float16: sixteen_bit, torch.float32: sixteen_bit / 2}
+
+
+GPU_PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": _tensor_peaks(989.0),
+    "NVIDIA H100 PCIe": _tensor_peaks(756.0),
+    "NVIDIA H100 NVL": _tensor_peaks(835.0),
+    "NVIDIA H200": _tensor_peaks(989.0),
+    "NVIDIA H200 NVL": _tensor_peaks(835.0),
+    "NVIDIA A100-SXM4-80GB": _tensor_peaks(312.0),
+    "NVIDIA A100-SXM4-40GB": _tensor_peaks(312.0),
+    "NVIDIA A100 80GB PCIe": _tensor_peaks(312.0),
+    "NVIDIA A100-PCIE-40GB": _tensor_peaks(312.0),
+    "NVIDIA L40S": _tensor_peaks(362.0),
+    "NVIDIA L40": _tensor_peaks(181.0),
+    "NVIDIA L4": _tensor_peaks(121.0),
+    "NVIDIA A10": _tensor_peaks(125.0),
+    "Tesla V100-SXM2-16GB": _tensor_peaks(125.0, 15.7),
+    "Tesla V100-SXM2-32GB": _tensor_peaks(125.0, 15.7),
+    "Tesla V100-PCIE-16GB": _tensor_peaks(112.0, 14.0),
+    "Tesla T4": _tensor_peaks(65.0, 8.1),
+}
+
+
+def gpu_peak_tflops(name: str, dtype: torch.dtype) -> float | None:
+    """The datasheet peak of the GPU called exactly `name`, or None for a GPU not in the table."""
+    return GPU_PEAK_TFLOPS.get(name.strip(), {}).get(dtype)
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak TFLOPS in dtype, for MFU, or None where it is not known (other GPUs, CPUs, MPS)."""
+    if device.type == "cuda":
+        return gpu_peak_tflops(torch.cuda.get_device_name(device), dtype)
+    return None
+
+
+def available_memory(device: torch.device) -> int:
+    """The bytes free for tensors on the device now: a GPU's free memory, what MPS recommends less what it holds,
+    or the memory the system has available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return psutil.virtual_memory().available

@@ -56,6 +56,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def steps_or_percentage(text: str) -> int | float:
+    """A number of optimizer steps ("100"), or a percentage of a run's steps ("5%"), returned as a fraction."""
+    if text.endswith("%"):
+        try:
+            value = float(text[:-1]) / 100
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"must be a percentage from 0% to 100%, got {text!r}")
+        return value
+    value = _number(int, text, "a number of steps or a percentage such as 5%")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero steps or more, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _number(float, text, "a positive number")
     if not value > 0:  # NaN fails this too
@@ -86,6 +102,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def seed(text: str) -> int:
+    """A random-number seed, in [0, 2**63): what every generator here accepts."""
+    value = _number(int, text, "an integer in [0, 2**63)")
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
 def device(text: str) -> str:
     try:
         check_device(text)
@@ -111,15 +135,14 @@ class MixedPrecisionAlias(argparse.Action):
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
-                        help="auto: bf16 where the device has it natively, else fp16 on CUDA, else fp32. "
-                        "--mixed_precision is auto, --no-mixed_precision fp32.")
+                        help="auto: bf16 where native, else fp16 on CUDA, else fp32 (--[no-]mixed_precision: "
+                        "auto, fp32).")
     parser.add_argument("--mixed_precision", "--no-mixed_precision", dest="precision", action=MixedPrecisionAlias)
 
 
 def add_compile_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=BooleanOptionalAction, default=None,
-                        help="Compile each block with torch.compile (default: on CUDA only); adds 5 to 10 s at "
-                        "start-up on a small model.")
+                        help="torch.compile each block (default: on CUDA only; 5-10 s more at start-up).")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None:
@@ -151,19 +174,19 @@ def model_config(args: argparse.Namespace, vocabulary_size: int, eos_index: int)
         raise ValueError(message) from None
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, warmup_steps: int,
+def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, warmup_steps: int | str,
                            num_epochs: int, eval_interval: int, checkpoint_interval: int,
                            checkpoint_path: str, what: str) -> None:
     """The flags of a training run, the same in pre-training and instruction tuning, with each script's defaults;
     `what` names what the checkpoint holds."""
     parser.add_argument("--batch_size", type=positive_int, default=1,
-                        help="The number of samples in each forward pass.")
+                        help="The number of samples in each micro-batch.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
-                        help="Batches per optimizer step (under torchrun: in total, across all processes).")
+                        help="Micro-batches per weight update (under torchrun: in total, across all processes).")
     parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
                         help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
-    parser.add_argument("--warmup_steps", type=non_negative_int, default=warmup_steps,
-                        help="Optimizer steps of linear learning-rate warmup before the cosine decay.")
+    parser.add_argument("--warmup_steps", type=steps_or_percentage, default=warmup_steps,
+                        help="Linear warmup: a number of optimizer steps, or a percentage of all steps like 5%%.")
     parser.add_argument("--num_epochs", type=positive_int, default=num_epochs,
                         help="The number of epochs to train for.")
     parser.add_argument("--eval_interval", type=positive_int, default=eval_interval,
@@ -172,33 +195,35 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="Save a checkpoint every this many epochs (and always at the end).")
     parser.add_argument("--checkpoint_path", default=checkpoint_path,
                         help=f"The {what} checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
+    parser.add_argument("--log_dir", default=None,
+                        help="TensorBoard's folder, one run per checkpoint name (default: runs/ beside the checkpoint).")
+    parser.add_argument("--tensorboard", action=BooleanOptionalAction, default=True,
+                        help="Write TensorBoard curves.")
     parser.add_argument("--resume", action=BooleanOptionalAction, default=False,
                         help="Resume training from the checkpoint at --checkpoint_path.")
     parser.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
                         help="Clip gradients above this global norm before stepping.")
     parser.add_argument("--activation_checkpointing", action=BooleanOptionalAction, default=False,
-                        help="Recompute each block's activations in the backward pass to save memory.")
+                        help="Recompute each block's activations during the backward pass to save memory.")
     add_compile_argument(parser)
     add_precision_argument(parser)
     add_device_argument(parser)
-    parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generators (default: a random one, recorded).")
+    parser.add_argument("--seed", type=seed, default=None,
+                        help="The random seed (default: a random one, recorded).")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
     parser.add_argument("--checkpoint_path", default=None,
-                        help="pre-train.py's checkpoint (default: ./out/checkpoint.pt, or with --lora_path the base "
-                        "the adapter names).")
+                        help="A checkpoint of pre-train.py or a folder of export.py (default: ./out/checkpoint.pt, "
+                        "or the base an adapter names).")
     parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter from instruction-tune.py, merged into the base model; each prompt is put "
-                        "in its instruction template.")
+                        help="An adapter of instruction-tune.py, merged into its base; prompts take its template.")
     parser.add_argument("--prompt", default=None,
-                        help="The text to complete; without it, each line typed at the terminal or read from "
-                        "standard input.")
+                        help="The text to complete (default: each line typed, or of standard input).")
     parser.add_argument("--max_tokens", type=positive_int, default=max_tokens,
                         help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
     add_precision_argument(parser)
     add_device_argument(parser)
-    parser.add_argument("--seed", type=int, default=None,
-                        help="The seed for the random number generator, for reproducible runs.")
+    parser.add_argument("--seed", type=seed, default=None,
+                        help="The random seed, for reproducible runs.")

@@ -5,12 +5,16 @@ import math
 import random
 import sys
 from argparse import BooleanOptionalAction
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from checkpoint import (
     check_same_base,
+    claimed_checkpoint,
+    context_length,
+    is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
     model_from_checkpoint,
@@ -19,12 +23,28 @@ from checkpoint import (
     training_checkpoint,
     weights_fingerprint,
 )
-from data import INSTRUCTION_DATASETS, PROMPT_TEMPLATE, InstructionSamples, load_instructions, split_instructions
-from devices import autocast, compiles_by_default, compute_dtype, gradient_scaler
+from data import (
+    INSTRUCTION_DATASETS,
+    INSTRUCTION_EXTENSIONS,
+    PROMPT_TEMPLATE,
+    InstructionSamples,
+    load_instructions,
+    resolve_files,
+    same_files,
+    split_instructions,
+)
+from devices import compiles_by_default, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
 from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
-from training import restore_rng_state, restore_scaler, rng_state, train, weighted_by_targets
+from training import (
+    note_optimizer_starts_afresh,
+    restore_rng_state,
+    restore_scaler,
+    rng_state,
+    train,
+    weighted_by_targets,
+)
 
 
 def build_parser() -> ArgumentParser:
@@ -62,10 +82,14 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
     if args.dataset == "alpaca" and args.dataset_path:
         raise ValueError("--dataset_path: only used with --dataset local; --dataset alpaca comes from the hub")
-    if not Path(args.base_model_path).is_file():
+    if not (Path(args.base_model_path).is_file() or is_sharded_checkpoint(args.base_model_path)):
         raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
+
+
+def instruction_files(args: argparse.Namespace) -> list[Path]:
+    return resolve_files(args.dataset_path, INSTRUCTION_EXTENSIONS, "--dataset_path") if args.dataset == "local" else []
 
 
 def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_train_samples: int) -> None:
@@ -78,44 +102,58 @@ def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_
         if checkpoint["lora_args"][name] != getattr(args, name):
             raise ValueError(f"--resume: the checkpoint has --{name} {checkpoint['lora_args'][name]}, "
                              f"the flags ask for {getattr(args, name)}; repeat the original run's flags")
-    if checkpoint["num_train_samples"] != num_train_samples:
+    trained_with = checkpoint.get("args", {})
+    if "dataset" in trained_with and (trained_with["dataset"] != args.dataset or not same_files(
+            trained_with.get("dataset_path"), args.dataset_path, INSTRUCTION_EXTENSIONS)):
+        raise ValueError(f"--resume: the checkpoint was trained on {dataset_flags(trained_with)}, the flags ask for "
+                         f"{dataset_flags(vars(args))}; use the original dataset, or start anew without --resume")
+    if checkpoint.get("num_train_samples", num_train_samples) != num_train_samples:
         raise ValueError(f"--resume: the checkpoint was trained on {checkpoint['num_train_samples']} instructions, "
                          f"this dataset has {num_train_samples}; use the original dataset")
 
 
+def dataset_flags(flags: dict) -> str:
+    return f"--dataset {flags['dataset']}" + (f" --dataset_path {flags.get('dataset_path')}"
+                                              if flags["dataset"] == "local" else "")
+
+
 def main() -> None:
     args = parse_args()
-    try:
-        validate_args(args)
-        base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
-        train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
-        checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
-        if checkpoint:
-            check_resumable(checkpoint, base, args, len(train_records))
-        seed = checkpoint["seed"] if checkpoint else args.seed if args.seed is not None else random.randrange(2**31)
-        torch.manual_seed(seed)
-        model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
-                                      args.base_model_path)
-    except (ValueError, FileNotFoundError, ConnectionError) as error:
-        sys.exit(f"instruction-tune.py: error: {error}")
-    add_lora(model, args.rank, args.alpha, args.dropout)
+    with ExitStack() as run:
+        try:
+            validate_args(args)
+            inputs = {"--base_model_path": [Path(args.base_model_path)], "--dataset_path": instruction_files(args)}
+            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
+            base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
+            block_size = context_length(base, args.base_model_path)
+            train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
+            checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
+            if checkpoint:
+                check_resumable(checkpoint, base, args, len(train_records))
+            seed = (checkpoint or {}).get("seed", args.seed)
+            seed = seed if seed is not None else random.randrange(2**31)
+            torch.manual_seed(seed)
+            model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
+                                          args.base_model_path)
+        except (ValueError, FileNotFoundError, ConnectionError) as error:
+            sys.exit(f"instruction-tune.py: error: {error}")
+        add_lora(model, args.rank, args.alpha, args.dropout)
 
-    block_size = base["block_size"]
-    train_samples, test_samples = (
-        InstructionSamples(records, PROMPT_TEMPLATE, block_size, args.mask_input, model.padding_index)
-        for records in (train_records, test_records)
-    )
-    num_truncated = train_samples.num_truncated + test_samples.num_truncated
-    if num_truncated:
-        print(f"{num_truncated} samples are longer than the {block_size}-token context: "
-              f"the start of their prompt is cut off")
-    instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint)
+        train_samples, test_samples = (
+            InstructionSamples(records, PROMPT_TEMPLATE, block_size, args.mask_input, model.padding_index)
+            for records in (train_records, test_records)
+        )
+        num_truncated = train_samples.num_truncated + test_samples.num_truncated
+        if num_truncated:
+            print(f"{num_truncated} samples are longer than the {block_size}-token context: "
+                  f"the start of their prompt is cut off")
+        instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint)
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed), so a resumed run
-    sees the same order without saving it."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed, below 2**63), so a
+    resumed run sees the same order without saving it."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63))
 
 
 def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: InstructionSamples,
@@ -125,7 +163,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     model.to(device)
     dtype = compute_dtype(args.precision, device)
     compile = args.compile if args.compile is not None else compiles_by_default(device.type)
-    training_model = parallelize(model, args.activation_checkpointing, compile)
+    training_model = parallelize(model, device, args.activation_checkpointing, compile)
     scaler = gradient_scaler(device, dtype)
     adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(adapters, lr=args.learning_rate, fused=device.type == "cuda")
@@ -135,10 +173,14 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     step = 0
     if checkpoint:
         load_lora_state_dict(model, checkpoint["lora"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"][0])
+        if checkpoint.get("optimizer"):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        else:
+            note_optimizer_starts_afresh(args.checkpoint_path)
+        if checkpoint.get("rng"):
+            restore_rng_state(checkpoint["rng"][0], device)
         restore_scaler(scaler, checkpoint.get("grad_scaler"))
-        step = checkpoint["step"]
+        step = checkpoint.get("step", 0)
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
     eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
@@ -159,7 +201,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
 
     def save(step: int, epoch: int) -> None:
         save_atomically(training_checkpoint(
-            base["model_args"], base["block_size"], optimizer.state_dict(), step, epoch, [rng_state()],
+            base["model_args"], base["block_size"], optimizer.state_dict(), step, epoch, [rng_state(device)],
             vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
             lora_args={"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
             base_model_path=str(Path(args.base_model_path).resolve()), base_fingerprint=base_fingerprint,
@@ -168,7 +210,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
         ), args.checkpoint_path)
 
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, precision=autocast(device, dtype), scaler=scaler,
+          steps_per_epoch=steps_per_epoch, dtype=dtype, scaler=scaler,
           padding_index=model.padding_index, unit="samples", units_per_epoch=len(train_samples),
           description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py")
 

@@ -4,9 +4,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor
 from torch.nn import GELU, Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
-from torch.nn.functional import cross_entropy, scaled_dot_product_attention
+from torch.nn.functional import scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -134,8 +135,49 @@ class CausalSelfAttentionBlock(Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, gradients: tuple[bool, bool] = (False, False)
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The summed cross entropy of the logits hidden @ weight.T over the targets that are not ignore_index, and
+    how many targets those are, a chunk of positions at a time so that the (positions x vocabulary) logits never
+    exist whole; with gradients (for hidden, for weight), also the gradients of the sum, chunk by chunk on the way."""
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    # Chunks of logits of at most 32 MB measured fastest on a CPU; a GPU wants a few large kernels.
+    chunk_size = max(1, (2**23 if device_type == "cpu" else 2**28) // weight.size(0))
+    kept = (targets != ignore_index).unsqueeze(1)
+    # d(summed loss)/d(logits) = (softmax - one_hot(target)) * kept; the mask is applied to the small hidden-sized
+    # factors rather than to the vocabulary-sized chunk. Dividing by the count is left to the caller, in float32:
+    # in fp16 the quotients of a large batch would underflow.
+    mask = kept.to(dtype)
+    targets = targets.unsqueeze(1).where(kept, 0)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    loss = torch.zeros((), device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if gradients[0] else None
+    # Summed over the chunks in float32 whatever the compute dtype: in bf16 the later chunks' contributions would
+    # be rounded against the running sum, an error that grows with the number of chunks.
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if gradients[1] else None
+    with torch.autocast(device_type, enabled=False):
+        for start in range(0, len(hidden), chunk_size):
+            rows = slice(start, start + chunk_size)
+            log_probabilities = (hidden[rows] @ weight.T).float().log_softmax(-1)
+            loss -= (log_probabilities.gather(1, targets[rows]) * kept[rows]).sum()
+            if not any(gradients):
+                continue
+            minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
+            gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
+            if grad_hidden is not None:
+                torch.mul(gradient @ weight, mask[rows], out=grad_hidden[rows])
+            if grad_weight is not None and dtype == torch.float32:
+                grad_weight.addmm_(gradient.T, hidden[rows] * mask[rows])
+            elif grad_weight is not None:  # addmm_ wants one dtype: the chunk's product is added to the float32 sum
+                grad_weight += gradient.T @ (hidden[rows] * mask[rows])
+    return loss, kept.sum(), grad_hidden, grad_weight
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """The output layer and the mean cross entropy fused, a chunk of positions at a time.
+    """The output layer and the mean cross entropy fused (linear_cross_entropy), for training.
 
     The forward pass also computes the gradients with respect to the hidden states and the weight, and
     keeps only those for the backward pass, never the (positions x vocabulary) logits. That saves their
@@ -145,38 +187,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-        device_type = hidden.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-        # Chunks of logits of at most 32 MB measured fastest on a CPU; a GPU wants a few large kernels.
-        chunk_size = max(1, (2**23 if device_type == "cpu" else 2**28) // weight.size(0))
-        kept = (targets != ignore_index).unsqueeze(1)
-        count = kept.sum()
-        # d(mean loss)/d(logits) = (softmax - one_hot(target)) * kept / count. The mask is applied to the small
-        # hidden-sized factors rather than to the vocabulary-sized chunk, and the division by count waits for the
-        # backward pass, in float32: in fp16 the quotients of a large batch would underflow.
-        mask = kept.to(dtype)
-        targets = targets.unsqueeze(1).where(kept, 0)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        loss = torch.zeros((), device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        # Summed over the chunks in float32 whatever the compute dtype: in bf16 the later chunks' contributions
-        # would be rounded against the running sum, an error that grows with the number of chunks.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        with torch.autocast(device_type, enabled=False):
-            for start in range(0, len(hidden), chunk_size):
-                rows = slice(start, start + chunk_size)
-                log_probabilities = (hidden[rows] @ weight.T).float().log_softmax(-1)
-                loss -= (log_probabilities.gather(1, targets[rows]) * kept[rows]).sum()
-                minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
-                gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
-                torch.mul(gradient @ weight, mask[rows], out=grad_hidden[rows])
-                if grad_weight is None:  # the weight is frozen, as under LoRA
-                    continue
-                if dtype == torch.float32:
-                    grad_weight.addmm_(gradient.T, hidden[rows] * mask[rows])
-                else:  # addmm_ wants one dtype: the chunk's product is added to the float32 sum
-                    grad_weight += gradient.T @ (hidden[rows] * mask[rows])
+        # The weight's gradient is skipped when it is frozen, as under LoRA.
+        loss, count, grad_hidden, grad_weight = linear_cross_entropy(hidden, weight, targets, ignore_index,
+                                                                     (True, ctx.needs_input_grad[1]))
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         return loss / count
 
@@ -188,8 +201,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden.float() * factor, grad_weight * factor if ctx.needs_input_grad[1] else None, None, None
 
 
-class LightGPT(Module):
-    """A decoder-only Transformer with no biases, no positional embeddings and tied embeddings."""
+class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_tag="text-generation"):
+    """A decoder-only Transformer with no biases, no positional embeddings and tied embeddings.
+
+    LightGPT.from_pretrained(folder or Hub id) and model.push_to_hub(repo_id) come from huggingface_hub's mixin:
+    the weights in model.safetensors (the tied matrix once), the LightGPTConfig in config.json.
+    """
 
     def __init__(self, config: LightGPTConfig):
         super().__init__()
@@ -199,9 +216,24 @@ class LightGPT(Module):
         self.body = ModuleList(CausalSelfAttentionBlock(config) for _ in range(config.num_layers))
         self.output_norm = RMSNorm(config.embedding_dimensions)
         self.output_layer = Linear(config.embedding_dimensions, config.vocabulary_size, bias=False)
-        self.output_layer.weight = self.token_embeddings.weight
+        self.tie_weights()
         self.activation_checkpointing = False
         self.init_weights()
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "LightGPT":
+        """The mixin's loading, except that a weight missing from the file is an error, not a random layer."""
+        return super()._from_pretrained(strict=strict, **kwargs)
+
+    def tie_weights(self) -> None:
+        """One matrix for the embedding and the output layer, again after whatever makes parameters anew
+        (to_empty, load_state_dict with assign=True)."""
+        self.output_layer.weight = self.token_embeddings.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> "LightGPT":
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     @property
     def vocabulary_size(self) -> int:
@@ -217,18 +249,22 @@ class LightGPT(Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2's initialisation: N(0, 0.02) for every matrix, and the projections that write into the residual
-        stream scaled down by the depth. N(0, 1), Embedding's default, tied to the output layer would make huge
-        logits whose gradients underflow to denormals and slow the CPU tenfold."""
-        for module in self.modules():
-            if isinstance(module, (Linear, Embedding)):
-                torch.nn.init.normal_(module.weight, std=0.02)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
-        for block in self.body:
-            torch.nn.init.normal_(block.attention.output_projection.weight, std=residual_std)
-            torch.nn.init.normal_(block.mlp.down_projection.weight, std=residual_std)
+        """Draw every parameter afresh (init_parameter), one at a time in model order."""
+        for name, parameter in self.named_parameters():
+            self.init_parameter(name, parameter)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, tensor: Tensor) -> None:
+        """Fill `tensor`, the parameter `name` or a tensor of its shape, as the model starts. GPT-2's
+        initialisation: N(0, 0.02) for every matrix, and the projections that write into the residual stream
+        scaled down by the depth; RMSNorm's weights at one. N(0, 1), Embedding's default, tied to the output
+        layer would make huge logits whose gradients underflow to denormals and slow the CPU tenfold."""
+        if isinstance(self.get_submodule(name.rpartition(".")[0]), RMSNorm):
+            torch.nn.init.ones_(tensor)
+        elif name.endswith(("attention.output_projection.weight", "mlp.down_projection.weight")):
+            torch.nn.init.normal_(tensor, std=0.02 / math.sqrt(2 * self.config.num_layers))
+        else:
+            torch.nn.init.normal_(tensor, std=0.02)
 
     @property
     def num_trainable_params(self) -> int:
@@ -240,9 +276,9 @@ class LightGPT(Module):
         self.activation_checkpointing = enabled
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-        """The logits of every position and, given targets y, the mean cross entropy over those that are
-        not padding. Training with targets returns (None, loss): the output layer and the loss are fused
-        so that the logits, the largest tensor of a step, are never stored (see LinearCrossEntropy)."""
+        """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
+        over those that are not padding): the output layer and the loss are fused so that the logits, the
+        largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
         z = self.embedding_dropout(self.token_embeddings(x))
         for block in self.body:
             if self.activation_checkpointing and self.training:
@@ -250,18 +286,13 @@ class LightGPT(Module):
             else:
                 z = block(z)
         z = self.output_norm(z)
-        if y is not None and self.training and torch.is_grad_enabled():
-            loss = LinearCrossEntropy.apply(z.flatten(0, 1), self.output_layer.weight, y.flatten(), self.padding_index)
-            return None, loss
-        logits = self.output_layer(z)
         if y is None:
-            return logits, None
-        loss = cross_entropy(
-            logits.view(-1, logits.size(-1)).float(),  # (batch * sequence, vocabulary)
-            y.reshape(-1),
-            ignore_index=self.padding_index,
-        )
-        return logits, loss
+            return self.output_layer(z), None
+        hidden, weight, targets = z.flatten(0, 1), self.output_layer.weight, y.flatten()
+        if torch.is_grad_enabled():
+            return None, LinearCrossEntropy.apply(hidden, weight, targets, self.padding_index)
+        loss, count, _, _ = linear_cross_entropy(hidden, weight, targets, self.padding_index)
+        return None, loss / count
 
     def new_cache(self, batch_size: int, capacity: int) -> list[KVCache]:
         """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""
@@ -348,11 +379,14 @@ def lora_state_dict(model: LightGPT) -> dict[str, Tensor]:
 def load_lora_state_dict(model: LightGPT, state: dict[str, Tensor]) -> None:
     """Copy saved adapters into a model that has adapters of the same rank on a base of the same size."""
     expected = lora_state_dict(model)
-    if state.keys() != expected.keys():
+    if len(state) != len(expected):
         raise ValueError(
             f"the adapter has {len(state)} matrices, the model has {len(expected)}: they were made for "
             f"a model with another number of layers"
         )
+    if state.keys() != expected.keys():
+        raise ValueError(f"the adapter's {sorted(state.keys() - expected.keys())[0]} is not one of this model's "
+                         f"adapter matrices")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise ValueError(

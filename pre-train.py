@@ -5,15 +5,42 @@ import os
 import random
 import sys
 import warnings
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from torch.nn import Module
 
-from checkpoint import load_checkpoint, save_atomically, training_checkpoint
-from data import CORPORA, TokenWindows, load_tokenizer, prepare_corpus, resolve_text_files
-from devices import compiles_by_default, compute_dtype, gradient_scaler
+from checkpoint import (
+    claimed_checkpoint,
+    file_in_the_way,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_index,
+    load_shards,
+    save_atomically,
+    save_sharded,
+    training_checkpoint,
+)
+from data import (
+    CORPORA,
+    DEFAULT_SUBSET,
+    SUBSET_TOKENS,
+    TEXT_EXTENSIONS,
+    PreparationInterrupted,
+    TokenWindows,
+    corpus_folder,
+    load_tokenizer,
+    prepare_corpus,
+    resolve_text_files,
+    same_files,
+)
+from devices import available_memory, compiles_by_default, compute_dtype, gradient_scaler
 from distributed import (
+    REDUCE_EVERY_MICRO_BATCH,
     check_launch,
     distributed,
     every_rank_s,
@@ -22,33 +49,41 @@ from distributed import (
     from_rank_zero,
     full_training_state,
     launch_rank,
+    load_sharded_training_state,
     load_training_state,
     micro_batches_of_this_rank,
     parallelize,
-    precision,
+    processes_on_this_machine,
     rank,
+    sharded_training_state,
     world_size,
 )
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
 from model import LightGPT, LightGPTConfig
-from training import Adafactor, restore_rng_state, restore_scaler, rng_state, train
+from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
+from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, restore_scaler, rng_state, train
+
+Value = TypeVar("Value")
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
                             "evaluates and checkpoints. Launch with torchrun for several devices.")
-    parser.add_argument("--dataset", default="openwebtext", choices=CORPORA,
-                        help="The corpus: openwebtext (HuggingFace hub, needs internet), wikipedia and kjv "
-                        "(embedded, offline), or text (your own files, see --text_files).")
+    parser.add_argument("--dataset", default="fineweb-edu", choices=CORPORA,
+                        help="Web corpora stream from the HuggingFace hub; wikipedia and kjv are offline; text reads "
+                        "--text_files.")
+    parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS),
+                        help="The sample of fineweb-edu or fineweb.")
+    parser.add_argument("--max_dataset_tokens", type=positive_int, default=None,
+                        help="Prepare about this many training tokens (default: all); more later continues.")
     parser.add_argument("--text_files", default=None,
-                        help="With --dataset text: a file, a folder or a glob of .txt, .json, .jsonl or .parquet "
-                        "files (JSON and Parquet need a 'text' field).")
+                        help="With --dataset text: a file, folder or glob (.txt, .json, .jsonl, .parquet).")
     parser.add_argument("--dataset_path", default="./dataset",
-                        help="The folder where the tokenized corpus is stored and reused.")
+                        help="Where tokenized corpora are stored and reused.")
     parser.add_argument("--num_dataset_processes", type=positive_int, default=8,
-                        help="The number of processes (CPUs) used to tokenize the corpus.")
+                        help="The processes (CPUs) that tokenize the corpus.")
     parser.add_argument("--samples_per_epoch", type=positive_int, default=4096,
-                        help="The number of training samples to pass through the network every epoch.")
+                        help="The number of training samples in each epoch.")
     parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"),
                         help="Adafactor keeps factored second moments (little memory); AdamW keeps two full moments.")
     parser.add_argument("--eval_samples", type=positive_int, default=256,
@@ -56,9 +91,12 @@ def build_parser() -> ArgumentParser:
     add_model_arguments(parser, dropout=0.1)
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
                         help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
-                        "state (FSDP2, parameters whole from forward to backward), 3 also shards the parameters.")
-    add_training_arguments(parser, learning_rate=5e-4, warmup_steps=100, num_epochs=2145, eval_interval=10,
+                        "state (FSDP2), 3 the parameters too.")
+    add_training_arguments(parser, learning_rate=3e-3, warmup_steps="5%", num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
+    parser.add_argument("--checkpoint_format", default="single", choices=("single", "sharded"),
+                        help="single: one file, gathered on rank 0; sharded: a folder that every rank writes its "
+                        "own shards into.")
     return parser
 
 
@@ -76,8 +114,17 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.dataset == "text" and not args.text_files:
         raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
-    if args.resume and not Path(args.checkpoint_path).is_file():
-        raise ValueError(f"--resume: no checkpoint at --checkpoint_path {args.checkpoint_path}")
+    if blocking := file_in_the_way(Path(args.dataset_path)):
+        raise ValueError(f"--dataset_path {args.dataset_path}: {blocking} is a file, not a folder")
+    path = Path(args.checkpoint_path)
+    if args.resume and not (path.is_file() or is_sharded_checkpoint(path)):
+        raise ValueError(f"--resume: no checkpoint at --checkpoint_path {path}")
+    if args.checkpoint_format == "sharded" and path.is_file():
+        raise ValueError(f"--checkpoint_path {path}: is a single-file checkpoint, and --checkpoint_format sharded "
+                         f"writes a folder; choose another path")
+    if args.checkpoint_format == "single" and path.is_dir():
+        raise ValueError(f"--checkpoint_path {path}: is a folder; use --checkpoint_format sharded for it, or name a "
+                         f"file in it")
     model_args_from(args)
     check_launch(args.device)
 
@@ -87,8 +134,9 @@ def model_args_from(args: argparse.Namespace) -> dict:
     return asdict(model_config(args, tokenizer.n_vocab, tokenizer.eot_token))
 
 
-def check_resumable(checkpoint: dict, model_args: dict, block_size: int) -> None:
-    """The checkpoint must be of the shape the flags ask for: resuming never changes the model silently."""
+def check_resumable(checkpoint: dict, model_args: dict, args: argparse.Namespace) -> None:
+    """The checkpoint must be of the shape, corpus and optimizer the flags ask for: resuming never changes them
+    silently."""
     saved_args = asdict(LightGPTConfig(**checkpoint["model_args"]))
     for name, value in model_args.items():
         if saved_args[name] != value:
@@ -96,11 +144,33 @@ def check_resumable(checkpoint: dict, model_args: dict, block_size: int) -> None
                 f"--resume: the checkpoint has {name}={saved_args[name]}, "
                 f"the flags ask for {value}; repeat the original run's flags"
             )
-    if checkpoint.get("block_size") != block_size:
+    if checkpoint.get("block_size") != args.block_size:
         raise ValueError(
             f"--resume: the checkpoint was trained with --block_size {checkpoint.get('block_size')}, "
-            f"the flags ask for {block_size}"
+            f"the flags ask for {args.block_size}"
         )
+    trained_with = checkpoint.get("args", {})
+    if "dataset" in trained_with and not same_corpus(trained_with, vars(args)):
+        raise ValueError(f"--resume: the checkpoint was trained on {corpus_flags(trained_with)}, the flags ask for "
+                         f"{corpus_flags(vars(args))}; resume on the same corpus, or start a new run without --resume")
+    optimizer = trained_with.get("optimizer", args.optimizer)
+    if checkpoint.get("optimizer") and optimizer != args.optimizer:
+        raise ValueError(f"--resume: the checkpoint holds the state of --optimizer {optimizer}, the flags ask for "
+                         f"{args.optimizer}; repeat --optimizer {optimizer}")
+
+
+def same_corpus(trained_with: dict, flags: dict) -> bool:
+    if trained_with["dataset"] != flags["dataset"]:
+        return False
+    if trained_with.get("dataset_subset", flags["dataset_subset"]) != flags["dataset_subset"]:
+        return False
+    return flags["dataset"] != "text" or same_files(trained_with.get("text_files"), flags["text_files"],
+                                                    TEXT_EXTENSIONS)
+
+
+def corpus_flags(flags: dict) -> str:
+    return f"--dataset {flags['dataset']}" + (f" --text_files {flags.get('text_files')}"
+                                              if flags["dataset"] == "text" else "")
 
 
 def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_size: int) -> list[tuple]:
@@ -109,34 +179,84 @@ def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_
             for batch_starts, weight in micro_batches_of_this_rank(starts, batch_size)]
 
 
-def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
-    """The corpus, prepared on the first run, the model's arguments and, on rank 0 alone, the checkpoint to resume."""
-    text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
-    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files)
+def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
+    """The corpus, prepared on the first run, and the model's arguments; rank 0 checks that the checkpoint to
+    resume is of that model, corpus and optimizer before the corpus is prepared."""
     model_args = model_args_from(args)
-    checkpoint = load_checkpoint(args.checkpoint_path) if args.resume and rank() == 0 else None
-    if checkpoint:
-        check_resumable(checkpoint, model_args, args.block_size)
+    if args.resume and rank() == 0:
+        check_resumable(load_index(args.checkpoint_path), model_args, args)
+    text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
+    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files,
+                            subset=args.dataset_subset, max_tokens=args.max_dataset_tokens)
     train_windows = TokenWindows(corpus / "train.bin", args.block_size)
-    return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args, checkpoint
+    return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict, dict | None]:
-    """read_inputs on every rank: each node's first process goes first and prepares the corpus, then the others
-    reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
+def load_inputs(args: argparse.Namespace, device: torch.device,
+                run: ExitStack) -> tuple[TokenWindows, TokenWindows, dict]:
+    """read_inputs on every rank, once each rank has checked that the model fits (check_memory) and rank 0 has
+    claimed the checkpoint (claim_checkpoint): each node's first process goes first and prepares the corpus, then
+    the others reuse its files. When any rank meets an error, every rank stops with it, and rank 0 says it once."""
+    stop_every_rank_on_error(lambda: check_memory(args, device))
+    stop_every_rank_on_error(lambda: claim_checkpoint(args, run))
     first_on_its_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     inputs = None
     for my_turn in (first_on_its_node, not first_on_its_node):
-        error = None
-        if my_turn:
-            try:
-                inputs = read_inputs(args)
-            except (ValueError, FileNotFoundError, ConnectionError) as exception:
-                error = str(exception)
-        error = first_error_of_any_rank(error)
-        if error:
-            sys.exit(f"pre-train.py: error: {error}" if rank() == 0 else 1)
+        inputs = stop_every_rank_on_error(lambda: read_inputs(args) if my_turn else inputs)
     return inputs
+
+
+def check_memory(args: argparse.Namespace, device: torch.device) -> None:
+    """Raise a one-line ValueError, before anything is allocated, when the model's weights, gradients and
+    optimizer state alone (sizing.memory_per_device) exceed the memory this process has: a certain failure.
+    Activations are left out of the comparison, since torch.compile makes them smaller than the estimate."""
+    config = model_args_from(args)
+    architecture = Architecture(config["vocabulary_size"], args.block_size, config["embedding_dimensions"],
+                                config["num_heads"], config["num_layers"], config["feed_forward_ratio"])
+    memory = memory_per_device(architecture, args.batch_size, False, args.optimizer, args.activation_checkpointing,
+                               args.ddp_sharding_level, world_size())
+    state = memory["parameters"] + memory["gradients"] + memory["optimizer_state"]
+    available = available_memory(device) // (processes_on_this_machine() if device.type == "cpu" else 1)
+    if state > available:
+        raise ValueError(f"this model needs about {gigabytes(memory['total'])} to train, {gigabytes(state)} of it "
+                         f"for its weights, gradients and optimizer state alone, more than the "
+                         f"{gigabytes(available)} available on {device}; choose a smaller model "
+                         f"(see model_sizing.ipynb)")
+
+
+def claim_checkpoint(args: argparse.Namespace, run: ExitStack) -> None:
+    """On rank 0, which writes it: claim the checkpoint's files until `run` ends (see claimed_checkpoint), never
+    to write over the --text_files or the prepared corpus the run reads."""
+    if rank() == 0:
+        text_files = resolve_text_files(args.text_files) if args.dataset == "text" else []
+        corpus = corpus_folder(args.dataset_path, args.dataset, text_files, args.dataset_subset)
+        inputs = {"--text_files": text_files, "--dataset_path": list(corpus.glob("*"))}
+        run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, args.checkpoint_format == "sharded"))
+
+
+def stop_every_rank_on_error(work: Callable[[], Value]) -> Value:
+    """work() on this rank; when it raises a mistake of the user's on any rank, every rank stops, and rank 0 says
+    it once."""
+    error, result = None, None
+    try:
+        result = work()
+    except (ValueError, FileNotFoundError, ConnectionError, PreparationInterrupted) as exception:
+        error = str(exception)
+    error = first_error_of_any_rank(error)
+    if error:
+        sys.exit(f"pre-train.py: error: {error}" if rank() == 0 else 1)
+    return result
+
+
+def build_model(args: argparse.Namespace, model_args: dict, device: torch.device,
+                dtype: torch.dtype) -> tuple[LightGPT, Module]:
+    """The model, and the model wrapped for training. It is built on the meta device and allocated as it is
+    sharded, so that under FSDP2 no rank ever holds all of it; its weights come from the current seed, the same
+    at any number of processes."""
+    with torch.device("meta"):
+        model = LightGPT(LightGPTConfig(**model_args))
+    compile = args.compile if args.compile is not None else compiles_by_default(device.type)
+    return model, parallelize(model, device, args.activation_checkpointing, compile, args.ddp_sharding_level, dtype)
 
 
 def main() -> None:
@@ -145,13 +265,35 @@ def main() -> None:
         validate_args(args)
     except ValueError as error:  # every rank finds the same mistake; rank 0 alone says it
         sys.exit(f"pre-train.py: error: {error}" if launch_rank() == 0 else 1)
-    with distributed(args.device) as device:
-        pretrain(args, device, *load_inputs(args))
+    with distributed(args.device) as device, ExitStack() as run:
+        pretrain(args, device, *load_inputs(args, device, run))
     exit_rank()
 
 
+PROGRESS = ("step", "sampler", "rng", "grad_scaler")  # what a resumed run takes from a checkpoint besides the weights and optimizer
+
+
+def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load the checkpoint at --checkpoint_path, of either format and written at any number of processes, into
+    the model and the optimizer; return its progress (step, sampler, rng, grad_scaler). Its tensors are let go on return: a
+    file is memory-mapped and read by rank 0 alone, a folder read by every rank, each its own shards."""
+    path = args.checkpoint_path
+    if is_sharded_checkpoint(path):
+        index = load_index(path)
+        model_state, optimizer_state = sharded_training_state(training_model, optimizer)
+        load_shards(path, index, {"model": model_state, "optimizer": optimizer_state["state"]})
+        optimizer_state["param_groups"] = index["optimizer"]["param_groups"]
+        load_sharded_training_state(training_model, optimizer, model_state, optimizer_state)
+        return {key: index[key] for key in PROGRESS}
+    checkpoint = load_checkpoint(path) if rank() == 0 else None
+    load_training_state(training_model, optimizer, checkpoint)
+    if rank() == 0 and not checkpoint.get("optimizer"):
+        note_optimizer_starts_afresh(path)
+    return from_rank_zero({key: checkpoint.get(key) for key in PROGRESS} if rank() == 0 else None)
+
+
 def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windows: TokenWindows,
-             model_args: dict, checkpoint: dict | None) -> None:
+             model_args: dict) -> None:
     """Train on this process's device; under torchrun every rank runs this, and rank 0 alone prints and writes."""
     main_process = rank() == 0
     seed = from_rank_zero(args.seed if args.seed is not None else random.randrange(2**31))
@@ -163,13 +305,11 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
             f"{world_size()} processes, so some run an idle pass every step; use a multiple of {world_size()}"
         )
 
-    model = LightGPT(LightGPTConfig(**model_args)).to(device)
     dtype = compute_dtype(args.precision, device)
-    compile = args.compile if args.compile is not None else compiles_by_default(device.type)
-    training_model = parallelize(model, args.activation_checkpointing, compile, args.ddp_sharding_level, dtype)
+    model, training_model = build_model(args, model_args, device, dtype)
     scaler = gradient_scaler(device, dtype)
     if args.optimizer == "adafactor":
-        optimizer = Adafactor(training_model.parameters(), lr=args.learning_rate)
+        optimizer = Adafactor(training_model.parameters(), lr=args.learning_rate, scale_parameter=False)
     else:
         optimizer = torch.optim.AdamW(training_model.parameters(), lr=args.learning_rate,
                                       fused=device.type == "cuda")
@@ -177,19 +317,18 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     steps_per_epoch = args.samples_per_epoch // (args.batch_size * args.gradient_accumulation_steps)
     step, saved_rng_states = 0, []
     if args.resume:
-        load_training_state(training_model, optimizer, checkpoint)
-        progress_keys = ("sampler", "rng", "step", "grad_scaler")
-        progress_state = from_rank_zero({key: checkpoint.get(key) for key in progress_keys} if main_process else None)
-        sampler.set_state(progress_state["sampler"])
-        restore_scaler(scaler, progress_state["grad_scaler"])
-        step = progress_state["step"]
-        saved_rng_states = progress_state["rng"]
+        progress = resume(args, training_model, optimizer)
+        if progress["sampler"] is not None:
+            sampler.set_state(progress["sampler"])
+        step = progress["step"] or 0
+        saved_rng_states = progress["rng"] or []
+        restore_scaler(scaler, progress["grad_scaler"])
         if main_process:
             print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
     # Dropout masks differ between ranks: rank 0 draws the stream a single process would, and a resumed rank
     # continues its own stream when the checkpoint has one for it (it was saved by at least as many ranks).
     if rank() < len(saved_rng_states):
-        restore_rng_state(saved_rng_states[rank()])
+        restore_rng_state(saved_rng_states[rank()], device)
     elif rank():
         torch.manual_seed(hash((seed, rank(), step)))
 
@@ -204,19 +343,28 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
         return micro_batches_of_windows(train_windows, starts, args.batch_size)
 
     def save(step: int, epoch: int) -> None:
-        rng_states = every_rank_s(rng_state())
-        model_state, optimizer_state = full_training_state(training_model, optimizer)
-        if main_process:
-            save_atomically(training_checkpoint(
-                model_args, args.block_size, optimizer_state, step, epoch, rng_states, vars(args) | {"seed": seed},
-                grad_scaler=scaler.state_dict(), model=model_state, sampler=sampler.get_state(),
-            ), args.checkpoint_path)
+        rng_states = every_rank_s(rng_state(device))
+        sharded = args.checkpoint_format == "sharded"
+        model_state, optimizer_state = (sharded_training_state if sharded else full_training_state)(
+            training_model, optimizer)
+        checkpoint = training_checkpoint(
+            model_args, args.block_size, optimizer_state, step, epoch, rng_states, vars(args) | {"seed": seed},
+            grad_scaler=scaler.state_dict(), model=model_state, sampler=sampler.get_state(),
+        )
+        if sharded:
+            save_sharded(checkpoint, args.checkpoint_path)
+        elif main_process:
+            save_atomically(checkpoint, args.checkpoint_path)
 
     tokens_per_epoch = args.batch_size * args.gradient_accumulation_steps * args.block_size * steps_per_epoch
+    config = model.config
+    flops_per_token = training_flops_per_token(config.vocabulary_size, args.block_size, config.embedding_dimensions,
+                                               config.num_layers, config.feed_forward_ratio)
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, precision=precision(training_model, device, dtype), scaler=scaler,
+          steps_per_epoch=steps_per_epoch, dtype=dtype, scaler=scaler,
           padding_index=model.padding_index, unit="tokens", units_per_epoch=tokens_per_epoch,
-          description="Pre-training", saved_what="checkpoint", program="pre-train.py")
+          flops_per_unit=flops_per_token, description="Pre-training", saved_what="checkpoint",
+          program="pre-train.py", reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[args.ddp_sharding_level])
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def flags_table(parser: argparse.ArgumentParser) -> str:
     for action in parser._actions:
         if action.dest == "help" or action.help == argparse.SUPPRESS:  # a hidden alias that another flag explains
             continue
-        description = " ".join(action.help.split()).replace("|", "\\|").replace("<", "&lt;")
+        expanded = action.help % vars(action)  # as argparse expands it: %% is %
+        description = " ".join(expanded.split()).replace("|", "\\|").replace("<", "&lt;")
         rows.append(f"| `{action.option_strings[0]}` | {default_text(action)} | {description} |")
     return "\n".join(rows) + "\n\n"
 

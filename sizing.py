@@ -195,6 +195,7 @@ def memory_per_device(
     activation_checkpointing: bool = False,
     ddp_sharding_level: int = 0,
     world_size: int = 1,
+    micro_batches: int = 1,
 ) -> dict[str, float]:
     """Peak training memory on each device, in bytes, by component, and their total.
 
@@ -203,7 +204,9 @@ def memory_per_device(
     and optimizer state, while the full parameters, gathered in the forward pass, stay beside their shards
     until the backward ends. 3 shards the parameters too and gathers only the root's (the tied embedding and
     final norm) and one block's at a time. Under FSDP the full gradients of one unit (the root or a block)
-    exist until they are reduce-scattered. Not counted: the CUDA context, allocator fragmentation,
+    exist until they are reduce-scattered. micro_batches is the forward passes each device runs per optimizer
+    step: with more than one, level 2 keeps the whole gradients until the last (it saves the collectives, as
+    distributed.REDUCE_EVERY_MICRO_BATCH says), while level 3 reduces them after every one. Not counted: the CUDA context, allocator fragmentation,
     communication buffers, DDP's gradient buckets, and what torch.compile saves by fusing. One device
     (world_size 1, no torchrun) shards and gathers nothing, whatever the level.
     """
@@ -211,6 +214,8 @@ def memory_per_device(
         raise ValueError(f"ddp_sharding_level must be one of {SHARDING_LEVELS}, got {ddp_sharding_level}")
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
     counts = architecture.parameters
     total = counts["total"]
     shards = 1 if ddp_sharding_level == 0 else world_size
@@ -219,6 +224,8 @@ def memory_per_device(
     else:
         largest_unit = max(counts["embedding"], counts["per_block"])
         gradients = total / shards + largest_unit
+        if ddp_sharding_level == 2 and micro_batches > 1:
+            gradients = total + largest_unit  # whole until the last micro-batch reduces them, unit by unit
         if ddp_sharding_level == 2:
             parameters = total / shards + total
         else:
@@ -226,16 +233,47 @@ def memory_per_device(
     memory = {
         "parameters": FP32_BYTES * parameters,
         "gradients": FP32_BYTES * gradients,
-        "optimizer_state": optimizer_state_bytes(architecture.shapes, optimizer, shards),
+        "optimizer_state": _optimizer_state_bytes(architecture, optimizer, shards),
         "activations": activation_peak_bytes(architecture, batch_size, mixed_precision, activation_checkpointing),
     }
     memory["total"] = sum(memory.values())
     return memory
 
 
+def beam_search_bytes(
+    vocabulary_size: int, embedding_dimensions: int, num_layers: int, block_size: int, beam_width: int,
+    max_tokens: int, prompt_length: int = 1,
+) -> float:
+    """The most memory a beam search holds besides the model's weights: the beams' fp32 key/value cache of up to
+    block_size tokens and their int64 token sequences (two copies while they grow), plus the larger of two
+    transients: each step's scores of every beam's every next token (four fp32 copies: the logits, their
+    log-softmax, the running totals and what top-k sorts), or the cache's copies while it is reordered for the
+    surviving beams (a layer at a time: 1.5 layers' worth) or rebuilt (all of it)."""
+    capacity = min(block_size, prompt_length + max_tokens)
+    cache = 2 * num_layers * beam_width * capacity * embedding_dimensions * FP32_BYTES
+    sequences = 2 * INDEX_BYTES * beam_width * max_tokens
+    scores = 4 * FP32_BYTES * beam_width * vocabulary_size
+    cache_copies = cache if prompt_length + max_tokens > block_size else 1.5 * cache / num_layers
+    return cache + sequences + max(scores, cache_copies)
+
+
+def gigabytes(size: float) -> str:
+    gb = size / 1e9
+    return f"{gb:,.1f} GB" if gb < 1e6 else f"{gb:.1e} GB"
+
+
 def fits(memory: dict[str, float], device_memory_bytes: float, headroom: float = 0.1) -> bool:
     """Whether the total fits in the device's memory with a fraction to spare for what the estimate leaves out."""
     return memory["total"] <= (1 - headroom) * device_memory_bytes
+
+
+def _optimizer_state_bytes(architecture: Architecture, optimizer: str, shards: int) -> float:
+    """optimizer_state_bytes of the architecture's shapes, one block's times the number of blocks, so that the
+    arithmetic stays quick at any depth."""
+    embedding, *block, norm = parameter_shapes(
+        architecture.vocabulary_size, architecture.embedding_dimensions, 1, architecture.feed_forward_ratio)
+    return (optimizer_state_bytes([embedding, norm], optimizer, shards)
+            + architecture.num_layers * optimizer_state_bytes(block, optimizer, shards))
 
 
 def _block_bytes_per_token(architecture: Architecture, mixed_precision: bool) -> float:

@@ -10,18 +10,46 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 from tqdm import tqdm
 
-from distributed import gradient_sync, item, rank, replicated, sum_across_ranks, world_size
+from checkpoint import metrics_path, write_atomically
+from devices import peak_tflops
+from distributed import (
+    autocast_unless_sharded,
+    end_start_up,
+    first_error_of_any_rank,
+    gradient_sync,
+    item,
+    patience,
+    rank,
+    replicated,
+    sum_across_ranks,
+    world_size,
+)
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
 
 class Adafactor(torch.optim.Adafactor):
     """torch.optim.Adafactor, same hyperparameters and state, with a step that also runs on FSDP2's sharded
     DTensor parameters: the factored second moments average whole columns, which span the shards, and
-    PyTorch's in-place kernels cannot ask DTensor for that sum; these out-of-place operations can."""
+    PyTorch's in-place kernels cannot ask DTensor for that sum; these out-of-place operations can.
+
+    scale_parameter=True is PyTorch's rule: each step is min(lr, 1/sqrt(step)) times the parameter's RMS, about
+    0.02 for a freshly initialised matrix. scale_parameter=False takes steps of lr itself, as AdamW does (T5's
+    setting; see docs/design.md for why pre-training uses it).
+    """
+
+    def __init__(self, params, lr: float = 1e-2, scale_parameter: bool = True, **options):
+        super().__init__(params, lr=lr, **options)
+        for group in self.param_groups:
+            group.setdefault("scale_parameter", scale_parameter)
 
     @torch.no_grad()
     def step(self, closure=None) -> Tensor | None:
@@ -47,8 +75,10 @@ class Adafactor(torch.optim.Adafactor):
         state["step"] += 1
         step = state["step"].item()
         decay = step ** group["beta2_decay"]
-        relative_step = min(learning_rate, 1 / step**0.5)
-        scale = max(smallest_scale, item(parameter.norm()) / parameter.numel() ** 0.5) * relative_step
+        scale = learning_rate
+        if group.get("scale_parameter", True):  # checkpoints from before the choice used PyTorch's rule
+            relative_step = min(learning_rate, 1 / step**0.5)
+            scale = max(smallest_scale, item(parameter.norm()) / parameter.numel() ** 0.5) * relative_step
         if group["weight_decay"]:
             parameter.mul_(1 - learning_rate * group["weight_decay"])
         if gradient.dim() > 1:
@@ -70,6 +100,12 @@ class Adafactor(torch.optim.Adafactor):
         parameter.add_(update, alpha=-scale / clipping)
 
 
+def warmup_steps_of(warmup: int | float, total_steps: int) -> int:
+    """--warmup_steps as steps: a number of steps as given, or a fraction of the run's steps (from a percentage),
+    so that a short run warms up in proportion, and still reaches its peak learning rate."""
+    return warmup if isinstance(warmup, int) else round(warmup * total_steps)
+
+
 def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
     """Linear warmup to the peak, then cosine decay to a tenth of it by the last step."""
     if step < warmup_steps:
@@ -78,17 +114,32 @@ def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This process's random-number state: the CPU's and, on a GPU, its own GPU's. Not every visible GPU's:
+    a run resumed on fewer GPUs could not restore them all."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    own = saved_device_state(state, device)
+    if own is not None:
+        torch.cuda.set_rng_state(own, device)
+
+
+def saved_device_state(state: dict, device: torch.device) -> Tensor | None:
+    """The saved generator state of this process's GPU, if it has one. Older checkpoints kept a list of every
+    visible GPU's state, in which this process's is the one at its device's index."""
+    saved = state.get("cuda")
+    if device.type != "cuda" or saved is None:
+        return None
+    if isinstance(saved, Tensor):
+        return saved
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return saved[index] if index < len(saved) else None
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
@@ -99,9 +150,39 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
 
 
 def append_metrics(path: str | Path, record: dict) -> None:
-    """One JSON object per line, so a run's curves can be plotted while it trains."""
-    with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
+    """One JSON object per line, so a run's curves can be plotted while it trains. A write that fails (a full
+    disk) leaves no half line and is a one-line OSError naming the file."""
+    line = (json.dumps(record) + "\n").encode()
+    try:
+        with open(path, "ab", buffering=0) as file:
+            start = file.tell()
+            try:
+                written = 0
+                while written < len(line):  # an unbuffered write may write part of the line, then fail
+                    written += file.write(line[written:])
+            except OSError:
+                file.truncate(start)
+                raise
+    except OSError as error:
+        raise OSError(f"could not write {path}: {error.strerror or error}") from None
+
+
+def records_up_to(path: Path, step: int) -> None:
+    """Keep only the metrics log's records of steps up to `step`, where a run starts (or resumes): epochs that
+    ran after the checkpoint was saved run again and are logged again, never twice. A last line cut short by a
+    killed run goes too."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if kept != lines:
+        write_atomically(path, lambda file: file.write("".join(kept).encode()))
+
+
+def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:
+    """What resuming from a checkpoint that no training run wrote (one made by hand, or for inference) resets."""
+    print(f"Note: {checkpoint_path} holds no optimizer state (a training run did not write it): the optimizer "
+          f"starts afresh")
 
 
 class GracefulExit:
@@ -123,6 +204,14 @@ def weighted_by_targets(batches: list[tuple[Tensor, Tensor]], padding_index: int
     return [(inputs, targets, count / sum(counts)) for (inputs, targets), count in zip(batches, counts)]
 
 
+def to_device(batch: Tensor, device: torch.device) -> Tensor:
+    """A batch on the device. A GPU gets it through pinned memory, so that the copy runs while the GPU computes:
+    a non-blocking copy from ordinary (pageable) memory waits until it is done."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def optimizer_step(
     model: Module,
     optimizer: torch.optim.Optimizer,
@@ -132,11 +221,12 @@ def optimizer_step(
     precision: AbstractContextManager,
     scaler: torch.amp.GradScaler,
     stop_requested: bool = False,
+    reduce_every_micro_batch: bool = False,
 ) -> tuple[float, float, bool]:
     """One optimizer step over this rank's accumulated micro-batches, each (inputs, targets, loss weight).
 
     The weights make the ranks' averaged gradients the gradient of the step's mean loss; the gradients are
-    synchronised once, after the last micro-batch. Returns the step's loss, the gradient norm, and whether any
+    synchronised once, after the last micro-batch, or after every one (see REDUCE_EVERY_MICRO_BATCH). Returns the step's loss, the gradient norm, and whether any
     rank asked to stop (one reduction carries the loss and the requests, so every rank stops at the same step).
     A loss that is not finite raises FloatingPointError on every rank before the weights change. Under fp16 the
     scaler multiplies the loss before the backward pass and divides the gradients before they are clipped; it
@@ -147,9 +237,9 @@ def optimizer_step(
     device = next(model.parameters()).device
     step_loss = torch.zeros((), device=device)
     for index, (inputs, targets, weight) in enumerate(micro_batches):
-        with gradient_sync(model, index == len(micro_batches) - 1):
+        with gradient_sync(model, reduce_every_micro_batch or index == len(micro_batches) - 1):
             with precision:
-                _, loss = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+                _, loss = model(to_device(inputs, device), to_device(targets, device))
             scaler.scale(loss * weight).backward()
         step_loss += loss.detach() * weight
     step_loss, stop_requests = sum_across_ranks(
@@ -181,7 +271,7 @@ def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for inputs, targets, weight in batches:
         with precision:
-            _, loss = model(inputs.to(device), targets.to(device))
+            _, loss = model(to_device(inputs, device), to_device(targets, device))
         if weight:
             num_targets = (targets != padding_index).sum().to(device)
             total += loss.float() * num_targets
@@ -191,45 +281,94 @@ def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding
     return total / count
 
 
+def tensorboard_writer(args: argparse.Namespace, start_step: int) -> "SummaryWriter":
+    """A TensorBoard SummaryWriter in <log_dir>/<checkpoint name> (log_dir by default runs/ beside the checkpoint),
+    with the run's flags as text. Every step is logged at its global step, so a resumed run continues its own
+    curves there; earlier runs' events after start_step are hidden (purged), so a run that starts over replaces the
+    curves as it replaces the checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter  # here, not at the top: importing it takes most of a second
+
+    first_step = start_step + 1  # step n is logged once n optimizer steps are done
+    checkpoint = Path(args.checkpoint_path)
+    log_dir = Path(args.log_dir) if args.log_dir else checkpoint.parent / "runs"
+    writer = SummaryWriter(log_dir / checkpoint.stem, purge_step=first_step)
+    flags = "\n".join(f"| --{name} | {value} |" for name, value in sorted(vars(args).items()))
+    writer.add_text("flags", "| flag | value |\n| --- | --- |\n" + flags, first_step)
+    return writer
+
+
 class EpochLog:
     """Each step's loss on the progress bar; each epoch's means, throughput and validation figures printed and
-    appended to the metrics file."""
+    appended to the metrics file; with a TensorBoard writer, the curves of both."""
 
-    def __init__(self, progress, metrics_path: str | Path | None):
-        """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun)."""
+    def __init__(self, progress, metrics_path: str | Path | None, tensorboard: "SummaryWriter | None" = None,
+                 flops_per_unit: float | None = None, peak_flops: float | None = None):
+        """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun).
+        tensorboard: a SummaryWriter or None. The model FLOPs utilization is logged when flops_per_unit (the
+        FLOPs of training on one unit) and peak_flops (per second, all the processes' devices together) are known."""
         self.progress = progress
         self.metrics_path = Path(metrics_path) if metrics_path else None
-        if self.metrics_path:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = tensorboard
+        self.utilization_per_unit = flops_per_unit / peak_flops if flops_per_unit and peak_flops else None
         self._start_epoch()
 
     def _start_epoch(self) -> None:
         self.losses, self.gradient_norms, self.start = [], [], time.perf_counter()
 
-    def add_step(self, loss: float, gradient_norm: float, learning_rate: float) -> None:
+    def add_step(self, step: int, loss: float, gradient_norm: float, learning_rate: float) -> None:
         self.progress.update()
         self.progress.set_postfix(loss=f"{loss:.3f}", lr=f"{learning_rate:.2e}")
         self.losses.append(loss)
         self.gradient_norms.append(gradient_norm)
         self.learning_rate = learning_rate
+        self._add_scalars(step, {"train/loss": loss, "train/gradient_norm": gradient_norm,
+                                 "train/learning_rate": learning_rate})
 
     def end_epoch(self, epoch: int, step: int, unit: str, units: int, validation_loss: float | None) -> None:
         """Log the epoch that just ended; `units` of `unit` (tokens, samples) were trained on in it."""
+        units_per_second = units / (time.perf_counter() - self.start)
         record = {
             "epoch": epoch,
             "step": step,
             "loss": sum(self.losses) / len(self.losses),
             "gradient_norm": sum(self.gradient_norms) / len(self.gradient_norms),
             "learning_rate": self.learning_rate,
-            f"{unit}_per_second": units / (time.perf_counter() - self.start),
+            f"{unit}_per_second": units_per_second,
         }
+        if self.utilization_per_unit:
+            record["mfu"] = units_per_second * self.utilization_per_unit
         if validation_loss is not None:
             record |= {"validation_loss": validation_loss, "validation_perplexity": math.exp(validation_loss)}
         if self.metrics_path:
             self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                          for key, value in record.items()))
             append_metrics(self.metrics_path, record)
+        self._add_scalars(step, {f"speed/{unit}_per_second": units_per_second, "speed/mfu": record.get("mfu"),
+                                 "validation/loss": validation_loss,
+                                 "validation/perplexity": record.get("validation_perplexity")})
         self._start_epoch()
+
+    def _add_scalars(self, step: int, values: dict[str, float | None]) -> None:
+        if self.tensorboard:
+            for tag, value in values.items():
+                if value is not None:
+                    self.tensorboard.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        """End the progress bar and write out what TensorBoard still holds."""
+        self.progress.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def main_log(args: argparse.Namespace, progress, start_step: int, device: torch.device, dtype: torch.dtype,
+             flops_per_unit: float | None) -> EpochLog:
+    """Rank 0's log: the metrics file beside the checkpoint, TensorBoard unless turned off, and the model FLOPs
+    utilization where the device's peak is known (the peak of all the processes' devices together)."""
+    peak = peak_tflops(device, dtype)
+    return EpochLog(progress, metrics_path(args.checkpoint_path),
+                    tensorboard_writer(args, start_step) if args.tensorboard else None,
+                    flops_per_unit, peak and peak * 1e12 * world_size())
 
 
 def train(
@@ -242,7 +381,7 @@ def train(
     *,
     start_step: int,
     steps_per_epoch: int,
-    precision: AbstractContextManager,
+    dtype: torch.dtype,
     scaler: torch.amp.GradScaler,
     padding_index: int,
     unit: str,
@@ -250,50 +389,91 @@ def train(
     description: str,
     saved_what: str,
     program: str,
+    flops_per_unit: float | None = None,
+    reduce_every_micro_batch: bool = False,
 ) -> None:
     """Train from start_step to the end of args.num_epochs, on every rank.
 
     micro_batches_at(step) gives this rank's micro-batches of a step, each (inputs, targets, loss weight); the
-    forward passes run under `precision`, with `scaler` scaling the fp16 loss; `unit` names what units_per_epoch
-    counts (tokens, samples); save(step, epoch) writes a checkpoint (every rank calls it). Each epoch is logged,
-    evaluated every args.eval_interval epochs and saved every args.checkpoint_interval epochs, both always at
-    the end. SIGINT or SIGTERM saves and stops every rank at the
-    same step. Rank 0 alone shows progress and writes the metrics log beside args.checkpoint_path.
+    forward passes compute in `dtype` (autocast, or FSDP2's own policy), with `scaler` scaling an fp16 loss; `unit`
+    names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every rank calls
+    it); reduce_every_micro_batch: see distributed.REDUCE_EVERY_MICRO_BATCH. Each epoch is logged, evaluated every
+    args.eval_interval epochs and saved every args.checkpoint_interval epochs, both always at the end. SIGINT or
+    SIGTERM saves and stops every rank at the same step. Rank 0 alone shows progress, writes the metrics log
+    beside args.checkpoint_path (first dropping its records past start_step) and, unless args.tensorboard is off,
+    TensorBoard curves under args.log_dir, with the model FLOPs utilization when flops_per_unit (the FLOPs of
+    training on one unit) and the device's peak are known. A file that cannot be written stops every rank with one
+    line. Ranks wait for each other as long as at start-up until the first step is done, and while a checkpoint
+    is saved.
     """
     main_process = rank() == 0
     total_steps = steps_per_epoch * args.num_epochs
+    if start_step >= total_steps:
+        if main_process:
+            print(f"Nothing left to train: {args.checkpoint_path} is at step {start_step}, and --num_epochs "
+                  f"{args.num_epochs} ends at step {total_steps} ({steps_per_epoch} steps per epoch); to train "
+                  f"further, resume with a larger --num_epochs")
+        return
+    warmup_steps = warmup_steps_of(args.warmup_steps, total_steps)
     step = start_step
     exit_request = GracefulExit()
     progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main_process)
-    log = EpochLog(progress, Path(args.checkpoint_path).with_suffix(".metrics.jsonl") if main_process else None)
+    device = next(model.parameters()).device
+    precision = autocast_unless_sharded(model, device, dtype)
+    log = EpochLog(progress, None)
+    if main_process:
+        log = main_log(args, progress, start_step, device, dtype, flops_per_unit)
+
+    def stop(error: str) -> NoReturn:
+        log.close()
+        sys.exit(f"{program}: error: {error}" if main_process else 1)
+
+    # Rank 0 writes every file; every rank stops when it could not.
+    failure = failed_write(records_up_to, log.metrics_path, step) if main_process else None
+    if failure := first_error_of_any_rank(failure):
+        stop(failure)
+
     model.train()
     while step < total_steps:
-        learning_rate = learning_rate_at(step, total_steps, args.warmup_steps, args.learning_rate)
+        learning_rate = learning_rate_at(step, total_steps, warmup_steps, args.learning_rate)
         try:
             step_loss, gradient_norm, stop_requested = optimizer_step(
                 model, optimizer, micro_batches_at(step), learning_rate, args.max_gradient_norm, precision, scaler,
-                exit_request.requested,
+                exit_request.requested, reduce_every_micro_batch,
             )
         except FloatingPointError as error:
-            progress.close()
-            sys.exit(f"{program}: error: at step {step}, {error}" if main_process else 1)
+            stop(f"at step {step}, {error}")
         step += 1
-        log.add_step(step_loss, gradient_norm, learning_rate)
+        if step == start_step + 1:
+            end_start_up()
+        log.add_step(step, step_loss, gradient_norm, learning_rate)
 
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
+        failure = None
+        last = step == total_steps
         if end_of_epoch == 0:
-            last = step == total_steps
             validation_loss = (evaluate(model, eval_batches, padding_index, precision)
                                if epoch % args.eval_interval == 0 or last else None)
-            log.end_epoch(epoch, step, unit, units_per_epoch, validation_loss)
-            if epoch % args.checkpoint_interval == 0 or last:
-                save(step, epoch)
+            failure = failed_write(log.end_epoch, epoch, step, unit, units_per_epoch, validation_loss)
+        if stop_requested or end_of_epoch == 0 and (epoch % args.checkpoint_interval == 0 or last):
+            with patience():
+                failure = failed_write(save, step, epoch) or failure
+        if (end_of_epoch == 0 or stop_requested) and (failure := first_error_of_any_rank(failure)):
+            stop(failure)
         if stop_requested:
-            save(step, step // steps_per_epoch)
-            progress.close()
+            log.close()
             if main_process:
                 print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")
             return
-    progress.close()
+    log.close()
     if main_process:
         print(f"Done: {saved_what} saved to {args.checkpoint_path}")
+
+
+def failed_write(write: Callable[..., None], *args) -> str | None:
+    """write(*args), and the message of the OSError it raises when a file could not be written, else None."""
+    try:
+        write(*args)
+    except OSError as error:
+        return str(error)
+    return None

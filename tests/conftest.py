@@ -1,6 +1,8 @@
 import atexit
+import importlib.util
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -16,14 +18,15 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
 # Tests never reach the network: the HuggingFace libraries fail fast instead of retrying.
-from model import LightGPT, LightGPTConfig  # noqa: E402
-
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 # and keep their caches of the tests' little corpora out of the user's home.
 HUGGINGFACE_CACHE = tempfile.mkdtemp(prefix="lightgpt-tests-hf-")
 atexit.register(shutil.rmtree, HUGGINGFACE_CACHE, ignore_errors=True)
 os.environ["HF_HOME"] = HUGGINGFACE_CACHE
+
+# Only now: model.py imports huggingface_hub, which reads those variables once, on import.
+from model import LightGPT, LightGPTConfig  # noqa: E402
 
 # A tiny model over the real 50257-token vocabulary: fast enough for a CPU, real in every code path.
 TINY_MODEL = [
@@ -56,10 +59,27 @@ def metrics(checkpoint_path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(checkpoint_path).with_suffix(".metrics.jsonl").read_text().splitlines()]
 
 
+def tensorboard_run(folder: Path):
+    """The TensorBoard events of a run folder, read as TensorBoard reads them (an EventAccumulator)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = EventAccumulator(str(folder))
+    run.Reload()
+    return run
+
+
 # Scripts run one thread a process, so that separate processes round alike and can be compared bit for bit
 # (see docs/testing.md).
 def one_thread() -> dict:
     return os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+def load_script(name: str):
+    """A script of the repository (its name without .py) as a module, to call its functions."""
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPOSITORY / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
@@ -89,6 +109,23 @@ def terminate_after_first_epoch(command: list, metrics_path: Path, timeout: floa
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def limit_file_size(size: int) -> None:
+    """From now on, in this process and those it starts, writing a file past `size` bytes fails (EFBIG), as
+    writing to a full disk does (ENOSPC)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # which would otherwise kill the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@pytest.fixture
+def full_disk_after_4_kb():
+    """limit_file_size(4096) for the length of a test."""
+    limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+    limit_file_size(4096)
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    signal.signal(signal.SIGXFSZ, handler)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -123,3 +160,38 @@ def dataset_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dataset")
     prepare_corpus("wikipedia", path, num_processes=2, show_progress=False)
     return path
+
+
+# FineWeb-Edu's columns, in its order; LightGPT reads only 'text'.
+FINEWEB_EDU_COLUMNS = ("text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score",
+                       "int_score")
+
+
+def fineweb_edu_mirror(root: Path, documents: list[str], num_files: int = 2, row_group_size: int = 100) -> Path:
+    """A local folder laid out like HuggingFaceFW/fineweb-edu on the hub (its README's sample-10BT config and
+    Parquet shards with its columns), which datasets.load_dataset reads, from a working directory of `root`, by the
+    repository's name: the hub's streaming code path, run offline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repository = root / "HuggingFaceFW" / "fineweb-edu"
+    (repository / "sample" / "10BT").mkdir(parents=True)
+    (repository / "README.md").write_text(
+        "---\nlicense: odc-by\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
+        "    path: sample/10BT/*\n---\n"
+    )
+    shard_size = -(-len(documents) // num_files)
+    for shard, start in enumerate(range(0, len(documents), shard_size)):
+        texts = documents[start : start + shard_size]
+        rows = len(texts)
+        table = pa.table({
+            "text": texts, "id": [f"<urn:uuid:{start + row}>" for row in range(rows)],
+            "dump": ["CC-MAIN-2024-10"] * rows, "url": [f"https://example.org/{start + row}" for row in range(rows)],
+            "file_path": ["s3://commoncrawl/crawl-data/CC-MAIN-2024-10/segments/0/warc/0.warc.gz"] * rows,
+            "language": ["en"] * rows, "language_score": [0.95] * rows,
+            "token_count": [len(text.split()) for text in texts], "score": [3.2] * rows, "int_score": [3] * rows,
+        })
+        assert table.column_names == list(FINEWEB_EDU_COLUMNS)
+        shard_path = repository / "sample" / "10BT" / f"{shard:03d}_00000.parquet"
+        pq.write_table(table, shard_path, row_group_size=row_group_size)
+    return root

@@ -1,3 +1,9 @@
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -5,15 +11,25 @@ import torch
 
 from checkpoint import (
     FORMAT_VERSION,
+    check_outputs,
+    claimed_checkpoint,
+    exclusive_lock,
+    is_sharded_checkpoint,
     load_checkpoint,
+    load_index,
     load_lora_checkpoint,
     load_lora_model,
     load_model,
+    model_from_checkpoint,
     save_atomically,
+    save_sharded,
     trained_on_these_weights,
+    training_checkpoint,
 )
-from conftest import REPOSITORY, tiny_model
-from distributed import load_training_state
+from conftest import REPOSITORY, flag_error, load_script, save_pretrained_checkpoint, tiny_model
+from data import write_text_atomically
+from distributed import load_training_state, sharded_training_state
+from training import append_metrics, records_up_to
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
 
@@ -51,3 +67,172 @@ def test_a_checkpoint_from_a_newer_lightgpt_is_refused_in_one_line(tmp_path):
     save_atomically(checkpoint, tmp_path / "newer.pt")
     with pytest.raises(ValueError, match=f"format {FORMAT_VERSION + 1}, newer than"):
         load_checkpoint(tmp_path / "newer.pt")
+
+
+def test_a_save_leaves_alone_the_temporary_file_of_a_process_with_the_same_id_on_another_node(tmp_path):
+    # Containers on several nodes sharing a filesystem often run the trainer with the same process id.
+    path = tmp_path / "checkpoint.pt"
+    others = [path.with_name(f"checkpoint.pt.{os.getpid()}.tmp"), tmp_path / f"meta.json.{os.getpid()}.tmp"]
+    for other in others:
+        other.write_text("another node's half-written file")
+    save_atomically({"step": 1}, path)
+    write_text_atomically(tmp_path / "meta.json", "{}")
+    assert torch.load(path, weights_only=True) == {"step": 1} and (tmp_path / "meta.json").read_text() == "{}"
+    for other in others:
+        assert other.read_text() == "another node's half-written file"
+    assert len(list(tmp_path.glob("*.tmp"))) == 2
+
+
+def test_a_loaded_model_runs_on_the_checkpoint_s_memory_mapped_tensors_without_copying_them(tmp_path):
+    # A 7B base must not need twice its size in RAM to be instruction-tuned or to generate.
+    path = save_pretrained_checkpoint(tiny_model(), tmp_path / "base.pt", block_size=8)
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, path)
+    for name, parameter in model.named_parameters():
+        assert parameter.data_ptr() == checkpoint["model"][name].data_ptr(), name
+    assert model.output_layer.weight is model.token_embeddings.weight
+    tokens = torch.randint(0, 97, (1, 8))
+    torch.testing.assert_close(model.eval()(tokens)[0], tiny_model().eval()(tokens)[0], rtol=0, atol=0)
+
+
+def sharded_checkpoint(model, path):
+    """A sharded checkpoint of the model and a step of AdamW, saved as pre-train.py saves one, in this process."""
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(*[torch.randint(0, 97, (2, 8))] * 2)[1].backward()
+    optimizer.step()
+    model_state, optimizer_state = sharded_training_state(model, optimizer)
+    save_sharded(training_checkpoint(vars(model.config), 8, optimizer_state, 1, 1, [], {}, grad_scaler={},
+                                     model=model_state, sampler=torch.Generator().get_state()), path)
+
+
+def test_a_sharded_checkpoint_is_a_folder_that_loads_like_a_file(tmp_path):
+    model = tiny_model()
+    sharded_checkpoint(model, tmp_path / "sharded")
+    assert is_sharded_checkpoint(tmp_path / "sharded") and not is_sharded_checkpoint(tmp_path)
+    assert "model" not in load_index(tmp_path / "sharded")
+    loaded, block_size, _ = load_model(tmp_path / "sharded")
+    tokens = torch.randint(0, 97, (1, 8))
+    assert block_size == 8
+    torch.testing.assert_close(loaded(tokens)[0], model.eval()(tokens)[0], rtol=0, atol=0)
+    sharded_checkpoint(model, tmp_path / "sharded")  # a second save replaces the first one's shards
+    assert len(list((tmp_path / "sharded").glob("shards-*"))) == 1
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path, capsys):
+    sharded_checkpoint(tiny_model(), tmp_path / "sharded")
+    metadata = next((tmp_path / "sharded").glob("shards-*/.metadata"))
+    metadata.write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(ValueError, match=r"builtins\.print has no place in a checkpoint"):
+        load_checkpoint(tmp_path / "sharded")
+    assert "this ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("format, existing, message", [
+    ("sharded", "file", "is a single-file checkpoint, and --checkpoint_format sharded writes a folder"),
+    ("single", "folder", "is a folder; use --checkpoint_format sharded"),
+])
+def test_the_checkpoint_format_must_fit_what_is_at_the_checkpoint_path(tmp_path, capsys, format, existing, message):
+    path = tmp_path / "checkpoint"
+    if existing == "file":
+        save_pretrained_checkpoint(tiny_model(), path, block_size=8)
+    else:
+        sharded_checkpoint(tiny_model(), path)
+    error = flag_error(load_script("pre-train"), ["--checkpoint_path", str(path), "--checkpoint_format", format,
+                                                  "--resume", "--device", "cpu"], capsys)
+    assert message in error
+
+
+def a_dead_process_id() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_failed_save_names_the_file_and_leaves_the_previous_checkpoint_whole(tmp_path, full_disk_after_4_kb):
+    path = tmp_path / "checkpoint.pt"
+    save_atomically({"step": 1}, path)
+    with pytest.raises(OSError, match=f"could not write {path}: File too large"):
+        save_atomically({"step": 2, "weights": torch.zeros(10_000)}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_failed_metrics_record_leaves_no_half_line(tmp_path, full_disk_after_4_kb):
+    path = tmp_path / "checkpoint.metrics.jsonl"
+    append_metrics(path, {"step": 1})
+    with pytest.raises(OSError, match=f"could not write {path}: File too large"):
+        append_metrics(path, {"step": 2, "note": "x" * 5000})
+    assert path.read_text() == '{"step": 1}\n'
+
+
+def test_resuming_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.metrics.jsonl"
+    for step in (2, 4, 6):
+        append_metrics(path, {"step": step})
+    with open(path, "a") as file:
+        file.write('{"step": 8, "loss"')  # cut short by a kill
+    records_up_to(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    records_up_to(path, 0)  # a new run starts a new log
+    assert path.read_text() == ""
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_naming_the_holder(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    with claimed_checkpoint(path, {}):
+        with pytest.raises(ValueError, match=rf"{path}: another run \(process {os.getpid()}\) is writing"):
+            with claimed_checkpoint(path, {}):
+                pass
+    with claimed_checkpoint(path, {}):  # released when the first run ended
+        pass
+
+
+@pytest.mark.slow
+def test_the_lock_of_a_killed_run_is_free_for_the_next(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from checkpoint import exclusive_lock\nwith exclusive_lock({str(path)!r}):\n"
+         f"    print('locked', flush=True)\n    input()"],
+        cwd=REPOSITORY, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(ValueError, match=f"process {holder.pid}"):
+        with exclusive_lock(path):
+            pass
+    holder.kill()
+    holder.wait()
+    with exclusive_lock(path):
+        pass
+
+
+@pytest.mark.parametrize("where, message", [
+    (".", "is a folder, where a file must go"),
+    ("file.txt/checkpoint.pt", "file.txt is a file, not a folder"),
+    ("inputs.jsonl", "is also --dataset_path, an input of this run"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, where, message):
+    (tmp_path / "file.txt").write_text("")
+    (tmp_path / "inputs.jsonl").write_text("")
+    with pytest.raises(ValueError, match=f"--checkpoint_path {tmp_path / where}: .*{message}"):
+        check_outputs(tmp_path / where, {"--dataset_path": [tmp_path / "inputs.jsonl"]})
+
+
+def test_temporary_files_of_dead_processes_of_this_machine_are_removed(tmp_path):
+    dead, alive, host = a_dead_process_id(), os.getpid(), socket.gethostname()
+    names = {
+        f"checkpoint.pt.{dead}.tmp": False,
+        f"checkpoint.pt.{host}.{dead}.tmp": False,
+        f"checkpoint.metrics.jsonl.{dead}.tmp": False,
+        f"checkpoint.pt.{alive}.tmp": True,  # a live process may still be writing it
+        f"checkpoint.pt.another-machine.{dead}.tmp": True,  # whose processes this one cannot see
+        f"notes.txt.{dead}.tmp": True,  # not a file this run writes
+    }
+    for name in names:
+        (tmp_path / name).write_text("")
+    with claimed_checkpoint(tmp_path / "checkpoint.pt", {}):
+        pass
+    assert sorted(path.name for path in tmp_path.glob("*.tmp")) == sorted(name for name, kept in names.items() if kept)

@@ -7,24 +7,31 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from bench import PeakTensorMemory, kept_between_micro_batches  # noqa: E402
+from checkpoint import load_checkpoint, load_model, model_from_checkpoint  # noqa: E402
 from conftest import (  # noqa: E402
     REPOSITORY,
     TINY_MODEL,
     lightgpt,
+    load_script,
     metrics,
     one_thread,
     run_script,
     terminate_after_first_epoch,
 )
-from distributed import distributed, parallelize, rank  # noqa: E402
-from training import Adafactor  # noqa: E402
+from data import load_tokenizer  # noqa: E402
+from distributed import REDUCE_EVERY_MICRO_BATCH, distributed, every_rank_s, parallelize, rank  # noqa: E402
+from sizing import parameter_counts  # noqa: E402
+from training import Adafactor, optimizer_step  # noqa: E402
 
 pytestmark = pytest.mark.slow  # nearly every test here starts processes
 
@@ -76,7 +83,19 @@ def test_our_adafactor_steps_exactly_like_pytorchs():
         models.append((model, optimizer))
     (theirs, their_optimizer), (ours, our_optimizer) = models
     torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
-    torch.testing.assert_close(our_optimizer.state_dict(), their_optimizer.state_dict())
+    ours_state = our_optimizer.state_dict()
+    # Ours has one hyperparameter more, the choice of PyTorch's rule.
+    assert [group.pop("scale_parameter") for group in ours_state["param_groups"]] == [True]
+    torch.testing.assert_close(ours_state, their_optimizer.state_dict())
+
+
+def test_adafactor_without_parameter_scaling_steps_by_the_learning_rate_itself():
+    vector = torch.nn.Parameter(torch.tensor([0.5, -2.0, 0.0, 3.0]))
+    optimizer = Adafactor([vector], lr=0.1, scale_parameter=False)
+    vector.grad = torch.tensor([4.0, -1e-3, 0.0, 2.0])
+    optimizer.step()
+    # The first step's second moment is the squared gradient itself: the update is the gradient's sign.
+    torch.testing.assert_close(vector.detach(), torch.tensor([0.4, -1.9, 0.0, 2.9]))
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +147,46 @@ def test_two_processes_train_like_one_in_reduced_precision(tmp_path, dataset_pat
     assert bool(scaler) == (precision == "fp16")
 
 
+def copy_run(source: Path, destination: Path) -> None:
+    """A checkpoint (file or folder) and its metrics, as if the run had been made at `destination`."""
+    (shutil.copytree if source.is_dir() else shutil.copy)(source, destination)
+    shutil.copy(source.with_suffix(".metrics.jsonl"), destination.with_suffix(".metrics.jsonl"))
+
+
+def assert_same_losses_and_weights(checkpoint: Path, expected: Path) -> None:
+    for field in ("loss", "validation_loss"):
+        assert [record[field] for record in metrics(checkpoint)] == pytest.approx(
+            [record[field] for record in metrics(expected)], rel=1e-5)
+    state, expected_state = load_checkpoint(checkpoint), load_checkpoint(expected)
+    torch.testing.assert_close(state["model"], expected_state["model"], rtol=1e-3, atol=1e-4)
+    assert state["step"] == expected_state["step"]
+
+
+@pytest.mark.parametrize("level, optimizer", [(2, "adafactor"), (3, "adamw")])
+def test_a_sharded_checkpoint_resumes_at_one_and_at_two_processes_and_generates(
+    tmp_path, dataset_path, one_process_runs, level, optimizer
+):
+    half, whole = one_process_runs[optimizer]
+    flags = ["--optimizer", optimizer, "--ddp_sharding_level", str(level), "--checkpoint_format", "sharded"]
+    sharded = tmp_path / "sharded"
+    pretrain(2, sharded, dataset_path, *flags, "--num_epochs", "2")
+    shards = [path.name for path in sharded.glob("shards-*/*")]
+    assert sorted(shards) == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards  # each rank wrote its own
+    assert_same_losses_and_weights(sharded, half)
+    for processes in (1, 2):
+        resumed = tmp_path / f"resumed_at_{processes}"
+        copy_run(sharded, resumed)
+        pretrain(processes, resumed, dataset_path, *flags, "--num_epochs", "4", "--resume")
+        assert_same_losses_and_weights(resumed, whole)
+        assert len(list(resumed.glob("shards-*"))) == 1  # the earlier save's shards are gone
+    result = run_script("generate.py", "--checkpoint_path", sharded, "--prompt", "The", "--max_tokens", "3",
+                        "--top_k", "1", "--device", "cpu")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    model, _, _ = load_model(sharded)
+    first = model(torch.tensor([load_tokenizer().encode("The")]))[0][0, -1].argmax().item()
+    assert result.stdout.startswith(load_tokenizer().decode([first]))
+
+
 def test_the_readme_cpu_torchrun_command_trains_in_two_processes(tmp_path, dataset_path):
     readme = (REPOSITORY / "README.md").read_text()
     command = re.search(r"^torchrun --standalone --nproc-per-node=2 pre-train.py (.+)$", readme, re.M)
@@ -138,6 +197,7 @@ def test_the_readme_cpu_torchrun_command_trains_in_two_processes(tmp_path, datas
                       "--checkpoint_path", checkpoint)
     assert result.returncode == 0, result.stderr
     assert "2 processes" in result.stdout and len(metrics(checkpoint)) == 1
+    assert len(list((tmp_path / "runs" / "readme").iterdir())) == 1  # one TensorBoard event file: rank 0's
 
 
 def test_uneven_accumulation_warns_and_still_trains_like_one_process(tmp_path, dataset_path):
@@ -151,6 +211,7 @@ def test_uneven_accumulation_warns_and_still_trains_like_one_process(tmp_path, d
 
 @pytest.mark.parametrize("flags, message", [
     (["--dataset", "text", "--text_files", "/nonexistent/*.txt"], "pre-train.py: error: --text_files"),
+    (["--dataset", "fineweb-edu"], "pre-train.py: error: --dataset fineweb-edu: could not read HuggingFaceFW/"),
     (["--batch_size", "0"], "pre-train.py: error: argument --batch_size: must be a positive integer, got 0"),
     (["--batch_size", "two"], "pre-train.py: error: argument --batch_size: must be a positive integer, got 'two'"),
 ])
@@ -205,7 +266,8 @@ def measure_training_memory() -> None:
     with distributed("cpu"):
         for level in (0, 2, 3):
             model = lightgpt(vocabulary_size=1024, embedding_dimensions=64, num_heads=4, num_layers=4, eos_index=0)
-            training_model = parallelize(model, activation_checkpointing=False, compile=False, sharding_level=level)
+            training_model = parallelize(model, torch.device("cpu"), activation_checkpointing=False, compile=False,
+                                         sharding_level=level)
             optimizer = torch.optim.AdamW(training_model.parameters())
             at_rest = local_bytes(training_model.parameters())
             tokens = torch.randint(0, 1024, (2, 33), generator=torch.Generator().manual_seed(0))
@@ -225,10 +287,15 @@ def measure_training_memory() -> None:
             print(json.dumps(figures))
 
 
-def test_sharding_levels_divide_the_training_state_between_two_ranks():
-    result = torchrun(Path(__file__).resolve(), "measure")
+def figures_by_level(mode: str) -> dict:
+    """Run this file under torchrun in `mode`, and read the figures by sharding level that rank 0 printed."""
+    result = torchrun(Path(__file__).resolve(), mode)
     assert result.returncode == 0, result.stderr
-    figures = {int(level): value for level, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    return {int(level): value for level, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+def test_sharding_levels_divide_the_training_state_between_two_ranks():
+    figures = figures_by_level("measure")
     print("\nBytes per rank with 2 ranks (LightGPT 1024 vocabulary, 64 wide, 4 layers; AdamW):")
     for level, value in figures.items():
         print(f"level {level}: " + ", ".join(f"{name} {size:,}" for name, size in value.items()))
@@ -243,5 +310,133 @@ def test_sharding_levels_divide_the_training_state_between_two_ranks():
     assert figures[3]["parameters_between_forward_and_backward"] == figures[3]["parameters"]
 
 
+def measure_accumulated_gradients() -> None:
+    """Under torchrun: the tensor bytes each level keeps from the first of two micro-batches to the second, in the
+    optimizer step that pre-train.py runs."""
+    kept = {}
+    with distributed("cpu") as device:
+        for level in (2, 3):
+            model = lightgpt(vocabulary_size=64, embedding_dimensions=64, num_heads=4, num_layers=4, eos_index=0)
+            training_model = parallelize(model, device, activation_checkpointing=False, compile=False,
+                                         sharding_level=level)
+            tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+            micro_batch = (tokens[:, :-1], tokens[:, 1:], 0.5)
+            kept[level] = kept_between_micro_batches(lambda: optimizer_step(
+                training_model, torch.optim.SGD(training_model.parameters()), [micro_batch] * 2, 1e-3, 1.0,
+                nullcontext(), reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[level],
+            ), training_model)
+        if rank() == 0:
+            print(json.dumps(kept))
+
+
+def test_level_2_keeps_whole_gradients_between_micro_batches_and_level_3_only_its_shards():
+    kept = figures_by_level("accumulation")
+    counts = parameter_counts(vocabulary_size=64, embedding_dimensions=64, num_layers=4)
+    # What sizing.memory_per_device counts as gradients held while a step accumulates, at 2 processes.
+    assert kept[2] == pytest.approx(4 * counts["total"], rel=0.02)
+    assert kept[3] == pytest.approx(4 * counts["total"] / 2, rel=0.02)
+
+
+# Blocks, not the embedding, make up most of this model, as of any large one: a rank that held the whole model
+# would show it.
+SMALL_VOCABULARY_MODEL = dict(vocabulary_size=64, embedding_dimensions=64, num_heads=4, num_layers=4, eos_index=0)
+
+
+def initial_weights(level: int) -> tuple[dict, int]:
+    """The weights pre-train.py starts from at seed 0 at this sharding level, whole, and the most tensor memory
+    this process held while building them."""
+    pretrain = load_script("pre-train")
+    args = pretrain.parse_args(["--device", "cpu", "--ddp_sharding_level", str(level)])
+    torch.manual_seed(0)
+    with PeakTensorMemory() as memory:
+        model, _ = pretrain.build_model(args, SMALL_VOCABULARY_MODEL, torch.device("cpu"))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), memory.peak
+
+
+def save_initial_weights(path: str) -> None:
+    """Under torchrun: rank 0 saves the initial weights and every rank's peak memory at levels 2 and 3."""
+    with distributed("cpu"):
+        figures = {level: initial_weights(level) for level in (2, 3)}
+        peaks = every_rank_s({level: peak for level, (_, peak) in figures.items()})
+        if rank() == 0:
+            torch.save({level: state for level, (state, _) in figures.items()} | {"peaks": peaks}, path)
+
+
+def test_sharded_ranks_start_from_one_process_s_weights_without_ever_holding_the_whole_model(tmp_path):
+    result = torchrun(Path(__file__).resolve(), "initial-weights", tmp_path / "weights.pt")
+    assert result.returncode == 0, result.stderr
+    two_processes = torch.load(tmp_path / "weights.pt", weights_only=True)
+    one_process, _ = initial_weights(2)
+    whole_model_bytes = 4 * sum(tensor.numel() for name, tensor in one_process.items() if name != "output_layer.weight")
+    for level in (2, 3):
+        torch.testing.assert_close(two_processes[level], one_process, rtol=0, atol=0)
+        for rank_peaks in two_processes["peaks"]:
+            assert rank_peaks[level] < 0.75 * whole_model_bytes, (level, rank_peaks, whole_model_bytes)
+
+
+def pretrain_slowed(slow_part: str, seconds: float, argv: list[str]) -> None:
+    """Under torchrun: pre-train.py with one part made slow, as a download, slow storage or a stuck rank make it:
+    "preparation" (every rank's corpus preparation), "save" (rank 0 writing the checkpoint) or "step" (rank 1's
+    third optimizer step)."""
+    import training
+
+    pretrain = load_script("pre-train")
+
+    def slowed(function, on_call=lambda calls: True):
+        calls = []
+
+        def slow(*args, **kwargs):
+            calls.append(1)
+            if on_call(len(calls)):
+                time.sleep(seconds)
+            return function(*args, **kwargs)
+        return slow
+
+    if slow_part == "preparation":
+        pretrain.prepare_corpus = slowed(pretrain.prepare_corpus)
+    elif slow_part == "save":
+        pretrain.save_atomically = slowed(pretrain.save_atomically)
+    else:
+        training.optimizer_step = slowed(training.optimizer_step, lambda calls: calls == 3 and rank() == 1)
+    sys.argv = ["pre-train.py", *argv]
+    pretrain.main()
+
+
+def torchrun_slowed(slow_part: str, seconds: float, *args: str, timeout_s: float = 3) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--shutdown-timeout=1",
+         Path(__file__).resolve(), "slowed", slow_part, str(seconds), *map(str, args)],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300,
+        env=one_thread() | {"LIGHTGPT_PG_TIMEOUT_S": str(timeout_s)},
+    )
+
+
+@pytest.mark.parametrize("slow_part", ["preparation", "save"])
+def test_a_preparation_or_a_save_slower_than_the_timeout_still_ends_in_a_trained_run(tmp_path, slow_part):
+    # A first run on a GPU cluster downloads and tokenizes for tens of minutes, and rank 0 writes a large
+    # checkpoint to slow storage, while the other ranks wait.
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"Document {index} is here." for index in range(40)))
+    flags = [*COMMON, "--dataset", "text", "--text_files", tmp_path / "corpus.txt", "--dataset_path", tmp_path,
+             "--checkpoint_path", tmp_path / "c.pt", "--num_epochs", "2", "--block_size", "4"]
+    result = torchrun_slowed(slow_part, 6, *flags)
+    assert result.returncode == 0, result.stderr
+    assert [record["epoch"] for record in metrics(tmp_path / "c.pt")] == [1, 2]
+
+
+def test_a_rank_that_stalls_while_training_stops_the_job_within_the_timeout(tmp_path, dataset_path):
+    start = time.monotonic()
+    result = torchrun_slowed("step", 120, *COMMON, "--dataset_path", dataset_path, "--checkpoint_path",
+                             tmp_path / "c.pt", "--num_epochs", "4")
+    assert result.returncode != 0 and "Timed out" in result.stderr, result.stderr
+    assert time.monotonic() - start < 60
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["slowed"]:
+    pretrain_slowed(sys.argv[2], float(sys.argv[3]), sys.argv[4:])
+if __name__ == "__main__" and sys.argv[1:] == ["accumulation"]:
+    measure_accumulated_gradients()
 if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
     measure_training_memory()
+if __name__ == "__main__" and sys.argv[1:2] == ["initial-weights"]:
+    save_initial_weights(sys.argv[2])

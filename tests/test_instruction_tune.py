@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import random
 import re
@@ -14,15 +13,19 @@ from checkpoint import (
     load_lora_checkpoint,
     load_lora_model,
     model_from_checkpoint,
+    save_sharded,
+    trained_on_these_weights,
 )
 from conftest import (
     REPOSITORY,
     assert_one_line_error,
     lightgpt,
+    load_script,
     metrics,
     run_script,
     run_until_first_epoch_then_terminate,
     save_pretrained_checkpoint,
+    tensorboard_run,
 )
 from data import PROMPT_TEMPLATE, InstructionSamples, encode_prompt, load_instructions, load_tokenizer
 from model import LightGPT, LoRALinear, add_lora
@@ -101,6 +104,10 @@ def test_lora_learns_to_answer_the_training_instructions(base_model_path, instru
     assert [record["epoch"] for record in records] == list(range(1, 31))
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     assert {"validation_loss", "validation_perplexity"} <= records[9].keys()
+    curves = tensorboard_run(adapter_path.parent / "runs" / "lora")
+    assert {"train/loss", "train/learning_rate", "speed/samples_per_second"} <= set(curves.Tags()["scalars"])
+    assert [event.value for event in curves.Scalars("validation/loss")] == pytest.approx(
+        [record["validation_loss"] for record in records if "validation_loss" in record])
 
 
 def other_base() -> LightGPT:
@@ -169,6 +176,14 @@ def test_resuming_with_another_rank_is_refused(base_model_path, instructions_pat
     assert_one_line_error(result, "--resume", "--rank 8", "4")
 
 
+def test_resuming_on_another_dataset_of_the_same_size_is_refused(base_model_path, instructions_path, adapter_path,
+                                                                  tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text(instructions_path.read_text().replace("Europe", "Asia"))
+    result = instruction_tune(base_model_path, other, adapter_path, "--resume")
+    assert_one_line_error(result, "--resume", f"--dataset_path {instructions_path}", f"--dataset_path {other}")
+
+
 @pytest.fixture
 def retrained_base_path(base_model_path, tmp_path):
     """A base of the same sizes as base_model_path with other weights, as if it had been trained further."""
@@ -204,6 +219,21 @@ def test_bad_arguments_get_one_clear_line(base_model_path, instructions_path, tm
     assert not (tmp_path / "lora.pt").exists()
 
 
+def test_adapters_are_never_written_over_the_base_model(base_model_path, instructions_path):
+    before = base_model_path.read_bytes()
+    result = instruction_tune(base_model_path, instructions_path, base_model_path)
+    assert_one_line_error(result, f"--checkpoint_path {base_model_path}", "is also --base_model_path")
+    assert base_model_path.read_bytes() == before
+
+
+def test_a_base_whose_model_args_do_not_match_its_weights_is_named_in_one_line(base_model_path, instructions_path,
+                                                                               tmp_path):
+    base = load_checkpoint(base_model_path)
+    torch.save(base | {"model_args": base["model_args"] | {"embedding_dimensions": 32}}, tmp_path / "mismatched.pt")
+    result = instruction_tune(tmp_path / "mismatched.pt", instructions_path, tmp_path / "lora.pt")
+    assert_one_line_error(result, "mismatched.pt: its model_args and weights do not make a LightGPT")
+
+
 def test_bad_data_and_an_offline_hub_get_one_clear_line(base_model_path, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Bye"}\n')
     bad = run_script("instruction-tune.py", "--base_model_path", base_model_path, "--dataset", "local",
@@ -213,13 +243,6 @@ def test_bad_data_and_an_offline_hub_get_one_clear_line(base_model_path, tmp_pat
     offline = run_script("instruction-tune.py", "--base_model_path", base_model_path, "--checkpoint_path",
                          tmp_path / "lora.pt", "--device", "cpu")
     assert_one_line_error(offline, "tatsu-lab/alpaca", "--dataset local --dataset_path")
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPOSITORY / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_original_readme_arguments_keep_their_names_and_defaults():
@@ -316,3 +339,38 @@ def test_the_readme_instruction_tuning_commands_run(base_model_path, tmp_path):
         result = run_script(script, *arguments, "--max_tokens", "3", "--device", "cpu", cwd=tmp_path)
         assert result.returncode == 0, f"{script}: {result.stderr}"
         assert result.stdout.strip(), f"{script} printed nothing"
+
+
+def test_an_adapter_trained_compiled_loads_in_the_scripts_and_resumes_uncompiled(
+    base_model_path, instructions_path, tmp_path
+):
+    path = tmp_path / "compiled.pt"
+    common = ["--num_epochs", "1", "--eval_interval", "1", "--seed", "0", "--batch_size", "9"]
+    compiled = instruction_tune(base_model_path, instructions_path, path, *common, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    for script in ("generate.py", "beam_search.py"):
+        result = run_script(script, "--lora_path", path, "--prompt", "Where is the city?", "--max_tokens", "2",
+                            "--device", "cpu")
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+    resumed = instruction_tune(base_model_path, instructions_path, path, *common[2:], "--num_epochs", "2",
+                               "--resume", "--no-compile")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [record["epoch"] for record in metrics(path)] == [1, 2]
+
+
+def test_a_sharded_base_checkpoint_is_tuned_and_generates_like_its_single_file(
+    base_model_path, instructions_path, tmp_path
+):
+    base = load_checkpoint(base_model_path)
+    sharded = tmp_path / "sharded_base"
+    save_sharded(base | {"optimizer": {"state": {}, "param_groups": []}}, sharded)
+    path = tmp_path / "lora.pt"
+    result = instruction_tune(sharded, instructions_path, path, "--num_epochs", "1", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    adapter = load_lora_checkpoint(path)
+    assert adapter["base_model_path"] == str(sharded.resolve()) and trained_on_these_weights(adapter, base)
+    answers = [run_script("generate.py", "--lora_path", path, *base_flag, "--prompt", "Where is the city?",
+                          "--max_tokens", "4", "--top_k", "1", "--device", "cpu")
+               for base_flag in ([], ["--checkpoint_path", base_model_path])]
+    assert answers[0].returncode == 0 and "Traceback" not in answers[0].stderr, answers[0].stderr
+    assert answers[0].stdout == answers[1].stdout and not answers[1].stderr.strip()

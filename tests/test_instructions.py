@@ -51,6 +51,12 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path, content, message):
         load_instructions("local", str(tmp_path / "data.jsonl"))
 
 
+def test_a_file_that_is_not_utf_8_is_named(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes('{"instruction": "Où?", "output": "Ici."}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl: not UTF-8 text \(byte 18 is 0xf9\); save it as UTF-8"):
+        load_instructions("local", str(tmp_path / "latin1.jsonl"))
+
+
 def test_a_json_file_must_hold_a_list_of_complete_records(tmp_path):
     (tmp_path / "data.json").write_text(json.dumps(RECORDS + [{"input": "x", "output": "y"}]))
     with pytest.raises(ValueError, match="data.json: record 4 has no 'instruction' field"):
@@ -94,7 +100,8 @@ def test_masked_prompt_tokens_do_not_enter_the_loss():
     masked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, True, model.padding_index, show_progress=False)
     unmasked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, False, model.padding_index, show_progress=False)
     x, y = masked.batch([0])
-    logits, loss = model(x, y)
+    logits, _ = model(x)
+    _, loss = model(x, y)
     response_length = len(load_tokenizer().encode_ordinary("Paris.")) + 1
     expected = torch.nn.functional.cross_entropy(logits[0, -response_length:], y[0, -response_length:])
     torch.testing.assert_close(loss, expected)
@@ -121,11 +128,12 @@ def test_batches_are_padded_and_the_padding_changes_neither_logits_nor_loss():
     x, y = samples.batch([0, 1, 2])
     lengths = [len(sample_x) for sample_x, _ in samples.samples]
     assert x.shape == y.shape == (3, max(lengths))
-    batch_logits, batch_loss = model(x, y)
+    (batch_logits, _), (_, batch_loss) = model(x), model(x, y)
     total, count = 0.0, 0
     for row, length in enumerate(lengths):
         assert (y[row, length:] == model.padding_index).all()
-        single_logits, single_loss = model(*samples.batch([row]))
+        single_x, single_y = samples.batch([row])
+        (single_logits, _), (_, single_loss) = model(single_x), model(single_x, single_y)
         torch.testing.assert_close(batch_logits[row, :length], single_logits[0], rtol=1e-4, atol=1e-5)
         total, count = total + single_loss * length, count + length
     torch.testing.assert_close(batch_loss, total / count)

@@ -3,6 +3,7 @@ import torch
 
 from checkpoint import check_same_base, load_adapted_model, weights_fingerprint
 from conftest import TINY_SHAPE, tiny_model
+from distributed import parallelize
 from model import LightGPT, LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
 
 VOCABULARY = TINY_SHAPE["vocabulary_size"]
@@ -108,6 +109,10 @@ def test_an_adapter_for_another_base_is_a_clear_error():
     add_lora(deeper, rank=4, alpha=1.0, dropout=0.0)
     with pytest.raises(ValueError, match="another number of layers"):
         load_lora_state_dict(deeper, lora_checkpoint["lora"])
+    wrapped = {name.replace("body.0.", "body.0._orig_mod."): tensor
+               for name, tensor in lora_checkpoint["lora"].items()}
+    with pytest.raises(ValueError, match=r"body\.0\._orig_mod\.\S+ is not one of this model's adapter matrices"):
+        load_lora_state_dict(model, wrapped)
 
 
 def test_adapters_cannot_be_added_twice():
@@ -125,3 +130,15 @@ def test_the_weights_fingerprint_tells_a_base_from_another_of_the_same_shape():
     with torch.no_grad():
         copy.body[-1].mlp.down_projection.weight[-1, -1] += 1e-3
     assert weights_fingerprint(copy.state_dict()) != weights_fingerprint(model.state_dict())
+
+
+def test_compiling_for_training_leaves_the_adapter_names_as_they_are():
+    # An adapter trained with --compile (the default on CUDA) must load into a model that runs eagerly.
+    eager = base_model()
+    add_lora(eager, rank=4, alpha=1.0, dropout=0.0)
+    compiled = base_model()
+    add_lora(compiled, rank=4, alpha=1.0, dropout=0.0)
+    parallelize(compiled, torch.device("cpu"), activation_checkpointing=False, compile=True)
+    assert lora_state_dict(compiled).keys() == lora_state_dict(eager).keys()
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    load_lora_state_dict(eager, lora_state_dict(compiled))

@@ -3,6 +3,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from bench import PeakTensorMemory
 from conftest import TINY_SHAPE, tiny_model
 from model import LightGPT, LightGPTConfig, LinearCrossEntropy
 
@@ -60,7 +61,8 @@ def test_loss_is_the_mean_over_targets_that_are_not_padding():
     y = torch.randint(0, VOCABULARY, (2, 10))
     y[0, 6:] = -100
     y[1, :3] = -100
-    logits, loss = model(x, y)
+    (logits, _), (no_logits, loss) = model(x), model(x, y)
+    assert no_logits is None
     kept = y != -100
     expected = torch.nn.functional.cross_entropy(logits[kept], y[kept])
     torch.testing.assert_close(loss, expected)
@@ -106,13 +108,17 @@ def test_constructor_arguments_are_checked(overrides, message):
 def test_training_fuses_the_output_layer_and_loss_with_the_plain_path_s_loss_and_gradients():
     # The real vocabulary makes the fused path run several chunks of positions; some targets are padding.
     results = []
-    for training in (True, False):
-        model = tiny_model(vocabulary_size=50257, embedding_dimensions=16, num_heads=2).train(training)
+    for fused in (True, False):
+        model = tiny_model(vocabulary_size=50257, embedding_dimensions=16, num_heads=2).train()
         generator = torch.Generator().manual_seed(2)
         x = torch.randint(0, 50257, (2, 200), generator=generator)
         y = torch.randint(0, 50257, (2, 200), generator=generator)
         y[0, 50:90] = -100
-        logits, loss = model(x, y)
+        if fused:
+            logits, loss = model(x, y)
+        else:
+            logits = model(x)[0]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
         results.append((logits, loss, [parameter.grad for parameter in model.parameters()]))
     (fused_logits, fused_loss, fused_gradients), (plain_logits, plain_loss, plain_gradients) = results
@@ -140,12 +146,20 @@ def test_under_bf16_autocast_the_fused_loss_sums_the_weight_gradient_of_many_chu
     assert (autocast - exact).norm() < 1e-3 * exact.norm()
 
 
-def test_training_mode_without_gradients_still_returns_logits():
-    model = tiny_model()
-    x = torch.randint(0, VOCABULARY, (2, 8))
+def test_evaluation_s_loss_is_the_plain_cross_entropy_and_never_holds_the_logits():
+    model = tiny_model(vocabulary_size=50257, embedding_dimensions=16, num_heads=2).eval()
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 50257, (2, 512), generator=generator)
+    y = torch.randint(0, 50257, (2, 512), generator=generator)
+    y[1, 100:300] = -100
     with torch.no_grad():
-        logits, loss = model(x, x)
-    assert logits.shape == (2, 8, VOCABULARY) and loss is not None
+        plain = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+        with PeakTensorMemory() as memory:
+            logits, loss = model(x, y)
+    assert logits is None
+    torch.testing.assert_close(loss, plain)
+    logits_bytes = x.numel() * 50257 * 4  # 206 MB; the loss works through chunks of 33 MB
+    assert memory.largest <= logits_bytes / 6 and memory.peak < logits_bytes / 1.5, (memory.largest, memory.peak)
 
 
 def test_the_fused_loss_trains_the_body_alone_when_the_tied_weight_is_frozen():
@@ -169,3 +183,10 @@ def test_the_config_is_stored_as_plain_model_args_and_rebuilds_the_same_model():
     rebuilt.load_state_dict(model.state_dict())
     x = torch.randint(0, VOCABULARY, (1, 5))
     assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])
+
+
+def test_a_model_built_on_the_meta_device_keeps_its_tied_weight_once_allocated():
+    with torch.device("meta"):
+        model = LightGPT(LightGPTConfig(**TINY_SHAPE))
+    model.to_empty(device="cpu")
+    assert model.output_layer.weight is model.token_embeddings.weight

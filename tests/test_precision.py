@@ -52,7 +52,7 @@ def test_every_script_takes_precision_and_mixed_precision_as_its_alias(name):
     assert module.parse_args([]).precision == "auto"
     assert module.parse_args(["--mixed_precision"]).precision == "auto"
     assert module.parse_args(["--no-mixed_precision"]).precision == "fp32"
-    assert "--no-mixed_precision" in "".join(module.build_parser().format_help().split())
+    assert "--[no-]mixed_precision" in "".join(module.build_parser().format_help().split())
 
 
 # A corpus with 2 nats of irreducible entropy: each token is followed by one of 8 tokens, drawn uniformly, so the

@@ -1,26 +1,38 @@
+import functools
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from devices import peak_tflops
 from conftest import (
     REPOSITORY,
     TINY_MODEL,
     assert_one_line_error,
+    lightgpt,
+    limit_file_size,
     metrics,
+    one_thread,
     run_script,
+    tensorboard_run,
     run_until_first_epoch_then_terminate,
+    save_pretrained_checkpoint,
 )
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
 
-def pretrain(tmp_path, dataset_path, *args, name="checkpoint.pt"):
+def pretrain(tmp_path, dataset_path, *args, name="checkpoint.pt", **kwargs):
     return run_script(
         "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
-        "--checkpoint_path", tmp_path / name, *TINY_MODEL, *args,
+        "--checkpoint_path", tmp_path / name, *TINY_MODEL, *args, **kwargs,
     )
 
 
@@ -59,6 +71,16 @@ def test_a_tiny_model_learns_the_embedded_corpus(tmp_path, dataset_path):
     assert losses == sorted(losses, reverse=True)
     assert losses[-1] < losses[0] - 1.0
     assert {"loss", "gradient_norm", "tokens_per_second", "validation_perplexity"} <= records[-1].keys()
+
+
+def test_the_default_optimizer_and_learning_rate_learn(tmp_path, dataset_path):
+    # PyTorch's Adafactor rule at the old default of 5e-4 moved this loss by hundredths of a nat; now about half a nat.
+    result = pretrain(tmp_path, dataset_path, "--warmup_steps", "2", "--batch_size", "8",
+                      "--gradient_accumulation_steps", "1", "--samples_per_epoch", "80", "--num_epochs", "4",
+                      "--eval_interval", "1", "--eval_samples", "64", "--dropout", "0", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    losses = [record["validation_loss"] for record in metrics(tmp_path / "checkpoint.pt")]
+    assert losses[-1] < losses[0] - 0.3, losses
 
 
 def test_the_checkpoint_is_a_plain_safe_dictionary(tmp_path, dataset_path):
@@ -133,6 +155,42 @@ def test_an_fp16_run_resumes_with_the_state_of_its_loss_scaler(tmp_path, dataset
         assert torch.equal(tensor, expected["model"][name]), name
 
 
+def test_a_resumed_run_continues_its_tensorboard_curves_and_a_new_run_replaces_them(tmp_path, dataset_path):
+    common = ["--batch_size", "2", "--gradient_accumulation_steps", "1", "--samples_per_epoch", "4",
+              "--eval_interval", "1", "--seed", "0"]
+    first = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")
+    resumed = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "2", "--resume")
+    assert first.returncode == resumed.returncode == 0, first.stderr + resumed.stderr
+
+    assert [folder.name for folder in (tmp_path / "runs").iterdir()] == ["checkpoint"]
+    run = tensorboard_run(tmp_path / "runs" / "checkpoint")
+    steps = {tag: [event.step for event in run.Scalars(tag)] for tag in run.Tags()["scalars"]}
+    every_step, every_epoch = [1, 2, 3, 4], [2, 4]
+    expected = {"train/loss": every_step, "train/gradient_norm": every_step, "train/learning_rate": every_step,
+                "speed/tokens_per_second": every_epoch, "validation/loss": every_epoch,
+                "validation/perplexity": every_epoch}
+    if peak_tflops(torch.device("cpu"), torch.float32):
+        expected["speed/mfu"] = every_epoch
+    assert steps == expected
+    validation_losses = [record["validation_loss"] for record in metrics(tmp_path / "checkpoint.pt")]
+    assert [event.value for event in run.Scalars("validation/loss")] == pytest.approx(validation_losses)
+    flags = run.Tensors("flags/text_summary")
+    assert [event.step for event in flags] == [1, 3]
+    assert "| --resume | True |" in flags[1].tensor_proto.string_val[0].decode()
+
+    started_over = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")
+    assert started_over.returncode == 0, started_over.stderr
+    assert [event.step for event in tensorboard_run(tmp_path / "runs" / "checkpoint").Scalars("train/loss")] == [1, 2]
+
+
+def test_no_tensorboard_writes_the_metrics_file_alone(tmp_path, dataset_path):
+    result = pretrain(tmp_path, dataset_path, "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                      "--samples_per_epoch", "2", "--num_epochs", "1", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr
+    assert len(metrics(tmp_path / "checkpoint.pt")) == 1
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, dataset_path):
     result = pretrain(tmp_path, dataset_path, "--optimizer", "adamw", "--learning_rate", "1e30",
                       "--warmup_steps", "0", "--batch_size", "2", "--gradient_accumulation_steps", "1",
@@ -158,6 +216,10 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, dataset_p
         (["--device", "toaster"], ["--device", "toaster"]),
         (["--ddp_sharding_level", "1"], ["--ddp_sharding_level", "1"]),
         (["--block_size", "many"], ["--block_size", "many"]),
+        (["--seed", "99999999999999999999999"], ["--seed", "[0, 2**63)", "99999999999999999999999"]),
+        (["--embedding_dimensions", "1099511627776"], ["needs about", "for its weights, gradients and optimizer state",
+                                                       "available on cpu"]),
+        (["--dataset_path", REPOSITORY / "README.md"], ["--dataset_path", "README.md is a file, not a folder"]),
     ],
 )
 def test_bad_arguments_get_one_clear_line(tmp_path, dataset_path, args, fragments):
@@ -165,6 +227,14 @@ def test_bad_arguments_get_one_clear_line(tmp_path, dataset_path, args, fragment
                         "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL, *args)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("variable", ["LIGHTGPT_PG_TIMEOUT_S", "LIGHTGPT_STARTUP_TIMEOUT_S"])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_a_clear_error(tmp_path, dataset_path, variable):
+    result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
+                        "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL,
+                        env=one_thread() | {variable: "soon"})
+    assert_one_line_error(result, variable, "positive number of seconds", "'soon'")
 
 
 def test_a_corpus_shorter_than_the_context_is_a_clear_error(tmp_path):
@@ -192,5 +262,88 @@ def test_help_explains_every_flag():
                  "max_gradient_norm", "num_epochs", "eval_interval", "block_size", "embedding_dimensions",
                  "num_attention_heads", "num_hidden_layers", "dropout", "activation_checkpointing",
                  "ddp_sharding_level", "checkpoint_interval", "checkpoint_path", "dataset_path",
-                 "num_dataset_processes", "resume", "device", "seed"):
+                 "num_dataset_processes", "resume", "device", "seed", "log_dir", "tensorboard"):
         assert f"--{flag}" in result.stdout
+
+
+ONE_STEP_EPOCHS = ["--batch_size", "2", "--gradient_accumulation_steps", "1", "--samples_per_epoch", "2",
+                   "--eval_samples", "2"]
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_trains(tmp_path, dataset_path):
+    path = tmp_path / "checkpoint.pt"
+    first = subprocess.Popen(
+        [sys.executable, "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
+         path, *TINY_MODEL, *ONE_STEP_EPOCHS, "--num_epochs", "100000"],
+        cwd=REPOSITORY, env=one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not path.with_suffix(".metrics.jsonl").exists():
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.1)
+    second = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+    assert_one_line_error(second, str(path), f"another run (process {first.pid})")
+    first.send_signal(signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0 and "Stopped by signal" in stdout, stderr
+    assert [record["epoch"] for record in metrics(path)] == list(range(1, len(metrics(path)) + 1))
+
+
+def test_a_checkpoint_path_that_is_a_folder_is_refused_before_any_work(tmp_path):
+    result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", tmp_path / "dataset",
+                        "--checkpoint_path", tmp_path, *TINY_MODEL)
+    assert_one_line_error(result, f"--checkpoint_path {tmp_path}", "is a folder")
+    assert os.listdir(tmp_path) == []  # not even the corpus was prepared
+
+
+def test_a_checkpoint_path_that_is_one_of_the_corpus_files_is_refused(dataset_path):
+    corpus_file = dataset_path / "wikipedia" / "train.bin"
+    before = corpus_file.read_bytes()
+    result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
+                        "--checkpoint_path", corpus_file, *TINY_MODEL, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+    assert_one_line_error(result, f"{corpus_file} is also --dataset_path, an input of this run")
+    assert corpus_file.read_bytes() == before
+
+
+def test_a_save_that_fails_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, dataset_path):
+    first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    # Any file larger than 100 kB fails to write, as on a full disk; the checkpoint is 3 MB.
+    full_disk = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2", "--resume",
+                         preexec_fn=functools.partial(limit_file_size, 100_000))
+    assert_one_line_error(full_disk, f"could not write {tmp_path / 'checkpoint.pt'}: File too large")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resuming_on_another_corpus_or_with_another_optimizer_is_refused(tmp_path, dataset_path):
+    first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1", "--optimizer", "adamw")
+    assert first.returncode == 0, first.stderr
+    resume = ["--resume", *ONE_STEP_EPOCHS, "--num_epochs", "2", "--optimizer", "adamw"]
+    other_corpus = run_script("pre-train.py", "--dataset", "kjv", "--dataset_path", tmp_path / "dataset",
+                              "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL, *resume)
+    assert_one_line_error(other_corpus, "--resume", "trained on --dataset wikipedia", "ask for --dataset kjv")
+    assert not (tmp_path / "dataset").exists()  # refused before preparing the other corpus
+    other_optimizer = pretrain(tmp_path, dataset_path, *resume, "--optimizer", "adafactor")
+    assert_one_line_error(other_optimizer, "--resume", "--optimizer adamw", "adafactor")
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_and_writes_nothing(tmp_path, dataset_path):
+    first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2")
+    assert first.returncode == 0, first.stderr
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    again = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "Nothing left to train" in again.stdout and "a larger --num_epochs" in again.stdout
+    assert "Done" not in again.stdout
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
+
+
+def test_resuming_from_a_checkpoint_without_optimizer_state_says_the_optimizer_starts_afresh(tmp_path,
+                                                                                            dataset_path):
+    model = lightgpt(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1, feed_forward_ratio=2,
+                     eos_index=50256, dropout=0.1)
+    save_pretrained_checkpoint(model, tmp_path / "checkpoint.pt", block_size=16)
+    result = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "holds no optimizer state" in result.stdout and "starts afresh" in result.stdout
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1

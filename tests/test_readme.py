@@ -1,5 +1,8 @@
+import re
+
 from conftest import REPOSITORY
-from readme_flags import with_current_tables
+from readme_flags import script_parser, with_current_tables
+from training import tensorboard_writer
 
 README = REPOSITORY / "README.md"
 
@@ -11,3 +14,12 @@ def test_the_argument_tables_are_what_the_parsers_define():
 
 def test_the_readme_stays_a_user_s_document_under_20_kb():
     assert len(README.read_bytes()) < 20_000
+
+
+def test_the_readme_s_tensorboard_folder_is_where_training_writes_by_default(tmp_path, monkeypatch):
+    command = re.search(r"^tensorboard --logdir (\S+)$", README.read_text(), re.M)
+    assert command, "the README shows no tensorboard command"
+    monkeypatch.chdir(tmp_path)
+    for script in ("pre-train.py", "instruction-tune.py"):
+        tensorboard_writer(script_parser(script).parse_args([]), start_step=0).close()
+    assert sorted(run.name for run in (tmp_path / command.group(1)).iterdir()) == ["checkpoint", "lora_instruction"]

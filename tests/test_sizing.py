@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sizing
 from conftest import lightgpt
+from generation import beam_search
 from model import LightGPT
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -106,9 +107,14 @@ def peak_training_step_bytes(model: LightGPT, optimizer: torch.optim.Optimizer, 
         optimizer.zero_grad(set_to_none=True)
 
     step()  # creates the optimizer state, which then exists before the measured step
+    return peak_bytes(step, path)
+
+
+def peak_bytes(work, path: Path) -> int:
+    """The most CPU memory work() holds, parameters included, from the profiler's memory timeline."""
     # The memory timeline needs the shapes and the stacks to tell tensors apart.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
-        step()
+        work()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a CUDA-only API
         p.export_memory_timeline(str(path), device="cpu")
@@ -129,6 +135,24 @@ def test_memory_per_device_is_within_20_percent_of_a_training_steps_peak(
     measured = peak_training_step_bytes(model, torch_optimizer, *batch(architecture, 4), tmp_path / "timeline.json")
     estimate = sizing.memory_per_device(architecture, 4, False, optimizer, activation_checkpointing)
     assert estimate["total"] == pytest.approx(measured, rel=0.2)
+
+
+@pytest.mark.parametrize("vocabulary_size, embedding_dimensions, num_layers, block_size, beam_width, max_tokens", [
+    (2048, 16, 2, 32, 8, 4),  # the scores of every next token dominate
+    (128, 64, 4, 32, 16, 4),  # the key/value cache dominates
+    (128, 64, 4, 8, 16, 5),  # the cache is rebuilt once the context outgrows the block
+], ids=["scores", "cache", "rebuilt cache"])
+def test_beam_search_memory_is_within_10_percent_of_the_searchs_peak(
+    vocabulary_size, embedding_dimensions, num_layers, block_size, beam_width, max_tokens, tmp_path
+):
+    model = lightgpt(vocabulary_size=vocabulary_size, embedding_dimensions=embedding_dimensions, num_heads=4,
+                     num_layers=num_layers, eos_index=0).eval()
+    prompt = torch.randint(1, vocabulary_size, (5,), generator=torch.Generator().manual_seed(0))
+    measured = peak_bytes(lambda: beam_search(model, prompt, max_tokens, beam_width, 1, 1.0, block_size),
+                          tmp_path / "timeline.json") - sum(parameter.nbytes for parameter in model.parameters())
+    estimate = sizing.beam_search_bytes(vocabulary_size, embedding_dimensions, num_layers, block_size, beam_width,
+                                        max_tokens, prompt_length=5)
+    assert estimate == pytest.approx(measured, rel=0.1)
 
 
 def test_checkpointing_saves_a_fraction_of_the_activations():
@@ -175,6 +199,20 @@ def test_sharding_divides_gradients_and_optimizer_state_and_level_3_the_paramete
     assert level_3["total"] < level_2["total"] < replicated["total"]
     assert memory(3, 64)["total"] < level_3["total"]
     assert replicated["activations"] == level_3["activations"]
+
+
+def test_with_accumulation_level_2_keeps_the_whole_gradients_and_level_3_only_shards():
+    # What tests/test_distributed.py measures FSDP2 keeping between two micro-batches at each level.
+    architecture = sizing.Architecture(50257, 1024, 1024, 16, 24)
+
+    def gradients(level: int, micro_batches: int) -> float:
+        return sizing.memory_per_device(architecture, 1, True, "adamw", False, level, 8, micro_batches)["gradients"]
+
+    whole = 4 * architecture.parameters["total"]
+    assert gradients(2, 1) == gradients(3, 1) == gradients(3, 16) < whole / 2
+    assert gradients(2, 16) > whole
+    with pytest.raises(ValueError, match="micro_batches must be at least 1"):
+        sizing.memory_per_device(architecture, micro_batches=0)
 
 
 def test_fits_compares_the_total_with_the_device_memory():

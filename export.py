@@ -1,0 +1,189 @@
+"""Export a LightGPT checkpoint for sharing: safetensors weights, config.json and a model card, and ONNX on request."""
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from argparse import BooleanOptionalAction
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from torch import Tensor
+from torch.nn import Module
+
+from checkpoint import (
+    DEFAULT_CHECKPOINT_PATH,
+    EXPORTED_CONFIG,
+    EXPORTED_WEIGHTS,
+    exported_config,
+    load_adapted_model,
+    load_checkpoint,
+    load_lora_checkpoint,
+    model_from_checkpoint,
+    trained_on_these_weights,
+    write_folder_atomically,
+)
+from data import TOKENIZER_NAME
+from flags import ArgumentParser
+from model import LightGPT
+
+ONNX_FILE = "model.onnx"
+ONNX_PACKAGES = ("onnx", "onnxscript")
+# The licenses of the corpora LightGPT trains on (a model card states its training data's license).
+DATA_LICENSES = {
+    "openwebtext": "CC0",
+    "wikipedia": "CC BY-SA 4.0, Wikipedia's contributors",
+    "kjv": "public domain",
+    "alpaca": "CC BY-NC 4.0",
+}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser("Export a checkpoint to a folder that LightGPT.from_pretrained, the HuggingFace Hub, "
+                            "generate.py and beam_search.py read: model.safetensors, config.json and a model card "
+                            "(README.md), and with --onnx model.onnx.")
+    parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT_PATH,
+                        help="The checkpoint written by pre-train.py (with --lora_path: the adapter's base).")
+    parser.add_argument("--lora_path", default=None,
+                        help="A LoRA adapter (instruction-tune.py) to merge into the model first.")
+    parser.add_argument("--output_dir", required=True,
+                        help="The folder to write: a new or an empty one.")
+    parser.add_argument("--onnx", action=BooleanOptionalAction, default=False,
+                        help="Also write model.onnx (needs the onnx and onnxscript packages).")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError for the first flag that cannot work, before anything is loaded or written."""
+    output = Path(args.output_dir)
+    if output.is_file() or output.is_dir() and any(output.iterdir()):
+        raise ValueError(f"--output_dir {output}: already exists and is not an empty folder; choose a new one")
+    if args.onnx:
+        for package in ONNX_PACKAGES:
+            try:
+                importlib.import_module(package)
+            except ImportError:
+                raise ValueError(f"--onnx: the {package} package is not installed; run: "
+                                 f"pip install -r requirements-dev.txt, or export without --onnx") from None
+
+
+def load_source(args: argparse.Namespace) -> tuple[LightGPT, int, dict | None, dict[str, dict]]:
+    """The model to export (with --lora_path, the adapter merged into its base), its training context length, its
+    prompt template (None unless instruction-tuned), and the facts of each stage of its training."""
+    base = load_checkpoint(args.checkpoint_path)
+    if not isinstance(base.get("block_size"), int):
+        raise ValueError(f"{args.checkpoint_path}: not a LightGPT checkpoint (no block_size entry)")
+    stages = {"Pre-training": training_facts(base, args.checkpoint_path, tokens_per_sample=base["block_size"])}
+    if not args.lora_path:
+        return model_from_checkpoint(base, args.checkpoint_path).eval(), base["block_size"], None, stages
+    adapter = load_lora_checkpoint(args.lora_path)
+    try:
+        model = load_adapted_model(adapter, base)
+    except ValueError as error:
+        raise ValueError(f"--lora_path {args.lora_path} cannot be applied to {args.checkpoint_path}: {error}") from None
+    if not trained_on_these_weights(adapter, base):
+        # generate.py only warns; an export would publish the adapter on weights it was never trained with.
+        raise ValueError(f"--lora_path {args.lora_path} was trained on a base with other weights than "
+                         f"--checkpoint_path {args.checkpoint_path}; export it with its own base")
+    lora = adapter["lora_args"]
+    stages["Instruction tuning"] = training_facts(adapter, args.lora_path) | {
+        "method": f"LoRA rank {lora['rank']}, alpha {lora['alpha']}, merged into the weights"}
+    return model, base["block_size"], adapter["prompt_template"], stages
+
+
+def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | None = None) -> dict:
+    """The card's rows about one stage of training: its data and the data's license, how much of it the model saw
+    (in tokens when tokens_per_sample is given, else in samples) and the last validation loss in the metrics file
+    beside the checkpoint. What older checkpoints do not record is left out."""
+    args, steps = checkpoint.get("args", {}), checkpoint.get("step")
+    facts = {}
+    if args.get("dataset"):
+        license = DATA_LICENSES.get(args["dataset"], "see the data's own license")
+        facts["data"] = f"{args['dataset']} ({license})"
+    if steps is not None and {"batch_size", "gradient_accumulation_steps"} <= args.keys():
+        samples = steps * args["batch_size"] * args["gradient_accumulation_steps"]
+        seen = f"{samples * tokens_per_sample:,} tokens" if tokens_per_sample else f"{samples:,} samples"
+        facts["steps"] = f"{steps:,} ({seen})"
+    metrics_path = Path(path).with_suffix(".metrics.jsonl")
+    if metrics_path.is_file():
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        losses = [record["validation_loss"] for record in records
+                  if "validation_loss" in record and record.get("step", 0) <= (steps or 0)]
+        if losses:
+            facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {math.exp(losses[-1]):,.1f})"
+    return facts
+
+
+def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> ModelCard:
+    """A short model card: the architecture, the parameters, the tokenizer, and for each stage of training its data
+    and the data's license, how much of it the model saw and its validation loss."""
+    config = model.config
+    rows = {
+        "Architecture": f"{config.num_layers} layers, {config.embedding_dimensions} wide, {config.num_heads} heads, "
+                        f"feed-forward {config.feed_forward_ratio}x; no biases, no positional embeddings, one matrix "
+                        f"for the token embeddings and the output layer",
+        "Parameters": f"{model.num_trainable_params:,}",
+        "Context": f"{block_size} tokens",
+        "Tokenizer": f"tiktoken's {TOKENIZER_NAME} (GPT-2's BPE), {config.vocabulary_size:,} tokens",
+    }
+    for stage, facts in stages.items():
+        rows |= {f"{stage} {name}": value for name, value in facts.items()}
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows.items())
+    metadata = ModelCardData(library_name="lightgpt", pipeline_tag="text-generation", tags=["lightgpt"])
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n# LightGPT\n\nA small decoder-only Transformer trained "
+                     f"with LightGPT.\n\n| | |\n| --- | --- |\n{table}\n\n## Use\n\nWith LightGPT's code: "
+                     f"`LightGPT.from_pretrained(\"<this folder or Hub id>\")` (in `model.py`), or "
+                     f"`python generate.py --checkpoint_path <this folder>`. `{EXPORTED_WEIGHTS}` holds the weights, "
+                     f"`{EXPORTED_CONFIG}` the configuration; `{ONNX_FILE}`, where present, takes token ids (batch, "
+                     f"sequence) and gives every position's logits.\n")
+
+
+class Logits(Module):
+    """The model as ONNX sees it: token ids in, every position's logits out."""
+
+    def __init__(self, model: LightGPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return self.model(token_ids)[0]
+
+
+def export_onnx(model: LightGPT, path: Path) -> None:
+    """The model in ONNX through torch.export (dynamo), with any batch size and sequence length."""
+    example = torch.zeros(2, 8, dtype=torch.long)
+    dynamic = {"token_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
+    torch.onnx.export(Logits(model).eval(), (example,), path, dynamo=True, input_names=["token_ids"],
+                      output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        validate_args(args)
+        model, block_size, template, stages = load_source(args)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"export.py: error: {error}")
+
+    def write(folder: Path) -> None:
+        model_card(model, block_size, stages).save(folder / "README.md")
+        model.save_pretrained(folder, config=exported_config(model, block_size, template))
+        if args.onnx:
+            print(f"Exporting {ONNX_FILE} (a minute or more for large models)")
+            export_onnx(model, folder / ONNX_FILE)
+
+    try:
+        write_folder_atomically(args.output_dir, write)
+    except OSError as error:
+        sys.exit(f"export.py: error: --output_dir {args.output_dir}: {error.strerror or error}")
+    print(f"Exported {model.num_trainable_params:,} parameters to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

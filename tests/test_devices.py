@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from devices import gpu_peak_tflops, peak_tflops
+
+
+@pytest.mark.parametrize("name, bfloat16, float32", [
+    ("NVIDIA L40", 181.0, 90.5),
+    ("NVIDIA L4", 121.0, 60.5),
+    ("NVIDIA L40S", 362.0, 181.0),
+    ("NVIDIA H100 80GB HBM3", 989.0, 494.5),
+    ("NVIDIA H100 PCIe", 756.0, 378.0),
+    ("NVIDIA H100 NVL", 835.0, 417.5),
+    ("NVIDIA H200", 989.0, 494.5),
+    ("NVIDIA A100-SXM4-40GB", 312.0, 156.0),
+])
+def test_a_gpu_peak_is_looked_up_by_its_exact_name_and_float32_is_tf32(name, bfloat16, float32):
+    assert gpu_peak_tflops(name, torch.bfloat16) == gpu_peak_tflops(name, torch.float16) == bfloat16
+    assert gpu_peak_tflops(name, torch.float32) == float32
+
+
+def test_gpus_without_bf16_have_an_fp16_peak_only():
+    assert gpu_peak_tflops("Tesla T4", torch.float16) == 65.0
+    assert gpu_peak_tflops("Tesla T4", torch.float32) == 8.1
+    assert gpu_peak_tflops("Tesla V100-SXM2-16GB", torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("name", ["NVIDIA L40G", "NVIDIA H100", "NVIDIA GeForce RTX 4090", "L4", "NVIDIA A10G", ""])
+def test_a_gpu_whose_name_only_contains_a_known_one_has_no_peak(name):
+    assert gpu_peak_tflops(name, torch.bfloat16) is None
+
+
+def test_no_peak_is_known_for_a_cpu_from_the_table():
+    assert peak_tflops(torch.device("cpu"), torch.float32) is None
