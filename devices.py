@@ -71,7 +71,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
 
 def gradient_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
     """A GradScaler that works only under fp16, whose small range would flush small gradients to zero; under
-    other dtypes its calls pass the loss and the step through unchanged."""
+    other dtypes its calls pass the loss and the step through unchanged. Under FSDP2 its check for overflow runs
+    on DTensor gradients, so every rank finds what any rank's shard holds and all skip the same steps."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 

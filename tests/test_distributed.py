@@ -29,6 +29,7 @@ from conftest import (  # noqa: E402
     terminate_after_first_epoch,
 )
 from data import load_tokenizer  # noqa: E402
+from devices import gradient_scaler  # noqa: E402
 from distributed import REDUCE_EVERY_MICRO_BATCH, distributed, every_rank_s, parallelize, rank  # noqa: E402
 from sizing import parameter_counts  # noqa: E402
 from training import Adafactor, optimizer_step  # noqa: E402
@@ -323,7 +324,8 @@ def measure_accumulated_gradients() -> None:
             micro_batch = (tokens[:, :-1], tokens[:, 1:], 0.5)
             kept[level] = kept_between_micro_batches(lambda: optimizer_step(
                 training_model, torch.optim.SGD(training_model.parameters()), [micro_batch] * 2, 1e-3, 1.0,
-                nullcontext(), reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[level],
+                nullcontext(), gradient_scaler(device, torch.float32),
+                reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[level],
             ), training_model)
         if rank() == 0:
             print(json.dumps(kept))
@@ -335,6 +337,36 @@ def test_level_2_keeps_whole_gradients_between_micro_batches_and_level_3_only_it
     # What sizing.memory_per_device counts as gradients held while a step accumulates, at 2 processes.
     assert kept[2] == pytest.approx(4 * counts["total"], rel=0.02)
     assert kept[3] == pytest.approx(4 * counts["total"] / 2, rel=0.02)
+
+
+def overflow_on_one_rank() -> None:
+    """Under torchrun, in fp16 under FSDP2: one backward pass, then an infinite gradient in rank 1's shard alone,
+    as an overflow in one part of the model makes it; prints every rank's loss scale and whether its weights
+    changed."""
+    with distributed("cpu") as device:
+        model = lightgpt(**SMALL_VOCABULARY_MODEL)
+        training_model = parallelize(model, device, False, False, 2, torch.float16)
+        optimizer = torch.optim.SGD(training_model.parameters(), lr=0.1)
+        scaler = gradient_scaler(device, torch.float16)
+        tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+        scaler.scale(training_model(tokens[:, :-1], tokens[:, 1:])[1]).backward()
+        if rank() == 1:
+            next(iter(training_model.body.parameters())).grad.to_local().view(-1)[0] = float("inf")
+        before = [parameter.to_local().clone() for parameter in training_model.parameters()]
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        unchanged = all(torch.equal(old, new.to_local()) for old, new in zip(before, training_model.parameters()))
+        states = every_rank_s({"scale": scaler.get_scale(), "unchanged": unchanged})
+        if rank() == 0:
+            print(json.dumps(states))
+
+
+def test_in_fp16_every_rank_skips_the_step_that_overflowed_on_one_and_lowers_its_scale():
+    result = torchrun(Path(__file__).resolve(), "overflow")
+    assert result.returncode == 0, result.stderr
+    states = json.loads(result.stdout.strip().splitlines()[-1])
+    assert states == [{"scale": 32768.0, "unchanged": True}] * 2
 
 
 # Blocks, not the embedding, make up most of this model, as of any large one: a rank that held the whole model
@@ -349,7 +381,7 @@ def initial_weights(level: int) -> tuple[dict, int]:
     args = pretrain.parse_args(["--device", "cpu", "--ddp_sharding_level", str(level)])
     torch.manual_seed(0)
     with PeakTensorMemory() as memory:
-        model, _ = pretrain.build_model(args, SMALL_VOCABULARY_MODEL, torch.device("cpu"))
+        model, _ = pretrain.build_model(args, SMALL_VOCABULARY_MODEL, torch.device("cpu"), torch.float32)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), memory.peak
 
@@ -436,6 +468,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["slowed"]:
     pretrain_slowed(sys.argv[2], float(sys.argv[3]), sys.argv[4:])
 if __name__ == "__main__" and sys.argv[1:] == ["accumulation"]:
     measure_accumulated_gradients()
+if __name__ == "__main__" and sys.argv[1:] == ["overflow"]:
+    overflow_on_one_rank()
 if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
     measure_training_memory()
 if __name__ == "__main__" and sys.argv[1:2] == ["initial-weights"]:
