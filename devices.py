@@ -55,10 +55,17 @@ def choose_dtype(precision: str, device_type: str, native_bf16: bool) -> torch.d
     return torch.float16 if device_type == "cuda" else torch.float32
 
 
+def allow_tf32() -> None:
+    """Let CUDA's float32 matrix products use TF32, through the API that inductor reads back: setting
+    torch.backends.cuda.matmul.fp32_precision alone makes torch.get_float32_matmul_precision(), which inductor's
+    autotuning calls, raise."""
+    torch.set_float32_matmul_precision("high")
+
+
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     """choose_dtype for this device as it is; on CUDA it also lets float32 matrix products use TF32."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        allow_tf32()
     return choose_dtype(precision, device.type, has_native_bf16(device))
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from devices import gpu_peak_tflops, peak_tflops
+from devices import allow_tf32, gpu_peak_tflops, peak_tflops
 
 
 @pytest.mark.parametrize("name, bfloat16, float32", [
@@ -32,3 +32,12 @@ def test_a_gpu_whose_name_only_contains_a_known_one_has_no_peak(name):
 
 def test_no_peak_is_known_for_a_cpu_from_the_table():
     assert peak_tflops(torch.device("cpu"), torch.float32) is None
+
+
+def test_tf32_is_allowed_so_that_inductor_can_still_read_the_precision_back():
+    try:
+        allow_tf32()
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "high"  # inductor's autotuning reads it so
+    finally:
+        torch.set_float32_matmul_precision("highest")
