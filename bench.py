@@ -29,7 +29,15 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from data import load_tokenizer, prepare_corpus, wikipedia_documents
-from devices import PRECISIONS, autocast, compiles_by_default, compute_dtype, gradient_scaler, peak_tflops
+from devices import (
+    PRECISION_NAMES,
+    PRECISIONS,
+    autocast,
+    compiles_by_default,
+    compute_dtype,
+    gradient_scaler,
+    peak_tflops,
+)
 from flags import (
     ArgumentParser,
     add_compile_argument,
@@ -59,7 +67,6 @@ from model import LightGPT
 from sizing import training_flops_per_token
 
 R50K_VOCABULARY_SIZE = 50257
-PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
 PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation")
 RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
 

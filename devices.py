@@ -1,11 +1,13 @@
 """Which device to run on, the precision to compute in there, whether to compile, and how fast it can compute."""
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 
 import psutil
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
 
 
 def best_device() -> str:
@@ -38,9 +40,17 @@ def has_native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        capabilities = torch.cpu.get_capabilities()
-        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+        return cpu_computes_natively(torch.bfloat16)
     return False
+
+
+# The x86 instructions that compute in a 16-bit dtype; without them a CPU converts to float32 and back.
+CPU_INSTRUCTIONS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_computes_natively(dtype: torch.dtype) -> bool:
+    capabilities = torch.cpu.get_capabilities()
+    return any(capabilities.get(name) for name in CPU_INSTRUCTIONS[dtype])
 
 
 def choose_dtype(precision: str, device_type: str, native_bf16: bool) -> torch.dtype:
@@ -63,10 +73,17 @@ def allow_tf32() -> None:
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """choose_dtype for this device as it is; on CUDA it also lets float32 matrix products use TF32."""
+    """choose_dtype for this device as it is; on CUDA it also lets float32 matrix products use TF32. A 16-bit
+    dtype asked of a CPU that only emulates it is used, with a warning: it trains many times slower than fp32."""
     if device.type == "cuda":
         allow_tf32()
-    return choose_dtype(precision, device.type, has_native_bf16(device))
+    native_bf16 = has_native_bf16(device)
+    dtype = choose_dtype(precision, device.type, native_bf16)
+    if device.type == "cpu" and dtype != torch.float32 and not cpu_computes_natively(dtype):
+        auto = PRECISION_NAMES[choose_dtype("auto", device.type, native_bf16)]
+        warnings.warn(f"--precision {precision}: this CPU has no {PRECISION_NAMES[dtype]} instructions and emulates "
+                      f"it, many times slower than fp32 (auto chooses {auto} here)")
+    return dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import REPOSITORY, tiny_model
 
-from devices import autocast, choose_dtype, compute_dtype, gradient_scaler
+from devices import PRECISION_NAMES, autocast, choose_dtype, compute_dtype, cpu_computes_natively, gradient_scaler
 from training import evaluate, optimizer_step
 
 CPU = torch.device("cpu")
@@ -37,6 +37,18 @@ def test_auto_is_native_bf16_else_fp16_on_cuda_else_fp32(device_type, native_bf1
 def test_an_explicit_precision_is_used_on_every_device(device_type, precision, dtype):
     for native_bf16 in (False, True):
         assert choose_dtype(precision, device_type, native_bf16) == dtype
+
+
+def test_a_16_bit_dtype_that_this_cpu_emulates_is_used_with_a_warning(recwarn):
+    emulated = [dtype for dtype in (torch.bfloat16, torch.float16) if not cpu_computes_natively(dtype)]
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        assert compute_dtype(precision, CPU) == dtype
+    assert [str(warning.message).split(":")[0] for warning in recwarn] == [
+        f"--precision {PRECISION_NAMES[dtype]}" for dtype in emulated]
+    recwarn.clear()
+    compute_dtype("auto", CPU)
+    compute_dtype("fp32", CPU)
+    assert not recwarn  # auto chooses a dtype this CPU computes in natively
 
 
 def test_only_fp16_scales_the_loss():
