@@ -7,9 +7,8 @@ import torch
 
 from checkpoint import load_model
 from data import encode_prompt, load_tokenizer, read_prompts
-from devices import compute_dtype
+from devices import available_memory, compute_dtype
 from flags import ArgumentParser, add_inference_arguments, finite_float, positive_int
-from devices import available_memory
 from generation import beam_search
 from model import LightGPT
 from sizing import beam_search_bytes, gigabytes
