@@ -166,6 +166,9 @@ def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
             holder = file.read().strip() or "unknown"
             raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
                              f"this checkpoint; wait for it to end, or choose another --checkpoint_path") from None
+        except OSError as error:  # a file system without flock (ENOLCK, EOPNOTSUPP)
+            raise ValueError(f"--checkpoint_path {checkpoint_path}: its file system cannot lock {path} "
+                             f"({error.strerror or error}); choose a --checkpoint_path on a local disk") from None
         file.truncate(0)
         file.write(f"{os.getpid()}\n")
         file.flush()

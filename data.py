@@ -628,6 +628,9 @@ def preparation_lock(folder: Path) -> Iterator[None]:
             lock.seek(0)
             print(f"Waiting for process {lock.read().strip() or '?'}, which is preparing {folder}", file=sys.stderr)
             fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:  # a file system without flock (ENOLCK, EOPNOTSUPP)
+            raise ValueError(f"--dataset_path: the file system of {folder} cannot lock {lock.name} "
+                             f"({error.strerror or error}); choose a --dataset_path on a local disk") from None
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()

@@ -193,6 +193,31 @@ def test_no_tensorboard_writes_the_metrics_file_alone(tmp_path, dataset_path):
     assert not (tmp_path / "runs").exists()
 
 
+# pre-train.py on a file system without flock (some network file systems): flock on the lock files whose names
+# end with sys.argv[1] fails as it fails there.
+WITHOUT_FLOCK = """
+import errno, fcntl, runpy, sys
+real_flock, suffix = fcntl.flock, sys.argv.pop(1)
+def flock(file, operation):
+    if file.name.endswith(suffix):
+        raise OSError(errno.ENOLCK, "No locks available")
+    return real_flock(file, operation)
+fcntl.flock = flock
+runpy.run_path("pre-train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("lock, flag", [("checkpoint.pt.lock", "--checkpoint_path"),
+                                        ("prepare.lock", "--dataset_path")])
+def test_a_file_system_that_cannot_lock_is_one_line_naming_the_path(tmp_path, dataset_path, lock, flag):
+    command = [sys.executable, "-c", WITHOUT_FLOCK, lock, "--dataset", "wikipedia", "--dataset_path", dataset_path,
+               "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL, "--num_epochs", "1",
+               "--samples_per_epoch", "2", "--gradient_accumulation_steps", "1"]
+    result = subprocess.run(list(map(str, command)), cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, flag, lock, "No locks available", "on a local disk")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, dataset_path):
     result = pretrain(tmp_path, dataset_path, "--optimizer", "adamw", "--learning_rate", "1e30",
                       "--warmup_steps", "0", "--batch_size", "2", "--gradient_accumulation_steps", "1",
