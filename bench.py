@@ -33,7 +33,7 @@ from devices import (
     PRECISION_NAMES,
     PRECISIONS,
     autocast,
-    compiles_by_default,
+    compiles,
     compute_dtype,
     gradient_scaler,
     peak_tflops,
@@ -682,7 +682,7 @@ def main() -> None:
         torch.set_num_threads(args.num_threads)
     device = torch.device(args.device)
     args.dtype = compute_dtype(args.precision, device)
-    args.compile = args.compile if args.compile is not None else compiles_by_default(device.type)
+    args.compile = compiles(args.compile, device)
     args.variants = [(compute_dtype(precision, device), compile) for precision, compile in args.variants or
                      [(args.precision, args.compile)]]
     measure = {

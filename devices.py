@@ -100,9 +100,9 @@ def gradient_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradS
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def compiles_by_default(device_type: str) -> bool:
-    """Whether --compile is on unless the flags say otherwise: where it measured faster (docs/performance.md)."""
-    return device_type == "cuda"
+def compiles(flag: bool | None, device: torch.device) -> bool:
+    """--compile as given, else on where it measured faster: CUDA (docs/performance.md)."""
+    return flag if flag is not None else device.type == "cuda"
 
 
 # Dense (no sparsity) peak tensor TFLOPS from NVIDIA's datasheets by the exact name torch.cuda.get_device_name()

@@ -196,7 +196,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     parser.add_argument("--checkpoint_path", default=checkpoint_path,
                         help=f"The {what} checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
     parser.add_argument("--log_dir", default=None,
-                        help="TensorBoard's folder, one run per checkpoint name (default: runs/ beside the checkpoint).")
+                        help="TensorBoard's folder, one run per checkpoint name (default: runs/ beside the "
+                        "checkpoint).")
     parser.add_argument("--tensorboard", action=BooleanOptionalAction, default=True,
                         help="Write TensorBoard curves.")
     parser.add_argument("--resume", action=BooleanOptionalAction, default=False,

@@ -33,7 +33,7 @@ from data import (
     same_files,
     split_instructions,
 )
-from devices import compiles_by_default, compute_dtype, gradient_scaler
+from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
 from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
@@ -162,8 +162,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     device = torch.device(args.device)
     model.to(device)
     dtype = compute_dtype(args.precision, device)
-    compile = args.compile if args.compile is not None else compiles_by_default(device.type)
-    training_model = parallelize(model, device, args.activation_checkpointing, compile)
+    training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
     scaler = gradient_scaler(device, dtype)
     adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(adapters, lr=args.learning_rate, fused=device.type == "cuda")

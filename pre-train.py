@@ -38,7 +38,7 @@ from data import (
     resolve_text_files,
     same_files,
 )
-from devices import available_memory, compiles_by_default, compute_dtype, gradient_scaler
+from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import (
     REDUCE_EVERY_MICRO_BATCH,
     check_launch,
@@ -255,8 +255,8 @@ def build_model(args: argparse.Namespace, model_args: dict, device: torch.device
     at any number of processes."""
     with torch.device("meta"):
         model = LightGPT(LightGPTConfig(**model_args))
-    compile = args.compile if args.compile is not None else compiles_by_default(device.type)
-    return model, parallelize(model, device, args.activation_checkpointing, compile, args.ddp_sharding_level, dtype)
+    return model, parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device),
+                              args.ddp_sharding_level, dtype)
 
 
 def main() -> None:
@@ -270,13 +270,14 @@ def main() -> None:
     exit_rank()
 
 
-PROGRESS = ("step", "sampler", "rng", "grad_scaler")  # what a resumed run takes from a checkpoint besides the weights and optimizer
+# What a resumed run takes from a checkpoint besides the weights and the optimizer.
+PROGRESS = ("step", "sampler", "rng", "grad_scaler")
 
 
 def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load the checkpoint at --checkpoint_path, of either format and written at any number of processes, into
-    the model and the optimizer; return its progress (step, sampler, rng, grad_scaler). Its tensors are let go on return: a
-    file is memory-mapped and read by rank 0 alone, a folder read by every rank, each its own shards."""
+    the model and the optimizer; return its progress (step, sampler, rng, grad_scaler). Its tensors are let go
+    on return: a file is memory-mapped and read by rank 0 alone, a folder read by every rank, each its own shards."""
     path = args.checkpoint_path
     if is_sharded_checkpoint(path):
         index = load_index(path)

@@ -206,9 +206,9 @@ def memory_per_device(
     final norm) and one block's at a time. Under FSDP the full gradients of one unit (the root or a block)
     exist until they are reduce-scattered. micro_batches is the forward passes each device runs per optimizer
     step: with more than one, level 2 keeps the whole gradients until the last (it saves the collectives, as
-    distributed.REDUCE_EVERY_MICRO_BATCH says), while level 3 reduces them after every one. Not counted: the CUDA context, allocator fragmentation,
-    communication buffers, DDP's gradient buckets, and what torch.compile saves by fusing. One device
-    (world_size 1, no torchrun) shards and gathers nothing, whatever the level.
+    distributed.REDUCE_EVERY_MICRO_BATCH says), while level 3 reduces them after every one. Not counted: the CUDA
+    context, allocator fragmentation, communication buffers, DDP's gradient buckets, and what torch.compile saves
+    by fusing. One device (world_size 1, no torchrun) shards and gathers nothing, whatever the level.
     """
     if ddp_sharding_level not in SHARDING_LEVELS:
         raise ValueError(f"ddp_sharding_level must be one of {SHARDING_LEVELS}, got {ddp_sharding_level}")

@@ -226,11 +226,12 @@ def optimizer_step(
     """One optimizer step over this rank's accumulated micro-batches, each (inputs, targets, loss weight).
 
     The weights make the ranks' averaged gradients the gradient of the step's mean loss; the gradients are
-    synchronised once, after the last micro-batch, or after every one (see REDUCE_EVERY_MICRO_BATCH). Returns the step's loss, the gradient norm, and whether any
-    rank asked to stop (one reduction carries the loss and the requests, so every rank stops at the same step).
-    A loss that is not finite raises FloatingPointError on every rank before the weights change. Under fp16 the
-    scaler multiplies the loss before the backward pass and divides the gradients before they are clipped; it
-    skips a step whose gradients overflowed, and lowers its scale.
+    synchronised once, after the last micro-batch, or after every one (see REDUCE_EVERY_MICRO_BATCH). Returns
+    the step's loss, the gradient norm, and whether any rank asked to stop (one reduction carries the loss and
+    the requests, so every rank stops at the same step). A loss that is not finite raises FloatingPointError on
+    every rank before the weights change. Under fp16 the scaler multiplies the loss before the backward pass and
+    divides the gradients before they are clipped; it skips a step whose gradients overflowed, and lowers its
+    scale.
     """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
@@ -420,9 +421,8 @@ def train(
     progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main_process)
     device = next(model.parameters()).device
     precision = autocast_unless_sharded(model, device, dtype)
-    log = EpochLog(progress, None)
-    if main_process:
-        log = main_log(args, progress, start_step, device, dtype, flops_per_unit)
+    log = (main_log(args, progress, start_step, device, dtype, flops_per_unit) if main_process
+           else EpochLog(progress, None))
 
     def stop(error: str) -> NoReturn:
         log.close()
