@@ -1,7 +1,6 @@
 """Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import io
@@ -25,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import Metadata
 
-from data import TOKENIZER_NAME, temporary_path
+from data import TOKENIZER_NAME, locked_at_once, record_holder, temporary_path
 from distributed import from_rank_zero, rank
 from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
 
@@ -159,19 +158,12 @@ def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
         raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
                          f"({error.strerror or error})") from None
     with file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not locked_at_once(file, "--checkpoint_path"):
             file.seek(0)
             holder = file.read().strip() or "unknown"
             raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
-                             f"this checkpoint; wait for it to end, or choose another --checkpoint_path") from None
-        except OSError as error:  # a file system without flock (ENOLCK, EOPNOTSUPP)
-            raise ValueError(f"--checkpoint_path {checkpoint_path}: its file system cannot lock {path} "
-                             f"({error.strerror or error}); choose a --checkpoint_path on a local disk") from None
-        file.truncate(0)
-        file.write(f"{os.getpid()}\n")
-        file.flush()
+                             f"this checkpoint; wait for it to end, or choose another --checkpoint_path")
+        record_holder(file)
         try:
             yield
         finally:

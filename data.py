@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import tiktoken
@@ -622,19 +622,32 @@ def preparation_lock(folder: Path) -> Iterator[None]:
     """One preparation of a folder at a time, across processes (and machines sharing the file system). The OS
     releases the lock when its holder dies, so a killed preparation never blocks the next one."""
     with open(folder / "prepare.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not locked_at_once(lock, "--dataset_path"):
             lock.seek(0)
             print(f"Waiting for process {lock.read().strip() or '?'}, which is preparing {folder}", file=sys.stderr)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as error:  # a file system without flock (ENOLCK, EOPNOTSUPP)
-            raise ValueError(f"--dataset_path: the file system of {folder} cannot lock {lock.name} "
-                             f"({error.strerror or error}); choose a --dataset_path on a local disk") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
+        record_holder(lock)
         yield
+
+
+def locked_at_once(lock: IO, flag: str) -> bool:
+    """Take an exclusive flock on an open lock file unless another process holds it; whether it was taken. A file
+    system without flock (ENOLCK, EOPNOTSUPP) is a one-line ValueError that names the flag to change."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        raise ValueError(f"{flag}: the file system cannot lock {lock.name} ({error.strerror or error}); choose a "
+                         f"{flag} on a local disk") from None
+    return True
+
+
+def record_holder(lock: IO) -> None:
+    """Write this process's id into the lock file it holds, for the message of a process that finds it taken."""
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
 
 
 @contextlib.contextmanager
@@ -761,10 +774,12 @@ def load_instructions(dataset: str, dataset_path: str | None = None) -> list[dic
                 for number, record in enumerate(records, start=1)]
     if dataset == "local":
         if not dataset_path:
-            raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
+            raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a "
+                             "glob)")
         files = resolve_files(dataset_path, INSTRUCTION_EXTENSIONS, "--dataset_path")
         return [record for file in files for record in read_instruction_file(file)]
-    raise ValueError(f"--dataset: unknown instruction dataset {dataset!r}; choose from {', '.join(INSTRUCTION_DATASETS)}")
+    raise ValueError(f"--dataset: unknown instruction dataset {dataset!r}; choose from "
+                     f"{', '.join(INSTRUCTION_DATASETS)}")
 
 
 def split_instructions(records: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
