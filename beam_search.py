@@ -6,7 +6,8 @@ import sys
 import torch
 
 from checkpoint import load_model
-from data import encode_prompt, load_tokenizer, read_prompts
+from chatml import encode_request
+from data import read_prompts
 from devices import available_memory, compute_dtype
 from flags import ArgumentParser, add_inference_arguments, finite_float, positive_int
 from generation import beam_search
@@ -63,16 +64,16 @@ def main() -> None:
         sys.exit(f"beam_search.py: error: {error}")
     if args.seed is not None:
         torch.manual_seed(args.seed)  # beam search draws nothing at random; the flag is kept for symmetry
-    tokenizer = load_tokenizer()
     try:
         for text in read_prompts(args.prompt):
-            prompt = torch.tensor(encode_prompt(text, template), device=args.device)
+            ids, stop_tokens, tokenizer = encode_request(text, template)
+            prompt = torch.tensor(ids, device=args.device)
             try:
                 check_memory(args, model, block_size, len(prompt))
             except ValueError as error:
                 sys.exit(f"beam_search.py: error: {error}")
             candidates = beam_search(model, prompt, args.max_tokens, args.beam_width, args.num_candidates,
-                                     args.length_penalty, block_size, show_progress=True)
+                                     args.length_penalty, block_size, show_progress=True, stop_tokens=stop_tokens)
             for rank, (tokens, score) in enumerate(candidates, 1):
                 print(f"{rank}. [{score:.3f}] {tokenizer.decode(tokens)}", flush=True)
     except KeyboardInterrupt:

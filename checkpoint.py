@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from data import TOKENIZER_NAME, locked_at_once, record_holder, temporary_path
 from distributed import from_rank_zero, rank
-from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
+from model import LightGPT, LightGPTConfig, add_lora, grow_vocabulary, load_lora_state_dict, merge_lora
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
 # kept one random-number state rather than a list of each rank's.
@@ -485,6 +485,8 @@ def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
     """The base model with its adapter applied and merged: a plain LightGPT in eval mode."""
     check_same_base(adapter, base)
     model = model_from_checkpoint(base, "the base checkpoint")
+    if "added_token_embeddings" in adapter:  # a chat adapter's tokens after the base's vocabulary
+        grow_vocabulary(model, adapter["vocabulary_size"], adapter["added_token_embeddings"])
     add_lora(model, **adapter["lora_args"])
     load_lora_state_dict(model, adapter["lora"])
     return merge_lora(model).eval()

@@ -220,14 +220,16 @@ def hub_part(dataset: str, subset: str) -> Part:
     return Part(open_stream, functools.partial(hub_failure, dataset, corpus.repository))
 
 
-def hub_failure(dataset: str, repository: str, error: Exception) -> ConnectionError:
-    """One line for every way of failing to reach or read a hub corpus (offline, a loading script, a gated
-    repository, a missing subset, a lost connection): what happened, and what to do."""
+def hub_failure(dataset: str, repository: str, error: Exception,
+                offline: tuple[str, ...] = OFFLINE_CORPORA) -> ConnectionError:
+    """One line for every way of failing to reach or read a hub dataset (offline, a loading script, a gated
+    repository, a missing subset, a lost connection): what happened, and what to do (offline: the --dataset
+    choices that need no internet)."""
     reason = " ".join(str(error).split())[:300] or "no message"
     if "scripts are no longer supported" in reason:
         advice = "datasets 4 and later no longer run loading scripts; use --dataset fineweb-edu"
     elif isinstance(error, ConnectionError) or "offline" in reason.lower():
-        advice = f"connect to the internet, or train offline with --dataset {', '.join(OFFLINE_CORPORA)}"
+        advice = f"connect to the internet, or train offline with --dataset {', '.join(offline)}"
     elif "BuilderConfig" in reason:
         advice = "choose another --dataset_subset"
     else:
@@ -810,27 +812,12 @@ def tokenize_instruction(
     return tokens[:-1], labels[1:], truncated
 
 
-class InstructionSamples:
-    """Tokenized instruction records, batched with right padding that never enters the loss."""
+class TokenSamples:
+    """Tokenized samples (x, y), batched with right padding that never enters the loss."""
 
-    def __init__(
-        self,
-        records: list[dict[str, str]],
-        template: dict[str, str],
-        block_size: int,
-        mask_input: bool,
-        padding_index: int,
-        show_progress: bool = True,
-    ):
-        from tqdm import tqdm
-
+    def __init__(self, padding_index: int):
         self.padding_index = padding_index
-        self.samples = []
-        self.num_truncated = 0
-        for record in tqdm(records, desc="Tokenizing instructions", unit="sample", disable=not show_progress):
-            x, y, truncated = tokenize_instruction(record, template, block_size, mask_input, padding_index)
-            self.samples.append((torch.tensor(x), torch.tensor(y)))
-            self.num_truncated += truncated
+        self.samples: list[tuple[Tensor, Tensor]] = []
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -846,6 +833,37 @@ class InstructionSamples:
             x[row, : len(sample_x)] = sample_x
             y[row, : len(sample_y)] = sample_y
         return x, y
+
+
+class InstructionSamples(TokenSamples):
+    """Tokenized Alpaca instruction records."""
+
+    def __init__(
+        self,
+        records: list[dict[str, str]],
+        template: dict[str, str],
+        block_size: int,
+        mask_input: bool,
+        padding_index: int,
+        show_progress: bool = True,
+    ):
+        from tqdm import tqdm
+
+        super().__init__(padding_index)
+        self.num_truncated = 0
+        for record in tqdm(records, desc="Tokenizing instructions", unit="sample", disable=not show_progress):
+            x, y, truncated = tokenize_instruction(record, template, block_size, mask_input, padding_index)
+            self.samples.append((torch.tensor(x), torch.tensor(y)))
+            self.num_truncated += truncated
+
+
+def stream_text(tokens: Iterator[int], tokenizer: tiktoken.Encoding | None = None) -> Iterator[str]:
+    """The text of the tokens as they come, holding back the bytes of a character split across tokens."""
+    tokenizer = tokenizer or load_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        yield decoder.decode(tokenizer.decode_single_token_bytes(token))
+    yield decoder.decode(b"", final=True)
 
 
 def read_prompts(prompt: str | None) -> Iterator[str]:

@@ -23,12 +23,12 @@ from checkpoint import (
     training_checkpoint,
     weights_fingerprint,
 )
+from chatml import ChatML
+from chats import CHAT_DATASETS, HUB_CHATS, ChatSamples, load_examples
 from data import (
-    INSTRUCTION_DATASETS,
     INSTRUCTION_EXTENSIONS,
     PROMPT_TEMPLATE,
     InstructionSamples,
-    load_instructions,
     resolve_files,
     same_files,
     split_instructions,
@@ -36,7 +36,7 @@ from data import (
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
-from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
+from model import LightGPT, add_lora, added_rows, grow_vocabulary, load_lora_state_dict, lora_state_dict, train_added_rows
 from training import (
     note_optimizer_starts_afresh,
     restore_rng_state,
@@ -52,12 +52,19 @@ def build_parser() -> ArgumentParser:
                             "instruction/response pairs while the base model stays frozen, and save only the adapters.")
     parser.add_argument("--base_model_path", default="./out/checkpoint.pt",
                         help="The pre-trained checkpoint written by pre-train.py.")
-    parser.add_argument("--dataset", default="alpaca", choices=INSTRUCTION_DATASETS,
-                        help="alpaca: tatsu-lab/alpaca from the HuggingFace hub (needs internet); local: your own "
-                        "Alpaca-format .json or .jsonl files at --dataset_path.")
+    parser.add_argument("--dataset", default="alpaca", choices=("alpaca", *CHAT_DATASETS, "local"),
+                        help="alpaca: tatsu-lab/alpaca (Alpaca's template); chitchat: 7,168 human conversations, "
+                        "offline; smol-smoltalk, smoltalk, ultrafeedback: chat datasets streamed from the "
+                        "HuggingFace hub; local: your files at --dataset_path. Conversations are learned in ChatML.")
     parser.add_argument("--dataset_path", default=None,
                         help="With --dataset local: a .json or .jsonl file, a folder or a glob of them, with "
-                        "records {instruction, input (optional), output}.")
+                        "records {instruction, input (optional), output} or {messages: [{role, content}, ...]}.")
+    parser.add_argument("--dataset_subset", default=None,
+                        help="With --dataset smoltalk: its subset (all, everyday-conversations, smol-magpie-ultra, "
+                        "smol-rewrite, smol-summarize, systemchats-30k, ...); all when not given.")
+    parser.add_argument("--max_tokens_per_sample", type=positive_int, default=None,
+                        help="Cut a conversation longer than this (or than the context) after its last assistant "
+                        "turn that fits, or drop it when none does; the context when not given.")
     parser.add_argument("--mask_input", action=BooleanOptionalAction, default=False,
                         help="Leave the prompt out of the loss, so only the response is learned.")
     parser.add_argument("--rank", type=positive_int, default=8,
@@ -80,8 +87,10 @@ def validate_args(args: argparse.Namespace) -> None:
     """Raise a one-line ValueError for the first combination of flags that cannot work."""
     if args.dataset == "local" and not args.dataset_path:
         raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
-    if args.dataset == "alpaca" and args.dataset_path:
-        raise ValueError("--dataset_path: only used with --dataset local; --dataset alpaca comes from the hub")
+    if args.dataset != "local" and args.dataset_path:
+        raise ValueError(f"--dataset_path: only used with --dataset local, not with --dataset {args.dataset}")
+    if args.dataset_subset and args.dataset != "smoltalk":
+        raise ValueError(f"--dataset_subset: only used with --dataset smoltalk, not with --dataset {args.dataset}")
     if not (Path(args.base_model_path).is_file() or is_sharded_checkpoint(args.base_model_path)):
         raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
     if args.resume and not Path(args.checkpoint_path).is_file():
@@ -126,7 +135,9 @@ def main() -> None:
             run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
             base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
             block_size = context_length(base, args.base_model_path)
-            train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
+            kind, train_records, test_records = load_examples(args.dataset, args.dataset_path, args.dataset_subset)
+            if test_records is None:
+                train_records, test_records = split_instructions(train_records)
             checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
             if checkpoint:
                 check_resumable(checkpoint, base, args, len(train_records))
@@ -137,17 +148,50 @@ def main() -> None:
                                           args.base_model_path)
         except (ValueError, FileNotFoundError, ConnectionError) as error:
             sys.exit(f"instruction-tune.py: error: {error}")
+        if kind == "chat":
+            template = ChatML()
+            grow_vocabulary(model, template.vocabulary_size)
+            train_samples, test_samples = chat_samples(args, template, block_size, model.padding_index,
+                                                       train_records, test_records)
+        else:
+            template = None
+            train_samples, test_samples = alpaca_samples(args, block_size, model.padding_index,
+                                                         train_records, test_records)
         add_lora(model, args.rank, args.alpha, args.dropout)
+        if template:
+            train_added_rows(model, base["model_args"]["vocabulary_size"])
+        instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint, template)
 
-        train_samples, test_samples = (
-            InstructionSamples(records, PROMPT_TEMPLATE, block_size, args.mask_input, model.padding_index)
-            for records in (train_records, test_records)
-        )
-        num_truncated = train_samples.num_truncated + test_samples.num_truncated
-        if num_truncated:
-            print(f"{num_truncated} samples are longer than the {block_size}-token context: "
-                  f"the start of their prompt is cut off")
-        instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint)
+
+def alpaca_samples(args, block_size: int, padding_index: int, *records: list) -> list[InstructionSamples]:
+    samples = [InstructionSamples(part, PROMPT_TEMPLATE, block_size, args.mask_input, padding_index)
+               for part in records]
+    num_truncated = sum(part.num_truncated for part in samples)
+    if num_truncated:
+        print(f"{num_truncated} samples are longer than the {block_size}-token context: "
+              f"the start of their prompt is cut off")
+    return samples
+
+
+def chat_samples(args, template: ChatML, block_size: int, padding_index: int, *records: list) -> list[ChatSamples]:
+    """The conversations in ChatML, each cut to --max_tokens_per_sample and the context, or dropped."""
+    limit = min(args.max_tokens_per_sample or block_size, block_size)
+    samples = [ChatSamples(part, template, limit, padding_index) for part in records]
+    cut, dropped = sum(part.num_cut for part in samples), sum(part.num_dropped for part in samples)
+    if cut or dropped:
+        print(f"Conversations longer than {limit} tokens: {cut:,} cut after their last assistant turn that fits, "
+              f"{dropped:,} dropped (not even their first reply fits)")
+    for name, part in zip(("training", "held-out"), samples):
+        if not len(part):
+            raise SystemExit(f"instruction-tune.py: error: no {name} conversation fits in {limit} tokens; raise "
+                             f"--max_tokens_per_sample or use a base model with a longer context")
+    return samples
+
+
+def chat_entries(model: LightGPT, base_vocabulary: int) -> dict:
+    """What an adapter adds for the chat tokens: their embedding rows (all it changes of the base's weights) and
+    the grown vocabulary."""
+    return {"added_token_embeddings": added_rows(model, base_vocabulary), "vocabulary_size": model.vocabulary_size}
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
@@ -157,21 +201,29 @@ def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
 
 
 def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: InstructionSamples,
-                     test_samples: InstructionSamples, checkpoint: dict | None) -> None:
+                     test_samples: InstructionSamples, checkpoint: dict | None, template: ChatML | None) -> None:
     """Train the adapters of a model whose base is frozen; save them with what generation needs to use them."""
     device = torch.device(args.device)
     model.to(device)
     dtype = compute_dtype(args.precision, device)
     training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
     scaler = gradient_scaler(device, dtype)
-    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(adapters, lr=args.learning_rate, fused=device.type == "cuda")
+    base_vocabulary = base["model_args"]["vocabulary_size"]
+    embedding = model.token_embeddings.weight
+    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad and parameter is not embedding]
+    groups = [{"params": adapters}]
+    if embedding.requires_grad:  # the rows of the chat tokens; decay would shrink the frozen rows too
+        groups.append({"params": [embedding], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
 
     samples_per_step = args.batch_size * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
     step = 0
     if checkpoint:
         load_lora_state_dict(model, checkpoint["lora"])
+        if template:
+            with torch.no_grad():
+                embedding[base_vocabulary:] = checkpoint["added_token_embeddings"]
         if checkpoint.get("optimizer"):
             optimizer.load_state_dict(checkpoint["optimizer"])
         else:
@@ -204,8 +256,8 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
             vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
             lora_args={"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
             base_model_path=str(Path(args.base_model_path).resolve()), base_fingerprint=base_fingerprint,
-            prompt_template=PROMPT_TEMPLATE, lora=lora_state_dict(model), num_train_samples=len(train_samples),
-            seed=seed,
+            prompt_template=template.to_dict() if template else PROMPT_TEMPLATE, lora=lora_state_dict(model),
+            num_train_samples=len(train_samples), seed=seed, **(chat_entries(model, base_vocabulary) if template else {}),
         ), args.checkpoint_path)
 
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,

@@ -1,0 +1,196 @@
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from chatml import JINJA_CHAT_TEMPLATE, ChatML, chat_template, chat_tokenizer, encode_request
+from chats import ChatSamples, chitchat_conversations, hub_conversations, read_local_examples
+from checkpoint import load_lora_model
+from conftest import REPOSITORY, assert_one_line_error, one_thread, run_script, save_pretrained_checkpoint, tiny_model
+from generation import ChatSession, beam_search, generate
+
+FIXTURES = REPOSITORY / "tests" / "fixtures"
+THREE_TURNS = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "How are you?"},
+    {"role": "assistant", "content": "Fine, thanks."},
+    {"role": "user", "content": "Bye."},
+    {"role": "assistant", "content": "Bye!"},
+]
+CHAT_SHAPE = dict(vocabulary_size=50259, embedding_dimensions=16, num_heads=2, num_layers=2, eos_index=50256)
+
+
+def test_chatml_ids_and_loss_mask_of_three_turns_with_a_system_message():
+    ids, mask = ChatML().render(THREE_TURNS)
+    system, user, assistant, end = [50257, 10057, 198], [50257, 7220, 198], [50257, 562, 10167, 198], [50258, 198]
+    assert ids == (system + [1639, 389, 1059, 325, 13] + end + user + [17250, 0] + end
+                   + assistant + [15496, 13] + end + user + [2437, 389, 345, 30] + end
+                   + assistant + [34389, 11, 5176, 13] + end + user + [3886, 68, 13] + end
+                   + assistant + [3886, 68, 0] + end)
+    learned = [token for token, counts in zip(ids, mask) if counts]
+    # every assistant's content and its <|im_end|>, nothing else
+    assert learned == [15496, 13, 50258, 34389, 11, 5176, 13, 50258, 3886, 68, 0, 50258]
+    assert chat_tokenizer().decode(ids).count("<|im_start|>assistant\n") == 3
+
+
+def test_the_jinja_chat_template_renders_the_same_text():
+    """As transformers renders a tokenizer_config.json's chat_template."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    jinja = environment.from_string(JINJA_CHAT_TEMPLATE)
+    template, tokenizer = ChatML(), chat_tokenizer()
+    assert jinja.render(messages=THREE_TURNS, add_generation_prompt=False) == tokenizer.decode(
+        template.render(THREE_TURNS)[0])
+    assert jinja.render(messages=THREE_TURNS[:-1], add_generation_prompt=True) == tokenizer.decode(
+        template.prompt(THREE_TURNS[:-1]))
+
+
+def test_the_template_round_trips_and_a_bad_record_is_refused():
+    assert chat_template(ChatML().to_dict()).to_dict() == ChatML().to_dict()
+    assert chat_template({"with_input": "a", "without_input": "b"}) is None  # Alpaca's
+    with pytest.raises(ValueError, match="not the ChatML template"):
+        chat_template({"name": "chatml", "special_tokens": {"<|im_start|>": 7}})
+    ids, stop, _ = encode_request("Hi!", ChatML().to_dict())
+    assert ids == [50257, 7220, 198, 17250, 0, 50258, 198, 50257, 562, 10167, 198] and stop == (50258, 50256)
+
+
+def test_turn_three_logits_with_the_kept_cache_equal_a_full_recompute():
+    model = tiny_model(**CHAT_SHAPE).eval()
+    session = ChatSession(model, ChatML(), block_size=96, system="Be brief.", reply_room=6)
+    torch.manual_seed(0)
+    for text in ("Hi there", "How are you today?"):
+        assert len(list(session.reply(text, 6))) == 6
+    session.add_user_message("Tell me more.")
+    fed_before = len(session.tokens)
+    kept = session.feed()
+    # only reply 2's last token and end, the new user turn and the assistant's header were fed
+    turn = ChatML().message({"role": "user", "content": "Tell me more."})[0]
+    assert session.rebuilds == 0 and len(session.tokens) - fed_before == 1 + 2 + len(turn) + 4
+    assert session.tokens[-4:] == ChatML().header("assistant")
+    recomputed = model.next_token_logits(torch.tensor([session.tokens]))[0]
+    torch.testing.assert_close(kept, recomputed)
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turn_and_keeps_the_system_message():
+    model = tiny_model(**CHAT_SHAPE).eval()
+    session = ChatSession(model, ChatML(), block_size=48, system="Be brief.", reply_room=4)
+    torch.manual_seed(0)
+    texts = ["First question here", "Second question here", "Third question here"]
+    for text in texts:
+        list(session.reply(text, 4))
+    assert session.rebuilds == 1
+    assert session.messages[0] == {"role": "system", "content": "Be brief."}
+    assert [message["content"] for message in session.messages if message["role"] == "user"][0] != texts[0]
+    assert len(session.tokens) + len(session.unfed) <= 48
+    session.add_user_message("Again")
+    torch.testing.assert_close(session.feed(), model.next_token_logits(torch.tensor([session.tokens]))[0])
+    with pytest.raises(ValueError, match="too long"):
+        session.add_user_message("word " * 60)
+
+
+def test_chitchat_becomes_alternating_user_and_assistant_turns_with_nothing_empty():
+    conversations = chitchat_conversations()
+    assert len(conversations) == 4017
+    for messages in conversations:
+        roles = [message["role"] for message in messages]
+        assert roles[0] == "user" and "assistant" in roles
+        assert all(first != second for first, second in zip(roles, roles[1:]))
+        assert all(message["content"].strip() for message in messages)
+
+
+def hub_mirror(root, repository: str, configs: dict[str, dict[str, list]], extra_columns: dict) -> None:
+    """A local folder laid out as the hub repository (README configs, Parquet shards with its real columns), which
+    datasets.load_dataset reads by the repository's name from a working directory of `root`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = root / repository
+    lines = ["---", "configs:"]
+    for config, splits in configs.items():
+        lines += [f"- config_name: {config}", "  data_files:"]
+        for split, rows in splits.items():
+            prefix = "data" if config == "default" else f"data/{config}"
+            lines += [f"  - split: {split}", f"    path: {prefix}/{split}-*"]
+            path = folder / prefix / f"{split}-00000-of-00001.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            columns = {"messages": rows} | {name: [value] * len(rows) for name, value in extra_columns.items()}
+            pq.write_table(pa.table(columns), path)
+    (folder / "README.md").write_text("\n".join(lines + ["---", ""]))
+
+
+def test_the_hub_chat_datasets_stream_from_local_mirrors_of_their_real_layout(tmp_path, monkeypatch):
+    exchange = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    no_reply = [{"role": "user", "content": "Anyone?"}]
+    hub_mirror(tmp_path, "HuggingFaceTB/smol-smoltalk", {"default": {"train": [exchange] * 3, "test": [exchange]}},
+               {"source": "smol-magpie-ultra"})
+    hub_mirror(tmp_path, "HuggingFaceTB/smoltalk",
+               {"all": {"train": [exchange] * 4, "test": [exchange]},
+                "everyday-conversations": {"train": [exchange, no_reply], "test": [exchange]}}, {})
+    hub_mirror(tmp_path, "HuggingFaceH4/ultrafeedback_binarized",
+               {"default": {"train_sft": [exchange] * 2, "test_sft": [exchange], "train_prefs": [exchange]}},
+               {"prompt": "Hi", "prompt_id": "0" * 64, "chosen": exchange, "rejected": exchange,
+                "score_chosen": 8.0, "score_rejected": 4.0})
+    monkeypatch.chdir(tmp_path)
+    assert hub_conversations("smol-smoltalk", "train") == ([exchange] * 3, 0)
+    assert hub_conversations("smoltalk", "train") == ([exchange] * 4, 0)
+    assert hub_conversations("smoltalk", "train", "everyday-conversations") == ([exchange], 1)
+    assert hub_conversations("ultrafeedback", "test_sft") == ([exchange], 0)
+    with pytest.raises(ConnectionError) as failure:
+        hub_conversations("smoltalk", "train", "no-such-subset")
+    assert "HuggingFaceTB/smoltalk" in str(failure.value) and "\n" not in str(failure.value)
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ({"messages": [{"content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "message 1 has no 'role'"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "Hello"}]}, "message 1 has no 'role' or no 'content'"),
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "has no assistant turn"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]}, "unknown role 'bot'"),
+    ({"messages": []}, "empty conversation"),
+])
+def test_bad_conversations_are_named_by_file_and_line(tmp_path, line, fragment):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(ValueError) as error:
+        read_local_examples([path])
+    assert f"{path}: line 2 " in str(error.value) and fragment in str(error.value)
+
+
+def test_a_latin_1_file_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Olé"}]}, ensure_ascii=False)
+    path.write_bytes((good + "\n" + good + "\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"chats.jsonl: line 1 is not UTF-8 \(byte 0xe9"):
+        read_local_examples([path])
+
+
+def test_conversations_are_cut_after_an_assistant_turn_or_dropped_and_counted():
+    template = ChatML()
+    long_first_reply = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "word " * 40}]
+    samples = ChatSamples([THREE_TURNS, long_first_reply], template, limit=30, padding_index=-100,
+                          show_progress=False)
+    assert (len(samples), samples.num_cut, samples.num_dropped) == (1, 1, 1)
+    x, y = samples.samples[0]
+    ids, _ = template.render(THREE_TURNS[:3])  # the system message and the first exchange: 26 ids
+    assert x.tolist() == ids[:-1] and y.tolist()[-2:] == [50258, -100]
+
+
+def test_an_adapter_written_before_chat_generates_as_before():
+    """Tokens the code before this change generated and found from the version 1 fixtures, at seed 0."""
+    model, block_size, template = load_lora_model(FIXTURES / "v1_adapter.pt", FIXTURES / "v1_checkpoint.pt")
+    assert chat_template(template) is None
+    torch.manual_seed(0)
+    assert list(generate(model, torch.tensor([5, 9, 12]), 20, top_k=64, block_size=block_size)) == [
+        44, 54, 31, 22, 41, 35, 51, 52, 40, 51, 17, 54, 39, 21, 36, 19, 51, 5, 23, 16]
+    candidates = beam_search(model, torch.tensor([5, 9, 12]), 6, beam_width=4, num_candidates=2,
+                             block_size=block_size)
+    assert [tokens for tokens, _ in candidates] == [[22] * 6, [41] + [22] * 5]
+    assert [score for _, score in candidates] == pytest.approx([-3.965287, -3.965813], abs=1e-5)
