@@ -112,7 +112,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
     session = ChatSession(model, template, block_size, args.system, reply_room=args.max_tokens)
     interactive = sys.stdin.isatty()
-    print(f"Chatting with a {model.num_trainable_params:,}-parameter model ({block_size}-token context). "
+    size = sum(parameter.numel() for parameter in model.parameters())
+    print(f"Chatting with a {size:,}-parameter model ({block_size}-token context). "
           f"/help lists the commands; Ctrl-D leaves.", file=sys.stderr)
     try:
         for line in read_messages(interactive):

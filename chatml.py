@@ -99,3 +99,15 @@ def encode_request(text: str, recorded: dict | None) -> tuple[list[int], tuple[i
     if template is None:
         return encode_prompt(text, recorded), None, load_tokenizer()
     return template.prompt([{"role": "user", "content": text}]), template.stop_tokens, template.tokenizer
+
+
+def tokenizer_config(block_size: int) -> dict:
+    """An exported chat model's tokenizer_config.json, in the HuggingFace convention: its chat_template renders
+    the text ChatML.render tokenizes."""
+    return {
+        "chat_template": JINJA_CHAT_TEMPLATE,
+        "additional_special_tokens": [IM_START, IM_END],
+        "eos_token": IM_END,
+        "pad_token": "<|endoftext|>",
+        "model_max_length": block_size,
+    }

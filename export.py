@@ -25,6 +25,7 @@ from checkpoint import (
     trained_on_these_weights,
     write_folder_atomically,
 )
+from chatml import chat_template, tokenizer_config
 from data import TOKENIZER_NAME
 from flags import ArgumentParser
 from model import LightGPT
@@ -37,6 +38,10 @@ DATA_LICENSES = {
     "wikipedia": "CC BY-SA 4.0, Wikipedia's contributors",
     "kjv": "public domain",
     "alpaca": "CC BY-NC 4.0",
+    "chitchat": "MIT",
+    "smol-smoltalk": "Apache 2.0",
+    "smoltalk": "Apache 2.0",
+    "ultrafeedback": "MIT",
 }
 
 
@@ -174,6 +179,8 @@ def main() -> None:
     def write(folder: Path) -> None:
         model_card(model, block_size, stages).save(folder / "README.md")
         model.save_pretrained(folder, config=exported_config(model, block_size, template))
+        if chat_template(template):
+            (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(block_size), indent=2))
         if args.onnx:
             print(f"Exporting {ONNX_FILE} (a minute or more for large models)")
             export_onnx(model, folder / ONNX_FILE)

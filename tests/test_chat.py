@@ -13,7 +13,15 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from chatml import JINJA_CHAT_TEMPLATE, ChatML, chat_template, chat_tokenizer, encode_request
 from chats import ChatSamples, chitchat_conversations, hub_conversations, read_local_examples
 from checkpoint import load_lora_model
-from conftest import REPOSITORY, assert_one_line_error, one_thread, run_script, save_pretrained_checkpoint, tiny_model
+from conftest import (
+    REPOSITORY,
+    assert_one_line_error,
+    load_script,
+    one_thread,
+    run_script,
+    save_pretrained_checkpoint,
+    tiny_model,
+)
 from generation import ChatSession, beam_search, generate
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
@@ -194,3 +202,115 @@ def test_an_adapter_written_before_chat_generates_as_before():
                              block_size=block_size)
     assert [tokens for tokens, _ in candidates] == [[22] * 6, [41] + [22] * 5]
     assert [score for _, score in candidates] == pytest.approx([-3.965287, -3.965813], abs=1e-5)
+
+
+EXCHANGE = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"},
+                         {"role": "assistant", "content": "Hi there, friend."}, {"role": "user", "content": "Bye"},
+                         {"role": "assistant", "content": "See you soon."}]}
+CHAT_FLAGS = ["--top_k", "1", "--max_tokens", "12", "--device", "cpu", "--system", "Be kind."]
+
+
+@pytest.fixture(scope="module")
+def chat_adapter(tmp_path_factory):
+    """A tiny base (its embedding scaled up so that its logits can be sure) tuned on one fixed exchange."""
+    folder = tmp_path_factory.mktemp("chat")
+    model = tiny_model(vocabulary_size=50257, embedding_dimensions=64, num_heads=4, num_layers=2, eos_index=50256)
+    with torch.no_grad():
+        model.token_embeddings.weight.mul_(25)
+    base = save_pretrained_checkpoint(model, folder / "base.pt", block_size=64)
+    (folder / "chats.jsonl").write_text((json.dumps(EXCHANGE) + "\n") * 8)
+    result = run_script("instruction-tune.py", "--base_model_path", base, "--dataset", "local", "--dataset_path",
+                        folder / "chats.jsonl", "--checkpoint_path", folder / "lora.pt", "--batch_size", "4",
+                        "--gradient_accumulation_steps", "1", "--learning_rate", "3e-2", "--rank", "8", "--dropout",
+                        "0", "--num_epochs", "20", "--eval_interval", "20", "--checkpoint_interval", "20",
+                        "--device", "cpu", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    return base, folder / "lora.pt"
+
+
+@pytest.mark.slow
+def test_a_chat_adapter_holds_only_what_changed_and_answers_through_piped_chat_py(chat_adapter, tmp_path):
+    base, adapter = chat_adapter
+    saved = torch.load(adapter, weights_only=True)
+    assert saved["added_token_embeddings"].shape == (2, 64) and saved["vocabulary_size"] == 50259
+    assert saved["prompt_template"] == ChatML().to_dict() and saved["model_args"]["vocabulary_size"] == 50257
+    assert all(name.endswith((".lora_a", ".lora_b")) for name in saved["lora"])
+    result = run_script("chat.py", "--checkpoint_path", base, "--lora_path", adapter, *CHAT_FLAGS,
+                        input="Hello\nBye\n/reset\nHello\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hi there, friend.\n\nSee you soon.\n\nHi there, friend.\n\n"
+    assert "Chatting with" in result.stderr
+    for script in ("generate.py", "beam_search.py"):
+        answer = run_script(script, "--lora_path", adapter, "--prompt", "Hello", "--max_tokens", "12",
+                            "--device", "cpu", *(["--top_k", "1"] if script == "generate.py" else []))
+        assert answer.returncode == 0 and "Hi there, friend." in answer.stdout, answer.stderr
+
+    exported = tmp_path / "exported"
+    result = run_script("export.py", "--checkpoint_path", base, "--lora_path", adapter, "--output_dir", exported)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((exported / "config.json").read_text())
+    assert config["vocabulary_size"] == 50259 and config["prompt_template"] == ChatML().to_dict()
+    jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        json.loads((exported / "tokenizer_config.json").read_text())["chat_template"])
+    assert jinja.render(messages=EXCHANGE["messages"]) == chat_tokenizer().decode(
+        ChatML().render(EXCHANGE["messages"])[0])
+    result = run_script("chat.py", "--checkpoint_path", exported, *CHAT_FLAGS, input="Hello\n")
+    assert result.stdout == "Hi there, friend.\n\n", result.stderr
+
+
+def read_until(descriptor: int, expected: str, timeout: float = 60) -> str:
+    """What a pseudo-terminal shows until `expected` appears (or the time runs out)."""
+    shown, deadline = "", time.monotonic() + timeout
+    while expected not in shown and time.monotonic() < deadline:
+        ready, _, _ = select.select([descriptor], [], [], 1)
+        if ready:
+            try:
+                shown += os.read(descriptor, 4096).decode("utf-8", "replace")
+            except OSError:  # the program closed the terminal
+                break
+    return shown
+
+
+@pytest.mark.slow
+def test_chat_py_in_a_real_terminal_streams_replies_resets_and_exits(chat_adapter):
+    base, adapter = chat_adapter
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, REPOSITORY / "chat.py", "--checkpoint_path", base, "--lora_path",
+                                adapter, *CHAT_FLAGS], stdin=terminal, stdout=terminal, stderr=terminal,
+                               env=one_thread() | {"TERM": "dumb"}, close_fds=True)
+    os.close(terminal)
+    try:
+        assert "You: " in read_until(controller, "You: ")
+        os.write(controller, b"Hello\r")
+        assert "Assistant: Hi there, friend." in read_until(controller, "friend.")
+        os.write(controller, b"/reset\r")
+        assert "(a new conversation)" in read_until(controller, "(a new conversation)")
+        os.write(controller, b"Hello\r")
+        assert "Hi there, friend." in read_until(controller, "friend.")
+        os.write(controller, b"/exit\r")
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()
+        os.close(controller)
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    (["--lora_path", FIXTURES / "v1_adapter.pt", "--checkpoint_path", FIXTURES / "v1_checkpoint.pt"],
+     "was tuned with Alpaca's template; chat.py needs a ChatML model"),
+    (["--checkpoint_path", FIXTURES / "v1_checkpoint.pt"], "is not tuned on conversations"),
+])
+def test_chat_py_refuses_a_model_that_cannot_chat_in_one_line(arguments, fragment):
+    chat = load_script("chat")
+    with pytest.raises(ValueError, match=fragment):
+        chat.load_chat_model(chat.parse_args([*map(str, arguments), "--device", "cpu"]))
+
+
+@pytest.mark.slow
+def test_instruction_tune_names_a_bad_conversation_in_one_line(chat_adapter, tmp_path):
+    base, _ = chat_adapter
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(EXCHANGE) + "\n" + json.dumps({"messages": [{"role": "user", "content": "Hi"}]}))
+    result = run_script("instruction-tune.py", "--base_model_path", base, "--dataset", "local", "--dataset_path",
+                        path, "--checkpoint_path", tmp_path / "lora.pt", "--device", "cpu")
+    assert_one_line_error(result, f"{path}: line 2 has no assistant turn")
