@@ -62,12 +62,14 @@ from distributed import (
     rank,
     world_size,
 )
-from generation import beam_search, generate
+from chatml import CHAT_VOCABULARY_SIZE, ChatML
+from generation import ChatSession, beam_search, generate
 from model import LightGPT
 from sizing import training_flops_per_token
 
 R50K_VOCABULARY_SIZE = 50257
-PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation")
+PARTS = ("train", "generate", "beam_search", "chat", "data", "checkpointing", "accumulation")
+CHAT_QUESTION = "Tell me something about the history of the city where you were born, in a few sentences."
 RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
 
 
@@ -77,7 +79,7 @@ def build_parser() -> ArgumentParser:
                             "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
-                        "corpus preparation, activation checkpointing; alone and under torchrun, FSDP2's gradient "
+                        "chat turns (the cache kept across turns or the conversation recomputed), corpus preparation, activation checkpointing; alone and under torchrun, FSDP2's gradient "
                         "accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
@@ -111,6 +113,10 @@ def build_parser() -> ArgumentParser:
                         help="The number of sequences beam search returns.")
     parser.add_argument("--beam_tokens", type=positive_int, default=64,
                         help="The number of tokens beam search generates.")
+    parser.add_argument("--chat_turns", type=positive_int, default=10,
+                        help="The turns of the chat measurement; the last is timed against the first.")
+    parser.add_argument("--reply_tokens", type=positive_int, default=32,
+                        help="The length of every reply in the chat measurement.")
     parser.add_argument("--data_tokens", type=positive_int, default=50_000_000,
                         help="The size in tokens of the synthetic Parquet corpus whose whole preparation is measured, "
                         "and of a quarter of it, to show that memory does not grow with the corpus.")
@@ -489,6 +495,44 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     return [Measurement("beam_search_tokens_per_s", tokens / seconds, "tokens/s", gpt2_speed, details=details)]
 
 
+def measure_chat(args: argparse.Namespace) -> list[Measurement]:
+    """The latency of a chat turn, at equal reply lengths: the first turn, and the last with the cache kept across
+    turns (chat.py) or with the conversation recomputed from its messages (a server that keeps no cache)."""
+    device = torch.device(args.device)
+    args.vocabulary_size = max(args.vocabulary_size, CHAT_VOCABULARY_SIZE)
+    model = lightgpt(args).to(args.dtype).eval()
+    template = ChatML()
+    template.stop_tokens = ()  # every reply runs to --reply_tokens, whatever an untrained model samples
+    session = ChatSession(model, template, args.block_size, "You are a helpful assistant.", args.reply_tokens)
+
+    def turn() -> int:
+        return sum(1 for _ in session.reply(CHAT_QUESTION, args.reply_tokens))
+
+    kept, first, recomputed = [], [], []
+    for _ in tqdm(range(3), desc="Chat", unit="conversation", file=sys.stderr):  # the first one warms up
+        session.reset(session.system)
+        first.append(timed(turn, device)[1])
+        for _ in range(args.chat_turns - 2):
+            turn()
+        earlier = list(session.messages)
+        kept.append(timed(turn, device)[1])
+        session.restart(earlier)
+        recomputed.append(timed(turn, device)[1])
+    if session.rebuilds:
+        raise ValueError(f"--chat_turns {args.chat_turns} of --reply_tokens {args.reply_tokens} outgrow --block_size "
+                         f"{args.block_size}; lower them")
+    details = {"turns": args.chat_turns, "reply_tokens": args.reply_tokens,
+               "context_tokens": len(session.tokens) + len(session.unfed)}
+    first_s, kept_s, recomputed_s = (statistics.median(values[1:]) for values in (first, kept, recomputed))
+    return [
+        Measurement("chat_first_turn_s", first_s, "s", higher_is_better=False, details=details),
+        Measurement("chat_last_turn_kept_cache_s", kept_s, "s", higher_is_better=False, details=details),
+        Measurement("chat_last_turn_recomputed_s", recomputed_s, "s", higher_is_better=False, details=details),
+        Measurement("chat_last_over_first_turn", kept_s / first_s, "x", details=details),
+        Measurement("chat_kept_cache_speedup", recomputed_s / kept_s, "x", details=details),
+    ]
+
+
 def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
     """Parquet shards of at least `tokens` tokens, in documents of about 1,000 tokens (FineWeb-Edu's mean), of words
     drawn at the frequencies of the embedded Wikipedia corpus, so that the tokenizer meets English; written a shard
@@ -689,6 +733,7 @@ def main() -> None:
         "train": measure_training,
         "generate": measure_generation,
         "beam_search": measure_beam_search,
+        "chat": measure_chat,
         "data": measure_data,
         "checkpointing": measure_checkpointing,
         "accumulation": measure_accumulation,

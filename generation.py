@@ -180,6 +180,11 @@ class ChatSession:
         self.cache = None
         self.rebuilds = 0
 
+    def restart(self, messages: list[dict]) -> None:
+        """Continue a conversation from its messages with an empty cache, as a server that keeps none would."""
+        self.messages = list(messages)
+        self.tokens, self.unfed, self.cache = [], self.template.render(self.messages)[0], None
+
     @property
     def system(self) -> str | None:
         return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None

@@ -314,3 +314,23 @@ def test_instruction_tune_names_a_bad_conversation_in_one_line(chat_adapter, tmp
     result = run_script("instruction-tune.py", "--base_model_path", base, "--dataset", "local", "--dataset_path",
                         path, "--checkpoint_path", tmp_path / "lora.pt", "--device", "cpu")
     assert_one_line_error(result, f"{path}: line 2 has no assistant turn")
+
+
+def test_bench_times_the_last_chat_turn_with_the_kept_cache_and_recomputed():
+    import bench
+
+    args = bench.parse_args(["--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers",
+                             "1", "--block_size", "256", "--chat_turns", "3", "--reply_tokens", "4", "--device", "cpu"])
+    args.dtype = torch.float32
+    rows = {row.metric: row for row in bench.measure_chat(args)}
+    assert all(row.value > 0 for row in rows.values())
+    assert rows["chat_last_over_first_turn"].value == pytest.approx(
+        rows["chat_last_turn_kept_cache_s"].value / rows["chat_first_turn_s"].value)
+    template = ChatML()
+    system = len(template.message({"role": "system", "content": "You are a helpful assistant."})[0])
+    question = len(template.message({"role": "user", "content": bench.CHAT_QUESTION})[0])
+    turn = question + len(template.header("assistant")) + 4 + len(template.end_of_message)
+    assert rows["chat_first_turn_s"].details == {"turns": 3, "reply_tokens": 4, "context_tokens": system + 3 * turn}
+    args.block_size = 64
+    with pytest.raises(ValueError, match="outgrow --block_size 64"):
+        bench.measure_chat(args)
