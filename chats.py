@@ -13,6 +13,7 @@ from data import (
     INSTRUCTION_EXTENSIONS,
     TokenSamples,
     checked_record,
+    json_records,
     hub_failure,
     load_instructions,
     package_data_path,
@@ -126,42 +127,10 @@ def hub_conversations(dataset: str, split: str, subset: str | None = None,
     return conversations, skipped
 
 
-def read_json_records(path: Path) -> list[tuple[str, object]]:
-    """The records of a .jsonl file (one a line) or a .json list, each with where it is ("FILE: line N" or
-    "FILE: record N"); a file that is not UTF-8 JSON is a ValueError naming the line."""
-    data = path.read_bytes()
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(data.split(b"\n"), start=1):
-            where = f"{path}: line {number}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{where} is not UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}); "
-                                 f"save the file as UTF-8") from None
-            if text.strip():
-                try:
-                    records.append((where, json.loads(text)))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where} is not valid JSON ({error.msg})") from None
-        return records
-    try:
-        loaded = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line} is not UTF-8 (byte {data[error.start]:#04x}); save the file as "
-                         f"UTF-8") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {error.lineno} is not valid JSON ({error.msg})") from None
-    if not isinstance(loaded, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(loaded).__name__}")
-    return [(f"{path}: record {number}", record) for number, record in enumerate(loaded, start=1)]
-
-
 def read_local_examples(files: list[Path]) -> tuple[str, list]:
     """("chat", conversations) when the files' records hold 'messages', else ("alpaca", Alpaca records); one kind
     for all, decided by the first record."""
-    records = [entry for file in files for entry in read_json_records(file)]
+    records = [entry for file in files for entry in json_records(file)]
     if not records:
         raise ValueError(f"--dataset_path: {', '.join(map(str, files))} hold(s) no records")
     kind = "chat" if isinstance(records[0][1], dict) and "messages" in records[0][1] else "alpaca"

@@ -741,29 +741,41 @@ def checked_record(record, where: str) -> dict[str, str]:
     return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
 
 
-def read_instruction_file(path: Path) -> list[dict[str, str]]:
-    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line, in UTF-8."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
-                         f"save it as UTF-8") from None
+def json_records(path: Path) -> list[tuple[str, object]]:
+    """The records of a .jsonl file (one a line) or a .json list, each with where it is ("FILE: line N" or
+    "FILE: record N"); a file that is not UTF-8 JSON is a ValueError naming the line."""
+    data = path.read_bytes()
     if path.suffix == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            where = f"{path}: line {number}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where} is not UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}); "
+                                 f"save the file as UTF-8") from None
+            if text.strip():
                 try:
-                    records.append(checked_record(json.loads(line), f"{path}: line {number}"))
+                    records.append((where, json.loads(text)))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+                    raise ValueError(f"{where} is not valid JSON ({error.msg})") from None
         return records
     try:
-        loaded = json.loads(text)
+        loaded = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 (byte {data[error.start]:#04x}); save the file as "
+                         f"UTF-8") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise ValueError(f"{path}: line {error.lineno} is not valid JSON ({error.msg})") from None
     if not isinstance(loaded, list):
         raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(loaded).__name__}")
-    return [checked_record(record, f"{path}: record {number}") for number, record in enumerate(loaded, start=1)]
+    return [(f"{path}: record {number}", record) for number, record in enumerate(loaded, start=1)]
+
+
+def read_instruction_file(path: Path) -> list[dict[str, str]]:
+    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line, in UTF-8."""
+    return [checked_record(record, where) for where, record in json_records(path)]
 
 
 def load_instructions(dataset: str, dataset_path: str | None = None) -> list[dict[str, str]]:

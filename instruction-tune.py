@@ -24,7 +24,7 @@ from checkpoint import (
     weights_fingerprint,
 )
 from chatml import ChatML
-from chats import CHAT_DATASETS, HUB_CHATS, ChatSamples, load_examples
+from chats import CHAT_DATASETS, ChatSamples, load_examples
 from data import (
     INSTRUCTION_EXTENSIONS,
     PROMPT_TEMPLATE,
@@ -237,10 +237,11 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
                                         for indices in torch.arange(len(test_samples)).split(args.batch_size)],
                                        model.padding_index)
-    print(f"LoRA: {model.num_trainable_params:,} trainable adapter parameters on a frozen base of "
-          f"{sum(parameter.numel() for parameter in model.parameters()) - model.num_trainable_params:,}; "
-          f"{len(train_samples)} training and {len(test_samples)} held-out instructions, "
-          f"{steps_per_epoch} steps per epoch")
+    trained = sum(parameter.numel() for parameter in adapters) + added_rows(model, base_vocabulary).numel()
+    print(f"LoRA: {trained:,} trainable adapter parameters on a frozen base of "
+          f"{sum(parameter.numel() for parameter in model.parameters()) - trained:,}; "
+          f"{len(train_samples)} training and {len(test_samples)} held-out "
+          f"{'conversations' if template else 'instructions'}, {steps_per_epoch} steps per epoch")
 
     def micro_batches_at(step: int) -> list[tuple]:
         epoch, position = divmod(step, steps_per_epoch)
