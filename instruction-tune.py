@@ -53,15 +53,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--base_model_path", default="./out/checkpoint.pt",
                         help="The pre-trained checkpoint written by pre-train.py.")
     parser.add_argument("--dataset", default="alpaca", choices=("alpaca", *CHAT_DATASETS, "local"),
-                        help="alpaca: tatsu-lab/alpaca (Alpaca's template); chitchat: 7,168 human conversations, "
-                        "offline; smol-smoltalk, smoltalk, ultrafeedback: chat datasets streamed from the "
-                        "HuggingFace hub; local: your files at --dataset_path. Conversations are learned in ChatML.")
+                        help="alpaca: tatsu-lab/alpaca from the hub; chitchat: 4,017 conversations, offline; "
+                        "smol-smoltalk, smoltalk, ultrafeedback: chats from the hub; local: --dataset_path. Chats "
+                        "are learned in ChatML.")
     parser.add_argument("--dataset_path", default=None,
                         help="With --dataset local: a .json or .jsonl file, a folder or a glob of them, with "
                         "records {instruction, input (optional), output} or {messages: [{role, content}, ...]}.")
     parser.add_argument("--dataset_subset", default=None,
-                        help="With --dataset smoltalk: its subset (all, everyday-conversations, smol-magpie-ultra, "
-                        "smol-rewrite, smol-summarize, systemchats-30k, ...); all when not given.")
+                        help="With --dataset smoltalk: its subset (all, everyday-conversations, smol-rewrite, "
+                        "systemchats-30k, ...); all when not given.")
     parser.add_argument("--max_tokens_per_sample", type=positive_int, default=None,
                         help="Cut a conversation longer than this (or than the context) after its last assistant "
                         "turn that fits, or drop it when none does; the context when not given.")

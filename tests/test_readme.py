@@ -12,8 +12,8 @@ def test_the_argument_tables_are_what_the_parsers_define():
     assert with_current_tables(readme) == readme, "run: python readme_flags.py"
 
 
-def test_the_readme_stays_a_user_s_document_under_20_kb():
-    assert len(README.read_bytes()) < 20_000
+def test_the_readme_stays_a_user_s_document_under_24_kb():
+    assert len(README.read_bytes()) < 24_000
 
 
 def test_the_readme_s_tensorboard_folder_is_where_training_writes_by_default(tmp_path, monkeypatch):
