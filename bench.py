@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
-from data import load_tokenizer, prepare_corpus, wikipedia_documents
+from corpora import wikipedia_documents
 from devices import (
     PRECISION_NAMES,
     PRECISIONS,
@@ -64,7 +64,9 @@ from distributed import (
 )
 from generation import beam_search, generate
 from model import LightGPT
+from preparation import prepare_corpus
 from sizing import training_flops_per_token
+from tokenizer import load_tokenizer
 
 R50K_VOCABULARY_SIZE = 50257
 PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation")
@@ -518,7 +520,7 @@ def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
 def preparation_figures(corpus: str, dataset_path: str, processes: int) -> dict:
     """One whole preparation of the Parquet files in `corpus`, in this (fresh) process: its tokens, seconds, and
     the peak resident memory of this process and of its largest tokenizing process."""
-    from data import resolve_text_files
+    from corpora import resolve_text_files
 
     start = time.perf_counter()
     folder = prepare_corpus("text", dataset_path, processes, resolve_text_files(corpus), show_progress=False)

@@ -1,31 +1,26 @@
 """Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
 
 import contextlib
-import glob
 import hashlib
 import io
 import json
 import os
 import pickle
-import re
 import secrets
 import shutil
-import socket
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import Metadata
 
-from data import locked_at_once, record_holder, temporary_path
 from distributed import from_rank_zero, rank
+from files import file_in_the_way, holding_lock, remove_stray_temporary_files, write_atomically
 from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
 from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKENIZER_NAME
 
@@ -76,35 +71,6 @@ def save_atomically(checkpoint: dict, path: str | Path) -> None:
     write_atomically(path, lambda file: torch.save(checkpoint, file))
 
 
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through write(file) under a temporary name, flush it to disk, then rename it into place: a
-    crash leaves the previous file whole, and an error removes the temporary file and is a one-line OSError
-    naming the path."""
-    path = Path(path)
-    temporary = temporary_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        cause = os_error_in(error)
-        if cause is None:
-            raise
-        raise OSError(f"could not write {path}: {cause.strerror or cause}") from None
-
-
-def os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind an error, if any: torch.save reports a failed write as a RuntimeError whose context is
-    the file's OSError (no space left, file too large)."""
-    if isinstance(error, RuntimeError):
-        error = error.__context__
-    return error if isinstance(error, OSError) else None
-
-
 def metrics_path(checkpoint_path: str | Path) -> Path:
     """The metrics log a training run keeps beside its checkpoint."""
     return Path(checkpoint_path).with_suffix(".metrics.jsonl")
@@ -145,16 +111,10 @@ def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sh
                                  f"this run; choose another --checkpoint_path")
 
 
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file, if any, that stands where `folder` or one of its parents should be a folder."""
-    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
-
-
 @contextmanager
 def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
-    """Hold <checkpoint>.lock, with this process's id in it, so that a second run writing the same checkpoint is
-    refused with one line that names the holder. The operating system releases the lock when the process ends,
-    however it ends, so a crashed run never blocks the next one; the emptied file stays, as a lock must."""
+    """Hold <checkpoint>.lock (see files.holding_lock), so that a second run writing the same checkpoint is
+    refused with one line that names the holder."""
     path = lock_path(checkpoint_path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,63 +122,13 @@ def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
     except OSError as error:
         raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
                          f"({error.strerror or error})") from None
-    with file:
-        if not locked_at_once(file, "--checkpoint_path"):
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
-                             f"this checkpoint; wait for it to end, or choose another --checkpoint_path")
-        record_holder(file)
-        try:
-            yield
-        finally:
-            file.truncate(0)
 
+    def refuse(holder: str) -> None:
+        raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder or 'unknown'}) is "
+                         f"writing this checkpoint; wait for it to end, or choose another --checkpoint_path")
 
-def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
-    """Remove the temporary files of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
-    no longer exists: a process killed while saving leaves one. Those of live processes and of other machines
-    stay. Returns the files removed."""
-    removed = []
-    for path in paths:
-        prefix = f"{path.name}."
-        for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-            if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
-                temporary.unlink(missing_ok=True)
-                removed.append(temporary)
-    return removed
-
-
-def written_by_a_dead_process(tag: str) -> bool:
-    """Whether a temporary file's tag, <pid> or this machine's name and a pid (<host>.<pid>, <pid>-<host>, ...),
-    names a process that no longer exists."""
-    host = re.escape(socket.gethostname())
-    patterns = (r"(\d+)", rf"{host}[.-](\d+)", rf"(\d+)[.-]{host}", rf"{host}-(\d+)-[0-9a-f]+")
-    match = next(filter(None, (re.fullmatch(pattern, tag) for pattern in patterns)), None)
-    if match is None:
-        return False
-    try:
-        os.kill(int(match[1]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):  # another user's process, or no process id at all
-        pass
-    return False
-
-
-def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """write(folder) into a temporary folder beside path, then rename it to path (which may be an empty folder):
-    a crash or an error never leaves a half-written folder, and the temporary one is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # mkdir, unlike mkdtemp, keeps the umask
-    temporary.mkdir()
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    with file, holding_lock(file, "--checkpoint_path", refuse):
+        yield
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from data import resolve_files
+from files import resolve_files
 from tokenizer import END_OF_TEXT_ID, load_tokenizer
 
 INSTRUCTION_DATASETS = ("alpaca", "local")

@@ -23,8 +23,8 @@ from checkpoint import (
     load_lora_checkpoint,
     model_from_checkpoint,
     trained_on_these_weights,
-    write_folder_atomically,
 )
+from files import write_folder_atomically
 from tokenizer import TOKENIZER_NAME
 from flags import ArgumentParser
 from model import LightGPT

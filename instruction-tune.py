@@ -31,7 +31,7 @@ from conversations import (
     load_instructions,
     split_instructions,
 )
-from data import resolve_files, same_files
+from files import resolve_files, same_files
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int

@@ -30,8 +30,8 @@ from checkpoint import (
 )
 from conversations import PromptTemplate
 from conftest import REPOSITORY, flag_error, load_script, save_pretrained_checkpoint, tiny_model
-from data import write_text_atomically
 from distributed import load_training_state, sharded_training_state
+from files import write_text_atomically
 from tokenizer import load_tokenizer
 from training import append_metrics, records_up_to
 
