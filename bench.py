@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
-from data import load_tokenizer, prepare_corpus, wikipedia_documents
+from corpora import wikipedia_documents
 from devices import (
     PRECISION_NAMES,
     PRECISIONS,
@@ -62,10 +62,12 @@ from distributed import (
     rank,
     world_size,
 )
-from chatml import CHAT_VOCABULARY_SIZE, ChatML
+from conversations import CHATML
 from generation import ChatSession, beam_search, generate
 from model import LightGPT
+from preparation import prepare_corpus
 from sizing import training_flops_per_token
+from tokenizer import CHAT_VOCABULARY_SIZE, load_tokenizer
 
 R50K_VOCABULARY_SIZE = 50257
 PARTS = ("train", "generate", "beam_search", "chat", "data", "checkpointing", "accumulation")
@@ -501,9 +503,8 @@ def measure_chat(args: argparse.Namespace) -> list[Measurement]:
     device = torch.device(args.device)
     args.vocabulary_size = max(args.vocabulary_size, CHAT_VOCABULARY_SIZE)
     model = lightgpt(args).to(args.dtype).eval()
-    template = ChatML()
-    template.stop_tokens = ()  # every reply runs to --reply_tokens, whatever an untrained model samples
-    session = ChatSession(model, template, args.block_size, "You are a helpful assistant.", args.reply_tokens)
+    session = ChatSession(model, CHATML, args.block_size, "You are a helpful assistant.", args.reply_tokens)
+    session.stop_tokens = set()  # every reply runs to --reply_tokens, whatever an untrained model samples
 
     def turn() -> int:
         return sum(1 for _ in session.reply(CHAT_QUESTION, args.reply_tokens))
@@ -562,7 +563,7 @@ def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
 def preparation_figures(corpus: str, dataset_path: str, processes: int) -> dict:
     """One whole preparation of the Parquet files in `corpus`, in this (fresh) process: its tokens, seconds, and
     the peak resident memory of this process and of its largest tokenizing process."""
-    from data import resolve_text_files
+    from corpora import resolve_text_files
 
     start = time.perf_counter()
     folder = prepare_corpus("text", dataset_path, processes, resolve_text_files(corpus), show_progress=False)

@@ -7,11 +7,11 @@ import sys
 import torch
 
 from checkpoint import load_model
-from chatml import ChatML, chat_template
-from data import stream_text
+from conversations import PromptTemplate, is_chat
 from devices import compute_dtype
 from flags import ArgumentParser, add_inference_arguments, add_sampling_arguments
 from generation import ChatSession
+from tokenizer import stream_text
 
 COMMANDS = """Commands:
   /reset        start a new conversation (the system message stays)
@@ -35,15 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def load_chat_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, ChatML]:
+def load_chat_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, PromptTemplate]:
     """The model, its context length and its chat template, or a one-line ValueError for a model that cannot
     chat."""
     model, block_size, recorded = load_model(args.checkpoint_path, args.device, args.lora_path,
                                              compute_dtype(args.precision, torch.device(args.device)))
-    template = chat_template(recorded)
-    if template is None:
+    template = PromptTemplate.from_dict(recorded) if recorded else None
+    if not is_chat(template):
         what = f"--lora_path {args.lora_path}" if args.lora_path else f"--checkpoint_path {args.checkpoint_path}"
-        kind = "was tuned with Alpaca's template" if recorded else "is not tuned on conversations"
+        kind = f"was tuned with the {template.name} template" if template else "is not tuned on conversations"
         raise ValueError(f"{what} {kind}; chat.py needs a ChatML model: tune one with instruction-tune.py "
                          f"--dataset chitchat (see the README)")
     if args.top_k > model.vocabulary_size:
@@ -76,7 +76,7 @@ def answer(session: ChatSession, text: str, args: argparse.Namespace, interactiv
         print("Assistant: ", end="", flush=True)
     tokens = session.reply(text, args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     try:
-        for piece in stream_text(tokens, session.template.tokenizer):
+        for piece in stream_text(tokens):
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
         tokens.close()

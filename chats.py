@@ -8,17 +8,18 @@ from pathlib import Path
 
 import torch
 
-from chatml import ROLES
-from data import (
+from conversations import (
     INSTRUCTION_EXTENSIONS,
+    ROLES,
+    PromptTemplate,
     TokenSamples,
     checked_record,
     json_records,
-    hub_failure,
     load_instructions,
-    package_data_path,
-    resolve_files,
 )
+from corpora import hub_failure
+from files import resolve_files
+from tokenizer import package_data_path
 
 OFFLINE_CHAT_DATASETS = ("chitchat", "local")
 MAX_HELD_OUT = 500  # hub test splits run to tens of thousands; validation every epoch needs only a sample
@@ -178,7 +179,7 @@ class ChatSamples(TokenSamples):
     """Conversations rendered by a template, cut to `limit` input tokens at a turn boundary (see fit_conversation)
     or dropped; num_cut and num_dropped count both."""
 
-    def __init__(self, conversations: list[Conversation], template, limit: int, padding_index: int,
+    def __init__(self, conversations: list[Conversation], template: PromptTemplate, limit: int, padding_index: int,
                  show_progress: bool = True):
         from tqdm import tqdm
 
@@ -186,7 +187,7 @@ class ChatSamples(TokenSamples):
         self.num_cut = self.num_dropped = 0
         for messages in tqdm(conversations, desc="Tokenizing conversations", unit="sample",
                              disable=not show_progress):
-            segments = [template.message(message) for message in messages]
+            segments = [template.render([message]) for message in messages]
             fitted = fit_conversation(segments, messages, limit)
             if fitted is None:
                 self.num_dropped += 1

@@ -23,10 +23,10 @@ from checkpoint import (
     load_lora_checkpoint,
     model_from_checkpoint,
     trained_on_these_weights,
-    write_folder_atomically,
 )
-from chatml import chat_template, tokenizer_config
-from data import TOKENIZER_NAME
+from conversations import CHATML, tokenizer_config
+from files import write_folder_atomically
+from tokenizer import TOKENIZER_NAME
 from flags import ArgumentParser
 from model import LightGPT
 
@@ -179,7 +179,7 @@ def main() -> None:
     def write(folder: Path) -> None:
         model_card(model, block_size, stages).save(folder / "README.md")
         model.save_pretrained(folder, config=exported_config(model, block_size, template))
-        if chat_template(template):
+        if template and template.get("name") == CHATML.name:
             (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(block_size), indent=2))
         if args.onnx:
             print(f"Exporting {ONNX_FILE} (a minute or more for large models)")

@@ -6,11 +6,11 @@ import sys
 import torch
 
 from checkpoint import load_model
-from chatml import encode_request
-from data import read_prompts, stream_text
+from conversations import PromptTemplate, encode_prompt, read_prompts, stop_tokens
 from devices import compute_dtype
 from flags import ArgumentParser, add_inference_arguments, add_sampling_arguments
 from generation import generate
+from tokenizer import stream_text
 
 
 def build_parser() -> ArgumentParser:
@@ -28,8 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     try:
-        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path,
+        model, block_size, saved_template = load_model(args.checkpoint_path, args.device, args.lora_path,
                                                    compute_dtype(args.precision, torch.device(args.device)))
+        template = PromptTemplate.from_dict(saved_template) if saved_template else None
         if args.top_k > model.vocabulary_size:
             raise ValueError(f"--top_k must be at most the vocabulary size {model.vocabulary_size}, got {args.top_k}")
     except (ValueError, FileNotFoundError) as error:
@@ -38,10 +39,10 @@ def main() -> None:
         torch.manual_seed(args.seed)
     try:
         for text in read_prompts(args.prompt):
-            ids, stop_tokens, tokenizer = encode_request(text, template)
-            tokens = generate(model, torch.tensor(ids, device=args.device), args.max_tokens, args.temperature,
-                              args.top_k, args.top_p, args.repeat_penalty, block_size, stop_tokens=stop_tokens)
-            for piece in stream_text(tokens, tokenizer):
+            prompt = torch.tensor(encode_prompt(text, template), device=args.device)
+            tokens = generate(model, prompt, args.max_tokens, args.temperature, args.top_k, args.top_p,
+                              args.repeat_penalty, block_size, stop_tokens=stop_tokens(template, model.eos_index))
+            for piece in stream_text(tokens):
                 print(piece, end="", flush=True)
             print()
     except KeyboardInterrupt:

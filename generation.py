@@ -2,13 +2,15 @@
 next-token step."""
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from conversations import PromptTemplate
 from model import LightGPT
+from tokenizer import chat_tokenizer
 
 
 def penalize_repeats(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
@@ -39,7 +41,7 @@ def sample_token(logits: Tensor, context: Tensor, temperature: float, top_k: int
     return candidates[torch.multinomial(probabilities, 1)].item()
 
 
-class Context:
+class CachedContext:
     """The tokens a model sees, one sequence a row, with their key/value cache and the next token's logits.
 
     The model sees at most block_size tokens: a longer prompt is cut to its last block_size tokens, and when the
@@ -87,14 +89,14 @@ def generate(
     repeat_penalty: float = 1.0,
     block_size: int = 1024,
     use_cache: bool = True,
-    stop_tokens: tuple[int, ...] | None = None,
+    stop_tokens: Collection[int] | None = None,
 ) -> Iterator[int]:
     """Sample up to max_tokens tokens that follow the prompt (a 1-D tensor of at least one token id), yielding
-    each as soon as it is chosen; stop at one of stop_tokens (by default the model's eos_index), which is not
-    yielded. The context is cut as Context cuts it; use_cache=False runs the same steps with a full forward pass
-    for every token."""
-    stop_tokens = stop_tokens or (model.eos_index,)
-    context = Context(model, prompt[None], block_size, max_tokens, use_cache)
+    each as soon as it is chosen; stop at any of stop_tokens (by default the model's eos_index), which is not
+    yielded. The context is cut as CachedContext cuts it; use_cache=False runs the same steps with a full forward
+    pass for every token."""
+    stop_tokens = {model.eos_index} if stop_tokens is None else set(stop_tokens)
+    context = CachedContext(model, prompt[None], block_size, max_tokens, use_cache)
     for _ in range(max_tokens):
         token = sample_token(context.logits[0], context.tokens[0], temperature, top_k, top_p, repeat_penalty)
         if token in stop_tokens:
@@ -113,20 +115,21 @@ def beam_search(
     length_penalty: float = 1.0,
     block_size: int = 1024,
     show_progress: bool = False,
-    stop_tokens: tuple[int, ...] | None = None,
+    stop_tokens: Collection[int] | None = None,
 ) -> list[tuple[list[int], float]]:
     """The num_candidates most likely continuations of the prompt (new tokens only), best first, with scores.
 
     All beams run as one batch against one cache: every step extends each of the beam_width most likely
     unfinished sequences by every token, keeps the beam_width most likely results, and finishes a sequence at
-    one of stop_tokens (by default eos_index; scored by the probability of ending there, not among its tokens) or
-    at max_tokens. A score is the total log-probability divided
+    any of stop_tokens (by default the model's eos_index; scored by the probability of any of them, which is not
+    among its tokens) or at max_tokens. A score is the total log-probability divided
     by the length (eos included) to the power length_penalty: 0 ranks by probability alone, 1 by the average
-    per token, which favours longer sequences more. The context is cut as Context cuts it. show_progress
+    per token, which favours longer sequences more. The context is cut as CachedContext cuts it. show_progress
     draws a progress bar of the steps on standard error.
     """
-    stop = list(stop_tokens or (model.eos_index,))
-    context = Context(model, prompt[None], block_size, max_tokens)
+    stops = torch.tensor(sorted({model.eos_index} if stop_tokens is None else set(stop_tokens)),
+                         device=prompt.device)
+    context = CachedContext(model, prompt[None], block_size, max_tokens)
     sequences = prompt.new_empty(1, 0)  # (beams, tokens generated so far)
     totals = torch.zeros(1, device=prompt.device)
     logits = context.logits
@@ -139,9 +142,9 @@ def beam_search(
     steps = tqdm(range(1, max_tokens + 1), desc="Beam search", unit="token", leave=False, disable=not show_progress)
     for length in steps:
         scores = totals[:, None] + logits.float().log_softmax(-1)  # (beams, vocabulary)
-        finish(sequences, scores[:, stop].logsumexp(-1), length)
-        scores[:, stop] = -math.inf
-        totals, indices = scores.view(-1).topk(min(beam_width, scores.numel() - len(scores) * len(stop)))
+        finish(sequences, scores[:, stops].logsumexp(-1), length)
+        scores[:, stops] = -math.inf
+        totals, indices = scores.view(-1).topk(min(beam_width, scores.numel() - len(scores) * len(stops)))
         beams, tokens = indices // model.vocabulary_size, indices % model.vocabulary_size
         sequences = torch.cat((sequences[beams], tokens[:, None]), 1)
         if length == max_tokens:
@@ -162,13 +165,13 @@ class ChatSession:
     the last reply, the new user message and the assistant's header. When the conversation would outgrow the
     context, its oldest turns (never the system message) are dropped and the cache is rebuilt once.
 
-    template: a chat template (chatml.ChatML): message, header, render, end_of_message, stop_tokens.
     reply_room: the tokens kept free for each reply, when dropping turns makes room.
     """
 
-    def __init__(self, model: LightGPT, template, block_size: int, system: str | None = None,
+    def __init__(self, model: LightGPT, template: PromptTemplate, block_size: int, system: str | None = None,
                  reply_room: int = 256):
         self.model, self.template, self.block_size = model, template, block_size
+        self.stop_tokens = {model.eos_index, *template.stop_tokens}
         self.reply_room = min(reply_room, block_size // 2)
         self.reset(system)
 
@@ -208,7 +211,7 @@ class ChatSession:
         """The user's turn and the assistant's header, after dropping the oldest turns if they would not fit."""
         message = {"role": "user", "content": text}
         self.messages.append(message)
-        new = self.template.message(message)[0] + self.template.header("assistant")
+        new = self.template.prompt([message])
         if len(self.tokens) + len(self.unfed) + len(new) + self.reply_room <= self.block_size:
             self.unfed += new
             return
@@ -237,11 +240,11 @@ class ChatSession:
                 logits = self.feed()
                 token = sample_token(logits, torch.tensor(self.tokens, device=self.device), temperature, top_k,
                                      top_p, repeat_penalty)
-                if token in self.template.stop_tokens:
+                if token in self.stop_tokens:
                     break
                 said.append(token)
                 self.unfed.append(token)
                 yield token
         finally:
-            self.unfed += self.template.end_of_message
-            self.messages.append({"role": "assistant", "content": self.template.tokenizer.decode(said)})
+            self.unfed += self.template.reply_end()
+            self.messages.append({"role": "assistant", "content": chat_tokenizer().decode(said)})

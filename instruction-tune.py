@@ -23,20 +23,30 @@ from checkpoint import (
     training_checkpoint,
     weights_fingerprint,
 )
-from chatml import ChatML
 from chats import CHAT_DATASETS, ChatSamples, load_examples
-from data import (
+from conversations import (
+    ALPACA,
+    CHATML,
     INSTRUCTION_EXTENSIONS,
-    PROMPT_TEMPLATE,
     InstructionSamples,
-    resolve_files,
-    same_files,
+    PromptTemplate,
+    is_chat,
     split_instructions,
 )
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
+from files import resolve_files, same_files
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
-from model import LightGPT, add_lora, added_rows, grow_vocabulary, load_lora_state_dict, lora_state_dict, train_added_rows
+from model import (
+    LightGPT,
+    add_lora,
+    added_rows,
+    grow_vocabulary,
+    load_lora_state_dict,
+    lora_state_dict,
+    train_added_rows,
+)
+from tokenizer import CHAT_VOCABULARY_SIZE
 from training import (
     note_optimizer_starts_afresh,
     restore_rng_state,
@@ -149,22 +159,22 @@ def main() -> None:
         except (ValueError, FileNotFoundError, ConnectionError) as error:
             sys.exit(f"instruction-tune.py: error: {error}")
         if kind == "chat":
-            template = ChatML()
-            grow_vocabulary(model, template.vocabulary_size)
+            template = CHATML
+            grow_vocabulary(model, CHAT_VOCABULARY_SIZE)
             train_samples, test_samples = chat_samples(args, template, block_size, model.padding_index,
                                                        train_records, test_records)
         else:
-            template = None
+            template = ALPACA
             train_samples, test_samples = alpaca_samples(args, block_size, model.padding_index,
                                                          train_records, test_records)
         add_lora(model, args.rank, args.alpha, args.dropout)
-        if template:
+        if is_chat(template):
             train_added_rows(model, base["model_args"]["vocabulary_size"])
         instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint, template)
 
 
 def alpaca_samples(args, block_size: int, padding_index: int, *records: list) -> list[InstructionSamples]:
-    samples = [InstructionSamples(part, PROMPT_TEMPLATE, block_size, args.mask_input, padding_index)
+    samples = [InstructionSamples(part, ALPACA, block_size, args.mask_input, padding_index)
                for part in records]
     num_truncated = sum(part.num_truncated for part in samples)
     if num_truncated:
@@ -173,7 +183,7 @@ def alpaca_samples(args, block_size: int, padding_index: int, *records: list) ->
     return samples
 
 
-def chat_samples(args, template: ChatML, block_size: int, padding_index: int, *records: list) -> list[ChatSamples]:
+def chat_samples(args, template: PromptTemplate, block_size: int, padding_index: int, *records: list) -> list[ChatSamples]:
     """The conversations in ChatML, each cut to --max_tokens_per_sample and the context, or dropped."""
     limit = min(args.max_tokens_per_sample or block_size, block_size)
     samples = [ChatSamples(part, template, limit, padding_index) for part in records]
@@ -201,7 +211,7 @@ def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
 
 
 def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: InstructionSamples,
-                     test_samples: InstructionSamples, checkpoint: dict | None, template: ChatML | None) -> None:
+                     test_samples: InstructionSamples, checkpoint: dict | None, template: PromptTemplate) -> None:
     """Train the adapters of a model whose base is frozen; save them with what generation needs to use them."""
     device = torch.device(args.device)
     model.to(device)
@@ -221,7 +231,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     step = 0
     if checkpoint:
         load_lora_state_dict(model, checkpoint["lora"])
-        if template:
+        if is_chat(template):
             with torch.no_grad():
                 embedding[base_vocabulary:] = checkpoint["added_token_embeddings"]
         if checkpoint.get("optimizer"):
@@ -241,7 +251,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     print(f"LoRA: {trained:,} trainable adapter parameters on a frozen base of "
           f"{sum(parameter.numel() for parameter in model.parameters()) - trained:,}; "
           f"{len(train_samples)} training and {len(test_samples)} held-out "
-          f"{'conversations' if template else 'instructions'}, {steps_per_epoch} steps per epoch")
+          f"{'conversations' if is_chat(template) else 'instructions'}, {steps_per_epoch} steps per epoch")
 
     def micro_batches_at(step: int) -> list[tuple]:
         epoch, position = divmod(step, steps_per_epoch)
@@ -257,8 +267,8 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
             vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
             lora_args={"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
             base_model_path=str(Path(args.base_model_path).resolve()), base_fingerprint=base_fingerprint,
-            prompt_template=template.to_dict() if template else PROMPT_TEMPLATE, lora=lora_state_dict(model),
-            num_train_samples=len(train_samples), seed=seed, **(chat_entries(model, base_vocabulary) if template else {}),
+            prompt_template=template.to_dict(), lora=lora_state_dict(model), num_train_samples=len(train_samples),
+            seed=seed, **(chat_entries(model, base_vocabulary) if is_chat(template) else {}),
         ), args.checkpoint_path)
 
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,

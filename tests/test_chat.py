@@ -10,7 +10,6 @@ import pytest
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from chatml import JINJA_CHAT_TEMPLATE, ChatML, chat_template, chat_tokenizer, encode_request
 from chats import ChatSamples, chitchat_conversations, hub_conversations, read_local_examples
 from checkpoint import load_lora_model
 from conftest import (
@@ -22,7 +21,9 @@ from conftest import (
     save_pretrained_checkpoint,
     tiny_model,
 )
+from conversations import CHATML, JINJA_CHAT_TEMPLATE, PromptTemplate, encode_prompt, is_chat, stop_tokens
 from generation import ChatSession, beam_search, generate
+from tokenizer import chat_tokenizer
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
 THREE_TURNS = [
@@ -38,7 +39,7 @@ CHAT_SHAPE = dict(vocabulary_size=50259, embedding_dimensions=16, num_heads=2, n
 
 
 def test_chatml_ids_and_loss_mask_of_three_turns_with_a_system_message():
-    ids, mask = ChatML().render(THREE_TURNS)
+    ids, mask = CHATML.render(THREE_TURNS)
     system, user, assistant, end = [50257, 10057, 198], [50257, 7220, 198], [50257, 562, 10167, 198], [50258, 198]
     assert ids == (system + [1639, 389, 1059, 325, 13] + end + user + [17250, 0] + end
                    + assistant + [15496, 13] + end + user + [2437, 389, 345, 30] + end
@@ -54,25 +55,22 @@ def test_the_jinja_chat_template_renders_the_same_text():
     """As transformers renders a tokenizer_config.json's chat_template."""
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     jinja = environment.from_string(JINJA_CHAT_TEMPLATE)
-    template, tokenizer = ChatML(), chat_tokenizer()
+    template, tokenizer = CHATML, chat_tokenizer()
     assert jinja.render(messages=THREE_TURNS, add_generation_prompt=False) == tokenizer.decode(
         template.render(THREE_TURNS)[0])
     assert jinja.render(messages=THREE_TURNS[:-1], add_generation_prompt=True) == tokenizer.decode(
         template.prompt(THREE_TURNS[:-1]))
 
 
-def test_the_template_round_trips_and_a_bad_record_is_refused():
-    assert chat_template(ChatML().to_dict()).to_dict() == ChatML().to_dict()
-    assert chat_template({"with_input": "a", "without_input": "b"}) is None  # Alpaca's
-    with pytest.raises(ValueError, match="not the ChatML template"):
-        chat_template({"name": "chatml", "special_tokens": {"<|im_start|>": 7}})
-    ids, stop, _ = encode_request("Hi!", ChatML().to_dict())
-    assert ids == [50257, 7220, 198, 17250, 0, 50258, 198, 50257, 562, 10167, 198] and stop == (50258, 50256)
+def test_the_chatml_template_round_trips_and_asks_one_user_turn():
+    assert PromptTemplate.from_dict(CHATML.to_dict()) == CHATML and is_chat(CHATML)
+    assert encode_prompt("Hi!", CHATML) == [50257, 7220, 198, 17250, 0, 50258, 198, 50257, 562, 10167, 198]
+    assert stop_tokens(CHATML, 50256) == {50258, 50256}
 
 
 def test_turn_three_logits_with_the_kept_cache_equal_a_full_recompute():
     model = tiny_model(**CHAT_SHAPE).eval()
-    session = ChatSession(model, ChatML(), block_size=96, system="Be brief.", reply_room=6)
+    session = ChatSession(model, CHATML, block_size=96, system="Be brief.", reply_room=6)
     torch.manual_seed(0)
     for text in ("Hi there", "How are you today?"):
         assert len(list(session.reply(text, 6))) == 6
@@ -80,16 +78,16 @@ def test_turn_three_logits_with_the_kept_cache_equal_a_full_recompute():
     fed_before = len(session.tokens)
     kept = session.feed()
     # only reply 2's last token and end, the new user turn and the assistant's header were fed
-    turn = ChatML().message({"role": "user", "content": "Tell me more."})[0]
-    assert session.rebuilds == 0 and len(session.tokens) - fed_before == 1 + 2 + len(turn) + 4
-    assert session.tokens[-4:] == ChatML().header("assistant")
+    turn = CHATML.prompt([{"role": "user", "content": "Tell me more."}])
+    assert session.rebuilds == 0 and len(session.tokens) - fed_before == 1 + 2 + len(turn)
+    assert session.tokens[-4:] == CHATML.prompt([])
     recomputed = model.next_token_logits(torch.tensor([session.tokens]))[0]
     torch.testing.assert_close(kept, recomputed)
 
 
 def test_a_conversation_longer_than_the_context_drops_its_oldest_turn_and_keeps_the_system_message():
     model = tiny_model(**CHAT_SHAPE).eval()
-    session = ChatSession(model, ChatML(), block_size=48, system="Be brief.", reply_room=4)
+    session = ChatSession(model, CHATML, block_size=48, system="Be brief.", reply_room=4)
     torch.manual_seed(0)
     texts = ["First question here", "Second question here", "Third question here"]
     for text in texts:
@@ -181,7 +179,7 @@ def test_a_latin_1_file_is_named_by_file_and_line(tmp_path):
 
 
 def test_conversations_are_cut_after_an_assistant_turn_or_dropped_and_counted():
-    template = ChatML()
+    template = CHATML
     long_first_reply = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "word " * 40}]
     samples = ChatSamples([THREE_TURNS, long_first_reply], template, limit=30, padding_index=-100,
                           show_progress=False)
@@ -194,7 +192,7 @@ def test_conversations_are_cut_after_an_assistant_turn_or_dropped_and_counted():
 def test_an_adapter_written_before_chat_generates_as_before():
     """Tokens the code before this change generated and found from the version 1 fixtures, at seed 0."""
     model, block_size, template = load_lora_model(FIXTURES / "v1_adapter.pt", FIXTURES / "v1_checkpoint.pt")
-    assert chat_template(template) is None
+    assert not is_chat(PromptTemplate.from_dict(template))
     torch.manual_seed(0)
     assert list(generate(model, torch.tensor([5, 9, 12]), 20, top_k=64, block_size=block_size)) == [
         44, 54, 31, 22, 41, 35, 51, 52, 40, 51, 17, 54, 39, 21, 36, 19, 51, 5, 23, 16]
@@ -233,7 +231,7 @@ def test_a_chat_adapter_holds_only_what_changed_and_answers_through_piped_chat_p
     base, adapter = chat_adapter
     saved = torch.load(adapter, weights_only=True)
     assert saved["added_token_embeddings"].shape == (2, 64) and saved["vocabulary_size"] == 50259
-    assert saved["prompt_template"] == ChatML().to_dict() and saved["model_args"]["vocabulary_size"] == 50257
+    assert saved["prompt_template"] == CHATML.to_dict() and saved["model_args"]["vocabulary_size"] == 50257
     assert all(name.endswith((".lora_a", ".lora_b")) for name in saved["lora"])
     result = run_script("chat.py", "--checkpoint_path", base, "--lora_path", adapter, *CHAT_FLAGS,
                         input="Hello\nBye\n/reset\nHello\n")
@@ -249,11 +247,11 @@ def test_a_chat_adapter_holds_only_what_changed_and_answers_through_piped_chat_p
     result = run_script("export.py", "--checkpoint_path", base, "--lora_path", adapter, "--output_dir", exported)
     assert result.returncode == 0, result.stderr
     config = json.loads((exported / "config.json").read_text())
-    assert config["vocabulary_size"] == 50259 and config["prompt_template"] == ChatML().to_dict()
+    assert config["vocabulary_size"] == 50259 and config["prompt_template"] == CHATML.to_dict()
     jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
         json.loads((exported / "tokenizer_config.json").read_text())["chat_template"])
     assert jinja.render(messages=EXCHANGE["messages"]) == chat_tokenizer().decode(
-        ChatML().render(EXCHANGE["messages"])[0])
+        CHATML.render(EXCHANGE["messages"])[0])
     result = run_script("chat.py", "--checkpoint_path", exported, *CHAT_FLAGS, input="Hello\n")
     assert result.stdout == "Hi there, friend.\n\n", result.stderr
 
@@ -297,7 +295,7 @@ def test_chat_py_in_a_real_terminal_streams_replies_resets_and_exits(chat_adapte
 
 @pytest.mark.parametrize("arguments, fragment", [
     (["--lora_path", FIXTURES / "v1_adapter.pt", "--checkpoint_path", FIXTURES / "v1_checkpoint.pt"],
-     "was tuned with Alpaca's template; chat.py needs a ChatML model"),
+     "was tuned with the alpaca template; chat.py needs a ChatML model"),
     (["--checkpoint_path", FIXTURES / "v1_checkpoint.pt"], "is not tuned on conversations"),
 ])
 def test_chat_py_refuses_a_model_that_cannot_chat_in_one_line(arguments, fragment):
@@ -326,10 +324,10 @@ def test_bench_times_the_last_chat_turn_with_the_kept_cache_and_recomputed():
     assert all(row.value > 0 for row in rows.values())
     assert rows["chat_last_over_first_turn"].value == pytest.approx(
         rows["chat_last_turn_kept_cache_s"].value / rows["chat_first_turn_s"].value)
-    template = ChatML()
-    system = len(template.message({"role": "system", "content": "You are a helpful assistant."})[0])
-    question = len(template.message({"role": "user", "content": bench.CHAT_QUESTION})[0])
-    turn = question + len(template.header("assistant")) + 4 + len(template.end_of_message)
+    template = CHATML
+    system = len(template.render([{"role": "system", "content": "You are a helpful assistant."}])[0])
+    question = len(template.prompt([{"role": "user", "content": bench.CHAT_QUESTION}]))
+    turn = question + 4 + len(template.reply_end())
     assert rows["chat_first_turn_s"].details == {"turns": 3, "reply_tokens": 4, "context_tokens": system + 3 * turn}
     args.block_size = 64
     with pytest.raises(ValueError, match="outgrow --block_size 64"):
