@@ -152,6 +152,12 @@ def test_the_hub_chat_datasets_stream_from_local_mirrors_of_their_real_layout(tm
     with pytest.raises(ConnectionError) as failure:
         hub_conversations("smoltalk", "train", "no-such-subset")
     assert "HuggingFaceTB/smoltalk" in str(failure.value) and "\n" not in str(failure.value)
+    monkeypatch.chdir(tmp_path / "HuggingFaceTB")  # no mirror here: the hub itself, offline in the tests
+    with pytest.raises(ConnectionError) as failure:
+        hub_conversations("ultrafeedback", "train_sft")
+    message = str(failure.value)
+    assert "HuggingFaceH4/ultrafeedback_binarized" in message and "\n" not in message
+    assert "connect to the internet, or train offline with --dataset chitchat, local" in message
 
 
 @pytest.mark.parametrize("line, fragment", [
