@@ -15,7 +15,8 @@ from torch import Tensor
 from files import resolve_files
 from tokenizer import END_OF_TEXT_ID, load_tokenizer
 
-INSTRUCTION_DATASETS = ("alpaca", "local")
+# The instruction datasets (instruction-tune.py --dataset) and the license of their text (None: the user's own).
+INSTRUCTION_DATASETS = {"alpaca": "CC BY-NC 4.0", "local": None}
 INSTRUCTION_EXTENSIONS = (".json", ".jsonl")
 INSTRUCTION_TEST_RATIO = 0.05
 ROLES = ("system", "user", "assistant")

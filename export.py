@@ -24,20 +24,15 @@ from checkpoint import (
     model_from_checkpoint,
     trained_on_these_weights,
 )
+from conversations import INSTRUCTION_DATASETS
+from corpora import CORPORA
 from files import write_folder_atomically
-from tokenizer import TOKENIZER_NAME
 from flags import ArgumentParser
 from model import LightGPT
+from tokenizer import TOKENIZER_NAME
 
 ONNX_FILE = "model.onnx"
 ONNX_PACKAGES = ("onnx", "onnxscript")
-# The licenses of the corpora LightGPT trains on (a model card states its training data's license).
-DATA_LICENSES = {
-    "openwebtext": "CC0",
-    "wikipedia": "CC BY-SA 4.0, Wikipedia's contributors",
-    "kjv": "public domain",
-    "alpaca": "CC BY-NC 4.0",
-}
 
 
 def build_parser() -> ArgumentParser:
@@ -104,8 +99,7 @@ def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | 
     args, steps = checkpoint.get("args", {}), checkpoint.get("step")
     facts = {}
     if args.get("dataset"):
-        license = DATA_LICENSES.get(args["dataset"], "see the data's own license")
-        facts["data"] = f"{args['dataset']} ({license})"
+        facts["data"] = f"{args['dataset']} ({data_license(args['dataset'])})"
     if steps is not None and {"batch_size", "gradient_accumulation_steps"} <= args.keys():
         samples = steps * args["batch_size"] * args["gradient_accumulation_steps"]
         seen = f"{samples * tokens_per_sample:,} tokens" if tokens_per_sample else f"{samples:,} samples"
@@ -118,6 +112,13 @@ def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | 
         if losses:
             facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {math.exp(losses[-1]):,.1f})"
     return facts
+
+
+def data_license(dataset: str) -> str:
+    """The license of a pre-training corpus or an instruction dataset, from their registries (a model card states
+    its training data's license)."""
+    license = CORPORA[dataset].license if dataset in CORPORA else INSTRUCTION_DATASETS.get(dataset)
+    return license or "see the data's own license"
 
 
 def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> ModelCard:

@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
                             "instruction/response pairs while the base model stays frozen, and save only the adapters.")
     parser.add_argument("--base_model_path", default="./out/checkpoint.pt",
                         help="The pre-trained checkpoint written by pre-train.py.")
-    parser.add_argument("--dataset", default="alpaca", choices=INSTRUCTION_DATASETS,
+    parser.add_argument("--dataset", default="alpaca", choices=tuple(INSTRUCTION_DATASETS),
                         help="alpaca: tatsu-lab/alpaca from the HuggingFace hub (needs internet); local: your own "
                         "Alpaca-format .json or .jsonl files at --dataset_path.")
     parser.add_argument("--dataset_path", default=None,
