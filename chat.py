@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from checkpoint import load_model
 from conversations import PromptTemplate, is_chat
+from finetuning import load_inference_model
 from devices import compute_dtype
 from flags import ArgumentParser, add_inference_arguments, add_sampling_arguments
 from generation import ChatSession
@@ -38,9 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_chat_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, PromptTemplate]:
     """The model, its context length and its chat template, or a one-line ValueError for a model that cannot
     chat."""
-    model, block_size, recorded = load_model(args.checkpoint_path, args.device, args.lora_path,
-                                             compute_dtype(args.precision, torch.device(args.device)))
-    template = PromptTemplate.from_dict(recorded) if recorded else None
+    model, block_size, template = load_inference_model(args.checkpoint_path, args.device, args.lora_path,
+                                                       compute_dtype(args.precision, torch.device(args.device)))
     if not is_chat(template):
         what = f"--lora_path {args.lora_path}" if args.lora_path else f"--checkpoint_path {args.checkpoint_path}"
         kind = f"was tuned with the {template.name} template" if template else "is not tuned on conversations"

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from distributed import from_rank_zero, rank
 from files import file_in_the_way, holding_lock, remove_stray_temporary_files, write_atomically
-from model import LightGPT, LightGPTConfig, add_lora, grow_vocabulary, load_lora_state_dict, merge_lora
+from model import LightGPT, LightGPTConfig
 from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKENIZER_NAME
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
@@ -334,17 +334,11 @@ def context_length(checkpoint: dict, path: str | Path) -> int:
     return block_size
 
 
-def load_model(
-    path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[LightGPT, int, dict | None]:
+def load_model(path: str | Path | None, device: str = "cpu", *, dtype: torch.dtype = torch.float32
+               ) -> tuple[LightGPT, int, dict | None]:
     """The model a pre-training checkpoint or an exported folder holds (by default ./out/checkpoint.pt), in
-    evaluation mode on the device and in dtype, its training context length, and the prompt template of an
-    instruction-tuned export, else None. With lora_path: the adapter merged into its base (path, else the base the
-    adapter names) and the adapter's prompt template."""
-    if lora_path is not None:
-        model, block_size, template = load_lora_model(lora_path, path)
-        return model.to(device, dtype), block_size, template
+    evaluation mode on the device and in dtype, its training context length, and the prompt template (as a dict)
+    of an instruction-tuned export, else None. An adapter: finetuning.load_inference_model."""
     path = path or DEFAULT_CHECKPOINT_PATH
     if is_exported(path):
         model, block_size, template = load_exported(path)
@@ -423,33 +417,3 @@ def check_same_base(adapter: dict, base: dict) -> None:
                 f"the adapter was trained on a base model with {name}={trained_on}, "
                 f"but the base checkpoint has {name}={given}"
             )
-
-
-def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
-    """The base model with its adapter applied and merged: a plain LightGPT in eval mode."""
-    check_same_base(adapter, base)
-    model = model_from_checkpoint(base, "the base checkpoint")
-    if "added_token_embeddings" in adapter:  # a chat adapter's tokens after the base's vocabulary
-        grow_vocabulary(model, adapter["vocabulary_size"], adapter["added_token_embeddings"])
-    add_lora(model, **adapter["lora_args"])
-    load_lora_state_dict(model, adapter["lora"])
-    return merge_lora(model).eval()
-
-
-def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) -> tuple[LightGPT, int, dict]:
-    """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
-    mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
-    adapter = load_lora_checkpoint(lora_path)
-    base_path = base_path or adapter.get("base_model_path")
-    if not base_path:
-        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
-    base = load_checkpoint(base_path)
-    block_size = context_length(base, base_path)
-    try:
-        model = load_adapted_model(adapter, base)
-    except ValueError as error:
-        raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
-    if not trained_on_these_weights(adapter, base):
-        warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
-                      f"its answers may be poor", stacklevel=2)
-    return finite(model, lora_path), block_size, adapter["prompt_template"]

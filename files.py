@@ -92,10 +92,10 @@ def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> 
 @contextlib.contextmanager
 def holding_lock(lock: IO, flag: str, taken: Callable[[str], None]) -> Iterator[None]:
     """Hold an exclusive flock on an open lock file, with this process's id written in it. When another process
-    holds it, taken(its id, or "" if unknown) is called first, which may raise (refuse to wait) or return (then this waits). The
-    operating system releases the lock when its holder ends, however it ends, so a crash never blocks the next
-    process; the emptied file stays, as a lock must. A file system without flock (ENOLCK, EOPNOTSUPP) is a
-    one-line ValueError that names the flag to change."""
+    holds it, taken(its id, or "" if unknown) is called first, which may raise (refuse to wait) or return (then
+    this waits). The operating system releases the lock when its holder ends, however it ends, so a crash never
+    blocks the next process; the emptied file stays, as a lock must. A file system without flock (ENOLCK,
+    EOPNOTSUPP) is a one-line ValueError that names the flag to change."""
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

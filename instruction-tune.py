@@ -11,50 +11,40 @@ from pathlib import Path
 import torch
 
 from checkpoint import (
-    check_same_base,
     claimed_checkpoint,
     context_length,
     is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
-    model_from_checkpoint,
     save_atomically,
-    trained_on_these_weights,
-    training_checkpoint,
-    weights_fingerprint,
 )
-from chats import CHAT_DATASETS, ChatSamples, load_examples
+from chats import ChatSamples, load_examples
 from conversations import (
     ALPACA,
     CHATML,
+    INSTRUCTION_DATASETS,
     INSTRUCTION_EXTENSIONS,
     InstructionSamples,
     PromptTemplate,
+    TokenSamples,
     is_chat,
     split_instructions,
 )
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from files import resolve_files, same_files
+from finetuning import (
+    add_chat_tokens,
+    adapter_checkpoint,
+    chat_token_entries,
+    check_same_adapters,
+    lora_model,
+    resume_adapters,
+)
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
-from model import (
-    LightGPT,
-    add_lora,
-    added_rows,
-    grow_vocabulary,
-    load_lora_state_dict,
-    lora_state_dict,
-    train_added_rows,
-)
+from model import LightGPT
 from tokenizer import CHAT_VOCABULARY_SIZE
-from training import (
-    note_optimizer_starts_afresh,
-    restore_rng_state,
-    restore_scaler,
-    rng_state,
-    train,
-    weighted_by_targets,
-)
+from training import rng_state, train, weighted_by_targets
 
 
 def build_parser() -> ArgumentParser:
@@ -62,7 +52,7 @@ def build_parser() -> ArgumentParser:
                             "instruction/response pairs while the base model stays frozen, and save only the adapters.")
     parser.add_argument("--base_model_path", default="./out/checkpoint.pt",
                         help="The pre-trained checkpoint written by pre-train.py.")
-    parser.add_argument("--dataset", default="alpaca", choices=("alpaca", *CHAT_DATASETS, "local"),
+    parser.add_argument("--dataset", default="alpaca", choices=tuple(INSTRUCTION_DATASETS),
                         help="alpaca: tatsu-lab/alpaca from the hub; chitchat: 4,017 conversations, offline; "
                         "smol-smoltalk, smoltalk, ultrafeedback: chats from the hub; local: --dataset_path. Chats "
                         "are learned in ChatML.")
@@ -113,14 +103,7 @@ def instruction_files(args: argparse.Namespace) -> list[Path]:
 
 def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_train_samples: int) -> None:
     """Resuming must continue the same adapters on the same base and data: never change them silently."""
-    check_same_base(checkpoint, base)
-    if not trained_on_these_weights(checkpoint, base):
-        raise ValueError(f"--resume: the adapters were trained on a base with other weights than "
-                         f"--base_model_path {args.base_model_path}; use the original base checkpoint")
-    for name in ("rank", "alpha"):
-        if checkpoint["lora_args"][name] != getattr(args, name):
-            raise ValueError(f"--resume: the checkpoint has --{name} {checkpoint['lora_args'][name]}, "
-                             f"the flags ask for {getattr(args, name)}; repeat the original run's flags")
+    check_same_adapters(checkpoint, base, args.base_model_path, args.rank, args.alpha)
     trained_with = checkpoint.get("args", {})
     if "dataset" in trained_with and (trained_with["dataset"] != args.dataset or not same_files(
             trained_with.get("dataset_path"), args.dataset_path, INSTRUCTION_EXTENSIONS)):
@@ -129,6 +112,10 @@ def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_
     if checkpoint.get("num_train_samples", num_train_samples) != num_train_samples:
         raise ValueError(f"--resume: the checkpoint was trained on {checkpoint['num_train_samples']} instructions, "
                          f"this dataset has {num_train_samples}; use the original dataset")
+
+
+def lora_args(args: argparse.Namespace) -> dict:
+    return {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
 
 
 def dataset_flags(flags: dict) -> str:
@@ -154,28 +141,24 @@ def main() -> None:
             seed = (checkpoint or {}).get("seed", args.seed)
             seed = seed if seed is not None else random.randrange(2**31)
             torch.manual_seed(seed)
-            model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
-                                          args.base_model_path)
+            model = lora_model(base, args.base_model_path, lora_args(args))
         except (ValueError, FileNotFoundError, ConnectionError) as error:
             sys.exit(f"instruction-tune.py: error: {error}")
+
         if kind == "chat":
             template = CHATML
-            grow_vocabulary(model, CHAT_VOCABULARY_SIZE)
+            add_chat_tokens(model, CHAT_VOCABULARY_SIZE)
             train_samples, test_samples = chat_samples(args, template, block_size, model.padding_index,
                                                        train_records, test_records)
         else:
             template = ALPACA
             train_samples, test_samples = alpaca_samples(args, block_size, model.padding_index,
                                                          train_records, test_records)
-        add_lora(model, args.rank, args.alpha, args.dropout)
-        if is_chat(template):
-            train_added_rows(model, base["model_args"]["vocabulary_size"])
         instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint, template)
 
 
 def alpaca_samples(args, block_size: int, padding_index: int, *records: list) -> list[InstructionSamples]:
-    samples = [InstructionSamples(part, ALPACA, block_size, args.mask_input, padding_index)
-               for part in records]
+    samples = [InstructionSamples(part, ALPACA, block_size, args.mask_input, padding_index) for part in records]
     num_truncated = sum(part.num_truncated for part in samples)
     if num_truncated:
         print(f"{num_truncated} samples are longer than the {block_size}-token context: "
@@ -183,8 +166,9 @@ def alpaca_samples(args, block_size: int, padding_index: int, *records: list) ->
     return samples
 
 
-def chat_samples(args, template: PromptTemplate, block_size: int, padding_index: int, *records: list) -> list[ChatSamples]:
-    """The conversations in ChatML, each cut to --max_tokens_per_sample and the context, or dropped."""
+def chat_samples(args, template: PromptTemplate, block_size: int, padding_index: int, *records: list
+                 ) -> list[ChatSamples]:
+    """The conversations in the template, each cut to --max_tokens_per_sample and the context, or dropped."""
     limit = min(args.max_tokens_per_sample or block_size, block_size)
     samples = [ChatSamples(part, template, limit, padding_index) for part in records]
     cut, dropped = sum(part.num_cut for part in samples), sum(part.num_dropped for part in samples)
@@ -193,15 +177,9 @@ def chat_samples(args, template: PromptTemplate, block_size: int, padding_index:
               f"{dropped:,} dropped (not even their first reply fits)")
     for name, part in zip(("training", "held-out"), samples):
         if not len(part):
-            raise SystemExit(f"instruction-tune.py: error: no {name} conversation fits in {limit} tokens; raise "
-                             f"--max_tokens_per_sample or use a base model with a longer context")
+            sys.exit(f"instruction-tune.py: error: no {name} conversation fits in {limit} tokens; raise "
+                     f"--max_tokens_per_sample or use a base model with a longer context")
     return samples
-
-
-def chat_entries(model: LightGPT, base_vocabulary: int) -> dict:
-    """What an adapter adds for the chat tokens: their embedding rows (all it changes of the base's weights) and
-    the grown vocabulary."""
-    return {"added_token_embeddings": added_rows(model, base_vocabulary), "vocabulary_size": model.vocabulary_size}
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
@@ -210,15 +188,14 @@ def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63))
 
 
-def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: InstructionSamples,
-                     test_samples: InstructionSamples, checkpoint: dict | None, template: PromptTemplate) -> None:
+def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: TokenSamples,
+                     test_samples: TokenSamples, checkpoint: dict | None, template: PromptTemplate) -> None:
     """Train the adapters of a model whose base is frozen; save them with what generation needs to use them."""
     device = torch.device(args.device)
     model.to(device)
     dtype = compute_dtype(args.precision, device)
     training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
     scaler = gradient_scaler(device, dtype)
-    base_vocabulary = base["model_args"]["vocabulary_size"]
     embedding = model.token_embeddings.weight
     adapters = [parameter for parameter in model.parameters() if parameter.requires_grad and parameter is not embedding]
     groups = [{"params": adapters}]
@@ -230,24 +207,14 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
     step = 0
     if checkpoint:
-        load_lora_state_dict(model, checkpoint["lora"])
-        if is_chat(template):
-            with torch.no_grad():
-                embedding[base_vocabulary:] = checkpoint["added_token_embeddings"]
-        if checkpoint.get("optimizer"):
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        else:
-            note_optimizer_starts_afresh(args.checkpoint_path)
-        if checkpoint.get("rng"):
-            restore_rng_state(checkpoint["rng"][0], device)
-        restore_scaler(scaler, checkpoint.get("grad_scaler"))
-        step = checkpoint.get("step", 0)
+        step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
     eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
                                         for indices in torch.arange(len(test_samples)).split(args.batch_size)],
                                        model.padding_index)
-    trained = sum(parameter.numel() for parameter in adapters) + added_rows(model, base_vocabulary).numel()
+    trained = sum(parameter.numel() for parameter in adapters) + sum(
+        tensor.numel() for tensor in chat_token_entries(model, base).values() if isinstance(tensor, torch.Tensor))
     print(f"LoRA: {trained:,} trainable adapter parameters on a frozen base of "
           f"{sum(parameter.numel() for parameter in model.parameters()) - trained:,}; "
           f"{len(train_samples)} training and {len(test_samples)} held-out "
@@ -259,16 +226,11 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
         return weighted_by_targets([train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)],
                                    model.padding_index)
 
-    base_fingerprint = weights_fingerprint(base["model"])
-
     def save(step: int, epoch: int) -> None:
-        save_atomically(training_checkpoint(
-            base["model_args"], base["block_size"], optimizer.state_dict(), step, epoch, [rng_state(device)],
-            vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
-            lora_args={"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
-            base_model_path=str(Path(args.base_model_path).resolve()), base_fingerprint=base_fingerprint,
-            prompt_template=template.to_dict(), lora=lora_state_dict(model), num_train_samples=len(train_samples),
-            seed=seed, **(chat_entries(model, base_vocabulary) if is_chat(template) else {}),
+        save_atomically(adapter_checkpoint(
+            model, base, args.base_model_path, lora_args(args), template, optimizer.state_dict(), step, epoch,
+            [rng_state(device)], vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
+            num_train_samples=len(train_samples), seed=seed, **chat_token_entries(model, base),
         ), args.checkpoint_path)
 
     train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,

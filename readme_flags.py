@@ -1,7 +1,8 @@
 """Write the README's argument tables from the scripts' own parsers, so the two never drift apart.
 
-python readme_flags.py rewrites every table between <!-- flags:SCRIPT --> and <!-- /flags --> in README.md;
-with --check it only says whether they are current (exit 1 if not).
+python readme_flags.py rewrites every table between <!-- flags:SCRIPT --> and <!-- /flags --> in README.md, and the
+corpus table (corpora.py's registry) between <!-- corpora --> and <!-- /corpora -->; with --check it only says
+whether they are current (exit 1 if not).
 """
 
 import argparse
@@ -10,8 +11,11 @@ import re
 import sys
 from pathlib import Path
 
+from corpora import corpus_table
+
 README = Path(__file__).resolve().with_name("README.md")
 TABLE = re.compile(r"(<!-- flags:(?P<script>[\w.-]+) -->\n).*?(?=<!-- /flags -->)", re.S)
+CORPUS_TABLE = re.compile(r"(<!-- corpora -->\n).*?(?=<!-- /corpora -->)", re.S)
 
 def script_parser(script: str) -> argparse.ArgumentParser:
     """The parser a script builds in its build_parser()."""
@@ -42,6 +46,7 @@ def flags_table(parser: argparse.ArgumentParser) -> str:
 
 
 def with_current_tables(readme: str) -> str:
+    readme = CORPUS_TABLE.sub(lambda match: match[1] + "\n" + corpus_table() + "\n", readme)
     return TABLE.sub(lambda match: match[1] + "\n" + flags_table(script_parser(match["script"])), readme)
 
 

@@ -1,6 +1,7 @@
 import re
 
 from conftest import REPOSITORY
+from corpora import CORPORA, DEFAULT_CORPUS, corpus_table, dataset_help
 from readme_flags import script_parser, with_current_tables
 from training import tensorboard_writer
 
@@ -10,6 +11,13 @@ README = REPOSITORY / "README.md"
 def test_the_argument_tables_are_what_the_parsers_define():
     readme = README.read_text()
     assert with_current_tables(readme) == readme, "run: python readme_flags.py"
+
+
+def test_the_corpus_table_and_the_dataset_flag_come_from_the_registry():
+    readme = README.read_text()
+    assert f"| `{DEFAULT_CORPUS}` (default) |" in readme and corpus_table() in readme
+    dataset = next(action for action in script_parser("pre-train.py")._actions if action.dest == "dataset")
+    assert dataset.choices == tuple(CORPORA) and dataset.help == dataset_help()
 
 
 def test_the_readme_stays_a_user_s_document_under_24_kb():
