@@ -74,7 +74,7 @@ class Adafactor(torch.optim.Adafactor):
         if not state:
             state["step"] = torch.tensor(0.0)
         state["step"] += 1
-        step = state["step"].as_float()
+        step = state["step"].item()
         decay = step ** group["beta2_decay"]
         scale = learning_rate
         if group.get("scale_parameter", True):  # checkpoints from before the choice used PyTorch's rule
