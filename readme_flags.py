@@ -62,5 +62,6 @@ def main() -> None:
         if not args.check and current != text:
             document.write_text(current)
 
+
 if __name__ == "__main__":
     main()
