@@ -213,5 +213,6 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
                      dtype=dtype)
     train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
 
+
 if __name__ == "__main__":
     main()

@@ -376,5 +376,6 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
                      reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[args.ddp_sharding_level])
     train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
 
+
 if __name__ == "__main__":
     main()
