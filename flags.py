@@ -19,6 +19,7 @@ SEED_FLAG_NAMES = {"num_heads": "num_attention_heads", "num_layers": "num_hidden
 CONFIG_FIELDS = {SEED_FLAG_NAMES.get(name, name): name for name in (*SHAPE_FIELDS, "dropout")
                  if name != "vocabulary_size"}
 
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with the defaults shown in --help, except that under torchrun only rank 0 prints a
     usage error: every rank meets it."""
