@@ -41,7 +41,7 @@ from finetuning import (
     lora_model,
     resume_adapters,
 )
-from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
+from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int, run_config
 from model import LightGPT
 from tokenizer import CHAT_VOCABULARY_SIZE
 from training import rng_state, train, weighted_by_targets
@@ -233,10 +233,10 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
             num_train_samples=len(train_samples), seed=seed, **chat_token_entries(model, base),
         ), args.checkpoint_path)
 
-    train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, dtype=dtype, scaler=scaler,
-          padding_index=model.padding_index, unit="samples", units_per_epoch=len(train_samples),
-          description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py")
+    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="samples", units_per_epoch=len(train_samples),
+                     description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py",
+                     dtype=dtype)
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 import corpora
 import preparation
-from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, fineweb_edu_mirror, one_thread, run_script
+from conftest import REPOSITORY, TINY_MODEL_FLAGS, assert_one_line_error, fineweb_edu_mirror, one_thread, run_script
 from corpora import resolve_text_files
 from preparation import TokenWindows, prepare_corpus
 from tokenizer import build_tokenizer, load_tokenizer, package_data_path
@@ -239,14 +239,14 @@ def test_a_preparation_waits_while_another_process_prepares_the_same_folder(tmp_
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder / "prepare.lock")],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
-    preparation = threading.Thread(target=prepare_corpus, args=("text", tmp_path / "dataset", 1, files, False))
-    preparation.start()
-    preparation.join(timeout=2)
-    assert preparation.is_alive() and not (folder / "meta.json").exists()
+    waiting = threading.Thread(target=prepare_corpus, args=("text", tmp_path / "dataset", 1, files, False))
+    waiting.start()
+    waiting.join(timeout=2)
+    assert waiting.is_alive() and not (folder / "meta.json").exists()
     assert f"Waiting for process {holder.pid}, which is preparing {folder}" in capfd.readouterr().err
     holder.kill()  # the OS releases a dead process's lock
     holder.wait()
-    preparation.join(timeout=60)
+    waiting.join(timeout=60)
     assert json.loads((folder / "meta.json").read_text())["complete"]
 
 
@@ -420,7 +420,7 @@ def test_a_corpus_shorter_than_a_window_is_a_clear_error(tmp_path):
 def start_pretraining_on_the_mirror(root, dataset_path, *args) -> subprocess.Popen:
     """pre-train.py on the local FineWeb-Edu mirror in root, as a user would start it."""
     return subprocess.Popen(
-        [sys.executable, str(REPOSITORY / "pre-train.py"), "--dataset_path", str(dataset_path), *TINY_MODEL,
+        [sys.executable, str(REPOSITORY / "pre-train.py"), "--dataset_path", str(dataset_path), *TINY_MODEL_FLAGS,
          "--samples_per_epoch", "1", "--batch_size", "1", "--gradient_accumulation_steps", "1", "--num_epochs", "1",
          "--eval_samples", "1", "--checkpoint_path", str(root / "checkpoint.pt"), *args],
         cwd=root, env=one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
