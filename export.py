@@ -41,7 +41,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT_PATH,
                         help="The checkpoint written by pre-train.py (with --lora_path: the adapter's base).")
     parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter (instruction-tune.py) to merge into the model first.")
+                        help="A LoRA adapter (instruction-tune.py, preference-tune.py) to merge into the model first.")
     parser.add_argument("--output_dir", required=True,
                         help="The folder to write: a new or an empty one.")
     parser.add_argument("--onnx", action=BooleanOptionalAction, default=False,

@@ -4,11 +4,18 @@ policy for loading an adapter onto a base (for generation, export and resuming a
 The policy: an adapter loads only onto a base of its shape (check_same_base) and with the very weights it was
 trained on (its fingerprint; adapters older than fingerprints are taken on trust), else one line that names both
 files. A merged adapter on other weights gives answers nobody trained, whether it is resumed, exported or asked.
+An adapter trained on a model that already had one merged (preference tuning on a chat adapter) holds that one as
+its merged_adapter, and loading merges both in order, onto the base both were trained on.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Module
 
 from checkpoint import (
     check_same_base,
@@ -27,6 +34,7 @@ from model import (
     LightGPT,
     add_lora,
     added_rows,
+    lora_layers,
     grow_vocabulary,
     load_lora_state_dict,
     lora_state_dict,
@@ -60,6 +68,18 @@ def chat_token_entries(model: LightGPT, base: dict) -> dict:
     if model.vocabulary_size == base_vocabulary:
         return {}
     return {"added_token_embeddings": added_rows(model, base_vocabulary), "vocabulary_size": model.vocabulary_size}
+
+
+def adapter_optimizer(model: LightGPT, learning_rate: float, device: torch.device
+                      ) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """AdamW over what an adapted model trains (fused on a GPU), and its adapters' matrices. The embedding, when
+    its chat tokens' rows train, goes without weight decay, which would shrink its frozen rows too."""
+    embedding = model.token_embeddings.weight
+    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad and parameter is not embedding]
+    groups = [{"params": adapters}]
+    if embedding.requires_grad:
+        groups.append({"params": [embedding], "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=device.type == "cuda"), adapters
 
 
 def adapter_checkpoint(model: LightGPT, base: dict, base_path: str | Path, lora_args: dict, template: PromptTemplate,
@@ -104,15 +124,65 @@ def resume_adapters(model: LightGPT, optimizer: torch.optim.Optimizer, scaler: t
 
 
 def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
-    """The base model with its adapter applied and merged: a plain LightGPT in eval mode. Only its shape is
-    checked here: adapter_on_base applies the whole policy."""
+    """The base model with its adapter applied and merged (after the adapter it was trained on, if any): a plain
+    LightGPT in eval mode. Only its shape is checked here: adapter_on_base applies the whole policy."""
     check_same_base(adapter, base)
-    model = model_from_checkpoint(base, "the base checkpoint")
+    if "merged_adapter" in adapter:
+        model = load_adapted_model(adapter["merged_adapter"], base)
+    else:
+        model = model_from_checkpoint(base, "the base checkpoint")
     if "added_token_embeddings" in adapter:  # a chat adapter's tokens after the base's vocabulary
         grow_vocabulary(model, adapter["vocabulary_size"], adapter["added_token_embeddings"])
     add_lora(model, **adapter["lora_args"])
     load_lora_state_dict(model, adapter["lora"])
     return merge_lora(model).eval()
+
+
+# What a stacked adapter keeps of the adapter it was trained on: what loading it takes, and where it came from.
+MERGED_ADAPTER_ENTRIES = ("model_args", "lora_args", "lora", "added_token_embeddings", "vocabulary_size",
+                          "base_fingerprint", "prompt_template", "merged_adapter")
+
+
+def merged_adapter_entry(adapter: dict, path: str | Path) -> dict:
+    """The merged_adapter entry of an adapter trained on `adapter` merged into its base: its weights and how to
+    apply them, its file and a fingerprint of its matrices (which a resumed run checks)."""
+    return {name: adapter[name] for name in MERGED_ADAPTER_ENTRIES if name in adapter} | {
+        "path": str(Path(path).resolve()), "fingerprint": weights_fingerprint(adapter["lora"])}
+
+
+@contextmanager
+def adapters_off(model: Module) -> Iterator[None]:
+    """Run the model (as parallelize wrapped it, or not) without its LoRA adapters: the model they were added to,
+    with no second copy in memory."""
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.enabled = True
+
+
+def preference_loss(model: Module, inputs: Tensor, targets: Tensor, beta: float, label_smoothing: float = 0.0
+                    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """DPO's sigmoid loss (Rafailov et al. 2023) on a micro-batch of pairs: inputs and targets (2 x pairs, sequence),
+    the chosen responses' rows, then the rejected ones', their targets padding but on the response. The policy is
+    the model with its adapters, the reference the same model with them off (adapters_off); both in one forward
+    pass over the chosen and rejected rows each. label_smoothing > 0: conservative DPO, which takes each label as
+    wrong with that probability. With TRL's figures: rewards/chosen and rewards/rejected (beta times the log-ratio
+    of policy to reference), rewards/margins and rewards/accuracies (how often the chosen one's is higher). A
+    training.RunConfig loss (see training.language_model_loss); units: pairs."""
+    with torch.no_grad(), adapters_off(model):
+        _, reference = model(inputs, targets, per_row=True)  # (2 x pairs,) summed cross entropies
+    _, policy = model(inputs, targets, per_row=True)
+    chosen, rejected = (beta * (reference - policy)).chunk(2)  # beta * log(pi / ref) of each, (pairs,)
+    margins = chosen - rejected
+    loss = -(1 - label_smoothing) * F.logsigmoid(margins) - label_smoothing * F.logsigmoid(-margins)
+    chosen, rejected = chosen.detach(), rejected.detach()
+    figures = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+               "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean()}
+    return loss.mean(), figures, torch.tensor(len(chosen), device=loss.device)
 
 
 def adapter_on_base(adapter: dict, base: dict, lora_path: str | Path, base_path: str | Path) -> LightGPT:

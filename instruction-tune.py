@@ -36,6 +36,7 @@ from files import resolve_files, same_files
 from finetuning import (
     add_chat_tokens,
     adapter_checkpoint,
+    adapter_optimizer,
     chat_token_entries,
     check_same_adapters,
     lora_model,
@@ -44,7 +45,7 @@ from finetuning import (
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int, run_config
 from model import LightGPT
 from tokenizer import CHAT_VOCABULARY_SIZE
-from training import rng_state, train, weighted_by_targets
+from training import epoch_order, rng_state, train, weighted_by_targets
 
 
 def build_parser() -> ArgumentParser:
@@ -182,12 +183,6 @@ def chat_samples(args, template: PromptTemplate, block_size: int, padding_index:
     return samples
 
 
-def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed, below 2**63), so a
-    resumed run sees the same order without saving it."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63))
-
-
 def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: TokenSamples,
                      test_samples: TokenSamples, checkpoint: dict | None, template: PromptTemplate) -> None:
     """Train the adapters of a model whose base is frozen; save them with what generation needs to use them."""
@@ -196,12 +191,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
     dtype = compute_dtype(args.precision, device)
     training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
     scaler = gradient_scaler(device, dtype)
-    embedding = model.token_embeddings.weight
-    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad and parameter is not embedding]
-    groups = [{"params": adapters}]
-    if embedding.requires_grad:  # the rows of the chat tokens; decay would shrink the frozen rows too
-        groups.append({"params": [embedding], "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
+    optimizer, adapters = adapter_optimizer(model, args.learning_rate, device)
 
     samples_per_step = args.batch_size * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
