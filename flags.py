@@ -230,8 +230,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int, pr
                         help="A checkpoint of pre-train.py or a folder of export.py (default: ./out/checkpoint.pt, "
                         "or the base an adapter names).")
     parser.add_argument("--lora_path", default=None,
-                        help="An adapter of instruction-tune.py or preference-tune.py, merged into its base; prompts take "
-                        "its template.")
+                        help="An adapter of instruction-tune.py or preference-tune.py, merged into its base; prompts "
+                        "take its template.")
     if prompt:
         parser.add_argument("--prompt", default=None,
                             help="The text to complete (default: each line typed, or of standard input).")
