@@ -61,7 +61,8 @@ from distributed import (
 )
 from conversations import CHATML
 from generation import ChatSession, beam_search, generate
-from model import LightGPT
+from finetuning import adapter_optimizer, preference_loss
+from model import LightGPT, add_lora
 from preparation import prepare_corpus
 from profiling import (
     RU_MAXRSS_UNIT,
@@ -74,11 +75,11 @@ from profiling import (
 )
 from sizing import training_flops_per_token
 from tokenizer import CHAT_VOCABULARY_SIZE, load_tokenizer
-from training import build_optimizer
+from training import build_optimizer, language_model_loss, optimizer_step
 
 R50K_VOCABULARY_SIZE = 50257
 LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
-PARTS = ("train", "generate", "beam_search", "chat", "data", "checkpointing", "accumulation")
+PARTS = ("train", "generate", "beam_search", "chat", "preference", "data", "checkpointing", "accumulation")
 CHAT_QUESTION = "Tell me something about the history of the city where you were born, in a few sentences."
 
 
@@ -88,8 +89,9 @@ def build_parser() -> ArgumentParser:
                             "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
-                        "chat turns (the cache kept across turns or the conversation recomputed), corpus preparation, activation checkpointing; alone and under torchrun, FSDP2's gradient "
-                        "accumulation.")
+                        "chat turns (the cache kept across turns or the conversation recomputed), a DPO step against "
+                        "an SFT step on LoRA, corpus preparation, activation checkpointing; alone and under torchrun, "
+                        "FSDP2's gradient accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
@@ -449,6 +451,43 @@ def measure_chat(args: argparse.Namespace) -> list[Measurement]:
     ]
 
 
+def measure_preference(args: argparse.Namespace) -> list[Measurement]:
+    """A DPO step of preference-tune.py (--batch_size pairs: their chosen and rejected rows, and the reference with
+    the adapters off) against an SFT step of instruction-tune.py on LoRA, of --batch_size rows and of as many rows
+    as the pairs have; the loss on the second half of each row. Peak memory and time, the steps interleaved."""
+    device = torch.device(args.device)
+    model = lightgpt(args)
+    add_lora(model, 8, 1.0, 0.0)
+    optimizer, _ = adapter_optimizer(model, LEARNING_RATE, device)
+    scaler = gradient_scaler(device, args.dtype)
+    tokens = torch.randint(0, args.vocabulary_size, (2 * args.batch_size, args.block_size + 1),
+                           generator=torch.Generator().manual_seed(args.seed)).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()
+    y[:, : args.block_size // 2] = model.padding_index  # the prompts
+    pairs = args.batch_size
+    batches = {"preference": (x, y, functools.partial(preference_loss, beta=0.1)),
+               "sft": (x[:pairs], y[:pairs], language_model_loss), "sft_as_many_rows": (x, y, language_model_loss)}
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor, loss: Callable) -> Callable[[], None]:
+        return lambda: optimizer_step(model, optimizer, [(inputs, targets, 1.0)], LEARNING_RATE, 1.0,
+                                      autocast(device, args.dtype), scaler, loss_of=loss)
+
+    steps = {name: step(*batch) for name, batch in batches.items()}
+    peaks = {name: peak_step_bytes(run, model, optimizer, device) for name, run in steps.items()}
+    seconds = interleaved_seconds(steps, args.steps, args.warmup, device, "Preference")
+    details = {"pairs": pairs, "block_size": args.block_size, "precision": PRECISION_NAMES[args.dtype]}
+    return [
+        Measurement("preference_step_peak_memory", peaks["preference"], "bytes", details=details),
+        Measurement("sft_step_peak_memory", peaks["sft"], "bytes", details=details),
+        Measurement("preference_over_sft_peak_memory", peaks["preference"] / peaks["sft"], "x", details=details),
+        Measurement("preference_over_sft_as_many_rows_peak_memory", peaks["preference"] / peaks["sft_as_many_rows"],
+                    "x", details=details),
+        Measurement("preference_over_sft_step_time", seconds["preference"] / seconds["sft"], "x", details=details),
+        Measurement("preference_over_sft_as_many_rows_step_time", seconds["preference"] / seconds["sft_as_many_rows"],
+                    "x", details=details),
+    ]
+
+
 def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
     """Parquet shards of at least `tokens` tokens, in documents of about 1,000 tokens (FineWeb-Edu's mean), of words
     drawn at the frequencies of the embedded Wikipedia corpus, so that the tokenizer meets English; written a shard
@@ -630,6 +669,7 @@ def main() -> None:
         "generate": measure_generation,
         "beam_search": measure_beam_search,
         "chat": measure_chat,
+        "preference": measure_preference,
         "data": measure_data,
         "checkpointing": measure_checkpointing,
         "accumulation": measure_accumulation,
