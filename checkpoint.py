@@ -243,7 +243,8 @@ def whole_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
     """The model weights of a sharded checkpoint, read whole into this process's memory."""
     metadata = safe_metadata(shards_folder(path, index))
     version = index.get("written_in_format", FORMAT_VERSION)
-    weights = {current_name(name.removeprefix("model."), version): torch.empty(item.size, dtype=item.properties.dtype)
+    weights = {current_name(name.removeprefix("model."), version):
+               torch.empty(item.size, dtype=item.properties.dtype)
                for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
     load_shards(path, index, {"model": weights}, alone=True)
     return weights

@@ -6,9 +6,12 @@ trained on (its fingerprint; adapters older than fingerprints are taken on trust
 files. A merged adapter on other weights gives answers nobody trained, whether it is resumed, exported or asked.
 """
 
+import math
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from checkpoint import (
     check_same_base,
@@ -18,11 +21,14 @@ from checkpoint import (
     load_lora_checkpoint,
     load_model,
     model_from_checkpoint,
+    save_atomically,
     trained_on_these_weights,
     training_checkpoint,
     weights_fingerprint,
 )
 from conversations import PromptTemplate
+from devices import compiles, compute_dtype, gradient_scaler
+from distributed import parallelize
 from model import (
     LightGPT,
     add_lora,
@@ -33,7 +39,28 @@ from model import (
     merge_lora,
     train_added_rows,
 )
-from training import note_optimizer_starts_afresh, restore_rng_state, restore_scaler
+from training import (
+    note_optimizer_starts_afresh,
+    restore_rng_state,
+    restore_scaler,
+    rng_state,
+    train,
+    weighted_by_targets,
+)
+
+
+class Samples(Protocol):
+    """What a fine-tuning script's data offers: its number of samples, and a batch of them as inputs and targets
+    padded on the right (targets with the model's padding_index, which the loss leaves out)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> tuple[Tensor, Tensor]: ...
+
+
+def lora_args(args) -> dict:
+    """The adapters' shape and dropout, from the flags --rank, --alpha and --dropout."""
+    return {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
 
 
 def lora_model(base: dict, base_path: str | Path, lora_args: dict) -> LightGPT:
@@ -158,3 +185,72 @@ def load_inference_model(path: str | Path | None, device: str = "cpu", lora_path
         return model.to(device, dtype), block_size, template
     model, block_size, template = load_model(path, device, dtype=dtype)
     return model, block_size, saved_template(template, path)
+
+
+def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
+    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed, below 2**63), so a
+    resumed run sees the same order without saving it."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63))
+
+
+def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, train_samples: Samples,
+                   test_samples: Samples, seed: int, checkpoint: dict | None, *, what: str, description: str,
+                   program: str, **entries) -> None:
+    """Train the adapters of a model whose base is frozen, with AdamW, on shuffled batches of train_samples,
+    evaluating on test_samples; save them with what generation needs to use them. The training loop of every
+    fine-tuning script.
+
+    Args:
+        args: the flags of add_training_arguments, --rank, --alpha, --dropout, --base_model_path and --device.
+        base: the base checkpoint; template: the prompt template the samples were rendered with.
+        checkpoint: the adapter checkpoint to resume, if any.
+        what: what a sample is, for the opening line (instructions, conversations...).
+        description, program: the progress bar's label and the script's name, for messages.
+        entries: what the script adds to its adapter checkpoint.
+    """
+    device = torch.device(args.device)
+    model.to(device)
+    dtype = compute_dtype(args.precision, device)
+    training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
+    scaler = gradient_scaler(device, dtype)
+    embedding = model.token_embeddings.weight
+    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad and parameter is not embedding]
+    groups = [{"params": adapters}]
+    if embedding.requires_grad:  # the rows of a chat template's tokens; decay would shrink the frozen rows too
+        groups.append({"params": [embedding], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
+
+    samples_per_step = args.batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
+    step = 0
+    if checkpoint:
+        step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
+        print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
+
+    eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
+                                        for indices in torch.arange(len(test_samples)).split(args.batch_size)],
+                                       model.padding_index)
+    trained = sum(parameter.numel() for parameter in adapters) + sum(
+        tensor.numel() for tensor in chat_token_entries(model, base).values() if isinstance(tensor, Tensor))
+    print(f"LoRA: {trained:,} trainable adapter parameters on a frozen base of "
+          f"{sum(parameter.numel() for parameter in model.parameters()) - trained:,}; "
+          f"{len(train_samples)} training and {len(test_samples)} held-out {what}, "
+          f"{steps_per_epoch} steps per epoch")
+
+    def micro_batches_at(step: int) -> list[tuple]:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = epoch_order(seed, epoch, len(train_samples))[position * samples_per_step:][:samples_per_step]
+        return weighted_by_targets([train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)],
+                                   model.padding_index)
+
+    def save(step: int, epoch: int) -> None:
+        save_atomically(adapter_checkpoint(
+            model, base, args.base_model_path, lora_args(args), template, optimizer.state_dict(), step, epoch,
+            [rng_state(device)], vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(), seed=seed, **entries,
+            **chat_token_entries(model, base),
+        ), args.checkpoint_path)
+
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
+          steps_per_epoch=steps_per_epoch, dtype=dtype, scaler=scaler,
+          padding_index=model.padding_index, unit="samples", units_per_epoch=len(train_samples),
+          description=description, saved_what="adapters", program=program)
