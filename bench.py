@@ -61,7 +61,7 @@ from distributed import (
 )
 from conversations import CHATML
 from generation import ChatSession, beam_search, generate
-from finetuning import adapter_optimizer, preference_loss
+from finetuning import preference_loss
 from model import LightGPT, add_lora
 from preparation import prepare_corpus
 from profiling import (
@@ -458,7 +458,8 @@ def measure_preference(args: argparse.Namespace) -> list[Measurement]:
     device = torch.device(args.device)
     model = lightgpt(args)
     add_lora(model, 8, 1.0, 0.0)
-    optimizer, _ = adapter_optimizer(model, LEARNING_RATE, device)
+    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad],
+                                  lr=LEARNING_RATE)  # as finetuning.train_adapters
     scaler = gradient_scaler(device, args.dtype)
     tokens = torch.randint(0, args.vocabulary_size, (2 * args.batch_size, args.block_size + 1),
                            generator=torch.Generator().manual_seed(args.seed)).to(device)

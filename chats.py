@@ -6,13 +6,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from conversations import (
     INSTRUCTION_EXTENSIONS,
     ROLES,
     PromptTemplate,
-    TokenSamples,
+    ConversationSamples,
     checked_record,
     json_records,
     load_instructions,
@@ -168,38 +167,31 @@ def load_examples(dataset: str, dataset_path: str | None = None, subset: str | N
     return "chat", train, test
 
 
-def fit_conversation(segments: list[tuple[list[int], list[bool]]], messages: Conversation, limit: int,
-                     ) -> tuple[list[int], list[bool]] | None:
-    """The rendered messages (one (ids, mask) per message) cut after the last assistant turn that ends within
-    `limit` + 1 ids (a sample's inputs are its ids but the last), or None when not even the first one does."""
-    ids, mask, kept = [], [], None
-    for (message_ids, message_mask), message in zip(segments, messages):
-        if len(ids) + len(message_ids) > limit + 1:
+def fitting_end(segments: list[list[int]], messages: Conversation, limit: int) -> int | None:
+    """How many of the messages (rendered one by one as segments) to keep: up to the last assistant turn that ends
+    within `limit` + 1 ids (a sample's inputs are its ids but the last), or None when not even the first does."""
+    length, kept = 0, None
+    for count, (ids, message) in enumerate(zip(segments, messages), start=1):
+        length += len(ids)
+        if length > limit + 1:
             break
-        ids, mask = ids + message_ids, mask + message_mask
         if message["role"] == "assistant":
-            kept = (ids, mask)
+            kept = count
     return kept
 
 
-class ChatSamples(TokenSamples):
-    """Conversations rendered by a template, cut to `limit` input tokens at a turn boundary (see fit_conversation)
-    or dropped; num_cut and num_dropped count both."""
+class ChatSamples(ConversationSamples):
+    """Conversations rendered by a template (the loss on the replies only), each cut after its last assistant turn
+    that fits in `limit` input tokens, or dropped when none does; num_cut and num_dropped count both."""
 
     def __init__(self, conversations: list[Conversation], template: PromptTemplate, limit: int, padding_index: int,
                  show_progress: bool = True):
-        from tqdm import tqdm
-
-        super().__init__(padding_index)
-        self.num_cut = self.num_dropped = 0
-        for messages in tqdm(conversations, desc="Tokenizing conversations", unit="sample",
-                             disable=not show_progress):
-            segments = [template.render([message]) for message in messages]
-            fitted = fit_conversation(segments, messages, limit)
-            if fitted is None:
+        kept, self.num_cut, self.num_dropped = [], 0, 0
+        for messages in conversations:
+            end = fitting_end([template.render([message])[0] for message in messages], messages, limit)
+            if end is None:
                 self.num_dropped += 1
                 continue
-            ids, mask = fitted
-            self.num_cut += len(ids) < sum(len(segment_ids) for segment_ids, _ in segments)
-            labels = [token if learned else padding_index for token, learned in zip(ids, mask)]
-            self.samples.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))
+            self.num_cut += end < len(messages)
+            kept.append(messages[:end])
+        super().__init__(kept, template, limit, True, padding_index, show_progress)

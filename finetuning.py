@@ -8,9 +8,11 @@ An adapter trained on a model that already had one merged (preference tuning on 
 its merged_adapter, and loading merges both in order, onto the base both were trained on.
 """
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +27,14 @@ from checkpoint import (
     load_lora_checkpoint,
     load_model,
     model_from_checkpoint,
+    save_atomically,
     trained_on_these_weights,
     training_checkpoint,
     weights_fingerprint,
 )
 from conversations import PromptTemplate
+from devices import compiles, compute_dtype, gradient_scaler
+from distributed import parallelize
 from model import (
     LightGPT,
     add_lora,
@@ -41,7 +46,31 @@ from model import (
     merge_lora,
     train_added_rows,
 )
-from training import note_optimizer_starts_afresh, restore_rng_state, restore_scaler
+from flags import run_config
+from training import (
+    LossFunction,
+    language_model_loss,
+    note_optimizer_starts_afresh,
+    restore_rng_state,
+    restore_scaler,
+    rng_state,
+    train,
+    weighted_by_targets,
+)
+
+
+class Samples(Protocol):
+    """What a fine-tuning script's data offers: its number of samples, and a batch of them as inputs and targets
+    padded on the right (targets with the model's padding_index, which the loss leaves out)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> tuple[Tensor, Tensor]: ...
+
+
+def lora_args(args) -> dict:
+    """The adapters' shape and dropout, from the flags --rank, --alpha and --dropout."""
+    return {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
 
 
 def lora_model(base: dict, base_path: str | Path, lora_args: dict) -> LightGPT:
@@ -63,23 +92,12 @@ def add_chat_tokens(model: LightGPT, vocabulary_size: int) -> None:
 
 def chat_token_entries(model: LightGPT, base: dict) -> dict:
     """What an adapter holds for the chat tokens: their embedding rows (all it changes of the base's weights) and
-    the grown vocabulary; nothing for a model of the base's vocabulary."""
+    the grown vocabulary; nothing for a model of the base's vocabulary, or whose rows came with a merged adapter
+    (frozen, as in preference tuning)."""
     base_vocabulary = base["model_args"]["vocabulary_size"]
-    if model.vocabulary_size == base_vocabulary:
+    if model.vocabulary_size == base_vocabulary or not model.token_embeddings.weight.requires_grad:
         return {}
     return {"added_token_embeddings": added_rows(model, base_vocabulary), "vocabulary_size": model.vocabulary_size}
-
-
-def adapter_optimizer(model: LightGPT, learning_rate: float, device: torch.device
-                      ) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
-    """AdamW over what an adapted model trains (fused on a GPU), and its adapters' matrices. The embedding, when
-    its chat tokens' rows train, goes without weight decay, which would shrink its frozen rows too."""
-    embedding = model.token_embeddings.weight
-    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad and parameter is not embedding]
-    groups = [{"params": adapters}]
-    if embedding.requires_grad:
-        groups.append({"params": [embedding], "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=learning_rate, fused=device.type == "cuda"), adapters
 
 
 def adapter_checkpoint(model: LightGPT, base: dict, base_path: str | Path, lora_args: dict, template: PromptTemplate,
@@ -228,3 +246,74 @@ def load_inference_model(path: str | Path | None, device: str = "cpu", lora_path
         return model.to(device, dtype), block_size, template
     model, block_size, template = load_model(path, device, dtype=dtype)
     return model, block_size, saved_template(template, path)
+
+
+def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
+    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed, below 2**63), so a
+    resumed run sees the same order without saving it."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63))
+
+
+def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, train_samples: Samples,
+                   test_samples: Samples, seed: int, checkpoint: dict | None, *, what: str, description: str,
+                   program: str, loss_of: LossFunction = language_model_loss,
+                   weigh: Callable[[list[tuple[Tensor, Tensor]], int], list[tuple]] = weighted_by_targets,
+                   **entries) -> None:
+    """Train the adapters of a model whose base is frozen, with AdamW, on shuffled batches of train_samples,
+    evaluating on test_samples; save them with what generation needs to use them. The training loop of every
+    fine-tuning script.
+
+    Args:
+        args: the flags of add_training_arguments, --rank, --alpha, --dropout, --base_model_path and --device.
+        base: the base checkpoint; template: the prompt template the samples were rendered with.
+        checkpoint: the adapter checkpoint to resume, if any.
+        what: what a sample is, for the opening line (instructions, conversations...).
+        description, program: the progress bar's label and the script's name, for messages.
+        loss_of: the loss (training.RunConfig's); weigh(batches, padding_index): the micro-batches of a step with
+            their loss weights, their shares of the units loss_of averages over (targets, pairs).
+        entries: what the script adds to its adapter checkpoint.
+    """
+    device = torch.device(args.device)
+    model.to(device)
+    dtype = compute_dtype(args.precision, device)
+    training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
+    scaler = gradient_scaler(device, dtype)
+    embedding = model.token_embeddings.weight
+    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad and parameter is not embedding]
+    groups = [{"params": adapters}]
+    if embedding.requires_grad:  # the rows of a chat template's tokens; decay would shrink the frozen rows too
+        groups.append({"params": [embedding], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
+
+    samples_per_step = args.batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
+    step = 0
+    if checkpoint:
+        step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
+        print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
+
+    eval_batches = weigh([test_samples.batch(indices.tolist())
+                          for indices in torch.arange(len(test_samples)).split(args.batch_size)], model.padding_index)
+    trained = sum(parameter.numel() for parameter in adapters) + sum(
+        tensor.numel() for tensor in chat_token_entries(model, base).values() if isinstance(tensor, Tensor))
+    print(f"LoRA: {trained:,} trainable adapter parameters on a frozen base of "
+          f"{sum(parameter.numel() for parameter in model.parameters()) - trained:,}; "
+          f"{len(train_samples)} training and {len(test_samples)} held-out {what}, "
+          f"{steps_per_epoch} steps per epoch")
+
+    def micro_batches_at(step: int) -> list[tuple]:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = epoch_order(seed, epoch, len(train_samples))[position * samples_per_step:][:samples_per_step]
+        return weigh([train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)],
+                     model.padding_index)
+
+    def save(step: int, epoch: int) -> None:
+        save_atomically(adapter_checkpoint(
+            model, base, args.base_model_path, lora_args(args), template, optimizer.state_dict(), step, epoch,
+            [rng_state(device)], vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(), seed=seed, **entries,
+            **chat_token_entries(model, base),
+        ), args.checkpoint_path)
+
+    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="samples", units_per_epoch=len(train_samples),
+                     description=description, saved_what="adapters", program=program, dtype=dtype, loss_of=loss_of)
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)

@@ -1,7 +1,6 @@
 """Instruction-tune a pre-trained LightGPT with LoRA adapters on instruction/response pairs."""
 
 import argparse
-import math
 import random
 import sys
 from argparse import BooleanOptionalAction
@@ -16,7 +15,6 @@ from checkpoint import (
     is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
-    save_atomically,
 )
 from chats import ChatSamples, load_examples
 from conversations import (
@@ -26,26 +24,12 @@ from conversations import (
     INSTRUCTION_EXTENSIONS,
     InstructionSamples,
     PromptTemplate,
-    TokenSamples,
-    is_chat,
     split_instructions,
 )
-from devices import compiles, compute_dtype, gradient_scaler
-from distributed import parallelize
 from files import resolve_files, same_files
-from finetuning import (
-    add_chat_tokens,
-    adapter_checkpoint,
-    adapter_optimizer,
-    chat_token_entries,
-    check_same_adapters,
-    lora_model,
-    resume_adapters,
-)
-from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int, run_config
-from model import LightGPT
+from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, train_adapters
+from flags import ArgumentParser, add_lora_arguments, add_training_arguments, positive_int
 from tokenizer import CHAT_VOCABULARY_SIZE
-from training import epoch_order, rng_state, train, weighted_by_targets
 
 
 def build_parser() -> ArgumentParser:
@@ -68,13 +52,7 @@ def build_parser() -> ArgumentParser:
                         "turn that fits, or drop it when none does; the context when not given.")
     parser.add_argument("--mask_input", action=BooleanOptionalAction, default=False,
                         help="Leave the prompt out of the loss, so only the response is learned.")
-    parser.add_argument("--rank", type=positive_int, default=8,
-                        help="The rank of the LoRA decomposition matrices A and B.")
-    parser.add_argument("--alpha", type=positive_float, default=1.0,
-                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A.")
-    parser.add_argument("--dropout", type=fraction, default=0.05,
-                        help="The proportion of signals to send to zero during training as regularization "
-                        "(in the adapters' inputs and in the frozen model).")
+    add_lora_arguments(parser)
     add_training_arguments(parser, learning_rate=5e-4, warmup_steps=0, num_epochs=4, eval_interval=1,
                            checkpoint_interval=1, checkpoint_path="./out/lora_instruction.pt", what="adapter")
     return parser
@@ -115,10 +93,6 @@ def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_
                          f"this dataset has {num_train_samples}; use the original dataset")
 
 
-def lora_args(args: argparse.Namespace) -> dict:
-    return {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
-
-
 def dataset_flags(flags: dict) -> str:
     return f"--dataset {flags['dataset']}" + (f" --dataset_path {flags.get('dataset_path')}"
                                               if flags["dataset"] == "local" else "")
@@ -147,15 +121,17 @@ def main() -> None:
             sys.exit(f"instruction-tune.py: error: {error}")
 
         if kind == "chat":
-            template = CHATML
             add_chat_tokens(model, CHAT_VOCABULARY_SIZE)
-            train_samples, test_samples = chat_samples(args, template, block_size, model.padding_index,
+            template, what = CHATML, "conversations"
+            train_samples, test_samples = chat_samples(args, CHATML, block_size, model.padding_index,
                                                        train_records, test_records)
         else:
-            template = ALPACA
+            template, what = ALPACA, "instructions"
             train_samples, test_samples = alpaca_samples(args, block_size, model.padding_index,
                                                          train_records, test_records)
-        instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint, template)
+        train_adapters(args, model, base, template, train_samples, test_samples, seed, checkpoint, what=what,
+                       description="Instruction-tuning", program="instruction-tune.py",
+                       num_train_samples=len(train_samples))
 
 
 def alpaca_samples(args, block_size: int, padding_index: int, *records: list) -> list[InstructionSamples]:
@@ -181,52 +157,6 @@ def chat_samples(args, template: PromptTemplate, block_size: int, padding_index:
             sys.exit(f"instruction-tune.py: error: no {name} conversation fits in {limit} tokens; raise "
                      f"--max_tokens_per_sample or use a base model with a longer context")
     return samples
-
-
-def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples: TokenSamples,
-                     test_samples: TokenSamples, checkpoint: dict | None, template: PromptTemplate) -> None:
-    """Train the adapters of a model whose base is frozen; save them with what generation needs to use them."""
-    device = torch.device(args.device)
-    model.to(device)
-    dtype = compute_dtype(args.precision, device)
-    training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
-    scaler = gradient_scaler(device, dtype)
-    optimizer, adapters = adapter_optimizer(model, args.learning_rate, device)
-
-    samples_per_step = args.batch_size * args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
-    step = 0
-    if checkpoint:
-        step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
-        print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
-
-    eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
-                                        for indices in torch.arange(len(test_samples)).split(args.batch_size)],
-                                       model.padding_index)
-    trained = sum(parameter.numel() for parameter in adapters) + sum(
-        tensor.numel() for tensor in chat_token_entries(model, base).values() if isinstance(tensor, torch.Tensor))
-    print(f"LoRA: {trained:,} trainable adapter parameters on a frozen base of "
-          f"{sum(parameter.numel() for parameter in model.parameters()) - trained:,}; "
-          f"{len(train_samples)} training and {len(test_samples)} held-out "
-          f"{'conversations' if is_chat(template) else 'instructions'}, {steps_per_epoch} steps per epoch")
-
-    def micro_batches_at(step: int) -> list[tuple]:
-        epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(seed, epoch, len(train_samples))[position * samples_per_step:][:samples_per_step]
-        return weighted_by_targets([train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)],
-                                   model.padding_index)
-
-    def save(step: int, epoch: int) -> None:
-        save_atomically(adapter_checkpoint(
-            model, base, args.base_model_path, lora_args(args), template, optimizer.state_dict(), step, epoch,
-            [rng_state(device)], vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
-            num_train_samples=len(train_samples), seed=seed, **chat_token_entries(model, base),
-        ), args.checkpoint_path)
-
-    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="samples", units_per_epoch=len(train_samples),
-                     description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py",
-                     dtype=dtype)
-    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
 
 
 if __name__ == "__main__":

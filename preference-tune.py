@@ -2,7 +2,6 @@
 
 import argparse
 import functools
-import math
 import random
 import sys
 from contextlib import ExitStack
@@ -16,27 +15,22 @@ from checkpoint import (
     is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
-    save_atomically,
     weights_fingerprint,
 )
 from conversations import INSTRUCTION_EXTENSIONS, split_instructions
-from devices import compiles, compute_dtype, gradient_scaler
-from distributed import parallelize
 from files import resolve_files, same_files
 from finetuning import (
-    adapter_checkpoint,
     adapter_on_base,
-    adapter_optimizer,
     check_same_adapters,
     merged_adapter_entry,
     preference_loss,
-    resume_adapters,
     saved_template,
+    train_adapters,
 )
-from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int, run_config
+from flags import ArgumentParser, add_lora_arguments, add_training_arguments, fraction, positive_float
 from model import LightGPT, add_lora
 from preferences import PREFERENCE_DATASETS, PreferenceSamples, load_preferences
-from training import epoch_order, rng_state, train
+from training import weighted_by_rows
 
 
 def build_parser() -> ArgumentParser:
@@ -57,13 +51,11 @@ def build_parser() -> ArgumentParser:
                         help="How far the tuned model may move from the chat-tuned one: lower lets it move further.")
     parser.add_argument("--label_smoothing", type=fraction, default=0.0,
                         help="The probability that a pair's preference is wrong (conservative DPO), below 0.5.")
-    parser.add_argument("--rank", type=positive_int, default=8,
-                        help="The rank of the LoRA decomposition matrices A and B.")
-    parser.add_argument("--alpha", type=positive_float, default=1.0,
-                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A.")
+    add_lora_arguments(parser)
     add_training_arguments(parser, learning_rate=5e-5, warmup_steps="10%", num_epochs=1, eval_interval=1,
                            checkpoint_interval=1, checkpoint_path="./out/lora_preference.pt", what="adapter")
-    parser.set_defaults(gradient_accumulation_steps=32)
+    # Without dropout the policy is the reference until the first step, as TRL has it; a batch is of pairs.
+    parser.set_defaults(dropout=0.0, gradient_accumulation_steps=32)
     return parser
 
 
@@ -116,10 +108,11 @@ def check_resumable(checkpoint: dict, base: dict, chat: dict, args: argparse.Nam
 
 def preference_model(chat: dict, base: dict, args: argparse.Namespace, base_path: str) -> LightGPT:
     """The chat-tuned model (the chat adapter merged into the base, under finetuning's policy) with a fresh
-    adapter and no dropout, so that the policy and the reference agree exactly before the first step."""
-    without_dropout = base | {"model_args": base["model_args"] | {"dropout": 0.0}}
-    model = adapter_on_base(chat, without_dropout, f"--lora_path {args.lora_path}", f"--base_model_path {base_path}")
-    add_lora(model, args.rank, args.alpha, 0.0)
+    adapter and --dropout in both, so that by default the policy and the reference agree exactly before the first
+    step."""
+    with_dropout = base | {"model_args": base["model_args"] | {"dropout": args.dropout}}
+    model = adapter_on_base(chat, with_dropout, f"--lora_path {args.lora_path}", f"--base_model_path {base_path}")
+    add_lora(model, args.rank, args.alpha, args.dropout)
     return model
 
 
@@ -159,57 +152,12 @@ def main() -> None:
         for name, part in zip(("training", "held-out"), samples):
             if not len(part):
                 sys.exit(f"preference-tune.py: error: no {name} pair fits in {block_size} tokens")
-        save_entries = {"merged_adapter": merged_adapter_entry(chat, args.lora_path)}
-        preference_tune(args, model, base, base_path, seed, *samples, checkpoint, template, save_entries)
-
-
-def weighted_by_pairs(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
-    """Each micro-batch of pairs with its share of the step's pairs as its loss weight."""
-    total = sum(len(inputs) for inputs, _ in batches)
-    return [(inputs, targets, len(inputs) / total) for inputs, targets in batches]
-
-
-def preference_tune(args, model: LightGPT, base: dict, base_path: str, seed: int, train_samples: PreferenceSamples,
-                    test_samples: PreferenceSamples, checkpoint: dict | None, template, save_entries: dict) -> None:
-    """Train the new adapter with DPO's loss; save it with the chat adapter it was trained on."""
-    device = torch.device(args.device)
-    model.to(device)
-    dtype = compute_dtype(args.precision, device)
-    training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
-    scaler = gradient_scaler(device, dtype)
-    optimizer, adapters = adapter_optimizer(model, args.learning_rate, device)
-
-    pairs_per_step = args.batch_size * args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_samples) / pairs_per_step)
-    step = 0
-    if checkpoint:
-        step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
-        print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
-
-    eval_batches = weighted_by_pairs([test_samples.pairs(indices.tolist())
-                                      for indices in torch.arange(len(test_samples)).split(args.batch_size)])
-    trained = sum(parameter.numel() for parameter in adapters)
-    print(f"LoRA: {trained:,} trainable adapter parameters on a frozen chat model of "
-          f"{sum(parameter.numel() for parameter in model.parameters()) - trained:,}; {len(train_samples)} training "
-          f"and {len(test_samples)} held-out pairs, {steps_per_epoch} steps per epoch")
-
-    def micro_batches_at(step: int) -> list[tuple]:
-        epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(seed, epoch, len(train_samples))[position * pairs_per_step:][:pairs_per_step]
-        return weighted_by_pairs([train_samples.pairs(chunk.tolist()) for chunk in indices.split(args.batch_size)])
-
-    def save(step: int, epoch: int) -> None:
-        save_atomically(adapter_checkpoint(
-            model, base, base_path, {"rank": args.rank, "alpha": args.alpha, "dropout": 0.0}, template,
-            optimizer.state_dict(), step, epoch, [rng_state(device)], vars(args) | {"seed": seed},
-            grad_scaler=scaler.state_dict(), num_train_samples=len(train_samples), seed=seed, **save_entries,
-        ), args.checkpoint_path)
-
-    loss_of = functools.partial(preference_loss, beta=args.beta, label_smoothing=args.label_smoothing)
-    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="pairs", units_per_epoch=len(train_samples),
-                     description="Preference-tuning", saved_what="adapter", program="preference-tune.py",
-                     dtype=dtype, loss_of=loss_of)
-    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
+        args.base_model_path = base_path
+        train_adapters(args, model, base, template, *samples, seed, checkpoint, what="pairs",
+                       description="Preference-tuning", program="preference-tune.py",
+                       loss_of=functools.partial(preference_loss, beta=args.beta, label_smoothing=args.label_smoothing),
+                       weigh=weighted_by_rows, num_train_samples=len(samples[0]),
+                       merged_adapter=merged_adapter_entry(chat, args.lora_path))
 
 
 if __name__ == "__main__":

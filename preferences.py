@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from chats import MAX_HELD_OUT, message_problem
-from conversations import INSTRUCTION_EXTENSIONS, Message, PromptTemplate, TokenSamples, json_records
+from conversations import INSTRUCTION_EXTENSIONS, ConversationSamples, Message, PromptTemplate, json_records
 from corpora import hub_failure
 from files import resolve_files
 
@@ -144,7 +144,7 @@ def response_sample(template: PromptTemplate, prompt: list[Message], response: l
     return torch.tensor(ids[:-1]), torch.tensor(labels[1:]), cut
 
 
-class PreferenceSamples(TokenSamples):
+class PreferenceSamples(ConversationSamples):
     """Pairs as samples 2i (prompt and chosen response) and 2i + 1 (prompt and rejected one); a pair whose
     responses do not fit `limit` tokens is dropped (num_dropped), one with a prompt too long cut (num_cut)."""
 
@@ -152,7 +152,7 @@ class PreferenceSamples(TokenSamples):
                  show_progress: bool = True):
         from tqdm import tqdm
 
-        super().__init__(padding_index)
+        self.padding_index, self.samples = padding_index, []  # ConversationSamples' batching, this tokenization
         self.num_cut = self.num_dropped = 0
         for prompt, chosen, rejected in tqdm(pairs, desc="Tokenizing pairs", unit="pair", disable=not show_progress):
             samples = [response_sample(template, prompt, response, limit, padding_index)
@@ -166,6 +166,6 @@ class PreferenceSamples(TokenSamples):
     def __len__(self) -> int:
         return len(self.samples) // 2
 
-    def pairs(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def batch(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         """Inputs and targets of the pairs, (2 x pairs, sequence): the chosen rows, then the rejected ones."""
-        return self.batch([2 * index for index in indices] + [2 * index + 1 for index in indices])
+        return super().batch([2 * index for index in indices] + [2 * index + 1 for index in indices])

@@ -203,6 +203,13 @@ def weighted_by_targets(batches: list[tuple[Tensor, Tensor]], padding_index: int
     return [(inputs, targets, count / sum(counts)) for (inputs, targets), count in zip(batches, counts)]
 
 
+def weighted_by_rows(batches: list[tuple[Tensor, Tensor]], padding_index: int) -> list[tuple[Tensor, Tensor, float]]:
+    """Each micro-batch with its share of the step's rows as its loss weight: for a loss that averages over rows (or
+    pairs of them) rather than targets. padding_index is weighted_by_targets', unused."""
+    total = sum(len(inputs) for inputs, _ in batches)
+    return [(inputs, targets, len(inputs) / total) for inputs, targets in batches]
+
+
 # A micro-batch's loss: (mean loss, further figures, units) of (model, inputs, targets); see language_model_loss.
 LossFunction = Callable[[Module, Tensor, Tensor], tuple[Tensor, dict[str, Tensor], Tensor]]
 
@@ -213,12 +220,6 @@ def language_model_loss(model: Module, inputs: Tensor, targets: Tensor) -> tuple
     same units, how many units (targets, pairs) those are), and calls the model as given (wrapped by DDP or FSDP2)."""
     _, loss = model(inputs, targets)
     return loss, {}, (targets != unwrapped(model).padding_index).sum()
-
-
-def epoch_order(seed: int, epoch: int, num_samples: int) -> Tensor:
-    """A shuffle of a fine-tuning set that depends only on the seed and the epoch (mixed into one generator seed,
-    below 2**63), so a resumed run sees the same order without saving it."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63))
 
 
 def to_device(batch: Tensor, device: torch.device) -> Tensor:

@@ -226,8 +226,8 @@ def chat_adapter(tmp_path_factory):
     result = run_script("instruction-tune.py", "--base_model_path", base, "--dataset", "local", "--dataset_path",
                         folder / "chats.jsonl", "--checkpoint_path", folder / "lora.pt", "--batch_size", "4",
                         "--gradient_accumulation_steps", "1", "--learning_rate", "3e-2", "--rank", "8", "--dropout",
-                        "0", "--num_epochs", "20", "--eval_interval", "20", "--checkpoint_interval", "20",
-                        "--device", "cpu", "--seed", "0")
+                        "0", "--num_epochs", "30", "--eval_interval", "30", "--checkpoint_interval", "30",
+                        "--device", "cpu", "--seed", "2")
     assert result.returncode == 0, result.stderr
     return base, folder / "lora.pt"
 

@@ -73,7 +73,7 @@ def preference_model(base_path, chat_path):
 def toy_batch(count: int = 4):
     samples = PreferenceSamples([checked_pair(record, "toy") for record in toy_pairs(count)], CHATML, 32, -100,
                                 show_progress=False)
-    return samples.pairs(list(range(count)))
+    return samples.batch(list(range(count)))
 
 
 def test_at_step_0_the_loss_is_ln_2_and_every_reward_0(chat_files):
