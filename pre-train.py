@@ -58,7 +58,14 @@ from distributed import (
     sharded_training_state,
     world_size,
 )
-from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
+from flags import (
+    ArgumentParser,
+    add_model_arguments,
+    add_training_arguments,
+    model_config,
+    positive_int,
+    run_config,
+)
 from model import LightGPT, LightGPTConfig
 from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
 from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, restore_scaler, rng_state, train
@@ -361,11 +368,11 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     config = model.config
     flops_per_token = training_flops_per_token(config.vocabulary_size, args.block_size, config.embedding_dimensions,
                                                config.num_layers, config.feed_forward_ratio)
-    train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, dtype=dtype, scaler=scaler,
-          padding_index=model.padding_index, unit="tokens", units_per_epoch=tokens_per_epoch,
-          flops_per_unit=flops_per_token, description="Pre-training", saved_what="checkpoint",
-          program="pre-train.py", reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[args.ddp_sharding_level])
+    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="tokens", units_per_epoch=tokens_per_epoch,
+                     description="Pre-training", saved_what="checkpoint", program="pre-train.py", dtype=dtype,
+                     flops_per_unit=flops_per_token,
+                     reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[args.ddp_sharding_level])
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import re
 
 from conftest import REPOSITORY
+from flags import run_config
 from readme_flags import script_parser, with_current_tables
 from training import tensorboard_writer
 
@@ -21,5 +22,7 @@ def test_the_readme_s_tensorboard_folder_is_where_training_writes_by_default(tmp
     assert command, "the README shows no tensorboard command"
     monkeypatch.chdir(tmp_path)
     for script in ("pre-train.py", "instruction-tune.py"):
-        tensorboard_writer(script_parser(script).parse_args([]), start_step=0).close()
+        run = run_config(script_parser(script).parse_args([]), steps_per_epoch=1, unit="tokens", units_per_epoch=1,
+                         description="", saved_what="", program=script)
+        tensorboard_writer(run, start_step=0).close()
     assert sorted(run.name for run in (tmp_path / command.group(1)).iterdir()) == ["checkpoint", "lora_instruction"]
