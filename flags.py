@@ -9,17 +9,15 @@ from typing import NoReturn
 
 from devices import PRECISIONS, best_device, check_device
 from distributed import launch_rank
-from model import LightGPTConfig
+from model import SHAPE_FIELDS, LightGPTConfig
 from training import RunConfig
 
-# The seed's flag names for the model's shape, and the names of LightGPTConfig they set.
-CONFIG_FIELDS = {
-    "embedding_dimensions": "embedding_dimensions",
-    "num_attention_heads": "num_heads",
-    "num_hidden_layers": "num_layers",
-    "feed_forward_ratio": "feed_forward_ratio",
-    "dropout": "dropout",
-}
+# The seed's names of the model flags that LightGPTConfig names otherwise; the other flags are named as its fields.
+SEED_FLAG_NAMES = {"num_heads": "num_attention_heads", "num_layers": "num_hidden_layers"}
+# Each model flag and the LightGPTConfig field it sets: the shape (the vocabulary comes from the tokenizer) and
+# the dropout.
+CONFIG_FIELDS = {SEED_FLAG_NAMES.get(name, name): name for name in (*SHAPE_FIELDS, "dropout")
+                 if name != "vocabulary_size"}
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,7 +1,7 @@
 """The LightGPT network: a bias-free, position-free, weight-tied GPT in pure PyTorch."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -11,21 +11,25 @@ from torch.nn.functional import scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
 
 
+# The metadata of the LightGPTConfig fields that set the weights' shapes: a base and its adapter must agree on them.
+SHAPE = {"shape": True}
+
+
 @dataclass
 class LightGPTConfig:
     """The shape of a LightGPT; checkpoints store it as their model_args."""
 
-    vocabulary_size: int
-    embedding_dimensions: int
-    num_heads: int
-    num_layers: int
-    feed_forward_ratio: int = 4
+    vocabulary_size: int = field(metadata=SHAPE)
+    embedding_dimensions: int = field(metadata=SHAPE)
+    num_heads: int = field(metadata=SHAPE)
+    num_layers: int = field(metadata=SHAPE)
+    feed_forward_ratio: int = field(default=4, metadata=SHAPE)
     dropout: float = 0.0
     padding_index: int = -100
     eos_index: int = 50256
 
     def __post_init__(self):
-        for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+        for name in SHAPE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -41,6 +45,10 @@ class LightGPTConfig:
     @property
     def head_dimensions(self) -> int:
         return self.embedding_dimensions // self.num_heads
+
+
+# The names of those fields, each a count of at least 1.
+SHAPE_FIELDS = tuple(config_field.name for config_field in fields(LightGPTConfig) if config_field.metadata.get("shape"))
 
 
 class KVCache:

@@ -66,7 +66,7 @@ from flags import (
     positive_int,
     run_config,
 )
-from model import LightGPT, LightGPTConfig
+from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
 from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, restore_scaler, rng_state, train
 
@@ -218,8 +218,7 @@ def check_memory(args: argparse.Namespace, device: torch.device) -> None:
     optimizer state alone (sizing.memory_per_device) exceed the memory this process has: a certain failure.
     Activations are left out of the comparison, since torch.compile makes them smaller than the estimate."""
     config = model_args_from(args)
-    architecture = Architecture(config["vocabulary_size"], args.block_size, config["embedding_dimensions"],
-                                config["num_heads"], config["num_layers"], config["feed_forward_ratio"])
+    architecture = Architecture(block_size=args.block_size, **{name: config[name] for name in SHAPE_FIELDS})
     memory = memory_per_device(architecture, args.batch_size, False, args.optimizer, args.activation_checkpointing,
                                args.ddp_sharding_level, world_size())
     state = memory["parameters"] + memory["gradients"] + memory["optimizer_state"]
