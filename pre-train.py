@@ -68,7 +68,14 @@ from flags import (
 )
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
-from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, restore_scaler, rng_state, train
+from training import (
+    build_optimizer,
+    note_optimizer_starts_afresh,
+    restore_rng_state,
+    restore_scaler,
+    rng_state,
+    train,
+)
 
 Value = TypeVar("Value")
 
@@ -315,11 +322,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     dtype = compute_dtype(args.precision, device)
     model, training_model = build_model(args, model_args, device, dtype)
     scaler = gradient_scaler(device, dtype)
-    if args.optimizer == "adafactor":
-        optimizer = Adafactor(training_model.parameters(), lr=args.learning_rate, scale_parameter=False)
-    else:
-        optimizer = torch.optim.AdamW(training_model.parameters(), lr=args.learning_rate,
-                                      fused=device.type == "cuda")
+    optimizer = build_optimizer(args.optimizer, training_model.parameters(), args.learning_rate, device)
 
     steps_per_epoch = args.samples_per_epoch // (args.batch_size * args.gradient_accumulation_steps)
     step, saved_rng_states = 0, []

@@ -6,7 +6,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +99,15 @@ class Adafactor(torch.optim.Adafactor):
         update = variance.clamp(min=smallest_variance**2).rsqrt() * gradient
         clipping = max(1.0, item(update.norm()) / (update.numel() ** 0.5 * group["d"]))
         parameter.add_(update, alpha=-scale / clipping)
+
+
+def build_optimizer(name: str, parameters: Iterable[Tensor], learning_rate: float,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of pre-training: "adafactor" (Adafactor taking steps of the learning rate itself, see Adafactor)
+    or "adamw" (AdamW, fused on a GPU)."""
+    if name == "adafactor":
+        return Adafactor(parameters, lr=learning_rate, scale_parameter=False)
+    return torch.optim.AdamW(parameters, lr=learning_rate, fused=device.type == "cuda")
 
 
 def warmup_steps_of(warmup: int | float, total_steps: int) -> int:

@@ -7,10 +7,12 @@ import pytest
 import torch
 from conftest import REPOSITORY, assert_one_line_error, one_thread, run_script
 
-from bench import PeakTensorMemory
-from conftest import lightgpt
+import bench
+from conftest import lightgpt, load_script, tiny_model
 from devices import compute_dtype
+from profiling import PeakTensorMemory
 from sizing import training_flops_per_token
+from training import Adafactor
 
 TINY_SHAPE = [
     "--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers", "2", "--block_size", "16",
@@ -90,6 +92,15 @@ def test_bench_prints_a_table_by_default_and_a_row_for_each_training_variant():
     records = [json.loads(line) for line in result.stdout.splitlines()]
     for metric in ("train_tokens_per_s", "train_first_step_seconds", "train_peak_memory", "train_mfu"):
         assert [record["precision"] for record in records if record["metric"] == metric] == ["fp32", "bf16"]
+
+
+@pytest.mark.parametrize("name, kind", [("adafactor", Adafactor), ("adamw", torch.optim.AdamW)])
+def test_bench_measures_the_optimizer_that_pre_training_builds(name, kind):
+    pretraining = load_script("pre-train").parse_args(["--optimizer", name])
+    optimizer = bench.make_optimizer(tiny_model(), bench.parse_args(["--optimizer", name, "--device", "cpu"]))
+    assert type(optimizer) is kind
+    assert optimizer.param_groups[0]["lr"] == pretraining.learning_rate
+    assert optimizer.param_groups[0].get("scale_parameter") is (False if name == "adafactor" else None)
 
 
 def test_peak_tensor_memory_counts_storages_while_they_live():

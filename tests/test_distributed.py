@@ -16,7 +16,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import PeakTensorMemory, kept_between_micro_batches  # noqa: E402
+from profiling import PeakTensorMemory, kept_between_micro_batches  # noqa: E402
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint  # noqa: E402
 from conftest import (  # noqa: E402
     REPOSITORY,
