@@ -106,11 +106,12 @@ class CausalSelfAttention(Module):
         if past and sequence_length > 1:
             # The new tokens see every cached one, and each other only up to themselves.
             mask = torch.ones(sequence_length, past + sequence_length, dtype=torch.bool, device=x.device).tril(past)
-        z = scaled_dot_product_attention(
+        attended = scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
         )  # (batch, heads, sequence, head_dimensions)
-        z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)  # (batch, sequence, embedding)
-        return self.output_dropout(self.output_projection(z))
+        # (batch, sequence, embedding)
+        attended = attended.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)
+        return self.output_dropout(self.output_projection(attended))
 
 
 class MLP(Module):
@@ -287,16 +288,17 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
         over those that are not padding): the output layer and the loss are fused so that the logits, the
         largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
-        z = self.embedding_dropout(self.token_embeddings(x))
+        hidden = self.embedding_dropout(self.token_embeddings(x))  # (batch, sequence, embedding)
         for block in self.body:
             if self.activation_checkpointing and self.training:
-                z = checkpoint(block, z, use_reentrant=False)
+                hidden = checkpoint(block, hidden, use_reentrant=False)
             else:
-                z = block(z)
-        z = self.output_norm(z)
+                hidden = block(hidden)
+        hidden = self.output_norm(hidden)
         if y is None:
-            return self.output_layer(z), None
-        hidden, weight, targets = z.flatten(0, 1), self.output_layer.weight, y.flatten()
+            return self.output_layer(hidden), None
+        # (batch x sequence, embedding), (vocabulary, embedding), (batch x sequence,)
+        hidden, weight, targets = hidden.flatten(0, 1), self.output_layer.weight, y.flatten()
         if torch.is_grad_enabled():
             return None, LinearCrossEntropy.apply(hidden, weight, targets, self.padding_index)
         loss, count, _, _ = linear_cross_entropy(hidden, weight, targets, self.padding_index)
@@ -313,10 +315,10 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
     def next_token_logits(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
         """The float32 logits of the token that follows each row of x, whatever the weights' dtype. With a cache, x
         continues the tokens cached so far, and its keys and values join them; without one, x is the whole context."""
-        z = self.token_embeddings(x)
+        hidden = self.token_embeddings(x)
         for index, block in enumerate(self.body):
-            z = block(z, cache[index] if cache is not None else None)
-        return self.output_layer(self.output_norm(z[:, -1])).float()
+            hidden = block(hidden, cache[index] if cache is not None else None)
+        return self.output_layer(self.output_norm(hidden[:, -1])).float()
 
 
 class LoRALinear(Module):

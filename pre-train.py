@@ -43,7 +43,6 @@ from distributed import (
     REDUCE_EVERY_MICRO_BATCH,
     check_launch,
     distributed,
-    every_rank_s,
     exit_rank,
     first_error_of_any_rank,
     from_rank_zero,
@@ -56,6 +55,7 @@ from distributed import (
     processes_on_this_machine,
     rank,
     sharded_training_state,
+    values_of_every_rank,
     world_size,
 )
 from flags import (
@@ -104,8 +104,8 @@ def build_parser() -> ArgumentParser:
                         help="The number of held-out windows in every evaluation (the same windows each time).")
     add_model_arguments(parser, dropout=0.1)
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
-                        help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
-                        "state (FSDP2), 3 the parameters too.")
+                        help="Under torchrun: 0 replicates everything (DDP); levels 2 and 3 are FSDP2: 2 shards "
+                        "gradients and optimizer state, 3 the parameters too.")
     add_training_arguments(parser, learning_rate=3e-3, warmup_steps="5%", num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
     parser.add_argument("--checkpoint_format", default="single", choices=("single", "sharded"),
@@ -353,7 +353,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
         return micro_batches_of_windows(train_windows, starts, args.batch_size)
 
     def save(step: int, epoch: int) -> None:
-        rng_states = every_rank_s(rng_state(device))
+        rng_states = values_of_every_rank(rng_state(device))
         sharded = args.checkpoint_format == "sharded"
         model_state, optimizer_state = (sharded_training_state if sharded else full_training_state)(
             training_model, optimizer)

@@ -20,14 +20,14 @@ from tqdm import tqdm
 from checkpoint import metrics_path, write_atomically
 from devices import peak_tflops
 from distributed import (
+    as_float,
     autocast_unless_sharded,
     end_start_up,
     first_error_of_any_rank,
     gradient_sync,
-    item,
-    patience,
     rank,
     replicated,
+    slow_work_on_one_rank,
     sum_across_ranks,
     unwrapped,
     world_size,
@@ -79,7 +79,7 @@ class Adafactor(torch.optim.Adafactor):
         scale = learning_rate
         if group.get("scale_parameter", True):  # checkpoints from before the choice used PyTorch's rule
             relative_step = min(learning_rate, 1 / step**0.5)
-            scale = max(smallest_scale, item(parameter.norm()) / parameter.numel() ** 0.5) * relative_step
+            scale = max(smallest_scale, as_float(parameter.norm()) / parameter.numel() ** 0.5) * relative_step
         if group["weight_decay"]:
             parameter.mul_(1 - learning_rate * group["weight_decay"])
         if gradient.dim() > 1:
@@ -97,7 +97,7 @@ class Adafactor(torch.optim.Adafactor):
             state["variance"].lerp_(gradient * gradient, decay)
             variance = state["variance"]
         update = variance.clamp(min=smallest_variance**2).rsqrt() * gradient
-        clipping = max(1.0, item(update.norm()) / (update.numel() ** 0.5 * group["d"]))
+        clipping = max(1.0, as_float(update.norm()) / (update.numel() ** 0.5 * group["d"]))
         parameter.add_(update, alpha=-scale / clipping)
 
 
@@ -265,7 +265,7 @@ def optimizer_step(
         )
     scaler.unscale_(optimizer)
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
-    gradient_norm = item(torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm))
+    gradient_norm = as_float(torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -402,7 +402,7 @@ class EpochLog:
             self.tensorboard.close()
 
 
-def main_log(run: RunConfig, progress, start_step: int, device: torch.device) -> EpochLog:
+def rank_zero_log(run: RunConfig, progress, start_step: int, device: torch.device) -> EpochLog:
     """Rank 0's log: the metrics file beside the checkpoint, TensorBoard unless turned off, and the model FLOPs
     utilization where the device's peak is known (the peak of all the processes' devices together)."""
     peak = peak_tflops(device, run.dtype)
@@ -457,14 +457,14 @@ def train(
     device = next(model.parameters()).device
     padding_index = unwrapped(model).padding_index
     precision = autocast_unless_sharded(model, device, run.dtype)
-    log = main_log(run, progress, start_step, device) if main_process else EpochLog(progress, None)
+    log = rank_zero_log(run, progress, start_step, device) if main_process else EpochLog(progress, None)
 
     def stop(error: str) -> NoReturn:
         log.close()
         sys.exit(f"{run.program}: error: {error}" if main_process else 1)
 
     # Rank 0 writes every file; every rank stops when it could not.
-    failure = failed_write(records_up_to, log.metrics_path, step) if main_process else None
+    failure = write_error(records_up_to, log.metrics_path, step) if main_process else None
     if failure := first_error_of_any_rank(failure):
         stop(failure)
 
@@ -489,10 +489,10 @@ def train(
         if end_of_epoch == 0:
             validation_loss = (evaluate(model, eval_batches, padding_index, precision)
                                if epoch % run.eval_interval == 0 or last else None)
-            failure = failed_write(log.end_epoch, epoch, step, run.unit, run.units_per_epoch, validation_loss)
+            failure = write_error(log.end_epoch, epoch, step, run.unit, run.units_per_epoch, validation_loss)
         if stop_requested or end_of_epoch == 0 and (epoch % run.checkpoint_interval == 0 or last):
-            with patience():
-                failure = failed_write(save, step, epoch) or failure
+            with slow_work_on_one_rank():
+                failure = write_error(save, step, epoch) or failure
         if (end_of_epoch == 0 or stop_requested) and (failure := first_error_of_any_rank(failure)):
             stop(failure)
         if stop_requested:
@@ -505,7 +505,7 @@ def train(
         print(f"Done: {run.saved_what} saved to {run.checkpoint_path}")
 
 
-def failed_write(write: Callable[..., None], *args) -> str | None:
+def write_error(write: Callable[..., None], *args) -> str | None:
     """write(*args), and the message of the OSError it raises when a file could not be written, else None."""
     try:
         write(*args)
