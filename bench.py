@@ -70,7 +70,7 @@ from profiling import (
     timed,
 )
 from sizing import training_flops_per_token
-from training import build_optimizer
+from optimizers import build_optimizer
 
 R50K_VOCABULARY_SIZE = 50257
 LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
@@ -216,7 +216,7 @@ def gpt2(args: argparse.Namespace, context: int):
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The optimizer of --optimizer as pre-train.py builds it (training.build_optimizer), at its default rate."""
+    """The optimizer of --optimizer as pre-train.py builds it (optimizers.build_optimizer), at its default rate."""
     return build_optimizer(args.optimizer, model.parameters(), LEARNING_RATE, torch.device(args.device))
 
 

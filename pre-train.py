@@ -68,8 +68,8 @@ from flags import (
 )
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
+from optimizers import build_optimizer
 from training import (
-    build_optimizer,
     note_optimizer_starts_afresh,
     restore_rng_state,
     restore_scaler,
