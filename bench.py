@@ -63,6 +63,7 @@ from conversations import CHATML
 from generation import ChatSession, beam_search, generate
 from finetuning import preference_loss
 from model import LightGPT, add_lora
+from optimizers import build_optimizer
 from preparation import prepare_corpus
 from profiling import (
     RU_MAXRSS_UNIT,
@@ -75,7 +76,7 @@ from profiling import (
 )
 from sizing import training_flops_per_token
 from tokenizer import CHAT_VOCABULARY_SIZE, load_tokenizer
-from training import build_optimizer, language_model_loss, optimizer_step
+from training import language_model_loss, optimizer_step
 
 R50K_VOCABULARY_SIZE = 50257
 LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
@@ -227,7 +228,7 @@ def gpt2(args: argparse.Namespace, context: int):
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The optimizer of --optimizer as pre-train.py builds it (training.build_optimizer), at its default rate."""
+    """The optimizer of --optimizer as pre-train.py builds it (optimizers.build_optimizer), at its default rate."""
     return build_optimizer(args.optimizer, model.parameters(), LEARNING_RATE, torch.device(args.device))
 
 

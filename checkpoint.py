@@ -152,7 +152,7 @@ def save_sharded(checkpoint: dict, path: str | Path) -> None:
     path = Path(path)
     shards = from_rank_zero(f"shards-{checkpoint['step']}-{secrets.token_hex(4)}")
     optimizer = checkpoint["optimizer"]
-    with without_the_one_process_warning():
+    with one_process_is_meant():
         dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
     if rank() == 0:
         index = {name: entry for name, entry in checkpoint.items() if name != "model"}
@@ -174,7 +174,7 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
     version = index.get("written_in_format", FORMAT_VERSION)
     written = {part: {name_in_version(name, version): value for name, value in entries.items()}
                for part, entries in state.items()}
-    with without_the_one_process_warning():
+    with one_process_is_meant():
         dcp.load(written, storage_reader=reader, no_dist=alone)
     for part, entries in state.items():  # DCP replaces what is not a tensor rather than filling it
         entries.update((name, written[part][name_in_version(name, version)]) for name in entries)
@@ -206,7 +206,7 @@ def shards_folder(path: str | Path, index: dict) -> Path:
 
 
 @contextmanager
-def without_the_one_process_warning() -> Iterator[None]:
+def one_process_is_meant() -> Iterator[None]:
     """Silence DCP's warning, on every save and load without a process group, that it assumes one process."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")

@@ -64,11 +64,11 @@ from flags import (
     run_config,
 )
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
+from optimizers import build_optimizer
 from preparation import PreparationInterrupted, TokenWindows, corpus_folder, prepare_corpus
 from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
 from tokenizer import load_tokenizer
 from training import (
-    build_optimizer,
     note_optimizer_starts_afresh,
     restore_rng_state,
     restore_scaler,

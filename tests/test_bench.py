@@ -10,9 +10,9 @@ from conftest import REPOSITORY, assert_one_line_error, one_thread, run_script
 import bench
 from conftest import lightgpt, load_script, tiny_model
 from devices import compute_dtype
+from optimizers import Adafactor
 from profiling import PeakTensorMemory
 from sizing import training_flops_per_token
-from training import Adafactor
 
 TINY_BENCH_FLAGS = [
     "--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers", "2", "--block_size", "16",

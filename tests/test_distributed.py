@@ -32,7 +32,8 @@ from tokenizer import load_tokenizer  # noqa: E402
 from devices import gradient_scaler  # noqa: E402
 from distributed import REDUCE_EVERY_MICRO_BATCH, distributed, parallelize, rank, values_of_every_rank  # noqa: E402
 from sizing import parameter_counts  # noqa: E402
-from training import Adafactor, optimizer_step  # noqa: E402
+from optimizers import Adafactor  # noqa: E402
+from training import optimizer_step  # noqa: E402
 
 pytestmark = pytest.mark.slow  # nearly every test here starts processes
 
