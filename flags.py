@@ -258,6 +258,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, penalty_flag: str) -
                         "divided by this, negative ones multiplied (1 turns it off).")
 
 
+def check_dataset_path(args: argparse.Namespace) -> None:
+    """--dataset_path goes with --dataset local, and only with it (a one-line ValueError otherwise)."""
+    if args.dataset == "local" and not args.dataset_path:
+        raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
+    if args.dataset != "local" and args.dataset_path:
+        raise ValueError(f"--dataset_path: only used with --dataset local, not with --dataset {args.dataset}")
+
+
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of LoRA adapters (finetuning.lora_args reads them), the same in every fine-tuning script."""
     parser.add_argument("--rank", type=positive_int, default=8,

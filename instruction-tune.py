@@ -28,7 +28,7 @@ from conversations import (
 )
 from files import resolve_files, same_files
 from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, train_adapters
-from flags import ArgumentParser, add_lora_arguments, add_training_arguments, positive_int
+from flags import ArgumentParser, add_lora_arguments, add_training_arguments, check_dataset_path, positive_int
 from tokenizer import CHAT_VOCABULARY_SIZE
 
 
@@ -64,10 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Raise a one-line ValueError for the first combination of flags that cannot work."""
-    if args.dataset == "local" and not args.dataset_path:
-        raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
-    if args.dataset != "local" and args.dataset_path:
-        raise ValueError(f"--dataset_path: only used with --dataset local, not with --dataset {args.dataset}")
+    check_dataset_path(args)
     if args.dataset_subset and args.dataset != "smoltalk":
         raise ValueError(f"--dataset_subset: only used with --dataset smoltalk, not with --dataset {args.dataset}")
     if not (Path(args.base_model_path).is_file() or is_sharded_checkpoint(args.base_model_path)):

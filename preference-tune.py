@@ -27,7 +27,14 @@ from finetuning import (
     saved_template,
     train_adapters,
 )
-from flags import ArgumentParser, add_lora_arguments, add_training_arguments, fraction, positive_float
+from flags import (
+    ArgumentParser,
+    add_lora_arguments,
+    add_training_arguments,
+    check_dataset_path,
+    fraction,
+    positive_float,
+)
 from model import LightGPT, add_lora
 from preferences import PREFERENCE_DATASETS, PreferenceSamples, load_preferences
 from training import weighted_by_rows
@@ -65,10 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Raise a one-line ValueError for the first combination of flags that cannot work."""
-    if args.dataset == "local" and not args.dataset_path:
-        raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
-    if args.dataset != "local" and args.dataset_path:
-        raise ValueError(f"--dataset_path: only used with --dataset local, not with --dataset {args.dataset}")
+    check_dataset_path(args)
     if args.label_smoothing >= 0.5:
         raise ValueError(f"--label_smoothing: must be below 0.5 (at 0.5 every preference is a coin toss), got "
                          f"{args.label_smoothing}")
