@@ -13,6 +13,7 @@ from conftest import (
     run_script,
     run_until_first_epoch_then_terminate,
     save_pretrained_checkpoint,
+    tensorboard_run,
     tiny_model,
 )
 from conversations import CHATML
@@ -226,7 +227,8 @@ def preference_run(chat_files):
     data = folder / "pairs.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in toy_pairs(60)))
     flags = [*PREFERENCE_FLAGS, "--lora_path", chat_path, "--dataset_path", data]
-    whole = run_script("preference-tune.py", *flags, "--checkpoint_path", folder / "whole.pt", "--num_epochs", "4")
+    whole = run_script("preference-tune.py", *flags, "--checkpoint_path", folder / "whole.pt", "--num_epochs", "4",
+                       "--tensorboard")
     assert whole.returncode == 0, whole.stderr
     halves = [*flags, "--checkpoint_path", folder / "halves.pt", "--num_epochs", "4"]
     first = run_until_first_epoch_then_terminate("preference-tune.py", *halves,
@@ -248,6 +250,9 @@ def test_held_out_reward_accuracy_rises_and_chosen_answers_gain_on_the_reference
     assert last["validation_loss"] < math.log(2) and "validation_perplexity" not in last
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(last)
     assert "validation_rewards/accuracies=" in whole.stdout + whole.stderr
+    tags = tensorboard_run(folder / "runs" / "whole").Tags()["scalars"]
+    assert {f"{split}/rewards/{name}" for split in ("train", "validation")
+            for name in ("chosen", "rejected", "margins", "accuracies")} <= set(tags)
 
 
 @pytest.mark.slow
