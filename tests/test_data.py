@@ -239,14 +239,14 @@ def test_a_preparation_waits_while_another_process_prepares_the_same_folder(tmp_
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder / "prepare.lock")],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
-    preparation = threading.Thread(target=prepare_corpus, args=("text", tmp_path / "dataset", 1, files, False))
-    preparation.start()
-    preparation.join(timeout=2)
-    assert preparation.is_alive() and not (folder / "meta.json").exists()
+    waiting = threading.Thread(target=prepare_corpus, args=("text", tmp_path / "dataset", 1, files, False))
+    waiting.start()
+    waiting.join(timeout=2)
+    assert waiting.is_alive() and not (folder / "meta.json").exists()
     assert f"Waiting for process {holder.pid}, which is preparing {folder}" in capfd.readouterr().err
     holder.kill()  # the OS releases a dead process's lock
     holder.wait()
-    preparation.join(timeout=60)
+    waiting.join(timeout=60)
     assert json.loads((folder / "meta.json").read_text())["complete"]
 
 
