@@ -35,18 +35,18 @@ from checkpoint import (
 from conversations import PromptTemplate
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
+from flags import run_config
 from model import (
     LightGPT,
     add_lora,
     added_rows,
-    lora_layers,
     grow_vocabulary,
+    lora_layers,
     load_lora_state_dict,
     lora_state_dict,
     merge_lora,
     train_added_rows,
 )
-from flags import run_config
 from training import (
     LossFunction,
     language_model_loss,

@@ -18,8 +18,8 @@ from checkpoint import (
     save_atomically,
     upgraded_template,
 )
-from files import write_folder_atomically
 from conftest import REPOSITORY, TINY_MODEL_FLAGS, assert_one_line_error, flag_error, run_script, tiny_model
+from files import write_folder_atomically
 from tokenizer import load_tokenizer
 from model import LightGPT
 
