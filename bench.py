@@ -475,6 +475,7 @@ def measure_preference(args: argparse.Namespace) -> list[Measurement]:
                                       autocast(device, args.dtype), scaler, loss_of=loss)
 
     steps = {name: step(*batch) for name, batch in batches.items()}
+    steps["sft"]()  # AdamW's state, made in the first step, is then resident for every measured one
     peaks = {name: peak_step_bytes(run, model, optimizer, device) for name, run in steps.items()}
     seconds = interleaved_seconds(steps, args.steps, args.warmup, device, "Preference")
     details = {"pairs": pairs, "block_size": args.block_size, "precision": PRECISION_NAMES[args.dtype]}
