@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 
 from distributed import from_rank_zero, rank
 from files import file_in_the_way, holding_lock, remove_stray_temporary_files, write_atomically
-from model import LightGPT, LightGPTConfig
+from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKENIZER_NAME
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
@@ -451,7 +451,7 @@ def trained_on_these_weights(adapter: dict, base: dict) -> bool:
 
 def check_same_base(adapter: dict, base: dict) -> None:
     """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
-    for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+    for name in SHAPE_FIELDS:
         trained_on, given = adapter["model_args"].get(name), base["model_args"].get(name)
         if trained_on != given:
             raise ValueError(

@@ -29,6 +29,7 @@ from checkpoint import (
 from conversations import PromptTemplate
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
+from flags import run_config
 from model import (
     LightGPT,
     add_lora,
@@ -250,7 +251,6 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
             **chat_token_entries(model, base),
         ), args.checkpoint_path)
 
-    train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, dtype=dtype, scaler=scaler,
-          padding_index=model.padding_index, unit="samples", units_per_epoch=len(train_samples),
-          description=description, saved_what="adapters", program=program)
+    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="samples", units_per_epoch=len(train_samples),
+                     description=description, saved_what="adapters", program=program, dtype=dtype)
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
