@@ -7,7 +7,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor
 from torch.nn import GELU, Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
-from torch.nn.functional import scaled_dot_product_attention
+from torch.nn.functional import cross_entropy, scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -176,6 +176,21 @@ def linear_cross_entropy(
     return loss, kept.sum(), grad_hidden, grad_weight
 
 
+def linear_token_losses(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The cross entropy of the logits hidden @ weight.T at each position (0 where the target is ignore_index) and
+    whether the target is the most likely token there, in float32, a chunk of positions at a time as in
+    linear_cross_entropy: what scoring continuations needs, one loss per token, never the whole logits."""
+    chunk_size = max(1, (2**23 if hidden.device.type == "cpu" else 2**28) // weight.size(0))
+    losses = torch.empty(len(hidden), device=hidden.device)
+    most_likely = torch.empty(len(hidden), dtype=torch.bool, device=hidden.device)
+    for start in range(0, len(hidden), chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = (hidden[rows] @ weight.T).float()  # (chunk, vocabulary)
+        losses[rows] = cross_entropy(logits, targets[rows], ignore_index=ignore_index, reduction="none")
+        most_likely[rows] = logits.argmax(-1) == targets[rows]
+    return losses, most_likely
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """The output layer and the mean cross entropy fused (linear_cross_entropy), for training.
 
@@ -279,13 +294,7 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
         over those that are not padding): the output layer and the loss are fused so that the logits, the
         largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
-        z = self.embedding_dropout(self.token_embeddings(x))
-        for block in self.body:
-            if self.activation_checkpointing and self.training:
-                z = checkpoint(block, z, use_reentrant=False)
-            else:
-                z = block(z)
-        z = self.output_norm(z)
+        z = self.hidden_states(x)
         if y is None:
             return self.output_layer(z), None
         hidden, weight, targets = z.flatten(0, 1), self.output_layer.weight, y.flatten()
@@ -293,6 +302,24 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
             return None, LinearCrossEntropy.apply(hidden, weight, targets, self.padding_index)
         loss, count, _, _ = linear_cross_entropy(hidden, weight, targets, self.padding_index)
         return None, loss / count
+
+    def hidden_states(self, x: Tensor) -> Tensor:
+        """What the output layer reads: the normalised last hidden state of every position, (batch, sequence,
+        embedding)."""
+        z = self.embedding_dropout(self.token_embeddings(x))
+        for block in self.body:
+            if self.activation_checkpointing and self.training:
+                z = checkpoint(block, z, use_reentrant=False)
+            else:
+                z = block(z)
+        return self.output_norm(z)
+
+    def token_losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The float32 cross entropy of each target of y, (batch, sequence), 0 at padding, and whether each target
+        is the most likely next token (linear_token_losses)."""
+        hidden = self.hidden_states(x).flatten(0, 1)  # (batch * sequence, embedding)
+        losses, most_likely = linear_token_losses(hidden, self.output_layer.weight, y.flatten(), self.padding_index)
+        return losses.view_as(y), most_likely.view_as(y)
 
     def new_cache(self, batch_size: int, capacity: int) -> list[KVCache]:
         """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""
