@@ -127,11 +127,7 @@ def main() -> None:
         harness_tasks = [task for task in args.tasks if task not in NATIVE_TASKS]
         if harness_tasks:
             harness = harness_module()
-            task_manager = harness.harness_task_manager(args.include_path)
-            unknown = harness.unknown_tasks(harness_tasks, task_manager)
-            if unknown:
-                raise ValueError(f"--tasks: {unknown[0]!r} is neither {' nor '.join(NATIVE_TASKS)} nor a task of "
-                                 f"lm-eval (lm-eval --tasks list shows them; --include_path adds your own)")
+            task_manager = harness.harness_task_manager(harness_tasks, args.include_path)
         model, block_size, _ = load_model(args.checkpoint_path, args.device, args.lora_path,
                                           compute_dtype(args.precision, torch.device(args.device)))
         tokenizer = load_tokenizer()

@@ -87,18 +87,23 @@ class LightGPTLM(LM):
         return text
 
 
-def harness_task_manager(include_path: list[str] | None) -> TaskManager:
-    """The harness's own tasks and the task YAML files under include_path; a one-line FileNotFoundError for a
-    path that is not there."""
+def harness_task_manager(tasks: list[str], include_path: list[str] | None) -> TaskManager:
+    """The tasks' manager: the task YAML files under include_path alone when they hold every task (indexing the
+    harness's own thousands of tasks takes many seconds), else those and the harness's own. One-line errors for
+    a path that is not there and for a task that neither knows."""
     for path in include_path or []:
         if not Path(path).exists():
             raise FileNotFoundError(f"--include_path {path}: no such file or folder")
-    return TaskManager(include_path=include_path or None)
-
-
-def unknown_tasks(tasks: list[str], task_manager: TaskManager) -> list[str]:
-    known = set(task_manager.all_tasks)
-    return [task for task in tasks if task not in known]
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    task_manager = TaskManager(include_path=include_path or None)
+    unknown = [task for task in tasks if task not in set(task_manager.all_tasks)]
+    if unknown:
+        raise ValueError(f"--tasks: {unknown[0]!r} is neither hellaswag nor perplexity nor a task of lm-eval "
+                         f"(lm-eval ls tasks lists them; --include_path adds your own)")
+    return task_manager
 
 
 def run_harness(lm: LightGPTLM, tasks: list[str], task_manager: TaskManager, limit: int | None) -> dict:

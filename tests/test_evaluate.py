@@ -1,12 +1,15 @@
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import evaluate as evaluate_script
 from conftest import (
+    REPOSITORY,
     TINY_MODEL,
     assert_one_line_error,
     flag_error,
@@ -214,3 +217,73 @@ def test_evaluate_py_measures_hellaswag_and_perplexity_beyond_the_trained_length
     assert results["hellaswag"]["items"] == 5 and len(results["hellaswag"]["records"]) == 5
     assert [entry["context_length"] for entry in results["perplexity"]] == [8, 16, 48]
     assert all(math.isfinite(entry["bits_per_byte"]) for entry in results["perplexity"])
+
+
+def multiple_choice_task(folder, data_path) -> str:
+    """A local lm-eval task over HellaSwag items in the original layout: the context, then " " + each ending."""
+    folder.mkdir()
+    (folder / "made_up_hellaswag.yaml").write_text(
+        "task: made_up_hellaswag\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data_path}\n"
+        "output_type: multiple_choice\nvalidation_split: validation\n"
+        "doc_to_text: '{{ctx}}'\ndoc_to_target: label\ndoc_to_choice: endings\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return "made_up_hellaswag"
+
+
+def test_the_harness_route_chooses_as_the_native_route_on_a_local_multiple_choice_task(tmp_path):
+    harness = pytest.importorskip("harness")
+    data_path = write_hellaswag_jsonl(tmp_path / "hellaswag_val.jsonl", made_up_hellaswag_items(12))
+    task = multiple_choice_task(tmp_path / "tasks", data_path)
+    tokenizer, model = load_tokenizer(), distinct_model()
+    native = hellaswag_summary(list(score_hellaswag(model, tokenizer, hellaswag_items(str(data_path)), 64, 16)))
+    lm = harness.LightGPTLM(model, tokenizer, block_size=64, batch_size=16)
+    results = harness.run_harness(lm, [task], harness.harness_task_manager([task], [str(tmp_path / "tasks")]), None)
+    assert results["results"][task]["acc,none"] == pytest.approx(native["acc"])
+    assert 0 < native["acc"] < 1  # a model that chooses differently from item to item
+
+
+def test_the_harness_interface_scores_and_generates_through_lightgpt(tmp_path):
+    harness = pytest.importorskip("harness")
+    from lm_eval.api.instance import Instance
+
+    tokenizer, model = load_tokenizer(), distinct_model()
+    lm = harness.LightGPTLM(model, tokenizer, block_size=8, batch_size=3)
+
+    def requests(kind, *arguments):
+        return [Instance(kind, {}, argument, index) for index, argument in enumerate(arguments)]
+
+    text = "The river runs past the old mill, and ducks swim where the water is slow."
+    (rolling,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", (text,)))
+    documents = [evaluation_document(tokenizer, text)]
+    assert -rolling == pytest.approx(perplexity(model, documents, 8, 8, 3)["loss"] * (len(documents[0].tokens) - 1))
+    (log_probability, greedy), = lm.loglikelihood(requests("loglikelihood", ("The river", " runs")))
+    expected = score_batch(model, [continuation_row(tokenizer.encode_ordinary("The river"),
+                                                    tokenizer.encode_ordinary(" runs"), 8)])[0]
+    assert (log_probability, greedy) == (pytest.approx(-expected.loss), expected.greedy)
+    free, = lm.generate_until(requests("generate_until", ("The river", {"max_gen_toks": 12})))
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    stopped, = lm.generate_until(requests("generate_until", ("The river", {"until": [stop], "max_gen_toks": 12})))
+    assert free and stopped == free[: free.index(stop)]
+
+
+def evaluation_document(tokenizer, text):
+    from evaluation import Document
+
+    return Document([tokenizer.eot_token, *tokenizer.encode_ordinary(text)], len(text.encode()))
+
+
+def test_an_unknown_task_and_a_missing_lm_eval_are_one_line_each(tmp_path, monkeypatch):
+    harness = pytest.importorskip("harness")
+    multiple_choice_task(tmp_path / "tasks", tmp_path / "hellaswag_val.jsonl")
+    with pytest.raises(ValueError) as error:
+        harness.harness_task_manager(["made_up_hellaswag", "no_such_task"], [str(tmp_path / "tasks")])
+    assert "--tasks: 'no_such_task' is neither hellaswag nor perplexity nor a task of lm-eval" in str(error.value)
+    with pytest.raises(FileNotFoundError, match="--include_path .*: no such file or folder"):
+        harness.harness_task_manager(["arc_easy"], [str(tmp_path / "elsewhere")])
+    # where lm-eval is not installed, importing it fails
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.delitem(sys.modules, "harness")
+    with pytest.raises(ValueError, match=r"install it: pip install -r requirements-eval.txt$"):
+        evaluate_script.harness_module()
