@@ -316,10 +316,13 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
 
     def token_losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The float32 cross entropy of each target of y, (batch, sequence), 0 at padding, and whether each target
-        is the most likely next token (linear_token_losses)."""
-        hidden = self.hidden_states(x).flatten(0, 1)  # (batch * sequence, embedding)
-        losses, most_likely = linear_token_losses(hidden, self.output_layer.weight, y.flatten(), self.padding_index)
-        return losses.view_as(y), most_likely.view_as(y)
+        is the most likely next token (linear_token_losses). Only the positions with a target reach the output
+        layer, the largest product: scoring a continuation skips its context's logits."""
+        kept = y != self.padding_index
+        hidden = self.hidden_states(x)[kept]  # (targets, embedding)
+        losses, most_likely = linear_token_losses(hidden, self.output_layer.weight, y[kept], self.padding_index)
+        all_losses = torch.zeros(y.shape, device=y.device).masked_scatter_(kept, losses)
+        return all_losses, torch.ones_like(kept).masked_scatter_(kept, most_likely)
 
     def new_cache(self, batch_size: int, capacity: int) -> list[KVCache]:
         """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""

@@ -287,3 +287,17 @@ def test_an_unknown_task_and_a_missing_lm_eval_are_one_line_each(tmp_path, monke
     monkeypatch.delitem(sys.modules, "harness")
     with pytest.raises(ValueError, match=r"install it: pip install -r requirements-eval.txt$"):
         evaluate_script.harness_module()
+
+
+def test_token_losses_are_the_cross_entropy_of_the_whole_logits_at_the_targets_only():
+    model = distinct_model()
+    inputs = torch.randint(0, 50257, (3, 7), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 50257, (3, 7), generator=torch.Generator().manual_seed(1))
+    targets[0, :4] = targets[2, 5:] = model.padding_index
+    with torch.no_grad():
+        losses, most_likely = model.token_losses(inputs, targets)
+        logits, _ = model(inputs)
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    torch.testing.assert_close(losses, expected)
+    kept = targets != model.padding_index
+    assert torch.equal(most_likely[kept], (logits.argmax(-1) == targets)[kept]) and most_likely[~kept].all()
