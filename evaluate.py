@@ -45,8 +45,8 @@ def build_parser() -> ArgumentParser:
                         help="perplexity: the text to measure, a file, folder or glob of .txt, .json, .jsonl or "
                         ".parquet files.")
     parser.add_argument("--dataset_path", default=None,
-                        help="perplexity: a corpus folder prepared by pre-train.py, of which the held-out split "
-                        "(test.bin) is measured.")
+                        help="perplexity: a corpus folder prepared by pre-train.py (the one holding test.bin, such "
+                        "as ./datasets/wikipedia), of which the held-out split is measured.")
     parser.add_argument("--context_length", type=positive_int, nargs="+", default=None,
                         help="perplexity: the window lengths to measure at, beyond the trained one too (default: "
                         "the length the model was trained with).")

@@ -92,7 +92,7 @@ class Item:
     label: int
 
 
-def hellaswag_stream(data_path: str | None):
+def hellaswag_stream(data_path: str | None, flag: str = "--data_path"):
     """The validation split as datasets streams it: from the hub, or from a local copy of the hub's repository
     (a folder), a JSON-lines file in the original layout, or a Parquet file."""
     import datasets
@@ -103,21 +103,21 @@ def hellaswag_stream(data_path: str | None):
     if path.is_dir():
         return datasets.load_dataset(str(path), split=HELLASWAG_SPLIT, streaming=True)
     if not path.is_file():
-        raise FileNotFoundError(f"--data_path {data_path}: no such file or folder")
+        raise FileNotFoundError(f"{flag} {data_path}: no such file or folder")
     if path.stat().st_size == 0:
-        raise ValueError(f"--data_path {data_path}: holds no HellaSwag items (the file is empty)")
+        raise ValueError(f"{flag} {data_path}: holds no HellaSwag items (the file is empty)")
     kind = "parquet" if path.suffix == ".parquet" else "json"
     return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=True)
 
 
-def hellaswag_failure(data_path: str | None, error: Exception) -> ValueError | ConnectionError:
+def hellaswag_failure(data_path: str | None, flag: str, error: Exception) -> ValueError | ConnectionError:
     """One line for a stream that could not be read: where from, why, and what to do."""
     reason = " ".join(str(error).split())[:300] or "no message"
     if data_path is None:
         return ConnectionError(f"HellaSwag: could not read {HELLASWAG_REPOSITORY} from the HuggingFace hub "
                                f"({type(error).__name__}: {reason}); connect to the internet, or give a local copy "
-                               f"with --data_path")
-    return ValueError(f"--data_path {data_path}: not readable as HellaSwag JSON lines, Parquet or a copy of "
+                               f"with {flag}")
+    return ValueError(f"{flag} {data_path}: not readable as HellaSwag JSON lines, Parquet or a copy of "
                       f"{HELLASWAG_REPOSITORY} ({type(error).__name__}: {reason})")
 
 
@@ -142,7 +142,7 @@ def checked_item(record, index: int, where: str) -> Item:
     return Item(index, context, endings, label)
 
 
-def read_hellaswag_records(data_path: str | None) -> Iterator:
+def read_hellaswag_records(data_path: str | None, flag: str) -> Iterator:
     """The records of hellaswag_stream, any failure to read them one line (hellaswag_failure)."""
     # datasets logs a file it cannot parse and huggingface_hub each retry: the one line says all of it
     loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]
@@ -150,30 +150,30 @@ def read_hellaswag_records(data_path: str | None) -> Iterator:
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     try:
-        yield from hellaswag_stream(data_path)
+        yield from hellaswag_stream(data_path, flag)
     except (FileNotFoundError, ValueError) as error:
-        if str(error).startswith("--data_path"):
+        if str(error).startswith(flag):
             raise
-        raise hellaswag_failure(data_path, error) from None
+        raise hellaswag_failure(data_path, flag, error) from None
     except Exception as error:  # datasets, pyarrow or the network: say where and why, in one line
-        raise hellaswag_failure(data_path, error) from None
+        raise hellaswag_failure(data_path, flag, error) from None
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 
 
-def hellaswag_items(data_path: str | None, limit: int | None = None) -> Iterator[Item]:
-    """The first `limit` items (all by default), streamed and checked one by one; one-line errors for a source
-    that cannot be read, a bad item (by line for JSON lines) or a source without items."""
+def hellaswag_items(data_path: str | None, limit: int | None = None, flag: str = "--data_path") -> Iterator[Item]:
+    """The first `limit` items (all by default), streamed and checked one by one; one-line errors, naming `flag`,
+    for a source that cannot be read, a bad item (by line for JSON lines) or a source without items."""
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+        raise ValueError(f"the limit of items must be at least 1, got {limit}")
     lines = data_path is not None and Path(data_path).suffix in (".jsonl", ".json")
     index = -1
-    for index, record in enumerate(itertools.islice(read_hellaswag_records(data_path), limit)):
+    for index, record in enumerate(itertools.islice(read_hellaswag_records(data_path, flag), limit)):
         where = f"{data_path}, line {index + 1}" if lines else f"{data_path or HELLASWAG_REPOSITORY}, item {index + 1}"
         yield checked_item(record, index, where)
     if index < 0:
-        raise ValueError(f"--data_path {data_path}: holds no HellaSwag items")
+        raise ValueError(f"{flag} {data_path}: holds no HellaSwag items")
 
 
 def item_rows(tokenizer: tiktoken.Encoding, item: Item, block_size: int) -> list[Row]:
@@ -222,6 +222,22 @@ def hellaswag_summary(records: list[dict]) -> dict:
     correct = sum(record["prediction"] == record["label"] for record in records)
     correct_norm = sum(record["prediction_norm"] == record["label"] for record in records)
     return summary_of_counts(len(records), correct, correct_norm)
+
+
+def hellaswag_counts(model: LightGPT, tokenizer: tiktoken.Encoding, items: list[Item], block_size: int,
+                     batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """Score this rank's share of the items (every world_size-th, from the rank's own on): a float64 tensor of
+    (items, right by acc, right by acc_norm) on the model's device, to sum across ranks (summary_of_counts). Every
+    rank runs as many forward passes, since FSDP2 gathers parameters in each: one with fewer items repeats a pass."""
+    share = items[rank::world_size]
+    items_per_pass = max(1, batch_size // NUM_ENDINGS)
+    passes = math.ceil(math.ceil(len(items) / world_size) / items_per_pass)
+    records = list(score_hellaswag(model, tokenizer, share, block_size, batch_size))
+    for _ in range(passes - math.ceil(len(share) / items_per_pass)):
+        score_batch(model, item_rows(tokenizer, items[0], block_size))
+    counts = [len(records), sum(record["prediction"] == record["label"] for record in records),
+              sum(record["prediction_norm"] == record["label"] for record in records)]
+    return torch.tensor(counts, dtype=torch.float64, device=model.token_embeddings.weight.device)
 
 
 def summary_of_counts(count: int, correct: float, correct_norm: float) -> dict:

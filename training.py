@@ -325,8 +325,10 @@ class EpochLog:
         self._add_scalars(step, {"train/loss": loss, "train/gradient_norm": gradient_norm,
                                  "train/learning_rate": learning_rate})
 
-    def end_epoch(self, epoch: int, step: int, unit: str, units: int, validation_loss: float | None) -> None:
-        """Log the epoch that just ended; `units` of `unit` (tokens, samples) were trained on in it."""
+    def end_epoch(self, epoch: int, step: int, unit: str, units: int, validation_loss: float | None,
+                  benchmarks: dict[str, float] | None = None) -> None:
+        """Log the epoch that just ended; `units` of `unit` (tokens, samples) were trained on in it; benchmarks:
+        more figures of the model, by TensorBoard tag (such as hellaswag/acc)."""
         units_per_second = units / (time.perf_counter() - self.start)
         record = {
             "epoch": epoch,
@@ -340,13 +342,14 @@ class EpochLog:
             record["mfu"] = units_per_second * self.utilization_per_unit
         if validation_loss is not None:
             record |= {"validation_loss": validation_loss, "validation_perplexity": math.exp(validation_loss)}
+        record |= benchmarks or {}
         if self.metrics_path:
             self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                          for key, value in record.items()))
             append_metrics(self.metrics_path, record)
         self._add_scalars(step, {f"speed/{unit}_per_second": units_per_second, "speed/mfu": record.get("mfu"),
                                  "validation/loss": validation_loss,
-                                 "validation/perplexity": record.get("validation_perplexity")})
+                                 "validation/perplexity": record.get("validation_perplexity")} | (benchmarks or {}))
         self._start_epoch()
 
     def _add_scalars(self, step: int, values: dict[str, float | None]) -> None:
@@ -392,6 +395,7 @@ def train(
     program: str,
     flops_per_unit: float | None = None,
     reduce_every_micro_batch: bool = False,
+    benchmark: Callable[[Module, AbstractContextManager, int, bool], dict[str, float] | None] | None = None,
 ) -> None:
     """Train from start_step to the end of args.num_epochs, on every rank.
 
@@ -405,7 +409,8 @@ def train(
     TensorBoard curves under args.log_dir, with the model FLOPs utilization when flops_per_unit (the FLOPs of
     training on one unit) and the device's peak are known. A file that cannot be written stops every rank with one
     line. Ranks wait for each other as long as at start-up until the first step is done, and while a checkpoint
-    is saved.
+    is saved. benchmark(model, precision, epoch, last), called on every rank at the end of each epoch, gives more
+    figures to log when they are due (see EpochLog.end_epoch).
     """
     main_process = rank() == 0
     total_steps = steps_per_epoch * args.num_epochs
@@ -454,7 +459,8 @@ def train(
         if end_of_epoch == 0:
             validation_loss = (evaluate(model, eval_batches, padding_index, precision)
                                if epoch % args.eval_interval == 0 or last else None)
-            failure = failed_write(log.end_epoch, epoch, step, unit, units_per_epoch, validation_loss)
+            benchmarks = benchmark(model, precision, epoch, last) if benchmark else None
+            failure = failed_write(log.end_epoch, epoch, step, unit, units_per_epoch, validation_loss, benchmarks)
         if stop_requested or end_of_epoch == 0 and (epoch % args.checkpoint_interval == 0 or last):
             with patience():
                 failure = failed_write(save, step, epoch) or failure

@@ -16,9 +16,11 @@ from conftest import (
     hellaswag_mirror,
     lightgpt,
     made_up_hellaswag_items,
+    metrics,
     one_thread,
     run_script,
     save_pretrained_checkpoint,
+    tensorboard_run,
     write_hellaswag_jsonl,
 )
 from data import load_tokenizer
@@ -301,3 +303,31 @@ def test_token_losses_are_the_cross_entropy_of_the_whole_logits_at_the_targets_o
     torch.testing.assert_close(losses, expected)
     kept = targets != model.padding_index
     assert torch.equal(most_likely[kept], (logits.argmax(-1) == targets)[kept]) and most_likely[~kept].all()
+
+
+@pytest.mark.slow
+def test_pre_training_logs_hellaswag_from_every_rank_s_share_as_evaluate_py_scores_the_checkpoint(tmp_path,
+                                                                                                 dataset_path):
+    data_path = write_hellaswag_jsonl(tmp_path / "hellaswag_val.jsonl", made_up_hellaswag_items(7))
+    checkpoint = tmp_path / "checkpoint.pt"
+    training = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "pre-train.py",
+         "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path", checkpoint, *TINY_MODEL,
+         "--batch_size", "2", "--gradient_accumulation_steps", "2", "--samples_per_epoch", "4", "--num_epochs", "3",
+         "--eval_interval", "1", "--eval_samples", "4", "--precision", "fp32", "--num_dataset_processes", "1",
+         "--hellaswag_interval", "2", "--hellaswag_path", data_path, "--hellaswag_limit", "6"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300, env=one_thread())
+    assert training.returncode == 0, training.stderr
+    records = metrics(checkpoint)
+    assert ["hellaswag/acc" in record for record in records] == [False, True, True]  # epoch 2, and the last
+    assert "hellaswag/acc=" in training.stdout and "hellaswag/acc_norm=" in training.stdout
+    curves = tensorboard_run(checkpoint.parent / "runs" / "checkpoint")
+    assert [event.value for event in curves.Scalars("hellaswag/acc_norm")] == pytest.approx([
+        record["hellaswag/acc_norm"] for record in records[1:]])
+    result = run_script("evaluate.py", "--checkpoint_path", checkpoint, "--data_path", data_path, "--limit", "6",
+                        "--precision", "fp32", "--device", "cpu", "--output_path", tmp_path / "results.json")
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads((tmp_path / "results.json").read_text())["hellaswag"]
+    assert evaluated["items"] == 6
+    assert (records[-1]["hellaswag/acc"], records[-1]["hellaswag/acc_norm"]) == (
+        pytest.approx(evaluated["acc"]), pytest.approx(evaluated["acc_norm"]))
