@@ -13,6 +13,7 @@ from checkpoint import load_model
 from data import load_tokenizer, resolve_text_files, write_text_atomically
 from devices import compute_dtype
 from evaluation import (
+    HELLASWAG_ITEMS,
     HELLASWAG_REFERENCES,
     corpus_documents,
     hellaswag_items,
@@ -46,7 +47,7 @@ def build_parser() -> ArgumentParser:
                         ".parquet files.")
     parser.add_argument("--dataset_path", default=None,
                         help="perplexity: a corpus folder prepared by pre-train.py (the one holding test.bin, such "
-                        "as ./datasets/wikipedia), of which the held-out split is measured.")
+                        "as ./dataset/wikipedia), of which the held-out split is measured.")
     parser.add_argument("--context_length", type=positive_int, nargs="+", default=None,
                         help="perplexity: the window lengths to measure at, beyond the trained one too (default: "
                         "the length the model was trained with).")
@@ -95,8 +96,9 @@ def print_table(rows: list[tuple]) -> None:
 
 def evaluate_hellaswag(model, tokenizer, block_size: int, args: argparse.Namespace) -> tuple[dict, list[tuple]]:
     items = hellaswag_items(args.data_path, args.limit)
+    total = args.limit or (HELLASWAG_ITEMS if args.data_path is None else None)
     records = list(score_hellaswag(model, tokenizer, items, block_size, args.batch_size, show_progress=True,
-                                   total=args.limit))
+                                   total=total))
     summary = hellaswag_summary(records)
     rows = [("hellaswag", summary["items"], metric, f"{summary[metric]:.4f}", f"{summary[f'{metric}_stderr']:.4f}",
              HELLASWAG_REFERENCES[metric]) for metric in ("acc", "acc_norm")]
@@ -130,6 +132,7 @@ def main() -> None:
             task_manager = harness.harness_task_manager(harness_tasks, args.include_path)
         model, block_size, _ = load_model(args.checkpoint_path, args.device, args.lora_path,
                                           compute_dtype(args.precision, torch.device(args.device)))
+        model.eval()
         tokenizer = load_tokenizer()
         results, rows = {}, []
         if "hellaswag" in args.tasks:

@@ -219,6 +219,10 @@ def test_evaluate_py_measures_hellaswag_and_perplexity_beyond_the_trained_length
     assert results["hellaswag"]["items"] == 5 and len(results["hellaswag"]["records"]) == 5
     assert [entry["context_length"] for entry in results["perplexity"]] == [8, 16, 48]
     assert all(math.isfinite(entry["bits_per_byte"]) for entry in results["perplexity"])
+    # offline, the hub's HellaSwag is one line that offers --data_path
+    offline = run_script("evaluate.py", "--checkpoint_path", tmp_path / "checkpoint.pt", "--limit", "2",
+                         "--device", "cpu", cwd=tmp_path)
+    assert_one_line_error(offline, "could not read Rowan/hellaswag from the HuggingFace hub", "--data_path")
 
 
 def multiple_choice_task(folder, data_path) -> str:
