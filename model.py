@@ -170,6 +170,12 @@ def softmax_cross_entropy_in_place(
     return -(log_probabilities * kept.squeeze(1)).sum(), probabilities
 
 
+def logits_chunk_size(hidden: Tensor, weight: Tensor) -> int:
+    """The positions in a chunk of logits: chunks of at most 32 MB measured fastest on a CPU; a GPU wants a few large
+    kernels."""
+    return max(1, (2**23 if hidden.device.type == "cpu" else 2**28) // weight.size(0))
+
+
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, gradients: tuple[bool, bool] = (False, False)
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -179,8 +185,7 @@ def linear_cross_entropy(
     device_type = hidden.device.type
     autocast = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-    # Chunks of logits of at most 32 MB measured fastest on a CPU; a GPU wants a few large kernels.
-    chunk_size = max(1, (2**23 if device_type == "cpu" else 2**28) // weight.size(0))
+    chunk_size = logits_chunk_size(hidden, weight)
     kept = (targets != ignore_index).unsqueeze(1)
     # d(summed loss)/d(logits) = (softmax - one_hot(target)) * kept; the mask is applied to the small hidden-sized
     # factors rather than to the vocabulary-sized chunk. Dividing by the count is left to the caller, in float32:
@@ -223,7 +228,7 @@ def linear_token_losses(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_
     """The cross entropy of the logits hidden @ weight.T at each position (0 where the target is ignore_index) and
     whether the target is the most likely token there, in float32, a chunk of positions at a time as in
     linear_cross_entropy: what scoring continuations needs, one loss per token, never the whole logits."""
-    chunk_size = max(1, (2**23 if hidden.device.type == "cpu" else 2**28) // weight.size(0))
+    chunk_size = logits_chunk_size(hidden, weight)
     losses = torch.empty(len(hidden), device=hidden.device)
     most_likely = torch.empty(len(hidden), dtype=torch.bool, device=hidden.device)
     for start in range(0, len(hidden), chunk_size):
