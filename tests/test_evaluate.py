@@ -184,7 +184,8 @@ def test_bits_per_byte_is_the_summed_loss_in_bits_over_the_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("problem, line, message", [
-    ({"ctx": "A man", "endings": ["a", "b", "c", "d"]}, 2, "a HellaSwag item needs the fields ctx, endings and label; label is missing"),
+    ({"ctx": "A man", "endings": ["a", "b", "c", "d"]}, 2,
+     "a HellaSwag item needs the fields ctx, endings and label; label is missing"),
     ({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}, 2, "label must be 0, 1, 2 or 3"),
     ({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": "x"}, 2, "label must be 0, 1, 2 or 3"),
     ({"ctx": "A man", "endings": ["a", "b"], "label": 0}, 2, "endings must be a list of 4 non-empty strings"),
