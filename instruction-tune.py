@@ -35,7 +35,7 @@ from data import (
 )
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
-from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
+from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int, run_config
 from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
 from training import (
     note_optimizer_starts_afresh,
@@ -208,10 +208,10 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
             seed=seed,
         ), args.checkpoint_path)
 
-    train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, dtype=dtype, scaler=scaler,
-          padding_index=model.padding_index, unit="samples", units_per_epoch=len(train_samples),
-          description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py")
+    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="samples", units_per_epoch=len(train_samples),
+                     description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py",
+                     dtype=dtype)
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -12,21 +12,25 @@ from torch.nn.functional import cross_entropy, scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
 
 
+# The metadata of the LightGPTConfig fields that set the weights' shapes: a base and its adapter must agree on them.
+SHAPE = {"shape": True}
+
+
 @dataclass
 class LightGPTConfig:
     """The shape of a LightGPT; checkpoints store it as their model_args."""
 
-    vocabulary_size: int
-    embedding_dimensions: int
-    num_heads: int
-    num_layers: int
-    feed_forward_ratio: int = 4
+    vocabulary_size: int = field(metadata=SHAPE)
+    embedding_dimensions: int = field(metadata=SHAPE)
+    num_heads: int = field(metadata=SHAPE)
+    num_layers: int = field(metadata=SHAPE)
+    feed_forward_ratio: int = field(default=4, metadata=SHAPE)
     dropout: float = 0.0
     padding_index: int = -100
     eos_index: int = 50256
 
     def __post_init__(self):
-        for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+        for name in SHAPE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -42,6 +46,10 @@ class LightGPTConfig:
     @property
     def head_dimensions(self) -> int:
         return self.embedding_dimensions // self.num_heads
+
+
+# The names of those fields, each a count of at least 1.
+SHAPE_FIELDS = tuple(config_field.name for config_field in fields(LightGPTConfig) if config_field.metadata.get("shape"))
 
 
 class KVCache:
@@ -109,11 +117,12 @@ class CausalSelfAttention(Module):
         if past and sequence_length > 1:
             # The new tokens see every cached one, and each other only up to themselves.
             mask = torch.ones(sequence_length, past + sequence_length, dtype=torch.bool, device=x.device).tril(past)
-        z = attention(
+        attended = attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
         )  # (batch, heads, sequence, head_dimensions)
-        z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)  # (batch, sequence, embedding)
-        return self.output_dropout(self.output_projection(z))
+        # (batch, sequence, embedding)
+        attended = attended.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)
+        return self.output_dropout(self.output_projection(attended))
 
 
 class MLP(Module):
@@ -342,10 +351,11 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
         over those that are not padding): the output layer and the loss are fused so that the logits, the
         largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
-        z = self.hidden_states(x)
+        hidden = self.hidden_states(x)  # (batch, sequence, embedding)
         if y is None:
-            return self.output_layer(z), None
-        hidden, weight, targets = z.flatten(0, 1), self.output_layer.weight, y.flatten()
+            return self.output_layer(hidden), None
+        # (batch x sequence, embedding), (vocabulary, embedding), (batch x sequence,)
+        hidden, weight, targets = hidden.flatten(0, 1), self.output_layer.weight, y.flatten()
         if torch.is_grad_enabled():
             return None, LinearCrossEntropy.apply(hidden, weight, targets, self.padding_index)
         loss, count, _, _ = linear_cross_entropy(hidden, weight, targets, self.padding_index)
@@ -354,13 +364,13 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
     def hidden_states(self, x: Tensor) -> Tensor:
         """What the output layer reads: the normalised last hidden state of every position, (batch, sequence,
         embedding)."""
-        z = self.embedding_dropout(self.token_embeddings(x))
+        hidden = self.embedding_dropout(self.token_embeddings(x))  # (batch, sequence, embedding)
         for block in self.body:
             if self.activation_checkpointing and self.training:
-                z = checkpoint(block, z, use_reentrant=False)
+                hidden = checkpoint(block, hidden, use_reentrant=False)
             else:
-                z = block(z)
-        return self.output_norm(z)
+                hidden = block(hidden)
+        return self.output_norm(hidden)
 
     def token_losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The float32 cross entropy of each target of y, (batch, sequence), 0 at padding, and whether each target
@@ -383,10 +393,10 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
     def next_token_logits(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
         """The float32 logits of the token that follows each row of x, whatever the weights' dtype. With a cache, x
         continues the tokens cached so far, and its keys and values join them; without one, x is the whole context."""
-        z = self.token_embeddings(x)
+        hidden = self.token_embeddings(x)
         for index, block in enumerate(self.body):
-            z = block(z, cache[index] if cache is not None else None)
-        return self.output_layer(self.output_norm(z[:, -1])).float()
+            hidden = block(hidden, cache[index] if cache is not None else None)
+        return self.output_layer(self.output_norm(hidden[:, -1])).float()
 
 
 class LoRALinear(Module):
