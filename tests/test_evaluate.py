@@ -10,7 +10,7 @@ import torch
 import evaluate as evaluate_script
 from conftest import (
     REPOSITORY,
-    TINY_MODEL,
+    TINY_MODEL_FLAGS,
     assert_one_line_error,
     flag_error,
     hellaswag_mirror,
@@ -330,7 +330,7 @@ def test_pre_training_logs_hellaswag_from_every_rank_s_share_as_evaluate_py_scor
     checkpoint = tmp_path / "checkpoint.pt"
     training = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "pre-train.py",
-         "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path", checkpoint, *TINY_MODEL,
+         "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path", checkpoint, *TINY_MODEL_FLAGS,
          "--batch_size", "2", "--gradient_accumulation_steps", "2", "--samples_per_epoch", "4", "--num_epochs", "3",
          "--eval_interval", "1", "--eval_samples", "4", "--precision", "fp32", "--num_dataset_processes", "1",
          "--hellaswag_interval", "2", "--hellaswag_path", data_path, "--hellaswag_limit", "6"],
