@@ -79,7 +79,7 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
 
 @pytest.mark.slow
 def test_bench_measures_hellaswag_scoring_batched_and_one_item_at_a_time():
-    shape = [flag if flag != "97" else "50257" for flag in TINY_SHAPE]
+    shape = [flag if flag != "97" else "50257" for flag in TINY_BENCH_FLAGS]
     result = run_script("bench.py", *shape, "--parts", "eval", "--eval_items", "6", "--eval_batch_size", "8",
                         "--precision", "fp32", "--json")
     assert result.returncode == 0, result.stderr
