@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_model
-from data import load_tokenizer, resolve_text_files, write_text_atomically
+from corpora import resolve_text_files
 from devices import compute_dtype
 from evaluation import (
     HELLASWAG_ITEMS,
@@ -22,7 +21,10 @@ from evaluation import (
     score_hellaswag,
     text_file_documents,
 )
+from files import write_text_atomically
+from finetuning import load_inference_model
 from flags import ArgumentParser, add_device_argument, add_model_path_arguments, add_precision_argument, positive_int
+from tokenizer import load_tokenizer
 
 NATIVE_TASKS = ("hellaswag", "perplexity")
 INSTALL_HARNESS = "pip install -r requirements-eval.txt"
@@ -130,9 +132,8 @@ def main() -> None:
         if harness_tasks:
             harness = harness_module()
             task_manager = harness.harness_task_manager(harness_tasks, args.include_path)
-        model, block_size, _ = load_model(args.checkpoint_path, args.device, args.lora_path,
-                                          compute_dtype(args.precision, torch.device(args.device)))
-        model.eval()
+        model, block_size, _ = load_inference_model(args.checkpoint_path, args.device, args.lora_path,
+                                                    compute_dtype(args.precision, torch.device(args.device)))
         tokenizer = load_tokenizer()
         results, rows = {}, []
         if "hellaswag" in args.tasks:

@@ -13,8 +13,9 @@ import torch
 import tiktoken
 from tqdm import tqdm
 
-from data import document_batches, text_parts
+from corpora import text_parts
 from model import LightGPT
+from preparation import document_batches
 
 HELLASWAG_REPOSITORY, HELLASWAG_SPLIT = "Rowan/hellaswag", "validation"
 HELLASWAG_ITEMS = 10_042

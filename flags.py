@@ -224,7 +224,7 @@ def run_config(args: argparse.Namespace, **run) -> RunConfig:
 
 
 def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the model to run comes from (checkpoint.load_model reads it): every script that runs one."""
+    """Where the model to run comes from (finetuning.load_inference_model reads it): every script that runs one."""
     parser.add_argument("--checkpoint_path", default=None,
                         help="A checkpoint of pre-train.py or a folder of export.py (default: ./out/checkpoint.pt, "
                         "or the base an adapter names).")
@@ -243,3 +243,14 @@ def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
     add_device_argument(parser)
     parser.add_argument("--seed", type=seed, default=None,
                         help="The random seed, for reproducible runs.")
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of LoRA adapters (finetuning.lora_args reads them), the same in every fine-tuning script."""
+    parser.add_argument("--rank", type=positive_int, default=8,
+                        help="The rank of the LoRA decomposition matrices A and B.")
+    parser.add_argument("--alpha", type=positive_float, default=1.0,
+                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A.")
+    parser.add_argument("--dropout", type=fraction, default=0.05,
+                        help="The proportion of signals to send to zero during training as regularization "
+                        "(in the adapters' inputs and in the frozen model).")

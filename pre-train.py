@@ -16,7 +16,6 @@ from torch.nn import Module
 
 from checkpoint import (
     claimed_checkpoint,
-    file_in_the_way,
     is_sharded_checkpoint,
     load_checkpoint,
     load_index,
@@ -25,18 +24,15 @@ from checkpoint import (
     save_sharded,
     training_checkpoint,
 )
-from data import (
+from corpora import (
     CORPORA,
+    DEFAULT_CORPUS,
     DEFAULT_SUBSET,
     SUBSET_TOKENS,
     TEXT_EXTENSIONS,
-    PreparationInterrupted,
-    TokenWindows,
-    corpus_folder,
-    load_tokenizer,
-    prepare_corpus,
+    dataset_help,
     resolve_text_files,
-    same_files,
+    subset_help,
 )
 from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import (
@@ -61,6 +57,7 @@ from distributed import (
     world_size,
 )
 from evaluation import NUM_ENDINGS, hellaswag_counts, hellaswag_items, summary_of_counts
+from files import file_in_the_way, same_files
 from flags import (
     ArgumentParser,
     add_model_arguments,
@@ -71,8 +68,10 @@ from flags import (
     run_config,
 )
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
-from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
 from optimizers import build_optimizer
+from preparation import PreparationInterrupted, TokenWindows, corpus_folder, prepare_corpus
+from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
+from tokenizer import load_tokenizer
 from training import (
     note_optimizer_starts_afresh,
     restore_rng_state,
@@ -87,11 +86,8 @@ Value = TypeVar("Value")
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
                             "evaluates and checkpoints. Launch with torchrun for several devices.")
-    parser.add_argument("--dataset", default="fineweb-edu", choices=CORPORA,
-                        help="Web corpora stream from the HuggingFace hub; wikipedia and kjv are offline; text reads "
-                        "--text_files.")
-    parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS),
-                        help="The sample of fineweb-edu or fineweb.")
+    parser.add_argument("--dataset", default=DEFAULT_CORPUS, choices=tuple(CORPORA), help=dataset_help())
+    parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS), help=subset_help())
     parser.add_argument("--max_dataset_tokens", type=positive_int, default=None,
                         help="Prepare about this many training tokens (default: all); more later continues.")
     parser.add_argument("--text_files", default=None,

@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.nn import Module
 from tqdm import tqdm
 
-from checkpoint import metrics_path, write_atomically
+from checkpoint import metrics_path
+from files import append_atomically, write_atomically
 from devices import peak_tflops
 from distributed import (
     as_float,
@@ -88,19 +89,7 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
 def append_metrics(path: str | Path, record: dict) -> None:
     """One JSON object per line, so a run's curves can be plotted while it trains. A write that fails (a full
     disk) leaves no half line and is a one-line OSError naming the file."""
-    line = (json.dumps(record) + "\n").encode()
-    try:
-        with open(path, "ab", buffering=0) as file:
-            start = file.tell()
-            try:
-                written = 0
-                while written < len(line):  # an unbuffered write may write part of the line, then fail
-                    written += file.write(line[written:])
-            except OSError:
-                file.truncate(start)
-                raise
-    except OSError as error:
-        raise OSError(f"could not write {path}: {error.strerror or error}") from None
+    append_atomically(path, json.dumps(record) + "\n")
 
 
 def records_up_to(path: Path, step: int) -> None:

@@ -23,7 +23,6 @@ from conftest import (
     tensorboard_run,
     write_hellaswag_jsonl,
 )
-from data import load_tokenizer
 from evaluation import (
     Item,
     continuation_row,
@@ -36,6 +35,7 @@ from evaluation import (
     text_file_documents,
     windows,
 )
+from tokenizer import load_tokenizer
 
 
 @pytest.fixture(autouse=True)
