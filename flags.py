@@ -21,13 +21,22 @@ CONFIG_FIELDS = {
 }
 
 
+class DefaultsOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after each help text, unless the text says its own default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "(default" in action.help or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with the defaults shown in --help, except that under torchrun only rank 0 prints a
     usage error: every rank meets it."""
 
     def __init__(self, description: str):
         super().__init__(usage="%(prog)s [options] (see --help)", description=description,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=DefaultsOnceHelpFormatter)
 
     def error(self, message: str) -> NoReturn:
         if launch_rank() == 0:
@@ -135,8 +144,7 @@ class MixedPrecisionAlias(argparse.Action):
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
-                        help="auto: bf16 where native, else fp16 on CUDA, else fp32 (--[no-]mixed_precision: "
-                        "auto, fp32).")
+                        help="auto: bf16 where native, else fp16 on CUDA, else fp32.")
     parser.add_argument("--mixed_precision", "--no-mixed_precision", dest="precision", action=MixedPrecisionAlias)
 
 

@@ -1,0 +1,30 @@
+import re
+
+import pytest
+
+from conftest import REPOSITORY, load_script
+
+SCRIPTS = sorted(path.stem for path in REPOSITORY.glob("*.py") if "\ndef build_parser(" in path.read_text())
+
+
+def help_entries(script: str) -> tuple[list[str], set[str]]:
+    """The option entries of a script's --help, each on one line, and the options it lists."""
+    text = load_script(script).build_parser().format_help()
+    options = text[text.index("options:"):]
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", options)[1:]]
+    listed = {flag for entry in entries for flag in re.findall(r"^-[-\w]+|(?<=, )-[-\w]+", entry)}
+    return entries, listed
+
+
+def test_every_script_has_a_parser():
+    assert {"pre-train", "instruction-tune", "generate", "beam_search", "export", "bench"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_help_line_gives_two_defaults_or_names_a_flag_that_help_does_not_list(script):
+    entries, listed = help_entries(script)
+    for entry in entries:
+        assert entry.count("(default") <= 1, entry
+        assert "(default: None)" not in entry, entry
+        named = {flag.rstrip(".,;:)") for flag in re.findall(r"--\[?[\w-]+\]?[\w-]*", entry)}
+        assert named <= listed, f"{entry} names {named - listed}"
