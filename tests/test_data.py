@@ -32,6 +32,7 @@ def test_tokenizer_round_trips_text():
     assert tokenizer.decode(tokenizer.encode_ordinary(text)) == text
 
 
+@pytest.mark.slow
 def test_tokenizer_leaves_no_cache_files(tmp_path):
     environment = {key: value for key, value in os.environ.items() if key != "TIKTOKEN_CACHE_DIR"}
     environment["TMPDIR"] = str(tmp_path)
