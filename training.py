@@ -186,15 +186,17 @@ def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:
 
 
 class GracefulExit:
-    """Turns SIGINT and SIGTERM into a flag the training loop checks after each step."""
+    """Turns SIGINT and SIGTERM into a flag the training loop checks after each step, and the exit status that
+    the signal calls for (128 + its number: 130, 143), so that `pre-train.py ... && next` stops there too."""
 
     def __init__(self):
         self.requested = False
+        self.exit_status = 128 + signal.SIGTERM  # a rank that the stop reached through another rank
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signal_number, self._request)
 
     def _request(self, signal_number: int, frame) -> None:
-        self.requested = True
+        self.requested, self.exit_status = True, 128 + signal_number
 
 
 def weighted_by_targets(batches: list[tuple[Tensor, Tensor]], padding_index: int) -> list[tuple[Tensor, Tensor, float]]:
@@ -400,7 +402,7 @@ def train(
     names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every rank calls
     it); reduce_every_micro_batch: see distributed.REDUCE_EVERY_MICRO_BATCH. Each epoch is logged, evaluated every
     args.eval_interval epochs and saved every args.checkpoint_interval epochs, both always at the end. SIGINT or
-    SIGTERM saves and stops every rank at the same step. Rank 0 alone shows progress, writes the metrics log
+    SIGTERM saves and stops every rank at the same step, exiting 130 or 143. Rank 0 alone shows progress, writes the metrics log
     beside args.checkpoint_path (first dropping its records past start_step) and, unless args.tensorboard is off,
     TensorBoard curves under args.log_dir, with the model FLOPs utilization when flops_per_unit (the FLOPs of
     training on one unit) and the device's peak are known. A file that cannot be written stops every rank with one
@@ -463,8 +465,8 @@ def train(
         if stop_requested:
             log.close()
             if main_process:
-                print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")
-            return
+                print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}", flush=True)
+            sys.exit(exit_request.exit_status)
     log.close()
     if main_process:
         print(f"Done: {saved_what} saved to {args.checkpoint_path}")
