@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from data import TOKENIZER_NAME, locked_at_once, record_holder, temporary_path
+from data import TOKENIZER_NAME, locked_at_once, record_holder, still_at, temporary_path
 from distributed import from_rank_zero, rank
 from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
 
@@ -155,25 +155,29 @@ def file_in_the_way(folder: Path) -> Path | None:
 def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
     """Hold <checkpoint>.lock, with this process's id in it, so that a second run writing the same checkpoint is
     refused with one line that names the holder. The operating system releases the lock when the process ends,
-    however it ends, so a crashed run never blocks the next one; the emptied file stays, as a lock must."""
+    however it ends, so a crashed run never blocks the next one; a run that ends removes the file."""
     path = lock_path(checkpoint_path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(path, "a+")
-    except OSError as error:
-        raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
-                         f"({error.strerror or error})") from None
-    with file:
-        if not locked_at_once(file, "--checkpoint_path"):
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
-                             f"this checkpoint; wait for it to end, or choose another --checkpoint_path")
-        record_holder(file)
+    while True:
         try:
-            yield
-        finally:
-            file.truncate(0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file = open(path, "a+")
+        except OSError as error:
+            raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
+                             f"({error.strerror or error})") from None
+        with file:
+            if not locked_at_once(file, "--checkpoint_path"):
+                file.seek(0)
+                holder = file.read().strip() or "unknown"
+                raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
+                                 f"this checkpoint; wait for it to end, or choose another --checkpoint_path")
+            if not still_at(file, path):
+                continue
+            record_holder(file)
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
+            return
 
 
 def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:

@@ -620,14 +620,34 @@ def remove_temporary_files(folder: Path) -> None:
 @contextlib.contextmanager
 def preparation_lock(folder: Path) -> Iterator[None]:
     """One preparation of a folder at a time, across processes (and machines sharing the file system). The OS
-    releases the lock when its holder dies, so a killed preparation never blocks the next one."""
-    with open(folder / "prepare.lock", "a+") as lock:
-        if not locked_at_once(lock, "--dataset_path"):
-            lock.seek(0)
-            print(f"Waiting for process {lock.read().strip() or '?'}, which is preparing {folder}", file=sys.stderr)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        record_holder(lock)
-        yield
+    releases the lock when its holder dies, so a killed preparation never blocks the next one; a preparation that
+    ends removes the lock file."""
+    path = folder / "prepare.lock"
+    while True:
+        with open(path, "a+") as lock:
+            if not locked_at_once(lock, "--dataset_path"):
+                lock.seek(0)
+                print(f"Waiting for process {lock.read().strip() or '?'}, which is preparing {folder}",
+                      file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not still_at(lock, path):
+                continue
+            record_holder(lock)
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
+            return
+
+
+def still_at(lock: IO, path: Path) -> bool:
+    """Whether a lock file just locked is still the one at `path`. Its holder removes it on release, while still
+    holding it, so a process that opened it before then has locked a file that no longer locks anything, and must
+    open the path again."""
+    try:
+        return os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def locked_at_once(lock: IO, flag: str) -> bool:

@@ -137,7 +137,7 @@ def test_an_interrupted_preparation_continues_where_it_stopped_and_gives_the_sam
     meta = json.loads((folder / "meta.json").read_text())
     assert not meta["complete"] and meta["position"]["batch"] == 2
     assert os.path.getsize(folder / "train.bin") == 2 * meta["train_tokens"]
-    assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "prepare.lock", "test.bin", "train.bin"]
+    assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "test.bin", "train.bin"]
 
     monkeypatch.setattr(data, "tokenize_documents", real_tokenize)
     tokenized = []
@@ -506,7 +506,7 @@ def test_sigterm_or_ctrl_c_stops_a_preparation_with_one_line_and_keeps_what_it_d
     meta = json.loads((folder / "meta.json").read_text())
     assert f"stopped at {meta['train_tokens']:,} training tokens" in stderr
     assert os.path.getsize(folder / "train.bin") == 2 * meta["train_tokens"]
-    assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "prepare.lock", "test.bin", "train.bin"]
+    assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "test.bin", "train.bin"]
 
 
 @pytest.mark.slow
