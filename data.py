@@ -205,6 +205,9 @@ def hub_part(dataset: str, subset: str) -> Part:
     def open_stream():
         import datasets
 
+        if not datasets.config.HF_HUB_OFFLINE:  # without a connection, the hub takes half a minute to fail
+            print(f"--dataset {dataset}: reaching the HuggingFace hub for {corpus.repository}", file=sys.stderr,
+                  flush=True)
         # huggingface_hub logs each of its retries; offline, hub_failure's one line says all of it
         hub_logger = logging.getLogger("huggingface_hub")
         level = hub_logger.level

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -507,6 +508,18 @@ def test_sigterm_or_ctrl_c_stops_a_preparation_with_one_line_and_keeps_what_it_d
     assert f"stopped at {meta['train_tokens']:,} training tokens" in stderr
     assert os.path.getsize(folder / "train.bin") == 2 * meta["train_tokens"]
     assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "test.bin", "train.bin"]
+
+
+@pytest.mark.slow
+def test_pretrain_says_it_is_reaching_the_hub_before_it_waits_for_it(tmp_path):
+    with socket.socket() as closed:  # a port that nothing listens on: the hub out of reach, at once
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    environment = {key: value for key, value in one_thread().items() if not key.endswith("_OFFLINE")}
+    result = run_script("pre-train.py", cwd=tmp_path, env=environment | {"HF_ENDPOINT": endpoint})
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "--dataset fineweb-edu: reaching the HuggingFace hub for HuggingFaceFW/fineweb-edu", lines
+    assert_one_line_error(result, "--dataset fineweb-edu", "could not read HuggingFaceFW/fineweb-edu")
 
 
 @pytest.mark.slow
