@@ -4,7 +4,9 @@ import argparse
 import math
 import re
 import sys
+import warnings
 from argparse import BooleanOptionalAction
+from pathlib import Path
 from typing import NoReturn
 
 from devices import PRECISIONS, best_device, check_device
@@ -19,6 +21,17 @@ CONFIG_FIELDS = {
     "feed_forward_ratio": "feed_forward_ratio",
     "dropout": "dropout",
 }
+
+
+def one_line_warning(message, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    """A warning of ours as one line, '<script>: warning: <message>', as errors are shown, without the source
+    line that Python quotes; other libraries' warnings as Python shows them."""
+    if Path(filename).resolve().parent == Path(__file__).resolve().parent:
+        return f"{Path(sys.argv[0]).name}: warning: {message}\n"
+    return python_warning(message, category, filename, lineno, line)
+
+
+python_warning, warnings.formatwarning = warnings.formatwarning, one_line_warning  # every script imports flags
 
 
 class DefaultsOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

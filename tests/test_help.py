@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -28,3 +30,15 @@ def test_no_help_line_gives_two_defaults_or_names_a_flag_that_help_does_not_list
         assert "(default: None)" not in entry, entry
         named = {flag.rstrip(".,;:)") for flag in re.findall(r"--\[?[\w-]+\]?[\w-]*", entry)}
         assert named <= listed, f"{entry} names {named - listed}"
+
+
+@pytest.mark.slow
+def test_our_warnings_are_one_line_without_the_source_line(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me".encode("latin-1"))
+    code = f"import flags, data; data.warn_about_undecodable_bytes(data.Path({str(tmp_path / 'latin1.txt')!r}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"-c: warning: --text_files: {tmp_path / 'latin1.txt'} has 2 byte "
+                                          "sequence(s) that are not UTF-8; they are read as the replacement "
+                                          "character U+FFFD"]
