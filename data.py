@@ -263,6 +263,9 @@ def open_text_files(files: list[Path]):
     import datasets
 
     paths = [str(file) for file in files]
+    # datasets logs a damaged Parquet or JSON file as it reads it; text_files_failure says it in one line
+    for reader in ("parquet.parquet", "json.json"):
+        logging.getLogger(f"datasets.packaged_modules.{reader}").setLevel(logging.CRITICAL)
     if files[0].suffix == ".txt":
         for file in files:
             warn_about_undecodable_bytes(file)

@@ -3,8 +3,10 @@
 import argparse
 import importlib
 import json
+import logging
 import math
 import sys
+import warnings
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
@@ -159,8 +161,18 @@ def export_onnx(model: LightGPT, path: Path) -> None:
     """The model in ONNX through torch.export (dynamo), with any batch size and sequence length."""
     example = torch.zeros(2, 8, dtype=torch.long)
     dynamic = {"token_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
-    torch.onnx.export(Logits(model).eval(), (example,), path, dynamo=True, input_names=["token_ids"],
-                      output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+    # Noise that means nothing here: the exporter logs each torchvision operator it skips when torchvision is
+    # not installed, and torch.export warns of its own deprecated LeafSpec check.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            torch.onnx.export(Logits(model).eval(), (example,), path, dynamo=True, input_names=["token_ids"],
+                              output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+    finally:
+        registration.setLevel(level)
 
 
 def main() -> None:

@@ -308,14 +308,17 @@ def test_undecodable_bytes_in_a_text_file_are_replaced_with_a_warning_that_names
          ["latin1.jsonl: line 2 is not valid UTF-8"]),
         ("list.json", b'[{"text": "a"},\n {"text": null}]', ["list.json: record 2", "not a string: null"]),
         ("broken.json", b'[{"text": "a"},\n {"text": "b"]', ["broken.json: line 2 is not valid JSON"]),
+        ("bad.parquet", b"PAR1garbage", ["bad.parquet is not a readable Parquet file"]),
     ],
 )
-def test_text_file_errors_name_the_file_and_line(tmp_path, name, content, fragments):
+def test_text_file_errors_name_the_file_and_line_and_nothing_else_is_printed(tmp_path, capfd, name, content,
+                                                                              fragments):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError) as error:
         streamed_documents(data.text_parts([tmp_path / name]))
     message = str(error.value)
     assert message.startswith("--text_files: ") and "\n" not in message
+    assert capfd.readouterr().err == ""  # datasets logs what it failed to read; the message says it
     for fragment in fragments:
         assert fragment in message
 

@@ -54,6 +54,7 @@ def exported(checkpoint_path, tmp_path_factory):
     result = run_script("export.py", *readme_export_flags(), "--checkpoint_path", checkpoint_path,
                         "--output_dir", folder)
     assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr and "Warning" not in result.stderr, result.stderr  # no noise
     return folder
 
 
