@@ -32,6 +32,14 @@ from flags import ArgumentParser
 from model import LightGPT
 
 ONNX_FILE = "model.onnx"
+# The model card's example, as the README shows it (FOLDER: the exported folder).
+USAGE = """import torch
+from data import load_tokenizer  # GPT-2's BPE, offline
+from generation import generate
+from model import LightGPT
+model, tokenizer = LightGPT.from_pretrained("FOLDER"), load_tokenizer()
+print(tokenizer.decode(list(generate(model, torch.tensor(tokenizer.encode_ordinary("The Roman Empire")), 40))))
+"""
 ONNX_PACKAGES = ("onnx", "onnxscript")
 # The licenses of the corpora LightGPT trains on (a model card states its training data's license).
 DATA_LICENSES = {
@@ -132,7 +140,8 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
                         f"for the token embeddings and the output layer",
         "Parameters": f"{model.num_trainable_params:,}",
         "Context": f"{block_size} tokens",
-        "Tokenizer": f"tiktoken's {TOKENIZER_NAME} (GPT-2's BPE), {config.vocabulary_size:,} tokens",
+        "Tokenizer": f"GPT-2's BPE (tiktoken's {TOKENIZER_NAME}), {config.vocabulary_size:,} tokens; LightGPT's "
+                     f"`data.load_tokenizer()` builds it offline (`tiktoken.get_encoding` downloads it)",
     }
     for stage, facts in stages.items():
         rows |= {f"{stage} {name}": value for name, value in facts.items()}
@@ -143,7 +152,8 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
                      f"`LightGPT.from_pretrained(\"<this folder or Hub id>\")` (in `model.py`), or "
                      f"`python generate.py --checkpoint_path <this folder>`. `{EXPORTED_WEIGHTS}` holds the weights, "
                      f"`{EXPORTED_CONFIG}` the configuration; `{ONNX_FILE}`, where present, takes token ids (batch, "
-                     f"sequence) and gives every position's logits.\n")
+                     f"sequence) and gives every position's logits. In Python, from LightGPT's folder:\n\n"
+                     f"```python\n{USAGE.replace('FOLDER', '<this folder or Hub id>')}```\n")
 
 
 class Logits(Module):
