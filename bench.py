@@ -11,11 +11,9 @@ import json
 import multiprocessing
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-import weakref
 from argparse import BooleanOptionalAction
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -24,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
-from data import load_tokenizer, prepare_corpus, wikipedia_documents
+from corpora import wikipedia_documents
 from devices import (
     PRECISION_NAMES,
     PRECISIONS,
@@ -62,13 +58,26 @@ from distributed import (
     rank,
     world_size,
 )
+from evaluation import NUM_ENDINGS, Item, item_rows, score_hellaswag
 from generation import beam_search, generate
 from model import LightGPT
+from optimizers import build_optimizer
+from preparation import prepare_corpus
+from profiling import (
+    RU_MAXRSS_UNIT,
+    interleaved_seconds,
+    kept_between_micro_batches,
+    peak_resident_bytes,
+    peak_step_bytes,
+    synchronize,
+    timed,
+)
 from sizing import training_flops_per_token
+from tokenizer import load_tokenizer
 
 R50K_VOCABULARY_SIZE = 50257
-PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation")
-RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
+PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation", "eval")
 
 
 def build_parser() -> ArgumentParser:
@@ -77,8 +86,8 @@ def build_parser() -> ArgumentParser:
                             "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
-                        "corpus preparation, activation checkpointing; alone and under torchrun, FSDP2's gradient "
-                        "accumulation.")
+                        "corpus preparation, activation checkpointing, HellaSwag scoring batched and one ending at "
+                        "a time; alone and under torchrun, FSDP2's gradient accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
@@ -120,6 +129,10 @@ def build_parser() -> ArgumentParser:
                         help="Micro-batches per process in each step of the accumulation measurement.")
     parser.add_argument("--checkpointing_layers", type=positive_int, default=24,
                         help="The depth of the model whose peak memory is measured with and without checkpointing.")
+    parser.add_argument("--eval_items", type=positive_int, default=64,
+                        help="The HellaSwag-shaped items (made of Wikipedia text) scored by the eval part.")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=32,
+                        help="The sequences scored in one forward pass when batched, as evaluate.py's --batch_size.")
     add_device_argument(parser)
     parser.add_argument("--num_threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the run (default: torch's). On cores that other processes "
@@ -149,6 +162,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--parts: accumulation is measured alone, under torchrun with two processes or more; "
                          "the other parts in one process")
     check_launch(args.device)
+    if "eval" in args.parts and args.vocabulary_size < R50K_VOCABULARY_SIZE:
+        raise ValueError(f"--parts eval scores text in r50k_base's tokens: --vocabulary_size must be at least "
+                         f"{R50K_VOCABULARY_SIZE}, got {args.vocabulary_size}")
     if args.gpt2 and {"train", "generate", "beam_search"} & set(args.parts):
         try:
             import transformers  # noqa: F401
@@ -174,88 +190,6 @@ class Measurement:
             ratio = self.value / self.gpt2_value
             record |= {"gpt2_value": self.gpt2_value, "ratio": ratio if self.higher_is_better else 1 / ratio}
         return record
-
-
-class PeakTensorMemory(TorchDispatchMode):
-    """The peak bytes of tensor storage alive at once, for devices whose allocator keeps no statistics, and the
-    largest single storage.
-
-    Every operator's outputs are counted when made and uncounted when their storage is freed; memory that
-    kernels allocate internally and never return as a tensor is not seen, nor a storage resized in place (FSDP2
-    frees and refills its gathered parameters so): held() says what the storages seen hold at the moment.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.current = self.peak = self.largest = 0
-        self.seen: weakref.WeakValueDictionary[int, torch.UntypedStorage] = weakref.WeakValueDictionary()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        outputs = func(*args, **(kwargs or {}))
-        for output in tree_leaves(outputs):
-            if isinstance(output, torch.Tensor):
-                self.count(getattr(output, "_local_tensor", output).untyped_storage())  # a DTensor's own shard
-        return outputs
-
-    def count(self, storage: torch.UntypedStorage) -> None:
-        if id(storage) in self.seen or storage.nbytes() == 0 or storage.device.type == "meta":  # meta holds nothing
-            return
-        self.seen[id(storage)] = storage
-        self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        self.largest = max(self.largest, storage.nbytes())
-        weakref.finalize(storage, self.release, id(storage), storage.nbytes())
-
-    def release(self, key: int, nbytes: int) -> None:
-        self.current -= nbytes
-
-    def held(self) -> int:
-        """The bytes that the storages seen and still alive hold now."""
-        return sum(storage.nbytes() for storage in list(self.seen.values()))
-
-
-def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
-    tensors = [getattr(tensor, "_local_tensor", tensor) for tensor in tensors]  # a DTensor's own shard
-    return sum(tensor.untyped_storage().nbytes() for tensor in {id(t): t for t in tensors}.values())
-
-
-def peak_step_bytes(step: Callable[[], None], model, optimizer, device: torch.device) -> int:
-    """Peak memory of one training step: the weights, the optimizer state and all that the step allocates."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return resident_bytes(model, optimizer) + torch.cuda.max_memory_allocated() - before
-    with PeakTensorMemory() as tracker:
-        step()
-    return resident_bytes(model, optimizer) + tracker.peak
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def interleaved_seconds(runs: dict[str, Callable], steps: int, warmup: int, device, description: str) -> dict:
-    """The median seconds of each run, the runs taking turns (in alternating order) so noise hits all alike."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    seconds = {name: [] for name in runs}
-    for step in tqdm(range(steps), desc=description, unit="step", file=sys.stderr):
-        for name in list(runs)[:: 1 if step % 2 == 0 else -1]:
-            synchronize(device)
-            start = time.perf_counter()
-            runs[name]()
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def lightgpt(args: argparse.Namespace, num_layers: int | None = None) -> LightGPT:
@@ -292,9 +226,8 @@ def gpt2(args: argparse.Namespace, context: int):
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    if args.optimizer == "adafactor":
-        return torch.optim.Adafactor(model.parameters(), lr=1e-4)
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(args.device).type == "cuda")
+    """The optimizer of --optimizer as pre-train.py builds it (optimizers.build_optimizer), at its default rate."""
+    return build_optimizer(args.optimizer, model.parameters(), LEARNING_RATE, torch.device(args.device))
 
 
 def training_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], args, is_gpt2: bool,
@@ -414,15 +347,6 @@ def measure_training(args: argparse.Namespace) -> list[Measurement]:
     return rows
 
 
-def timed(run: Callable, device) -> tuple:
-    """What run() returns (a generation run: the tokens it produced) and the seconds it took."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = run()
-    synchronize(device)
-    return result, time.perf_counter() - start
-
-
 def measure_generation(args: argparse.Namespace) -> list[Measurement]:
     device = torch.device(args.device)
     model = lightgpt(args).to(args.dtype).eval()  # as generate.py loads it
@@ -489,6 +413,57 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     return [Measurement("beam_search_tokens_per_s", tokens / seconds, "tokens/s", gpt2_speed, details=details)]
 
 
+def hellaswag_shaped_items(count: int, seed: int) -> list[Item]:
+    """Items of HellaSwag's shape, made of the embedded Wikipedia text: a context of 40 words and four endings of
+    15 words, about HellaSwag's lengths in tokens."""
+    documents = [document.split() for document in wikipedia_documents() if len(document.split()) >= 55]
+    generator = np.random.default_rng(seed)
+    items = []
+    for index in range(count):
+        chosen = generator.choice(len(documents), NUM_ENDINGS, replace=False)
+        context = " ".join(documents[chosen[0]][:40])
+        endings = [" ".join(documents[number][40:55]) for number in chosen]
+        items.append(Item(index, context, endings, 0))
+    return items
+
+
+def measure_eval(args: argparse.Namespace) -> list[Measurement]:
+    """HellaSwag items a second, scored as evaluate.py scores them (several items' endings in a padded batch, the
+    logits of the endings' tokens only) and one item at a time as build-nanogpt does (its four endings padded,
+    the whole logits, then the cross entropy of the endings), alternately, on the same items."""
+    device = torch.device(args.device)
+    model = lightgpt(args).to(args.dtype).eval()  # as evaluate.py loads it
+    tokenizer = load_tokenizer()
+    items = hellaswag_shaped_items(args.eval_items, args.seed)
+
+    def batched() -> None:
+        for _ in score_hellaswag(model, tokenizer, items, args.block_size, args.eval_batch_size):
+            pass
+
+    @torch.no_grad()
+    def one_at_a_time() -> None:
+        for item in items:
+            rows = item_rows(tokenizer, item, args.block_size)
+            length = max(len(tokens) for tokens, _ in rows)
+            batch = torch.zeros(NUM_ENDINGS, length, dtype=torch.long, device=device)  # (endings, longest)
+            scored = torch.zeros(NUM_ENDINGS, length - 1, dtype=torch.bool, device=device)
+            for row, (tokens, count) in enumerate(rows):
+                batch[row, : len(tokens)] = torch.tensor(tokens)
+                scored[row, len(tokens) - 1 - count : len(tokens) - 1] = True
+            logits, _ = model(batch[:, :-1])  # (endings, longest - 1, vocabulary)
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                                       reduction="none").view_as(scored)
+            (losses * scored).sum(1) / scored.sum(1)
+
+    seconds = interleaved_seconds({"batched": batched, "one_at_a_time": one_at_a_time}, 3, 1, device,
+                                  "HellaSwag scoring")
+    speed = {name: len(items) / value for name, value in seconds.items()}
+    details = {"items": len(items), "batch_size": args.eval_batch_size}
+    return [Measurement("hellaswag_items_per_s", speed["batched"], "items/s", details=details),
+            Measurement("hellaswag_one_at_a_time_items_per_s", speed["one_at_a_time"], "items/s", details=details),
+            Measurement("hellaswag_batching_speedup", speed["batched"] / speed["one_at_a_time"], "x", details=details)]
+
+
 def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
     """Parquet shards of at least `tokens` tokens, in documents of about 1,000 tokens (FineWeb-Edu's mean), of words
     drawn at the frequencies of the embedded Wikipedia corpus, so that the tokenizer meets English; written a shard
@@ -518,7 +493,7 @@ def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
 def preparation_figures(corpus: str, dataset_path: str, processes: int) -> dict:
     """One whole preparation of the Parquet files in `corpus`, in this (fresh) process: its tokens, seconds, and
     the peak resident memory of this process and of its largest tokenizing process."""
-    from data import resolve_text_files
+    from corpora import resolve_text_files
 
     start = time.perf_counter()
     folder = prepare_corpus("text", dataset_path, processes, resolve_text_files(corpus), show_progress=False)
@@ -527,16 +502,6 @@ def preparation_figures(corpus: str, dataset_path: str, processes: int) -> dict:
     return {"tokens": meta["train_tokens"] + meta["test_tokens"], "seconds": seconds,
             "peak_rss": peak_resident_bytes(),
             "worker_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * RU_MAXRSS_UNIT}
-
-
-def peak_resident_bytes() -> int:
-    """This process's peak resident memory. On Linux ru_maxrss carries a parent's peak over into a new program
-    (a spawned process starts at the bench's), so read the process's own high-water mark, VmHWM, instead."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT
 
 
 def measure_data(args: argparse.Namespace) -> list[Measurement]:
@@ -599,16 +564,6 @@ def accumulation_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor]
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def kept_between_micro_batches(step: Callable[[], None], model: torch.nn.Module) -> int:
-    """The tensor bytes that a step keeps from its first micro-batch to its last: the gradients accumulating."""
-    held = []
-    with PeakTensorMemory() as memory:
-        hook = model.register_forward_pre_hook(lambda *_: held.append(memory.held()))
-        step()
-        hook.remove()
-    return held[-1] - held[0]
 
 
 def measure_accumulation(args: argparse.Namespace) -> list[Measurement]:
@@ -692,6 +647,7 @@ def main() -> None:
         "data": measure_data,
         "checkpointing": measure_checkpointing,
         "accumulation": measure_accumulation,
+        "eval": measure_eval,
     }
     with distributed(args.device) as device:
         args.device = str(device)

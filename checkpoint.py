@@ -1,23 +1,18 @@
 """Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
 
 import contextlib
-import glob
 import hashlib
 import io
 import json
 import os
 import pickle
-import re
 import secrets
 import shutil
-import socket
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -25,14 +20,19 @@ from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from data import TOKENIZER_NAME, locked_at_once, record_holder, still_at, temporary_path
 from distributed import from_rank_zero, rank
-from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
+from files import file_in_the_way, holding_lock, remove_stray_temporary_files, write_atomically
+from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
+from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKENIZER_NAME
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
-# kept one random-number state rather than a list of each rank's.
-FORMAT_VERSION = 2
-V1_RENAMES = ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_projection."))
+# kept one random-number state rather than a list of each rank's. Up to version 2 the model's blocks were named
+# body, and an adapter's prompt template was a dict of two format strings.
+FORMAT_VERSION = 3
+RENAMES = {  # the names each version changed: (old, new) substrings of the names before it
+    2: ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_projection.")),
+    3: (("body.", "blocks."),),
+}
 PRETRAINING_ENTRIES = ("model_args", "model")
 ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
 DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
@@ -77,35 +77,6 @@ def save_atomically(checkpoint: dict, path: str | Path) -> None:
     write_atomically(path, lambda file: torch.save(checkpoint, file))
 
 
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through write(file) under a temporary name, flush it to disk, then rename it into place: a
-    crash leaves the previous file whole, and an error removes the temporary file and is a one-line OSError
-    naming the path."""
-    path = Path(path)
-    temporary = temporary_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        cause = os_error_in(error)
-        if cause is None:
-            raise
-        raise OSError(f"could not write {path}: {cause.strerror or cause}") from None
-
-
-def os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind an error, if any: torch.save reports a failed write as a RuntimeError whose context is
-    the file's OSError (no space left, file too large)."""
-    if isinstance(error, RuntimeError):
-        error = error.__context__
-    return error if isinstance(error, OSError) else None
-
-
 def metrics_path(checkpoint_path: str | Path) -> Path:
     """The metrics log a training run keeps beside its checkpoint."""
     return Path(checkpoint_path).with_suffix(".metrics.jsonl")
@@ -146,84 +117,24 @@ def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sh
                                  f"this run; choose another --checkpoint_path")
 
 
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file, if any, that stands where `folder` or one of its parents should be a folder."""
-    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
-
-
 @contextmanager
 def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
-    """Hold <checkpoint>.lock, with this process's id in it, so that a second run writing the same checkpoint is
-    refused with one line that names the holder. The operating system releases the lock when the process ends,
-    however it ends, so a crashed run never blocks the next one; a run that ends removes the file."""
+    """Hold <checkpoint>.lock (see files.holding_lock), so that a second run writing the same checkpoint is
+    refused with one line that names the holder."""
     path = lock_path(checkpoint_path)
-    while True:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            file = open(path, "a+")
-        except OSError as error:
-            raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
-                             f"({error.strerror or error})") from None
-        with file:
-            if not locked_at_once(file, "--checkpoint_path"):
-                file.seek(0)
-                holder = file.read().strip() or "unknown"
-                raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
-                                 f"this checkpoint; wait for it to end, or choose another --checkpoint_path")
-            if not still_at(file, path):
-                continue
-            record_holder(file)
-            try:
-                yield
-            finally:
-                path.unlink(missing_ok=True)
-            return
-
-
-def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
-    """Remove the temporary files of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
-    no longer exists: a process killed while saving leaves one. Those of live processes and of other machines
-    stay. Returns the files removed."""
-    removed = []
-    for path in paths:
-        prefix = f"{path.name}."
-        for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-            if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
-                temporary.unlink(missing_ok=True)
-                removed.append(temporary)
-    return removed
-
-
-def written_by_a_dead_process(tag: str) -> bool:
-    """Whether a temporary file's tag, <pid> or this machine's name and a pid (<host>.<pid>, <pid>-<host>, ...),
-    names a process that no longer exists."""
-    host = re.escape(socket.gethostname())
-    patterns = (r"(\d+)", rf"{host}[.-](\d+)", rf"(\d+)[.-]{host}", rf"{host}-(\d+)-[0-9a-f]+")
-    match = next(filter(None, (re.fullmatch(pattern, tag) for pattern in patterns)), None)
-    if match is None:
-        return False
     try:
-        os.kill(int(match[1]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):  # another user's process, or no process id at all
-        pass
-    return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, "a+")
+    except OSError as error:
+        raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
+                         f"({error.strerror or error})") from None
 
+    def refuse(holder: str) -> None:
+        raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder or 'unknown'}) is "
+                         f"writing this checkpoint; wait for it to end, or choose another --checkpoint_path")
 
-def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """write(folder) into a temporary folder beside path, then rename it to path (which may be an empty folder):
-    a crash or an error never leaves a half-written folder, and the temporary one is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # mkdir, unlike mkdtemp, keeps the umask
-    temporary.mkdir()
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    with file, holding_lock(file, "--checkpoint_path", refuse):
+        yield
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -241,7 +152,7 @@ def save_sharded(checkpoint: dict, path: str | Path) -> None:
     path = Path(path)
     shards = from_rank_zero(f"shards-{checkpoint['step']}-{secrets.token_hex(4)}")
     optimizer = checkpoint["optimizer"]
-    with one_process_is_meant():
+    with without_the_one_process_warning():
         dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
     if rank() == 0:
         index = {name: entry for name, entry in checkpoint.items() if name != "model"}
@@ -256,11 +167,17 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
     """Fill `state`, shaped like what save_sharded wrote ({"model": ..., "optimizer": ...}, or a part of it)
     and holding this rank's shards, with the tensors of the sharded checkpoint at `path`, in place: each rank
     reads its own parts, whatever the number of ranks that wrote them. alone: in this process only, even under
-    torchrun."""
+    torchrun. Shards of an older format keep the parameter names they were written with: they are read under
+    those names into the same tensors."""
     folder = shards_folder(path, index)
     reader = CheckedShardsReader(folder, safe_metadata(folder))
-    with one_process_is_meant():
-        dcp.load(state, storage_reader=reader, no_dist=alone)
+    version = index.get("written_in_format", FORMAT_VERSION)
+    written = {part: {name_in_version(name, version): value for name, value in entries.items()}
+               for part, entries in state.items()}
+    with without_the_one_process_warning():
+        dcp.load(written, storage_reader=reader, no_dist=alone)
+    for part, entries in state.items():  # DCP replaces what is not a tensor rather than filling it
+        entries.update((name, written[part][name_in_version(name, version)]) for name in entries)
 
 
 class CheckedShardsReader(FileSystemReader):
@@ -289,7 +206,7 @@ def shards_folder(path: str | Path, index: dict) -> Path:
 
 
 @contextmanager
-def one_process_is_meant() -> Iterator[None]:
+def without_the_one_process_warning() -> Iterator[None]:
     """Silence DCP's warning, on every save and load without a process group, that it assumes one process."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
@@ -325,7 +242,9 @@ def safe_metadata(folder: Path) -> Metadata:
 def whole_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
     """The model weights of a sharded checkpoint, read whole into this process's memory."""
     metadata = safe_metadata(shards_folder(path, index))
-    weights = {name.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
+    version = index.get("written_in_format", FORMAT_VERSION)
+    weights = {current_name(name.removeprefix("model."), version):
+               torch.empty(item.size, dtype=item.properties.dtype)
                for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
     load_shards(path, index, {"model": weights}, alone=True)
     return weights
@@ -370,13 +289,13 @@ def load_lora_checkpoint(path: str | Path) -> dict:
 
 
 def upgraded(checkpoint: dict) -> dict:
-    """A version 1 checkpoint in the current format: the MLP's parameter names, in the weights, the adapters
-    and the optimizer state, and the random-number states as a list."""
+    """An older checkpoint in the current format: the parameter names (in the weights, the adapters and the
+    optimizer state), the random-number states as a list, and the prompt template as a PromptTemplate's dict.
+    Of a sharded checkpoint the shards keep their names; written_in_format says which (see load_shards)."""
+    version = checkpoint.get("format_version", 1)
+
     def renamed(name):
-        if isinstance(name, str):
-            for old, new in V1_RENAMES:
-                name = name.replace(old, new)
-        return name
+        return current_name(name, version) if isinstance(name, str) else name
 
     checkpoint = dict(checkpoint)
     for entry in ("model", "lora"):
@@ -384,15 +303,43 @@ def upgraded(checkpoint: dict) -> dict:
             checkpoint[entry] = {renamed(name): tensor for name, tensor in checkpoint[entry].items()}
     if "optimizer" in checkpoint:
         optimizer = checkpoint["optimizer"]
-        checkpoint["optimizer"] = {
-            "state": {renamed(name): state for name, state in optimizer["state"].items()},
-            "param_groups": [group | {"params": [renamed(name) for name in group["params"]]}
-                             for group in optimizer["param_groups"]],
-        }
+        checkpoint["optimizer"] = {"param_groups": [group | {"params": [renamed(name) for name in group["params"]]}
+                                                    for group in optimizer["param_groups"]]}
+        if "state" in optimizer:  # a sharded checkpoint's index has only the groups
+            checkpoint["optimizer"]["state"] = {renamed(name): state for name, state in optimizer["state"].items()}
     if isinstance(checkpoint.get("rng"), dict):
         checkpoint["rng"] = [checkpoint["rng"]]
+    if isinstance(checkpoint.get("prompt_template"), dict) and "with_input" in checkpoint["prompt_template"]:
+        checkpoint["prompt_template"] = upgraded_template(checkpoint["prompt_template"])
+    if "shards" in checkpoint:
+        checkpoint["written_in_format"] = version
     checkpoint["format_version"] = FORMAT_VERSION
     return checkpoint
+
+
+def upgraded_template(saved: dict) -> dict:
+    """A prompt template stored before templates were objects ({with_input, without_input} format strings of
+    {instruction} and {input}) as conversations.PromptTemplate.to_dict gives it; it renders every record as before:
+    the whole prompt one text, the response, then <|endoftext|>."""
+    forms = [saved["with_input"], saved["without_input"]]
+    return {"name": "alpaca", "turns": {"user": [form.replace("{instruction}", "{content}") for form in forms]},
+            "reply_opening": "", "reply_closing": END_OF_TEXT, "stop_tokens": [END_OF_TEXT_ID]}
+
+
+def current_name(name: str, version: int) -> str:
+    """A parameter's name in the current format, from its name in the format `version`."""
+    for changed_in in range(version + 1, FORMAT_VERSION + 1):
+        for old, new in RENAMES.get(changed_in, ()):
+            name = name.replace(old, new)
+    return name
+
+
+def name_in_version(name: str, version: int) -> str:
+    """A parameter's name in the format `version`, from its current name."""
+    for changed_in in range(FORMAT_VERSION, version, -1):
+        for old, new in RENAMES.get(changed_in, ()):
+            name = name.replace(new, old)
+    return name
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
@@ -428,17 +375,11 @@ def context_length(checkpoint: dict, path: str | Path) -> int:
     return block_size
 
 
-def load_model(
-    path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[LightGPT, int, dict | None]:
+def load_model(path: str | Path | None, device: str = "cpu", *, dtype: torch.dtype = torch.float32
+               ) -> tuple[LightGPT, int, dict | None]:
     """The model a pre-training checkpoint or an exported folder holds (by default ./out/checkpoint.pt), in
-    evaluation mode on the device and in dtype, its training context length, and the prompt template of an
-    instruction-tuned export, else None. With lora_path: the adapter merged into its base (path, else the base the
-    adapter names) and the adapter's prompt template."""
-    if lora_path is not None:
-        model, block_size, template = load_lora_model(lora_path, path)
-        return model.to(device, dtype), block_size, template
+    evaluation mode on the device and in dtype, its training context length, and the prompt template (as a dict)
+    of an instruction-tuned export, else None. An adapter: finetuning.load_inference_model."""
     path = path or DEFAULT_CHECKPOINT_PATH
     if is_exported(path):
         model, block_size, template = load_exported(path)
@@ -482,7 +423,10 @@ def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"{folder}: its {EXPORTED_CONFIG} and {EXPORTED_WEIGHTS} do not make a LightGPT "
                          f"({reason})") from None
-    return model, block_size, config.get("prompt_template")
+    template = config.get("prompt_template")
+    if isinstance(template, dict) and "with_input" in template:  # exported before templates were objects
+        template = upgraded_template(template)
+    return model, block_size, template
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:
@@ -498,56 +442,19 @@ def weights_fingerprint(state: dict[str, Tensor]) -> str:
 
 def trained_on_these_weights(adapter: dict, base: dict) -> bool:
     """Whether the adapter was trained on the base's very weights (true of adapters that predate fingerprints).
-    Version 1 files fingerprinted the names of version 1, so both sides are compared as written."""
+    Each format fingerprinted the names of its time, so the base is fingerprinted under each version's names."""
     fingerprint = adapter.get("base_fingerprint")
-    return fingerprint is None or fingerprint in (weights_fingerprint(base["model"]),
-                                                  weights_fingerprint(v1_named(base["model"])))
-
-
-def v1_named(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The weights under their version 1 names, as version 1 fingerprinted them."""
-    def old_name(name: str) -> str:
-        for old, new in V1_RENAMES:
-            name = name.replace(new, old)
-        return name
-
-    return {old_name(name): tensor for name, tensor in state.items()}
+    return fingerprint is None or fingerprint in (
+        weights_fingerprint({name_in_version(name, version): tensor for name, tensor in base["model"].items()})
+        for version in range(FORMAT_VERSION, 0, -1))
 
 
 def check_same_base(adapter: dict, base: dict) -> None:
     """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
-    for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+    for name in SHAPE_FIELDS:
         trained_on, given = adapter["model_args"].get(name), base["model_args"].get(name)
         if trained_on != given:
             raise ValueError(
                 f"the adapter was trained on a base model with {name}={trained_on}, "
                 f"but the base checkpoint has {name}={given}"
             )
-
-
-def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
-    """The base model with its adapter applied and merged: a plain LightGPT in eval mode."""
-    check_same_base(adapter, base)
-    model = model_from_checkpoint(base, "the base checkpoint")
-    add_lora(model, **adapter["lora_args"])
-    load_lora_state_dict(model, adapter["lora"])
-    return merge_lora(model).eval()
-
-
-def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) -> tuple[LightGPT, int, dict]:
-    """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
-    mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
-    adapter = load_lora_checkpoint(lora_path)
-    base_path = base_path or adapter.get("base_model_path")
-    if not base_path:
-        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
-    base = load_checkpoint(base_path)
-    block_size = context_length(base, base_path)
-    try:
-        model = load_adapted_model(adapter, base)
-    except ValueError as error:
-        raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
-    if not trained_on_these_weights(adapter, base):
-        warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
-                      f"its answers may be poor", stacklevel=2)
-    return finite(model, lora_path), block_size, adapter["prompt_template"]

@@ -98,7 +98,7 @@ def end_start_up() -> None:
 
 
 @contextmanager
-def patience() -> Iterator[None]:
+def slow_work_on_one_rank() -> Iterator[None]:
     """For work that takes one rank far longer than the others, such as rank 0 writing a checkpoint: collectives
     within may wait as long as at start-up, and the block ends with every rank in step again."""
     if not dist.is_initialized():
@@ -154,7 +154,7 @@ def sum_across_ranks(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def every_rank_s(value: Value) -> list[Value]:
+def values_of_every_rank(value: Value) -> list[Value]:
     """Every rank's value of a small picklable object, in rank order, on every rank ([value] when alone)."""
     if not dist.is_initialized():
         return [value]
@@ -166,7 +166,7 @@ def every_rank_s(value: Value) -> list[Value]:
 def first_error_of_any_rank(error: str | None) -> str | None:
     """The first rank's error message, on every rank, so that all ranks stop together rather than wait forever
     on one that left."""
-    return next((message for message in every_rank_s(error) if message), None)
+    return next((message for message in values_of_every_rank(error) if message), None)
 
 
 def from_rank_zero(value: Value) -> Value:
@@ -206,14 +206,14 @@ def parallelize(
     the meta device is allocated on `device` and initialised only after it is sharded (see materialize)."""
     model.enable_activation_checkpointing(activation_checkpointing)
     if compile:
-        for block in model.body:
+        for block in model.blocks:
             block.compile()  # in place: the state-dict keys stay the same however the model runs
     sharded = dist.is_initialized() and sharding_level != 0
     if sharded:
         policy = MixedPrecisionPolicy()
         if dtype != torch.float32:  # parameters gathered and computed with in dtype, gradients reduced in float32
             policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in model.body:
+        for block in model.blocks:
             fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
         fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
     if next(model.parameters()).is_meta:
@@ -291,6 +291,21 @@ def load_sharded_training_state(model: Module, optimizer: torch.optim.Optimizer,
     set_optimizer_state_dict(unwrapped(model), optimizer, optimizer_state)
 
 
+@contextmanager
+def whole_model(model: Module) -> Iterator[Module]:
+    """The LightGPT inside a training wrapper, to call other methods than forward on: under FSDP2 with its root's
+    parameters (the embedding, the final norm) gathered until the block ends; each sharded block gathers its own as
+    it runs, so every rank must run as many passes."""
+    if not isinstance(model, FSDPModule):
+        yield unwrapped(model)
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
+
+
 def unwrapped(model: Module) -> Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -302,5 +317,6 @@ def replicated(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def item(tensor: Tensor) -> float:
+def as_float(tensor: Tensor) -> float:
+    """The number that a one-element tensor holds; a DTensor's is gathered from its shards first."""
     return tensor.full_tensor().item() if isinstance(tensor, DTensor) else tensor.item()

@@ -2,31 +2,35 @@
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor
 from torch.nn import GELU, Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
-from torch.nn.functional import scaled_dot_product_attention
+from torch.nn.functional import cross_entropy, scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
+
+
+# The metadata of the LightGPTConfig fields that set the weights' shapes: a base and its adapter must agree on them.
+SHAPE = {"shape": True}
 
 
 @dataclass
 class LightGPTConfig:
     """The shape of a LightGPT; checkpoints store it as their model_args."""
 
-    vocabulary_size: int
-    embedding_dimensions: int
-    num_heads: int
-    num_layers: int
-    feed_forward_ratio: int = 4
+    vocabulary_size: int = field(metadata=SHAPE)
+    embedding_dimensions: int = field(metadata=SHAPE)
+    num_heads: int = field(metadata=SHAPE)
+    num_layers: int = field(metadata=SHAPE)
+    feed_forward_ratio: int = field(default=4, metadata=SHAPE)
     dropout: float = 0.0
     padding_index: int = -100
     eos_index: int = 50256
 
     def __post_init__(self):
-        for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+        for name in SHAPE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -42,6 +46,10 @@ class LightGPTConfig:
     @property
     def head_dimensions(self) -> int:
         return self.embedding_dimensions // self.num_heads
+
+
+# The names of those fields, each a count of at least 1.
+SHAPE_FIELDS = tuple(config_field.name for config_field in fields(LightGPTConfig) if config_field.metadata.get("shape"))
 
 
 class KVCache:
@@ -109,11 +117,12 @@ class CausalSelfAttention(Module):
         if past and sequence_length > 1:
             # The new tokens see every cached one, and each other only up to themselves.
             mask = torch.ones(sequence_length, past + sequence_length, dtype=torch.bool, device=x.device).tril(past)
-        z = attention(
+        attended = attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
         )  # (batch, heads, sequence, head_dimensions)
-        z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)  # (batch, sequence, embedding)
-        return self.output_dropout(self.output_projection(z))
+        # (batch, sequence, embedding)
+        attended = attended.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)
+        return self.output_dropout(self.output_projection(attended))
 
 
 class MLP(Module):
@@ -170,6 +179,12 @@ def softmax_cross_entropy_in_place(
     return -(log_probabilities * kept.squeeze(1)).sum(), probabilities
 
 
+def logits_chunk_size(hidden: Tensor, weight: Tensor) -> int:
+    """The positions in a chunk of logits: chunks of at most 32 MB measured fastest on a CPU; a GPU wants a few large
+    kernels."""
+    return max(1, (2**23 if hidden.device.type == "cpu" else 2**28) // weight.size(0))
+
+
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, gradients: tuple[bool, bool] = (False, False)
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -179,8 +194,7 @@ def linear_cross_entropy(
     device_type = hidden.device.type
     autocast = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-    # Chunks of logits of at most 32 MB measured fastest on a CPU; a GPU wants a few large kernels.
-    chunk_size = max(1, (2**23 if device_type == "cpu" else 2**28) // weight.size(0))
+    chunk_size = logits_chunk_size(hidden, weight)
     kept = (targets != ignore_index).unsqueeze(1)
     # d(summed loss)/d(logits) = (softmax - one_hot(target)) * kept; the mask is applied to the small hidden-sized
     # factors rather than to the vocabulary-sized chunk. Dividing by the count is left to the caller, in float32:
@@ -217,6 +231,21 @@ def linear_cross_entropy(
             elif grad_weight is not None:  # addmm_ wants one dtype: the chunk's product is added to the float32 sum
                 grad_weight += gradient.T @ (hidden[rows] * mask[rows])
     return loss, kept.sum(), grad_hidden, grad_weight
+
+
+def linear_token_losses(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The cross entropy of the logits hidden @ weight.T at each position (0 where the target is ignore_index) and
+    whether the target is the most likely token there, in float32, a chunk of positions at a time as in
+    linear_cross_entropy: what scoring continuations needs, one loss per token, never the whole logits."""
+    chunk_size = logits_chunk_size(hidden, weight)
+    losses = torch.empty(len(hidden), device=hidden.device)
+    most_likely = torch.empty(len(hidden), dtype=torch.bool, device=hidden.device)
+    for start in range(0, len(hidden), chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = (hidden[rows] @ weight.T).float()  # (chunk, vocabulary)
+        losses[rows] = cross_entropy(logits, targets[rows], ignore_index=ignore_index, reduction="none")
+        most_likely[rows] = logits.argmax(-1) == targets[rows]
+    return losses, most_likely
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -256,12 +285,13 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         self.config = config
         self.token_embeddings = Embedding(config.vocabulary_size, config.embedding_dimensions)
         self.embedding_dropout = Dropout(config.dropout)
-        self.body = ModuleList(CausalSelfAttentionBlock(config) for _ in range(config.num_layers))
+        self.blocks = ModuleList(CausalSelfAttentionBlock(config) for _ in range(config.num_layers))
         self.output_norm = RMSNorm(config.embedding_dimensions)
         self.output_layer = Linear(config.embedding_dimensions, config.vocabulary_size, bias=False)
         self.tie_weights()
         self.activation_checkpointing = False
         self.init_weights()
+        self.register_load_state_dict_pre_hook(blocks_once_named_body)
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "LightGPT":
@@ -322,36 +352,52 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
         over those that are not padding): the output layer and the loss are fused so that the logits, the
         largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
-        z = self.embedding_dropout(self.token_embeddings(x))
-        for block in self.body:
-            if self.activation_checkpointing and self.training:
-                z = checkpoint(block, z, use_reentrant=False)
-            else:
-                z = block(z)
-        z = self.output_norm(z)
+        hidden = self.hidden_states(x)  # (batch, sequence, embedding)
         if y is None:
-            return self.output_layer(z), None
-        hidden, weight, targets = z.flatten(0, 1), self.output_layer.weight, y.flatten()
+            return self.output_layer(hidden), None
+        # (batch x sequence, embedding), (vocabulary, embedding), (batch x sequence,)
+        hidden, weight, targets = hidden.flatten(0, 1), self.output_layer.weight, y.flatten()
         if torch.is_grad_enabled():
             return None, LinearCrossEntropy.apply(hidden, weight, targets, self.padding_index)
         loss, count, _, _ = linear_cross_entropy(hidden, weight, targets, self.padding_index)
         return None, loss / count
+
+    def hidden_states(self, x: Tensor) -> Tensor:
+        """What the output layer reads: the normalised last hidden state of every position, (batch, sequence,
+        embedding)."""
+        hidden = self.embedding_dropout(self.token_embeddings(x))  # (batch, sequence, embedding)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                hidden = checkpoint(block, hidden, use_reentrant=False)
+            else:
+                hidden = block(hidden)
+        return self.output_norm(hidden)
+
+    def token_losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The float32 cross entropy of each target of y, (batch, sequence), 0 at padding, and whether each target
+        is the most likely next token (linear_token_losses). Only the positions with a target reach the output
+        layer, the largest product: scoring a continuation skips its context's logits."""
+        kept = y != self.padding_index
+        hidden = self.hidden_states(x)[kept]  # (targets, embedding)
+        losses, most_likely = linear_token_losses(hidden, self.output_layer.weight, y[kept], self.padding_index)
+        all_losses = torch.zeros(y.shape, device=y.device).masked_scatter_(kept, losses)
+        return all_losses, torch.ones_like(kept).masked_scatter_(kept, most_likely)
 
     def new_cache(self, batch_size: int, capacity: int) -> list[KVCache]:
         """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""
         weights = self.token_embeddings.weight
         return [
             KVCache(batch_size, self.config.num_heads, capacity, self.config.head_dimensions, weights)
-            for _ in self.body
+            for _ in self.blocks
         ]
 
     def next_token_logits(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
         """The float32 logits of the token that follows each row of x, whatever the weights' dtype. With a cache, x
         continues the tokens cached so far, and its keys and values join them; without one, x is the whole context."""
-        z = self.token_embeddings(x)
-        for index, block in enumerate(self.body):
-            z = block(z, cache[index] if cache is not None else None)
-        return self.output_layer(self.output_norm(z[:, -1])).float()
+        hidden = self.token_embeddings(x)
+        for index, block in enumerate(self.blocks):
+            hidden = block(hidden, cache[index] if cache is not None else None)
+        return self.output_layer(self.output_norm(hidden[:, -1])).float()
 
 
 class LoRALinear(Module):
@@ -395,12 +441,18 @@ def replace_module(model: Module, name: str, module: Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+def blocks_once_named_body(model: Module, state: dict, prefix: str, *_) -> None:
+    """Load weights saved when the blocks were named body (exported folders have no format version to upgrade)."""
+    for name in [name for name in state if name.startswith(f"{prefix}body.")]:
+        state[f"{prefix}blocks.{name.removeprefix(f'{prefix}body.')}"] = state.pop(name)
+
+
 def add_lora(model: LightGPT, rank: int, alpha: float, dropout: float) -> None:
     """Freeze every parameter, then give each block's attention and MLP weight matrices a LoRA adapter."""
     if lora_layers(model):
         raise ValueError("the model already has LoRA adapters")
     model.requires_grad_(False)
-    for name, module in list(model.body.named_modules(prefix="body")):
+    for name, module in list(model.blocks.named_modules(prefix="blocks")):
         if isinstance(module, Linear):
             replace_module(model, name, LoRALinear(module, rank, alpha, dropout))
 

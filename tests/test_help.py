@@ -35,7 +35,8 @@ def test_no_help_line_gives_two_defaults_or_names_a_flag_that_help_does_not_list
 @pytest.mark.slow
 def test_our_warnings_are_one_line_without_the_source_line(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me".encode("latin-1"))
-    code = f"import flags, data; data.warn_about_undecodable_bytes(data.Path({str(tmp_path / 'latin1.txt')!r}))"
+    file = tmp_path / "latin1.txt"
+    code = f"import flags, corpora; corpora.warn_about_undecodable_bytes(corpora.Path({str(file)!r}))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
