@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.nn import Module
 from tqdm import tqdm
 
@@ -34,6 +35,9 @@ from distributed import (
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
+
+# A run whose gradient norm is NaN or infinite this many steps in a row (each step skipped) has diverged, and stops.
+NON_FINITE_STEPS_TO_STOP = 3
 
 
 class Adafactor(torch.optim.Adafactor):
@@ -149,10 +153,22 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
         scaler.load_state_dict(state)
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), and infinity where that is more than a float holds (a diverged run) rather than an OverflowError."""
+    return math.inf if loss > math.log(sys.float_info.max) else math.exp(loss)
+
+
+def json_safe(record: dict) -> dict:
+    """The record with null for each NaN or infinite number, which JSON has no words for (json.dumps would write a
+    bare NaN that JSON readers refuse)."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
+
+
 def append_metrics(path: str | Path, record: dict) -> None:
-    """One JSON object per line, so a run's curves can be plotted while it trains. A write that fails (a full
-    disk) leaves no half line and is a one-line OSError naming the file."""
-    line = (json.dumps(record) + "\n").encode()
+    """One JSON object per line, so a run's curves can be plotted while it trains; numbers that are not finite
+    are null. A write that fails (a full disk) leaves no half line and is a one-line OSError naming the file."""
+    line = (json.dumps(json_safe(record), allow_nan=False) + "\n").encode()
     try:
         with open(path, "ab", buffering=0) as file:
             start = file.tell()
@@ -229,9 +245,10 @@ def optimizer_step(
     synchronised once, after the last micro-batch, or after every one (see REDUCE_EVERY_MICRO_BATCH). Returns
     the step's loss, the gradient norm, and whether any rank asked to stop (one reduction carries the loss and
     the requests, so every rank stops at the same step). A loss that is not finite raises FloatingPointError on
-    every rank before the weights change. Under fp16 the scaler multiplies the loss before the backward pass and
-    divides the gradients before they are clipped; it skips a step whose gradients overflowed, and lowers its
-    scale.
+    every rank before the weights change; a step whose gradient norm is not finite is skipped, the weights left as
+    they are (the caller stops a run that keeps doing it). Under fp16 the scaler multiplies the loss before the
+    backward pass and divides the gradients before they are clipped; it skips a step whose gradients overflowed,
+    and lowers its scale.
     """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
@@ -256,7 +273,8 @@ def optimizer_step(
     scaler.unscale_(optimizer)
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     gradient_norm = item(torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm))
-    scaler.step(optimizer)
+    if math.isfinite(gradient_norm) or scaler.is_enabled():  # fp16's scaler skips such a step itself
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, gradient_norm, stop_requests > 0
@@ -339,7 +357,7 @@ class EpochLog:
         if self.utilization_per_unit:
             record["mfu"] = units_per_second * self.utilization_per_unit
         if validation_loss is not None:
-            record |= {"validation_loss": validation_loss, "validation_perplexity": math.exp(validation_loss)}
+            record |= {"validation_loss": validation_loss, "validation_perplexity": perplexity(validation_loss)}
         if self.metrics_path:
             self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                          for key, value in record.items()))
@@ -434,6 +452,7 @@ def train(
         stop(failure)
 
     model.train()
+    non_finite_steps = 0
     while step < total_steps:
         learning_rate = learning_rate_at(step, total_steps, warmup_steps, args.learning_rate)
         try:
@@ -443,6 +462,11 @@ def train(
             )
         except FloatingPointError as error:
             stop(f"at step {step}, {error}")
+        non_finite_steps = 0 if math.isfinite(gradient_norm) or scaler.is_enabled() else non_finite_steps + 1
+        if non_finite_steps == NON_FINITE_STEPS_TO_STOP:
+            stop(f"at step {step}, the gradient norm was {gradient_norm} {non_finite_steps} steps in a row (each "
+                 f"skipped); training stopped, {args.checkpoint_path} is left as it was (try a lower "
+                 f"--learning_rate or a lower --max_gradient_norm)")
         step += 1
         if step == start_step + 1:
             end_start_up()
@@ -456,6 +480,9 @@ def train(
                                if epoch % args.eval_interval == 0 or last else None)
             failure = failed_write(log.end_epoch, epoch, step, unit, units_per_epoch, validation_loss)
         if stop_requested or end_of_epoch == 0 and (epoch % args.checkpoint_interval == 0 or last):
+            if divergence := diverged(model, validation_loss if end_of_epoch == 0 else None):
+                stop(f"at step {step}, {divergence}: the run diverged; nothing was saved, {args.checkpoint_path} is "
+                     f"left as it was (try a lower --learning_rate)")
             with patience():
                 failure = failed_write(save, step, epoch) or failure
         if (end_of_epoch == 0 or stop_requested) and (failure := first_error_of_any_rank(failure)):
@@ -468,6 +495,24 @@ def train(
     log.close()
     if main_process:
         print(f"Done: {saved_what} saved to {args.checkpoint_path}")
+
+
+def diverged(model: Module, validation_loss: float | None) -> str | None:
+    """What shows that a model about to be saved has diverged (a validation loss or weights that are not finite
+    numbers), else None; every rank calls it."""
+    if validation_loss is not None and not math.isfinite(validation_loss):
+        return f"the validation loss is {validation_loss}"
+    return None if weights_are_finite(model) else "the weights hold NaN or infinite numbers"
+
+
+def weights_are_finite(model: Module) -> bool:
+    """Whether the weights of every rank (its own shards under FSDP2) are finite numbers; every rank calls it."""
+    device = next(model.parameters()).device
+    non_finite = torch.zeros((), device=device)
+    for parameter in model.parameters():
+        local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+        non_finite += local.detach().isfinite().logical_not().sum()
+    return sum_across_ranks(non_finite).item() == 0
 
 
 def failed_write(write: Callable[..., None], *args) -> str | None:
