@@ -35,7 +35,7 @@ from data import (
 )
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
-from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
+from flags import LARGEST_FACTOR, ArgumentParser, add_training_arguments, float_in, fraction, positive_int
 from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
 from training import (
     note_optimizer_starts_afresh,
@@ -62,8 +62,8 @@ def build_parser() -> ArgumentParser:
                         help="Leave the prompt out of the loss, so only the response is learned.")
     parser.add_argument("--rank", type=positive_int, default=8,
                         help="The rank of the LoRA decomposition matrices A and B.")
-    parser.add_argument("--alpha", type=positive_float, default=1.0,
-                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A.")
+    parser.add_argument("--alpha", type=float_in(0, LARGEST_FACTOR, low_excluded=True), default=1.0,
+                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A; at most 1e30.")
     parser.add_argument("--dropout", type=fraction, default=0.05,
                         help="The proportion of signals to send to zero during training as regularization "
                         "(in the adapters' inputs and in the frozen model).")
