@@ -5,6 +5,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -15,18 +16,21 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import BinaryIO
 
+import safetensors
+import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
-from data import TOKENIZER_NAME, locked_at_once, record_holder, temporary_path
+from data import TOKENIZER_NAME, check_prompt_template, locked_at_once, record_holder, temporary_path
 from distributed import from_rank_zero, rank
-from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
+from model import LightGPT, LightGPTConfig, add_lora, described, load_lora_state_dict, merge_lora
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
 # kept one random-number state rather than a list of each rank's.
@@ -249,8 +253,12 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
     torchrun."""
     folder = Path(path) / index["shards"]
     safe_metadata(folder)  # refuse a metadata file that would run code before DCP unpickles it
-    with one_process_is_meant():
-        dcp.load(state, checkpoint_id=folder, no_dist=alone)
+    try:
+        with one_process_is_meant():
+            dcp.load(state, checkpoint_id=folder, no_dist=alone)
+    except (Exception, CheckpointException) as error:  # DCP gathers the ranks' failures (a missing or cut shard)
+        reason = (str(error).strip() or type(error).__name__).splitlines()[-1]
+        raise ValueError(f"{folder}: its shards cannot be read, the checkpoint is damaged ({reason[:200]})") from None
 
 
 @contextmanager
@@ -279,11 +287,20 @@ def safe_metadata(folder: Path) -> Metadata:
 
 
 def whole_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
-    """The model weights of a sharded checkpoint, read whole into this process's memory."""
-    metadata = safe_metadata(Path(path) / index["shards"])
-    weights = {name.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
-               for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
+    """The model weights of a sharded checkpoint, read whole into this process's memory, once their names, shapes
+    and dtypes are known to be those of its model_args (else a one-line ValueError)."""
+    weights = {name: torch.empty_like(tensor, device="cpu") for name, tensor in sharded_weights(path, index).items()}
     load_shards(path, index, {"model": weights}, alone=True)
+    return weights
+
+
+def sharded_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
+    """The model weights of a sharded checkpoint as its metadata describes them (tensors on the meta device, of
+    their names, shapes and dtypes), once known to make the LightGPT of its model_args (checked_model)."""
+    metadata = safe_metadata(Path(path) / index["shards"])
+    weights = {name.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+               for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
+    checked_model(index | {"model": weights}, path)
     return weights
 
 
@@ -302,8 +319,9 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
     """load_checkpoint without reading any weights: of a sharded checkpoint its index, of a file the whole
     checkpoint, memory-mapped."""
     path = Path(path)
-    if is_sharded_checkpoint(path):
-        path, required = path / SHARDED_INDEX, tuple(entry for entry in required if entry != "model")
+    sharded = is_sharded_checkpoint(path)
+    if sharded:
+        path, required = path / SHARDED_INDEX, (*(entry for entry in required if entry != "model"), "shards")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint file there"
                                 + (f", and no {SHARDED_INDEX} in the folder" if path.is_dir() else ""))
@@ -313,6 +331,8 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or not set(required) <= checkpoint.keys():
         raise ValueError(f"{path}: not a LightGPT checkpoint of this kind (no {' and '.join(required)} entries)")
+    if sharded and not isinstance(checkpoint["shards"], str):
+        raise ValueError(f"{path}: its shards entry must name the folder of shards, got {described(checkpoint['shards'])}")
     version = checkpoint.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path}: written in checkpoint format {version!r}, newer than this LightGPT's "
@@ -321,8 +341,33 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
 
 
 def load_lora_checkpoint(path: str | Path) -> dict:
-    """An adapter checkpoint written by instruction-tune.py, loaded as load_checkpoint loads."""
-    return load_checkpoint(path, required=ADAPTER_ENTRIES)
+    """An adapter checkpoint written by instruction-tune.py, loaded as load_checkpoint loads, its entries
+    checked (check_adapter)."""
+    adapter = load_checkpoint(path, required=ADAPTER_ENTRIES)
+    check_adapter(adapter, path)
+    return adapter
+
+
+def check_adapter(adapter: dict, path: str | Path) -> None:
+    """Raise a one-line ValueError naming the first entry of an adapter checkpoint that is not what
+    instruction-tune.py writes: lora_args (a rank of at least 1, a positive alpha, a dropout in [0, 1)), its base's
+    model_args, the adapter matrices, the prompt template and the base's path."""
+    lora_args = adapter["lora_args"]
+    if not isinstance(lora_args, dict):
+        raise ValueError(f"{path}: its lora_args must be a dictionary, got {described(lora_args)}")
+    rank, alpha, dropout = lora_args.get("rank"), lora_args.get("alpha"), lora_args.get("dropout", 0.0)
+    if type(rank) is not int or rank < 1:
+        raise ValueError(f"{path}: its lora_args rank must be a whole number of at least 1, got {described(rank)}")
+    if type(alpha) not in (int, float) or not 0 < alpha < math.inf:
+        raise ValueError(f"{path}: its lora_args alpha must be a positive finite number, got {described(alpha)}")
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise ValueError(f"{path}: its lora_args dropout must be a number in [0, 1), got {described(dropout)}")
+    model_config(adapter["model_args"], path)
+    checked_tensors(adapter["lora"], path)
+    check_prompt_template(adapter["prompt_template"], path)
+    base = adapter.get("base_model_path")
+    if base is not None and (not isinstance(base, str) or not base or "\0" in base):
+        raise ValueError(f"{path}: its base_model_path must be the path of a checkpoint, got {described(base)}")
 
 
 def upgraded(checkpoint: dict) -> dict:
@@ -352,18 +397,82 @@ def upgraded(checkpoint: dict) -> dict:
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
-    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU.
-    The model takes the checkpoint's tensors as its parameters, memory-mapped from the file: building it never
-    holds the weights twice."""
-    try:
-        with torch.device("meta"):
-            model = LightGPT(LightGPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"], assign=True)
-        model.tie_weights()
-    except (TypeError, ValueError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({reason})") from None
+    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU,
+    or a one-line ValueError when its model_args or weights are not those of a LightGPT. The model takes the
+    checkpoint's tensors as its parameters, memory-mapped from the file: building it never holds the weights twice,
+    and nothing is allocated before the weights are known to fit."""
+    config = checked_model(checkpoint, path)
+    with torch.device("meta"):
+        model = LightGPT(config)
+    model.load_state_dict(checkpoint["model"], assign=True)
+    model.tie_weights()
     return finite(model, path)
+
+
+def checked_model(checkpoint: dict, path: str | Path) -> LightGPTConfig:
+    """The configuration of a checkpoint's model, once its model_args and weights (their names, shapes and dtypes)
+    are known to make a LightGPT; else a one-line ValueError."""
+    config = model_config(checkpoint["model_args"], path)
+    weights = checked_tensors(checkpoint["model"], path)
+    check_weights(expected_shapes(config), {name: tensor.shape for name, tensor in weights.items()}, path)
+    return config
+
+
+def model_config(model_args, path: str | Path) -> LightGPTConfig:
+    """A checkpoint's model_args (or an exported config's fields) as a LightGPTConfig, or a one-line ValueError
+    that names the field, its value and its type."""
+    if not isinstance(model_args, dict):
+        raise ValueError(f"{path}: its model_args must be a dictionary, got a {type(model_args).__name__}")
+    known = {field.name for field in fields(LightGPTConfig)}
+    if unknown := sorted(map(str, model_args.keys() - known)):
+        raise ValueError(f"{path}: its model_args hold {', '.join(unknown)}, which a LightGPT has not")
+    try:
+        return LightGPTConfig(**model_args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: its model_args do not make a LightGPT ({error})") from None
+
+
+def expected_shapes(config: LightGPTConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every weight of a LightGPT of this configuration, from a one-layer model on the meta
+    device, its layer's weights repeated for every layer: building the whole model first, even on the meta
+    device, takes minutes for a configuration of 20,000 layers that its file does not hold."""
+    with torch.device("meta"):
+        one_layer = LightGPT(replace(config, num_layers=1))
+    shapes = {}
+    for name, tensor in one_layer.state_dict().items():
+        layers, in_layer, rest = name.partition(".0.")
+        for layer in range(config.num_layers) if in_layer else (None,):
+            shapes[name if layer is None else f"{layers}.{layer}.{rest}"] = tuple(tensor.shape)
+    return shapes
+
+
+def checked_tensors(state, path: str | Path) -> dict[str, Tensor]:
+    """A checkpoint's weights, or a one-line ValueError unless they are a dictionary of floating-point tensors."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: its weights must be a dictionary of tensors, got a {type(state).__name__}")
+    for name, tensor in state.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            kind = f"a tensor of {tensor.dtype}" if isinstance(tensor, Tensor) else f"a {type(tensor).__name__}"
+            raise ValueError(f"{path}: its weight {name} must be a floating-point tensor, got {kind}")
+    return state
+
+
+def check_weights(expected: dict[str, tuple], found: dict[str, tuple], path: str | Path) -> None:
+    """Raise a one-line ValueError naming the weights that are missing, unexpected or of another shape than the
+    model's: loading never re-initialises a missing weight or fails deep inside PyTorch."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    reshaped = [f"{name} {tuple(found[name])} instead of {expected[name]}" for name in expected
+                if name in found and tuple(found[name]) != expected[name]]
+    problems = [f"{what} {listed(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
+                                                             ("of another shape:", reshaped)) if names]
+    if problems:
+        raise ValueError(f"{path}: its weights do not fit its model_args ({'; '.join(problems)})")
+
+
+def listed(names: list[str], most: int = 3) -> str:
+    """The first few names, and how many more."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def finite(model: LightGPT, path: str | Path) -> LightGPT:
@@ -380,7 +489,7 @@ def context_length(checkpoint: dict, path: str | Path) -> int:
     whole number."""
     block_size = checkpoint.get("block_size")
     if type(block_size) is not int or block_size < 1:
-        raise ValueError(f"{path}: its block_size must be a positive whole number, got {block_size!r}")
+        raise ValueError(f"{path}: its block_size must be a positive whole number, got {described(block_size)}")
     return block_size
 
 
@@ -420,25 +529,45 @@ def exported_config(model: LightGPT, block_size: int, prompt_template: dict | No
 
 
 def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
-    """The model of an exported folder, through LightGPT.from_pretrained, in evaluation mode on the CPU, with its
-    training context length and its prompt template (None unless it was instruction-tuned)."""
+    """The model of an exported folder, in evaluation mode on the CPU, with its training context length and its
+    prompt template (None unless it was instruction-tuned). Its config.json gets a checkpoint's checks (the model's
+    fields, block_size, the tokenizer, the template), and its weights' names, shapes and dtypes are checked against
+    the configuration before anything is allocated; a problem is a one-line ValueError."""
     folder = Path(folder)
+    config_path, weights_path = folder / EXPORTED_CONFIG, folder / EXPORTED_WEIGHTS
     try:
-        config = json.loads((folder / EXPORTED_CONFIG).read_text())
-        block_size = config["block_size"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{folder / EXPORTED_CONFIG}: not the configuration of an exported LightGPT "
-                         f"({type(error).__name__}: {error})") from None
-    if not (folder / EXPORTED_WEIGHTS).is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{config_path}: not the configuration of an exported LightGPT ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: not the configuration of an exported LightGPT (a JSON "
+                         f"{type(config).__name__}, not an object)")
+    block_size = context_length(config, config_path)
+    check_tokenizer(config, config_path)
+    template = config.get("prompt_template")
+    if template is not None:
+        check_prompt_template(template, config_path)
+    model_fields = {field.name for field in fields(LightGPTConfig)}
+    model_args = {name: value for name, value in config.items() if name in model_fields}
+    if not weights_path.is_file():
         raise FileNotFoundError(f"{folder}: no {EXPORTED_WEIGHTS} there")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints where it loads from
-            model = LightGPT.from_pretrained(folder)
-    except Exception as error:
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise ValueError(f"{folder}: its {EXPORTED_CONFIG} and {EXPORTED_WEIGHTS} do not make a LightGPT "
-                         f"({reason})") from None
-    return model, block_size, config.get("prompt_template")
+        weights = safetensors.torch.load_file(weights_path)
+        with safetensors.safe_open(weights_path, "pt") as file:
+            aliases = file.metadata() or {}
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{weights_path}: not readable safetensors weights ({error})") from None
+    for alias, kept in aliases.items():  # save_pretrained writes the tied matrix once, under one of its names
+        if isinstance(kept, str) and kept in weights and alias not in weights:
+            weights[alias] = weights[kept]
+    return model_from_checkpoint({"model_args": model_args, "model": weights}, folder).eval(), block_size, template
+
+
+def check_tokenizer(checkpoint: dict, path: str | Path) -> None:
+    """Raise a one-line ValueError unless the checkpoint's tokenizer, when it names one, is LightGPT's."""
+    tokenizer = checkpoint.get("tokenizer", TOKENIZER_NAME)
+    if tokenizer != TOKENIZER_NAME:
+        raise ValueError(f"{path}: its tokenizer is {described(tokenizer)}; this LightGPT reads {TOKENIZER_NAME}")
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:

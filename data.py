@@ -679,12 +679,19 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+class DamagedCorpus(ValueError):
+    """A prepared corpus file that cannot be what preparation wrote, found while training reads it."""
+
+
 class TokenWindows:
     """Random windows of a memmapped token file: x = t[i:i+block_size], y = t[i+1:i+block_size+1]."""
 
-    def __init__(self, path: str | Path, block_size: int):
+    def __init__(self, path: str | Path, block_size: int, vocabulary_size: int = 2**16):
+        """Each window is checked to hold ids below vocabulary_size as it is read (a scan of the whole file would
+        cost minutes on a large corpus): a damaged file, or one of another tokenizer, is a ValueError naming it."""
+        self.path = Path(path)
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        self.block_size = block_size
+        self.block_size, self.vocabulary_size = block_size, vocabulary_size
         if len(self.tokens) < block_size + 1:
             raise ValueError(
                 f"{path} holds {len(self.tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
@@ -696,6 +703,10 @@ class TokenWindows:
 
     def windows(self, starts: Sequence[int]) -> tuple[Tensor, Tensor]:
         rows = np.stack([self.tokens[start : start + self.block_size + 1] for start in starts])
+        if (largest := int(rows.max())) >= self.vocabulary_size:
+            raise DamagedCorpus(f"{self.path}: holds token id {largest}, beyond the model's vocabulary of "
+                             f"{self.vocabulary_size}; the file is damaged or another tokenizer's: delete its folder "
+                             f"to prepare the corpus again")
         batch = torch.from_numpy(rows.astype(np.int64))
         return batch[:, :-1], batch[:, 1:]
 
@@ -719,6 +730,21 @@ PROMPT_TEMPLATE = {
 }
 
 
+def check_prompt_template(template, path: str | Path) -> None:
+    """Raise a one-line ValueError unless `template` (read from the file at path) is a prompt template like
+    PROMPT_TEMPLATE: the same entries, each a string whose only placeholders are {instruction} and {input}."""
+    if not isinstance(template, dict) or template.keys() != PROMPT_TEMPLATE.keys() or not all(
+            isinstance(text, str) for text in template.values()):
+        raise ValueError(f"{path}: its prompt_template must map {' and '.join(PROMPT_TEMPLATE)} to strings, got "
+                         f"{json.dumps(template, default=repr)[:80]}")
+    for name, text in template.items():
+        try:
+            text.format(instruction="", input="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"{path}: its prompt_template's {name} has a placeholder other than {{instruction}} "
+                             f"and {{input}} ({type(error).__name__}: {error})") from None
+
+
 def format_prompt(template: dict[str, str], instruction: str, input: str = "") -> str:
     """The text the model sees before its response."""
     if input:
@@ -734,8 +760,10 @@ def checked_record(record, where: str) -> dict[str, str]:
         if field not in record:
             raise ValueError(f"{where} has no {field!r} field (found: {', '.join(record) or 'none'})")
     for field in ("instruction", "input", "output"):
-        if record.get(field) is not None and not isinstance(record[field], str):
-            raise ValueError(f"{where}: {field!r} must be a string, got {type(record[field]).__name__}")
+        optional = field == "input" and record.get(field) is None  # a missing or null input is an empty one
+        if not optional and not isinstance(record[field], str):
+            got = "null" if record[field] is None else type(record[field]).__name__
+            raise ValueError(f"{where}: {field!r} must be a string, got {got}")
     return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
 
 

@@ -2,8 +2,6 @@
 
 import argparse
 import importlib
-import json
-import math
 import sys
 from argparse import BooleanOptionalAction
 from pathlib import Path
@@ -17,6 +15,7 @@ from checkpoint import (
     DEFAULT_CHECKPOINT_PATH,
     EXPORTED_CONFIG,
     EXPORTED_WEIGHTS,
+    context_length,
     exported_config,
     load_adapted_model,
     load_checkpoint,
@@ -28,6 +27,7 @@ from checkpoint import (
 from data import TOKENIZER_NAME
 from flags import ArgumentParser
 from model import LightGPT
+from training import perplexity, read_metrics
 
 ONNX_FILE = "model.onnx"
 ONNX_PACKAGES = ("onnx", "onnxscript")
@@ -77,11 +77,10 @@ def load_source(args: argparse.Namespace) -> tuple[LightGPT, int, dict | None, d
     """The model to export (with --lora_path, the adapter merged into its base), its training context length, its
     prompt template (None unless instruction-tuned), and the facts of each stage of its training."""
     base = load_checkpoint(args.checkpoint_path)
-    if not isinstance(base.get("block_size"), int):
-        raise ValueError(f"{args.checkpoint_path}: not a LightGPT checkpoint (no block_size entry)")
-    stages = {"Pre-training": training_facts(base, args.checkpoint_path, tokens_per_sample=base["block_size"])}
+    block_size = context_length(base, args.checkpoint_path)
+    stages = {"Pre-training": training_facts(base, args.checkpoint_path, tokens_per_sample=block_size)}
     if not args.lora_path:
-        return model_from_checkpoint(base, args.checkpoint_path).eval(), base["block_size"], None, stages
+        return model_from_checkpoint(base, args.checkpoint_path).eval(), block_size, None, stages
     adapter = load_lora_checkpoint(args.lora_path)
     try:
         model = load_adapted_model(adapter, base)
@@ -94,7 +93,7 @@ def load_source(args: argparse.Namespace) -> tuple[LightGPT, int, dict | None, d
     lora = adapter["lora_args"]
     stages["Instruction tuning"] = training_facts(adapter, args.lora_path) | {
         "method": f"LoRA rank {lora['rank']}, alpha {lora['alpha']}, merged into the weights"}
-    return model, base["block_size"], adapter["prompt_template"], stages
+    return model, block_size, adapter["prompt_template"], stages
 
 
 def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | None = None) -> dict:
@@ -112,11 +111,13 @@ def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | 
         facts["steps"] = f"{steps:,} ({seen})"
     metrics_path = Path(path).with_suffix(".metrics.jsonl")
     if metrics_path.is_file():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        losses = [record["validation_loss"] for record in records
-                  if "validation_loss" in record and record.get("step", 0) <= (steps or 0)]
+        records, damaged = read_metrics(metrics_path)
+        if damaged:
+            print(f"Note: {metrics_path}: {damaged} damaged line(s) left out of the model card's figures")
+        losses = [record["validation_loss"] for _, record in records
+                  if isinstance(record.get("validation_loss"), float) and record["step"] <= (steps or 0)]
         if losses:
-            facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {math.exp(losses[-1]):,.1f})"
+            facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {perplexity(losses[-1]):,.1f})"
     return facts
 
 

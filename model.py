@@ -27,13 +27,16 @@ class LightGPTConfig:
     def __post_init__(self):
         for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+            if type(value) is not int or value < 1:  # a bool is an int to isinstance
+                raise ValueError(f"{name} must be a whole number of at least 1, got {described(value)}")
+        for name in ("padding_index", "eos_index"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"{name} must be a whole number, got {described(getattr(self, name))}")
+        if type(self.dropout) not in (int, float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {described(self.dropout)}")
         if self.embedding_dimensions % self.num_heads != 0:
             raise ValueError(f"embedding_dimensions ({self.embedding_dimensions}) must be divisible by "
                              f"num_heads ({self.num_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.eos_index < self.vocabulary_size:
             raise ValueError(f"eos_index must be a token id below vocabulary_size ({self.vocabulary_size}), "
                              f"got {self.eos_index}")
@@ -41,6 +44,11 @@ class LightGPTConfig:
     @property
     def head_dimensions(self) -> int:
         return self.embedding_dimensions // self.num_heads
+
+
+def described(value) -> str:
+    """A value as a message should name it: its repr and, where that could be mistaken, its type ('"1" (a str)')."""
+    return repr(value) if value is None or type(value) in (int, float) else f"{value!r} (a {type(value).__name__})"
 
 
 class KVCache:

@@ -7,7 +7,8 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -19,6 +20,7 @@ from torch.nn import Module
 from tqdm import tqdm
 
 from checkpoint import metrics_path, write_atomically
+from data import DamagedCorpus
 from devices import peak_tflops
 from distributed import (
     autocast_unless_sharded,
@@ -183,16 +185,36 @@ def append_metrics(path: str | Path, record: dict) -> None:
         raise OSError(f"could not write {path}: {error.strerror or error}") from None
 
 
+def read_metrics(path: Path) -> tuple[list[tuple[bytes, dict]], int]:
+    """The metrics log's records, each with its line, and the number of damaged lines left out (garbage, bad
+    UTF-8, a record without a whole-number step); a last line cut short by a killed run is left out unnoticed."""
+    records, damaged = [], 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line.decode("utf-8")) if line.endswith(b"\n") else None
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError both
+            record = None
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append((line, record))
+        elif line.endswith(b"\n") or number < len(lines):
+            damaged += 1
+    return records, damaged
+
+
 def records_up_to(path: Path, step: int) -> None:
     """Keep only the metrics log's records of steps up to `step`, where a run starts (or resumes): epochs that
     ran after the checkpoint was saved run again and are logged again, never twice. A last line cut short by a
-    killed run goes too."""
+    killed run goes too, and damaged lines go with a warning that names the file."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-    if kept != lines:
-        write_atomically(path, lambda file: file.write("".join(kept).encode()))
+    records, damaged = read_metrics(path)
+    if damaged:
+        warnings.warn(f"{path}: {damaged} damaged line(s) (not a JSON record with a step) left out of the metrics "
+                      f"log", stacklevel=2)
+    kept = b"".join(line for line, record in records if record["step"] <= step)
+    if kept != path.read_bytes():
+        write_atomically(path, lambda file: file.write(kept))
 
 
 def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:
@@ -281,7 +303,7 @@ def optimizer_step(
 
 
 @torch.no_grad()
-def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding_index: int,
+def evaluate(model: Module, batches: Iterable[tuple[Tensor, Tensor, float]], padding_index: int,
              precision: AbstractContextManager) -> float:
     """Mean cross entropy per target (padding excluded) over fixed held-out batches, each rank evaluating its
     share; a batch of weight 0 is a pass that only keeps the ranks in step, and counts nothing."""
@@ -394,7 +416,7 @@ def train(
     model: Module,
     optimizer: torch.optim.Optimizer,
     micro_batches_at: Callable[[int], list[tuple[Tensor, Tensor, float]]],
-    eval_batches: list[tuple[Tensor, Tensor, float]],
+    eval_batches: Iterable[tuple[Tensor, Tensor, float]],
     save: Callable[[int, int], None],
     args: argparse.Namespace,
     *,
@@ -462,6 +484,8 @@ def train(
             )
         except FloatingPointError as error:
             stop(f"at step {step}, {error}")
+        except DamagedCorpus as error:
+            stop(str(error))
         non_finite_steps = 0 if math.isfinite(gradient_norm) or scaler.is_enabled() else non_finite_steps + 1
         if non_finite_steps == NON_FINITE_STEPS_TO_STOP:
             stop(f"at step {step}, the gradient norm was {gradient_norm} {non_finite_steps} steps in a row (each "
@@ -476,8 +500,11 @@ def train(
         failure = None
         last = step == total_steps
         if end_of_epoch == 0:
-            validation_loss = (evaluate(model, eval_batches, padding_index, precision)
-                               if epoch % args.eval_interval == 0 or last else None)
+            try:
+                validation_loss = (evaluate(model, eval_batches, padding_index, precision)
+                                   if epoch % args.eval_interval == 0 or last else None)
+            except DamagedCorpus as error:
+                stop(str(error))
             failure = failed_write(log.end_epoch, epoch, step, unit, units_per_epoch, validation_loss)
         if stop_requested or end_of_epoch == 0 and (epoch % args.checkpoint_interval == 0 or last):
             if divergence := diverged(model, validation_loss if end_of_epoch == 0 else None):
