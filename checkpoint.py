@@ -24,12 +24,13 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from data import TOKENIZER_NAME, check_prompt_template, locked_at_once, record_holder, temporary_path
-from distributed import from_rank_zero, rank
+from distributed import from_rank_zero, rank, world_size
 from model import LightGPT, LightGPTConfig, add_lora, described, load_lora_state_dict, merge_lora
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
@@ -41,6 +42,11 @@ ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
 DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
 # An exported folder (export.py, or its copy on the Hub): the mixin's model.safetensors and config.json.
 EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
+
+# The entry of a checkpoint (and of an exported config.json) that holds a checksum of each tensor, by its path of
+# keys, and that of a sharded checkpoint's index that holds one of each file of its folder of shards. Optional:
+# older files have none.
+CHECKSUMS, SHARD_CHECKSUMS = "checksums", "shard_checksums"
 
 # A sharded checkpoint is a folder: this index holds all but the tensors of the model and the optimizer state,
 # which are in the folder of shards that the index names.
@@ -71,8 +77,42 @@ def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step
 
 
 def save_atomically(checkpoint: dict, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename (see write_atomically)."""
+    """torch.save to a temporary name, then rename (see write_atomically), with a checksum of each tensor."""
+    if checksums := tensor_checksums(checkpoint):
+        checkpoint = checkpoint | {CHECKSUMS: checksums}
     write_atomically(path, lambda file: torch.save(checkpoint, file))
+
+
+def tensor_checksums(entries: dict) -> dict[str, str]:
+    """An xxh3 hash of the bytes of every tensor in a checkpoint's entries (in nested dictionaries and lists), by
+    its path of keys: loading verifies them (verify_checksums), so flipped bytes in a file are found, not used."""
+    return {name: checksum(tensor) for name, tensor in tensors_in(entries) if name != CHECKSUMS}
+
+
+def tensors_in(value, path: str = "") -> Iterator[tuple[str, Tensor]]:
+    """Each tensor in a value of nested dictionaries, lists and tuples, with its path of keys ("model/body.0...")."""
+    if isinstance(value, Tensor):
+        yield path, value
+    elif isinstance(value, dict | list | tuple):
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            yield from tensors_in(item, f"{path}/{key}" if path else str(key))
+
+
+def checksum(tensor: Tensor) -> str:
+    """The xxh3 hash of a tensor's bytes (about 6 GB/s on one CPU core)."""
+    return xxhash.xxh3_64_hexdigest(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def verify_checksums(entries: dict, checksums, path: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Raise a one-line ValueError naming the first tensor whose bytes differ from the checksum saved with them
+    (files written before checksums have none, and load as before); the entries named in `skip` are left to
+    whoever reads them (see load_index)."""
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{path}: its checksums entry must be a dictionary, got {described(checksums)}")
+    for name, tensor in tensors_in({key: value for key, value in entries.items() if key not in skip}):
+        if name in checksums and checksum(tensor) != checksums[name]:
+            raise ValueError(f"{path}: {name} differs from the checksum saved with it: the file is damaged; restore "
+                             f"it from a copy")
 
 
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -94,6 +134,14 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Non
         if cause is None:
             raise
         raise OSError(f"could not write {path}: {cause.strerror or cause}") from None
+
+
+def write_failure(error: BaseException) -> str:
+    """Why a write failed, in a few words: the OSError behind it (no space left on device), else its last line."""
+    cause = os_error_in(error)
+    if cause is not None:
+        return cause.strerror or str(cause)
+    return (str(error).strip() or type(error).__name__).splitlines()[-1][:200]
 
 
 def os_error_in(error: BaseException) -> OSError | None:
@@ -235,12 +283,20 @@ def save_sharded(checkpoint: dict, path: str | Path) -> None:
     path = Path(path)
     shards = from_rank_zero(f"shards-{checkpoint['step']}-{secrets.token_hex(4)}")
     optimizer = checkpoint["optimizer"]
-    with one_process_is_meant():
-        dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
+    try:
+        with one_process_is_meant():
+            dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
+    except (Exception, CheckpointException) as error:  # a full disk: no half-written folder of shards stays
+        shutil.rmtree(path / shards, ignore_errors=True)
+        raise OSError(f"could not write {path / shards}: {write_failure(error)}") from None
     if rank() == 0:
         index = {name: entry for name, entry in checkpoint.items() if name != "model"}
-        save_atomically(index | {"optimizer": {"param_groups": optimizer["param_groups"]}, "shards": shards},
-                        path / SHARDED_INDEX)
+        try:
+            save_atomically(index | {"optimizer": {"param_groups": optimizer["param_groups"]}, "shards": shards,
+                                     SHARD_CHECKSUMS: file_checksums(path / shards)}, path / SHARDED_INDEX)
+        except OSError:
+            shutil.rmtree(path / shards, ignore_errors=True)
+            raise
         for folder in path.glob("shards-*"):
             if folder.name != shards:
                 shutil.rmtree(folder)
@@ -252,6 +308,8 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
     reads its own parts, whatever the number of ranks that wrote them. alone: in this process only, even under
     torchrun."""
     folder = Path(path) / index["shards"]
+    if SHARD_CHECKSUMS in index:  # each rank verifies its share of the files (all of them when alone)
+        verify_file_checksums(folder, index[SHARD_CHECKSUMS], *((0, 1) if alone else (rank(), world_size())))
     safe_metadata(folder)  # refuse a metadata file that would run code before DCP unpickles it
     try:
         with one_process_is_meant():
@@ -259,6 +317,33 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
     except (Exception, CheckpointException) as error:  # DCP gathers the ranks' failures (a missing or cut shard)
         reason = (str(error).strip() or type(error).__name__).splitlines()[-1]
         raise ValueError(f"{folder}: its shards cannot be read, the checkpoint is damaged ({reason[:200]})") from None
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """The xxh3 hash of each file in a folder of shards, by name."""
+    return {file.name: file_checksum(file) for file in sorted(folder.iterdir())}
+
+
+def file_checksum(path: Path) -> str:
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_file_checksums(folder: Path, checksums, first: int, every: int) -> None:
+    """Raise a one-line ValueError when a file of the folder (of those at first, first + every, ...) is missing
+    or differs from its checksum."""
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{folder}: its index's {SHARD_CHECKSUMS} must be a dictionary, got {described(checksums)}")
+    for name in sorted(checksums)[first::every]:
+        file = folder / Path(name).name  # a name, never a path out of the folder
+        if not file.is_file():
+            raise ValueError(f"{folder}: its shard file {file.name} is missing: the checkpoint is damaged")
+        if file_checksum(file) != checksums[name]:
+            raise ValueError(f"{file}: differs from the checksum saved with it: the checkpoint is damaged; restore "
+                             f"it from a copy")
 
 
 @contextmanager
@@ -333,6 +418,8 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
         raise ValueError(f"{path}: not a LightGPT checkpoint of this kind (no {' and '.join(required)} entries)")
     if sharded and not isinstance(checkpoint["shards"], str):
         raise ValueError(f"{path}: its shards entry must name the folder of shards, got {described(checkpoint['shards'])}")
+    if CHECKSUMS in checkpoint:  # the optimizer state, unused but for resuming, is verified when resumed
+        verify_checksums(checkpoint, checkpoint[CHECKSUMS], path, skip=("optimizer",))
     version = checkpoint.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path}: written in checkpoint format {version!r}, newer than this LightGPT's "
@@ -522,7 +609,8 @@ def exported_config(model: LightGPT, block_size: int, prompt_template: dict | No
     """What an exported folder's config.json holds: the LightGPTConfig fields (from_pretrained builds the model from
     them) and what generation needs besides: the tokenizer, the context length the model was trained with and, when
     it was instruction-tuned, the prompt template."""
-    config = asdict(model.config) | {"tokenizer": TOKENIZER_NAME, "block_size": block_size}
+    config = asdict(model.config) | {"tokenizer": TOKENIZER_NAME, "block_size": block_size,
+                                     CHECKSUMS: tensor_checksums(model.state_dict())}
     if prompt_template:
         config["prompt_template"] = prompt_template
     return config
@@ -532,7 +620,8 @@ def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
     """The model of an exported folder, in evaluation mode on the CPU, with its training context length and its
     prompt template (None unless it was instruction-tuned). Its config.json gets a checkpoint's checks (the model's
     fields, block_size, the tokenizer, the template), and its weights' names, shapes and dtypes are checked against
-    the configuration before anything is allocated; a problem is a one-line ValueError."""
+    the configuration before anything is allocated, and against their checksums when config.json has them; a
+    problem is a one-line ValueError."""
     folder = Path(folder)
     config_path, weights_path = folder / EXPORTED_CONFIG, folder / EXPORTED_WEIGHTS
     try:
@@ -560,6 +649,8 @@ def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
     for alias, kept in aliases.items():  # save_pretrained writes the tied matrix once, under one of its names
         if isinstance(kept, str) and kept in weights and alias not in weights:
             weights[alias] = weights[kept]
+    if CHECKSUMS in config:
+        verify_checksums(weights, config[CHECKSUMS], weights_path)
     return model_from_checkpoint({"model_args": model_args, "model": weights}, folder).eval(), block_size, template
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import (
+    CHECKSUMS,
     check_same_base,
     claimed_checkpoint,
     context_length,
@@ -21,6 +22,7 @@ from checkpoint import (
     save_atomically,
     trained_on_these_weights,
     training_checkpoint,
+    verify_checksums,
     weights_fingerprint,
 )
 from data import (
@@ -130,6 +132,8 @@ def main() -> None:
             checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
             if checkpoint:
                 check_resumable(checkpoint, base, args, len(train_records))
+                verify_checksums({"optimizer": checkpoint.get("optimizer")}, checkpoint.get(CHECKSUMS, {}),
+                                 args.checkpoint_path)
             seed = (checkpoint or {}).get("seed", args.seed)
             seed = seed if seed is not None else random.randrange(2**31)
             torch.manual_seed(seed)

@@ -15,6 +15,7 @@ import torch
 from torch.nn import Module
 
 from checkpoint import (
+    CHECKSUMS,
     checked_model,
     claimed_checkpoint,
     file_in_the_way,
@@ -26,6 +27,7 @@ from checkpoint import (
     save_sharded,
     sharded_weights,
     training_checkpoint,
+    verify_checksums,
 )
 from data import (
     CORPORA,
@@ -311,9 +313,12 @@ def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.op
 
 
 def checked_checkpoint(path: str) -> dict:
-    """The single-file checkpoint to resume, once its weights are known to make its model (checked_model)."""
+    """The single-file checkpoint to resume, once its weights are known to make its model (checked_model) and
+    its optimizer state to match its checksums."""
     checkpoint = load_checkpoint(path)
     checked_model(checkpoint, path)
+    if CHECKSUMS in checkpoint:
+        verify_checksums({"optimizer": checkpoint["optimizer"]}, checkpoint[CHECKSUMS], path)
     return checkpoint
 
 

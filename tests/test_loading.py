@@ -96,7 +96,7 @@ def test_an_exported_config_gets_a_checkpoint_s_checks_before_the_model_is_built
 def test_exported_weights_of_another_dtype_or_not_finite_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    folder = exported_folder(tmp_path)
+    folder = exported_folder(tmp_path, lambda config: config.pop("checksums"))  # as exported before checksums
     weights = load_file(folder / "model.safetensors")
     for damaged, fragment in ((weights | {"output_norm.weight": torch.ones(32, dtype=torch.int32)}, "torch.int32"),
                               (weights | {"output_norm.weight": torch.full((32,), math.inf)}, "NaN or infinite")):
@@ -164,9 +164,11 @@ def rewrite_index(folder: Path, change) -> None:
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    (lambda folder: shard_file(folder).unlink(), "its shards cannot be read"),
-    (lambda folder: shard_file(folder).write_bytes(shard_file(folder).read_bytes()[:100]), "cannot be read"),
-    (lambda folder: shard_file(folder).write_bytes(b""), "cannot be read"),
+    (lambda folder: shard_file(folder).unlink(), "its shard file __0_0.distcp is missing"),
+    (lambda folder: shard_file(folder).write_bytes(shard_file(folder).read_bytes()[:100]), "differs from the checksum"),
+    (lambda folder: shard_file(folder).write_bytes(b""), "differs from the checksum"),
+    (lambda folder: (rewrite_index(folder, lambda index: index.pop("shard_checksums")),  # as saved before checksums
+                     shard_file(folder).write_bytes(b"")), "its shards cannot be read"),
     (lambda folder: rewrite_index(folder, lambda index: index.pop("shards")), "no model_args and shards entries"),
     (lambda folder: rewrite_index(folder, lambda index: index.update(shards=5)), "its shards entry must name"),
     (lambda folder: rewrite_index(folder, lambda index: index["model_args"].update(embedding_dimensions=64)),
@@ -224,4 +226,4 @@ def test_resuming_a_damaged_sharded_checkpoint_is_one_line(tmp_path, dataset_pat
     assert run_script(*pretrain, "--num_epochs", "1").returncode == 0
     shard_file(checkpoint).write_bytes(b"")
     result = run_script(*pretrain, "--num_epochs", "2", "--resume")
-    assert_one_line_error(result, "pre-train.py: error:", "its shards cannot be read")
+    assert_one_line_error(result, "pre-train.py: error:", "differs from the checksum saved with it")
