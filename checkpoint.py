@@ -12,7 +12,6 @@ import re
 import secrets
 import shutil
 import socket
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -138,6 +137,8 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Non
 
 def write_failure(error: BaseException) -> str:
     """Why a write failed, in a few words: the OSError behind it (no space left on device), else its last line."""
+    if isinstance(error, CheckpointException) and error.failures:  # DCP's: each failed rank's (exception, trace)
+        error = next(iter(error.failures.values()))[0]
     cause = os_error_in(error)
     if cause is not None:
         return cause.strerror or str(cause)
@@ -192,6 +193,17 @@ def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sh
                                  f"this run; choose another --checkpoint_path")
 
 
+def unwritable_folder(folder: Path) -> str | None:
+    """Why files cannot be written in `folder`, created if need be, else None: a file stands in its way, or the
+    nearest folder that exists is not writable (read-only)."""
+    if blocking := file_in_the_way(folder):
+        return f"{blocking} is a file, not a folder"
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def file_in_the_way(folder: Path) -> Path | None:
     """The file, if any, that stands where `folder` or one of its parents should be a folder."""
     return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
@@ -223,7 +235,7 @@ def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
 
 
 def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
-    """Remove the temporary files of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
+    """Remove the temporary files (or folders) of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
     no longer exists: a process killed while saving leaves one. Those of live processes and of other machines
     stay. Returns the files removed."""
     removed = []
@@ -231,7 +243,10 @@ def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
         prefix = f"{path.name}."
         for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
             if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
-                temporary.unlink(missing_ok=True)
+                if temporary.is_dir() and not temporary.is_symlink():  # a folder written atomically
+                    shutil.rmtree(temporary, ignore_errors=True)
+                else:
+                    temporary.unlink(missing_ok=True)
                 removed.append(temporary)
     return removed
 
@@ -258,8 +273,9 @@ def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> 
     a crash or an error never leaves a half-written folder, and the temporary one is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # mkdir, unlike mkdtemp, keeps the umask
-    temporary.mkdir()
+    remove_stray_temporary_files([path])  # those of writers killed with SIGKILL, which nothing can clean up after
+    temporary = temporary_path(path)
+    temporary.mkdir()  # mkdir, unlike mkdtemp, keeps the umask
     try:
         write(temporary)
         os.replace(temporary, path)

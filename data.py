@@ -152,7 +152,11 @@ def resolve_files(pattern: str, extensions: tuple[str, ...], flag: str) -> list[
         candidates = [path]
     else:
         candidates = [Path(file) for file in glob.glob(pattern, recursive=True)]
-    files = sorted(file for file in candidates if file.suffix in extensions)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ValueError(f"{flag}: {pattern} is not a regular file (a FIFO, a device, or a link to one), which "
+                         f"could be read forever")
+    # Only regular files: a FIFO or a link to /dev/zero among them would never end.
+    files = sorted(file for file in candidates if file.suffix in extensions and file.is_file())
     if not files:
         raise FileNotFoundError(f"{flag}: no {', '.join(extensions)} files found at {pattern!r}")
     return files

@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import signal
 import sys
 from argparse import BooleanOptionalAction
 from pathlib import Path
@@ -129,7 +130,7 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
         "Architecture": f"{config.num_layers} layers, {config.embedding_dimensions} wide, {config.num_heads} heads, "
                         f"feed-forward {config.feed_forward_ratio}x; no biases, no positional embeddings, one matrix "
                         f"for the token embeddings and the output layer",
-        "Parameters": f"{model.num_trainable_params:,}",
+        "Parameters": f"{num_parameters(model):,}",
         "Context": f"{block_size} tokens",
         "Tokenizer": f"tiktoken's {TOKENIZER_NAME} (GPT-2's BPE), {config.vocabulary_size:,} tokens",
     }
@@ -143,6 +144,12 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
                      f"`python generate.py --checkpoint_path <this folder>`. `{EXPORTED_WEIGHTS}` holds the weights, "
                      f"`{EXPORTED_CONFIG}` the configuration; `{ONNX_FILE}`, where present, takes token ids (batch, "
                      f"sequence) and gives every position's logits.\n")
+
+
+def num_parameters(model: LightGPT) -> int:
+    """Every parameter of the model, the tied matrix once: num_trainable_params counts only what is trainable, the
+    merged layers alone once an adapter is merged."""
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 class Logits(Module):
@@ -166,6 +173,14 @@ def export_onnx(model: LightGPT, path: Path) -> None:
 
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does: cleaned up, one line
+    try:
+        export(args)
+    except KeyboardInterrupt:
+        sys.exit(f"export.py: stopped by a signal; nothing was written to --output_dir {args.output_dir}")
+
+
+def export(args: argparse.Namespace) -> None:
     try:
         validate_args(args)
         model, block_size, template, stages = load_source(args)
@@ -183,7 +198,7 @@ def main() -> None:
         write_folder_atomically(args.output_dir, write)
     except OSError as error:
         sys.exit(f"export.py: error: --output_dir {args.output_dir}: {error.strerror or error}")
-    print(f"Exported {model.num_trainable_params:,} parameters to {args.output_dir}")
+    print(f"Exported {num_parameters(model):,} parameters to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,13 @@ from data import (
     same_files,
     split_instructions,
 )
-from devices import compiles, compute_dtype, gradient_scaler
+from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import LARGEST_FACTOR, ArgumentParser, add_training_arguments, float_in, fraction, positive_int
 from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
+from sizing import gigabytes
 from training import (
+    check_log_dir,
     note_optimizer_starts_afresh,
     restore_rng_state,
     restore_scaler,
@@ -88,6 +90,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
+    check_log_dir(args)
 
 
 def instruction_files(args: argparse.Namespace) -> list[Path]:
@@ -139,6 +142,7 @@ def main() -> None:
             torch.manual_seed(seed)
             model = model_from_checkpoint(base | {"model_args": base["model_args"] | {"dropout": args.dropout}},
                                           args.base_model_path)
+            check_adapter_memory(model, args)
         except (ValueError, FileNotFoundError, ConnectionError) as error:
             sys.exit(f"instruction-tune.py: error: {error}")
         add_lora(model, args.rank, args.alpha, args.dropout)
@@ -152,6 +156,19 @@ def main() -> None:
             print(f"{num_truncated} samples are longer than the {block_size}-token context: "
                   f"the start of their prompt is cut off")
         instruction_tune(args, model, base, seed, train_samples, test_samples, checkpoint)
+
+
+def check_adapter_memory(model: LightGPT, args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError, before the adapters are allocated, when their weights, gradients and AdamW's
+    two moments (4 numbers each, in float32) exceed the memory the device has: --rank 100000000 was killed by
+    the kernel after 43 s, without a word."""
+    layers = [module for module in model.body.modules() if isinstance(module, torch.nn.Linear)]
+    adapter_parameters = sum(args.rank * (layer.in_features + layer.out_features) for layer in layers)
+    needed = 4 * 4 * adapter_parameters
+    available = available_memory(torch.device(args.device))
+    if needed > available:
+        raise ValueError(f"--rank {args.rank}: the adapters need about {gigabytes(needed)} to train, more than the "
+                         f"{gigabytes(available)} available on {args.device}; choose a smaller --rank")
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The LightGPT network: a bias-free, position-free, weight-tied GPT in pure PyTorch."""
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -232,6 +234,14 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
     def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "LightGPT":
         """The mixin's loading, except that a weight missing from the file is an error, not a random layer."""
         return super()._from_pretrained(strict=strict, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's saving, with the weights file as readable as any other this process writes: safetensors
+        writes it 0600 whatever the umask."""
+        super()._save_pretrained(save_directory)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(Path(save_directory) / "model.safetensors", 0o666 & ~umask)
 
     def tie_weights(self) -> None:
         """One matrix for the embedding and the output layer, again after whatever makes parameters anew

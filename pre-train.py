@@ -18,7 +18,6 @@ from checkpoint import (
     CHECKSUMS,
     checked_model,
     claimed_checkpoint,
-    file_in_the_way,
     is_sharded_checkpoint,
     load_checkpoint,
     load_index,
@@ -27,6 +26,7 @@ from checkpoint import (
     save_sharded,
     sharded_weights,
     training_checkpoint,
+    unwritable_folder,
     verify_checksums,
 )
 from data import (
@@ -65,7 +65,15 @@ from distributed import (
 from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
 from model import LightGPT, LightGPTConfig
 from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
-from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, restore_scaler, rng_state, train
+from training import (
+    Adafactor,
+    check_log_dir,
+    note_optimizer_starts_afresh,
+    restore_rng_state,
+    restore_scaler,
+    rng_state,
+    train,
+)
 
 Value = TypeVar("Value")
 
@@ -118,8 +126,9 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.dataset == "text" and not args.text_files:
         raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
-    if blocking := file_in_the_way(Path(args.dataset_path)):
-        raise ValueError(f"--dataset_path {args.dataset_path}: {blocking} is a file, not a folder")
+    if problem := unwritable_folder(Path(args.dataset_path)):
+        raise ValueError(f"--dataset_path {args.dataset_path}: {problem}")
+    check_log_dir(args)
     path = Path(args.checkpoint_path)
     if args.resume and not (path.is_file() or is_sharded_checkpoint(path)):
         raise ValueError(f"--resume: no checkpoint at --checkpoint_path {path}")

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn import Module
 from tqdm import tqdm
 
-from checkpoint import metrics_path, write_atomically
+from checkpoint import metrics_path, unwritable_folder, write_atomically
 from data import DamagedCorpus
 from devices import peak_tflops
 from distributed import (
@@ -322,6 +322,19 @@ def evaluate(model: Module, batches: Iterable[tuple[Tensor, Tensor, float]], pad
     return total / count
 
 
+def log_folder(args: argparse.Namespace) -> Path:
+    """Where TensorBoard's run of this checkpoint goes: <log_dir>/<checkpoint name>, log_dir by default runs/ beside
+    the checkpoint."""
+    checkpoint = Path(args.checkpoint_path)
+    return (Path(args.log_dir) if args.log_dir else checkpoint.parent / "runs") / checkpoint.stem
+
+
+def check_log_dir(args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError, before any work, when TensorBoard's curves could not be written."""
+    if args.tensorboard and (problem := unwritable_folder(log_folder(args))):
+        raise ValueError(f"--log_dir {args.log_dir or log_folder(args).parent}: {problem}")
+
+
 def tensorboard_writer(args: argparse.Namespace, start_step: int) -> "SummaryWriter":
     """A TensorBoard SummaryWriter in <log_dir>/<checkpoint name> (log_dir by default runs/ beside the checkpoint),
     with the run's flags as text. Every step is logged at its global step, so a resumed run continues its own
@@ -330,9 +343,7 @@ def tensorboard_writer(args: argparse.Namespace, start_step: int) -> "SummaryWri
     from torch.utils.tensorboard import SummaryWriter  # here, not at the top: importing it takes most of a second
 
     first_step = start_step + 1  # step n is logged once n optimizer steps are done
-    checkpoint = Path(args.checkpoint_path)
-    log_dir = Path(args.log_dir) if args.log_dir else checkpoint.parent / "runs"
-    writer = SummaryWriter(log_dir / checkpoint.stem, purge_step=first_step)
+    writer = SummaryWriter(log_folder(args), purge_step=first_step)
     flags = "\n".join(f"| --{name} | {value} |" for name, value in sorted(vars(args).items()))
     writer.add_text("flags", "| flag | value |\n| --- | --- |\n" + flags, first_step)
     return writer

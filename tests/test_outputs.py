@@ -1,0 +1,128 @@
+"""Files that are not files, outputs checked up front, writes that fail whole, sizes checked before allocation, and
+what export.py writes and says."""
+
+import argparse
+import os
+import socket
+import stat
+
+import pytest
+import torch
+
+from checkpoint import exported_config, write_folder_atomically
+from conftest import flag_error, load_script, tiny_model
+from data import resolve_files
+from model import add_lora, merge_lora
+from test_checkpoint import a_dead_process_id, sharded_checkpoint
+from training import check_log_dir
+
+
+def not_files(folder):
+    """A FIFO, a link to /dev/zero and a link to a folder, each named like a text file."""
+    os.mkfifo(folder / "fifo.txt")
+    (folder / "zero.txt").symlink_to("/dev/zero")
+    (folder / "folder.txt").symlink_to(folder)
+    return ["fifo.txt", "zero.txt"]
+
+
+@pytest.mark.parametrize("name", ["fifo.txt", "zero.txt"])
+def test_a_fifo_or_a_device_named_directly_is_refused_instead_of_read_forever(tmp_path, name):
+    not_files(tmp_path)
+    with pytest.raises(ValueError, match=f"--text_files: .*{name} is not a regular file"):
+        resolve_files(str(tmp_path / name), (".txt",), "--text_files")
+
+
+def test_a_folder_or_a_glob_reads_only_its_regular_files(tmp_path):
+    not_files(tmp_path)
+    (tmp_path / "real.txt").write_text("text")
+    for pattern in (str(tmp_path), str(tmp_path / "*.txt")):
+        assert resolve_files(pattern, (".txt",), "--text_files") == [tmp_path / "real.txt"]
+
+
+def training_flags(tmp_path, **flags):
+    return argparse.Namespace(**{"checkpoint_path": str(tmp_path / "out" / "c.pt"), "log_dir": None,
+                                 "tensorboard": True} | flags)
+
+
+@pytest.mark.parametrize("log_dir, fragment", [
+    ("file.txt", "file.txt is a file, not a folder"),
+    ("file.txt/runs", "file.txt is a file, not a folder"),
+])
+def test_a_log_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, log_dir, fragment):
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(ValueError, match=f"--log_dir .*{fragment}"):
+        check_log_dir(training_flags(tmp_path, log_dir=str(tmp_path / log_dir)))
+    check_log_dir(training_flags(tmp_path, log_dir=str(tmp_path / log_dir), tensorboard=False))  # not written
+
+
+def test_the_default_log_dir_beside_a_checkpoint_under_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("")
+    with pytest.raises(ValueError, match="out is a file"):
+        check_log_dir(training_flags(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
+def test_a_read_only_dataset_path_is_refused(tmp_path, capsys):
+    (tmp_path / "read-only").mkdir(mode=0o555)
+    error = flag_error(load_script("pre-train"), ["--dataset_path", str(tmp_path / "read-only" / "dataset")], capsys)
+    assert "read-only is not writable" in error
+
+
+def test_a_dataset_path_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    error = flag_error(load_script("pre-train"), ["--dataset_path", str(tmp_path / "file" / "dataset")], capsys)
+    assert "--dataset_path" in error and "file is a file, not a folder" in error
+
+
+def test_the_temporary_folder_of_a_killed_export_is_removed_by_the_next(tmp_path):
+    dead = tmp_path / f"exported.{socket.gethostname()}-{a_dead_process_id()}-0123abcd.tmp"
+    alive = tmp_path / f"exported.{socket.gethostname()}-{os.getppid()}-0123abcd.tmp"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    write_folder_atomically(tmp_path / "exported", lambda folder: (folder / "a").write_text("a"))
+    assert not dead.exists() and alive.exists() and (tmp_path / "exported" / "a").read_text() == "a"
+
+
+def test_a_sharded_save_on_a_full_disk_is_one_line_and_leaves_no_shards_folder(tmp_path, full_disk_after_4_kb):
+    with pytest.raises(OSError, match=r"could not write .*shards-1-\w+: File too large"):
+        sharded_checkpoint(tiny_model(), tmp_path / "sharded")
+    assert not list((tmp_path / "sharded").glob("shards-*"))
+
+
+def test_the_card_and_console_count_every_parameter_of_a_merged_model(tmp_path):
+    export = load_script("export")
+    model = tiny_model()
+    total = sum(parameter.numel() for parameter in model.parameters())
+    add_lora(model, rank=2, alpha=1.0, dropout=0.0)
+    merged = merge_lora(model)
+    assert merged.num_trainable_params != total  # what the card said before
+    assert export.num_parameters(merged) == total
+    assert f"| Parameters | {total:,} |" in str(export.model_card(merged, 8, {}))
+
+
+def test_the_exported_weights_are_as_readable_as_the_other_files(tmp_path):
+    model = tiny_model()
+    umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path, config=exported_config(model, block_size=8))
+    finally:
+        os.umask(umask)
+    modes = {file.name: stat.S_IMODE(file.stat().st_mode) for file in tmp_path.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+
+
+def test_a_damaged_metrics_file_is_named_and_left_out_of_the_card(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.with_suffix(".metrics.jsonl").write_bytes(b'{"step": 1, "validation_loss": 2.5}\n\xffgarbage\n')
+    facts = load_script("export").training_facts({"step": 1}, path)
+    assert facts["validation loss"].startswith("2.5000")
+    assert f"{path.with_suffix('.metrics.jsonl')}: 1 damaged line(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rank", [10**8, 10**12])
+def test_adapters_that_cannot_fit_are_refused_before_they_are_allocated(rank):
+    script = load_script("instruction-tune")
+    with pytest.raises(ValueError, match=rf"--rank {rank}: the adapters need about .* more than the .* available"):
+        script.check_adapter_memory(tiny_model(), argparse.Namespace(rank=rank, device="cpu"))
+    script.check_adapter_memory(tiny_model(), argparse.Namespace(rank=8, device="cpu"))
