@@ -512,9 +512,12 @@ def prepare_corpus(
                 try:
                     extend_corpus(folder, meta, corpus_parts(dataset, subset, text_files), num_processes, max_tokens,
                                   dataset, expected_train_tokens(dataset, subset, max_tokens), show_progress)
-                except KeyboardInterrupt:  # the sidecar on disk, not meta in memory, says what was recorded
+                except (KeyboardInterrupt, OSError) as error:  # the sidecar on disk says what was recorded
                     meta = recorded_meta(folder, source) or fresh_meta(source)
                     cut_to_recorded_counts(folder, meta)  # under the lock: no other preparation is writing
+                    if isinstance(error, OSError):  # a full disk: what was recorded is kept, whole
+                        raise OSError(f"{error}; the {meta['train_tokens']:,} training tokens prepared are kept, and "
+                                      f"the next run continues from them") from None
                     raise
                 except ConnectionError as error:  # the hub, lost mid-stream: nothing prepared is lost
                     if not meta["train_tokens"]:
@@ -559,8 +562,11 @@ def extend_corpus(folder: Path, meta: dict, parts: list[Part], num_processes: in
         with open(folder / "train.bin", "ab") as train_file, open(folder / "test.bin", "ab") as test_file:
             for train_bytes, test_bytes, position in itertools.chain([first] if first else [], results):
                 for split, file, data in (("train", train_file, train_bytes), ("test", test_file, test_bytes)):
-                    file.write(data)
-                    file.flush()  # in the page cache, where a killed process's writes survive, before it counts
+                    try:
+                        file.write(data)
+                        file.flush()  # in the page cache, where a killed process's writes survive, before it counts
+                    except OSError as error:
+                        raise OSError(f"could not write {file.name}: {error.strerror or error}") from None
                     meta[f"{split}_tokens"] += len(data) // 2
                 meta["num_documents"], meta["position"] = position["documents"], position
                 write_text_atomically(folder / "meta.json", json.dumps(meta, indent=2))

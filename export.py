@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
+from safetensors import SafetensorError
 from torch import Tensor
 from torch.nn import Module
 
@@ -23,6 +24,7 @@ from checkpoint import (
     load_lora_checkpoint,
     model_from_checkpoint,
     trained_on_these_weights,
+    write_failure,
     write_folder_atomically,
 )
 from data import TOKENIZER_NAME
@@ -196,8 +198,8 @@ def export(args: argparse.Namespace) -> None:
 
     try:
         write_folder_atomically(args.output_dir, write)
-    except OSError as error:
-        sys.exit(f"export.py: error: --output_dir {args.output_dir}: {error.strerror or error}")
+    except (OSError, SafetensorError) as error:  # a full disk, as safetensors reports it too
+        sys.exit(f"export.py: error: --output_dir {args.output_dir}: {write_failure(error)}")
     print(f"Exported {num_parameters(model):,} parameters to {args.output_dir}")
 
 

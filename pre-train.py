@@ -265,7 +265,7 @@ def stop_every_rank_on_error(work: Callable[[], Value]) -> Value:
     error, result = None, None
     try:
         result = work()
-    except (ValueError, FileNotFoundError, ConnectionError, PreparationInterrupted) as exception:
+    except (ValueError, OSError, ConnectionError, PreparationInterrupted) as exception:  # OSError: a full disk
         error = str(exception)
     error = first_error_of_any_rank(error)
     if error:

@@ -2,6 +2,7 @@
 what export.py writes and says."""
 
 import argparse
+import json
 import os
 import socket
 import stat
@@ -10,7 +11,15 @@ import pytest
 import torch
 
 from checkpoint import exported_config, write_folder_atomically
-from conftest import flag_error, load_script, tiny_model
+from conftest import (
+    assert_one_line_error,
+    flag_error,
+    limit_file_size,
+    load_script,
+    run_script,
+    save_pretrained_checkpoint,
+    tiny_model,
+)
 from data import resolve_files
 from model import add_lora, merge_lora
 from test_checkpoint import a_dead_process_id, sharded_checkpoint
@@ -126,3 +135,26 @@ def test_adapters_that_cannot_fit_are_refused_before_they_are_allocated(rank):
     with pytest.raises(ValueError, match=rf"--rank {rank}: the adapters need about .* more than the .* available"):
         script.check_adapter_memory(tiny_model(), argparse.Namespace(rank=rank, device="cpu"))
     script.check_adapter_memory(tiny_model(), argparse.Namespace(rank=8, device="cpu"))
+
+
+def test_a_full_disk_during_corpus_preparation_is_one_line_and_keeps_what_was_recorded(tmp_path,
+                                                                                      full_disk_after_4_kb):
+    from data import prepare_corpus
+
+    with pytest.raises(OSError, match=r"could not write .*kjv/train.bin: File too large; the [\d,]+ training tokens "
+                                      r"prepared are kept"):
+        prepare_corpus("kjv", tmp_path, show_progress=False)
+    meta = json.loads((tmp_path / "kjv" / "meta.json").read_text()) if (tmp_path / "kjv" / "meta.json").exists() \
+        else {"train_tokens": 0, "test_tokens": 0}
+    for split in ("train", "test"):  # no half-written batch: the files hold what meta.json records
+        path = tmp_path / "kjv" / f"{split}.bin"
+        assert (path.stat().st_size if path.exists() else 0) == 2 * meta[f"{split}_tokens"]
+
+
+@pytest.mark.slow
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path):
+    checkpoint = save_pretrained_checkpoint(tiny_model(vocabulary_size=50257, eos_index=50256), tmp_path / "c.pt", 16)
+    result = run_script("export.py", "--checkpoint_path", checkpoint, "--output_dir", tmp_path / "exported",
+                        preexec_fn=lambda: limit_file_size(checkpoint.stat().st_size // 2))
+    assert_one_line_error(result, "export.py: error: --output_dir", "File too large")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c.pt"]
