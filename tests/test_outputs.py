@@ -158,3 +158,13 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path):
                         preexec_fn=lambda: limit_file_size(checkpoint.stat().st_size // 2))
     assert_one_line_error(result, "export.py: error: --output_dir", "File too large")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["c.pt"]
+
+
+@pytest.mark.parametrize("name, content", [("bad.parquet", b"PAR1garbage"), ("bad.jsonl", b'{"text": "a"}\n{bad\n')])
+def test_a_damaged_parquet_or_json_file_is_one_line_without_the_libraries_log(tmp_path, capfd, name, content):
+    from data import prepare_corpus
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"--text_files: .*{name}"):
+        prepare_corpus("text", tmp_path / "dataset", text_files=[tmp_path / name], show_progress=False)
+    assert capfd.readouterr().err == ""
