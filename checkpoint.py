@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 
 from data import TOKENIZER_NAME, check_prompt_template, locked_at_once, record_holder, temporary_path
 from distributed import from_rank_zero, rank, world_size
-from model import LightGPT, LightGPTConfig, add_lora, described, load_lora_state_dict, merge_lora
+from model import SHAPE_FIELDS, LightGPT, LightGPTConfig, add_lora, described, load_lora_state_dict, merge_lora
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
 # kept one random-number state rather than a list of each rank's.
@@ -748,7 +748,7 @@ def v1_named(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def check_same_base(adapter: dict, base: dict) -> None:
     """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
-    for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+    for name in SHAPE_FIELDS:
         trained_on, given = adapter["model_args"].get(name), base["model_args"].get(name)
         if trained_on != given:
             raise ValueError(

@@ -37,7 +37,7 @@ from data import (
 )
 from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
-from flags import LARGEST_FACTOR, ArgumentParser, add_training_arguments, float_in, fraction, positive_int
+from flags import LARGEST_FACTOR, ArgumentParser, add_training_arguments, float_in, fraction, positive_int, run_config
 from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict
 from sizing import gigabytes
 from training import (
@@ -229,10 +229,10 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
             seed=seed,
         ), args.checkpoint_path)
 
-    train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, dtype=dtype, scaler=scaler,
-          padding_index=model.padding_index, unit="samples", units_per_epoch=len(train_samples),
-          description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py")
+    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="samples", units_per_epoch=len(train_samples),
+                     description="Instruction-tuning", saved_what="adapters", program="instruction-tune.py",
+                     dtype=dtype)
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -14,21 +14,25 @@ from torch.nn.functional import scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
 
 
+# The metadata of the LightGPTConfig fields that set the weights' shapes: a base and its adapter must agree on them.
+SHAPE = {"shape": True}
+
+
 @dataclass
 class LightGPTConfig:
     """The shape of a LightGPT; checkpoints store it as their model_args."""
 
-    vocabulary_size: int
-    embedding_dimensions: int
-    num_heads: int
-    num_layers: int
-    feed_forward_ratio: int = 4
+    vocabulary_size: int = field(metadata=SHAPE)
+    embedding_dimensions: int = field(metadata=SHAPE)
+    num_heads: int = field(metadata=SHAPE)
+    num_layers: int = field(metadata=SHAPE)
+    feed_forward_ratio: int = field(default=4, metadata=SHAPE)
     dropout: float = 0.0
     padding_index: int = -100
     eos_index: int = 50256
 
     def __post_init__(self):
-        for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+        for name in SHAPE_FIELDS:
             value = getattr(self, name)
             if type(value) is not int or value < 1:  # a bool is an int to isinstance
                 raise ValueError(f"{name} must be a whole number of at least 1, got {described(value)}")
@@ -47,6 +51,10 @@ class LightGPTConfig:
     @property
     def head_dimensions(self) -> int:
         return self.embedding_dimensions // self.num_heads
+
+
+# The names of those fields, each a count of at least 1.
+SHAPE_FIELDS = tuple(config_field.name for config_field in fields(LightGPTConfig) if config_field.metadata.get("shape"))
 
 
 def described(value) -> str:
@@ -119,11 +127,12 @@ class CausalSelfAttention(Module):
         if past and sequence_length > 1:
             # The new tokens see every cached one, and each other only up to themselves.
             mask = torch.ones(sequence_length, past + sequence_length, dtype=torch.bool, device=x.device).tril(past)
-        z = attention(
+        attended = attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
         )  # (batch, heads, sequence, head_dimensions)
-        z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)  # (batch, sequence, embedding)
-        return self.output_dropout(self.output_projection(z))
+        # (batch, sequence, embedding)
+        attended = attended.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)
+        return self.output_dropout(self.output_projection(attended))
 
 
 class MLP(Module):
@@ -340,16 +349,17 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
         over those that are not padding): the output layer and the loss are fused so that the logits, the
         largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
-        z = self.embedding_dropout(self.token_embeddings(x))
+        hidden = self.embedding_dropout(self.token_embeddings(x))  # (batch, sequence, embedding)
         for block in self.body:
             if self.activation_checkpointing and self.training:
-                z = checkpoint(block, z, use_reentrant=False)
+                hidden = checkpoint(block, hidden, use_reentrant=False)
             else:
-                z = block(z)
-        z = self.output_norm(z)
+                hidden = block(hidden)
+        hidden = self.output_norm(hidden)
         if y is None:
-            return self.output_layer(z), None
-        hidden, weight, targets = z.flatten(0, 1), self.output_layer.weight, y.flatten()
+            return self.output_layer(hidden), None
+        # (batch x sequence, embedding), (vocabulary, embedding), (batch x sequence,)
+        hidden, weight, targets = hidden.flatten(0, 1), self.output_layer.weight, y.flatten()
         if torch.is_grad_enabled():
             return None, LinearCrossEntropy.apply(hidden, weight, targets, self.padding_index)
         loss, count, _, _ = linear_cross_entropy(hidden, weight, targets, self.padding_index)
@@ -366,10 +376,10 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
     def next_token_logits(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
         """The float32 logits of the token that follows each row of x, whatever the weights' dtype. With a cache, x
         continues the tokens cached so far, and its keys and values join them; without one, x is the whole context."""
-        z = self.token_embeddings(x)
+        hidden = self.token_embeddings(x)
         for index, block in enumerate(self.body):
-            z = block(z, cache[index] if cache is not None else None)
-        return self.output_layer(self.output_norm(z[:, -1])).float()
+            hidden = block(hidden, cache[index] if cache is not None else None)
+        return self.output_layer(self.output_norm(hidden[:, -1])).float()
 
 
 class LoRALinear(Module):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import data
-from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, fineweb_edu_mirror, one_thread, run_script
+from conftest import REPOSITORY, TINY_MODEL_FLAGS, assert_one_line_error, fineweb_edu_mirror, one_thread, run_script
 from data import TokenWindows, build_tokenizer, load_tokenizer, package_data_path, prepare_corpus, resolve_text_files
 
 
@@ -438,7 +438,7 @@ def start_pretraining_on_the_mirror(root, dataset_path, stall_at_batch: int, *ar
     batch `stall_at_batch`."""
     return subprocess.Popen(
         [sys.executable, "-c", STALLING_SOURCE, str(stall_at_batch), str(REPOSITORY / "pre-train.py"),
-         "--dataset_path", str(dataset_path), *TINY_MODEL, "--samples_per_epoch", "1", "--batch_size", "1",
+         "--dataset_path", str(dataset_path), *TINY_MODEL_FLAGS, "--samples_per_epoch", "1", "--batch_size", "1",
          "--gradient_accumulation_steps", "1", "--num_epochs", "1", "--eval_samples", "1",
          "--checkpoint_path", str(root / "checkpoint.pt"), *args],
         cwd=root, env=one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

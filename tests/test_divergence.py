@@ -1,7 +1,6 @@
 """A diverged run never overwrites a good checkpoint: steps whose gradient norm is not finite are skipped and, a few
 in a row, stop the run; weights that are not finite are never saved; the metrics stay JSON."""
 
-import argparse
 import functools
 import json
 import math
@@ -13,7 +12,8 @@ from tqdm import tqdm
 
 from conftest import TINY_SHAPE, assert_one_line_error, run_script, save_pretrained_checkpoint, tiny_model
 from devices import gradient_scaler
-from training import NON_FINITE_STEPS_TO_STOP, Adafactor, EpochLog, optimizer_step, perplexity, train
+from optimizers import Adafactor
+from training import NON_FINITE_STEPS_TO_STOP, EpochLog, RunConfig, optimizer_step, perplexity, train
 
 CPU_FP32_SCALER = gradient_scaler(torch.device("cpu"), torch.float32)
 
@@ -56,18 +56,18 @@ def test_a_step_whose_gradient_norm_is_not_finite_leaves_the_weights_as_they_wer
 def run(tmp_path, model, optimizer, micro_batches_at, saves, num_epochs=4, learning_rate=1e-3, **options):
     """train() for num_epochs epochs of one step, each saved (save appends the weights' finiteness); returns the
     message of its stop, or None when it ended."""
-    args = argparse.Namespace(**dict(num_epochs=num_epochs, warmup_steps=0, learning_rate=learning_rate,
-                                     max_gradient_norm=1.0, eval_interval=1, checkpoint_interval=1,
-                                     checkpoint_path=tmp_path / "c.pt", tensorboard=False) | options)
+    run_config = RunConfig(**dict(num_epochs=num_epochs, steps_per_epoch=1, learning_rate=learning_rate, warmup_steps=0,
+                                  max_gradient_norm=1.0, eval_interval=1, checkpoint_interval=1,
+                                  checkpoint_path=tmp_path / "c.pt", log_dir=None, tensorboard=False, unit="samples",
+                                  units_per_epoch=2, description="test", saved_what="model", program="test")
+                           | options)
 
     def save(step, epoch):
         saves.append((step, all(torch.isfinite(tensor).all() for tensor in model.state_dict().values())))
 
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(model, optimizer, micro_batches_at, batch(), save, args, start_step=0, steps_per_epoch=1,
-              dtype=torch.float32, scaler=CPU_FP32_SCALER, padding_index=-100, unit="samples", units_per_epoch=2,
-              description="test", saved_what="model", program="test")
+        train(model, optimizer, micro_batches_at, batch(), save, run_config, 0, CPU_FP32_SCALER)
     except SystemExit as stop:
         return str(stop.code)
     finally:

@@ -18,7 +18,7 @@ from checkpoint import (
     save_atomically,
     write_folder_atomically,
 )
-from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, flag_error, run_script, tiny_model
+from conftest import REPOSITORY, TINY_MODEL_FLAGS, assert_one_line_error, flag_error, run_script, tiny_model
 from data import load_tokenizer
 from model import LightGPT
 
@@ -34,7 +34,7 @@ def checkpoint_path(tmp_path_factory, dataset_path):
     """A checkpoint and metrics file that pre-train.py wrote: two optimizer steps of a tiny model."""
     path = tmp_path_factory.mktemp("pretrained") / "checkpoint.pt"
     result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
-                        path, *TINY_MODEL, "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                        path, *TINY_MODEL_FLAGS, "--batch_size", "2", "--gradient_accumulation_steps", "1",
                         "--samples_per_epoch", "4", "--num_epochs", "1", "--eval_samples", "4", "--seed", "0",
                         "--no-tensorboard")
     assert result.returncode == 0, result.stderr
