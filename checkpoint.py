@@ -610,7 +610,7 @@ def check_weights(expected: dict[str, tuple], found: dict[str, tuple], path: str
     problems = [f"{what} {listed(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
                                                              ("of another shape:", reshaped)) if names]
     if problems:
-        raise ValueError(f"{path}: its weights do not fit its model_args ({'; '.join(problems)})")
+        raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({'; '.join(problems)})")
 
 
 def listed(names: list[str], most: int = 3) -> str:
