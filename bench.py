@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import load_tokenizer, prepare_corpus, wikipedia_documents
+from corpora import wikipedia_documents
 from devices import (
     PRECISION_NAMES,
     PRECISIONS,
@@ -60,6 +60,8 @@ from distributed import (
 )
 from generation import beam_search, generate
 from model import LightGPT
+from optimizers import build_optimizer
+from preparation import prepare_corpus
 from profiling import (
     RU_MAXRSS_UNIT,
     interleaved_seconds,
@@ -70,7 +72,7 @@ from profiling import (
     timed,
 )
 from sizing import training_flops_per_token
-from optimizers import build_optimizer
+from tokenizer import load_tokenizer
 
 R50K_VOCABULARY_SIZE = 50257
 LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
@@ -432,7 +434,7 @@ def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
 def preparation_figures(corpus: str, dataset_path: str, processes: int) -> dict:
     """One whole preparation of the Parquet files in `corpus`, in this (fresh) process: its tokens, seconds, and
     the peak resident memory of this process and of its largest tokenizing process."""
-    from data import resolve_text_files
+    from corpora import resolve_text_files
 
     start = time.perf_counter()
     folder = prepare_corpus("text", dataset_path, processes, resolve_text_files(corpus), show_progress=False)

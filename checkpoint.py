@@ -1,23 +1,17 @@
 """Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
 
-import contextlib
-import glob
 import hashlib
-import io
 import json
 import math
 import os
 import pickle
-import re
 import secrets
 import shutil
-import socket
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import BinaryIO
 
 import safetensors
 import safetensors.torch
@@ -29,19 +23,27 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from data import TOKENIZER_NAME, check_prompt_template, locked_at_once, record_holder, temporary_path
+from conversations import PromptTemplate
 from distributed import from_rank_zero, rank, world_size
-from model import SHAPE_FIELDS, LightGPT, LightGPTConfig, add_lora, described, load_lora_state_dict, merge_lora
+from files import file_in_the_way, holding_lock, os_error_in, remove_stray_temporary_files, write_atomically
+from model import SHAPE_FIELDS, LightGPT, LightGPTConfig, described
+from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKENIZER_NAME
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
-# kept one random-number state rather than a list of each rank's.
-FORMAT_VERSION = 2
-V1_RENAMES = ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_projection."))
+# kept one random-number state rather than a list of each rank's. Up to version 2 the model's blocks were named
+# body, and an adapter's prompt template was a dict of two format strings.
+FORMAT_VERSION = 3
+RENAMES = {  # the names each version changed: (old, new) substrings of the names before it
+    2: ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_projection.")),
+    3: (("body.", "blocks."),),
+}
 PRETRAINING_ENTRIES = ("model_args", "model")
 ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
 DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
 # An exported folder (export.py, or its copy on the Hub): the mixin's model.safetensors and config.json.
 EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
+# The one matrix of the token embeddings and the output layer (LightGPT.tie_weights), under its two names.
+TIED_WEIGHTS = ("token_embeddings.weight", "output_layer.weight")
 
 # The entry of a checkpoint (and of an exported config.json) that holds a checksum of each tensor, by its path of
 # keys, and that of a sharded checkpoint's index that holds one of each file of its folder of shards. Optional:
@@ -95,7 +97,7 @@ def tensor_checksums(entries: dict) -> dict[str, str]:
 
 
 def tensors_in(value, path: str = "") -> Iterator[tuple[str, Tensor]]:
-    """Each tensor in a value of nested dictionaries, lists and tuples, with its path of keys ("model/body.0...")."""
+    """Each tensor in a value of nested dictionaries, lists and tuples, with its path of keys ("model/blocks.0...")."""
     if isinstance(value, Tensor):
         yield path, value
     elif isinstance(value, dict | list | tuple):
@@ -111,7 +113,7 @@ def checksum(tensor: Tensor) -> str:
 def verify_checksums(entries: dict, checksums, path: str | Path, skip: tuple[str, ...] = ()) -> None:
     """Raise a one-line ValueError naming the first tensor whose bytes differ from the checksum saved with them
     (files written before checksums have none, and load as before); the entries named in `skip` are left to
-    whoever reads them (see load_index)."""
+    whoever reads them (see load_index). The names are those the file was written with, before any upgrade."""
     if not isinstance(checksums, dict):
         raise ValueError(f"{path}: its checksums entry must be a dictionary, got {described(checksums)}")
     for name, tensor in tensors_in({key: value for key, value in entries.items() if key not in skip}):
@@ -120,25 +122,10 @@ def verify_checksums(entries: dict, checksums, path: str | Path, skip: tuple[str
                              f"it from a copy")
 
 
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through write(file) under a temporary name, flush it to disk, then rename it into place: a
-    crash leaves the previous file whole, and an error removes the temporary file and is a one-line OSError
-    naming the path."""
-    path = Path(path)
-    temporary = temporary_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        cause = os_error_in(error)
-        if cause is None:
-            raise
-        raise OSError(f"could not write {path}: {cause.strerror or cause}") from None
+def verify_optimizer_state(checkpoint: dict, path: str | Path) -> None:
+    """verify_checksums for the optimizer state of a checkpoint to resume, which loading leaves unverified."""
+    if CHECKSUMS in checkpoint:
+        verify_checksums({"optimizer": checkpoint.get("optimizer")}, checkpoint[CHECKSUMS], path)
 
 
 def write_failure(error: BaseException) -> str:
@@ -149,14 +136,6 @@ def write_failure(error: BaseException) -> str:
     if cause is not None:
         return cause.strerror or str(cause)
     return (str(error).strip() or type(error).__name__).splitlines()[-1][:200]
-
-
-def os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind an error, if any: torch.save reports a failed write as a RuntimeError whose context is
-    the file's OSError (no space left, file too large)."""
-    if isinstance(error, RuntimeError):
-        error = error.__context__
-    return error if isinstance(error, OSError) else None
 
 
 def metrics_path(checkpoint_path: str | Path) -> Path:
@@ -199,27 +178,10 @@ def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sh
                                  f"this run; choose another --checkpoint_path")
 
 
-def unwritable_folder(folder: Path) -> str | None:
-    """Why files cannot be written in `folder`, created if need be, else None: a file stands in its way, or the
-    nearest folder that exists is not writable (read-only)."""
-    if blocking := file_in_the_way(folder):
-        return f"{blocking} is a file, not a folder"
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
-
-
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file, if any, that stands where `folder` or one of its parents should be a folder."""
-    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
-
-
 @contextmanager
 def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
-    """Hold <checkpoint>.lock, with this process's id in it, so that a second run writing the same checkpoint is
-    refused with one line that names the holder. The operating system releases the lock when the process ends,
-    however it ends, so a crashed run never blocks the next one; the emptied file stays, as a lock must."""
+    """Hold <checkpoint>.lock (see files.holding_lock), so that a second run writing the same checkpoint is
+    refused with one line that names the holder."""
     path = lock_path(checkpoint_path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,67 +189,13 @@ def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
     except OSError as error:
         raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
                          f"({error.strerror or error})") from None
-    with file:
-        if not locked_at_once(file, "--checkpoint_path"):
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
-                             f"this checkpoint; wait for it to end, or choose another --checkpoint_path")
-        record_holder(file)
-        try:
-            yield
-        finally:
-            file.truncate(0)
 
+    def refuse(holder: str) -> None:
+        raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder or 'unknown'}) is "
+                         f"writing this checkpoint; wait for it to end, or choose another --checkpoint_path")
 
-def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
-    """Remove the temporary files (or folders) of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
-    no longer exists: a process killed while saving leaves one. Those of live processes and of other machines
-    stay. Returns the files removed."""
-    removed = []
-    for path in paths:
-        prefix = f"{path.name}."
-        for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-            if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
-                if temporary.is_dir() and not temporary.is_symlink():  # a folder written atomically
-                    shutil.rmtree(temporary, ignore_errors=True)
-                else:
-                    temporary.unlink(missing_ok=True)
-                removed.append(temporary)
-    return removed
-
-
-def written_by_a_dead_process(tag: str) -> bool:
-    """Whether a temporary file's tag, <pid> or this machine's name and a pid (<host>.<pid>, <pid>-<host>, ...),
-    names a process that no longer exists."""
-    host = re.escape(socket.gethostname())
-    patterns = (r"(\d+)", rf"{host}[.-](\d+)", rf"(\d+)[.-]{host}", rf"{host}-(\d+)-[0-9a-f]+")
-    match = next(filter(None, (re.fullmatch(pattern, tag) for pattern in patterns)), None)
-    if match is None:
-        return False
-    try:
-        os.kill(int(match[1]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):  # another user's process, or no process id at all
-        pass
-    return False
-
-
-def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """write(folder) into a temporary folder beside path, then rename it to path (which may be an empty folder):
-    a crash or an error never leaves a half-written folder, and the temporary one is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stray_temporary_files([path])  # those of writers killed with SIGKILL, which nothing can clean up after
-    temporary = temporary_path(path)
-    temporary.mkdir()  # mkdir, unlike mkdtemp, keeps the umask
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    with file, holding_lock(file, "--checkpoint_path", refuse):
+        yield
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -306,7 +214,7 @@ def save_sharded(checkpoint: dict, path: str | Path) -> None:
     shards = from_rank_zero(f"shards-{checkpoint['step']}-{secrets.token_hex(4)}")
     optimizer = checkpoint["optimizer"]
     try:
-        with one_process_is_meant():
+        with without_the_one_process_warning():
             dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
     except (Exception, CheckpointException) as error:  # a full disk: no half-written folder of shards stays
         shutil.rmtree(path / shards, ignore_errors=True)
@@ -328,17 +236,23 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
     """Fill `state`, shaped like what save_sharded wrote ({"model": ..., "optimizer": ...}, or a part of it)
     and holding this rank's shards, with the tensors of the sharded checkpoint at `path`, in place: each rank
     reads its own parts, whatever the number of ranks that wrote them. alone: in this process only, even under
-    torchrun."""
+    torchrun. Shards of an older format keep the parameter names they were written with: they are read under
+    those names into the same tensors."""
     folder = shards_folder(path, index)
     if SHARD_CHECKSUMS in index:  # each rank verifies its share of the files (all of them when alone)
         verify_file_checksums(folder, index[SHARD_CHECKSUMS], *((0, 1) if alone else (rank(), world_size())))
     reader = CheckedShardsReader(folder, safe_metadata(folder))
+    version = index.get("written_in_format", FORMAT_VERSION)
+    written = {part: {name_in_version(name, version): value for name, value in entries.items()}
+               for part, entries in state.items()}
     try:
-        with one_process_is_meant():
-            dcp.load(state, storage_reader=reader, no_dist=alone)
+        with without_the_one_process_warning():
+            dcp.load(written, storage_reader=reader, no_dist=alone)
     except (Exception, CheckpointException) as error:  # DCP gathers the ranks' failures (a missing or cut shard)
         reason = (str(error).strip() or type(error).__name__).splitlines()[-1]
         raise ValueError(f"{folder}: its shards cannot be read, the checkpoint is damaged ({reason[:200]})") from None
+    for part, entries in state.items():  # DCP replaces what is not a tensor rather than filling it
+        entries.update((name, written[part][name_in_version(name, version)]) for name in entries)
 
 
 def file_checksums(folder: Path) -> dict[str, str]:
@@ -394,7 +308,7 @@ def shards_folder(path: str | Path, index: dict) -> Path:
 
 
 @contextmanager
-def one_process_is_meant() -> Iterator[None]:
+def without_the_one_process_warning() -> Iterator[None]:
     """Silence DCP's warning, on every save and load without a process group, that it assumes one process."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
@@ -439,7 +353,9 @@ def sharded_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
     """The model weights of a sharded checkpoint as its metadata describes them (tensors on the meta device, of
     their names, shapes and dtypes), once known to make the LightGPT of its model_args (checked_model)."""
     metadata = safe_metadata(shards_folder(path, index))
-    weights = {name.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+    version = index.get("written_in_format", FORMAT_VERSION)
+    weights = {current_name(name.removeprefix("model."), version):
+               torch.empty(item.size, dtype=item.properties.dtype, device="meta")
                for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
     checked_model(index | {"model": weights}, path)
     return weights
@@ -507,36 +423,76 @@ def check_adapter(adapter: dict, path: str | Path) -> None:
         raise ValueError(f"{path}: its lora_args dropout must be a number in [0, 1), got {described(dropout)}")
     model_config(adapter["model_args"], path)
     checked_tensors(adapter["lora"], path)
-    check_prompt_template(adapter["prompt_template"], path)
+    saved_template(adapter["prompt_template"], path)
     base = adapter.get("base_model_path")
     if base is not None and (not isinstance(base, str) or not base or "\0" in base):
         raise ValueError(f"{path}: its base_model_path must be the path of a checkpoint, got {described(base)}")
 
 
+def saved_template(saved: dict | None, path: str | Path) -> PromptTemplate | None:
+    """The template an adapter or an exported folder stored, or a one-line ValueError naming the file."""
+    try:
+        return PromptTemplate.from_dict(saved) if saved is not None else None
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
 def upgraded(checkpoint: dict) -> dict:
-    """A version 1 checkpoint in the current format: the MLP's parameter names, in the weights, the adapters
-    and the optimizer state, and the random-number states as a list."""
+    """An older checkpoint in the current format: the parameter names (in the weights, the adapters and the
+    optimizer state), the random-number states as a list, and the prompt template as a PromptTemplate's dict.
+    Of a sharded checkpoint the shards keep their names; written_in_format says which (see load_shards)."""
+    version = checkpoint.get("format_version", 1)
+
     def renamed(name):
-        if isinstance(name, str):
-            for old, new in V1_RENAMES:
-                name = name.replace(old, new)
-        return name
+        return current_name(name, version) if isinstance(name, str) else name
 
     checkpoint = dict(checkpoint)
     for entry in ("model", "lora"):
-        if entry in checkpoint:
+        if isinstance(checkpoint.get(entry), dict):  # else checked_tensors names what it is
             checkpoint[entry] = {renamed(name): tensor for name, tensor in checkpoint[entry].items()}
     if "optimizer" in checkpoint:
         optimizer = checkpoint["optimizer"]
-        checkpoint["optimizer"] = {
-            "state": {renamed(name): state for name, state in optimizer["state"].items()},
-            "param_groups": [group | {"params": [renamed(name) for name in group["params"]]}
-                             for group in optimizer["param_groups"]],
-        }
+        checkpoint["optimizer"] = {"param_groups": [group | {"params": [renamed(name) for name in group["params"]]}
+                                                    for group in optimizer["param_groups"]]}
+        if "state" in optimizer:  # a sharded checkpoint's index has only the groups
+            checkpoint["optimizer"]["state"] = {renamed(name): state for name, state in optimizer["state"].items()}
     if isinstance(checkpoint.get("rng"), dict):
         checkpoint["rng"] = [checkpoint["rng"]]
+    if isinstance(checkpoint.get("prompt_template"), dict) and "with_input" in checkpoint["prompt_template"]:
+        checkpoint["prompt_template"] = upgraded_template(checkpoint["prompt_template"])
+    if isinstance(checkpoint.get(CHECKSUMS), dict):  # verified under today's names when resumed
+        checkpoint[CHECKSUMS] = {renamed(name): value for name, value in checkpoint[CHECKSUMS].items()}
+    if "shards" in checkpoint:
+        checkpoint["written_in_format"] = version
     checkpoint["format_version"] = FORMAT_VERSION
     return checkpoint
+
+
+def upgraded_template(saved: dict) -> dict:
+    """A prompt template stored before templates were objects ({with_input, without_input} format strings of
+    {instruction} and {input}) as conversations.PromptTemplate.to_dict gives it; it renders every record as before:
+    the whole prompt one text, the response, then <|endoftext|>."""
+    forms = [saved.get("with_input"), saved.get("without_input")]
+    if not all(isinstance(form, str) for form in forms):  # left for PromptTemplate.from_dict to refuse in one line
+        return saved
+    return {"name": "alpaca", "turns": {"user": [form.replace("{instruction}", "{content}") for form in forms]},
+            "reply_opening": "", "reply_closing": END_OF_TEXT, "stop_tokens": [END_OF_TEXT_ID]}
+
+
+def current_name(name: str, version: int) -> str:
+    """A parameter's name in the current format, from its name in the format `version`."""
+    for changed_in in range(version + 1, FORMAT_VERSION + 1):
+        for old, new in RENAMES.get(changed_in, ()):
+            name = name.replace(old, new)
+    return name
+
+
+def name_in_version(name: str, version: int) -> str:
+    """A parameter's name in the format `version`, from its current name."""
+    for changed_in in range(FORMAT_VERSION, version, -1):
+        for old, new in RENAMES.get(changed_in, ()):
+            name = name.replace(new, old)
+    return name
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
@@ -636,17 +592,11 @@ def context_length(checkpoint: dict, path: str | Path) -> int:
     return block_size
 
 
-def load_model(
-    path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[LightGPT, int, dict | None]:
+def load_model(path: str | Path | None, device: str = "cpu", *, dtype: torch.dtype = torch.float32
+               ) -> tuple[LightGPT, int, dict | None]:
     """The model a pre-training checkpoint or an exported folder holds (by default ./out/checkpoint.pt), in
-    evaluation mode on the device and in dtype, its training context length, and the prompt template of an
-    instruction-tuned export, else None. With lora_path: the adapter merged into its base (path, else the base the
-    adapter names) and the adapter's prompt template."""
-    if lora_path is not None:
-        model, block_size, template = load_lora_model(lora_path, path)
-        return model.to(device, dtype), block_size, template
+    evaluation mode on the device and in dtype, its training context length, and the prompt template (as a dict)
+    of an instruction-tuned export, else None. An adapter: finetuning.load_inference_model."""
     path = path or DEFAULT_CHECKPOINT_PATH
     if is_exported(path):
         model, block_size, template = load_exported(path)
@@ -690,23 +640,24 @@ def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
     block_size = context_length(config, config_path)
     check_tokenizer(config, config_path)
     template = config.get("prompt_template")
-    if template is not None:
-        check_prompt_template(template, config_path)
+    if isinstance(template, dict) and "with_input" in template:  # exported before templates were objects
+        template = upgraded_template(template)
+    saved_template(template, config_path)
     model_fields = {field.name for field in fields(LightGPTConfig)}
     model_args = {name: value for name, value in config.items() if name in model_fields}
     if not weights_path.is_file():
         raise FileNotFoundError(f"{folder}: no {EXPORTED_WEIGHTS} there")
     try:
         weights = safetensors.torch.load_file(weights_path)
-        with safetensors.safe_open(weights_path, "pt") as file:
-            aliases = file.metadata() or {}
     except (OSError, safetensors.SafetensorError) as error:
         raise ValueError(f"{weights_path}: not readable safetensors weights ({error})") from None
-    for alias, kept in aliases.items():  # save_pretrained writes the tied matrix once, under one of its names
-        if isinstance(kept, str) and kept in weights and alias not in weights:
-            weights[alias] = weights[kept]
     if CHECKSUMS in config:
         verify_checksums(weights, config[CHECKSUMS], weights_path)
+    # An exported folder has no format version: the names of every earlier format are renamed (body: blocks).
+    weights = {current_name(name, 1): tensor for name, tensor in weights.items()}
+    for name, other in (TIED_WEIGHTS, TIED_WEIGHTS[::-1]):  # save_pretrained writes the tied matrix once
+        if name not in weights and other in weights:
+            weights[name] = weights[other]
     return model_from_checkpoint({"model_args": model_args, "model": weights}, folder).eval(), block_size, template
 
 
@@ -730,20 +681,11 @@ def weights_fingerprint(state: dict[str, Tensor]) -> str:
 
 def trained_on_these_weights(adapter: dict, base: dict) -> bool:
     """Whether the adapter was trained on the base's very weights (true of adapters that predate fingerprints).
-    Version 1 files fingerprinted the names of version 1, so both sides are compared as written."""
+    Each format fingerprinted the names of its time, so the base is fingerprinted under each version's names."""
     fingerprint = adapter.get("base_fingerprint")
-    return fingerprint is None or fingerprint in (weights_fingerprint(base["model"]),
-                                                  weights_fingerprint(v1_named(base["model"])))
-
-
-def v1_named(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The weights under their version 1 names, as version 1 fingerprinted them."""
-    def old_name(name: str) -> str:
-        for old, new in V1_RENAMES:
-            name = name.replace(new, old)
-        return name
-
-    return {old_name(name): tensor for name, tensor in state.items()}
+    return fingerprint is None or fingerprint in (
+        weights_fingerprint({name_in_version(name, version): tensor for name, tensor in base["model"].items()})
+        for version in range(FORMAT_VERSION, 0, -1))
 
 
 def check_same_base(adapter: dict, base: dict) -> None:
@@ -755,31 +697,3 @@ def check_same_base(adapter: dict, base: dict) -> None:
                 f"the adapter was trained on a base model with {name}={trained_on}, "
                 f"but the base checkpoint has {name}={given}"
             )
-
-
-def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
-    """The base model with its adapter applied and merged: a plain LightGPT in eval mode."""
-    check_same_base(adapter, base)
-    model = model_from_checkpoint(base, "the base checkpoint")
-    add_lora(model, **adapter["lora_args"])
-    load_lora_state_dict(model, adapter["lora"])
-    return merge_lora(model).eval()
-
-
-def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) -> tuple[LightGPT, int, dict]:
-    """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
-    mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
-    adapter = load_lora_checkpoint(lora_path)
-    base_path = base_path or adapter.get("base_model_path")
-    if not base_path:
-        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
-    base = load_checkpoint(base_path)
-    block_size = context_length(base, base_path)
-    try:
-        model = load_adapted_model(adapter, base)
-    except ValueError as error:
-        raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
-    if not trained_on_these_weights(adapter, base):
-        warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
-                      f"its answers may be poor", stacklevel=2)
-    return finite(model, lora_path), block_size, adapter["prompt_template"]

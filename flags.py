@@ -252,3 +252,14 @@ def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
     add_device_argument(parser)
     parser.add_argument("--seed", type=seed, default=None,
                         help="The random seed, for reproducible runs.")
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of LoRA adapters (finetuning.lora_args reads them), the same in every fine-tuning script."""
+    parser.add_argument("--rank", type=positive_int, default=8,
+                        help="The rank of the LoRA decomposition matrices A and B.")
+    parser.add_argument("--alpha", type=float_in(0, LARGEST_FACTOR, low_excluded=True), default=1.0,
+                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A; at most 1e30.")
+    parser.add_argument("--dropout", type=fraction, default=0.05,
+                        help="The proportion of signals to send to zero during training as regularization "
+                        "(in the adapters' inputs and in the frozen model).")

@@ -15,7 +15,6 @@ import torch
 from torch.nn import Module
 
 from checkpoint import (
-    CHECKSUMS,
     checked_model,
     claimed_checkpoint,
     is_sharded_checkpoint,
@@ -26,21 +25,17 @@ from checkpoint import (
     save_sharded,
     sharded_weights,
     training_checkpoint,
-    unwritable_folder,
-    verify_checksums,
+    verify_optimizer_state,
 )
-from data import (
+from corpora import (
     CORPORA,
+    DEFAULT_CORPUS,
     DEFAULT_SUBSET,
     SUBSET_TOKENS,
     TEXT_EXTENSIONS,
-    PreparationInterrupted,
-    TokenWindows,
-    corpus_folder,
-    load_tokenizer,
-    prepare_corpus,
+    dataset_help,
     resolve_text_files,
-    same_files,
+    subset_help,
 )
 from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import (
@@ -62,6 +57,7 @@ from distributed import (
     values_of_every_rank,
     world_size,
 )
+from files import same_files, unwritable_folder
 from flags import (
     ArgumentParser,
     add_model_arguments,
@@ -71,8 +67,10 @@ from flags import (
     run_config,
 )
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
-from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
 from optimizers import build_optimizer
+from preparation import PreparationInterrupted, TokenWindows, corpus_folder, prepare_corpus
+from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
+from tokenizer import load_tokenizer
 from training import (
     check_log_dir,
     note_optimizer_starts_afresh,
@@ -88,11 +86,8 @@ Value = TypeVar("Value")
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
                             "evaluates and checkpoints. Launch with torchrun for several devices.")
-    parser.add_argument("--dataset", default="fineweb-edu", choices=CORPORA,
-                        help="Web corpora stream from the HuggingFace hub; wikipedia and kjv are offline; text reads "
-                        "--text_files.")
-    parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS),
-                        help="The sample of fineweb-edu or fineweb.")
+    parser.add_argument("--dataset", default=DEFAULT_CORPUS, choices=tuple(CORPORA), help=dataset_help())
+    parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS), help=subset_help())
     parser.add_argument("--max_dataset_tokens", type=positive_int, default=None,
                         help="Prepare about this many training tokens (default: all); more later continues.")
     parser.add_argument("--text_files", default=None,
@@ -332,8 +327,7 @@ def checked_checkpoint(path: str) -> dict:
     its optimizer state to match its checksums."""
     checkpoint = load_checkpoint(path)
     checked_model(checkpoint, path)
-    if CHECKSUMS in checkpoint:
-        verify_checksums({"optimizer": checkpoint["optimizer"]}, checkpoint[CHECKSUMS], path)
+    verify_optimizer_state(checkpoint, path)
     return checkpoint
 
 

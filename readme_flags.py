@@ -2,7 +2,8 @@
 two never drift apart.
 
 python readme_flags.py rewrites every table between <!-- flags:SCRIPT --> and <!-- /flags --> in docs/usage.md and
-README.md; with --check it only says whether they are current (exit 1 if not).
+README.md, and the corpus table (corpora.py's registry) between <!-- corpora --> and <!-- /corpora -->; with --check
+it only says whether they are current (exit 1 if not).
 """
 
 import argparse
@@ -11,9 +12,12 @@ import re
 import sys
 from pathlib import Path
 
+from corpora import corpus_table
+
 REPOSITORY = Path(__file__).resolve().parent
 DOCUMENTS = (REPOSITORY / "docs" / "usage.md", REPOSITORY / "README.md")
 TABLE = re.compile(r"(<!-- flags:(?P<script>[\w.-]+) -->\n).*?(?=<!-- /flags -->)", re.S)
+CORPUS_TABLE = re.compile(r"(<!-- corpora -->\n).*?(?=<!-- /corpora -->)", re.S)
 
 
 def script_parser(script: str) -> argparse.ArgumentParser:
@@ -45,6 +49,7 @@ def flags_table(parser: argparse.ArgumentParser) -> str:
 
 
 def with_current_tables(document: str) -> str:
+    document = CORPUS_TABLE.sub(lambda match: match[1] + "\n" + corpus_table() + "\n", document)
     return TABLE.sub(lambda match: match[1] + "\n" + flags_table(script_parser(match["script"])), document)
 
 

@@ -20,8 +20,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn import Module
 from tqdm import tqdm
 
-from checkpoint import metrics_path, unwritable_folder, write_atomically
-from data import DamagedCorpus
+from checkpoint import metrics_path
+from files import append_atomically, unwritable_folder, write_atomically
 from devices import peak_tflops
 from distributed import (
     as_float,
@@ -35,6 +35,7 @@ from distributed import (
     unwrapped,
     world_size,
 )
+from preparation import DamagedCorpus
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -107,19 +108,7 @@ def json_safe(record: dict) -> dict:
 def append_metrics(path: str | Path, record: dict) -> None:
     """One JSON object per line, so a run's curves can be plotted while it trains; numbers that are not finite
     are null. A write that fails (a full disk) leaves no half line and is a one-line OSError naming the file."""
-    line = (json.dumps(json_safe(record), allow_nan=False) + "\n").encode()
-    try:
-        with open(path, "ab", buffering=0) as file:
-            start = file.tell()
-            try:
-                written = 0
-                while written < len(line):  # an unbuffered write may write part of the line, then fail
-                    written += file.write(line[written:])
-            except OSError:
-                file.truncate(start)
-                raise
-    except OSError as error:
-        raise OSError(f"could not write {path}: {error.strerror or error}") from None
+    append_atomically(path, json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 def read_metrics(path: Path) -> tuple[list[tuple[bytes, dict]], int]:

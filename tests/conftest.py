@@ -159,7 +159,7 @@ def flag_error(script, arguments: list[str], capsys) -> str:
 @pytest.fixture(scope="session")
 def dataset_path(tmp_path_factory) -> Path:
     """The embedded wikipedia corpus, prepared once for the whole session."""
-    from data import prepare_corpus
+    from preparation import prepare_corpus
 
     path = tmp_path_factory.mktemp("dataset")
     prepare_corpus("wikipedia", path, num_processes=2, show_progress=False)

@@ -5,15 +5,17 @@ import pytest
 import torch
 
 from checkpoint import (
+    FORMAT_VERSION,
     exported_config,
     load_checkpoint,
     load_lora_checkpoint,
     load_model,
     save_atomically,
     training_checkpoint,
+    verify_optimizer_state,
 )
 from conftest import tiny_model
-from data import PROMPT_TEMPLATE
+from conversations import ALPACA
 from test_checkpoint import sharded_checkpoint
 
 
@@ -37,20 +39,20 @@ def test_a_checkpoint_with_flipped_bytes_is_refused_naming_the_tensor(tmp_path):
     model = tiny_model()
     path = saved_checkpoint(tmp_path / "checkpoint.pt", model)
     load_model(path)  # whole, it loads
-    flip_bytes_of(path, model.body[1].mlp.up_projection.weight)
-    with pytest.raises(ValueError, match=r"checkpoint.pt: model/body.1.mlp.up_projection.weight differs from the "
+    flip_bytes_of(path, model.blocks[1].mlp.up_projection.weight)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: model/blocks.1.mlp.up_projection.weight differs from the "
                                          r"checksum saved with it: the file is damaged"):
         load_model(path)
 
 
 def test_an_adapter_with_flipped_bytes_is_refused(tmp_path):
     model = tiny_model()
-    lora = {"body.0.mlp.up_projection.lora_a": torch.randn(2, 32)}
+    lora = {"blocks.0.mlp.up_projection.lora_a": torch.randn(2, 32)}
     path = tmp_path / "adapter.pt"
-    save_atomically({"format_version": 2, "lora_args": {"rank": 2, "alpha": 1.0}, "model_args": vars(model.config),
-                     "lora": lora, "prompt_template": PROMPT_TEMPLATE}, path)
-    flip_bytes_of(path, lora["body.0.mlp.up_projection.lora_a"], count=10)
-    with pytest.raises(ValueError, match=r"lora/body.0.mlp.up_projection.lora_a differs from the checksum"):
+    save_atomically({"format_version": FORMAT_VERSION, "lora_args": {"rank": 2, "alpha": 1.0}, "model_args": vars(model.config),
+                     "lora": lora, "prompt_template": ALPACA.to_dict()}, path)
+    flip_bytes_of(path, lora["blocks.0.mlp.up_projection.lora_a"], count=10)
+    with pytest.raises(ValueError, match=r"lora/blocks.0.mlp.up_projection.lora_a differs from the checksum"):
         load_lora_checkpoint(path)
 
 
@@ -66,8 +68,8 @@ def test_a_sharded_checkpoint_with_flipped_bytes_is_refused_naming_the_shard(tmp
 def test_an_exported_folder_with_flipped_bytes_is_refused(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path, config=exported_config(model, block_size=8))
-    flip_bytes_of(tmp_path / "model.safetensors", model.body[0].attention.qkv_projection.weight)
-    with pytest.raises(ValueError, match=r"model.safetensors: body.0.attention.qkv_projection.weight differs"):
+    flip_bytes_of(tmp_path / "model.safetensors", model.blocks[0].attention.qkv_projection.weight)
+    with pytest.raises(ValueError, match=r"model.safetensors: blocks.0.attention.qkv_projection.weight differs"):
         load_model(tmp_path)
 
 
@@ -78,3 +80,21 @@ def test_a_checkpoint_saved_before_checksums_still_loads(tmp_path):
                path)
     loaded, block_size, _ = load_model(path)
     assert block_size == 8 and torch.equal(loaded.output_norm.weight, model.output_norm.weight)
+
+
+def test_checksums_of_an_older_format_are_verified_under_today_s_names(tmp_path):
+    """A format-2 checkpoint (blocks named body) with checksums: its optimizer state, verified when resumed after
+    the upgrade renamed it, is still found damaged."""
+    model = tiny_model()
+    weights = {name.replace("blocks.", "body."): tensor for name, tensor in model.state_dict().items()}
+    moment = torch.randn(32, 32)
+    optimizer = {"state": {"body.0.attention.out_projection.weight": {"exp_avg": moment}},
+                 "param_groups": [{"params": ["body.0.attention.out_projection.weight"]}]}
+    path = tmp_path / "checkpoint.pt"
+    save_atomically(training_checkpoint(vars(model.config), 8, optimizer, 1, 1, [], {}, grad_scaler={},
+                                        model=weights) | {"format_version": 2}, path)
+    flip_bytes_of(path, moment)
+    checkpoint = load_checkpoint(path)  # the weights are whole; the optimizer state is verified on resuming
+    assert "blocks.0.attention.out_projection.weight" in checkpoint["optimizer"]["state"]
+    with pytest.raises(ValueError, match=r"optimizer/state/blocks.0.attention.out_projection.weight/exp_avg differs"):
+        verify_optimizer_state(checkpoint, path)

@@ -14,9 +14,14 @@ import torch
 
 from checkpoint import exported_config, load_lora_checkpoint, load_model
 from conftest import TINY_SHAPE, assert_one_line_error, load_script, run_script, save_pretrained_checkpoint, tiny_model
-from data import PROMPT_TEMPLATE, DamagedCorpus, TokenWindows, load_instructions
+from conversations import ALPACA, load_instructions
+from preparation import DamagedCorpus, TokenWindows
 from test_checkpoint import sharded_checkpoint
 from training import append_metrics, records_up_to
+
+
+# A prompt template as formats up to 2 stored it, which loading upgrades.
+OLD_TEMPLATE = {"with_input": "{instruction}\n{input}\n", "without_input": "{instruction}\n"}
 
 
 def one_line_refusal(load, *fragments: str) -> str:
@@ -39,7 +44,7 @@ def checkpoint_with(tmp_path: Path, model_args: dict | None = None, weights=None
 
 
 @pytest.mark.parametrize("damage, fragments", [
-    (lambda weights: weights.pop("body.1.mlp.up_projection.weight"), ["missing body.1.mlp.up_projection.weight"]),
+    (lambda weights: weights.pop("blocks.1.mlp.up_projection.weight"), ["missing blocks.1.mlp.up_projection.weight"]),
     (lambda weights: weights.update(extra=torch.zeros(2)), ["unexpected extra"]),
     (lambda weights: weights.update({"output_norm.weight": torch.ones(5)}),
      ["of another shape: output_norm.weight (5,) instead of (32,)"]),
@@ -55,7 +60,7 @@ def test_weights_that_do_not_make_the_model_are_named_in_one_line(tmp_path, dama
 @pytest.mark.parametrize("model_args, fragment", [
     ({"num_layers": "1"}, "num_layers must be a whole number of at least 1, got '1' (a str)"),
     ({"num_layers": True}, "got True (a bool)"),
-    ({"num_layers": 20000}, "missing body.2."),  # refused from the file's names, without building 20,000 layers
+    ({"num_layers": 20000}, "missing blocks.2."),  # refused from the file's names, without building 20,000 layers
     ({"eos_index": 10**6}, "eos_index must be a token id below vocabulary_size (97), got 1000000"),
     ({"dropout": "0.1"}, "dropout must be a number in [0, 1), got '0.1' (a str)"),
     ({"num_heads": 0}, "num_heads must be a whole number of at least 1, got 0"),
@@ -69,7 +74,7 @@ def test_model_args_are_checked_naming_the_value_and_its_type(tmp_path, model_ar
 def exported_folder(tmp_path: Path, damage=None) -> Path:
     """A folder as export.py writes it, its config.json changed by damage(config)."""
     model = tiny_model()
-    config = exported_config(model, block_size=8, prompt_template=PROMPT_TEMPLATE)
+    config = exported_config(model, block_size=8, prompt_template=ALPACA.to_dict())
     if damage:
         damage(config)
     model.save_pretrained(tmp_path / "exported", config=config)
@@ -77,15 +82,17 @@ def exported_folder(tmp_path: Path, damage=None) -> Path:
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    (lambda config: config.update(num_layers=20000), "missing body.2."),
+    (lambda config: config.update(num_layers=20000), "missing blocks.2."),
     (lambda config: config.update(num_layers="1"), "'1' (a str)"),
     (lambda config: config.update(block_size=0), "block_size must be a positive whole number, got 0"),
     (lambda config: config.update(block_size=True), "got True (a bool)"),
     (lambda config: config.update(eos_index=-1), "eos_index must be a token id"),
     (lambda config: config.update(tokenizer="cl100k_base"), "its tokenizer is 'cl100k_base' (a str)"),
-    (lambda config: config.update(prompt_template={"with_input": 3}), "its prompt_template must map"),
-    (lambda config: config.update(prompt_template=PROMPT_TEMPLATE | {"with_input": "{question}"}),
-     "placeholder other than {instruction} and {input}"),
+    (lambda config: config.update(prompt_template={"with_input": 3}), "a prompt template must have the fields"),
+    (lambda config: config.update(prompt_template=OLD_TEMPLATE | {"with_input": "{question}"}),  # upgraded, then
+     "must name {content}, and only plain fields"),
+    (lambda config: config.update(prompt_template=ALPACA.to_dict() | {"stop_tokens": []}),
+     "stop_tokens must be a list of token ids"),
 ])
 def test_an_exported_config_gets_a_checkpoint_s_checks_before_the_model_is_built(tmp_path, damage, fragment):
     folder = exported_folder(tmp_path, damage)
@@ -114,8 +121,8 @@ def test_export_refuses_a_checkpoint_whose_block_size_is_not_a_positive_whole_nu
 
 def adapter_with(tmp_path: Path, **entries) -> Path:
     adapter = {"lora_args": {"rank": 2, "alpha": 1.0, "dropout": 0.0}, "model_args": TINY_SHAPE | {"dropout": 0.0},
-               "lora": {"body.0.mlp.up_projection.lora_a": torch.zeros(2, 32)}, "prompt_template": PROMPT_TEMPLATE,
-               "base_model_path": "base.pt", "format_version": 2}
+               "lora": {"blocks.0.mlp.up_projection.lora_a": torch.zeros(2, 32)}, "prompt_template": ALPACA.to_dict(),
+               "base_model_path": "base.pt", "format_version": 3}
     path = tmp_path / "adapter.pt"
     torch.save(adapter | entries, path)
     return path
@@ -127,11 +134,12 @@ def adapter_with(tmp_path: Path, **entries) -> Path:
     ({"lora_args": {"rank": "8", "alpha": 1.0}}, "got '8' (a str)"),
     ({"lora_args": {"rank": 8, "alpha": math.inf}}, "alpha must be a positive finite number, got inf"),
     ({"lora_args": {"rank": 8, "alpha": 1.0, "dropout": 1.5}}, "dropout must be a number in [0, 1), got 1.5"),
-    ({"prompt_template": "Alpaca"}, "its prompt_template must map"),
-    ({"prompt_template": PROMPT_TEMPLATE | {"without_input": "{0}"}}, "placeholder other than"),
+    ({"prompt_template": "Alpaca"}, "a prompt template must have the fields"),
+    ({"prompt_template": ALPACA.to_dict() | {"turns": {"user": ["{0}"]}}}, "must name {content}"),
+    ({"prompt_template": OLD_TEMPLATE | {"without_input": "{0}"}, "format_version": 2}, "must name {content}"),
     ({"base_model_path": 5}, "its base_model_path must be the path of a checkpoint, got 5"),
     ({"model_args": {"num_layers": 2}}, "its model_args do not make a LightGPT"),
-    ({"lora": {"body.0.mlp.up_projection.lora_a": [0.0]}}, "must be a floating-point tensor, got a list"),
+    ({"lora": {"blocks.0.mlp.up_projection.lora_a": [0.0]}}, "must be a floating-point tensor, got a list"),
 ])
 def test_a_malformed_adapter_is_refused_in_one_line(tmp_path, entries, fragment):
     path = adapter_with(tmp_path, **entries)

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from checkpoint import exported_config, write_folder_atomically
+from checkpoint import exported_config
 from conftest import (
     assert_one_line_error,
     flag_error,
@@ -25,9 +24,10 @@ from conftest import (
     save_pretrained_checkpoint,
     tiny_model,
 )
-from data import resolve_files
+from files import resolve_files, write_folder_atomically
+from finetuning import check_adapter_memory
 from model import add_lora, merge_lora
-from test_checkpoint import a_dead_process_id, sharded_checkpoint
+from test_checkpoint import a_dead_process_id
 from training import check_log_dir
 
 
@@ -146,15 +146,14 @@ def test_a_damaged_metrics_file_is_named_and_left_out_of_the_card(tmp_path, caps
 
 @pytest.mark.parametrize("rank", [10**8, 10**12])
 def test_adapters_that_cannot_fit_are_refused_before_they_are_allocated(rank):
-    script = load_script("instruction-tune")
     with pytest.raises(ValueError, match=rf"--rank {rank}: the adapters need about .* more than the .* available"):
-        script.check_adapter_memory(tiny_model(), argparse.Namespace(rank=rank, device="cpu"))
-    script.check_adapter_memory(tiny_model(), argparse.Namespace(rank=8, device="cpu"))
+        check_adapter_memory(tiny_model(), rank, "cpu")
+    check_adapter_memory(tiny_model(), 8, "cpu")
 
 
 @pytest.mark.slow
 def test_a_full_disk_during_corpus_preparation_is_one_line_and_keeps_what_was_recorded(tmp_path):
-    last_line = on_a_full_disk(f"import conftest; from data import prepare_corpus; prepare_corpus('kjv', {str(tmp_path)!r}, "
+    last_line = on_a_full_disk(f"import conftest; from preparation import prepare_corpus; prepare_corpus('kjv', {str(tmp_path)!r}, "
                                f"show_progress=False)")
     assert re.search(r"could not write .*kjv/train.bin: File too large; the [\d,]+ training tokens prepared are "
                      r"kept", last_line), last_line
@@ -176,7 +175,7 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path):
 
 @pytest.mark.parametrize("name, content", [("bad.parquet", b"PAR1garbage"), ("bad.jsonl", b'{"text": "a"}\n{bad\n')])
 def test_a_damaged_parquet_or_json_file_is_one_line_without_the_libraries_log(tmp_path, capfd, name, content):
-    from data import prepare_corpus
+    from preparation import prepare_corpus
 
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=f"--text_files: .*{name}"):
