@@ -229,6 +229,8 @@ def open_text_files(files: list[Path]):
     """Text files split into documents at blank lines; JSON, JSON-lines and Parquet records' 'text' fields."""
     import datasets
 
+    # datasets logs every file it fails to read, over several lines; text_files_failure's one line says it all
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
     paths = [str(file) for file in files]
     # datasets logs a damaged Parquet or JSON file as it reads it; text_files_failure says it in one line
     for reader in ("parquet.parquet", "json.json"):
