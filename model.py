@@ -23,15 +23,21 @@ class LightGPTConfig:
     dropout: float = 0.0
     padding_index: int = -100
     eos_index: int = 50256
+    num_kv_heads: int | None = None  # each shared by num_heads / num_kv_heads query heads; None: num_heads
 
     def __post_init__(self):
-        for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+        if self.num_kv_heads is None:  # checkpoints from before grouped-query attention
+            self.num_kv_heads = self.num_heads
+        for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_kv_heads", "num_layers",
+                     "feed_forward_ratio"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.embedding_dimensions % self.num_heads != 0:
             raise ValueError(f"embedding_dimensions ({self.embedding_dimensions}) must be divisible by "
                              f"num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.eos_index < self.vocabulary_size:
@@ -77,29 +83,33 @@ class CausalSelfAttention(Module):
 
     def __init__(self, config: LightGPTConfig):
         super().__init__()
-        self.num_heads = config.num_heads
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dimensions = config.head_dimensions
-        self.qkv_projection = Linear(config.embedding_dimensions, 3 * config.embedding_dimensions, bias=False)
+        # The queries, then the keys, then the values: with num_kv_heads = num_heads, the layout of 3 x embedding.
+        self.qkv_widths = [head_count * config.head_dimensions for head_count in
+                           (config.num_heads, config.num_kv_heads, config.num_kv_heads)]
+        self.qkv_projection = Linear(config.embedding_dimensions, sum(self.qkv_widths), bias=False)
         self.output_projection = Linear(config.embedding_dimensions, config.embedding_dimensions, bias=False)
         self.dropout = config.dropout
         self.output_dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         batch_size, sequence_length, embedding_dimensions = x.size()
-        q, k, v = (
-            self.qkv_projection(x)  # (batch, sequence, 3 * embedding)
-            .view(batch_size, sequence_length, 3, self.num_heads, self.head_dimensions)
-            .permute(2, 0, 3, 1, 4)  # (3, batch, heads, sequence, head_dimensions)
-        )
+        q, k, v = self.qkv_projection(x).split(self.qkv_widths, -1)  # (batch, sequence, heads or kv_heads * head_dim.)
+        q = q.view(batch_size, sequence_length, self.num_heads, self.head_dimensions).transpose(1, 2)
+        # q: (batch, heads, sequence, head_dimensions); k and v: (batch, kv_heads, sequence, head_dimensions)
+        k, v = (t.view(batch_size, sequence_length, self.num_kv_heads, self.head_dimensions).transpose(1, 2)
+                for t in (k, v))
         past = cache.length if cache is not None else 0
         if cache is not None:
-            k, v = cache.append(k, v)  # (batch, heads, past + sequence, head_dimensions)
+            k, v = cache.append(k, v)  # (batch, kv_heads, past + sequence, head_dimensions)
         mask = None
         if past and sequence_length > 1:
             # The new tokens see every cached one, and each other only up to themselves.
             mask = torch.ones(sequence_length, past + sequence_length, dtype=torch.bool, device=x.device).tril(past)
         z = scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (batch, heads, sequence, head_dimensions)
         z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)  # (batch, sequence, embedding)
         return self.output_dropout(self.output_projection(z))
@@ -298,7 +308,7 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""
         weights = self.token_embeddings.weight
         return [
-            KVCache(batch_size, self.config.num_heads, capacity, self.config.head_dimensions, weights)
+            KVCache(batch_size, self.config.num_kv_heads, capacity, self.config.head_dimensions, weights)
             for _ in self.body
         ]
 

@@ -111,6 +111,7 @@ class Architecture:
     num_heads: int
     num_layers: int
     feed_forward_ratio: int = 4
+    num_kv_heads: int | None = None  # None: num_heads
 
     @property
     def parameters(self) -> dict[str, int]:
@@ -127,6 +128,12 @@ class Architecture:
     @property
     def block_matrix_parameters(self) -> int:
         return _block_matrix_parameters(self.embedding_dimensions, self.feed_forward_ratio)
+
+    def kv_cache_bytes(self, sequences: int, capacity: int | None = None, element_bytes: int = FP32_BYTES) -> float:
+        """kv_cache_bytes of this architecture, for sequences of up to capacity tokens (by default block_size)."""
+        return kv_cache_bytes(self.num_layers, self.embedding_dimensions, self.num_heads,
+                              self.num_kv_heads or self.num_heads, sequences, capacity or self.block_size,
+                              element_bytes)
 
     @property
     def flops_per_token(self) -> float:
@@ -240,6 +247,17 @@ def memory_per_device(
     return memory
 
 
+def kv_cache_bytes(
+    num_layers: int, embedding_dimensions: int, num_heads: int, num_kv_heads: int, sequences: int, capacity: int,
+    element_bytes: int = FP32_BYTES,
+) -> float:
+    """The key/value cache of `sequences` concurrent sequences of up to `capacity` tokens: in every layer, a key
+    and a value of head_dimensions for each key/value head and token. Grouped-query attention (num_kv_heads below
+    num_heads) divides it by num_heads / num_kv_heads."""
+    head_dimensions = embedding_dimensions // num_heads
+    return 2 * num_layers * sequences * num_kv_heads * capacity * head_dimensions * element_bytes
+
+
 def beam_search_bytes(
     vocabulary_size: int, embedding_dimensions: int, num_layers: int, block_size: int, beam_width: int,
     max_tokens: int, prompt_length: int = 1,
@@ -250,7 +268,7 @@ def beam_search_bytes(
     log-softmax, the running totals and what top-k sorts), or the cache's copies while it is reordered for the
     surviving beams (a layer at a time: 1.5 layers' worth) or rebuilt (all of it)."""
     capacity = min(block_size, prompt_length + max_tokens)
-    cache = 2 * num_layers * beam_width * capacity * embedding_dimensions * FP32_BYTES
+    cache = kv_cache_bytes(num_layers, embedding_dimensions, 1, 1, beam_width, capacity)
     sequences = 2 * INDEX_BYTES * beam_width * max_tokens
     scores = 4 * FP32_BYTES * beam_width * vocabulary_size
     cache_copies = cache if prompt_length + max_tokens > block_size else 1.5 * cache / num_layers
