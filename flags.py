@@ -217,13 +217,18 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="The random seed (default: a random one, recorded).")
 
 
-def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
+def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which model to run: what checkpoint.load_model reads."""
     parser.add_argument("--checkpoint_path", default=None,
                         help="A checkpoint of pre-train.py or a folder of export.py (default: ./out/checkpoint.pt, "
                         "or the base an adapter names).")
     parser.add_argument("--lora_path", default=None,
                         help="An adapter of instruction-tune.py, merged into its base; prompts take its template.")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
+    add_model_source_arguments(parser)
     parser.add_argument("--prompt", default=None,
                         help="The text to complete (default: each line typed, or of standard input).")
     parser.add_argument("--max_tokens", type=positive_int, default=max_tokens,

@@ -58,15 +58,20 @@ class KVCache:
         self.values = torch.empty_like(self.keys)
         self.length = 0
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the keys and values of new tokens; return those of every token so far."""
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store the keys and values of new tokens; return those of every token so far, and which of them each
+        new token sees (None: the causal rule, or all of them for a single new token)."""
         start, end = self.length, self.length + k.size(2)
         if end > self.keys.size(2):
             raise ValueError(f"the cache holds {self.keys.size(2)} tokens; {end} do not fit")
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        mask = None
+        if start and k.size(2) > 1:
+            # The new tokens see every cached one, and each other only up to themselves.
+            mask = torch.ones(k.size(2), end, dtype=torch.bool, device=k.device).tril(start)
+        return self.keys[:, :, :end], self.values[:, :, :end], mask
 
     def reorder(self, rows: Tensor) -> None:
         """Keep the cached sequences at `rows`, in that order (the beams that survive a beam search step)."""
@@ -100,15 +105,12 @@ class CausalSelfAttention(Module):
         # q: (batch, heads, sequence, head_dimensions); k and v: (batch, kv_heads, sequence, head_dimensions)
         k, v = (t.view(batch_size, sequence_length, self.num_kv_heads, self.head_dimensions).transpose(1, 2)
                 for t in (k, v))
-        past = cache.length if cache is not None else 0
-        if cache is not None:
-            k, v = cache.append(k, v)  # (batch, kv_heads, past + sequence, head_dimensions)
         mask = None
-        if past and sequence_length > 1:
-            # The new tokens see every cached one, and each other only up to themselves.
-            mask = torch.ones(sequence_length, past + sequence_length, dtype=torch.bool, device=x.device).tril(past)
+        if cache is not None:
+            k, v, mask = cache.append(k, v)  # (batch, kv_heads, cached + sequence, head_dimensions)
         z = scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0,
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and k.size(2) == sequence_length,  # nothing cached before these tokens
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (batch, heads, sequence, head_dimensions)
         z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)  # (batch, sequence, embedding)
