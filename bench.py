@@ -6,20 +6,24 @@ with the ratio LightGPT / GPT-2 measured in the same run.
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing
 import resource
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import weakref
 from argparse import BooleanOptionalAction
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +71,7 @@ from model import LightGPT
 from sizing import training_flops_per_token
 
 R50K_VOCABULARY_SIZE = 50257
-PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation")
+PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation", "serve")
 RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
 
 
@@ -77,8 +81,8 @@ def build_parser() -> ArgumentParser:
                             "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
-                        "corpus preparation, activation checkpointing; alone and under torchrun, FSDP2's gradient "
-                        "accumulation.")
+                        "corpus preparation, activation checkpointing, serve.py under concurrent streaming clients; "
+                        "alone and under torchrun, FSDP2's gradient accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
@@ -111,6 +115,10 @@ def build_parser() -> ArgumentParser:
                         help="The number of sequences beam search returns.")
     parser.add_argument("--beam_tokens", type=positive_int, default=64,
                         help="The number of tokens beam search generates.")
+    parser.add_argument("--serve_clients", type=positive_int, nargs="+", default=[1, 4, 16],
+                        help="The numbers of concurrent streaming clients of serve.py to measure.")
+    parser.add_argument("--serve_tokens", type=positive_int, default=96,
+                        help="The tokens each serve.py client asks for after its --prompt_length prompt.")
     parser.add_argument("--data_tokens", type=positive_int, default=50_000_000,
                         help="The size in tokens of the synthetic Parquet corpus whose whole preparation is measured, "
                         "and of a quarter of it, to show that memory does not grow with the corpus.")
@@ -149,6 +157,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--parts: accumulation is measured alone, under torchrun with two processes or more; "
                          "the other parts in one process")
     check_launch(args.device)
+    if "serve" in args.parts and args.prompt_length + args.serve_tokens > args.block_size:
+        raise ValueError(f"--serve_tokens: {args.serve_tokens} after a prompt of --prompt_length {args.prompt_length} "
+                         f"do not fit in --block_size {args.block_size}")
     if args.gpt2 and {"train", "generate", "beam_search"} & set(args.parts):
         try:
             import transformers  # noqa: F401
@@ -489,6 +500,71 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     return [Measurement("beam_search_tokens_per_s", tokens / seconds, "tokens/s", gpt2_speed, details=details)]
 
 
+def measure_serving(args: argparse.Namespace) -> list[Measurement]:
+    """serve.py, in its own process, under 1, 4, 16 (--serve_clients) concurrent streaming clients each asking for
+    --serve_tokens greedy tokens: the tokens per second of all clients together, and the median time to first
+    token."""
+    import openai
+
+    model = lightgpt(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder, served(model, args, Path(folder)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+        prompts = torch.randint(0, args.vocabulary_size - 1, (max(args.serve_clients), args.prompt_length),
+                                generator=torch.Generator().manual_seed(args.seed)).tolist()
+
+        def stream(prompt: list[int]) -> tuple[float, int]:
+            start, first, tokens = time.perf_counter(), None, 0
+            for chunk in client.completions.create(model="lightgpt", prompt=prompt, max_tokens=args.serve_tokens,
+                                                   temperature=0, stream=True, stream_options={"include_usage": True}):
+                first = first or time.perf_counter()
+                tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+            return first - start, tokens
+
+        stream(prompts[0])  # warm up
+        for clients in tqdm(args.serve_clients, desc="Serving", unit="client count", file=sys.stderr):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                results = list(pool.map(stream, prompts[:clients]))
+            seconds = time.perf_counter() - start
+            details = {"clients": clients, "tokens": args.serve_tokens, "prompt_tokens": args.prompt_length}
+            rows.append(Measurement("serve_tokens_per_s", sum(tokens for _, tokens in results) / seconds, "tokens/s",
+                                    details=details))
+            rows.append(Measurement("serve_time_to_first_token", statistics.median(t for t, _ in results), "s",
+                                    higher_is_better=False, details=details))
+    return rows
+
+
+@contextlib.contextmanager
+def served(model: LightGPT, args: argparse.Namespace, folder: Path):
+    """serve.py on a free loopback port, serving the model from a checkpoint in folder, until the block ends."""
+    checkpoint = folder / "model.pt"
+    torch.save({"model_args": asdict(model.config), "block_size": args.block_size, "model": model.state_dict()},
+               checkpoint)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args.dtype]
+    process = subprocess.Popen([sys.executable, Path(__file__).with_name("serve.py"), "--checkpoint_path", checkpoint,
+                                "--port", str(port), "--device", args.device, "--precision", precision,
+                                "--max_batch_size", str(max(args.serve_clients))], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        if process.poll() is not None or time.monotonic() >= deadline:
+            raise RuntimeError("serve.py did not start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
     """Parquet shards of at least `tokens` tokens, in documents of about 1,000 tokens (FineWeb-Edu's mean), of words
     drawn at the frequencies of the embedded Wikipedia corpus, so that the tokenizer meets English; written a shard
@@ -692,6 +768,7 @@ def main() -> None:
         "data": measure_data,
         "checkpointing": measure_checkpointing,
         "accumulation": measure_accumulation,
+        "serve": measure_serving,
     }
     with distributed(args.device) as device:
         args.device = str(device)

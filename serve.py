@@ -261,7 +261,7 @@ class Server:
             return self.stream(request, generations[0], lambda event, text: identity | {
                 "object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": None,
                                                           "finish_reason": event.finish_reason}]},
-                prefix=self.tokenizer.decode(prompts[0]) if echo else None)
+                prefix=self.tokenizer.decode(prompts[0]) if echo else None, usage=self.include_usage(body))
         results = await asyncio.gather(*(self.complete(request, generation) for generation in generations))
         choices = []
         for index, (generation, (text, events)) in enumerate(zip(generations, results)):
@@ -314,17 +314,22 @@ class Server:
         generation = Generation(prompt, budget, None, stop_tokens=frozenset(self.template.stop_tokens), **sampling)
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self.stream(request, generation, lambda event, text: identity | {
                 "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text} if text else {},
                                                                 "finish_reason": event.finish_reason}]},
                 first={"object": "chat.completion.chunk", "choices": [
                     {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]} | identity,
-                usage=include_usage)
+                usage=self.include_usage(body))
         text, events = await self.complete(request, generation)
         return identity | {"object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": events[-1].finish_reason,
             "logprobs": None}], "usage": self.usage([prompt], [events])}
+
+    @staticmethod
+    def include_usage(body: dict) -> bool:
+        """Whether a stream ends with a chunk of usage counts (stream_options.include_usage)."""
+        options = field(body, "stream_options", (dict,), {}, description="an object")
+        return field(options, "include_usage", (bool,), False, description="true or false")
 
     @staticmethod
     def are_messages(messages: list) -> bool:

@@ -232,3 +232,51 @@ def test_text_that_may_begin_a_stop_string_waits_and_the_stop_string_is_cut():
     events = running(Request([0], 10, None, stop=("two three five",)), tokens)
     assert "".join(event.text for event in events[:3]) == "one "  # "two three" might yet be the stop string
     assert events[-1].finish_reason is None and "".join(event.text for event in events) == "one two three four"
+
+
+CHOICE_ITEMS = [
+    ("The capital of France is", ["Paris", "a river", "green"], 0),
+    ("Water boils at", ["100 degrees", "the moon", "music"], 0),
+    ("The opposite of hot is", ["cold", "tall", "seven"], 0),
+    ("A week has", ["seven days", "blue", "a king"], 0),
+    ("Birds can", ["fly", "sing", "swim"], 0),
+    ("The sun rises in the", ["east", "west", "north"], 0),
+]
+
+
+def direct_loglikelihoods(model, context: str, continuation: str) -> float:
+    """The model's own log-probability of the continuation after the context, split as lm-eval splits it."""
+    tokenizer = load_tokenizer()
+    tokens, context_length = tokenizer.encode(context + continuation), len(tokenizer.encode(context))
+    with torch.no_grad():
+        log_probabilities = model(torch.tensor([tokens]))[0][0].log_softmax(-1)
+    return sum(float(log_probabilities[position - 1, tokens[position]])
+               for position in range(context_length, len(tokens)))
+
+
+@pytest.mark.slow
+def test_lm_eval_s_local_completions_scores_a_multiple_choice_task_as_the_model_does(server, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                             for q, c, a in CHOICE_ITEMS))
+    (tmp_path / "task.yaml").write_text(
+        "task: lightgpt_choices\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {items}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{{{question}}}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    results = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["lightgpt_choices"], task_manager=TaskManager(include_path=str(tmp_path)),
+        model_args={"base_url": f"{server}/v1/completions", "model": "lightgpt", "num_concurrent": 2,
+                    "max_retries": 1}, log_samples=True)
+    model = served_model()
+    scores = [[direct_loglikelihoods(model, question, " " + choice) for choice in choices]
+              for question, choices, _ in CHOICE_ITEMS]
+    accuracy = sum(max(range(3), key=row.__getitem__) == answer
+                   for row, (_, _, answer) in zip(scores, CHOICE_ITEMS)) / len(CHOICE_ITEMS)
+    assert results["results"]["lightgpt_choices"]["acc,none"] == pytest.approx(accuracy)
+    served = {sample["doc_id"]: [response[0][0] for response in sample["resps"]]
+              for sample in results["samples"]["lightgpt_choices"]}
+    torch.testing.assert_close(torch.tensor([served[index] for index in range(len(CHOICE_ITEMS))]),
+                               torch.tensor(scores), rtol=0, atol=1e-3)
