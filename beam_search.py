@@ -6,12 +6,13 @@ import sys
 import torch
 
 from checkpoint import load_model
-from data import encode_prompt, load_tokenizer, read_prompts
+from conversations import PromptTemplate, encode_prompt, read_prompts, stop_tokens
 from devices import available_memory, compute_dtype
 from flags import ArgumentParser, add_inference_arguments, finite_float, positive_int
 from generation import beam_search
 from model import LightGPT
 from sizing import beam_search_bytes, gigabytes
+from tokenizer import load_tokenizer
 
 
 def build_parser() -> ArgumentParser:
@@ -57,8 +58,9 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path,
+        model, block_size, saved_template = load_model(args.checkpoint_path, args.device, args.lora_path,
                                                    compute_dtype(args.precision, torch.device(args.device)))
+        template = PromptTemplate.from_dict(saved_template) if saved_template else None
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"beam_search.py: error: {error}")
     if args.seed is not None:
@@ -72,7 +74,8 @@ def main() -> None:
             except ValueError as error:
                 sys.exit(f"beam_search.py: error: {error}")
             candidates = beam_search(model, prompt, args.max_tokens, args.beam_width, args.num_candidates,
-                                     args.length_penalty, block_size, show_progress=True)
+                                     args.length_penalty, block_size, show_progress=True,
+                                     stop_tokens=stop_tokens(template, model.eos_index))
             for rank, (tokens, score) in enumerate(candidates, 1):
                 print(f"{rank}. [{score:.3f}] {tokenizer.decode(tokens)}", flush=True)
     except KeyboardInterrupt:

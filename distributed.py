@@ -206,14 +206,14 @@ def parallelize(
     the meta device is allocated on `device` and initialised only after it is sharded (see materialize)."""
     model.enable_activation_checkpointing(activation_checkpointing)
     if compile:
-        for block in model.body:
+        for block in model.blocks:
             block.compile()  # in place: the state-dict keys stay the same however the model runs
     sharded = dist.is_initialized() and sharding_level != 0
     if sharded:
         policy = MixedPrecisionPolicy()
         if dtype != torch.float32:  # parameters gathered and computed with in dtype, gradients reduced in float32
             policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in model.body:
+        for block in model.blocks:
             fully_shard(block, reshard_after_forward=sharding_level == 3, mp_policy=policy)
         fully_shard(model, reshard_after_forward=sharding_level == 3, mp_policy=policy)
     if next(model.parameters()).is_meta:

@@ -25,7 +25,7 @@ from checkpoint import (
     trained_on_these_weights,
     write_folder_atomically,
 )
-from data import TOKENIZER_NAME
+from tokenizer import TOKENIZER_NAME
 from flags import ArgumentParser
 from model import LightGPT
 

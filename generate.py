@@ -8,10 +8,11 @@ from collections.abc import Iterator
 import torch
 
 from checkpoint import load_model
-from data import encode_prompt, load_tokenizer, read_prompts
+from conversations import PromptTemplate, encode_prompt, read_prompts, stop_tokens
 from devices import compute_dtype
 from flags import ArgumentParser, add_inference_arguments, positive_float, positive_int, probability
 from generation import generate
+from tokenizer import load_tokenizer
 
 
 def build_parser() -> ArgumentParser:
@@ -47,8 +48,9 @@ def stream_text(tokens: Iterator[int]) -> Iterator[str]:
 def main() -> None:
     args = parse_args()
     try:
-        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path,
+        model, block_size, saved_template = load_model(args.checkpoint_path, args.device, args.lora_path,
                                                    compute_dtype(args.precision, torch.device(args.device)))
+        template = PromptTemplate.from_dict(saved_template) if saved_template else None
         if args.top_k > model.vocabulary_size:
             raise ValueError(f"--top_k must be at most the vocabulary size {model.vocabulary_size}, got {args.top_k}")
     except (ValueError, FileNotFoundError) as error:
@@ -59,7 +61,7 @@ def main() -> None:
         for text in read_prompts(args.prompt):
             prompt = torch.tensor(encode_prompt(text, template), device=args.device)
             tokens = generate(model, prompt, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                              args.repeat_penalty, block_size)
+                              args.repeat_penalty, block_size, stop_tokens=stop_tokens(template, model.eos_index))
             for piece in stream_text(tokens):
                 print(piece, end="", flush=True)
             print()

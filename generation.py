@@ -2,7 +2,7 @@
 next-token step."""
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ def top_k_top_p(logits: Tensor, temperature: float, top_k: int, top_p: float) ->
     return tokens, probabilities / probabilities.sum()
 
 
-class Context:
+class CachedContext:
     """The tokens a model sees, one sequence a row, with their key/value cache and the next token's logits.
 
     The model sees at most block_size tokens: a longer prompt is cut to its last block_size tokens, and when the
@@ -78,18 +78,21 @@ def generate(
     repeat_penalty: float = 1.0,
     block_size: int = 1024,
     use_cache: bool = True,
+    stop_tokens: Collection[int] | None = None,
 ) -> Iterator[int]:
     """Sample up to max_tokens tokens that follow the prompt (a 1-D tensor of at least one token id), yielding
-    each as soon as it is chosen; stop at the model's eos_index, which is not yielded. The context is cut as
-    Context cuts it; use_cache=False runs the same steps with a full forward pass for every token."""
-    context = Context(model, prompt[None], block_size, max_tokens, use_cache)
+    each as soon as it is chosen; stop at any of stop_tokens (by default the model's eos_index), which is not
+    yielded. The context is cut as CachedContext cuts it; use_cache=False runs the same steps with a full forward
+    pass for every token."""
+    stop_tokens = {model.eos_index} if stop_tokens is None else set(stop_tokens)
+    context = CachedContext(model, prompt[None], block_size, max_tokens, use_cache)
     for _ in range(max_tokens):
         logits = context.logits[0]
         if repeat_penalty != 1.0:
             logits = penalize_repeats(logits, context.tokens[0], repeat_penalty)
         candidates, probabilities = top_k_top_p(logits, temperature, top_k, top_p)
         token = candidates[torch.multinomial(probabilities, 1)]
-        if token.item() == model.eos_index:
+        if token.item() in stop_tokens:
             return
         yield token.item()
         context.extend(token)
@@ -105,17 +108,21 @@ def beam_search(
     length_penalty: float = 1.0,
     block_size: int = 1024,
     show_progress: bool = False,
+    stop_tokens: Collection[int] | None = None,
 ) -> list[tuple[list[int], float]]:
     """The num_candidates most likely continuations of the prompt (new tokens only), best first, with scores.
 
     All beams run as one batch against one cache: every step extends each of the beam_width most likely
     unfinished sequences by every token, keeps the beam_width most likely results, and finishes a sequence at
-    eos_index (scored, but not among its tokens) or at max_tokens. A score is the total log-probability divided
+    any of stop_tokens (by default the model's eos_index; scored by the probability of any of them, which is not
+    among its tokens) or at max_tokens. A score is the total log-probability divided
     by the length (eos included) to the power length_penalty: 0 ranks by probability alone, 1 by the average
-    per token, which favours longer sequences more. The context is cut as Context cuts it. show_progress
+    per token, which favours longer sequences more. The context is cut as CachedContext cuts it. show_progress
     draws a progress bar of the steps on standard error.
     """
-    context = Context(model, prompt[None], block_size, max_tokens)
+    stops = torch.tensor(sorted({model.eos_index} if stop_tokens is None else set(stop_tokens)),
+                         device=prompt.device)
+    context = CachedContext(model, prompt[None], block_size, max_tokens)
     sequences = prompt.new_empty(1, 0)  # (beams, tokens generated so far)
     totals = torch.zeros(1, device=prompt.device)
     logits = context.logits
@@ -128,8 +135,8 @@ def beam_search(
     steps = tqdm(range(1, max_tokens + 1), desc="Beam search", unit="token", leave=False, disable=not show_progress)
     for length in steps:
         scores = totals[:, None] + logits.float().log_softmax(-1)  # (beams, vocabulary)
-        finish(sequences, scores[:, model.eos_index], length)
-        scores[:, model.eos_index] = -math.inf
+        finish(sequences, scores[:, stops].logsumexp(-1), length)
+        scores[:, stops] = -math.inf
         totals, indices = scores.view(-1).topk(min(beam_width, scores.numel() - len(scores)))
         beams, tokens = indices // model.vocabulary_size, indices % model.vocabulary_size
         sequences = torch.cat((sequences[beams], tokens[:, None]), 1)

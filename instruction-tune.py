@@ -23,16 +23,15 @@ from checkpoint import (
     training_checkpoint,
     weights_fingerprint,
 )
-from data import (
+from conversations import (
+    ALPACA,
     INSTRUCTION_DATASETS,
     INSTRUCTION_EXTENSIONS,
-    PROMPT_TEMPLATE,
     InstructionSamples,
     load_instructions,
-    resolve_files,
-    same_files,
     split_instructions,
 )
+from data import resolve_files, same_files
 from devices import compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import ArgumentParser, add_training_arguments, fraction, positive_float, positive_int
@@ -140,7 +139,7 @@ def main() -> None:
         add_lora(model, args.rank, args.alpha, args.dropout)
 
         train_samples, test_samples = (
-            InstructionSamples(records, PROMPT_TEMPLATE, block_size, args.mask_input, model.padding_index)
+            InstructionSamples(records, ALPACA, block_size, args.mask_input, model.padding_index)
             for records in (train_records, test_records)
         )
         num_truncated = train_samples.num_truncated + test_samples.num_truncated
@@ -204,7 +203,7 @@ def instruction_tune(args, model: LightGPT, base: dict, seed: int, train_samples
             vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(),
             lora_args={"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout},
             base_model_path=str(Path(args.base_model_path).resolve()), base_fingerprint=base_fingerprint,
-            prompt_template=PROMPT_TEMPLATE, lora=lora_state_dict(model), num_train_samples=len(train_samples),
+            prompt_template=ALPACA.to_dict(), lora=lora_state_dict(model), num_train_samples=len(train_samples),
             seed=seed,
         ), args.checkpoint_path)
 

@@ -225,12 +225,13 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         self.config = config
         self.token_embeddings = Embedding(config.vocabulary_size, config.embedding_dimensions)
         self.embedding_dropout = Dropout(config.dropout)
-        self.body = ModuleList(CausalSelfAttentionBlock(config) for _ in range(config.num_layers))
+        self.blocks = ModuleList(CausalSelfAttentionBlock(config) for _ in range(config.num_layers))
         self.output_norm = RMSNorm(config.embedding_dimensions)
         self.output_layer = Linear(config.embedding_dimensions, config.vocabulary_size, bias=False)
         self.tie_weights()
         self.activation_checkpointing = False
         self.init_weights()
+        self.register_load_state_dict_pre_hook(blocks_once_named_body)
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "LightGPT":
@@ -292,7 +293,7 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         over those that are not padding): the output layer and the loss are fused so that the logits, the
         largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
         z = self.embedding_dropout(self.token_embeddings(x))
-        for block in self.body:
+        for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 z = checkpoint(block, z, use_reentrant=False)
             else:
@@ -311,14 +312,14 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         weights = self.token_embeddings.weight
         return [
             KVCache(batch_size, self.config.num_kv_heads, capacity, self.config.head_dimensions, weights)
-            for _ in self.body
+            for _ in self.blocks
         ]
 
     def next_token_logits(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
         """The float32 logits of the token that follows each row of x, whatever the weights' dtype. With a cache, x
         continues the tokens cached so far, and its keys and values join them; without one, x is the whole context."""
         z = self.token_embeddings(x)
-        for index, block in enumerate(self.body):
+        for index, block in enumerate(self.blocks):
             z = block(z, cache[index] if cache is not None else None)
         return self.output_layer(self.output_norm(z[:, -1])).float()
 
@@ -364,12 +365,18 @@ def replace_module(model: Module, name: str, module: Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+def blocks_once_named_body(model: Module, state: dict, prefix: str, *_) -> None:
+    """Load weights saved when the blocks were named body (exported folders have no format version to upgrade)."""
+    for name in [name for name in state if name.startswith(f"{prefix}body.")]:
+        state[f"{prefix}blocks.{name.removeprefix(f'{prefix}body.')}"] = state.pop(name)
+
+
 def add_lora(model: LightGPT, rank: int, alpha: float, dropout: float) -> None:
     """Freeze every parameter, then give each block's attention and MLP weight matrices a LoRA adapter."""
     if lora_layers(model):
         raise ValueError("the model already has LoRA adapters")
     model.requires_grad_(False)
-    for name, module in list(model.body.named_modules(prefix="body")):
+    for name, module in list(model.blocks.named_modules(prefix="blocks")):
         if isinstance(module, Linear):
             replace_module(model, name, LoRALinear(module, rank, alpha, dropout))
 

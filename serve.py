@@ -19,11 +19,12 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from checkpoint import load_model
-from data import load_tokenizer
+from conversations import PromptTemplate
 from devices import compute_dtype
 from flags import ArgumentParser, add_device_argument, add_model_source_arguments, add_precision_argument, positive_int
 from serving import BatchDecoder, Event, QueueFull
 from serving import Request as Generation
+from tokenizer import load_tokenizer
 
 MAX_BODY_BYTES = 4 * 2**20
 CHAT_PAGE = Path(__file__).resolve().parent / "chat.html"
@@ -398,8 +399,9 @@ class Server:
 def main() -> None:
     args = build_parser().parse_args()
     try:
-        model, block_size, template = load_model(args.checkpoint_path, args.device, args.lora_path,
-                                                 compute_dtype(args.precision, torch.device(args.device)))
+        model, block_size, saved_template = load_model(args.checkpoint_path, args.device, args.lora_path,
+                                                       compute_dtype(args.precision, torch.device(args.device)))
+        template = PromptTemplate.from_dict(saved_template) if saved_template else None
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"serve.py: error: {error}")
     decoder = BatchDecoder(model, load_tokenizer(), block_size, args.max_batch_size, args.max_queued).start()

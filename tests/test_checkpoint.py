@@ -19,16 +19,20 @@ from checkpoint import (
     load_index,
     load_lora_checkpoint,
     load_lora_model,
+    load_shards,
     load_model,
     model_from_checkpoint,
     save_atomically,
     save_sharded,
     trained_on_these_weights,
     training_checkpoint,
+    upgraded_template,
 )
+from conversations import PromptTemplate
 from conftest import REPOSITORY, flag_error, load_script, save_pretrained_checkpoint, tiny_model
 from data import write_text_atomically
 from distributed import load_training_state, sharded_training_state
+from tokenizer import load_tokenizer
 from training import append_metrics, records_up_to
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
@@ -52,14 +56,53 @@ def test_an_adapter_written_before_format_versions_merges_to_the_same_logits_wit
     assert isinstance(adapter["rng"], list) and adapter["format_version"] == FORMAT_VERSION
 
 
-def test_an_old_checkpoint_s_optimizer_state_resumes_under_the_new_parameter_names():
-    checkpoint = load_checkpoint(FIXTURES / "v1_checkpoint.pt")
-    assert not [name for name in checkpoint["optimizer"]["state"] if ".mlp.0." in name or ".mlp.2." in name]
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_old_checkpoint_s_optimizer_state_resumes_under_the_new_parameter_names(version):
+    checkpoint = load_checkpoint(FIXTURES / f"v{version}_checkpoint.pt")
+    assert all(name.startswith(("blocks.", "token_embeddings.", "output_")) and ".mlp.0." not in name
+               for name in checkpoint["optimizer"]["state"])
     model = tiny_model(**checkpoint["model_args"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     load_training_state(model, optimizer, checkpoint)
-    moments = optimizer.state[model.body[0].mlp.up_projection.weight]["exp_avg"]
-    torch.testing.assert_close(moments, checkpoint["optimizer"]["state"]["body.0.mlp.up_projection.weight"]["exp_avg"])
+    moments = optimizer.state[model.blocks[0].mlp.up_projection.weight]["exp_avg"]
+    written = checkpoint["optimizer"]["state"]["blocks.0.mlp.up_projection.weight"]
+    torch.testing.assert_close(moments, written["exp_avg"])
+
+
+def test_a_format_2_checkpoint_loads_the_same_weights_to_the_same_logits():
+    expected = torch.load(FIXTURES / "v2_expected_logits.pt", weights_only=True)
+    written = torch.load(FIXTURES / "v2_checkpoint.pt", weights_only=True)["model"]
+    for path in ("v2_checkpoint.pt", "v2_sharded"):  # the same weights, in a file and in a folder of shards
+        model, block_size, template = load_model(FIXTURES / path)
+        assert block_size == 8 and template is None
+        for (name, tensor), weight in zip(written.items(), model.state_dict().values(), strict=True):
+            assert torch.equal(tensor, weight), name
+        torch.testing.assert_close(model(expected["tokens"])[0], expected["base_logits"])
+
+
+def test_a_format_2_adapter_with_the_dict_template_merges_to_the_same_logits_without_a_warning():
+    expected = torch.load(FIXTURES / "v2_expected_logits.pt", weights_only=True)
+    written = torch.load(FIXTURES / "v2_adapter.pt", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, block_size, template = load_lora_model(FIXTURES / "v2_adapter.pt", FIXTURES / "v2_checkpoint.pt")
+    torch.testing.assert_close(model(expected["tokens"])[0], expected["adapted_logits"])
+    assert block_size == 8 and template == upgraded_template(written["prompt_template"])
+    assert PromptTemplate.from_dict(template).prompt([{"role": "user", "content": "Hi"}]) == \
+        load_tokenizer().encode_ordinary(written["prompt_template"]["without_input"].format(instruction="Hi"))
+    adapter = load_lora_checkpoint(FIXTURES / "v2_adapter.pt")
+    for (name, tensor), loaded in zip(written["lora"].items(), adapter["lora"].values(), strict=True):
+        assert torch.equal(tensor, loaded), name
+
+
+def test_a_format_2_sharded_checkpoint_resumes_its_optimizer_state():
+    written = torch.load(FIXTURES / "v2_checkpoint.pt", weights_only=True)["optimizer"]["state"]
+    model = tiny_model(**load_checkpoint(FIXTURES / "v2_checkpoint.pt")["model_args"])
+    model_state, optimizer_state = sharded_training_state(model, torch.optim.AdamW(model.parameters()))
+    load_shards(FIXTURES / "v2_sharded", load_index(FIXTURES / "v2_sharded"),
+                {"model": model_state, "optimizer": optimizer_state["state"]})
+    for (index, moments), state in zip(written.items(), optimizer_state["state"].values(), strict=True):
+        torch.testing.assert_close(state["exp_avg"], moments["exp_avg"], rtol=0, atol=0)
 
 
 def test_a_checkpoint_from_a_newer_lightgpt_is_refused_in_one_line(tmp_path):

@@ -14,7 +14,8 @@ import torch
 
 import data
 from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, fineweb_edu_mirror, one_thread, run_script
-from data import TokenWindows, build_tokenizer, load_tokenizer, package_data_path, prepare_corpus, resolve_text_files
+from data import TokenWindows, prepare_corpus, resolve_text_files
+from tokenizer import build_tokenizer, load_tokenizer, package_data_path
 
 
 def test_tokenizer_is_r50k_base_on_known_ids():
@@ -35,7 +36,7 @@ def test_tokenizer_round_trips_text():
 def test_tokenizer_leaves_no_cache_files(tmp_path):
     environment = {key: value for key, value in os.environ.items() if key != "TIKTOKEN_CACHE_DIR"}
     environment["TMPDIR"] = str(tmp_path)
-    code = "import data; print(data.load_tokenizer().encode_ordinary('cache?'))"
+    code = "import tokenizer; print(tokenizer.load_tokenizer().encode_ordinary('cache?'))"
     subprocess.run([sys.executable, "-c", code], cwd=data.__file__.rsplit("/", 1)[0], env=environment, check=True)
     assert list(tmp_path.iterdir()) == []
 

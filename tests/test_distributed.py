@@ -28,7 +28,7 @@ from conftest import (  # noqa: E402
     run_script,
     terminate_after_first_epoch,
 )
-from data import load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 from devices import gradient_scaler  # noqa: E402
 from distributed import REDUCE_EVERY_MICRO_BATCH, distributed, every_rank_s, parallelize, rank  # noqa: E402
 from sizing import parameter_counts  # noqa: E402
@@ -351,7 +351,7 @@ def overflow_on_one_rank() -> None:
         tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
         scaler.scale(training_model(tokens[:, :-1], tokens[:, 1:])[1]).backward()
         if rank() == 1:
-            next(iter(training_model.body.parameters())).grad.to_local().view(-1)[0] = float("inf")
+            next(iter(training_model.blocks.parameters())).grad.to_local().view(-1)[0] = float("inf")
         before = [parameter.to_local().clone() for parameter in training_model.parameters()]
         scaler.unscale_(optimizer)
         scaler.step(optimizer)

@@ -16,10 +16,11 @@ from checkpoint import (
     load_model,
     model_from_checkpoint,
     save_atomically,
+    upgraded_template,
     write_folder_atomically,
 )
 from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, flag_error, run_script, tiny_model
-from data import load_tokenizer
+from tokenizer import load_tokenizer
 from model import LightGPT
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
@@ -143,12 +144,28 @@ def test_from_pretrained_reads_a_hub_id_from_the_hub_cache(tmp_path):
     assert torch.equal(loaded(tokens)[0], model.eval()(tokens)[0])
 
 
+def test_a_folder_exported_before_format_3_loads_its_weights_and_its_dict_template(tmp_path):
+    """Its weights named the blocks body, and its config.json held the prompt template as a dict."""
+    from safetensors.torch import load_file, save_file
+
+    written = torch.load(FIXTURES / "v2_adapter.pt", weights_only=True)["prompt_template"]
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path, config=exported_config(model, 8, written))
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({name.replace("blocks.", "body."): tensor for name, tensor in weights.items()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, block_size, template = load_model(tmp_path)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(loaded(tokens)[0], model(tokens)[0])
+    assert template == upgraded_template(written)
+
+
 def test_from_pretrained_refuses_weights_that_miss_a_layer(tmp_path):
     """The mixin's default would leave the missing layer at its random initial weights, silently."""
     model = tiny_model()
     deeper = exported_config(model, block_size=8) | {"num_layers": model.config.num_layers + 1}
     model.save_pretrained(tmp_path, config=deeper)
-    with pytest.raises(RuntimeError, match=f"body.{model.config.num_layers}"):
+    with pytest.raises(RuntimeError, match=f"blocks.{model.config.num_layers}"):
         LightGPT.from_pretrained(tmp_path)
 
 

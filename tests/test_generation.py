@@ -19,10 +19,10 @@ from conftest import (
     save_pretrained_checkpoint,
 )
 from conftest import tiny_model as random_tiny_model
-from data import load_tokenizer
 from devices import compute_dtype
 from generation import beam_search, generate, penalize_repeats, top_k_top_p
 from model import LightGPT
+from tokenizer import load_tokenizer
 
 VOCABULARY = TINY_SHAPE["vocabulary_size"]
 
@@ -159,6 +159,19 @@ def test_generation_stops_at_the_end_of_text_token_and_at_max_tokens():
     assert sample(12) == tokens[: tokens.index(distinct[5])]
 
 
+def test_generation_stops_at_any_of_a_set_of_stop_tokens():
+    model = tiny_model()
+
+    def sample(stop_tokens):
+        torch.manual_seed(0)
+        return list(generate(model, torch.tensor([3]), 12, top_k=VOCABULARY, top_p=1.0, stop_tokens=stop_tokens))
+
+    tokens = sample({model.eos_index})
+    distinct = list(dict.fromkeys(tokens))
+    assert sample({distinct[5], distinct[3]}) == tokens[: tokens.index(distinct[3])]
+    assert sample({distinct[5]}) == tokens[: tokens.index(distinct[5])]
+
+
 def test_top_k_then_top_p_keeps_the_fewest_likely_tokens_and_always_the_most_likely():
     logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
     tokens, probabilities = top_k_top_p(logits, temperature=1.0, top_k=4, top_p=0.7)
@@ -182,35 +195,41 @@ def test_the_repeat_penalty_pushes_the_context_tokens_towards_unlikely():
     assert logits.tolist() == [2.0, -1.0, 3.0, -4.0, 0.5]
 
 
-def every_finished_sequence(model, prompt, max_tokens):
-    """Every sequence a search can finish, as (tokens, total log-probability, length), by full forward passes."""
+def every_finished_sequence(model, prompt, max_tokens, stops=None):
+    """Every sequence a search can finish, as (tokens, total log-probability, length), by full forward passes:
+    ended by any of the stop tokens (by default the eos_index; the log of the probability of any) or cut at
+    max_tokens."""
+    stops = stops or [model.eos_index]
+    others = [token for token in range(model.vocabulary_size) if token not in stops]
     results = []
     for length in range(1, max_tokens + 1):
-        ends = [model.eos_index] + (list(range(1, model.vocabulary_size)) if length == max_tokens else [])
-        sequences = [list(body) + [last] for body in itertools.product(range(1, model.vocabulary_size),
-                                                                        repeat=length - 1) for last in ends]
-        batch = torch.tensor([prompt + sequence for sequence in sequences])
+        bodies = [list(body) for body in itertools.product(others, repeat=length - 1)]
+        ends = [*stops, *(others if length == max_tokens else [])]
+        batch = torch.tensor([prompt + body + [end] for body in bodies for end in ends])
         logits, _ = model(batch)
         log_probabilities = logits[:, len(prompt) - 1 : -1].log_softmax(-1)
-        totals = log_probabilities.gather(2, batch[:, len(prompt) :, None]).sum((1, 2))
-        results += [(sequence[:-1] if sequence[-1] == model.eos_index else sequence, total, length)
-                    for sequence, total in zip(sequences, totals.tolist())]
+        totals = log_probabilities.gather(2, batch[:, len(prompt) :, None]).sum((1, 2)).view(len(bodies), len(ends))
+        results += [(body, totals[row, : len(stops)].logsumexp(0).item(), length) for row, body in enumerate(bodies)]
+        if length == max_tokens:
+            results += [(body + [end], totals[row, len(stops) + column].item(), length)
+                        for row, body in enumerate(bodies) for column, end in enumerate(others)]
     return results
 
 
-def test_a_wide_enough_beam_search_equals_exhaustive_search():
+@pytest.mark.parametrize("stops", [None, [0, 3]], ids=["eos", "two stop tokens"])
+def test_a_wide_enough_beam_search_equals_exhaustive_search(stops):
     model = tiny_model(vocabulary_size=4)
     prompt = [2, 1]
     with torch.no_grad():
         for weight in model.parameters():
             if weight.dim() == 2:  # larger weights: the end-of-text token is likely early and late
                 weight.normal_(0, 0.3)
-        sequences = every_finished_sequence(model, prompt, max_tokens=4)
+        sequences = every_finished_sequence(model, prompt, 4, stops)
     for length_penalty in (0.0, 1.0, 2.0):
         ranked = sorted(((tokens, total / length**length_penalty) for tokens, total, length in sequences),
                         key=lambda result: result[1], reverse=True)[:5]
         found = beam_search(model, torch.tensor(prompt), 4, beam_width=27, num_candidates=5,
-                                  length_penalty=length_penalty)
+                            length_penalty=length_penalty, stop_tokens=stops)
         assert [tokens for tokens, _ in found] == [tokens for tokens, _ in ranked]
         assert [score for _, score in found] == pytest.approx([score for _, score in ranked], abs=1e-4)
         assert {len(tokens) for tokens, _ in ranked} != {4}, "the ranking should mix lengths"

@@ -54,7 +54,7 @@ def with_repeated_key_value_heads(model: LightGPT) -> LightGPT:
 
 def test_grouped_attention_computes_what_heads_with_repeated_keys_and_values_compute():
     grouped = lightgpt(**SHAPE, num_kv_heads=2).eval()
-    assert grouped.body[0].attention.qkv_projection.weight.shape == (32 + 2 * 2 * 4, 32)
+    assert grouped.blocks[0].attention.qkv_projection.weight.shape == (32 + 2 * 2 * 4, 32)
     tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(grouped(tokens)[0], with_repeated_key_value_heads(grouped)(tokens)[0])

@@ -27,7 +27,8 @@ from conftest import (
     save_pretrained_checkpoint,
     tensorboard_run,
 )
-from data import PROMPT_TEMPLATE, InstructionSamples, encode_prompt, load_instructions, load_tokenizer
+from conversations import ALPACA, InstructionSamples, PromptTemplate, encode_prompt, load_instructions
+from tokenizer import load_tokenizer
 from model import LightGPT, LoRALinear, add_lora
 from training import optimizer_step, weighted_by_targets
 
@@ -80,7 +81,7 @@ def instruction_tune(base_model_path, instructions_path, checkpoint_path, *args,
 
 @torch.no_grad()
 def loss_on_instructions(model: LightGPT, instructions_path) -> float:
-    samples = InstructionSamples(load_instructions("local", str(instructions_path)), PROMPT_TEMPLATE, 64, True,
+    samples = InstructionSamples(load_instructions("local", str(instructions_path)), ALPACA, 64, True,
                                  model.padding_index, show_progress=False)
     return model.eval()(*samples.batch(range(len(samples))))[1].item()
 
@@ -120,7 +121,7 @@ def test_the_adapter_checkpoint_holds_only_adapters_and_is_a_small_fraction_of_t
 ):
     adapter = load_lora_checkpoint(adapter_path)
     assert adapter["lora"] and all(name.endswith((".lora_a", ".lora_b")) for name in adapter["lora"])
-    assert adapter["prompt_template"] == PROMPT_TEMPLATE
+    assert adapter["prompt_template"] == ALPACA.to_dict()
     assert adapter["lora_args"] == {"rank": 8, "alpha": 1.0, "dropout": 0.0}
     assert adapter["base_model_path"] == str(base_model_path.resolve())
     ratio = adapter_path.stat().st_size / base_model_path.stat().st_size
@@ -266,7 +267,7 @@ def test_the_original_readme_arguments_keep_their_names_and_defaults():
 
 def test_an_adapter_loads_onto_the_base_it_names_and_refuses_another_size(base_model_path, adapter_path, tmp_path):
     model, block_size, template = load_lora_model(adapter_path)
-    assert block_size == 64 and template == PROMPT_TEMPLATE
+    assert block_size == 64 and template == ALPACA.to_dict()
     expected = load_adapted_model(load_lora_checkpoint(adapter_path), load_checkpoint(base_model_path))
     tokens = torch.randint(0, 50257, (1, 10))
     assert torch.equal(model(tokens)[0], expected(tokens)[0])
@@ -286,7 +287,7 @@ def test_an_adapter_on_a_base_with_other_weights_of_the_same_sizes_warns(adapter
 
 
 def test_accumulating_padded_batches_gives_the_gradient_of_one_batch(instructions_path):
-    samples = InstructionSamples(load_instructions("local", str(instructions_path)), PROMPT_TEMPLATE, 64, True,
+    samples = InstructionSamples(load_instructions("local", str(instructions_path)), ALPACA, 64, True,
                                  -100, show_progress=False)
     indices = range(3, 7)  # answers that end "in Africa", "in Australia", "in the north", "in the south"
     counts = [int((samples.batch([index])[1] != -100).sum()) for index in indices]
@@ -310,7 +311,8 @@ def test_accumulating_padded_batches_gives_the_gradient_of_one_batch(instruction
 def test_the_scripts_answer_with_the_adapter_in_its_prompt_template(adapter_path, script, tmp_path):
     question = "Where is the city?"
     model, _, template = load_lora_model(adapter_path)
-    first_token = model(torch.tensor([encode_prompt(question, template)]))[0][0, -1].argmax().item()
+    prompt = encode_prompt(question, PromptTemplate.from_dict(template))
+    first_token = model(torch.tensor([prompt]))[0][0, -1].argmax().item()
     greedy = ["--top_k", "1"] if script == "generate.py" else ["--beam_width", "1", "--num_candidates", "1"]
     result = run_script(script, "--lora_path", adapter_path, "--prompt", question, "--max_tokens", "4",
                         "--device", "cpu", *greedy)

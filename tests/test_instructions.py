@@ -3,15 +3,17 @@ import json
 import pytest
 import torch
 
-from data import (
-    PROMPT_TEMPLATE,
+from checkpoint import upgraded_template
+from conversations import (
+    ALPACA,
     InstructionSamples,
-    format_prompt,
+    PromptTemplate,
+    encode_prompt,
     load_instructions,
-    load_tokenizer,
     split_instructions,
     tokenize_instruction,
 )
+from tokenizer import load_tokenizer
 from conftest import lightgpt
 
 RECORDS = [
@@ -73,23 +75,93 @@ def test_missing_files_and_offline_hub_are_clear_errors(tmp_path):
         load_instructions("alpaca")
 
 
-def test_the_prompt_template_is_alpacas_with_and_without_input():
-    with_input = format_prompt(PROMPT_TEMPLATE, "Translate to French.", "Good morning")
-    assert with_input.endswith("### Instruction:\nTranslate to French.\n\n### Input:\nGood morning\n\n### Response:\n")
-    without_input = format_prompt(PROMPT_TEMPLATE, "Name a color.")
-    assert "### Input:" not in without_input and without_input.endswith("Name a color.\n\n### Response:\n")
+# The prompt template as format 2 stored it in adapters, and format 2's tokenization (data.py at commit 35c83a8).
+DICT_TEMPLATE = {
+    "with_input": "Below is an instruction that describes a task, paired with an input that provides further "
+                  "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                  "{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    "without_input": "Below is an instruction that describes a task. Write a response that appropriately completes "
+                     "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+}
+
+
+def dict_template_sample(record: dict) -> tuple[list[int], list[int]]:
+    """Format 2's ids and loss mask (1 where the loss counts) of a record: prompt, response, <|endoftext|>."""
+    tokenizer = load_tokenizer()
+    form = DICT_TEMPLATE["with_input" if record.get("input") else "without_input"]
+    prompt = tokenizer.encode_ordinary(form.format(instruction=record["instruction"], input=record.get("input")))
+    response = tokenizer.encode_ordinary(record["output"]) + [tokenizer.eot_token]
+    return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+
+TRICKY_RECORDS = RECORDS + [
+    {"instruction": "Say <|endoftext|> twice ", "input": "  ", "output": "<|endoftext|>, <|endoftext|>\n"},
+    {"instruction": "", "input": "", "output": ""},
+    {"instruction": "List:\n\n1.", "input": "a\n\n", "output": "\n\n### Response:\n b"},
+]
+
+
+@pytest.mark.parametrize("template", [ALPACA, PromptTemplate.from_dict(upgraded_template(DICT_TEMPLATE))],
+                         ids=["alpaca", "upgraded dict"])
+def test_alpaca_as_a_template_object_gives_format_2_s_ids_and_masks(template):
+    for record in TRICKY_RECORDS:
+        ids, learned = template.render([{"role": "user", "content": record["instruction"],
+                                         "input": record.get("input", "")},
+                                        {"role": "assistant", "content": record["output"]}])
+        assert (ids, [int(flag) for flag in learned]) == dict_template_sample(record), record
+        for mask_input in (True, False):
+            x, y, _ = tokenize_instruction(record, template, 1024, mask_input, padding_index=-100)
+            assert x == ids[:-1]
+            assert y == [id if flag or not mask_input else -100 for id, flag in zip(ids, learned)][1:]
+        tokenizer = load_tokenizer()
+        prompt = tokenizer.encode_ordinary(DICT_TEMPLATE["without_input"].format(instruction=record["instruction"]))
+        assert encode_prompt(record["instruction"], template) == prompt
+
+
+def test_a_template_renders_a_multi_turn_conversation_and_learns_only_the_replies():
+    template = PromptTemplate("turns", {"system": ("[system] {content}\n",), "user": ("[user] {content}\n",)},
+                              "[assistant] ", "\n<|endoftext|>", (load_tokenizer().eot_token,))
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    ids, learned = template.render([*conversation, {"role": "assistant", "content": "Bye."}])
+    tokenizer = load_tokenizer()
+    assert tokenizer.decode([id for id, flag in zip(ids, learned) if flag]) == "Hello.\n<|endoftext|>Bye.\n<|endoftext|>"
+    assert tokenizer.decode(template.prompt(conversation)) == \
+        "[system] Be brief.\n[user] Hi\n[assistant] Hello.\n<|endoftext|>[user] Bye\n[assistant] "
+    with pytest.raises(ValueError, match="the alpaca template has no format for a 'system' message"):
+        ALPACA.render(conversation)
+
+
+def test_the_template_object_round_trips_and_refuses_a_bad_dict_in_one_line():
+    assert PromptTemplate.from_dict(ALPACA.to_dict()) == ALPACA
+    for bad, message in [
+        ({"name": "x"}, "must have the fields"),
+        (ALPACA.to_dict() | {"turns": {"robot": ["{content}"]}}, "turns must map system or user"),
+        (ALPACA.to_dict() | {"turns": {"user": ["no field"]}}, "must name {content}"),
+        (ALPACA.to_dict() | {"turns": {"user": ["{content!r}"]}}, "and only plain fields"),
+        (ALPACA.to_dict() | {"stop_tokens": []}, "stop_tokens must be a list of token ids"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PromptTemplate.from_dict(bad)
+
+
+def test_a_template_s_special_tokens_are_tokens_and_a_message_s_are_text():
+    ids, learned = ALPACA.render([{"role": "user", "content": "<|endoftext|>"},
+                                  {"role": "assistant", "content": "<|endoftext|>"}])
+    eot = load_tokenizer().eot_token
+    assert ids.count(eot) == 1 and ids[-1] == eot and learned[-1]
 
 
 def test_masking_leaves_only_the_response_and_its_end_of_text_as_targets():
     tokenizer = load_tokenizer()
     record = {"instruction": "What is the capital of France?", "input": "", "output": "Paris."}
-    prompt = tokenizer.encode_ordinary(format_prompt(PROMPT_TEMPLATE, record["instruction"]))
+    prompt = encode_prompt(record["instruction"], ALPACA)
     response = tokenizer.encode_ordinary("Paris.") + [tokenizer.eot_token]
-    x, y, truncated = tokenize_instruction(record, PROMPT_TEMPLATE, 1024, mask_input=True, padding_index=-100)
+    x, y, truncated = tokenize_instruction(record, ALPACA, 1024, mask_input=True, padding_index=-100)
     assert not truncated
     assert x == (prompt + response)[:-1]
     assert y == [-100] * (len(prompt) - 1) + response
-    x_unmasked, y_unmasked, _ = tokenize_instruction(record, PROMPT_TEMPLATE, 1024, False, -100)
+    x_unmasked, y_unmasked, _ = tokenize_instruction(record, ALPACA, 1024, False, -100)
     assert x_unmasked == x and y_unmasked == (prompt + response)[1:]
 
 
@@ -97,8 +169,8 @@ def test_masked_prompt_tokens_do_not_enter_the_loss():
     torch.manual_seed(0)
     model = lightgpt(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1).eval()
     records = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris."}]
-    masked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, True, model.padding_index, show_progress=False)
-    unmasked = InstructionSamples(records, PROMPT_TEMPLATE, 1024, False, model.padding_index, show_progress=False)
+    masked = InstructionSamples(records, ALPACA, 1024, True, model.padding_index, show_progress=False)
+    unmasked = InstructionSamples(records, ALPACA, 1024, False, model.padding_index, show_progress=False)
     x, y = masked.batch([0])
     logits, _ = model(x)
     _, loss = model(x, y)
@@ -111,20 +183,20 @@ def test_masked_prompt_tokens_do_not_enter_the_loss():
 
 def test_a_long_sample_loses_the_start_of_its_prompt_never_its_response():
     record = {"instruction": "word " * 300, "input": "", "output": "The answer."}
-    x, y, truncated = tokenize_instruction(record, PROMPT_TEMPLATE, 32, mask_input=True, padding_index=-100)
+    x, y, truncated = tokenize_instruction(record, ALPACA, 32, mask_input=True, padding_index=-100)
     tokenizer = load_tokenizer()
     response = tokenizer.encode_ordinary("The answer.") + [tokenizer.eot_token]
     assert truncated and len(x) == len(y) == 32
     assert y[-len(response):] == response
     assert tokenizer.decode(x).endswith("### Response:\nThe answer.")
-    samples = InstructionSamples([record] + RECORDS, PROMPT_TEMPLATE, 32, True, -100, show_progress=False)
+    samples = InstructionSamples([record] + RECORDS, ALPACA, 32, True, -100, show_progress=False)
     assert len(samples) == 4 and samples.num_truncated >= 1
 
 
 def test_batches_are_padded_and_the_padding_changes_neither_logits_nor_loss():
     torch.manual_seed(0)
     model = lightgpt(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=1).eval()
-    samples = InstructionSamples(RECORDS, PROMPT_TEMPLATE, 1024, False, model.padding_index, show_progress=False)
+    samples = InstructionSamples(RECORDS, ALPACA, 1024, False, model.padding_index, show_progress=False)
     x, y = samples.batch([0, 1, 2])
     lengths = [len(sample_x) for sample_x, _ in samples.samples]
     assert x.shape == y.shape == (3, max(lengths))

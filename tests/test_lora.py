@@ -30,7 +30,7 @@ def test_every_attention_and_mlp_matrix_gets_an_adapter_and_only_adapters_train(
     model = base_model()
     add_lora(model, rank=4, alpha=1.0, dropout=0.0)
     wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-    assert wrapped == [f"body.{layer}.{name}" for layer in range(2)
+    assert wrapped == [f"blocks.{layer}.{name}" for layer in range(2)
                        for name in ("attention.qkv_projection", "attention.output_projection", "mlp.up_projection", "mlp.down_projection")]
     x = tokens()
     model.train()
@@ -109,9 +109,9 @@ def test_an_adapter_for_another_base_is_a_clear_error():
     add_lora(deeper, rank=4, alpha=1.0, dropout=0.0)
     with pytest.raises(ValueError, match="another number of layers"):
         load_lora_state_dict(deeper, lora_checkpoint["lora"])
-    wrapped = {name.replace("body.0.", "body.0._orig_mod."): tensor
+    wrapped = {name.replace("blocks.0.", "blocks.0._orig_mod."): tensor
                for name, tensor in lora_checkpoint["lora"].items()}
-    with pytest.raises(ValueError, match=r"body\.0\._orig_mod\.\S+ is not one of this model's adapter matrices"):
+    with pytest.raises(ValueError, match=r"blocks\.0\._orig_mod\.\S+ is not one of this model's adapter matrices"):
         load_lora_state_dict(model, wrapped)
 
 
@@ -128,7 +128,7 @@ def test_the_weights_fingerprint_tells_a_base_from_another_of_the_same_shape():
     copy.load_state_dict(model.state_dict())
     assert weights_fingerprint(copy.state_dict()) == weights_fingerprint(model.state_dict())
     with torch.no_grad():
-        copy.body[-1].mlp.down_projection.weight[-1, -1] += 1e-3
+        copy.blocks[-1].mlp.down_projection.weight[-1, -1] += 1e-3
     assert weights_fingerprint(copy.state_dict()) != weights_fingerprint(model.state_dict())
 
 

@@ -73,7 +73,7 @@ def test_loss_is_the_mean_over_targets_that_are_not_padding():
 def test_initialisation_is_small_and_residual_projections_shrink_with_depth():
     model = tiny_model(embedding_dimensions=256, num_layers=8)
     assert abs(model.token_embeddings.weight.std().item() - 0.02) < 0.002
-    projection = model.body[0].attention.output_projection.weight.std().item()
+    projection = model.blocks[0].attention.output_projection.weight.std().item()
     assert abs(projection - 0.02 / 4) < 0.001
 
 
@@ -162,7 +162,7 @@ def test_evaluation_s_loss_is_the_plain_cross_entropy_and_never_holds_the_logits
     assert memory.largest <= logits_bytes / 6 and memory.peak < logits_bytes / 1.5, (memory.largest, memory.peak)
 
 
-def test_the_fused_loss_trains_the_body_alone_when_the_tied_weight_is_frozen():
+def test_the_fused_loss_trains_the_blocks_alone_when_the_tied_weight_is_frozen():
     gradients = []
     for training in (True, False):
         model = tiny_model().train(training)
@@ -170,7 +170,7 @@ def test_the_fused_loss_trains_the_body_alone_when_the_tied_weight_is_frozen():
         x = torch.randint(0, VOCABULARY, (2, 9), generator=torch.Generator().manual_seed(3))
         model(x, x)[1].backward()
         assert model.token_embeddings.weight.grad is None
-        gradients.append([parameter.grad for parameter in model.body.parameters()])
+        gradients.append([parameter.grad for parameter in model.blocks.parameters()])
     for fused, plain in zip(*gradients):
         torch.testing.assert_close(fused, plain)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPOSITORY, lightgpt, save_pretrained_checkpoint
-from data import load_tokenizer
+from tokenizer import load_tokenizer
 from serving import Request, Running
 
 openai = pytest.importorskip("openai")

@@ -65,7 +65,7 @@ def test_parameter_counts_equal_the_models_exactly(shape):
     assert counts["total"] == model.num_trainable_params
     assert counts["embedding"] == model.token_embeddings.weight.numel()
     assert counts["non_embedding"] == counts["total"] - counts["embedding"]
-    assert counts["per_block"] == sum(parameter.numel() for parameter in model.body[0].parameters())
+    assert counts["per_block"] == sum(parameter.numel() for parameter in model.blocks[0].parameters())
     assert sorted(architecture.shapes) == sorted(tuple(parameter.shape) for parameter in model.parameters())
 
 

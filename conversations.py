@@ -1,0 +1,347 @@
+"""Conversations: instruction records, prompt templates that turn messages into token ids and loss masks,
+tokenized samples, and the prompts a user types."""
+
+import json
+import re
+import string
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from data import resolve_files
+from tokenizer import END_OF_TEXT_ID, load_tokenizer
+
+INSTRUCTION_DATASETS = ("alpaca", "local")
+INSTRUCTION_EXTENSIONS = (".json", ".jsonl")
+INSTRUCTION_TEST_RATIO = 0.05
+ROLES = ("system", "user", "assistant")
+
+# A message is {"role": one of ROLES, "content": str}; a template may name further fields of a message in its
+# formats (Alpaca's user message has an "input").
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a conversation becomes token ids: each system or user message through the first of its role's formats
+    whose fields the message fills, and each assistant reply as reply_opening (not learned), then its content and
+    reply_closing (learned). The template's own text may hold the tokenizer's special tokens (<|endoftext|>);
+    what a message says never becomes one. Text between special tokens is encoded as one string, so that a
+    template joins its words to a message's as one text would.
+
+    Args:
+        name: what the template is called, for messages and model cards.
+        turns: each role but the assistant's, its formats in order of preference ({content} and further fields).
+        reply_opening: the text before every assistant reply, which the prompt ends with.
+        reply_closing: the text after every assistant reply, learned with it (it teaches the model to stop).
+        stop_tokens: the token ids that end a reply in generation.
+    """
+
+    name: str
+    turns: dict[str, tuple[str, ...]]
+    reply_opening: str
+    reply_closing: str
+    stop_tokens: tuple[int, ...]
+
+    def render(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+        """The conversation's token ids, and for each whether the loss counts there (the assistant's replies and
+        their closings)."""
+        return encode_pieces(self.pieces(messages))
+
+    def prompt(self, messages: Sequence[Message]) -> list[int]:
+        """The ids of the conversation so far followed by the opening of the next assistant reply."""
+        return encode_pieces([*self.pieces(messages), (self.reply_opening, False, True)])[0]
+
+    def pieces(self, messages: Sequence[Message]) -> list[tuple[str, bool, bool]]:
+        """The conversation as (text, learned, is the template's own text) pieces."""
+        pieces = []
+        for message in messages:
+            if message["role"] == "assistant":
+                pieces += [(self.reply_opening, False, True), (message["content"], True, False),
+                           (self.reply_closing, True, True)]
+            else:
+                pieces += [(text, False, own) for text, own in self.filled(message)]
+        return pieces
+
+    def filled(self, message: Message) -> list[tuple[str, bool]]:
+        """A system or user message in the first of its role's formats whose fields (but content, which may be
+        empty) it fills, as (text, is the template's own text) pieces."""
+        formats = self.turns.get(message["role"])
+        if not formats:
+            raise ValueError(f"the {self.name} template has no format for a {message['role']!r} message")
+        for form in formats:
+            parts = list(string.Formatter().parse(form))
+            if all(message.get(field) for _, field, _, _ in parts if field and field != "content"):
+                pieces = []
+                for literal, field, _, _ in parts:
+                    pieces.append((literal, True))
+                    if field:
+                        pieces.append((message[field], False))
+                return pieces
+        raise ValueError(f"a {message['role']} message with the fields {', '.join(message)} fits none of the "
+                         f"{self.name} template's formats")
+
+    def to_dict(self) -> dict:
+        """What adapters and exported configurations store (plain lists and strings; from_dict reads it)."""
+        return {"name": self.name, "turns": {role: list(forms) for role, forms in self.turns.items()},
+                "reply_opening": self.reply_opening, "reply_closing": self.reply_closing,
+                "stop_tokens": list(self.stop_tokens)}
+
+    @classmethod
+    def from_dict(cls, saved) -> "PromptTemplate":
+        """A template from to_dict's form, or a one-line ValueError that says what is wrong with it."""
+        fields = ("name", "turns", "reply_opening", "reply_closing", "stop_tokens")
+        if not isinstance(saved, dict) or set(saved) != set(fields):
+            found = ", ".join(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"a prompt template must have the fields {', '.join(fields)} (found: {found})")
+        turns = saved["turns"]
+        if not isinstance(turns, dict) or not set(turns) <= {"system", "user"} or not all(
+                isinstance(forms, list) and forms and all(isinstance(form, str) for form in forms)
+                for forms in turns.values()):
+            raise ValueError(f"a prompt template's turns must map system or user to a list of format strings, "
+                             f"got {str(turns)[:100]}")
+        for forms in turns.values():
+            for form in forms:
+                try:
+                    parts = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(form)
+                             if field is not None]
+                except ValueError as error:
+                    raise ValueError(f"a prompt template's format {form[:60]!r} is not a format string "
+                                     f"({error})") from None
+                names = [field for field, _, _ in parts]
+                if "content" not in names or not all(name.isidentifier() and not spec and not conversion
+                                                     for name, spec, conversion in parts):
+                    raise ValueError(f"a prompt template's format {form[:60]!r} must name {{content}}, and only "
+                                     f"plain fields")
+        for name in ("name", "reply_opening", "reply_closing"):
+            if not isinstance(saved[name], str):
+                raise ValueError(f"a prompt template's {name} must be a string, got {saved[name]!r}")
+        stops = saved["stop_tokens"]
+        if not isinstance(stops, list) or not stops or not all(type(id) is int and id >= 0 for id in stops):
+            raise ValueError(f"a prompt template's stop_tokens must be a list of token ids, got {stops!r}")
+        return cls(saved["name"], {role: tuple(forms) for role, forms in turns.items()}, saved["reply_opening"],
+                   saved["reply_closing"], tuple(stops))
+
+
+def encode_pieces(pieces: list[tuple[str, bool, bool]]) -> tuple[list[int], list[bool]]:
+    """Encode (text, learned, is the template's own text) pieces: the template's special tokens become their ids,
+    and the text between them (of the same learned flag) is encoded as one string."""
+    tokenizer = load_tokenizer()
+    special = re.compile("(" + "|".join(map(re.escape, sorted(tokenizer.special_tokens_set))) + ")")
+    ids: list[int] = []
+    learned: list[bool] = []
+    text, text_learned = "", False
+
+    def flush() -> None:
+        nonlocal text
+        tokens = tokenizer.encode_ordinary(text)
+        ids.extend(tokens)
+        learned.extend([text_learned] * len(tokens))
+        text = ""
+
+    for piece, is_learned, own in pieces:
+        if is_learned != text_learned:
+            flush()
+            text_learned = is_learned
+        for index, part in enumerate(special.split(piece) if own else [piece]):
+            if index % 2:  # split puts the special tokens it matched at odd positions
+                flush()
+                ids.append(tokenizer.encode_single_token(part))
+                learned.append(is_learned)
+            else:
+                text += part
+    flush()
+    return ids, learned
+
+
+# Alpaca's own template, token for token as the original Alpaca code formats it.
+ALPACA = PromptTemplate(
+    name="alpaca",
+    turns={"user": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{content}\n\n### Input:\n{input}\n\n",
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{content}\n\n",
+    )},
+    reply_opening="### Response:\n",
+    reply_closing="<|endoftext|>",
+    stop_tokens=(END_OF_TEXT_ID,),
+)
+
+
+def stop_tokens(template: PromptTemplate | None, eos_index: int) -> set[int]:
+    """Where a reply ends: at the model's end of text, and at the template's stop tokens."""
+    return {eos_index, *(template.stop_tokens if template else ())}
+
+
+def record_messages(record: dict[str, str]) -> list[Message]:
+    """An instruction record as a conversation: the instruction (with its input) and the response."""
+    return [{"role": "user", "content": record["instruction"], "input": record.get("input") or ""},
+            {"role": "assistant", "content": record["output"]}]
+
+
+def hub_dataset(name: str, alternative: str, **options):
+    """The train split of a HuggingFace hub dataset, or a one-line ConnectionError that offers an alternative."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train", **options)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise ConnectionError(
+            f"--dataset: the HuggingFace hub could not be reached for {name} ({type(error).__name__}); {alternative}"
+        ) from None
+
+
+
+
+def checked_record(record, where: str) -> dict[str, str]:
+    """An Alpaca record ({instruction, optional input, output}, all strings), or a ValueError naming it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is not a JSON object with instruction and output fields")
+    for field in ("instruction", "output"):
+        if field not in record:
+            raise ValueError(f"{where} has no {field!r} field (found: {', '.join(record) or 'none'})")
+    for field in ("instruction", "input", "output"):
+        if record.get(field) is not None and not isinstance(record[field], str):
+            raise ValueError(f"{where}: {field!r} must be a string, got {type(record[field]).__name__}")
+    return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
+
+
+def read_instruction_file(path: Path) -> list[dict[str, str]]:
+    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line, in UTF-8."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
+                         f"save it as UTF-8") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(checked_record(json.loads(line), f"{path}: line {number}"))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+        return records
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(loaded, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(loaded).__name__}")
+    return [checked_record(record, f"{path}: record {number}") for number, record in enumerate(loaded, start=1)]
+
+
+def load_instructions(dataset: str, dataset_path: str | None = None) -> list[dict[str, str]]:
+    """Instruction/response records from the hub (alpaca) or from local .json/.jsonl files (local)."""
+    if dataset == "alpaca":
+        records = hub_dataset(
+            "tatsu-lab/alpaca", "use your own files: --dataset local --dataset_path FILE.json (see the README)"
+        )
+        return [checked_record(record, f"tatsu-lab/alpaca: record {number}")
+                for number, record in enumerate(records, start=1)]
+    if dataset == "local":
+        if not dataset_path:
+            raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a "
+                             "glob)")
+        files = resolve_files(dataset_path, INSTRUCTION_EXTENSIONS, "--dataset_path")
+        return [record for file in files for record in read_instruction_file(file)]
+    raise ValueError(f"--dataset: unknown instruction dataset {dataset!r}; choose from "
+                     f"{', '.join(INSTRUCTION_DATASETS)}")
+
+
+def split_instructions(records: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """About 5% of the records, at least one, held out for validation; the same ones on every run."""
+    if len(records) < 2:
+        raise ValueError(f"the instruction dataset has {len(records)} record(s); at least 2 are needed "
+                         f"(one is held out for validation)")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0)).tolist()
+    num_test = max(1, round(INSTRUCTION_TEST_RATIO * len(records)))
+    return [records[index] for index in order[num_test:]], [records[index] for index in order[:num_test]]
+
+
+def tokenize_instruction(
+    record: dict[str, str], template: PromptTemplate, block_size: int, mask_input: bool, padding_index: int
+) -> tuple[list[int], list[int], bool]:
+    """Inputs x and targets y of one sample, and whether it was truncated.
+
+    The response ends with the template's reply closing. With mask_input the targets of all but the response are
+    padding_index, so only the response is learned. A sample longer than block_size loses its start, never its
+    response's end.
+    """
+    tokens, learned = template.render(record_messages(record))
+    labels = [token if is_learned or not mask_input else padding_index for token, is_learned in zip(tokens, learned)]
+    truncated = len(tokens) > block_size + 1
+    tokens, labels = tokens[-(block_size + 1):], labels[-(block_size + 1):]
+    return tokens[:-1], labels[1:], truncated
+
+
+class InstructionSamples:
+    """Tokenized instruction records, batched with right padding that never enters the loss."""
+
+    def __init__(
+        self,
+        records: list[dict[str, str]],
+        template: PromptTemplate,
+        block_size: int,
+        mask_input: bool,
+        padding_index: int,
+        show_progress: bool = True,
+    ):
+        from tqdm import tqdm
+
+        self.padding_index = padding_index
+        self.samples = []
+        self.num_truncated = 0
+        for record in tqdm(records, desc="Tokenizing instructions", unit="sample", disable=not show_progress):
+            x, y, truncated = tokenize_instruction(record, template, block_size, mask_input, padding_index)
+            self.samples.append((torch.tensor(x), torch.tensor(y)))
+            self.num_truncated += truncated
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Samples padded on the right: x with <|endoftext|>, y with padding_index. The causal mask keeps the
+        padding, which comes after every real token, from changing any real token's logits."""
+        length = max(len(self.samples[index][0]) for index in indices)
+        x = torch.full((len(indices), length), load_tokenizer().eot_token)
+        y = torch.full((len(indices), length), self.padding_index)
+        for row, index in enumerate(indices):
+            sample_x, sample_y = self.samples[index]
+            x[row, : len(sample_x)] = sample_x
+            y[row, : len(sample_y)] = sample_y
+        return x, y
+
+
+def read_prompts(prompt: str | None) -> Iterator[str]:
+    """The texts to complete: the one given, else one per line typed at a terminal (until Ctrl-D), else one per
+    line of standard input, so that a script can pipe prompts in."""
+    if prompt is not None:
+        yield prompt
+    elif not sys.stdin.isatty():
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+    else:
+        while True:
+            try:
+                yield input("Prompt (Ctrl-D to quit): ")
+            except EOFError:
+                print()
+                return
+
+
+def encode_prompt(text: str, template: PromptTemplate | None = None) -> list[int]:
+    """A prompt's tokens: the user's message in a template, then the opening of the reply, if a template is given
+    (an adapter's); else the text alone, and an empty one as the end-of-text token, which comes before every
+    training document."""
+    if template is not None:
+        return template.prompt([{"role": "user", "content": text}])
+    tokenizer = load_tokenizer()
+    return tokenizer.encode_ordinary(text) or [tokenizer.eot_token]
