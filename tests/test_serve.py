@@ -15,7 +15,9 @@ import httpx2 as httpx
 import pytest
 import torch
 
+from checkpoint import exported_config
 from conftest import REPOSITORY, lightgpt, save_pretrained_checkpoint
+from conversations import PromptTemplate
 from tokenizer import load_tokenizer
 from serving import Request, Running
 
@@ -39,6 +41,20 @@ def served_model(**overrides):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return save_pretrained_checkpoint(served_model(), tmp_path_factory.mktemp("serve") / "model.pt", BLOCK_SIZE)
+
+
+# A chat template with a system turn, whose replies end at a newline (token 198) or at the end of text.
+CHAT_TEMPLATE = PromptTemplate(name="test-chat",
+                               turns={"system": ("System: {content}\n",), "user": ("User: {content}\n",)},
+                               reply_opening="Assistant:", reply_closing="\n", stop_tokens=(198, 50256))
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory) -> Path:
+    """An exported chat model: the served model's weights with CHAT_TEMPLATE, as export.py writes them."""
+    folder, model = tmp_path_factory.mktemp("chat") / "export", served_model()
+    model.save_pretrained(folder, config=exported_config(model, BLOCK_SIZE, CHAT_TEMPLATE.to_dict()))
+    return folder
 
 
 def free_port() -> int:
@@ -73,6 +89,13 @@ def live_server(checkpoint: Path, *flags: str):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     with live_server(checkpoint) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_folder):
+    """The chat model behind a key, one row and a queue of one."""
+    with live_server(chat_folder, "--api_key", API_KEY, "--max_batch_size", "1", "--max_queued", "1") as url:
         yield url
 
 
@@ -174,33 +197,51 @@ def test_sixteen_concurrent_streams_each_get_their_solo_text(server):
 
 
 @pytest.mark.slow
-def test_api_key_full_queue_and_a_disconnect_that_frees_its_row(checkpoint):
-    with live_server(checkpoint, "--api_key", API_KEY, "--max_batch_size", "1", "--max_queued", "1") as url:
-        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-        with pytest.raises(openai.AuthenticationError):
-            client(url, api_key="wrong").models.list()
-        keyed = client(url, api_key=API_KEY)
-        assert keyed.models.list().data[0].id == "lightgpt"
+@pytest.mark.slow
+def test_a_chat_completion_its_stream_and_usage_agree(chat_server):
+    chat = client(chat_server, api_key=API_KEY).chat.completions
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
+    response = chat.create(model="lightgpt", messages=messages, temperature=0, max_tokens=40)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert "\n" not in choice.message.content
+    assert response.usage.prompt_tokens == len(CHAT_TEMPLATE.prompt(messages))
+    chunks = list(chat.create(model="lightgpt", messages=messages, temperature=0, max_tokens=40, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    with pytest.raises(openai.BadRequestError, match="n: must be 1"):
+        chat.create(model="lightgpt", messages=messages, n=2)
 
-        long_request = {"model": "lightgpt", "prompt": "The", "max_tokens": BLOCK_SIZE - 1, "temperature": 0}
-        stream = keyed.completions.create(**long_request, stream=True)
-        next(iter(stream))  # the one row is taken
-        queued = concurrent.futures.ThreadPoolExecutor(1).submit(
-            lambda: keyed.completions.create(**long_request | {"max_tokens": 5}))
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/health", timeout=10).json()["waiting"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        full = httpx.post(f"{url}/v1/completions", json=long_request, timeout=10,
-                          headers={"Authorization": f"Bearer {API_KEY}"})
-        assert full.status_code == 503 and full.headers["retry-after"] == "1"
 
-        closed_at = time.monotonic()
-        stream.close()
-        assert queued.result(timeout=60).usage.completion_tokens == 5
-        freed_after = time.monotonic() - closed_at
-        started = time.monotonic()
-        assert keyed.completions.create(**long_request).usage.completion_tokens == BLOCK_SIZE - 1
-        assert freed_after < time.monotonic() - started, "the queued request ran before the long one could end"
+@pytest.mark.slow
+def test_api_key_full_queue_and_a_disconnect_that_frees_its_row(chat_server):
+    url = chat_server
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        client(url, api_key="wrong").models.list()
+    keyed = client(url, api_key=API_KEY)
+    assert keyed.models.list().data[0].id == "lightgpt"
+
+    long_request = {"model": "lightgpt", "prompt": "The", "max_tokens": BLOCK_SIZE - 1, "temperature": 0}
+    stream = keyed.completions.create(**long_request, stream=True)
+    next(iter(stream))  # the one row is taken
+    queued = concurrent.futures.ThreadPoolExecutor(1).submit(
+        lambda: keyed.completions.create(**long_request | {"max_tokens": 5}))
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/health", timeout=10).json()["waiting"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    full = httpx.post(f"{url}/v1/completions", json=long_request, timeout=10,
+                      headers={"Authorization": f"Bearer {API_KEY}"})
+    assert full.status_code == 503 and full.headers["retry-after"] == "1"
+
+    closed_at = time.monotonic()
+    stream.close()
+    assert queued.result(timeout=60).usage.completion_tokens == 5
+    freed_after = time.monotonic() - closed_at
+    started = time.monotonic()
+    assert keyed.completions.create(**long_request).usage.completion_tokens == BLOCK_SIZE - 1
+    assert freed_after < time.monotonic() - started, "the queued request ran before the long one could end"
 
 
 def running(request: Request, tokens: list[int]) -> list:
@@ -266,8 +307,9 @@ def test_lm_eval_s_local_completions_scores_a_multiple_choice_task_as_the_model_
         "task: lightgpt_choices\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {items}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{{{question}}}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)
     results = lm_eval.simple_evaluate(
-        model="local-completions", tasks=["lightgpt_choices"], task_manager=TaskManager(include_path=str(tmp_path)),
+        model="local-completions", tasks=["lightgpt_choices"], task_manager=tasks,
         model_args={"base_url": f"{server}/v1/completions", "model": "lightgpt", "num_concurrent": 2,
                     "max_retries": 1}, log_samples=True)
     model = served_model()
@@ -280,3 +322,48 @@ def test_lm_eval_s_local_completions_scores_a_multiple_choice_task_as_the_model_
               for sample in results["samples"]["lightgpt_choices"]}
     torch.testing.assert_close(torch.tensor([served[index] for index in range(len(CHOICE_ITEMS))]),
                                torch.tensor(scores), rtol=0, atol=1e-3)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chat_in_the_page(page, message: str) -> str:
+    """Type a message into the chat page and wait for its streamed reply to finish; the reply's text."""
+    replies = page.locator(".assistant").count()
+    page.fill("#message", message)
+    page.click("#send")
+    page.wait_for_function(f"document.querySelectorAll('.assistant').length > {replies} && "
+                           "!document.getElementById('send').disabled", timeout=60_000)
+    return page.locator(".assistant").nth(replies).text_content()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_chat_page_streams_a_reply_in_a_real_browser_and_resets(chat_server, tmp_path):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
+    expected = client(chat_server, api_key=API_KEY).chat.completions.create(
+        model="lightgpt", messages=messages, temperature=0, max_tokens=40).choices[0].message.content
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{chat_server}/")
+            page.fill("#api_key", API_KEY)
+            page.fill("#system", "Be brief.")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "40")
+            # Count the reply's updates: a streamed reply grows in several.
+            page.evaluate("window.updates = 0; new MutationObserver(() => window.updates++).observe("
+                          "document.getElementById('conversation'), {subtree: true, childList: true, "
+                          "characterData: true})")
+            assert chat_in_the_page(page, "Name a river.") == expected
+            assert page.evaluate("window.updates") > 3
+            page.screenshot(path=tmp_path / "chat.png")
+            page.click("#reset")
+            assert page.locator(".message").count() == 0
+            assert chat_in_the_page(page, "Name a river.") == expected  # the same first turn: nothing was kept
+        finally:
+            browser.close()
