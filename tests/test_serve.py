@@ -15,6 +15,7 @@ import httpx2 as httpx
 import pytest
 import torch
 
+import sizing
 from checkpoint import exported_config
 from conftest import REPOSITORY, lightgpt, save_pretrained_checkpoint
 from conversations import PromptTemplate
@@ -105,7 +106,8 @@ def client(url: str, **options) -> "openai.OpenAI":
 
 
 def complete(url: str, prompt: str, **options) -> str:
-    return client(url).completions.create(model="lightgpt", prompt=prompt, temperature=0, **options).choices[0].text
+    options = {"temperature": 0} | options
+    return client(url).completions.create(model="lightgpt", prompt=prompt, **options).choices[0].text
 
 
 def streamed(url: str, prompt: str, **options) -> tuple[str, float, float]:
@@ -127,6 +129,8 @@ def test_a_completion_its_stream_and_usage_agree(server):
     assert response.usage.prompt_tokens == 3 and response.usage.completion_tokens == 20
     assert response.usage.total_tokens == 23
     assert streamed(server, "The history of", max_tokens=20)[0] == choice.text
+    sampled = [complete(server, "The history of", max_tokens=20, temperature=1.0, seed=seed) for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
     assert [model.id for model in client(server).models.list()] == ["lightgpt"]
 
 
@@ -188,8 +192,13 @@ def test_sixteen_concurrent_streams_each_get_their_solo_text(server):
     prompts = [f"Story {index}: the {word} of" for index, word in enumerate(
         "river city king music science water light stone forest bridge garden tower ship road song moon".split())]
     alone = [complete(server, prompt, max_tokens=60) for prompt in prompts]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda prompt: streamed(server, prompt, max_tokens=60), prompts))
+    with concurrent.futures.ThreadPoolExecutor(17) as pool:
+        streams = pool.map(lambda prompt: streamed(server, prompt, max_tokens=60), prompts)
+        # Bad requests meanwhile: each refused alone, the streams undisturbed.
+        refused = [httpx.post(f"{server}/v1/completions", content=body, timeout=30).status_code
+                   for body in (b"{", b'{"prompt": "x", "temperature": -1}', b'{"prompt": [99999999]}')]
+        together = list(streams)
+    assert refused == [400, 400, 400]
     assert [text for text, _, _ in together] == alone
     assert len(set(alone)) > 8, "the texts differ, so that a row mixed up with another would show"
     latest_start = max(first for _, first, _ in together)
@@ -367,3 +376,13 @@ def test_the_chat_page_streams_a_reply_in_a_real_browser_and_resets(chat_server,
             assert chat_in_the_page(page, "Name a river.") == expected  # the same first turn: nothing was kept
         finally:
             browser.close()
+
+
+def test_the_batch_s_cache_is_what_sizing_predicts():
+    from serving import BatchDecoder
+
+    model = served_model()
+    decoder = BatchDecoder(model, load_tokenizer(), BLOCK_SIZE, max_batch_size=16, max_queued=1)
+    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in decoder.cache)
+    architecture = sizing.Architecture(50257, BLOCK_SIZE, 64, 4, 2, num_kv_heads=2)
+    assert measured == architecture.kv_cache_bytes(sequences=16)
