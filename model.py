@@ -105,12 +105,12 @@ class CausalSelfAttention(Module):
         # q: (batch, heads, sequence, head_dimensions); k and v: (batch, kv_heads, sequence, head_dimensions)
         k, v = (t.view(batch_size, sequence_length, self.num_kv_heads, self.head_dimensions).transpose(1, 2)
                 for t in (k, v))
-        mask = None
+        mask, is_causal = None, True
         if cache is not None:
             k, v, mask = cache.append(k, v)  # (batch, kv_heads, cached + sequence, head_dimensions)
+            is_causal = mask is None and k.size(2) == sequence_length  # nothing was cached before these tokens
         z = scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and k.size(2) == sequence_length,  # nothing cached before these tokens
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (batch, heads, sequence, head_dimensions)
         z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)  # (batch, sequence, embedding)

@@ -54,6 +54,9 @@ class RowCache:
         self.lengths[destination] = length
 
 
+DEFAULT_TOP_K = 500  # generate.py's: sampling looks at the 500 most likely tokens unless a request says otherwise
+
+
 class QueueFull(Exception):
     """More requests wait than the queue holds."""
 
@@ -89,7 +92,7 @@ class Request:
     deliver: Callable[[Event], None]
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int | None = None  # None: the whole vocabulary
+    top_k: int | None = None  # None: DEFAULT_TOP_K
     stop: tuple[str, ...] = ()
     stop_tokens: frozenset[int] = frozenset()
     seed: int | None = None
@@ -113,15 +116,20 @@ class Running:
         self.text, self.delivered, self.count = "", 0, 0
         self.last_token = 0
 
-    def choose(self, logits: Tensor) -> TokenChoice:
-        """The next token from this row's logits (vocabulary,), with its log-probability when asked for."""
+    @property
+    def top_k(self) -> int:
+        return min(self.request.top_k or DEFAULT_TOP_K, self.tokenizer.n_vocab)
+
+    def choose(self, logits: Tensor, top: tuple[Tensor, Tensor] | None) -> TokenChoice:
+        """The next token from this row's logits (vocabulary,), with its log-probability when asked for; top: the
+        row's most likely logits and their tokens, best first, at least top_k of them (sampling only)."""
         request = self.request
         if request.temperature == 0:
             token = int(logits.argmax())
         else:
-            top_k = min(request.top_k or len(logits), len(logits))
-            candidates, probabilities = top_k_top_p(logits, request.temperature, top_k, request.top_p)
-            token = int(candidates[torch.multinomial(probabilities, 1, generator=self.generator)])
+            values, tokens = top[0][: self.top_k], top[1][: self.top_k]
+            candidates, probabilities = top_k_top_p(values, request.temperature, self.top_k, request.top_p)
+            token = int(tokens[candidates[torch.multinomial(probabilities, 1, generator=self.generator)]])
         choice = TokenChoice(token)
         if request.logprobs is not None:
             log_probabilities = logits.float().log_softmax(-1)
@@ -153,6 +161,15 @@ class Running:
     def finish(self, reason: str, tokens: list[TokenChoice] | None = None) -> Event:
         self.text += self.decoder.decode(b"", final=True)  # a character cut short by the end, as U+FFFD
         return self.event(len(self.text), tokens or [], reason)
+
+
+def choose(rows: list[Running], logits: Tensor) -> list[TokenChoice]:
+    """Each row's next token from its logits (rows, vocabulary). The sampling rows' candidates come from one top-k
+    of the whole batch: sorting each row's 50257 logits alone took 15 ms a row on a CPU core."""
+    widths = [running.top_k for running in rows if running.request.temperature > 0]
+    top = logits.topk(max(widths), -1) if widths else None  # (rows, the widest top_k) values and indices
+    return [running.choose(logits[row], top and (top.values[row], top.indices[row]))
+            for row, running in enumerate(rows)]
 
 
 def overlap(text: str, stop: str) -> int:
@@ -255,7 +272,7 @@ class BatchDecoder:
             return
         cache = self.model.new_cache(1, prompt.size(1))
         logits = self.model.next_token_logits(prompt, cache)[0]  # (vocabulary,)
-        event = running.advance(running.choose(logits), self.model.eos_index)
+        event = running.advance(choose([running], logits[None])[0], self.model.eos_index)
         request.deliver(event)
         if event.finish_reason is None:
             row = len(self.rows)
@@ -285,8 +302,8 @@ class BatchDecoder:
             self.remove(list(range(len(self.rows))))
             return
         finished = []
-        for row, running in enumerate(self.rows):
-            event = running.advance(running.choose(logits[row]), self.model.eos_index)
+        for row, (running, choice) in enumerate(zip(self.rows, choose(self.rows, logits))):
+            event = running.advance(choice, self.model.eos_index)
             running.request.deliver(event)
             if event.finish_reason is not None:
                 finished.append(row)
