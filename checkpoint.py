@@ -22,7 +22,8 @@ from typing import BinaryIO
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from data import locked_at_once, record_holder, temporary_path
 from distributed import from_rank_zero, rank
@@ -46,9 +47,14 @@ EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
 # A sharded checkpoint is a folder: this index holds all but the tensors of the model and the optimizer state,
 # which are in the folder of shards that the index names.
 SHARDED_INDEX = "checkpoint.pt"
-# What torch.distributed.checkpoint's metadata file (a pickle) is made of; anything else is refused.
+# What torch.distributed.checkpoint's metadata file (a pickle) is made of, as exact (module, name) pairs; anything
+# else is refused. Only tensors are saved, so BytesStorageMetadata, which DCP would load with a full unpickler, is
+# not among them.
 METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                    ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+                    ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")} | {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "TensorProperties",
+        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
 
 
 def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step: int, epoch: int,
@@ -253,15 +259,40 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
     reads its own parts, whatever the number of ranks that wrote them. alone: in this process only, even under
     torchrun. Shards of an older format keep the parameter names they were written with: they are read under
     those names into the same tensors."""
-    folder = Path(path) / index["shards"]
-    safe_metadata(folder)  # refuse a metadata file that would run code before DCP unpickles it
+    folder = shards_folder(path, index)
+    reader = CheckedShardsReader(folder, safe_metadata(folder))
     version = index.get("written_in_format", FORMAT_VERSION)
     written = {part: {name_in_version(name, version): value for name, value in entries.items()}
                for part, entries in state.items()}
     with without_the_one_process_warning():
-        dcp.load(written, checkpoint_id=folder, no_dist=alone)
+        dcp.load(written, storage_reader=reader, no_dist=alone)
     for part, entries in state.items():  # DCP replaces what is not a tensor rather than filling it
         entries.update((name, written[part][name_in_version(name, version)]) for name in entries)
+
+
+class CheckedShardsReader(FileSystemReader):
+    """DCP's reader of a folder of shards, given the metadata that safe_metadata checked: DCP's own reader would
+    unpickle the folder's .metadata again with plain pickle, or, failing that, an unchecked __<rank>.metadata."""
+
+    def __init__(self, folder: Path, metadata: Metadata):
+        super().__init__(folder)
+        self.checked_metadata = metadata
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        self.checked_metadata.storage_meta = StorageMeta(load_id=self.load_id)  # where DCP looks for its load id
+        return self.checked_metadata
+
+
+def inside(folder: Path, name: object, what: str) -> Path:
+    """folder / name, where a name read from a checkpoint must stay inside the checkpoint's folder."""
+    if not isinstance(name, str) or not (folder / name).resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder}: {what} {name!r} is not a name inside the folder; refusing to read it")
+    return folder / name
+
+
+def shards_folder(path: str | Path, index: dict) -> Path:
+    """The folder of shards that a sharded checkpoint's index names."""
+    return inside(Path(path), index["shards"], "the index's shards entry")
 
 
 @contextmanager
@@ -274,24 +305,33 @@ def without_the_one_process_warning() -> Iterator[None]:
 
 def safe_metadata(folder: Path) -> Metadata:
     """torch.distributed.checkpoint's metadata of a folder of shards, unpickled with only the classes that it
-    is made of: the file is a pickle, and DCP itself would unpickle anything, code included."""
+    is made of (the file is a pickle, and plain unpickling would run any code in it), and naming only files in
+    the folder."""
     class MetadataUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str):
-            dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-            if module == "torch.distributed.checkpoint.metadata" or (module, name) in METADATA_GLOBALS or dtype:
+            # a dotted name (protocol 4) would reach through an allowed module to anything it imports
+            dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
+            if (module, name) in METADATA_GLOBALS or dtype:
                 return super().find_class(module, name)
             raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint")
 
     try:
         with open(folder / ".metadata", "rb") as file:
-            return MetadataUnpickler(file).load()
+            metadata = MetadataUnpickler(file).load()
     except (OSError, pickle.UnpicklingError, EOFError) as error:
         raise ValueError(f"{folder}: not a readable folder of shards ({error})") from None
+    if not (isinstance(metadata, Metadata) and isinstance(metadata.storage_data, dict)
+            and isinstance(metadata.state_dict_metadata, dict)
+            and all(isinstance(item, TensorStorageMetadata) for item in metadata.state_dict_metadata.values())):
+        raise ValueError(f"{folder}: not a readable folder of shards (its .metadata is not DCP's metadata of tensors)")
+    for storage in metadata.storage_data.values():
+        inside(folder, getattr(storage, "relative_path", None), "the shard file")
+    return metadata
 
 
 def whole_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
     """The model weights of a sharded checkpoint, read whole into this process's memory."""
-    metadata = safe_metadata(Path(path) / index["shards"])
+    metadata = safe_metadata(shards_folder(path, index))
     version = index.get("written_in_format", FORMAT_VERSION)
     weights = {current_name(name.removeprefix("model."), version): torch.empty(item.size, dtype=item.properties.dtype)
                for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}

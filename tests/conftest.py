@@ -1,6 +1,8 @@
 import atexit
+import concurrent.futures
 import importlib.util
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -120,12 +122,12 @@ def limit_file_size(size: int) -> None:
 
 @pytest.fixture
 def full_disk_after_4_kb():
-    """limit_file_size(4096) for the length of a test."""
-    limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
-    limit_file_size(4096)
-    yield
-    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
-    signal.signal(signal.SIGXFSZ, handler)
+    """Runs `function(*args)` in a child process whose files cannot grow past 4 kB, and returns its result or
+    raises its exception here. The limit stays in the child: set here, it would also stop pytest writing its
+    report to a file that is already larger."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
+                                                initializer=limit_file_size, initargs=(4096,)) as child:
+        yield lambda function, *args: child.submit(function, *args).result()
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

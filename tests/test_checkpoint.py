@@ -1,10 +1,13 @@
+import contextlib
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,8 +22,8 @@ from checkpoint import (
     load_index,
     load_lora_checkpoint,
     load_lora_model,
-    load_shards,
     load_model,
+    load_shards,
     model_from_checkpoint,
     save_atomically,
     save_sharded,
@@ -28,8 +31,16 @@ from checkpoint import (
     training_checkpoint,
     upgraded_template,
 )
+from conftest import (
+    REPOSITORY,
+    assert_one_line_error,
+    flag_error,
+    load_script,
+    run_script,
+    save_pretrained_checkpoint,
+    tiny_model,
+)
 from conversations import PromptTemplate
-from conftest import REPOSITORY, flag_error, load_script, save_pretrained_checkpoint, tiny_model
 from data import write_text_atomically
 from distributed import load_training_state, sharded_training_state
 from tokenizer import load_tokenizer
@@ -38,11 +49,17 @@ from training import append_metrics, records_up_to
 FIXTURES = REPOSITORY / "tests" / "fixtures"
 
 
-def test_a_checkpoint_written_before_format_versions_loads_to_the_same_logits():
+def test_a_checkpoint_written_before_format_versions_loads_the_same_weights_to_the_same_logits():
+    """The weights are data and load exactly; the logits were computed on another CPU, whose float kernels may
+    round differently, so they are compared within float32's tolerance."""
     expected = torch.load(FIXTURES / "v1_expected_logits.pt", weights_only=True)
     model, block_size, template = load_model(FIXTURES / "v1_checkpoint.pt")
     assert block_size == 8 and template is None
-    torch.testing.assert_close(model(expected["tokens"])[0], expected["base_logits"], rtol=0, atol=0)
+    stored = torch.load(FIXTURES / "v1_checkpoint.pt", weights_only=True)["model"]
+    assert len(stored) == len(model.state_dict())
+    for (name, loaded), original in zip(model.state_dict().items(), stored.values()):  # same order, renamed keys
+        assert torch.equal(loaded, original), name
+    torch.testing.assert_close(model(expected["tokens"])[0], expected["base_logits"])
 
 
 def test_an_adapter_written_before_format_versions_merges_to_the_same_logits_without_a_warning():
@@ -175,6 +192,101 @@ def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path,
     assert "this ran" not in capsys.readouterr().out
 
 
+def calling(module: str, name: str, argument: str, then: bytes) -> bytes:
+    """A protocol 4 pickle that calls module.name(argument) (STACK_GLOBAL, REDUCE), drops the result and goes
+    on with `then`, another pickle without its protocol opcode."""
+    def string(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()  # SHORT_BINUNICODE
+    return b"\x80\x04" + string(module) + string(name) + b"\x93" + string(argument) + b"\x85R0" + then[2:]
+
+
+def sharded_with_crafted_metadata(root, module: str, name: str, marker) -> tuple:
+    """A sharded checkpoint whose .metadata first runs `touch marker` through module.name, then is DCP's own;
+    and its index. Also a rank's own metadata, which DCP falls back to when .metadata fails, runs it."""
+    sharded_checkpoint(tiny_model(), root / "sharded")
+    metadata = next((root / "sharded").glob("shards-*/.metadata"))
+    crafted = calling(module, name, f"touch {marker}", metadata.read_bytes())
+    metadata.write_bytes(crafted)
+    (metadata.parent / "__0.metadata").write_bytes(crafted)
+    return root / "sharded", load_index(root / "sharded")
+
+
+CODE_RUNNERS = [("os", "system"), ("torch.distributed.checkpoint.metadata", "os.system"),
+                ("torch", "serialization.os.system"), ("torch.distributed.checkpoint.filesystem", "os.system")]
+
+
+@pytest.mark.parametrize("module, name", CODE_RUNNERS)
+def test_sharded_metadata_that_reaches_os_system_runs_nothing_on_loading_or_resuming(tmp_path, module, name):
+    path, index = sharded_with_crafted_metadata(tmp_path, module, name, tmp_path / "marker")
+    refusal = f"not a readable folder of shards ({module}.{name} has no place in a checkpoint)"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match=re.escape(refusal)):  # pre-train.py --resume's way in
+        load_shards(path, index, {"model": tiny_model().state_dict()})
+    assert not (tmp_path / "marker").exists()
+
+
+def test_without_metadata_dcp_s_fallback_to_a_rank_s_metadata_is_never_read(tmp_path):
+    path, _ = sharded_with_crafted_metadata(tmp_path, "os", "system", tmp_path / "marker")
+    next(path.glob("shards-*/.metadata")).unlink()
+    with pytest.raises(ValueError, match="not a readable folder of shards"):
+        load_checkpoint(path)
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.slow
+def test_generate_refuses_sharded_metadata_that_would_run_code_in_one_line(tmp_path):
+    path, _ = sharded_with_crafted_metadata(tmp_path, *CODE_RUNNERS[1], tmp_path / "marker")
+    result = run_script("generate.py", "--checkpoint_path", path, "--prompt", "The", "--max_tokens", "2",
+                        "--device", "cpu")
+    assert_one_line_error(result, "not a readable folder of shards", "os.system has no place in a checkpoint")
+    assert not (tmp_path / "marker").exists()
+
+
+@contextlib.contextmanager
+def files_opened() -> Iterator[list[str]]:
+    """The paths this process opens (Python's audit event "open") while in the block."""
+    opened = []
+    OPEN_LISTENERS.append(opened)
+    try:
+        yield opened
+    finally:
+        OPEN_LISTENERS.remove(opened)
+
+
+OPEN_LISTENERS: list[list[str]] = []
+sys.addaudithook(lambda event, args: [opened.append(str(args[0])) for opened in OPEN_LISTENERS if event == "open"])
+
+
+def test_a_shards_entry_naming_a_folder_outside_the_checkpoint_is_refused_unopened(tmp_path):
+    sharded_checkpoint(tiny_model(), tmp_path / "other")  # another checkpoint's shards, which would load
+    outside = next((tmp_path / "other").glob("shards-*"))
+    path, index = tmp_path / "sharded", None
+    sharded_checkpoint(tiny_model(), path)
+    index = torch.load(path / "checkpoint.pt", weights_only=True)
+    for shards in (f"../other/{outside.name}", str(outside), "/etc"):
+        save_atomically(index | {"shards": shards}, path / "checkpoint.pt")
+        with files_opened() as opened, pytest.raises(ValueError, match=re.escape(
+                f"{path}: the index's shards entry {shards!r} is not a name inside the folder")):
+            load_checkpoint(path)
+        assert not [name for name in opened if not name.startswith(str(path))], opened
+
+
+@pytest.mark.parametrize("relative_path", ["../../other/shards/__0_0.distcp", "/etc/passwd"])
+def test_a_shard_file_named_outside_the_folder_of_shards_is_refused_unopened(tmp_path, relative_path):
+    path = tmp_path / "sharded"
+    sharded_checkpoint(tiny_model(), path)
+    metadata_file = next(path.glob("shards-*/.metadata"))
+    metadata = pickle.loads(metadata_file.read_bytes())
+    for storage in metadata.storage_data.values():
+        storage.relative_path = relative_path
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    with files_opened() as opened, pytest.raises(ValueError, match=re.escape(
+            f"the shard file {relative_path!r} is not a name inside the folder")):
+        load_checkpoint(path)
+    assert not [name for name in opened if not name.startswith(str(path))], opened
+
+
 @pytest.mark.parametrize("format, existing, message", [
     ("sharded", "file", "is a single-file checkpoint, and --checkpoint_format sharded writes a folder"),
     ("single", "folder", "is a folder; use --checkpoint_format sharded"),
@@ -200,7 +312,7 @@ def test_a_failed_save_names_the_file_and_leaves_the_previous_checkpoint_whole(t
     path = tmp_path / "checkpoint.pt"
     save_atomically({"step": 1}, path)
     with pytest.raises(OSError, match=f"could not write {path}: File too large"):
-        save_atomically({"step": 2, "weights": torch.zeros(10_000)}, path)
+        full_disk_after_4_kb(save_atomically, {"step": 2, "weights": torch.zeros(10_000)}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
@@ -209,7 +321,7 @@ def test_a_failed_metrics_record_leaves_no_half_line(tmp_path, full_disk_after_4
     path = tmp_path / "checkpoint.metrics.jsonl"
     append_metrics(path, {"step": 1})
     with pytest.raises(OSError, match=f"could not write {path}: File too large"):
-        append_metrics(path, {"step": 2, "note": "x" * 5000})
+        full_disk_after_4_kb(append_metrics, path, {"step": 2, "note": "x" * 5000})
     assert path.read_text() == '{"step": 1}\n'
 
 

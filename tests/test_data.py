@@ -415,33 +415,55 @@ def test_a_corpus_shorter_than_a_window_is_a_clear_error(tmp_path):
         TokenWindows(tmp_path / "train.bin", block_size=10)
 
 
-def start_pretraining_on_the_mirror(root, dataset_path, *args) -> subprocess.Popen:
-    """pre-train.py on the local FineWeb-Edu mirror in root, as a user would start it."""
+# pre-train.py, whose corpus stream stalls before the batch numbered sys.argv[1] as a slow source would: a test
+# that stops the preparation then finds it stopped at a known point, however fast or loaded the machine.
+STALLING_SOURCE = """
+import runpy, sys, time
+stall_at_batch, script = int(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, script.rsplit("/", 1)[0])
+import data
+read_batches = data.document_batches
+def stalling_batches(parts, position):
+    for texts, number, after in read_batches(parts, position):
+        while number >= stall_at_batch:
+            time.sleep(0.01)
+        yield texts, number, after
+data.document_batches = stalling_batches
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def start_pretraining_on_the_mirror(root, dataset_path, stall_at_batch: int, *args) -> subprocess.Popen:
+    """pre-train.py on the local FineWeb-Edu mirror in root, as a user would start it, its stream stalling before
+    batch `stall_at_batch`."""
     return subprocess.Popen(
-        [sys.executable, str(REPOSITORY / "pre-train.py"), "--dataset_path", str(dataset_path), *TINY_MODEL,
-         "--samples_per_epoch", "1", "--batch_size", "1", "--gradient_accumulation_steps", "1", "--num_epochs", "1",
-         "--eval_samples", "1", "--checkpoint_path", str(root / "checkpoint.pt"), *args],
+        [sys.executable, "-c", STALLING_SOURCE, str(stall_at_batch), str(REPOSITORY / "pre-train.py"),
+         "--dataset_path", str(dataset_path), *TINY_MODEL, "--samples_per_epoch", "1", "--batch_size", "1",
+         "--gradient_accumulation_steps", "1", "--num_epochs", "1", "--eval_samples", "1",
+         "--checkpoint_path", str(root / "checkpoint.pt"), *args],
         cwd=root, env=one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
 def wait_until_batches_are_recorded(folder, count: int, process: subprocess.Popen) -> dict:
-    """The sidecar once it records `count` batches of a preparation still under way."""
+    """The sidecar once it records `count` batches, where the stream stalls."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         try:
             meta = json.loads((folder / "meta.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             meta = None
-        if meta and meta["position"]["batch"] >= count:
-            assert not meta["complete"], "the preparation ended before it could be stopped: use a larger corpus"
+        if meta and meta["position"]["batch"] == count:
+            assert not meta["complete"]
             return meta
         time.sleep(0.01)
+    process.kill()
     raise AssertionError(f"no {count} batches recorded: {process.communicate()}")
 
 
 MIRROR_DOCUMENTS = [f"Document {index} tells of the river, the town and the year {1800 + index % 200}. " * 12
-                    for index in range(data.DOCUMENTS_PER_TASK * 60)]
+                    for index in range(data.DOCUMENTS_PER_TASK * 8)]
 
 
 @pytest.mark.slow
@@ -449,7 +471,8 @@ def test_a_preparation_killed_with_sigkill_continues_and_gives_the_bytes_of_one_
                                                                                               monkeypatch):
     fineweb_edu_mirror(tmp_path, MIRROR_DOCUMENTS, num_files=3, row_group_size=500)
     folder = tmp_path / "dataset" / "fineweb-edu" / "sample-10BT"
-    process = start_pretraining_on_the_mirror(tmp_path, tmp_path / "dataset", "--num_dataset_processes", "2")
+    # two processes tokenize four batches ahead, so a stream stalled before batch 6 has 3 recorded
+    process = start_pretraining_on_the_mirror(tmp_path, tmp_path / "dataset", 6, "--num_dataset_processes", "2")
     wait_until_batches_are_recorded(folder, 3, process)
     workers = (Path("/proc") / str(process.pid) / "task" / str(process.pid) / "children").read_text().split()
     process.kill()
@@ -474,7 +497,7 @@ def test_a_preparation_killed_with_sigkill_continues_and_gives_the_bytes_of_one_
 def test_sigterm_or_ctrl_c_stops_a_preparation_with_one_line_and_keeps_what_it_did(tmp_path, stop):
     fineweb_edu_mirror(tmp_path, MIRROR_DOCUMENTS, num_files=3, row_group_size=500)
     folder = tmp_path / "dataset" / "fineweb-edu" / "sample-10BT"
-    process = start_pretraining_on_the_mirror(tmp_path, tmp_path / "dataset", "--num_dataset_processes", "1")
+    process = start_pretraining_on_the_mirror(tmp_path, tmp_path / "dataset", 2, "--num_dataset_processes", "1")
     wait_until_batches_are_recorded(folder, 2, process)
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=60)
