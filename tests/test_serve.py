@@ -343,9 +343,9 @@ def chat_in_the_page(page, message: str) -> str:
     replies = page.locator(".assistant").count()
     page.fill("#message", message)
     page.click("#send")
-    page.wait_for_function(f"document.querySelectorAll('.assistant').length > {replies} && "
-                           "!document.getElementById('send').disabled", timeout=60_000)
-    return page.locator(".assistant").nth(replies).text_content()
+    reply = page.locator(".assistant").nth(replies)
+    reply.and_(page.locator("[data-done]")).wait_for(timeout=60_000)
+    return reply.text_content()
 
 
 @pytest.mark.slow
