@@ -34,14 +34,23 @@ def check_device(device: str) -> None:
 
 
 def has_native_bf16(device: torch.device) -> bool:
-    """Whether the device computes in bf16 in hardware rather than by emulation: a CUDA GPU of compute capability
-    8.0 or more (is_bf16_supported's default also says yes to T4 and V100, which emulate it slowly), or a CPU with
-    AVX-512 BF16 or AMX instructions."""
+    """Whether the device computes in bf16 in hardware, fast: a CUDA GPU of compute capability 8.0 or more
+    (is_bf16_supported's default also says yes to T4 and V100, which emulate it slowly), or a CPU on which bf16
+    trains faster than float32 (cpu_bf16_is_fast)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return cpu_computes_natively(torch.bfloat16)
+        return cpu_bf16_is_fast(torch.cpu.get_capabilities())
     return False
+
+
+def cpu_bf16_is_fast(capabilities: dict) -> bool:
+    """Whether bf16 trains faster than float32 on a CPU with these torch.cpu.get_capabilities(): with Intel's AMX,
+    or with AVX-512 BF16 on AMD's (Zen 4 and later). Intel's AVX-512 BF16 without AMX (Cooper Lake) is not
+    counted: an AMX Xeon with oneDNN capped at it trained bf16 at 0.63x fp32's speed (docs/performance.md)."""
+    if capabilities.get("amx_bf16"):
+        return True
+    return bool(capabilities.get("avx512_bf16")) and str(capabilities.get("cpu_name", "")).startswith("AMD")
 
 
 # The x86 instructions that compute in a 16-bit dtype; without them a CPU converts to float32 and back.
@@ -55,9 +64,9 @@ def cpu_computes_natively(dtype: torch.dtype) -> bool:
 
 def choose_dtype(precision: str, device_type: str, native_bf16: bool) -> torch.dtype:
     """The dtype to compute in for --precision on a kind of device: a pure function of what the device can do,
-    so that the CUDA choices are tested on any machine. `auto` is bf16 where the hardware has it; fp16 on other
-    CUDA GPUs (tensor cores, with a GradScaler); fp32 on other CPUs, where bf16 and fp16 are emulated and measured
-    slower, and on MPS (not measured)."""
+    so that the CUDA choices are tested on any machine. `auto` is bf16 where the hardware has it fast; fp16 on
+    other CUDA GPUs (tensor cores, with a GradScaler); fp32 on other CPUs, where bf16 and fp16 are emulated or
+    measured slower, and on MPS (not measured)."""
     if precision != "auto":
         return PRECISIONS[precision]
     if native_bf16 and device_type in ("cuda", "cpu"):

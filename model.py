@@ -1,6 +1,7 @@
 """The LightGPT network: a bias-free, position-free, weight-tied GPT in pure PyTorch."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,16 @@ class KVCache:
         return selected
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
+    """scaled_dot_product_attention; in float32 under a CPU's autocast for sequences under 512 tokens, where the
+    CPU's bf16 kernel works in blocks too small to pay and trains slower than float32 (docs/performance.md)."""
+    device_type = q.device.type
+    if device_type != "cpu" or not torch.is_autocast_enabled(device_type) or q.size(-2) >= 512:
+        return scaled_dot_product_attention(q, k, v, **options)
+    with torch.autocast(device_type, enabled=False):  # autocast would cast float32 inputs back
+        return scaled_dot_product_attention(q.float(), k.float(), v.float(), **options)
+
+
 class CausalSelfAttention(Module):
     """Multi-head self-attention in which each token sees only itself and the tokens before it."""
 
@@ -109,7 +120,7 @@ class CausalSelfAttention(Module):
         if cache is not None:
             k, v, mask = cache.append(k, v)  # (batch, kv_heads, cached + sequence, head_dimensions)
             is_causal = mask is None and k.size(2) == sequence_length  # nothing was cached before these tokens
-        z = scaled_dot_product_attention(
+        z = attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (batch, heads, sequence, head_dimensions)
@@ -147,6 +158,30 @@ class CausalSelfAttentionBlock(Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def softmax_cross_entropy_in_place(
+    logits: Tensor, targets: Tensor, kept: Tensor, recompute_logits: Callable[[], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The summed cross entropy of a chunk of logits over its kept targets, in float32, and its gradient
+    softmax - one_hot(target), which overwrites the logits in their own dtype. A CPU's way: its softmax computes
+    in float32 inside and writes bf16, where converting the chunk to float32 and back, or scattering into a bf16
+    chunk, would copy it whole.
+
+    Args:
+        logits: (positions, vocabulary), in the compute dtype.
+        targets, kept: (positions, 1), the target ids and whether each counts.
+        recompute_logits: the logits again, for the rare chunk in which the probability of a target is below
+            float32's range (a loss over 87 on one token), whose loss then comes from the log-softmax.
+    """
+    probabilities = torch.softmax(logits, -1, out=logits)
+    positions, targets = torch.arange(len(targets), device=targets.device), targets.squeeze(1)
+    target_probabilities = probabilities[positions, targets]  # (positions,)
+    log_probabilities = target_probabilities.float().log()
+    if log_probabilities.isneginf().any():
+        log_probabilities = recompute_logits().float().log_softmax(-1)[positions, targets]
+    probabilities[positions, targets] = target_probabilities - 1
+    return -(log_probabilities * kept.squeeze(1)).sum(), probabilities
+
+
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, gradients: tuple[bool, bool] = (False, False)
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -173,12 +208,20 @@ def linear_cross_entropy(
     with torch.autocast(device_type, enabled=False):
         for start in range(0, len(hidden), chunk_size):
             rows = slice(start, start + chunk_size)
-            log_probabilities = (hidden[rows] @ weight.T).float().log_softmax(-1)
-            loss -= (log_probabilities.gather(1, targets[rows]) * kept[rows]).sum()
-            if not any(gradients):
-                continue
-            minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
-            gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
+            logits = hidden[rows] @ weight.T  # (chunk, vocabulary)
+            if device_type == "cpu":
+                chunk_loss, gradient = softmax_cross_entropy_in_place(logits, targets[rows], kept[rows],
+                                                                      lambda: hidden[rows] @ weight.T)
+                loss += chunk_loss
+                if not any(gradients):
+                    continue
+            else:  # measured on CPUs only
+                log_probabilities = logits.float().log_softmax(-1)
+                loss -= (log_probabilities.gather(1, targets[rows]) * kept[rows]).sum()
+                if not any(gradients):
+                    continue
+                minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
+                gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
             if grad_hidden is not None:
                 torch.mul(gradient @ weight, mask[rows], out=grad_hidden[rows])
             if grad_weight is not None and dtype == torch.float32:

@@ -5,7 +5,7 @@ import torch
 
 from bench import PeakTensorMemory
 from conftest import TINY_SHAPE, tiny_model
-from model import LightGPT, LightGPTConfig, LinearCrossEntropy
+from model import LightGPT, LightGPTConfig, LinearCrossEntropy, attention, linear_cross_entropy
 
 VOCABULARY = TINY_SHAPE["vocabulary_size"]
 
@@ -144,6 +144,37 @@ def test_under_bf16_autocast_the_fused_loss_sums_the_weight_gradient_of_many_chu
     autocast, exact = gradients
     assert autocast.dtype == torch.float32
     assert (autocast - exact).norm() < 1e-3 * exact.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_target_whose_probability_is_below_float32_s_range_still_has_its_exact_loss(dtype):
+    # Losses of 200 on two tokens: e^-200 is 0 in float32 and in bf16, so the CPU's path, which takes the loss from
+    # the softmax, recomputes that chunk's log-softmax instead of returning infinity (or, where the target is
+    # ignored, NaN).
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    weight = torch.tensor([[200.0, 0.0], [0.0, 0.0], [0.0, 200.0]])  # logits (200, 0, 0), (0, 0, 200), (200, 0, 0)
+    targets = torch.tensor([1, 0, -100])  # the ignored row's target counts as 0 in the chunk
+    parameter = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = LinearCrossEntropy.apply(hidden, parameter, targets, -100)
+        evaluated, count, _, _ = linear_cross_entropy(hidden, weight, targets, -100)
+    loss.backward()
+    plain = weight.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(hidden @ plain.T, targets).backward()
+    assert loss.item() == evaluated.item() / count.item() == 200.0
+    torch.testing.assert_close(parameter.grad, plain.grad)
+
+
+def test_attention_under_a_cpu_s_bf16_autocast_computes_sequences_under_512_tokens_in_float32():
+    # There the CPU's bf16 attention trained 1.8-3x slower than float32's (docs/performance.md).
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 32, generator=generator).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        short = attention(q[:, :, :511], k[:, :, :511], v[:, :, :511], is_causal=True)
+        long = attention(q, k, v, is_causal=True)
+    assert short.dtype == torch.float32 and long.dtype == torch.bfloat16
+    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(short, exact[:, :, :511])
 
 
 def test_evaluation_s_loss_is_the_plain_cross_entropy_and_never_holds_the_logits():

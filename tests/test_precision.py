@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import REPOSITORY, tiny_model
 
-from devices import PRECISION_NAMES, autocast, choose_dtype, compute_dtype, cpu_computes_natively, gradient_scaler
+from devices import (
+    PRECISION_NAMES,
+    autocast,
+    choose_dtype,
+    compute_dtype,
+    cpu_bf16_is_fast,
+    cpu_computes_natively,
+    gradient_scaler,
+)
 from training import evaluate, optimizer_step
 
 CPU = torch.device("cpu")
@@ -29,6 +37,22 @@ def script(name: str):
 ])
 def test_auto_is_native_bf16_else_fp16_on_cuda_else_fp32(device_type, native_bf16, expected):
     assert choose_dtype("auto", device_type, native_bf16) == expected
+
+
+@pytest.mark.parametrize("name, instructions, fast", [
+    ("Intel Xeon Platinum 8480+", ("avx512_bf16", "amx_bf16"), True),  # Sapphire Rapids: AMX
+    ("Intel Xeon Platinum 8380H", ("avx512_bf16",), False),  # Cooper Lake: AVX-512 BF16 alone, 0.63x fp32
+    ("Intel Xeon Platinum 8375C", (), False),  # Ice Lake: AVX-512 without BF16
+    ("AMD EPYC 9654", ("avx512_bf16",), True),  # Zen 4
+    ("AMD EPYC", ("avx512_bf16",), True),  # Zen 5 as a hypervisor names it (docs/performance.md's CPU)
+    ("AMD Ryzen 9 7950X", ("avx512_bf16",), True),
+    ("AMD EPYC 7763", (), False),  # Zen 3: no AVX-512
+])
+def test_auto_chooses_bf16_only_on_cpus_where_it_trains_faster_than_fp32(name, instructions, fast):
+    capabilities = {"cpu_name": name, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}
+    capabilities |= dict.fromkeys(instructions, True)
+    assert cpu_bf16_is_fast(capabilities) == fast
+    assert choose_dtype("auto", "cpu", cpu_bf16_is_fast(capabilities)) == (torch.bfloat16 if fast else torch.float32)
 
 
 @pytest.mark.parametrize("device_type", ["cuda", "cpu", "mps"])
