@@ -5,9 +5,9 @@ import sys
 
 import torch
 
-from checkpoint import load_model
-from conversations import PromptTemplate, encode_prompt, read_prompts, stop_tokens
+from conversations import encode_prompt, read_prompts, stop_tokens
 from devices import available_memory, compute_dtype
+from finetuning import load_inference_model
 from flags import ArgumentParser, add_inference_arguments, finite_float, positive_int
 from generation import beam_search
 from model import LightGPT
@@ -58,9 +58,8 @@ def main() -> None:
     args = parse_args()
     try:
         validate_args(args)
-        model, block_size, saved_template = load_model(args.checkpoint_path, args.device, args.lora_path,
-                                                   compute_dtype(args.precision, torch.device(args.device)))
-        template = PromptTemplate.from_dict(saved_template) if saved_template else None
+        model, block_size, template = load_inference_model(
+            args.checkpoint_path, args.device, args.lora_path, compute_dtype(args.precision, torch.device(args.device)))
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"beam_search.py: error: {error}")
     if args.seed is not None:

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import weakref
 from argparse import BooleanOptionalAction
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -28,11 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
-from data import load_tokenizer, prepare_corpus, wikipedia_documents
+from corpora import wikipedia_documents
 from devices import (
     PRECISION_NAMES,
     PRECISIONS,
@@ -68,11 +65,23 @@ from distributed import (
 )
 from generation import beam_search, generate
 from model import LightGPT
+from optimizers import build_optimizer
+from preparation import prepare_corpus
+from profiling import (
+    RU_MAXRSS_UNIT,
+    interleaved_seconds,
+    kept_between_micro_batches,
+    peak_resident_bytes,
+    peak_step_bytes,
+    synchronize,
+    timed,
+)
 from sizing import training_flops_per_token
+from tokenizer import load_tokenizer
 
 R50K_VOCABULARY_SIZE = 50257
+LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
 PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation", "serve")
-RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
 
 
 def build_parser() -> ArgumentParser:
@@ -187,88 +196,6 @@ class Measurement:
         return record
 
 
-class PeakTensorMemory(TorchDispatchMode):
-    """The peak bytes of tensor storage alive at once, for devices whose allocator keeps no statistics, and the
-    largest single storage.
-
-    Every operator's outputs are counted when made and uncounted when their storage is freed; memory that
-    kernels allocate internally and never return as a tensor is not seen, nor a storage resized in place (FSDP2
-    frees and refills its gathered parameters so): held() says what the storages seen hold at the moment.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.current = self.peak = self.largest = 0
-        self.seen: weakref.WeakValueDictionary[int, torch.UntypedStorage] = weakref.WeakValueDictionary()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        outputs = func(*args, **(kwargs or {}))
-        for output in tree_leaves(outputs):
-            if isinstance(output, torch.Tensor):
-                self.count(getattr(output, "_local_tensor", output).untyped_storage())  # a DTensor's own shard
-        return outputs
-
-    def count(self, storage: torch.UntypedStorage) -> None:
-        if id(storage) in self.seen or storage.nbytes() == 0 or storage.device.type == "meta":  # meta holds nothing
-            return
-        self.seen[id(storage)] = storage
-        self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        self.largest = max(self.largest, storage.nbytes())
-        weakref.finalize(storage, self.release, id(storage), storage.nbytes())
-
-    def release(self, key: int, nbytes: int) -> None:
-        self.current -= nbytes
-
-    def held(self) -> int:
-        """The bytes that the storages seen and still alive hold now."""
-        return sum(storage.nbytes() for storage in list(self.seen.values()))
-
-
-def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
-    tensors = [getattr(tensor, "_local_tensor", tensor) for tensor in tensors]  # a DTensor's own shard
-    return sum(tensor.untyped_storage().nbytes() for tensor in {id(t): t for t in tensors}.values())
-
-
-def peak_step_bytes(step: Callable[[], None], model, optimizer, device: torch.device) -> int:
-    """Peak memory of one training step: the weights, the optimizer state and all that the step allocates."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return resident_bytes(model, optimizer) + torch.cuda.max_memory_allocated() - before
-    with PeakTensorMemory() as tracker:
-        step()
-    return resident_bytes(model, optimizer) + tracker.peak
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def interleaved_seconds(runs: dict[str, Callable], steps: int, warmup: int, device, description: str) -> dict:
-    """The median seconds of each run, the runs taking turns (in alternating order) so noise hits all alike."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    seconds = {name: [] for name in runs}
-    for step in tqdm(range(steps), desc=description, unit="step", file=sys.stderr):
-        for name in list(runs)[:: 1 if step % 2 == 0 else -1]:
-            synchronize(device)
-            start = time.perf_counter()
-            runs[name]()
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
-
-
 def lightgpt(args: argparse.Namespace, num_layers: int | None = None) -> LightGPT:
     torch.manual_seed(args.seed)
     config = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
@@ -303,9 +230,8 @@ def gpt2(args: argparse.Namespace, context: int):
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    if args.optimizer == "adafactor":
-        return torch.optim.Adafactor(model.parameters(), lr=1e-4)
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(args.device).type == "cuda")
+    """The optimizer of --optimizer as pre-train.py builds it (optimizers.build_optimizer), at its default rate."""
+    return build_optimizer(args.optimizer, model.parameters(), LEARNING_RATE, torch.device(args.device))
 
 
 def training_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], args, is_gpt2: bool,
@@ -423,15 +349,6 @@ def measure_training(args: argparse.Namespace) -> list[Measurement]:
             model_flops_utilization(tokens_per_second[ours], args, dtype, setting),
         ]
     return rows
-
-
-def timed(run: Callable, device) -> tuple:
-    """What run() returns (a generation run: the tokens it produced) and the seconds it took."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = run()
-    synchronize(device)
-    return result, time.perf_counter() - start
 
 
 def measure_generation(args: argparse.Namespace) -> list[Measurement]:
@@ -594,7 +511,7 @@ def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
 def preparation_figures(corpus: str, dataset_path: str, processes: int) -> dict:
     """One whole preparation of the Parquet files in `corpus`, in this (fresh) process: its tokens, seconds, and
     the peak resident memory of this process and of its largest tokenizing process."""
-    from data import resolve_text_files
+    from corpora import resolve_text_files
 
     start = time.perf_counter()
     folder = prepare_corpus("text", dataset_path, processes, resolve_text_files(corpus), show_progress=False)
@@ -603,16 +520,6 @@ def preparation_figures(corpus: str, dataset_path: str, processes: int) -> dict:
     return {"tokens": meta["train_tokens"] + meta["test_tokens"], "seconds": seconds,
             "peak_rss": peak_resident_bytes(),
             "worker_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * RU_MAXRSS_UNIT}
-
-
-def peak_resident_bytes() -> int:
-    """This process's peak resident memory. On Linux ru_maxrss carries a parent's peak over into a new program
-    (a spawned process starts at the bench's), so read the process's own high-water mark, VmHWM, instead."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT
 
 
 def measure_data(args: argparse.Namespace) -> list[Measurement]:
@@ -675,16 +582,6 @@ def accumulation_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor]
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def kept_between_micro_batches(step: Callable[[], None], model: torch.nn.Module) -> int:
-    """The tensor bytes that a step keeps from its first micro-batch to its last: the gradients accumulating."""
-    held = []
-    with PeakTensorMemory() as memory:
-        hook = model.register_forward_pre_hook(lambda *_: held.append(memory.held()))
-        step()
-        hook.remove()
-    return held[-1] - held[0]
 
 
 def measure_accumulation(args: argparse.Namespace) -> list[Measurement]:

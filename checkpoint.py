@@ -1,23 +1,18 @@
 """Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
 
 import contextlib
-import glob
 import hashlib
 import io
 import json
 import os
 import pickle
-import re
 import secrets
 import shutil
-import socket
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -25,9 +20,9 @@ from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from data import locked_at_once, record_holder, temporary_path
 from distributed import from_rank_zero, rank
-from model import LightGPT, LightGPTConfig, add_lora, load_lora_state_dict, merge_lora
+from files import file_in_the_way, holding_lock, remove_stray_temporary_files, write_atomically
+from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKENIZER_NAME
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
@@ -82,35 +77,6 @@ def save_atomically(checkpoint: dict, path: str | Path) -> None:
     write_atomically(path, lambda file: torch.save(checkpoint, file))
 
 
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through write(file) under a temporary name, flush it to disk, then rename it into place: a
-    crash leaves the previous file whole, and an error removes the temporary file and is a one-line OSError
-    naming the path."""
-    path = Path(path)
-    temporary = temporary_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        cause = os_error_in(error)
-        if cause is None:
-            raise
-        raise OSError(f"could not write {path}: {cause.strerror or cause}") from None
-
-
-def os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind an error, if any: torch.save reports a failed write as a RuntimeError whose context is
-    the file's OSError (no space left, file too large)."""
-    if isinstance(error, RuntimeError):
-        error = error.__context__
-    return error if isinstance(error, OSError) else None
-
-
 def metrics_path(checkpoint_path: str | Path) -> Path:
     """The metrics log a training run keeps beside its checkpoint."""
     return Path(checkpoint_path).with_suffix(".metrics.jsonl")
@@ -151,16 +117,10 @@ def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sh
                                  f"this run; choose another --checkpoint_path")
 
 
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file, if any, that stands where `folder` or one of its parents should be a folder."""
-    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
-
-
 @contextmanager
 def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
-    """Hold <checkpoint>.lock, with this process's id in it, so that a second run writing the same checkpoint is
-    refused with one line that names the holder. The operating system releases the lock when the process ends,
-    however it ends, so a crashed run never blocks the next one; the emptied file stays, as a lock must."""
+    """Hold <checkpoint>.lock (see files.holding_lock), so that a second run writing the same checkpoint is
+    refused with one line that names the holder."""
     path = lock_path(checkpoint_path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,63 +128,13 @@ def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
     except OSError as error:
         raise ValueError(f"--checkpoint_path {checkpoint_path}: cannot write in {path.parent} "
                          f"({error.strerror or error})") from None
-    with file:
-        if not locked_at_once(file, "--checkpoint_path"):
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder}) is writing "
-                             f"this checkpoint; wait for it to end, or choose another --checkpoint_path")
-        record_holder(file)
-        try:
-            yield
-        finally:
-            file.truncate(0)
 
+    def refuse(holder: str) -> None:
+        raise ValueError(f"--checkpoint_path {checkpoint_path}: another run (process {holder or 'unknown'}) is "
+                         f"writing this checkpoint; wait for it to end, or choose another --checkpoint_path")
 
-def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
-    """Remove the temporary files of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
-    no longer exists: a process killed while saving leaves one. Those of live processes and of other machines
-    stay. Returns the files removed."""
-    removed = []
-    for path in paths:
-        prefix = f"{path.name}."
-        for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-            if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
-                temporary.unlink(missing_ok=True)
-                removed.append(temporary)
-    return removed
-
-
-def written_by_a_dead_process(tag: str) -> bool:
-    """Whether a temporary file's tag, <pid> or this machine's name and a pid (<host>.<pid>, <pid>-<host>, ...),
-    names a process that no longer exists."""
-    host = re.escape(socket.gethostname())
-    patterns = (r"(\d+)", rf"{host}[.-](\d+)", rf"(\d+)[.-]{host}", rf"{host}-(\d+)-[0-9a-f]+")
-    match = next(filter(None, (re.fullmatch(pattern, tag) for pattern in patterns)), None)
-    if match is None:
-        return False
-    try:
-        os.kill(int(match[1]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):  # another user's process, or no process id at all
-        pass
-    return False
-
-
-def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """write(folder) into a temporary folder beside path, then rename it to path (which may be an empty folder):
-    a crash or an error never leaves a half-written folder, and the temporary one is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # mkdir, unlike mkdtemp, keeps the umask
-    temporary.mkdir()
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    with file, holding_lock(file, "--checkpoint_path", refuse):
+        yield
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -333,7 +243,8 @@ def whole_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
     """The model weights of a sharded checkpoint, read whole into this process's memory."""
     metadata = safe_metadata(shards_folder(path, index))
     version = index.get("written_in_format", FORMAT_VERSION)
-    weights = {current_name(name.removeprefix("model."), version): torch.empty(item.size, dtype=item.properties.dtype)
+    weights = {current_name(name.removeprefix("model."), version):
+               torch.empty(item.size, dtype=item.properties.dtype)
                for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
     load_shards(path, index, {"model": weights}, alone=True)
     return weights
@@ -464,17 +375,11 @@ def context_length(checkpoint: dict, path: str | Path) -> int:
     return block_size
 
 
-def load_model(
-    path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[LightGPT, int, dict | None]:
+def load_model(path: str | Path | None, device: str = "cpu", *, dtype: torch.dtype = torch.float32
+               ) -> tuple[LightGPT, int, dict | None]:
     """The model a pre-training checkpoint or an exported folder holds (by default ./out/checkpoint.pt), in
-    evaluation mode on the device and in dtype, its training context length, and the prompt template of an
-    instruction-tuned export, else None. With lora_path: the adapter merged into its base (path, else the base the
-    adapter names) and the adapter's prompt template."""
-    if lora_path is not None:
-        model, block_size, template = load_lora_model(lora_path, path)
-        return model.to(device, dtype), block_size, template
+    evaluation mode on the device and in dtype, its training context length, and the prompt template (as a dict)
+    of an instruction-tuned export, else None. An adapter: finetuning.load_inference_model."""
     path = path or DEFAULT_CHECKPOINT_PATH
     if is_exported(path):
         model, block_size, template = load_exported(path)
@@ -546,38 +451,10 @@ def trained_on_these_weights(adapter: dict, base: dict) -> bool:
 
 def check_same_base(adapter: dict, base: dict) -> None:
     """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
-    for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_layers", "feed_forward_ratio"):
+    for name in SHAPE_FIELDS:
         trained_on, given = adapter["model_args"].get(name), base["model_args"].get(name)
         if trained_on != given:
             raise ValueError(
                 f"the adapter was trained on a base model with {name}={trained_on}, "
                 f"but the base checkpoint has {name}={given}"
             )
-
-
-def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
-    """The base model with its adapter applied and merged: a plain LightGPT in eval mode."""
-    check_same_base(adapter, base)
-    model = model_from_checkpoint(base, "the base checkpoint")
-    add_lora(model, **adapter["lora_args"])
-    load_lora_state_dict(model, adapter["lora"])
-    return merge_lora(model).eval()
-
-
-def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None) -> tuple[LightGPT, int, dict]:
-    """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
-    mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
-    adapter = load_lora_checkpoint(lora_path)
-    base_path = base_path or adapter.get("base_model_path")
-    if not base_path:
-        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
-    base = load_checkpoint(base_path)
-    block_size = context_length(base, base_path)
-    try:
-        model = load_adapted_model(adapter, base)
-    except ValueError as error:
-        raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
-    if not trained_on_these_weights(adapter, base):
-        warnings.warn(f"{lora_path} was trained on a base with other weights than {base_path} (of the same sizes); "
-                      f"its answers may be poor", stacklevel=2)
-    return finite(model, lora_path), block_size, adapter["prompt_template"]

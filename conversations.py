@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from data import resolve_files
+from files import resolve_files
 from tokenizer import END_OF_TEXT_ID, load_tokenizer
 
-INSTRUCTION_DATASETS = ("alpaca", "local")
+# The instruction datasets (instruction-tune.py --dataset) and the license of their text (None: the user's own).
+INSTRUCTION_DATASETS = {"alpaca": "CC BY-NC 4.0", "local": None}
 INSTRUCTION_EXTENSIONS = (".json", ".jsonl")
 INSTRUCTION_TEST_RATIO = 0.05
 ROLES = ("system", "user", "assistant")
@@ -269,38 +270,46 @@ def split_instructions(records: list[dict[str, str]]) -> tuple[list[dict[str, st
 def tokenize_instruction(
     record: dict[str, str], template: PromptTemplate, block_size: int, mask_input: bool, padding_index: int
 ) -> tuple[list[int], list[int], bool]:
+    """tokenize_conversation of an instruction record (its instruction, input and response)."""
+    return tokenize_conversation(record_messages(record), template, block_size, mask_input, padding_index)
+
+
+def tokenize_conversation(
+    messages: Sequence[Message], template: PromptTemplate, block_size: int, mask_input: bool, padding_index: int
+) -> tuple[list[int], list[int], bool]:
     """Inputs x and targets y of one sample, and whether it was truncated.
 
-    The response ends with the template's reply closing. With mask_input the targets of all but the response are
-    padding_index, so only the response is learned. A sample longer than block_size loses its start, never its
-    response's end.
+    Each reply ends with the template's reply closing. With mask_input the targets of all but the replies are
+    padding_index, so only the replies are learned. A sample longer than block_size loses its start, never its
+    last reply's end.
     """
-    tokens, learned = template.render(record_messages(record))
+    tokens, learned = template.render(messages)
     labels = [token if is_learned or not mask_input else padding_index for token, is_learned in zip(tokens, learned)]
     truncated = len(tokens) > block_size + 1
     tokens, labels = tokens[-(block_size + 1):], labels[-(block_size + 1):]
     return tokens[:-1], labels[1:], truncated
 
 
-class InstructionSamples:
-    """Tokenized instruction records, batched with right padding that never enters the loss."""
+class ConversationSamples:
+    """Tokenized conversations (lists of messages), batched with right padding that never enters the loss."""
 
     def __init__(
         self,
-        records: list[dict[str, str]],
+        conversations: list[list[Message]],
         template: PromptTemplate,
         block_size: int,
         mask_input: bool,
         padding_index: int,
         show_progress: bool = True,
+        what: str = "conversations",
     ):
         from tqdm import tqdm
 
         self.padding_index = padding_index
         self.samples = []
         self.num_truncated = 0
-        for record in tqdm(records, desc="Tokenizing instructions", unit="sample", disable=not show_progress):
-            x, y, truncated = tokenize_instruction(record, template, block_size, mask_input, padding_index)
+        for messages in tqdm(conversations, desc=f"Tokenizing {what}", unit="sample", disable=not show_progress):
+            x, y, truncated = tokenize_conversation(messages, template, block_size, mask_input, padding_index)
             self.samples.append((torch.tensor(x), torch.tensor(y)))
             self.num_truncated += truncated
 
@@ -318,6 +327,15 @@ class InstructionSamples:
             x[row, : len(sample_x)] = sample_x
             y[row, : len(sample_y)] = sample_y
         return x, y
+
+
+class InstructionSamples(ConversationSamples):
+    """Tokenized instruction records (see ConversationSamples)."""
+
+    def __init__(self, records: list[dict[str, str]], template: PromptTemplate, block_size: int, mask_input: bool,
+                 padding_index: int, show_progress: bool = True):
+        super().__init__([record_messages(record) for record in records], template, block_size, mask_input,
+                         padding_index, show_progress, what="instructions")
 
 
 def read_prompts(prompt: str | None) -> Iterator[str]:

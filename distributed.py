@@ -98,7 +98,7 @@ def end_start_up() -> None:
 
 
 @contextmanager
-def patience() -> Iterator[None]:
+def slow_work_on_one_rank() -> Iterator[None]:
     """For work that takes one rank far longer than the others, such as rank 0 writing a checkpoint: collectives
     within may wait as long as at start-up, and the block ends with every rank in step again."""
     if not dist.is_initialized():
@@ -154,7 +154,7 @@ def sum_across_ranks(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def every_rank_s(value: Value) -> list[Value]:
+def values_of_every_rank(value: Value) -> list[Value]:
     """Every rank's value of a small picklable object, in rank order, on every rank ([value] when alone)."""
     if not dist.is_initialized():
         return [value]
@@ -166,7 +166,7 @@ def every_rank_s(value: Value) -> list[Value]:
 def first_error_of_any_rank(error: str | None) -> str | None:
     """The first rank's error message, on every rank, so that all ranks stop together rather than wait forever
     on one that left."""
-    return next((message for message in every_rank_s(error) if message), None)
+    return next((message for message in values_of_every_rank(error) if message), None)
 
 
 def from_rank_zero(value: Value) -> Value:
@@ -302,5 +302,6 @@ def replicated(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def item(tensor: Tensor) -> float:
+def as_float(tensor: Tensor) -> float:
+    """The number that a one-element tensor holds; a DTensor's is gathered from its shards first."""
     return tensor.full_tensor().item() if isinstance(tensor, DTensor) else tensor.item()

@@ -18,26 +18,20 @@ from checkpoint import (
     EXPORTED_CONFIG,
     EXPORTED_WEIGHTS,
     exported_config,
-    load_adapted_model,
     load_checkpoint,
     load_lora_checkpoint,
     model_from_checkpoint,
-    trained_on_these_weights,
-    write_folder_atomically,
 )
-from tokenizer import TOKENIZER_NAME
+from conversations import INSTRUCTION_DATASETS
+from corpora import CORPORA
+from files import write_folder_atomically
+from finetuning import adapter_on_base
 from flags import ArgumentParser
 from model import LightGPT
+from tokenizer import TOKENIZER_NAME
 
 ONNX_FILE = "model.onnx"
 ONNX_PACKAGES = ("onnx", "onnxscript")
-# The licenses of the corpora LightGPT trains on (a model card states its training data's license).
-DATA_LICENSES = {
-    "openwebtext": "CC0",
-    "wikipedia": "CC BY-SA 4.0, Wikipedia's contributors",
-    "kjv": "public domain",
-    "alpaca": "CC BY-NC 4.0",
-}
 
 
 def build_parser() -> ArgumentParser:
@@ -83,14 +77,7 @@ def load_source(args: argparse.Namespace) -> tuple[LightGPT, int, dict | None, d
     if not args.lora_path:
         return model_from_checkpoint(base, args.checkpoint_path).eval(), base["block_size"], None, stages
     adapter = load_lora_checkpoint(args.lora_path)
-    try:
-        model = load_adapted_model(adapter, base)
-    except ValueError as error:
-        raise ValueError(f"--lora_path {args.lora_path} cannot be applied to {args.checkpoint_path}: {error}") from None
-    if not trained_on_these_weights(adapter, base):
-        # generate.py only warns; an export would publish the adapter on weights it was never trained with.
-        raise ValueError(f"--lora_path {args.lora_path} was trained on a base with other weights than "
-                         f"--checkpoint_path {args.checkpoint_path}; export it with its own base")
+    model = adapter_on_base(adapter, base, f"--lora_path {args.lora_path}", f"--checkpoint_path {args.checkpoint_path}")
     lora = adapter["lora_args"]
     stages["Instruction tuning"] = training_facts(adapter, args.lora_path) | {
         "method": f"LoRA rank {lora['rank']}, alpha {lora['alpha']}, merged into the weights"}
@@ -104,8 +91,7 @@ def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | 
     args, steps = checkpoint.get("args", {}), checkpoint.get("step")
     facts = {}
     if args.get("dataset"):
-        license = DATA_LICENSES.get(args["dataset"], "see the data's own license")
-        facts["data"] = f"{args['dataset']} ({license})"
+        facts["data"] = f"{args['dataset']} ({data_license(args['dataset'])})"
     if steps is not None and {"batch_size", "gradient_accumulation_steps"} <= args.keys():
         samples = steps * args["batch_size"] * args["gradient_accumulation_steps"]
         seen = f"{samples * tokens_per_sample:,} tokens" if tokens_per_sample else f"{samples:,} samples"
@@ -118,6 +104,13 @@ def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | 
         if losses:
             facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {math.exp(losses[-1]):,.1f})"
     return facts
+
+
+def data_license(dataset: str) -> str:
+    """The license of a pre-training corpus or an instruction dataset, from their registries (a model card states
+    its training data's license)."""
+    license = CORPORA[dataset].license if dataset in CORPORA else INSTRUCTION_DATASETS.get(dataset)
+    return license or "see the data's own license"
 
 
 def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> ModelCard:

@@ -9,17 +9,15 @@ from typing import NoReturn
 
 from devices import PRECISIONS, best_device, check_device
 from distributed import launch_rank
-from model import LightGPTConfig
+from model import SHAPE_FIELDS, LightGPTConfig
+from training import RunConfig
 
-# The seed's flag names for the model's shape, and the names of LightGPTConfig they set.
-CONFIG_FIELDS = {
-    "embedding_dimensions": "embedding_dimensions",
-    "num_attention_heads": "num_heads",
-    "num_kv_heads": "num_kv_heads",
-    "num_hidden_layers": "num_layers",
-    "feed_forward_ratio": "feed_forward_ratio",
-    "dropout": "dropout",
-}
+# The seed's names of the model flags that LightGPTConfig names otherwise; the other flags are named as its fields.
+SEED_FLAG_NAMES = {"num_heads": "num_attention_heads", "num_layers": "num_hidden_layers"}
+# Each model flag and the LightGPTConfig field it sets: the shape (the vocabulary comes from the tokenizer) and
+# the dropout.
+CONFIG_FIELDS = {SEED_FLAG_NAMES.get(name, name): name for name in (*SHAPE_FIELDS, "dropout")
+                 if name != "vocabulary_size"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -217,6 +215,17 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="The random seed (default: a random one, recorded).")
 
 
+def run_config(args: argparse.Namespace, **run) -> RunConfig:
+    """The RunConfig of add_training_arguments' flags; `run` gives what the script knows besides them (the steps and
+    units of an epoch, its labels, the compute dtype...)."""
+    return RunConfig(
+        num_epochs=args.num_epochs, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+        max_gradient_norm=args.max_gradient_norm, eval_interval=args.eval_interval,
+        checkpoint_interval=args.checkpoint_interval, checkpoint_path=args.checkpoint_path, log_dir=args.log_dir,
+        tensorboard=args.tensorboard, flags=vars(args), **run,
+    )
+
+
 def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
     """Which model to run: what checkpoint.load_model reads."""
     parser.add_argument("--checkpoint_path", default=None,
@@ -237,3 +246,14 @@ def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
     add_device_argument(parser)
     parser.add_argument("--seed", type=seed, default=None,
                         help="The random seed, for reproducible runs.")
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of LoRA adapters (finetuning.lora_args reads them), the same in every fine-tuning script."""
+    parser.add_argument("--rank", type=positive_int, default=8,
+                        help="The rank of the LoRA decomposition matrices A and B.")
+    parser.add_argument("--alpha", type=positive_float, default=1.0,
+                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A.")
+    parser.add_argument("--dropout", type=fraction, default=0.05,
+                        help="The proportion of signals to send to zero during training as regularization "
+                        "(in the adapters' inputs and in the frozen model).")

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import torch
 
-from checkpoint import load_model
-from conversations import PromptTemplate, encode_prompt, read_prompts, stop_tokens
+from conversations import encode_prompt, read_prompts, stop_tokens
 from devices import compute_dtype
+from finetuning import load_inference_model
 from flags import ArgumentParser, add_inference_arguments, positive_float, positive_int, probability
 from generation import generate
 from tokenizer import load_tokenizer
@@ -48,9 +48,8 @@ def stream_text(tokens: Iterator[int]) -> Iterator[str]:
 def main() -> None:
     args = parse_args()
     try:
-        model, block_size, saved_template = load_model(args.checkpoint_path, args.device, args.lora_path,
-                                                   compute_dtype(args.precision, torch.device(args.device)))
-        template = PromptTemplate.from_dict(saved_template) if saved_template else None
+        model, block_size, template = load_inference_model(
+            args.checkpoint_path, args.device, args.lora_path, compute_dtype(args.precision, torch.device(args.device)))
         if args.top_k > model.vocabulary_size:
             raise ValueError(f"--top_k must be at most the vocabulary size {model.vocabulary_size}, got {args.top_k}")
     except (ValueError, FileNotFoundError) as error:

@@ -2,7 +2,7 @@
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -12,25 +12,30 @@ from torch.nn.functional import scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
 
 
+# The metadata of the LightGPTConfig fields that set the weights' shapes: a base and its adapter must agree on them.
+SHAPE = {"shape": True}
+
+
 @dataclass
 class LightGPTConfig:
     """The shape of a LightGPT; checkpoints store it as their model_args."""
 
-    vocabulary_size: int
-    embedding_dimensions: int
-    num_heads: int
-    num_layers: int
-    feed_forward_ratio: int = 4
+    vocabulary_size: int = field(metadata=SHAPE)
+    embedding_dimensions: int = field(metadata=SHAPE)
+    num_heads: int = field(metadata=SHAPE)
+    num_layers: int = field(metadata=SHAPE)
+    feed_forward_ratio: int = field(default=4, metadata=SHAPE)
     dropout: float = 0.0
     padding_index: int = -100
     eos_index: int = 50256
-    num_kv_heads: int | None = None  # each shared by num_heads / num_kv_heads query heads; None: num_heads
+    # Each key/value head is shared by num_heads / num_kv_heads query heads; None (checkpoints from before
+    # grouped-query attention): num_heads.
+    num_kv_heads: int | None = field(default=None, metadata=SHAPE)
 
     def __post_init__(self):
-        if self.num_kv_heads is None:  # checkpoints from before grouped-query attention
+        if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        for name in ("vocabulary_size", "embedding_dimensions", "num_heads", "num_kv_heads", "num_layers",
-                     "feed_forward_ratio"):
+        for name in SHAPE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -48,6 +53,10 @@ class LightGPTConfig:
     @property
     def head_dimensions(self) -> int:
         return self.embedding_dimensions // self.num_heads
+
+
+# The names of those fields, each a count of at least 1.
+SHAPE_FIELDS = tuple(config_field.name for config_field in fields(LightGPTConfig) if config_field.metadata.get("shape"))
 
 
 class KVCache:
@@ -120,12 +129,13 @@ class CausalSelfAttention(Module):
         if cache is not None:
             k, v, mask = cache.append(k, v)  # (batch, kv_heads, cached + sequence, head_dimensions)
             is_causal = mask is None and k.size(2) == sequence_length  # nothing was cached before these tokens
-        z = attention(
+        attended = attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (batch, heads, sequence, head_dimensions)
-        z = z.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)  # (batch, sequence, embedding)
-        return self.output_dropout(self.output_projection(z))
+        # (batch, sequence, embedding)
+        attended = attended.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)
+        return self.output_dropout(self.output_projection(attended))
 
 
 class MLP(Module):
@@ -335,16 +345,17 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
         over those that are not padding): the output layer and the loss are fused so that the logits, the
         largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
-        z = self.embedding_dropout(self.token_embeddings(x))
+        hidden = self.embedding_dropout(self.token_embeddings(x))  # (batch, sequence, embedding)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                z = checkpoint(block, z, use_reentrant=False)
+                hidden = checkpoint(block, hidden, use_reentrant=False)
             else:
-                z = block(z)
-        z = self.output_norm(z)
+                hidden = block(hidden)
+        hidden = self.output_norm(hidden)
         if y is None:
-            return self.output_layer(z), None
-        hidden, weight, targets = z.flatten(0, 1), self.output_layer.weight, y.flatten()
+            return self.output_layer(hidden), None
+        # (batch x sequence, embedding), (vocabulary, embedding), (batch x sequence,)
+        hidden, weight, targets = hidden.flatten(0, 1), self.output_layer.weight, y.flatten()
         if torch.is_grad_enabled():
             return None, LinearCrossEntropy.apply(hidden, weight, targets, self.padding_index)
         loss, count, _, _ = linear_cross_entropy(hidden, weight, targets, self.padding_index)
@@ -361,10 +372,10 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
     def next_token_logits(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
         """The float32 logits of the token that follows each row of x, whatever the weights' dtype. With a cache, x
         continues the tokens cached so far, and its keys and values join them; without one, x is the whole context."""
-        z = self.token_embeddings(x)
+        hidden = self.token_embeddings(x)
         for index, block in enumerate(self.blocks):
-            z = block(z, cache[index] if cache is not None else None)
-        return self.output_layer(self.output_norm(z[:, -1])).float()
+            hidden = block(hidden, cache[index] if cache is not None else None)
+        return self.output_layer(self.output_norm(hidden[:, -1])).float()
 
 
 class LoRALinear(Module):

@@ -16,7 +16,6 @@ from torch.nn import Module
 
 from checkpoint import (
     claimed_checkpoint,
-    file_in_the_way,
     is_sharded_checkpoint,
     load_checkpoint,
     load_index,
@@ -25,25 +24,21 @@ from checkpoint import (
     save_sharded,
     training_checkpoint,
 )
-from data import (
+from corpora import (
     CORPORA,
+    DEFAULT_CORPUS,
     DEFAULT_SUBSET,
     SUBSET_TOKENS,
     TEXT_EXTENSIONS,
-    PreparationInterrupted,
-    TokenWindows,
-    corpus_folder,
-    load_tokenizer,
-    prepare_corpus,
+    dataset_help,
     resolve_text_files,
-    same_files,
+    subset_help,
 )
 from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import (
     REDUCE_EVERY_MICRO_BATCH,
     check_launch,
     distributed,
-    every_rank_s,
     exit_rank,
     first_error_of_any_rank,
     from_rank_zero,
@@ -56,12 +51,30 @@ from distributed import (
     processes_on_this_machine,
     rank,
     sharded_training_state,
+    values_of_every_rank,
     world_size,
 )
-from flags import ArgumentParser, add_model_arguments, add_training_arguments, model_config, positive_int
-from model import LightGPT, LightGPTConfig
+from files import file_in_the_way, same_files
+from flags import (
+    ArgumentParser,
+    add_model_arguments,
+    add_training_arguments,
+    model_config,
+    positive_int,
+    run_config,
+)
+from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
+from optimizers import build_optimizer
+from preparation import PreparationInterrupted, TokenWindows, corpus_folder, prepare_corpus
 from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
-from training import Adafactor, note_optimizer_starts_afresh, restore_rng_state, restore_scaler, rng_state, train
+from tokenizer import load_tokenizer
+from training import (
+    note_optimizer_starts_afresh,
+    restore_rng_state,
+    restore_scaler,
+    rng_state,
+    train,
+)
 
 Value = TypeVar("Value")
 
@@ -69,11 +82,8 @@ Value = TypeVar("Value")
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Pre-train LightGPT. Prepares the corpus once under --dataset_path, then trains, "
                             "evaluates and checkpoints. Launch with torchrun for several devices.")
-    parser.add_argument("--dataset", default="fineweb-edu", choices=CORPORA,
-                        help="Web corpora stream from the HuggingFace hub; wikipedia and kjv are offline; text reads "
-                        "--text_files.")
-    parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS),
-                        help="The sample of fineweb-edu or fineweb.")
+    parser.add_argument("--dataset", default=DEFAULT_CORPUS, choices=tuple(CORPORA), help=dataset_help())
+    parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS), help=subset_help())
     parser.add_argument("--max_dataset_tokens", type=positive_int, default=None,
                         help="Prepare about this many training tokens (default: all); more later continues.")
     parser.add_argument("--text_files", default=None,
@@ -90,8 +100,8 @@ def build_parser() -> ArgumentParser:
                         help="The number of held-out windows in every evaluation (the same windows each time).")
     add_model_arguments(parser, dropout=0.1)
     parser.add_argument("--ddp_sharding_level", type=int, default=2, choices=(0, 2, 3),
-                        help="Under torchrun: 0 replicates everything (DDP), 2 shards gradients and optimizer "
-                        "state (FSDP2), 3 the parameters too.")
+                        help="Under torchrun: 0 replicates everything (DDP); levels 2 and 3 are FSDP2: 2 shards "
+                        "gradients and optimizer state, 3 the parameters too.")
     add_training_arguments(parser, learning_rate=3e-3, warmup_steps="5%", num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
     parser.add_argument("--checkpoint_format", default="single", choices=("single", "sharded"),
@@ -211,8 +221,7 @@ def check_memory(args: argparse.Namespace, device: torch.device) -> None:
     optimizer state alone (sizing.memory_per_device) exceed the memory this process has: a certain failure.
     Activations are left out of the comparison, since torch.compile makes them smaller than the estimate."""
     config = model_args_from(args)
-    architecture = Architecture(config["vocabulary_size"], args.block_size, config["embedding_dimensions"],
-                                config["num_heads"], config["num_layers"], config["feed_forward_ratio"])
+    architecture = Architecture(block_size=args.block_size, **{name: config[name] for name in SHAPE_FIELDS})
     memory = memory_per_device(architecture, args.batch_size, False, args.optimizer, args.activation_checkpointing,
                                args.ddp_sharding_level, world_size())
     state = memory["parameters"] + memory["gradients"] + memory["optimizer_state"]
@@ -309,11 +318,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     dtype = compute_dtype(args.precision, device)
     model, training_model = build_model(args, model_args, device, dtype)
     scaler = gradient_scaler(device, dtype)
-    if args.optimizer == "adafactor":
-        optimizer = Adafactor(training_model.parameters(), lr=args.learning_rate, scale_parameter=False)
-    else:
-        optimizer = torch.optim.AdamW(training_model.parameters(), lr=args.learning_rate,
-                                      fused=device.type == "cuda")
+    optimizer = build_optimizer(args.optimizer, training_model.parameters(), args.learning_rate, device)
 
     steps_per_epoch = args.samples_per_epoch // (args.batch_size * args.gradient_accumulation_steps)
     step, saved_rng_states = 0, []
@@ -344,7 +349,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
         return micro_batches_of_windows(train_windows, starts, args.batch_size)
 
     def save(step: int, epoch: int) -> None:
-        rng_states = every_rank_s(rng_state(device))
+        rng_states = values_of_every_rank(rng_state(device))
         sharded = args.checkpoint_format == "sharded"
         model_state, optimizer_state = (sharded_training_state if sharded else full_training_state)(
             training_model, optimizer)
@@ -361,11 +366,11 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     config = model.config
     flops_per_token = training_flops_per_token(config.vocabulary_size, args.block_size, config.embedding_dimensions,
                                                config.num_layers, config.feed_forward_ratio)
-    train(training_model, optimizer, micro_batches_at, eval_batches, save, args, start_step=step,
-          steps_per_epoch=steps_per_epoch, dtype=dtype, scaler=scaler,
-          padding_index=model.padding_index, unit="tokens", units_per_epoch=tokens_per_epoch,
-          flops_per_unit=flops_per_token, description="Pre-training", saved_what="checkpoint",
-          program="pre-train.py", reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[args.ddp_sharding_level])
+    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="tokens", units_per_epoch=tokens_per_epoch,
+                     description="Pre-training", saved_what="checkpoint", program="pre-train.py", dtype=dtype,
+                     flops_per_unit=flops_per_token,
+                     reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[args.ddp_sharding_level])
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Write the README's argument tables from the scripts' own parsers, so the two never drift apart.
+"""Write the argument tables of docs/usage.md (which the README links to) from the scripts' own parsers, so the
+two never drift apart.
 
-python readme_flags.py rewrites every table between <!-- flags:SCRIPT --> and <!-- /flags --> in README.md;
-with --check it only says whether they are current (exit 1 if not).
+python readme_flags.py rewrites every table between <!-- flags:SCRIPT --> and <!-- /flags --> in docs/usage.md and
+README.md, and the corpus table (corpora.py's registry) between <!-- corpora --> and <!-- /corpora -->; with --check
+it only says whether they are current (exit 1 if not).
 """
 
 import argparse
@@ -10,12 +12,17 @@ import re
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().with_name("README.md")
+from corpora import corpus_table
+
+REPOSITORY = Path(__file__).resolve().parent
+DOCUMENTS = (REPOSITORY / "docs" / "usage.md", REPOSITORY / "README.md")
 TABLE = re.compile(r"(<!-- flags:(?P<script>[\w.-]+) -->\n).*?(?=<!-- /flags -->)", re.S)
+CORPUS_TABLE = re.compile(r"(<!-- corpora -->\n).*?(?=<!-- /corpora -->)", re.S)
+
 
 def script_parser(script: str) -> argparse.ArgumentParser:
     """The parser a script builds in its build_parser()."""
-    path = README.with_name(script)
+    path = REPOSITORY / script
     spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -41,22 +48,24 @@ def flags_table(parser: argparse.ArgumentParser) -> str:
     return "\n".join(rows) + "\n\n"
 
 
-def with_current_tables(readme: str) -> str:
-    return TABLE.sub(lambda match: match[1] + "\n" + flags_table(script_parser(match["script"])), readme)
+def with_current_tables(document: str) -> str:
+    document = CORPUS_TABLE.sub(lambda match: match[1] + "\n" + corpus_table() + "\n", document)
+    return TABLE.sub(lambda match: match[1] + "\n" + flags_table(script_parser(match["script"])), document)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true",
-                        help="Only check that README.md's tables are current; exit 1 if they are not.")
+                        help="Only check that the argument tables are current; exit 1 if they are not.")
     args = parser.parse_args()
-    readme = README.read_text()
-    current = with_current_tables(readme)
-    if args.check:
-        if current != readme:
-            sys.exit("readme_flags.py: README.md's argument tables differ from the parsers; run python readme_flags.py")
-        return
-    README.write_text(current)
+    for document in DOCUMENTS:
+        text = document.read_text()
+        current = with_current_tables(text)
+        if args.check and current != text:
+            sys.exit(f"readme_flags.py: {document.relative_to(REPOSITORY)}'s argument tables differ from the parsers; "
+                     f"run python readme_flags.py")
+        if not args.check and current != text:
+            document.write_text(current)
 
 
 if __name__ == "__main__":

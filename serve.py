@@ -1,7 +1,6 @@
 """Serve a LightGPT over HTTP with OpenAI's API (completions and chat completions), decoding the requests together
 (serving.BatchDecoder), with a chat page at /."""
 
-import argparse
 import asyncio
 import hmac
 import json
@@ -18,9 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from checkpoint import load_model
 from conversations import PromptTemplate
 from devices import compute_dtype
+from finetuning import load_inference_model
 from flags import ArgumentParser, add_device_argument, add_model_source_arguments, add_precision_argument, positive_int
 from serving import BatchDecoder, Event, QueueFull
 from serving import Request as Generation
@@ -89,8 +88,8 @@ class Server:
         api_key: the bearer key every endpoint but /health requires, or None.
     """
 
-    def __init__(self, decoder: BatchDecoder, tokenizer, block_size: int, model_name: str, template=None,
-                 api_key: str | None = None):
+    def __init__(self, decoder: BatchDecoder, tokenizer, block_size: int, model_name: str,
+                 template: PromptTemplate | None = None, api_key: str | None = None):
         self.decoder, self.tokenizer, self.block_size = decoder, tokenizer, block_size
         self.model_name, self.template, self.api_key = model_name, template, api_key
         self.created = int(time.time())
@@ -399,9 +398,8 @@ class Server:
 def main() -> None:
     args = build_parser().parse_args()
     try:
-        model, block_size, saved_template = load_model(args.checkpoint_path, args.device, args.lora_path,
-                                                       compute_dtype(args.precision, torch.device(args.device)))
-        template = PromptTemplate.from_dict(saved_template) if saved_template else None
+        model, block_size, template = load_inference_model(
+            args.checkpoint_path, args.device, args.lora_path, compute_dtype(args.precision, torch.device(args.device)))
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"serve.py: error: {error}")
     decoder = BatchDecoder(model, load_tokenizer(), block_size, args.max_batch_size, args.max_queued).start()

@@ -1,7 +1,6 @@
-"""The training loop that pre-training and instruction tuning share: optimizer, schedule, optimizer step,
+"""The training loop that pre-training and instruction tuning share: its RunConfig, schedule, optimizer step,
 evaluation, logging, random-number state and stopping on a signal."""
 
-import argparse
 import json
 import math
 import signal
@@ -9,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -17,87 +17,24 @@ from torch import Tensor
 from torch.nn import Module
 from tqdm import tqdm
 
-from checkpoint import metrics_path, write_atomically
+from checkpoint import metrics_path
+from files import append_atomically, write_atomically
 from devices import peak_tflops
 from distributed import (
+    as_float,
     autocast_unless_sharded,
     end_start_up,
     first_error_of_any_rank,
     gradient_sync,
-    item,
-    patience,
     rank,
-    replicated,
+    slow_work_on_one_rank,
     sum_across_ranks,
+    unwrapped,
     world_size,
 )
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
-
-
-class Adafactor(torch.optim.Adafactor):
-    """torch.optim.Adafactor, same hyperparameters and state, with a step that also runs on FSDP2's sharded
-    DTensor parameters: the factored second moments average whole columns, which span the shards, and
-    PyTorch's in-place kernels cannot ask DTensor for that sum; these out-of-place operations can.
-
-    scale_parameter=True is PyTorch's rule: each step is min(lr, 1/sqrt(step)) times the parameter's RMS, about
-    0.02 for a freshly initialised matrix. scale_parameter=False takes steps of lr itself, as AdamW does (T5's
-    setting; see docs/design.md for why pre-training uses it).
-    """
-
-    def __init__(self, params, lr: float = 1e-2, scale_parameter: bool = True, **options):
-        super().__init__(params, lr=lr, **options)
-        for group in self.param_groups:
-            group.setdefault("scale_parameter", scale_parameter)
-
-    @torch.no_grad()
-    def step(self, closure=None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is not None:
-                    self._update(parameter, group)
-        return loss
-
-    def _update(self, parameter: Tensor, group: dict) -> None:
-        gradient = -parameter.grad if group["maximize"] else parameter.grad
-        learning_rate = float(group["lr"])
-        smallest_variance, smallest_scale = group["eps"]
-        if smallest_variance is None:
-            smallest_variance = torch.finfo(parameter.dtype).eps
-        state = self.state[parameter]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-        state["step"] += 1
-        step = state["step"].item()
-        decay = step ** group["beta2_decay"]
-        scale = learning_rate
-        if group.get("scale_parameter", True):  # checkpoints from before the choice used PyTorch's rule
-            relative_step = min(learning_rate, 1 / step**0.5)
-            scale = max(smallest_scale, item(parameter.norm()) / parameter.numel() ** 0.5) * relative_step
-        if group["weight_decay"]:
-            parameter.mul_(1 - learning_rate * group["weight_decay"])
-        if gradient.dim() > 1:
-            row_mean = gradient.norm(dim=-1, keepdim=True).square() / gradient.size(-1)
-            column_mean = replicated(gradient.norm(dim=-2, keepdim=True)).square() / gradient.size(-2)
-            if "row_var" not in state:
-                state["row_var"], state["col_var"] = torch.zeros_like(row_mean), torch.zeros_like(column_mean)
-            state["row_var"].lerp_(row_mean, decay)
-            state["col_var"].lerp_(column_mean, decay)
-            row_scale = replicated(state["row_var"].mean(dim=-2, keepdim=True)).clamp(min=smallest_variance)
-            variance = state["row_var"] @ state["col_var"] / row_scale
-        else:
-            if "variance" not in state:
-                state["variance"] = torch.zeros_like(gradient)
-            state["variance"].lerp_(gradient * gradient, decay)
-            variance = state["variance"]
-        update = variance.clamp(min=smallest_variance**2).rsqrt() * gradient
-        clipping = max(1.0, item(update.norm()) / (update.numel() ** 0.5 * group["d"]))
-        parameter.add_(update, alpha=-scale / clipping)
 
 
 def warmup_steps_of(warmup: int | float, total_steps: int) -> int:
@@ -152,19 +89,7 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
 def append_metrics(path: str | Path, record: dict) -> None:
     """One JSON object per line, so a run's curves can be plotted while it trains. A write that fails (a full
     disk) leaves no half line and is a one-line OSError naming the file."""
-    line = (json.dumps(record) + "\n").encode()
-    try:
-        with open(path, "ab", buffering=0) as file:
-            start = file.tell()
-            try:
-                written = 0
-                while written < len(line):  # an unbuffered write may write part of the line, then fail
-                    written += file.write(line[written:])
-            except OSError:
-                file.truncate(start)
-                raise
-    except OSError as error:
-        raise OSError(f"could not write {path}: {error.strerror or error}") from None
+    append_atomically(path, json.dumps(record) + "\n")
 
 
 def records_up_to(path: Path, step: int) -> None:
@@ -255,7 +180,7 @@ def optimizer_step(
         )
     scaler.unscale_(optimizer)
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
-    gradient_norm = item(torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm))
+    gradient_norm = as_float(torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -282,7 +207,37 @@ def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding
     return total / count
 
 
-def tensorboard_writer(args: argparse.Namespace, start_step: int) -> "SummaryWriter":
+@dataclass(frozen=True)
+class RunConfig:
+    """What a training run is asked to do, read from its flags (flags.run_config): its schedule, how often it
+    evaluates and saves, where it writes, and the words in which it reports."""
+
+    num_epochs: int
+    steps_per_epoch: int
+    learning_rate: float  # the peak, reached after the warmup
+    warmup_steps: int | float  # steps, or a fraction of all the steps (warmup_steps_of)
+    max_gradient_norm: float
+    eval_interval: int  # in epochs, and always at the end
+    checkpoint_interval: int  # in epochs, and always at the end
+    checkpoint_path: str | Path
+    log_dir: str | Path | None  # TensorBoard's folder; None: runs/ beside the checkpoint
+    tensorboard: bool
+    unit: str  # what units_per_epoch counts: tokens, samples
+    units_per_epoch: int
+    description: str  # the progress bar's label
+    saved_what: str  # what the checkpoint holds, in the closing line: checkpoint, adapters
+    program: str  # the script's name, which error lines start with
+    dtype: torch.dtype = torch.float32  # the forward passes compute in it (autocast, or FSDP2's own policy)
+    flops_per_unit: float | None = None  # the FLOPs of training on one unit, for the model FLOPs utilization
+    reduce_every_micro_batch: bool = False  # see distributed.REDUCE_EVERY_MICRO_BATCH
+    flags: dict = field(default_factory=dict)  # every flag of the run, shown in TensorBoard
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.num_epochs
+
+
+def tensorboard_writer(run: RunConfig, start_step: int) -> "SummaryWriter":
     """A TensorBoard SummaryWriter in <log_dir>/<checkpoint name> (log_dir by default runs/ beside the checkpoint),
     with the run's flags as text. Every step is logged at its global step, so a resumed run continues its own
     curves there; earlier runs' events after start_step are hidden (purged), so a run that starts over replaces the
@@ -290,10 +245,10 @@ def tensorboard_writer(args: argparse.Namespace, start_step: int) -> "SummaryWri
     from torch.utils.tensorboard import SummaryWriter  # here, not at the top: importing it takes most of a second
 
     first_step = start_step + 1  # step n is logged once n optimizer steps are done
-    checkpoint = Path(args.checkpoint_path)
-    log_dir = Path(args.log_dir) if args.log_dir else checkpoint.parent / "runs"
+    checkpoint = Path(run.checkpoint_path)
+    log_dir = Path(run.log_dir) if run.log_dir else checkpoint.parent / "runs"
     writer = SummaryWriter(log_dir / checkpoint.stem, purge_step=first_step)
-    flags = "\n".join(f"| --{name} | {value} |" for name, value in sorted(vars(args).items()))
+    flags = "\n".join(f"| --{name} | {value} |" for name, value in sorted(run.flags.items()))
     writer.add_text("flags", "| flag | value |\n| --- | --- |\n" + flags, first_step)
     return writer
 
@@ -362,14 +317,13 @@ class EpochLog:
             self.tensorboard.close()
 
 
-def main_log(args: argparse.Namespace, progress, start_step: int, device: torch.device, dtype: torch.dtype,
-             flops_per_unit: float | None) -> EpochLog:
+def rank_zero_log(run: RunConfig, progress, start_step: int, device: torch.device) -> EpochLog:
     """Rank 0's log: the metrics file beside the checkpoint, TensorBoard unless turned off, and the model FLOPs
     utilization where the device's peak is known (the peak of all the processes' devices together)."""
-    peak = peak_tflops(device, dtype)
-    return EpochLog(progress, metrics_path(args.checkpoint_path),
-                    tensorboard_writer(args, start_step) if args.tensorboard else None,
-                    flops_per_unit, peak and peak * 1e12 * world_size())
+    peak = peak_tflops(device, run.dtype)
+    return EpochLog(progress, metrics_path(run.checkpoint_path),
+                    tensorboard_writer(run, start_step) if run.tensorboard else None,
+                    run.flops_per_unit, peak and peak * 1e12 * world_size())
 
 
 def train(
@@ -378,68 +332,64 @@ def train(
     micro_batches_at: Callable[[int], list[tuple[Tensor, Tensor, float]]],
     eval_batches: list[tuple[Tensor, Tensor, float]],
     save: Callable[[int, int], None],
-    args: argparse.Namespace,
-    *,
+    run: RunConfig,
     start_step: int,
-    steps_per_epoch: int,
-    dtype: torch.dtype,
     scaler: torch.amp.GradScaler,
-    padding_index: int,
-    unit: str,
-    units_per_epoch: int,
-    description: str,
-    saved_what: str,
-    program: str,
-    flops_per_unit: float | None = None,
-    reduce_every_micro_batch: bool = False,
 ) -> None:
-    """Train from start_step to the end of args.num_epochs, on every rank.
+    """Train from start_step to the end of run.num_epochs, on every rank.
 
-    micro_batches_at(step) gives this rank's micro-batches of a step, each (inputs, targets, loss weight); the
-    forward passes compute in `dtype` (autocast, or FSDP2's own policy), with `scaler` scaling an fp16 loss; `unit`
-    names what units_per_epoch counts (tokens, samples); save(step, epoch) writes a checkpoint (every rank calls
-    it); reduce_every_micro_batch: see distributed.REDUCE_EVERY_MICRO_BATCH. Each epoch is logged, evaluated every
-    args.eval_interval epochs and saved every args.checkpoint_interval epochs, both always at the end. SIGINT or
-    SIGTERM saves and stops every rank at the same step. Rank 0 alone shows progress, writes the metrics log
-    beside args.checkpoint_path (first dropping its records past start_step) and, unless args.tensorboard is off,
-    TensorBoard curves under args.log_dir, with the model FLOPs utilization when flops_per_unit (the FLOPs of
-    training on one unit) and the device's peak are known. A file that cannot be written stops every rank with one
-    line. Ranks wait for each other as long as at start-up until the first step is done, and while a checkpoint
-    is saved.
+    Args:
+        model: the model to train, as parallelize wrapped it; padding targets (its padding_index) count nothing.
+        optimizer: steps at the learning rate of run's schedule.
+        micro_batches_at: micro_batches_at(step) gives this rank's micro-batches of a step, each (inputs, targets,
+            loss weight).
+        eval_batches: this rank's fixed held-out batches, in the same form.
+        save: save(step, epoch) writes a checkpoint (every rank calls it).
+        run: the schedule, intervals, paths and labels (RunConfig).
+        start_step: the optimizer steps already done (0, or a resumed checkpoint's).
+        scaler: scales an fp16 loss (a disabled scaler otherwise).
+
+    Each epoch is logged, evaluated every run.eval_interval epochs and saved every run.checkpoint_interval
+    epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the same step. Rank 0 alone
+    shows progress, writes the metrics log beside run.checkpoint_path (first dropping its records past
+    start_step) and, unless run.tensorboard is off, TensorBoard curves under run.log_dir, with the model FLOPs
+    utilization when run.flops_per_unit and the device's peak are known. A file that cannot be written stops
+    every rank with one line. Ranks wait for each other as long as at start-up until the first step is done,
+    and while a checkpoint is saved.
     """
     main_process = rank() == 0
-    total_steps = steps_per_epoch * args.num_epochs
+    total_steps = run.total_steps
     if start_step >= total_steps:
         if main_process:
-            print(f"Nothing left to train: {args.checkpoint_path} is at step {start_step}, and --num_epochs "
-                  f"{args.num_epochs} ends at step {total_steps} ({steps_per_epoch} steps per epoch); to train "
+            print(f"Nothing left to train: {run.checkpoint_path} is at step {start_step}, and --num_epochs "
+                  f"{run.num_epochs} ends at step {total_steps} ({run.steps_per_epoch} steps per epoch); to train "
                   f"further, resume with a larger --num_epochs")
         return
-    warmup_steps = warmup_steps_of(args.warmup_steps, total_steps)
+    warmup_steps = warmup_steps_of(run.warmup_steps, total_steps)
     step = start_step
     exit_request = GracefulExit()
-    progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main_process)
+    progress = tqdm(total=total_steps, initial=step, desc=run.description, unit="step", disable=not main_process)
     device = next(model.parameters()).device
-    precision = autocast_unless_sharded(model, device, dtype)
-    log = (main_log(args, progress, start_step, device, dtype, flops_per_unit) if main_process
-           else EpochLog(progress, None))
+    padding_index = unwrapped(model).padding_index
+    precision = autocast_unless_sharded(model, device, run.dtype)
+    log = rank_zero_log(run, progress, start_step, device) if main_process else EpochLog(progress, None)
 
     def stop(error: str) -> NoReturn:
         log.close()
-        sys.exit(f"{program}: error: {error}" if main_process else 1)
+        sys.exit(f"{run.program}: error: {error}" if main_process else 1)
 
     # Rank 0 writes every file; every rank stops when it could not.
-    failure = failed_write(records_up_to, log.metrics_path, step) if main_process else None
+    failure = write_error(records_up_to, log.metrics_path, step) if main_process else None
     if failure := first_error_of_any_rank(failure):
         stop(failure)
 
     model.train()
     while step < total_steps:
-        learning_rate = learning_rate_at(step, total_steps, warmup_steps, args.learning_rate)
+        learning_rate = learning_rate_at(step, total_steps, warmup_steps, run.learning_rate)
         try:
             step_loss, gradient_norm, stop_requested = optimizer_step(
-                model, optimizer, micro_batches_at(step), learning_rate, args.max_gradient_norm, precision, scaler,
-                exit_request.requested, reduce_every_micro_batch,
+                model, optimizer, micro_batches_at(step), learning_rate, run.max_gradient_norm, precision, scaler,
+                exit_request.requested, run.reduce_every_micro_batch,
             )
         except FloatingPointError as error:
             stop(f"at step {step}, {error}")
@@ -448,29 +398,29 @@ def train(
             end_start_up()
         log.add_step(step, step_loss, gradient_norm, learning_rate)
 
-        epoch, end_of_epoch = divmod(step, steps_per_epoch)
+        epoch, end_of_epoch = divmod(step, run.steps_per_epoch)
         failure = None
         last = step == total_steps
         if end_of_epoch == 0:
             validation_loss = (evaluate(model, eval_batches, padding_index, precision)
-                               if epoch % args.eval_interval == 0 or last else None)
-            failure = failed_write(log.end_epoch, epoch, step, unit, units_per_epoch, validation_loss)
-        if stop_requested or end_of_epoch == 0 and (epoch % args.checkpoint_interval == 0 or last):
-            with patience():
-                failure = failed_write(save, step, epoch) or failure
+                               if epoch % run.eval_interval == 0 or last else None)
+            failure = write_error(log.end_epoch, epoch, step, run.unit, run.units_per_epoch, validation_loss)
+        if stop_requested or end_of_epoch == 0 and (epoch % run.checkpoint_interval == 0 or last):
+            with slow_work_on_one_rank():
+                failure = write_error(save, step, epoch) or failure
         if (end_of_epoch == 0 or stop_requested) and (failure := first_error_of_any_rank(failure)):
             stop(failure)
         if stop_requested:
             log.close()
             if main_process:
-                print(f"Stopped by signal at step {step}; {saved_what} saved to {args.checkpoint_path}")
+                print(f"Stopped by signal at step {step}; {run.saved_what} saved to {run.checkpoint_path}")
             return
     log.close()
     if main_process:
-        print(f"Done: {saved_what} saved to {args.checkpoint_path}")
+        print(f"Done: {run.saved_what} saved to {run.checkpoint_path}")
 
 
-def failed_write(write: Callable[..., None], *args) -> str | None:
+def write_error(write: Callable[..., None], *args) -> str | None:
     """write(*args), and the message of the OSError it raises when a file could not be written, else None."""
     try:
         write(*args)

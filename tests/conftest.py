@@ -30,12 +30,14 @@ os.environ["HF_HOME"] = HUGGINGFACE_CACHE
 # Only now: model.py imports huggingface_hub, which reads those variables once, on import.
 from model import LightGPT, LightGPTConfig  # noqa: E402
 
-# A tiny model over the real 50257-token vocabulary: fast enough for a CPU, real in every code path.
-TINY_MODEL = [
+# The flags of a tiny model over the real 50257-token vocabulary, for the scripts: fast enough for a CPU, real in
+# every code path.
+TINY_MODEL_FLAGS = [
     "--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers", "1",
     "--block_size", "16", "--feed_forward_ratio", "2", "--device", "cpu",
 ]
-# A small model for the tests that build one in-process: distinct predictions, milliseconds a step.
+# The LightGPTConfig of a small model for the tests that build one in-process: distinct predictions, milliseconds a
+# step.
 TINY_SHAPE = dict(vocabulary_size=97, embedding_dimensions=32, num_heads=4, num_layers=2, eos_index=0)
 
 
@@ -157,7 +159,7 @@ def flag_error(script, arguments: list[str], capsys) -> str:
 @pytest.fixture(scope="session")
 def dataset_path(tmp_path_factory) -> Path:
     """The embedded wikipedia corpus, prepared once for the whole session."""
-    from data import prepare_corpus
+    from preparation import prepare_corpus
 
     path = tmp_path_factory.mktemp("dataset")
     prepare_corpus("wikipedia", path, num_processes=2, show_progress=False)

@@ -7,12 +7,14 @@ import pytest
 import torch
 from conftest import REPOSITORY, assert_one_line_error, one_thread, run_script
 
-from bench import PeakTensorMemory
-from conftest import lightgpt
+import bench
+from conftest import lightgpt, load_script, tiny_model
 from devices import compute_dtype
+from optimizers import Adafactor
+from profiling import PeakTensorMemory
 from sizing import training_flops_per_token
 
-TINY_SHAPE = [
+TINY_BENCH_FLAGS = [
     "--embedding_dimensions", "16", "--num_attention_heads", "2", "--num_hidden_layers", "2", "--block_size", "16",
     "--feed_forward_ratio", "2", "--vocabulary_size", "97", "--batch_size", "2", "--device", "cpu",
 ]
@@ -23,8 +25,9 @@ SIDE_BY_SIDE = {"train_tokens_per_s", "parameters", "train_peak_memory"}
 def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_measurement():
     # fp32: in bf16 this tiny model's peak memory is not in its activations, so checkpointing cannot lower it.
     result = run_script(
-        "bench.py", *TINY_SHAPE, "--precision", "fp32", "--steps", "2", "--warmup", "1", "--checkpointing_layers", "4",
-        "--parts", "train", "generate", "beam_search", "checkpointing", "data", "--data_tokens", "40000",
+        "bench.py", *TINY_BENCH_FLAGS, "--precision", "fp32", "--steps", "2", "--warmup", "1",
+        "--checkpointing_layers", "4", "--parts", "train", "generate", "beam_search", "checkpointing", "data",
+        "--data_tokens", "40000",
         "--generation_lengths", "4", "8", "--beam_tokens", "4", "--beam_width", "4", "--json",
     )
     assert result.returncode == 0, result.stderr
@@ -76,7 +79,7 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
 
 @pytest.mark.slow
 def test_bench_prints_a_table_by_default_and_a_row_for_each_training_variant():
-    result = run_script("bench.py", *TINY_SHAPE, "--steps", "1", "--warmup", "0", "--no-gpt2")
+    result = run_script("bench.py", *TINY_BENCH_FLAGS, "--steps", "1", "--warmup", "0", "--no-gpt2")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     dtype = str(compute_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
@@ -84,12 +87,21 @@ def test_bench_prints_a_table_by_default_and_a_row_for_each_training_variant():
     assert lines[1].split() == ["Measurement", "LightGPT", "GPT-2", "LightGPT/GPT-2"]
     assert any(line.startswith("train_tokens_per_s") for line in lines)
 
-    result = run_script("bench.py", *TINY_SHAPE, "--steps", "1", "--warmup", "0", "--no-gpt2", "--json",
+    result = run_script("bench.py", *TINY_BENCH_FLAGS, "--steps", "1", "--warmup", "0", "--no-gpt2", "--json",
                         "--variants", "fp32", "bf16")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     for metric in ("train_tokens_per_s", "train_first_step_seconds", "train_peak_memory", "train_mfu"):
         assert [record["precision"] for record in records if record["metric"] == metric] == ["fp32", "bf16"]
+
+
+@pytest.mark.parametrize("name, kind", [("adafactor", Adafactor), ("adamw", torch.optim.AdamW)])
+def test_bench_measures_the_optimizer_that_pre_training_builds(name, kind):
+    pretraining = load_script("pre-train").parse_args(["--optimizer", name])
+    optimizer = bench.make_optimizer(tiny_model(), bench.parse_args(["--optimizer", name, "--device", "cpu"]))
+    assert type(optimizer) is kind
+    assert optimizer.param_groups[0]["lr"] == pretraining.learning_rate
+    assert optimizer.param_groups[0].get("scale_parameter") is (False if name == "adafactor" else None)
 
 
 def test_peak_tensor_memory_counts_storages_while_they_live():
@@ -119,7 +131,8 @@ def test_peak_tensor_memory_sees_what_live_storages_hold_after_an_in_place_resiz
 def test_bench_measures_fsdp2_gradient_accumulation_both_ways_under_torchrun():
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "bench.py",
-         *TINY_SHAPE, "--parts", "accumulation", "--micro_batches", "2", "--steps", "1", "--warmup", "0", "--json"],
+         *TINY_BENCH_FLAGS, "--parts", "accumulation", "--micro_batches", "2", "--steps", "1", "--warmup", "0",
+         "--json"],
         cwd=REPOSITORY, capture_output=True, text=True, timeout=300, env=one_thread(),
     )
     assert result.returncode == 0, result.stderr

@@ -21,7 +21,6 @@ from checkpoint import (
     load_checkpoint,
     load_index,
     load_lora_checkpoint,
-    load_lora_model,
     load_model,
     load_shards,
     model_from_checkpoint,
@@ -31,6 +30,7 @@ from checkpoint import (
     training_checkpoint,
     upgraded_template,
 )
+from conversations import PromptTemplate
 from conftest import (
     REPOSITORY,
     assert_one_line_error,
@@ -40,9 +40,9 @@ from conftest import (
     save_pretrained_checkpoint,
     tiny_model,
 )
-from conversations import PromptTemplate
-from data import write_text_atomically
 from distributed import load_training_state, sharded_training_state
+from finetuning import load_lora_model
+from files import write_text_atomically
 from tokenizer import load_tokenizer
 from training import append_metrics, records_up_to
 
@@ -104,8 +104,8 @@ def test_a_format_2_adapter_with_the_dict_template_merges_to_the_same_logits_wit
         warnings.simplefilter("error")
         model, block_size, template = load_lora_model(FIXTURES / "v2_adapter.pt", FIXTURES / "v2_checkpoint.pt")
     torch.testing.assert_close(model(expected["tokens"])[0], expected["adapted_logits"])
-    assert block_size == 8 and template == upgraded_template(written["prompt_template"])
-    assert PromptTemplate.from_dict(template).prompt([{"role": "user", "content": "Hi"}]) == \
+    assert block_size == 8 and template == PromptTemplate.from_dict(upgraded_template(written["prompt_template"]))
+    assert template.prompt([{"role": "user", "content": "Hi"}]) == \
         load_tokenizer().encode_ordinary(written["prompt_template"]["without_input"].format(instruction="Hi"))
     adapter = load_lora_checkpoint(FIXTURES / "v2_adapter.pt")
     for (name, tensor), loaded in zip(written["lora"].items(), adapter["lora"].values(), strict=True):

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, fineweb_edu_mirror, one_thread, run_script
-from data import TokenWindows, prepare_corpus, resolve_text_files
+import corpora
+import preparation
+from conftest import REPOSITORY, TINY_MODEL_FLAGS, assert_one_line_error, fineweb_edu_mirror, one_thread, run_script
+from corpora import resolve_text_files
+from preparation import TokenWindows, prepare_corpus
 from tokenizer import build_tokenizer, load_tokenizer, package_data_path
 
 
@@ -37,7 +39,7 @@ def test_tokenizer_leaves_no_cache_files(tmp_path):
     environment = {key: value for key, value in os.environ.items() if key != "TIKTOKEN_CACHE_DIR"}
     environment["TMPDIR"] = str(tmp_path)
     code = "import tokenizer; print(tokenizer.load_tokenizer().encode_ordinary('cache?'))"
-    subprocess.run([sys.executable, "-c", code], cwd=data.__file__.rsplit("/", 1)[0], env=environment, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, env=environment, check=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -51,7 +53,7 @@ def test_a_tampered_vocabulary_file_is_refused(tmp_path):
 
 
 def test_kjv_is_one_document_per_chapter():
-    chapters = data.kjv_documents()
+    chapters = corpora.kjv_documents()
     assert len(chapters) == 1189
     assert chapters[0].startswith("In the beginning God created the heaven and the earth.")
     assert chapters[-1].endswith("The grace of our Lord Jesus Christ [be] with you all. Amen.")
@@ -108,7 +110,7 @@ def test_one_and_two_processes_prepare_identical_files(tmp_path):
 
 def streamed_documents(parts) -> list[str]:
     """Every document of a corpus's parts, read as a preparation reads them."""
-    batches = data.document_batches(parts, data.fresh_meta({})["position"])
+    batches = preparation.document_batches(parts, preparation.fresh_meta({})["position"])
     return [text for texts, _, _ in batches for text in texts]
 
 
@@ -117,11 +119,11 @@ def corpus_bytes(folder) -> dict[str, bytes]:
 
 
 def test_an_interrupted_preparation_continues_where_it_stopped_and_gives_the_same_bytes(tmp_path, monkeypatch):
-    documents = [f"Document {index} " * (index % 7 + 1) for index in range(data.DOCUMENTS_PER_TASK * 5 + 17)]
+    documents = [f"Document {index} " * (index % 7 + 1) for index in range(preparation.DOCUMENTS_PER_TASK * 5 + 17)]
     files = write_text_corpus(tmp_path / "texts", documents)
     uninterrupted = corpus_bytes(prepare_corpus("text", tmp_path / "uninterrupted", 1, files, show_progress=False))
 
-    real_tokenize = data.tokenize_documents
+    real_tokenize = preparation.tokenize_documents
     calls = []
 
     def interrupted_in_the_third_batch(task):
@@ -130,18 +132,18 @@ def test_an_interrupted_preparation_continues_where_it_stopped_and_gives_the_sam
             raise KeyboardInterrupt  # as Ctrl-C, or SIGTERM, raises it
         return real_tokenize(task)
 
-    monkeypatch.setattr(data, "tokenize_documents", interrupted_in_the_third_batch)
-    with pytest.raises(data.PreparationInterrupted, match="run the same command again to continue"):
+    monkeypatch.setattr(preparation, "tokenize_documents", interrupted_in_the_third_batch)
+    with pytest.raises(preparation.PreparationInterrupted, match="run the same command again to continue"):
         prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)
-    folder = data.corpus_folder(tmp_path / "dataset", "text", files)
+    folder = preparation.corpus_folder(tmp_path / "dataset", "text", files)
     meta = json.loads((folder / "meta.json").read_text())
     assert not meta["complete"] and meta["position"]["batch"] == 2
     assert os.path.getsize(folder / "train.bin") == 2 * meta["train_tokens"]
     assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "prepare.lock", "test.bin", "train.bin"]
 
-    monkeypatch.setattr(data, "tokenize_documents", real_tokenize)
+    monkeypatch.setattr(preparation, "tokenize_documents", real_tokenize)
     tokenized = []
-    monkeypatch.setattr(data, "tokenize_documents", lambda task: tokenized.append(task) or real_tokenize(task))
+    monkeypatch.setattr(preparation, "tokenize_documents", lambda task: tokenized.append(task) or real_tokenize(task))
     assert corpus_bytes(prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)) == uninterrupted
     assert len(tokenized) == 4  # the three batches left, not all six
     assert json.loads((folder / "meta.json").read_text())["num_documents"] == len(documents)
@@ -149,10 +151,10 @@ def test_an_interrupted_preparation_continues_where_it_stopped_and_gives_the_sam
 
 @pytest.mark.parametrize("recorded", [False, True], ids=["before-the-sidecar", "after-the-sidecar"])
 def test_a_signal_around_the_sidecar_write_reports_and_keeps_what_was_recorded(tmp_path, monkeypatch, recorded):
-    documents = [f"Document {index} " * (index % 7 + 1) for index in range(data.DOCUMENTS_PER_TASK * 5 + 17)]
+    documents = [f"Document {index} " * (index % 7 + 1) for index in range(preparation.DOCUMENTS_PER_TASK * 5 + 17)]
     files = write_text_corpus(tmp_path / "texts", documents)
     uninterrupted = corpus_bytes(prepare_corpus("text", tmp_path / "uninterrupted", 1, files, show_progress=False))
-    real_write = data.write_text_atomically
+    real_write = preparation.write_text_atomically
     calls = []
 
     def interrupted_at_the_third_batch(path, text):
@@ -163,26 +165,26 @@ def test_a_signal_around_the_sidecar_write_reports_and_keeps_what_was_recorded(t
             raise KeyboardInterrupt  # counted in memory, then stopped before or after the sidecar holds the count
         real_write(path, text)
 
-    monkeypatch.setattr(data, "write_text_atomically", interrupted_at_the_third_batch)
-    with pytest.raises(data.PreparationInterrupted) as stopped:
+    monkeypatch.setattr(preparation, "write_text_atomically", interrupted_at_the_third_batch)
+    with pytest.raises(preparation.PreparationInterrupted) as stopped:
         prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)
-    folder = data.corpus_folder(tmp_path / "dataset", "text", files)
+    folder = preparation.corpus_folder(tmp_path / "dataset", "text", files)
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["position"]["batch"] == (3 if recorded else 2)
     assert f"stopped at {meta['train_tokens']:,} training tokens" in str(stopped.value)
     assert os.path.getsize(folder / "train.bin") == 2 * meta["train_tokens"]
-    monkeypatch.setattr(data, "write_text_atomically", real_write)
+    monkeypatch.setattr(preparation, "write_text_atomically", real_write)
     assert corpus_bytes(prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False)) == uninterrupted
 
 
 def test_max_dataset_tokens_stops_early_and_asking_for_more_continues(tmp_path):
-    documents = [f"Sentence {index} " * 10 for index in range(data.DOCUMENTS_PER_TASK * 6)]
+    documents = [f"Sentence {index} " * 10 for index in range(preparation.DOCUMENTS_PER_TASK * 6)]
     files = write_text_corpus(tmp_path / "texts", documents)
     whole = corpus_bytes(prepare_corpus("text", tmp_path / "whole", 1, files, show_progress=False))
 
     folder = prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False, max_tokens=5_000)
     meta = json.loads((folder / "meta.json").read_text())
-    batch_tokens = 0.98 * data.DOCUMENTS_PER_TASK * 21
+    batch_tokens = 0.98 * preparation.DOCUMENTS_PER_TASK * 21
     assert 5_000 <= meta["train_tokens"] < 5_000 + 1.1 * batch_tokens
     assert meta["max_tokens"] == 5_000 and not meta["complete"]
     assert whole["train.bin"].startswith((folder / "train.bin").read_bytes())
@@ -232,19 +234,19 @@ def test_bytes_a_killed_preparation_never_recorded_are_cut_and_dead_processes_fi
 @pytest.mark.slow
 def test_a_preparation_waits_while_another_process_prepares_the_same_folder(tmp_path, capfd):
     files = write_text_corpus(tmp_path / "texts", [f"Doc {index}" for index in range(100)])
-    folder = data.corpus_folder(tmp_path / "dataset", "text", files)
+    folder = preparation.corpus_folder(tmp_path / "dataset", "text", files)
     folder.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder / "prepare.lock")],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
-    preparation = threading.Thread(target=prepare_corpus, args=("text", tmp_path / "dataset", 1, files, False))
-    preparation.start()
-    preparation.join(timeout=2)
-    assert preparation.is_alive() and not (folder / "meta.json").exists()
+    waiting = threading.Thread(target=prepare_corpus, args=("text", tmp_path / "dataset", 1, files, False))
+    waiting.start()
+    waiting.join(timeout=2)
+    assert waiting.is_alive() and not (folder / "meta.json").exists()
     assert f"Waiting for process {holder.pid}, which is preparing {folder}" in capfd.readouterr().err
     holder.kill()  # the OS releases a dead process's lock
     holder.wait()
-    preparation.join(timeout=60)
+    waiting.join(timeout=60)
     assert json.loads((folder / "meta.json").read_text())["complete"]
 
 
@@ -268,7 +270,7 @@ def test_a_second_preparation_reuses_the_files_at_once(tmp_path, monkeypatch):
     def must_not_stream(*args):
         raise AssertionError("the corpus was read again")
 
-    monkeypatch.setattr(data, "corpus_parts", must_not_stream)
+    monkeypatch.setattr(preparation, "corpus_parts", must_not_stream)
     assert prepare_corpus("text", tmp_path / "dataset", 1, files, show_progress=False) == folder
 
 
@@ -286,14 +288,14 @@ def test_text_files_of_every_kind_folder_and_glob(tmp_path):
 
     assert len(resolve_text_files(str(folder))) == 4
     assert [file.name for file in resolve_text_files(str(folder / "*.txt"))] == ["a.txt"]
-    documents = streamed_documents(data.text_parts(resolve_text_files(str(folder))))
+    documents = streamed_documents(corpora.text_parts(resolve_text_files(str(folder))))
     assert documents == ["First paragraph.", "Second paragraph.", "From JSON.", "From JSON lines.", "From Parquet."]
 
 
 def test_undecodable_bytes_in_a_text_file_are_replaced_with_a_warning_that_names_the_file(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me.\n\nNa\u00efve.".encode("latin-1"))
     with pytest.warns(UserWarning, match=rf"{tmp_path / 'latin1.txt'} has 3 byte sequence\(s\) that are not UTF-8"):
-        documents = streamed_documents(data.text_parts([tmp_path / "latin1.txt"]))
+        documents = streamed_documents(corpora.text_parts([tmp_path / "latin1.txt"]))
     assert documents == ["Caf\ufffd cr\ufffdme.", "Na\ufffdve."]
 
 
@@ -312,7 +314,7 @@ def test_undecodable_bytes_in_a_text_file_are_replaced_with_a_warning_that_names
 def test_text_file_errors_name_the_file_and_line(tmp_path, name, content, fragments):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError) as error:
-        streamed_documents(data.text_parts([tmp_path / name]))
+        streamed_documents(corpora.text_parts([tmp_path / name]))
     message = str(error.value)
     assert message.startswith("--text_files: ") and "\n" not in message
     for fragment in fragments:
@@ -325,10 +327,10 @@ def test_parquet_text_files_without_string_text_are_named(tmp_path):
 
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "numbers.parquet")
     with pytest.raises(ValueError, match=r"numbers.parquet: the 'text' field holds int64, not strings"):
-        streamed_documents(data.text_parts([tmp_path / "numbers.parquet"]))
+        streamed_documents(corpora.text_parts([tmp_path / "numbers.parquet"]))
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "body.parquet")
     with pytest.raises(ValueError, match=r"body.parquet has no 'text' field \(found: body\)"):
-        streamed_documents(data.text_parts([tmp_path / "body.parquet"]))
+        streamed_documents(corpora.text_parts([tmp_path / "body.parquet"]))
     with pytest.raises(FileNotFoundError, match="--text_files: no .txt"):
         resolve_text_files(str(tmp_path / "nothing-*.txt"))
 
@@ -421,14 +423,14 @@ STALLING_SOURCE = """
 import runpy, sys, time
 stall_at_batch, script = int(sys.argv[1]), sys.argv[2]
 sys.path.insert(0, script.rsplit("/", 1)[0])
-import data
-read_batches = data.document_batches
+import preparation
+read_batches = preparation.document_batches
 def stalling_batches(parts, position):
     for texts, number, after in read_batches(parts, position):
         while number >= stall_at_batch:
             time.sleep(0.01)
         yield texts, number, after
-data.document_batches = stalling_batches
+preparation.document_batches = stalling_batches
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -439,7 +441,7 @@ def start_pretraining_on_the_mirror(root, dataset_path, stall_at_batch: int, *ar
     batch `stall_at_batch`."""
     return subprocess.Popen(
         [sys.executable, "-c", STALLING_SOURCE, str(stall_at_batch), str(REPOSITORY / "pre-train.py"),
-         "--dataset_path", str(dataset_path), *TINY_MODEL, "--samples_per_epoch", "1", "--batch_size", "1",
+         "--dataset_path", str(dataset_path), *TINY_MODEL_FLAGS, "--samples_per_epoch", "1", "--batch_size", "1",
          "--gradient_accumulation_steps", "1", "--num_epochs", "1", "--eval_samples", "1",
          "--checkpoint_path", str(root / "checkpoint.pt"), *args],
         cwd=root, env=one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -463,7 +465,7 @@ def wait_until_batches_are_recorded(folder, count: int, process: subprocess.Pope
 
 
 MIRROR_DOCUMENTS = [f"Document {index} tells of the river, the town and the year {1800 + index % 200}. " * 12
-                    for index in range(data.DOCUMENTS_PER_TASK * 8)]
+                    for index in range(preparation.DOCUMENTS_PER_TASK * 8)]
 
 
 @pytest.mark.slow

@@ -16,11 +16,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import PeakTensorMemory, kept_between_micro_batches  # noqa: E402
+from profiling import PeakTensorMemory, kept_between_micro_batches  # noqa: E402
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint  # noqa: E402
 from conftest import (  # noqa: E402
     REPOSITORY,
-    TINY_MODEL,
+    TINY_MODEL_FLAGS,
     lightgpt,
     load_script,
     metrics,
@@ -30,16 +30,17 @@ from conftest import (  # noqa: E402
 )
 from tokenizer import load_tokenizer  # noqa: E402
 from devices import gradient_scaler  # noqa: E402
-from distributed import REDUCE_EVERY_MICRO_BATCH, distributed, every_rank_s, parallelize, rank  # noqa: E402
+from distributed import REDUCE_EVERY_MICRO_BATCH, distributed, parallelize, rank, values_of_every_rank  # noqa: E402
 from sizing import parameter_counts  # noqa: E402
-from training import Adafactor, optimizer_step  # noqa: E402
+from optimizers import Adafactor  # noqa: E402
+from training import optimizer_step  # noqa: E402
 
 pytestmark = pytest.mark.slow  # nearly every test here starts processes
 
 # Four micro-batches per step: two for each of the two ranks. In fp32, where two ranks' sums and one process's
 # agree to a few parts in a million; under FSDP2 a reduced precision also computes the norms and the residual
 # stream in it (see test_two_processes_train_like_one_in_reduced_precision).
-COMMON = ["--dataset", "wikipedia", *TINY_MODEL, "--batch_size", "2", "--gradient_accumulation_steps", "4",
+COMMON = ["--dataset", "wikipedia", *TINY_MODEL_FLAGS, "--batch_size", "2", "--gradient_accumulation_steps", "4",
           "--samples_per_epoch", "8", "--eval_interval", "1", "--eval_samples", "6", "--dropout", "0",
           "--seed", "3", "--warmup_steps", "0", "--learning_rate", "1e-2", "--num_dataset_processes", "1",
           "--precision", "fp32"]
@@ -357,7 +358,7 @@ def overflow_on_one_rank() -> None:
         scaler.step(optimizer)
         scaler.update()
         unchanged = all(torch.equal(old, new.to_local()) for old, new in zip(before, training_model.parameters()))
-        states = every_rank_s({"scale": scaler.get_scale(), "unchanged": unchanged})
+        states = values_of_every_rank({"scale": scaler.get_scale(), "unchanged": unchanged})
         if rank() == 0:
             print(json.dumps(states))
 
@@ -390,7 +391,7 @@ def save_initial_weights(path: str) -> None:
     """Under torchrun: rank 0 saves the initial weights and every rank's peak memory at levels 2 and 3."""
     with distributed("cpu"):
         figures = {level: initial_weights(level) for level in (2, 3)}
-        peaks = every_rank_s({level: peak for level, (_, peak) in figures.items()})
+        peaks = values_of_every_rank({level: peak for level, (_, peak) in figures.items()})
         if rank() == 0:
             torch.save({level: state for level, (state, _) in figures.items()} | {"peaks": peaks}, path)
 

@@ -17,9 +17,9 @@ from checkpoint import (
     model_from_checkpoint,
     save_atomically,
     upgraded_template,
-    write_folder_atomically,
 )
-from conftest import REPOSITORY, TINY_MODEL, assert_one_line_error, flag_error, run_script, tiny_model
+from conftest import REPOSITORY, TINY_MODEL_FLAGS, assert_one_line_error, flag_error, run_script, tiny_model
+from files import write_folder_atomically
 from tokenizer import load_tokenizer
 from model import LightGPT
 
@@ -35,7 +35,7 @@ def checkpoint_path(tmp_path_factory, dataset_path):
     """A checkpoint and metrics file that pre-train.py wrote: two optimizer steps of a tiny model."""
     path = tmp_path_factory.mktemp("pretrained") / "checkpoint.pt"
     result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
-                        path, *TINY_MODEL, "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                        path, *TINY_MODEL_FLAGS, "--batch_size", "2", "--gradient_accumulation_steps", "1",
                         "--samples_per_epoch", "4", "--num_epochs", "1", "--eval_samples", "4", "--seed", "0",
                         "--no-tensorboard")
     assert result.returncode == 0, result.stderr
@@ -126,6 +126,12 @@ def test_an_adapter_is_merged_before_export_and_its_template_travels_along(tmp_p
     torch.testing.assert_close(model(expected["tokens"])[0], expected["adapted_logits"])
     assert block_size == 8 and template == load_checkpoint(FIXTURES / "v1_adapter.pt", required=())["prompt_template"]
     assert "LoRA rank 2" in (tmp_path / "tuned" / "README.md").read_text()
+
+
+def test_the_model_card_states_the_license_the_registries_give():
+    assert [export.data_license(name) for name in ("fineweb-edu", "fineweb", "openwebtext", "kjv", "alpaca")] == \
+        ["ODC-By 1.0", "ODC-By 1.0", "CC0", "public domain", "CC BY-NC 4.0"]
+    assert export.data_license("text") == export.data_license("local") == "see the data's own license"
 
 
 def test_from_pretrained_reads_a_hub_id_from_the_hub_cache(tmp_path):

@@ -15,12 +15,12 @@ from subprocess import Popen
 import pytest
 import torch
 
-from conftest import REPOSITORY, TINY_MODEL, metrics, one_thread, run_script
+from conftest import REPOSITORY, TINY_MODEL_FLAGS, metrics, one_thread, run_script
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
 # One optimizer step per epoch and a checkpoint every epoch: saves are frequent, so kills land in them too.
-FLAGS = [*TINY_MODEL, "--dataset", "wikipedia", "--num_dataset_processes", "1", "--batch_size", "2",
+FLAGS = [*TINY_MODEL_FLAGS, "--dataset", "wikipedia", "--num_dataset_processes", "1", "--batch_size", "2",
          "--gradient_accumulation_steps", "2", "--samples_per_epoch", "4", "--eval_samples", "4",
          "--checkpoint_interval", "1", "--optimizer", "adamw", "--seed", "0"]
 FOREVER = ["--num_epochs", "100000"]

@@ -20,6 +20,7 @@ from conftest import (
 )
 from conftest import tiny_model as random_tiny_model
 from devices import compute_dtype
+from finetuning import load_inference_model
 from generation import beam_search, generate, penalize_repeats, top_k_top_p
 from model import LightGPT
 from tokenizer import load_tokenizer
@@ -354,7 +355,7 @@ def test_missing_truncated_and_foreign_checkpoints_are_named_in_one_line(tmp_pat
     with pytest.raises(ValueError, match="mismatched.pt: its model_args and weights do not make a LightGPT"):
         load_model(mismatched)
     with pytest.raises(FileNotFoundError, match="adapter.pt: no checkpoint"):
-        load_model(checkpoint_path, lora_path=tmp_path / "adapter.pt")
+        load_inference_model(checkpoint_path, lora_path=tmp_path / "adapter.pt")
     model, block_size, template = load_model(checkpoint_path)
     assert block_size == 16 and not model.training and template is None
 

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from checkpoint import (
-    load_adapted_model,
     load_checkpoint,
     load_lora_checkpoint,
-    load_lora_model,
     model_from_checkpoint,
     save_sharded,
     trained_on_these_weights,
 )
+from finetuning import load_adapted_model, load_lora_model
 from conftest import (
     REPOSITORY,
     assert_one_line_error,
@@ -27,7 +26,7 @@ from conftest import (
     save_pretrained_checkpoint,
     tensorboard_run,
 )
-from conversations import ALPACA, InstructionSamples, PromptTemplate, encode_prompt, load_instructions
+from conversations import ALPACA, InstructionSamples, encode_prompt, load_instructions
 from tokenizer import load_tokenizer
 from model import LightGPT, LoRALinear, add_lora
 from training import optimizer_step, weighted_by_targets
@@ -267,7 +266,7 @@ def test_the_original_readme_arguments_keep_their_names_and_defaults():
 
 def test_an_adapter_loads_onto_the_base_it_names_and_refuses_another_size(base_model_path, adapter_path, tmp_path):
     model, block_size, template = load_lora_model(adapter_path)
-    assert block_size == 64 and template == ALPACA.to_dict()
+    assert block_size == 64 and template == ALPACA
     expected = load_adapted_model(load_lora_checkpoint(adapter_path), load_checkpoint(base_model_path))
     tokens = torch.randint(0, 50257, (1, 10))
     assert torch.equal(model(tokens)[0], expected(tokens)[0])
@@ -276,13 +275,14 @@ def test_an_adapter_loads_onto_the_base_it_names_and_refuses_another_size(base_m
         load_lora_model(adapter_path, tmp_path / "other.pt")
 
 
-def test_an_adapter_on_a_base_with_other_weights_of_the_same_sizes_warns(adapter_path, retrained_base_path):
-    with pytest.warns(UserWarning, match="trained on a base with other weights"):
+def test_an_adapter_on_a_base_with_other_weights_of_the_same_sizes_is_refused(adapter_path, retrained_base_path,
+                                                                            base_model_path):
+    with pytest.raises(ValueError, match=f"trained on a base with other weights .* use the base it was trained on, "
+                                         f"{base_model_path.resolve()}"):
         load_lora_model(adapter_path, retrained_base_path)
     result = run_script("generate.py", "--lora_path", adapter_path, "--checkpoint_path", retrained_base_path,
                         "--prompt", "Where is the city?", "--max_tokens", "2", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    assert "other weights" in result.stderr
+    assert_one_line_error(result, "other weights", str(retrained_base_path))
 
 
 
@@ -311,7 +311,7 @@ def test_accumulating_padded_batches_gives_the_gradient_of_one_batch(instruction
 def test_the_scripts_answer_with_the_adapter_in_its_prompt_template(adapter_path, script, tmp_path):
     question = "Where is the city?"
     model, _, template = load_lora_model(adapter_path)
-    prompt = encode_prompt(question, PromptTemplate.from_dict(template))
+    prompt = encode_prompt(question, template)
     first_token = model(torch.tensor([prompt]))[0][0, -1].argmax().item()
     greedy = ["--top_k", "1"] if script == "generate.py" else ["--beam_width", "1", "--num_candidates", "1"]
     result = run_script(script, "--lora_path", adapter_path, "--prompt", question, "--max_tokens", "4",

@@ -6,6 +6,7 @@ import torch
 from checkpoint import upgraded_template
 from conversations import (
     ALPACA,
+    ConversationSamples,
     InstructionSamples,
     PromptTemplate,
     encode_prompt,
@@ -125,11 +126,16 @@ def test_a_template_renders_a_multi_turn_conversation_and_learns_only_the_replie
                     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
     ids, learned = template.render([*conversation, {"role": "assistant", "content": "Bye."}])
     tokenizer = load_tokenizer()
-    assert tokenizer.decode([id for id, flag in zip(ids, learned) if flag]) == "Hello.\n<|endoftext|>Bye.\n<|endoftext|>"
+    learned_text = tokenizer.decode([id for id, flag in zip(ids, learned) if flag])
+    assert learned_text == "Hello.\n<|endoftext|>Bye.\n<|endoftext|>"
     assert tokenizer.decode(template.prompt(conversation)) == \
         "[system] Be brief.\n[user] Hi\n[assistant] Hello.\n<|endoftext|>[user] Bye\n[assistant] "
     with pytest.raises(ValueError, match="the alpaca template has no format for a 'system' message"):
         ALPACA.render(conversation)
+    samples = ConversationSamples([[*conversation, {"role": "assistant", "content": "Bye."}]], template, 1024,
+                                  mask_input=True, padding_index=-100, show_progress=False)
+    x, y = samples.batch([0])
+    assert x[0].tolist() == ids[:-1] and y[0].tolist() == [id if flag else -100 for id, flag in zip(ids, learned)][1:]
 
 
 def test_the_template_object_round_trips_and_refuses_a_bad_dict_in_one_line():

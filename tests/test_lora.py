@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from checkpoint import check_same_base, load_adapted_model, weights_fingerprint
+from checkpoint import check_same_base, weights_fingerprint
+from finetuning import load_adapted_model
 from conftest import TINY_SHAPE, tiny_model
 from distributed import parallelize
 from model import LightGPT, LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora

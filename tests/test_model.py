@@ -3,7 +3,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from bench import PeakTensorMemory
+from profiling import PeakTensorMemory
 from conftest import TINY_SHAPE, tiny_model
 from model import LightGPT, LightGPTConfig, LinearCrossEntropy, attention, linear_cross_entropy
 

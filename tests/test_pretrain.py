@@ -14,7 +14,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from devices import peak_tflops
 from conftest import (
     REPOSITORY,
-    TINY_MODEL,
+    TINY_MODEL_FLAGS,
     assert_one_line_error,
     lightgpt,
     limit_file_size,
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow  # every test here starts processes
 def pretrain(tmp_path, dataset_path, *args, name="checkpoint.pt", **kwargs):
     return run_script(
         "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
-        "--checkpoint_path", tmp_path / name, *TINY_MODEL, *args, **kwargs,
+        "--checkpoint_path", tmp_path / name, *TINY_MODEL_FLAGS, *args, **kwargs,
     )
 
 
@@ -122,7 +122,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, dataset_path)
     interrupted_path = tmp_path / "interrupted.pt"
     result = run_until_first_epoch_then_terminate(
         "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
-        interrupted_path, *TINY_MODEL, *common, metrics_path=interrupted_path.with_suffix(".metrics.jsonl"),
+        interrupted_path, *TINY_MODEL_FLAGS, *common, metrics_path=interrupted_path.with_suffix(".metrics.jsonl"),
     )
     assert result.returncode == 0, result.stderr
     assert "Stopped by signal" in result.stdout
@@ -145,7 +145,7 @@ def test_an_fp16_run_resumes_with_the_state_of_its_loss_scaler(tmp_path, dataset
     interrupted_path = tmp_path / "interrupted.pt"
     stopped = run_until_first_epoch_then_terminate(
         "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
-        interrupted_path, *TINY_MODEL, *common, metrics_path=interrupted_path.with_suffix(".metrics.jsonl"),
+        interrupted_path, *TINY_MODEL_FLAGS, *common, metrics_path=interrupted_path.with_suffix(".metrics.jsonl"),
     )
     assert "Stopped by signal" in stopped.stdout, stopped.stderr
     assert pretrain(tmp_path, dataset_path, *common, "--resume", name="interrupted.pt").returncode == 0
@@ -211,7 +211,7 @@ runpy.run_path("pre-train.py", run_name="__main__")
                                         ("prepare.lock", "--dataset_path")])
 def test_a_file_system_that_cannot_lock_is_one_line_naming_the_path(tmp_path, dataset_path, lock, flag):
     command = [sys.executable, "-c", WITHOUT_FLOCK, lock, "--dataset", "wikipedia", "--dataset_path", dataset_path,
-               "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL, "--num_epochs", "1",
+               "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL_FLAGS, "--num_epochs", "1",
                "--samples_per_epoch", "2", "--gradient_accumulation_steps", "1"]
     result = subprocess.run(list(map(str, command)), cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
     assert_one_line_error(result, flag, lock, "No locks available", "on a local disk")
@@ -251,7 +251,7 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, dataset_p
 )
 def test_bad_arguments_get_one_clear_line(tmp_path, dataset_path, args, fragments):
     result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
-                        "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL, *args)
+                        "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL_FLAGS, *args)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "checkpoint.pt").exists()
 
@@ -259,7 +259,7 @@ def test_bad_arguments_get_one_clear_line(tmp_path, dataset_path, args, fragment
 @pytest.mark.parametrize("variable", ["LIGHTGPT_PG_TIMEOUT_S", "LIGHTGPT_STARTUP_TIMEOUT_S"])
 def test_a_timeout_that_is_not_a_number_of_seconds_is_a_clear_error(tmp_path, dataset_path, variable):
     result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
-                        "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL,
+                        "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL_FLAGS,
                         env=one_thread() | {variable: "soon"})
     assert_one_line_error(result, variable, "positive number of seconds", "'soon'")
 
@@ -267,7 +267,8 @@ def test_a_timeout_that_is_not_a_number_of_seconds_is_a_clear_error(tmp_path, da
 def test_a_corpus_shorter_than_the_context_is_a_clear_error(tmp_path):
     (tmp_path / "tiny.txt").write_text("Too short.\n\nStill short.")
     result = run_script("pre-train.py", "--dataset", "text", "--text_files", tmp_path / "tiny.txt",
-                        "--dataset_path", tmp_path / "dataset", "--checkpoint_path", tmp_path / "c.pt", *TINY_MODEL)
+                        "--dataset_path", tmp_path / "dataset", "--checkpoint_path", tmp_path / "c.pt",
+                        *TINY_MODEL_FLAGS)
     assert_one_line_error(result, "fewer than block_size + 1")
 
 
@@ -301,7 +302,7 @@ def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_trains(t
     path = tmp_path / "checkpoint.pt"
     first = subprocess.Popen(
         [sys.executable, "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
-         path, *TINY_MODEL, *ONE_STEP_EPOCHS, "--num_epochs", "100000"],
+         path, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "100000"],
         cwd=REPOSITORY, env=one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not path.with_suffix(".metrics.jsonl").exists():
         assert first.poll() is None, first.communicate()
@@ -316,7 +317,7 @@ def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_trains(t
 
 def test_a_checkpoint_path_that_is_a_folder_is_refused_before_any_work(tmp_path):
     result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", tmp_path / "dataset",
-                        "--checkpoint_path", tmp_path, *TINY_MODEL)
+                        "--checkpoint_path", tmp_path, *TINY_MODEL_FLAGS)
     assert_one_line_error(result, f"--checkpoint_path {tmp_path}", "is a folder")
     assert os.listdir(tmp_path) == []  # not even the corpus was prepared
 
@@ -325,7 +326,7 @@ def test_a_checkpoint_path_that_is_one_of_the_corpus_files_is_refused(dataset_pa
     corpus_file = dataset_path / "wikipedia" / "train.bin"
     before = corpus_file.read_bytes()
     result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
-                        "--checkpoint_path", corpus_file, *TINY_MODEL, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+                        "--checkpoint_path", corpus_file, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "1")
     assert_one_line_error(result, f"{corpus_file} is also --dataset_path, an input of this run")
     assert corpus_file.read_bytes() == before
 
@@ -347,7 +348,7 @@ def test_resuming_on_another_corpus_or_with_another_optimizer_is_refused(tmp_pat
     assert first.returncode == 0, first.stderr
     resume = ["--resume", *ONE_STEP_EPOCHS, "--num_epochs", "2", "--optimizer", "adamw"]
     other_corpus = run_script("pre-train.py", "--dataset", "kjv", "--dataset_path", tmp_path / "dataset",
-                              "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL, *resume)
+                              "--checkpoint_path", tmp_path / "checkpoint.pt", *TINY_MODEL_FLAGS, *resume)
     assert_one_line_error(other_corpus, "--resume", "trained on --dataset wikipedia", "ask for --dataset kjv")
     assert not (tmp_path / "dataset").exists()  # refused before preparing the other corpus
     other_optimizer = pretrain(tmp_path, dataset_path, *resume, "--optimizer", "adafactor")

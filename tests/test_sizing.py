@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sizing
 from conftest import lightgpt
 from generation import beam_search
-from model import LightGPT
+from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPOSITORY / "model_sizing.ipynb"
@@ -25,11 +26,15 @@ SHAPES = [(97, 64, 32, 4, 2, 4), (101, 16, 48, 3, 3, 2), (50, 128, 16, 2, 1, 1),
 
 
 def build(architecture: sizing.Architecture) -> LightGPT:
-    return lightgpt(
-        vocabulary_size=architecture.vocabulary_size, embedding_dimensions=architecture.embedding_dimensions,
-        num_heads=architecture.num_heads, num_layers=architecture.num_layers,
-        feed_forward_ratio=architecture.feed_forward_ratio, eos_index=0,
-    )
+    return lightgpt(**{name: getattr(architecture, name) for name in SHAPE_FIELDS}, eos_index=0)
+
+
+def test_the_architecture_is_lightgpt_config_s_shape_with_the_same_types_and_defaults_and_a_context():
+    shape = {field.name: field for field in dataclasses.fields(LightGPTConfig) if field.name in SHAPE_FIELDS}
+    architecture = {field.name: field for field in dataclasses.fields(sizing.Architecture)}
+    assert architecture.keys() == shape.keys() | {"block_size"}
+    for name, field in shape.items():
+        assert (architecture[name].type, architecture[name].default) == (field.type, field.default), name
 
 
 def batch(architecture: sizing.Architecture, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,6 @@
 """The training loop in one process: the epoch log's figures, random-number states across devices, batches onto
 the device, saving on a stop."""
 
-import argparse
 import json
 import signal
 
@@ -11,7 +10,7 @@ from tqdm import tqdm
 
 from conftest import TINY_SHAPE, tiny_model
 from devices import gradient_scaler
-from training import EpochLog, restore_rng_state, rng_state, saved_device_state, to_device, train
+from training import EpochLog, RunConfig, restore_rng_state, rng_state, saved_device_state, to_device, train
 
 
 def logged_epoch(tmp_path, **utilization) -> dict:
@@ -89,15 +88,14 @@ def test_a_stop_at_the_end_of_an_epoch_saves_once(tmp_path):
             signal.raise_signal(signal.SIGTERM)
         return batch
 
-    args = argparse.Namespace(num_epochs=5, warmup_steps=0, learning_rate=1e-3, max_gradient_norm=1.0,
-                              eval_interval=1, checkpoint_interval=2, checkpoint_path=tmp_path / "c.pt",
-                              tensorboard=False)
+    run = RunConfig(num_epochs=5, steps_per_epoch=2, learning_rate=1e-3, warmup_steps=0, max_gradient_norm=1.0,
+                    eval_interval=1, checkpoint_interval=2, checkpoint_path=tmp_path / "c.pt", log_dir=None,
+                    tensorboard=False, unit="samples", units_per_epoch=4, description="test", saved_what="model",
+                    program="test")
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(model, optimizer, micro_batches_at, batch, lambda step, epoch: saves.append((step, epoch)), args,
-              start_step=0, steps_per_epoch=2, dtype=torch.float32,
-              scaler=gradient_scaler(torch.device("cpu"), torch.float32), padding_index=-100, unit="samples",
-              units_per_epoch=4, description="test", saved_what="model", program="test")
+        train(model, optimizer, micro_batches_at, batch, lambda step, epoch: saves.append((step, epoch)), run, 0,
+              gradient_scaler(torch.device("cpu"), torch.float32))
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)

@@ -1,0 +1,217 @@
+"""LoRA fine-tuning that any script shares: the adapted model, the adapter checkpoint, resuming it, and the one
+policy for loading an adapter onto a base (for generation, export and resuming alike).
+
+The policy: an adapter loads only onto a base of its shape (check_same_base) and with the very weights it was
+trained on (its fingerprint; adapters older than fingerprints are taken on trust), else one line that names both
+files. A merged adapter on other weights gives answers nobody trained, whether it is resumed, exported or asked.
+"""
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from checkpoint import (
+    check_same_base,
+    context_length,
+    finite,
+    load_checkpoint,
+    load_lora_checkpoint,
+    load_model,
+    model_from_checkpoint,
+    save_atomically,
+    trained_on_these_weights,
+    training_checkpoint,
+    weights_fingerprint,
+)
+from conversations import PromptTemplate
+from devices import compiles, compute_dtype, gradient_scaler
+from distributed import parallelize
+from flags import run_config
+from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from training import (
+    note_optimizer_starts_afresh,
+    restore_rng_state,
+    restore_scaler,
+    rng_state,
+    train,
+    weighted_by_targets,
+)
+
+
+class Samples(Protocol):
+    """What a fine-tuning script's data offers: its number of samples, and a batch of them as inputs and targets
+    padded on the right (targets with the model's padding_index, which the loss leaves out)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> tuple[Tensor, Tensor]: ...
+
+
+def lora_args(args) -> dict:
+    """The adapters' shape and dropout, from the flags --rank, --alpha and --dropout."""
+    return {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
+
+
+def lora_model(base: dict, base_path: str | Path, lora_args: dict) -> LightGPT:
+    """The base checkpoint's model, frozen, with a fresh LoRA adapter on every block's matrices. lora_args: rank,
+    alpha and dropout (which the frozen model uses too)."""
+    model_args = base["model_args"] | {"dropout": lora_args["dropout"]}
+    model = model_from_checkpoint(base | {"model_args": model_args}, base_path)
+    add_lora(model, **lora_args)
+    return model
+
+
+def adapter_checkpoint(model: LightGPT, base: dict, base_path: str | Path, lora_args: dict, template: PromptTemplate,
+                       *progress, **entries) -> dict:
+    """What an adapter file holds: a training_checkpoint (progress: its optimizer, step, epoch, rng and args;
+    entries: its grad_scaler and what the script adds), the adapters and their lora_args, the base they were
+    trained on (its path, shape and fingerprint) and the prompt template that generation must use."""
+    return training_checkpoint(
+        base["model_args"], base["block_size"], *progress, lora_args=lora_args,
+        base_model_path=str(Path(base_path).resolve()), base_fingerprint=weights_fingerprint(base["model"]),
+        prompt_template=template.to_dict(), lora=lora_state_dict(model), **entries)
+
+
+def check_same_adapters(checkpoint: dict, base: dict, base_path: str | Path, rank: int, alpha: float) -> None:
+    """Resuming must continue the same adapters on the same base: a one-line ValueError otherwise."""
+    check_same_base(checkpoint, base)
+    if not trained_on_these_weights(checkpoint, base):
+        raise ValueError(f"--resume: the adapters were trained on a base with other weights than "
+                         f"--base_model_path {base_path}; use the original base checkpoint")
+    for name, value in (("rank", rank), ("alpha", alpha)):
+        if checkpoint["lora_args"][name] != value:
+            raise ValueError(f"--resume: the checkpoint has --{name} {checkpoint['lora_args'][name]}, "
+                             f"the flags ask for {value}; repeat the original run's flags")
+
+
+def resume_adapters(model: LightGPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    checkpoint: dict, device: torch.device, path: str | Path) -> int:
+    """Load an adapter checkpoint's adapters, optimizer, random-number and loss-scaler states; its step."""
+    load_lora_state_dict(model, checkpoint["lora"])
+    if checkpoint.get("optimizer"):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    else:
+        note_optimizer_starts_afresh(path)
+    if checkpoint.get("rng"):
+        restore_rng_state(checkpoint["rng"][0], device)
+    restore_scaler(scaler, checkpoint.get("grad_scaler"))
+    return checkpoint.get("step", 0)
+
+
+def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
+    """The base model with its adapter applied and merged: a plain LightGPT in eval mode. Only its shape is
+    checked here: adapter_on_base applies the whole policy."""
+    check_same_base(adapter, base)
+    model = model_from_checkpoint(base, "the base checkpoint")
+    add_lora(model, **adapter["lora_args"])
+    load_lora_state_dict(model, adapter["lora"])
+    return merge_lora(model).eval()
+
+
+def adapter_on_base(adapter: dict, base: dict, lora_path: str | Path, base_path: str | Path) -> LightGPT:
+    """The adapter merged into the base under the policy (see the module's docstring), or a one-line ValueError."""
+    try:
+        model = load_adapted_model(adapter, base)
+    except ValueError as error:
+        raise ValueError(f"{lora_path} cannot be applied to {base_path}: {error}") from None
+    if not trained_on_these_weights(adapter, base):
+        raise ValueError(f"{lora_path} was trained on a base with other weights than {base_path} (of the same "
+                         f"sizes); use the base it was trained on, {adapter.get('base_model_path', 'its own')}")
+    return finite(model, lora_path)
+
+
+def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None
+                    ) -> tuple[LightGPT, int, PromptTemplate]:
+    """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
+    mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
+    adapter = load_lora_checkpoint(lora_path)
+    base_path = base_path or adapter.get("base_model_path")
+    if not base_path:
+        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
+    base = load_checkpoint(base_path)
+    block_size = context_length(base, base_path)
+    model = adapter_on_base(adapter, base, lora_path, base_path)
+    return model, block_size, saved_template(adapter["prompt_template"], lora_path)
+
+
+def saved_template(saved: dict | None, path: str | Path) -> PromptTemplate | None:
+    """The template an adapter or an exported folder stored, or a one-line ValueError naming the file."""
+    try:
+        return PromptTemplate.from_dict(saved) if saved is not None else None
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def load_inference_model(path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None,
+                         dtype: torch.dtype = torch.float32) -> tuple[LightGPT, int, PromptTemplate | None]:
+    """The model to generate with (checkpoint.load_model's, or with lora_path the adapter merged into its base),
+    in eval mode on the device and in dtype, its context length and its prompt template, if it has one."""
+    if lora_path is not None:
+        model, block_size, template = load_lora_model(lora_path, path)
+        return model.to(device, dtype), block_size, template
+    model, block_size, template = load_model(path, device, dtype=dtype)
+    return model, block_size, saved_template(template, path)
+
+
+def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
+    """A shuffle that depends only on the seed and the epoch (mixed into one generator seed, below 2**63), so a
+    resumed run sees the same order without saving it."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63))
+
+
+def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, train_samples: Samples,
+                   test_samples: Samples, seed: int, checkpoint: dict | None, *, what: str, description: str,
+                   program: str, **entries) -> None:
+    """Train the adapters of a model whose base is frozen, with AdamW, on shuffled batches of train_samples,
+    evaluating on test_samples; save them with what generation needs to use them. The training loop of every
+    fine-tuning script.
+
+    Args:
+        args: the flags of add_training_arguments, --rank, --alpha, --dropout, --base_model_path and --device.
+        base: the base checkpoint; template: the prompt template the samples were rendered with.
+        checkpoint: the adapter checkpoint to resume, if any.
+        what: what a sample is, for the opening line (instructions, conversations...).
+        description, program: the progress bar's label and the script's name, for messages.
+        entries: what the script adds to its adapter checkpoint.
+    """
+    device = torch.device(args.device)
+    model.to(device)
+    dtype = compute_dtype(args.precision, device)
+    training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
+    scaler = gradient_scaler(device, dtype)
+    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(adapters, lr=args.learning_rate, fused=device.type == "cuda")
+
+    samples_per_step = args.batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
+    step = 0
+    if checkpoint:
+        step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
+        print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
+
+    eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
+                                        for indices in torch.arange(len(test_samples)).split(args.batch_size)],
+                                       model.padding_index)
+    print(f"LoRA: {model.num_trainable_params:,} trainable adapter parameters on a frozen base of "
+          f"{sum(parameter.numel() for parameter in model.parameters()) - model.num_trainable_params:,}; "
+          f"{len(train_samples)} training and {len(test_samples)} held-out {what}, "
+          f"{steps_per_epoch} steps per epoch")
+
+    def micro_batches_at(step: int) -> list[tuple]:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = epoch_order(seed, epoch, len(train_samples))[position * samples_per_step:][:samples_per_step]
+        return weighted_by_targets([train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)],
+                                   model.padding_index)
+
+    def save(step: int, epoch: int) -> None:
+        save_atomically(adapter_checkpoint(
+            model, base, args.base_model_path, lora_args(args), template, optimizer.state_dict(), step, epoch,
+            [rng_state(device)], vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(), seed=seed, **entries,
+        ), args.checkpoint_path)
+
+    run = run_config(args, steps_per_epoch=steps_per_epoch, unit="samples", units_per_epoch=len(train_samples),
+                     description=description, saved_what="adapters", program=program, dtype=dtype)
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
