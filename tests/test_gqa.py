@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sizing
+from checkpoint import check_same_base
 from conftest import lightgpt, load_script, save_pretrained_checkpoint
 from model import LightGPT, LightGPTConfig
 
@@ -95,3 +96,10 @@ def test_an_exported_grouped_model_loads_and_its_onnx_file_gives_its_logits(tmp_
     session = onnxruntime.InferenceSession(folder / "model.onnx")
     (logits,) = session.run(["logits"], {"token_ids": tokens.numpy()})
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=0, atol=1e-4)
+
+
+def test_an_adapter_must_match_its_base_s_key_value_heads_and_one_from_before_them_fits_a_full_base():
+    base = {"model_args": SHAPE | {"num_kv_heads": 8}}
+    check_same_base({"model_args": SHAPE}, base)  # an adapter's model_args written before grouped-query attention
+    with pytest.raises(ValueError, match="num_kv_heads=8, but the base checkpoint has num_kv_heads=2"):
+        check_same_base({"model_args": SHAPE}, {"model_args": SHAPE | {"num_kv_heads": 2}})
