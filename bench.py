@@ -309,7 +309,7 @@ def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace, 
     config = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
     flops_per_token = training_flops_per_token(
         config.vocabulary_size, args.block_size, config.embedding_dimensions, config.num_layers,
-        config.feed_forward_ratio,
+        config.feed_forward_ratio, config.num_kv_heads * config.head_dimensions,
     )
     mfu = tokens_per_second * flops_per_token / (peak * 1e12)
     return Measurement("train_mfu", 100 * mfu, "%",
