@@ -63,6 +63,7 @@ from distributed import (
     rank,
     world_size,
 )
+from evaluation import NUM_ENDINGS, Item, item_rows, score_hellaswag
 from generation import beam_search, generate
 from model import LightGPT
 from optimizers import build_optimizer
@@ -81,7 +82,7 @@ from tokenizer import load_tokenizer
 
 R50K_VOCABULARY_SIZE = 50257
 LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
-PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation", "serve")
+PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation", "eval", "serve")
 
 
 def build_parser() -> ArgumentParser:
@@ -90,8 +91,9 @@ def build_parser() -> ArgumentParser:
                             "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
-                        "corpus preparation, activation checkpointing, serve.py under concurrent streaming clients; "
-                        "alone and under torchrun, FSDP2's gradient accumulation.")
+                        "corpus preparation, activation checkpointing, HellaSwag scoring batched and one ending at "
+                        "a time, serve.py under concurrent streaming clients; alone and under torchrun, FSDP2's "
+                        "gradient accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
@@ -137,6 +139,10 @@ def build_parser() -> ArgumentParser:
                         help="Micro-batches per process in each step of the accumulation measurement.")
     parser.add_argument("--checkpointing_layers", type=positive_int, default=24,
                         help="The depth of the model whose peak memory is measured with and without checkpointing.")
+    parser.add_argument("--eval_items", type=positive_int, default=64,
+                        help="The HellaSwag-shaped items (made of Wikipedia text) scored by the eval part.")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=32,
+                        help="The sequences scored in one forward pass when batched, as evaluate.py's --batch_size.")
     add_device_argument(parser)
     parser.add_argument("--num_threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the run (default: torch's). On cores that other processes "
@@ -169,6 +175,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if "serve" in args.parts and args.prompt_length + args.serve_tokens > args.block_size:
         raise ValueError(f"--serve_tokens: {args.serve_tokens} after a prompt of --prompt_length {args.prompt_length} "
                          f"do not fit in --block_size {args.block_size}")
+    if "eval" in args.parts and args.vocabulary_size < R50K_VOCABULARY_SIZE:
+        raise ValueError(f"--parts eval scores text in r50k_base's tokens: --vocabulary_size must be at least "
+                         f"{R50K_VOCABULARY_SIZE}, got {args.vocabulary_size}")
     if args.gpt2 and {"train", "generate", "beam_search"} & set(args.parts):
         try:
             import transformers  # noqa: F401
@@ -415,6 +424,57 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
         gpt2_speed = tokens_gpt2 / seconds_gpt2
     details = {"beam_width": args.beam_width, "tokens": args.beam_tokens}
     return [Measurement("beam_search_tokens_per_s", tokens / seconds, "tokens/s", gpt2_speed, details=details)]
+
+
+def hellaswag_shaped_items(count: int, seed: int) -> list[Item]:
+    """Items of HellaSwag's shape, made of the embedded Wikipedia text: a context of 40 words and four endings of
+    15 words, about HellaSwag's lengths in tokens."""
+    documents = [document.split() for document in wikipedia_documents() if len(document.split()) >= 55]
+    generator = np.random.default_rng(seed)
+    items = []
+    for index in range(count):
+        chosen = generator.choice(len(documents), NUM_ENDINGS, replace=False)
+        context = " ".join(documents[chosen[0]][:40])
+        endings = [" ".join(documents[number][40:55]) for number in chosen]
+        items.append(Item(index, context, endings, 0))
+    return items
+
+
+def measure_eval(args: argparse.Namespace) -> list[Measurement]:
+    """HellaSwag items a second, scored as evaluate.py scores them (several items' endings in a padded batch, the
+    logits of the endings' tokens only) and one item at a time as build-nanogpt does (its four endings padded,
+    the whole logits, then the cross entropy of the endings), alternately, on the same items."""
+    device = torch.device(args.device)
+    model = lightgpt(args).to(args.dtype).eval()  # as evaluate.py loads it
+    tokenizer = load_tokenizer()
+    items = hellaswag_shaped_items(args.eval_items, args.seed)
+
+    def batched() -> None:
+        for _ in score_hellaswag(model, tokenizer, items, args.block_size, args.eval_batch_size):
+            pass
+
+    @torch.no_grad()
+    def one_at_a_time() -> None:
+        for item in items:
+            rows = item_rows(tokenizer, item, args.block_size)
+            length = max(len(tokens) for tokens, _ in rows)
+            batch = torch.zeros(NUM_ENDINGS, length, dtype=torch.long, device=device)  # (endings, longest)
+            scored = torch.zeros(NUM_ENDINGS, length - 1, dtype=torch.bool, device=device)
+            for row, (tokens, count) in enumerate(rows):
+                batch[row, : len(tokens)] = torch.tensor(tokens)
+                scored[row, len(tokens) - 1 - count : len(tokens) - 1] = True
+            logits, _ = model(batch[:, :-1])  # (endings, longest - 1, vocabulary)
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                                       reduction="none").view_as(scored)
+            (losses * scored).sum(1) / scored.sum(1)
+
+    seconds = interleaved_seconds({"batched": batched, "one_at_a_time": one_at_a_time}, 3, 1, device,
+                                  "HellaSwag scoring")
+    speed = {name: len(items) / value for name, value in seconds.items()}
+    details = {"items": len(items), "batch_size": args.eval_batch_size}
+    return [Measurement("hellaswag_items_per_s", speed["batched"], "items/s", details=details),
+            Measurement("hellaswag_one_at_a_time_items_per_s", speed["one_at_a_time"], "items/s", details=details),
+            Measurement("hellaswag_batching_speedup", speed["batched"] / speed["one_at_a_time"], "x", details=details)]
 
 
 def measure_serving(args: argparse.Namespace) -> list[Measurement]:
@@ -665,6 +725,7 @@ def main() -> None:
         "data": measure_data,
         "checkpointing": measure_checkpointing,
         "accumulation": measure_accumulation,
+        "eval": measure_eval,
         "serve": measure_serving,
     }
     with distributed(args.device) as device:

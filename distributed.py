@@ -291,6 +291,21 @@ def load_sharded_training_state(model: Module, optimizer: torch.optim.Optimizer,
     set_optimizer_state_dict(unwrapped(model), optimizer, optimizer_state)
 
 
+@contextmanager
+def whole_model(model: Module) -> Iterator[Module]:
+    """The LightGPT inside a training wrapper, to call other methods than forward on: under FSDP2 with its root's
+    parameters (the embedding, the final norm) gathered until the block ends; each sharded block gathers its own as
+    it runs, so every rank must run as many passes."""
+    if not isinstance(model, FSDPModule):
+        yield unwrapped(model)
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
+
+
 def unwrapped(model: Module) -> Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 

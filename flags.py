@@ -226,8 +226,8 @@ def run_config(args: argparse.Namespace, **run) -> RunConfig:
     )
 
 
-def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """Which model to run: what checkpoint.load_model reads."""
+def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the model to run comes from (finetuning.load_inference_model reads it): every script that runs one."""
     parser.add_argument("--checkpoint_path", default=None,
                         help="A checkpoint of pre-train.py or a folder of export.py (default: ./out/checkpoint.pt, "
                         "or the base an adapter names).")
@@ -237,7 +237,7 @@ def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
-    add_model_source_arguments(parser)
+    add_model_path_arguments(parser)
     parser.add_argument("--prompt", default=None,
                         help="The text to complete (default: each line typed, or of standard input).")
     parser.add_argument("--max_tokens", type=positive_int, default=max_tokens,

@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor
 from torch.nn import GELU, Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
-from torch.nn.functional import scaled_dot_product_attention
+from torch.nn.functional import cross_entropy, scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -192,6 +192,12 @@ def softmax_cross_entropy_in_place(
     return -(log_probabilities * kept.squeeze(1)).sum(), probabilities
 
 
+def logits_chunk_size(hidden: Tensor, weight: Tensor) -> int:
+    """The positions in a chunk of logits: chunks of at most 32 MB measured fastest on a CPU; a GPU wants a few large
+    kernels."""
+    return max(1, (2**23 if hidden.device.type == "cpu" else 2**28) // weight.size(0))
+
+
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, gradients: tuple[bool, bool] = (False, False)
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -201,8 +207,7 @@ def linear_cross_entropy(
     device_type = hidden.device.type
     autocast = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-    # Chunks of logits of at most 32 MB measured fastest on a CPU; a GPU wants a few large kernels.
-    chunk_size = max(1, (2**23 if device_type == "cpu" else 2**28) // weight.size(0))
+    chunk_size = logits_chunk_size(hidden, weight)
     kept = (targets != ignore_index).unsqueeze(1)
     # d(summed loss)/d(logits) = (softmax - one_hot(target)) * kept; the mask is applied to the small hidden-sized
     # factors rather than to the vocabulary-sized chunk. Dividing by the count is left to the caller, in float32:
@@ -239,6 +244,21 @@ def linear_cross_entropy(
             elif grad_weight is not None:  # addmm_ wants one dtype: the chunk's product is added to the float32 sum
                 grad_weight += gradient.T @ (hidden[rows] * mask[rows])
     return loss, kept.sum(), grad_hidden, grad_weight
+
+
+def linear_token_losses(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The cross entropy of the logits hidden @ weight.T at each position (0 where the target is ignore_index) and
+    whether the target is the most likely token there, in float32, a chunk of positions at a time as in
+    linear_cross_entropy: what scoring continuations needs, one loss per token, never the whole logits."""
+    chunk_size = logits_chunk_size(hidden, weight)
+    losses = torch.empty(len(hidden), device=hidden.device)
+    most_likely = torch.empty(len(hidden), dtype=torch.bool, device=hidden.device)
+    for start in range(0, len(hidden), chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = (hidden[rows] @ weight.T).float()  # (chunk, vocabulary)
+        losses[rows] = cross_entropy(logits, targets[rows], ignore_index=ignore_index, reduction="none")
+        most_likely[rows] = logits.argmax(-1) == targets[rows]
+    return losses, most_likely
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -345,13 +365,7 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
         over those that are not padding): the output layer and the loss are fused so that the logits, the
         largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
-        hidden = self.embedding_dropout(self.token_embeddings(x))  # (batch, sequence, embedding)
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                hidden = checkpoint(block, hidden, use_reentrant=False)
-            else:
-                hidden = block(hidden)
-        hidden = self.output_norm(hidden)
+        hidden = self.hidden_states(x)  # (batch, sequence, embedding)
         if y is None:
             return self.output_layer(hidden), None
         # (batch x sequence, embedding), (vocabulary, embedding), (batch x sequence,)
@@ -360,6 +374,27 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
             return None, LinearCrossEntropy.apply(hidden, weight, targets, self.padding_index)
         loss, count, _, _ = linear_cross_entropy(hidden, weight, targets, self.padding_index)
         return None, loss / count
+
+    def hidden_states(self, x: Tensor) -> Tensor:
+        """What the output layer reads: the normalised last hidden state of every position, (batch, sequence,
+        embedding)."""
+        hidden = self.embedding_dropout(self.token_embeddings(x))  # (batch, sequence, embedding)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                hidden = checkpoint(block, hidden, use_reentrant=False)
+            else:
+                hidden = block(hidden)
+        return self.output_norm(hidden)
+
+    def token_losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The float32 cross entropy of each target of y, (batch, sequence), 0 at padding, and whether each target
+        is the most likely next token (linear_token_losses). Only the positions with a target reach the output
+        layer, the largest product: scoring a continuation skips its context's logits."""
+        kept = y != self.padding_index
+        hidden = self.hidden_states(x)[kept]  # (targets, embedding)
+        losses, most_likely = linear_token_losses(hidden, self.output_layer.weight, y[kept], self.padding_index)
+        all_losses = torch.zeros(y.shape, device=y.device).masked_scatter_(kept, losses)
+        return all_losses, torch.ones_like(kept).masked_scatter_(kept, most_likely)
 
     def new_cache(self, batch_size: int, capacity: int) -> list[KVCache]:
         """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""

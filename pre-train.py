@@ -6,7 +6,7 @@ import random
 import sys
 import warnings
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import TypeVar
@@ -51,15 +51,19 @@ from distributed import (
     processes_on_this_machine,
     rank,
     sharded_training_state,
+    sum_across_ranks,
     values_of_every_rank,
+    whole_model,
     world_size,
 )
+from evaluation import NUM_ENDINGS, hellaswag_counts, hellaswag_items, summary_of_counts
 from files import file_in_the_way, same_files
 from flags import (
     ArgumentParser,
     add_model_arguments,
     add_training_arguments,
     model_config,
+    non_negative_int,
     positive_int,
     run_config,
 )
@@ -104,6 +108,14 @@ def build_parser() -> ArgumentParser:
                         "gradients and optimizer state, 3 the parameters too.")
     add_training_arguments(parser, learning_rate=3e-3, warmup_steps="5%", num_epochs=2145, eval_interval=10,
                            checkpoint_interval=20, checkpoint_path="./out/checkpoint.pt", what="model")
+    parser.add_argument("--hellaswag_interval", type=non_negative_int, default=0,
+                        help="Evaluate HellaSwag (as evaluate.py does) every this many epochs and at the end, all "
+                        "ranks sharing the items; 0 turns it off.")
+    parser.add_argument("--hellaswag_path", default=None,
+                        help="HellaSwag from a local file or folder, as evaluate.py's --data_path (default: the hub's "
+                        "Rowan/hellaswag).")
+    parser.add_argument("--hellaswag_limit", type=positive_int, default=None,
+                        help="Evaluate only the first this many HellaSwag items (default: all 10,042).")
     parser.add_argument("--checkpoint_format", default="single", choices=("single", "sharded"),
                         help="single: one file, gathered on rank 0; sharded: a folder that every rank writes its "
                         "own shards into.")
@@ -362,6 +374,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
         elif main_process:
             save_atomically(checkpoint, args.checkpoint_path)
 
+    benchmark = stop_every_rank_on_error(lambda: hellaswag_benchmark(args)) if args.hellaswag_interval else None
     tokens_per_epoch = args.batch_size * args.gradient_accumulation_steps * args.block_size * steps_per_epoch
     config = model.config
     flops_per_token = training_flops_per_token(config.vocabulary_size, args.block_size, config.embedding_dimensions,
@@ -371,7 +384,27 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
                      description="Pre-training", saved_what="checkpoint", program="pre-train.py", dtype=dtype,
                      flops_per_unit=flops_per_token,
                      reduce_every_micro_batch=REDUCE_EVERY_MICRO_BATCH[args.ddp_sharding_level])
-    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)
+    train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler, benchmark)
+
+
+def hellaswag_benchmark(args: argparse.Namespace) -> Callable[[Module, AbstractContextManager, int, bool], dict | None]:
+    """HellaSwag's acc and acc_norm every --hellaswag_interval epochs and at the end, each rank scoring its share of
+    the items, which are read now, so that a bad file stops the run before it trains."""
+    items = list(hellaswag_items(args.hellaswag_path, args.hellaswag_limit, flag="--hellaswag_path"))
+    tokenizer = load_tokenizer()
+    batch_size = max(args.batch_size, NUM_ENDINGS)
+
+    def benchmark(training_model: Module, precision: AbstractContextManager, epoch: int, last: bool) -> dict | None:
+        if epoch % args.hellaswag_interval and not last:
+            return None
+        training_model.eval()
+        with whole_model(training_model) as model, precision:
+            counts = hellaswag_counts(model, tokenizer, items, args.block_size, batch_size, rank(), world_size())
+        training_model.train()
+        summary = summary_of_counts(*sum_across_ranks(counts).tolist())
+        return {"hellaswag/acc": summary["acc"], "hellaswag/acc_norm": summary["acc_norm"]}
+
+    return benchmark
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from conversations import PromptTemplate
 from devices import compute_dtype
 from finetuning import load_inference_model
-from flags import ArgumentParser, add_device_argument, add_model_source_arguments, add_precision_argument, positive_int
+from flags import ArgumentParser, add_device_argument, add_model_path_arguments, add_precision_argument, positive_int
 from serving import BatchDecoder, Event, QueueFull
 from serving import Request as Generation
 from tokenizer import load_tokenizer
@@ -33,7 +33,7 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Serve a LightGPT with OpenAI's API: /v1/completions, /v1/chat/completions (for a model "
                             "with a chat template), /v1/models, /health, and a chat page at /.")
-    add_model_source_arguments(parser)
+    add_model_path_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="The address to listen on; 0.0.0.0 opens the server to other machines.")
     parser.add_argument("--port", type=positive_int, default=8000, help="The port to listen on.")

@@ -280,8 +280,10 @@ class EpochLog:
         self._add_scalars(step, {"train/loss": loss, "train/gradient_norm": gradient_norm,
                                  "train/learning_rate": learning_rate})
 
-    def end_epoch(self, epoch: int, step: int, unit: str, units: int, validation_loss: float | None) -> None:
-        """Log the epoch that just ended; `units` of `unit` (tokens, samples) were trained on in it."""
+    def end_epoch(self, epoch: int, step: int, unit: str, units: int, validation_loss: float | None,
+                  benchmarks: dict[str, float] | None = None) -> None:
+        """Log the epoch that just ended; `units` of `unit` (tokens, samples) were trained on in it; benchmarks:
+        more figures of the model, by TensorBoard tag (such as hellaswag/acc)."""
         units_per_second = units / (time.perf_counter() - self.start)
         record = {
             "epoch": epoch,
@@ -295,13 +297,14 @@ class EpochLog:
             record["mfu"] = units_per_second * self.utilization_per_unit
         if validation_loss is not None:
             record |= {"validation_loss": validation_loss, "validation_perplexity": math.exp(validation_loss)}
+        record |= benchmarks or {}
         if self.metrics_path:
             self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                          for key, value in record.items()))
             append_metrics(self.metrics_path, record)
         self._add_scalars(step, {f"speed/{unit}_per_second": units_per_second, "speed/mfu": record.get("mfu"),
                                  "validation/loss": validation_loss,
-                                 "validation/perplexity": record.get("validation_perplexity")})
+                                 "validation/perplexity": record.get("validation_perplexity")} | (benchmarks or {}))
         self._start_epoch()
 
     def _add_scalars(self, step: int, values: dict[str, float | None]) -> None:
@@ -335,6 +338,7 @@ def train(
     run: RunConfig,
     start_step: int,
     scaler: torch.amp.GradScaler,
+    benchmark: Callable[[Module, AbstractContextManager, int, bool], dict[str, float] | None] | None = None,
 ) -> None:
     """Train from start_step to the end of run.num_epochs, on every rank.
 
@@ -348,6 +352,8 @@ def train(
         run: the schedule, intervals, paths and labels (RunConfig).
         start_step: the optimizer steps already done (0, or a resumed checkpoint's).
         scaler: scales an fp16 loss (a disabled scaler otherwise).
+        benchmark: benchmark(model, precision, epoch, last), called on every rank at the end of each epoch, gives
+            more figures to log when they are due (see EpochLog.end_epoch), or None.
 
     Each epoch is logged, evaluated every run.eval_interval epochs and saved every run.checkpoint_interval
     epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the same step. Rank 0 alone
@@ -404,7 +410,9 @@ def train(
         if end_of_epoch == 0:
             validation_loss = (evaluate(model, eval_batches, padding_index, precision)
                                if epoch % run.eval_interval == 0 or last else None)
-            failure = write_error(log.end_epoch, epoch, step, run.unit, run.units_per_epoch, validation_loss)
+            benchmarks = benchmark(model, precision, epoch, last) if benchmark else None
+            failure = write_error(log.end_epoch, epoch, step, run.unit, run.units_per_epoch, validation_loss,
+                                  benchmarks)
         if stop_requested or end_of_epoch == 0 and (epoch % run.checkpoint_interval == 0 or last):
             with slow_work_on_one_rank():
                 failure = write_error(save, step, epoch) or failure

@@ -199,3 +199,77 @@ def fineweb_edu_mirror(root: Path, documents: list[str], num_files: int = 2, row
         shard_path = repository / "sample" / "10BT" / f"{shard:03d}_00000.parquet"
         pq.write_table(table, shard_path, row_group_size=row_group_size)
     return root
+
+
+# HellaSwag's columns on the hub (Rowan/hellaswag), in its order; the label is a string there, an int in the
+# original JSON-lines files.
+HELLASWAG_COLUMNS = ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings", "source_id", "split", "split_type",
+                     "label")
+PEOPLE = ("A man", "A woman", "The chef", "A child", "The farmer", "A girl", "The teacher", "An old man")
+ACTIVITIES = (
+    ("is standing in a kitchen holding a knife.", "He", "slices the onions into thin rings on the board."),
+    ("kneels beside a flat bicycle tyre.", "He", "pumps air into the tube until it is firm again."),
+    ("walks into the garden with a watering can.", "She", "pours water over the roses along the fence."),
+    ("sits at a piano in a quiet hall.", "She", "plays a slow waltz while the audience listens."),
+    ("climbs onto the roof with a bag of tiles.", "He", "nails the new tiles over the leaking corner."),
+    ("opens a box of paints at the easel.", "She", "paints a blue sky above the mountains."),
+    ("carries a bucket of soapy water to the car.", "He", "scrubs the dirt off the doors with a sponge."),
+    ("stands by the lake with a fishing rod.", "She", "casts the line far into the calm water."),
+    ("ties an apron and lights the oven.", "He", "kneads the dough and shapes it into loaves."),
+    ("rolls a yoga mat out on the floor.", "She", "stretches her arms up and bends slowly forward."),
+    ("takes a ladder to the apple tree.", "He", "picks the ripe apples and drops them into a basket."),
+    ("sits down with a pile of letters.", "She", "opens each envelope and reads the letters aloud."),
+)
+# Wrong endings: unlike a right one, none follows any context well.
+DISTRACTORS = (
+    "melts into the ceiling and sings to a spoon.", "folds the river twice and mails it to Tuesday.",
+    "eats the ladder while the clouds count backwards.", "whispers to the gravel until it turns purple.",
+    "swims through the carpet holding seven moons.", "unplugs the sunset and puts it in a drawer.",
+    "knits a cloud from the smell of old pencils.", "balances the kitchen on one ear and sneezes.",
+)
+
+
+def made_up_hellaswag_items(count: int, seed: int = 0) -> list[dict]:
+    """Made-up HellaSwag items in the original JSON-lines layout: each context's right ending is the one that
+    belongs to its activity, the three wrong ones are nonsense (DISTRACTORS)."""
+    import random
+
+    generator = random.Random(seed)
+    items = []
+    for index in range(count):
+        person = PEOPLE[index % len(PEOPLE)]
+        activity = index % len(ACTIVITIES)
+        ctx_a, ctx_b, right = ACTIVITIES[activity]
+        wrong = generator.sample(DISTRACTORS, 3)
+        label = generator.randrange(4)
+        endings = wrong[:label] + [right] + wrong[label:]
+        ctx_a = f"{person} {ctx_a}"
+        items.append({"ind": index, "activity_label": "Chores", "ctx_a": ctx_a, "ctx_b": ctx_b,
+                      "ctx": f"{ctx_a} {ctx_b}", "split": "val", "split_type": "indomain", "label": label,
+                      "endings": endings, "source_id": f"made-up-{index}"})
+    return items
+
+
+def write_hellaswag_jsonl(path: Path, items: list[dict]) -> Path:
+    """The items as the original hellaswag_val.jsonl holds them: one JSON object a line, the label an int."""
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+def hellaswag_mirror(root: Path, items: list[dict]) -> Path:
+    """A local folder laid out like Rowan/hellaswag on the hub (its README's configs and a Parquet file of the
+    validation split with its columns, the label as a string), which datasets.load_dataset reads, from a working
+    directory of `root`, by the repository's name: the hub's streaming code path, run offline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repository = root / "Rowan" / "hellaswag"
+    (repository / "data").mkdir(parents=True)
+    (repository / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: validation\n"
+        "    path: data/validation-*\n---\n"
+    )
+    columns = {column: [item[column] for item in items] for column in HELLASWAG_COLUMNS}
+    columns["label"] = [str(label) for label in columns["label"]]
+    pq.write_table(pa.table(columns), repository / "data" / "validation-00000-of-00001.parquet")
+    return root

@@ -78,6 +78,18 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
 
 
 @pytest.mark.slow
+def test_bench_measures_hellaswag_scoring_batched_and_one_item_at_a_time():
+    shape = [flag if flag != "97" else "50257" for flag in TINY_BENCH_FLAGS]
+    result = run_script("bench.py", *shape, "--parts", "eval", "--eval_items", "6", "--eval_batch_size", "8",
+                        "--precision", "fp32", "--json")
+    assert result.returncode == 0, result.stderr
+    records = {record["metric"]: record for record in map(json.loads, result.stdout.strip().splitlines())}
+    batched, alone = records["hellaswag_items_per_s"]["value"], records["hellaswag_one_at_a_time_items_per_s"]["value"]
+    assert records["hellaswag_batching_speedup"]["value"] == pytest.approx(batched / alone)
+    assert records["hellaswag_items_per_s"]["items"] == 6
+
+
+@pytest.mark.slow
 def test_bench_prints_a_table_by_default_and_a_row_for_each_training_variant():
     result = run_script("bench.py", *TINY_BENCH_FLAGS, "--steps", "1", "--warmup", "0", "--no-gpt2")
     assert result.returncode == 0, result.stderr
@@ -153,6 +165,7 @@ def test_bench_measures_fsdp2_gradient_accumulation_both_ways_under_torchrun():
         (["--generation_lengths", "0"], ["--generation_lengths"]),
         (["--variants", "bf16+fast"], ["--variants", "with +compile", "bf16+fast"]),
         (["--parts", "accumulation"], ["--parts", "under torchrun"]),
+        (["--parts", "eval", "--vocabulary_size", "97"], ["--vocabulary_size must be at least 50257, got 97"]),
     ],
 )
 def test_bad_flags_get_one_clear_line(flags, fragments):
