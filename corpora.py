@@ -225,6 +225,8 @@ def open_text_files(files: list[Path]):
     """Text files split into documents at blank lines; JSON, JSON-lines and Parquet records' 'text' fields."""
     import datasets
 
+    # datasets logs every file it fails to read, over several lines; text_files_failure's one line says it all
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
     paths = [str(file) for file in files]
     if files[0].suffix == ".txt":
         for file in files:

@@ -2,14 +2,14 @@
 
 import argparse
 import importlib
-import json
-import math
+import signal
 import sys
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
+from safetensors import SafetensorError
 from torch import Tensor
 from torch.nn import Module
 
@@ -17,10 +17,12 @@ from checkpoint import (
     DEFAULT_CHECKPOINT_PATH,
     EXPORTED_CONFIG,
     EXPORTED_WEIGHTS,
+    context_length,
     exported_config,
     load_checkpoint,
     load_lora_checkpoint,
     model_from_checkpoint,
+    write_failure,
 )
 from conversations import INSTRUCTION_DATASETS
 from corpora import CORPORA
@@ -29,6 +31,7 @@ from finetuning import adapter_on_base
 from flags import ArgumentParser
 from model import LightGPT
 from tokenizer import TOKENIZER_NAME
+from training import perplexity, read_metrics
 
 ONNX_FILE = "model.onnx"
 ONNX_PACKAGES = ("onnx", "onnxscript")
@@ -71,17 +74,16 @@ def load_source(args: argparse.Namespace) -> tuple[LightGPT, int, dict | None, d
     """The model to export (with --lora_path, the adapter merged into its base), its training context length, its
     prompt template (None unless instruction-tuned), and the facts of each stage of its training."""
     base = load_checkpoint(args.checkpoint_path)
-    if not isinstance(base.get("block_size"), int):
-        raise ValueError(f"{args.checkpoint_path}: not a LightGPT checkpoint (no block_size entry)")
-    stages = {"Pre-training": training_facts(base, args.checkpoint_path, tokens_per_sample=base["block_size"])}
+    block_size = context_length(base, args.checkpoint_path)
+    stages = {"Pre-training": training_facts(base, args.checkpoint_path, tokens_per_sample=block_size)}
     if not args.lora_path:
-        return model_from_checkpoint(base, args.checkpoint_path).eval(), base["block_size"], None, stages
+        return model_from_checkpoint(base, args.checkpoint_path).eval(), block_size, None, stages
     adapter = load_lora_checkpoint(args.lora_path)
     model = adapter_on_base(adapter, base, f"--lora_path {args.lora_path}", f"--checkpoint_path {args.checkpoint_path}")
     lora = adapter["lora_args"]
     stages["Instruction tuning"] = training_facts(adapter, args.lora_path) | {
         "method": f"LoRA rank {lora['rank']}, alpha {lora['alpha']}, merged into the weights"}
-    return model, base["block_size"], adapter["prompt_template"], stages
+    return model, block_size, adapter["prompt_template"], stages
 
 
 def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | None = None) -> dict:
@@ -98,11 +100,13 @@ def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | 
         facts["steps"] = f"{steps:,} ({seen})"
     metrics_path = Path(path).with_suffix(".metrics.jsonl")
     if metrics_path.is_file():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        losses = [record["validation_loss"] for record in records
-                  if "validation_loss" in record and record.get("step", 0) <= (steps or 0)]
+        records, damaged = read_metrics(metrics_path)
+        if damaged:
+            print(f"Note: {metrics_path}: {damaged} damaged line(s) left out of the model card's figures")
+        losses = [record["validation_loss"] for _, record in records
+                  if isinstance(record.get("validation_loss"), float) and record["step"] <= (steps or 0)]
         if losses:
-            facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {math.exp(losses[-1]):,.1f})"
+            facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {perplexity(losses[-1]):,.1f})"
     return facts
 
 
@@ -121,7 +125,7 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
         "Architecture": f"{config.num_layers} layers, {config.embedding_dimensions} wide, {config.num_heads} heads, "
                         f"feed-forward {config.feed_forward_ratio}x; no biases, no positional embeddings, one matrix "
                         f"for the token embeddings and the output layer",
-        "Parameters": f"{model.num_trainable_params:,}",
+        "Parameters": f"{num_parameters(model):,}",
         "Context": f"{block_size} tokens",
         "Tokenizer": f"tiktoken's {TOKENIZER_NAME} (GPT-2's BPE), {config.vocabulary_size:,} tokens",
     }
@@ -135,6 +139,12 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
                      f"`python generate.py --checkpoint_path <this folder>`. `{EXPORTED_WEIGHTS}` holds the weights, "
                      f"`{EXPORTED_CONFIG}` the configuration; `{ONNX_FILE}`, where present, takes token ids (batch, "
                      f"sequence) and gives every position's logits.\n")
+
+
+def num_parameters(model: LightGPT) -> int:
+    """Every parameter of the model, the tied matrix once: num_trainable_params counts only what is trainable, the
+    merged layers alone once an adapter is merged."""
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 class Logits(Module):
@@ -158,6 +168,14 @@ def export_onnx(model: LightGPT, path: Path) -> None:
 
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does: cleaned up, one line
+    try:
+        export(args)
+    except KeyboardInterrupt:
+        sys.exit(f"export.py: stopped by a signal; nothing was written to --output_dir {args.output_dir}")
+
+
+def export(args: argparse.Namespace) -> None:
     try:
         validate_args(args)
         model, block_size, template, stages = load_source(args)
@@ -173,9 +191,9 @@ def main() -> None:
 
     try:
         write_folder_atomically(args.output_dir, write)
-    except OSError as error:
-        sys.exit(f"export.py: error: --output_dir {args.output_dir}: {error.strerror or error}")
-    print(f"Exported {model.num_trainable_params:,} parameters to {args.output_dir}")
+    except (OSError, SafetensorError) as error:  # a full disk, as safetensors reports it too
+        sys.exit(f"export.py: error: --output_dir {args.output_dir}: {write_failure(error)}")
+    print(f"Exported {num_parameters(model):,} parameters to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import re
 import secrets
 import shutil
 import socket
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -79,8 +78,9 @@ def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> 
     a crash or an error never leaves a half-written folder, and the temporary one is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # mkdir, unlike mkdtemp, keeps the umask
-    temporary.mkdir()
+    remove_stray_temporary_files([path])  # those of writers killed with SIGKILL, which nothing can clean up after
+    temporary = temporary_path(path)
+    temporary.mkdir()  # mkdir, unlike mkdtemp, keeps the umask
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -115,15 +115,18 @@ def holding_lock(lock: IO, flag: str, taken: Callable[[str], None]) -> Iterator[
 
 
 def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
-    """Remove the temporary files of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
-    no longer exists: a process killed while saving leaves one. Those of live processes and of other machines
-    stay. Returns the files removed."""
+    """Remove the temporary files (or folders) of these paths (<name>.<tag>.tmp) whose writer, a process of this
+    machine, no longer exists: a process killed while saving leaves one. Those of live processes and of other
+    machines stay. Returns the files removed."""
     removed = []
     for path in paths:
         prefix = f"{path.name}."
         for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
             if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
-                temporary.unlink(missing_ok=True)
+                if temporary.is_dir() and not temporary.is_symlink():  # a folder written atomically
+                    shutil.rmtree(temporary, ignore_errors=True)
+                else:
+                    temporary.unlink(missing_ok=True)
                 removed.append(temporary)
     return removed
 
@@ -152,6 +155,17 @@ def remove_temporary_files(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def unwritable_folder(folder: Path) -> str | None:
+    """Why files cannot be written in `folder`, created if need be, else None: a file stands in its way, or the
+    nearest folder that exists is not writable (read-only)."""
+    if blocking := file_in_the_way(folder):
+        return f"{blocking} is a file, not a folder"
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def file_in_the_way(folder: Path) -> Path | None:
     """The file, if any, that stands where `folder` or one of its parents should be a folder."""
     return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
@@ -166,7 +180,11 @@ def resolve_files(pattern: str, extensions: tuple[str, ...], flag: str) -> list[
         candidates = [path]
     else:
         candidates = [Path(file) for file in glob.glob(pattern, recursive=True)]
-    files = sorted(file for file in candidates if file.suffix in extensions)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ValueError(f"{flag}: {pattern} is not a regular file (a FIFO, a device, or a link to one), which "
+                         f"could be read forever")
+    # Only regular files: a FIFO or a link to /dev/zero among them would never end.
+    files = sorted(file for file in candidates if file.suffix in extensions and file.is_file())
     if not files:
         raise FileNotFoundError(f"{flag}: no {', '.join(extensions)} files found at {pattern!r}")
     return files

@@ -5,6 +5,7 @@ import math
 import re
 import sys
 from argparse import BooleanOptionalAction
+from collections.abc import Callable
 from typing import NoReturn
 
 from devices import PRECISIONS, best_device, check_device
@@ -73,9 +74,28 @@ def steps_or_percentage(text: str) -> int | float:
 
 def positive_float(text: str) -> float:
     value = _number(float, text, "a positive number")
-    if not value > 0:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not 0 < value < math.inf:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
     return value
+
+
+def float_in(low: float, high: float, low_excluded: bool = False) -> Callable[[str], float]:
+    """The type of a float flag whose arithmetic carries only [low, high] (or (low, high]): beyond it, a float
+    overflows or divides by zero."""
+    interval = f"{'(' if low_excluded else '['}{low:g}, {high:g}]"
+
+    def number(text: str) -> float:
+        value = _number(float, text, f"a number in {interval}")
+        if not (low < value if low_excluded else low <= value) or not value <= high:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value}")
+        return value
+
+    return number
+
+
+# The largest learning rate or LoRA alpha: the optimizers multiply it (AdamW by 10 on its first step) in float32,
+# which ends at 3.4e38.
+LARGEST_FACTOR = 1e30
 
 
 def fraction(text: str) -> float:
@@ -91,13 +111,6 @@ def probability(text: str) -> float:
     value = _number(float, text, "a number in (0, 1]")
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    value = _number(float, text, "a number")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
     return value
 
 
@@ -185,8 +198,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="The number of samples in each micro-batch.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
                         help="Micro-batches per weight update (under torchrun: in total, across all processes).")
-    parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
-                        help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
+    parser.add_argument("--learning_rate", type=float_in(0, LARGEST_FACTOR, low_excluded=True), default=learning_rate,
+                        help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth; "
+                        "at most 1e30.")
     parser.add_argument("--warmup_steps", type=steps_or_percentage, default=warmup_steps,
                         help="Linear warmup: a number of optimizer steps, or a percentage of all steps like 5%%.")
     parser.add_argument("--num_epochs", type=positive_int, default=num_epochs,
@@ -252,8 +266,8 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of LoRA adapters (finetuning.lora_args reads them), the same in every fine-tuning script."""
     parser.add_argument("--rank", type=positive_int, default=8,
                         help="The rank of the LoRA decomposition matrices A and B.")
-    parser.add_argument("--alpha", type=positive_float, default=1.0,
-                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A.")
+    parser.add_argument("--alpha", type=float_in(0, LARGEST_FACTOR, low_excluded=True), default=1.0,
+                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A; at most 1e30.")
     parser.add_argument("--dropout", type=fraction, default=0.05,
                         help="The proportion of signals to send to zero during training as regularization "
                         "(in the adapters' inputs and in the frozen model).")

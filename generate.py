@@ -10,8 +10,8 @@ import torch
 from conversations import encode_prompt, read_prompts, stop_tokens
 from devices import compute_dtype
 from finetuning import load_inference_model
-from flags import ArgumentParser, add_inference_arguments, positive_float, positive_int, probability
-from generation import generate
+from flags import ArgumentParser, add_inference_arguments, float_in, positive_float, positive_int, probability
+from generation import REPEAT_PENALTIES, generate
 from tokenizer import load_tokenizer
 
 
@@ -20,15 +20,16 @@ def build_parser() -> ArgumentParser:
                             "the terminal, else every line of standard input (one completion per line).")
     add_inference_arguments(parser, max_tokens=500)
     parser.add_argument("--temperature", type=positive_float, default=1.0,
-                        help="Divide the logits by this: below 1 sharpens the distribution, above 1 flattens it.")
+                        help="Divide the logits by this: below 1 sharpens the distribution, above 1 flattens it; "
+                        "below 1e-4, always the most likely token (greedy).")
     parser.add_argument("--top_k", type=positive_int, default=500,
                         help="Only sample from this many candidate tokens with the highest probabilities.")
     parser.add_argument("--top_p", type=probability, default=0.9,
                         help="Of the top_k tokens, keep only the most likely ones whose probabilities add up to "
                         "top_p (the most likely one always stays).")
-    parser.add_argument("--repeat_penalty", type=positive_float, default=1.0,
+    parser.add_argument("--repeat_penalty", type=float_in(*REPEAT_PENALTIES), default=1.0,
                         help="Make the tokens already in the context less likely: their positive logits are "
-                        "divided by this, negative ones multiplied (1 turns it off).")
+                        "divided by this, negative ones multiplied (1 turns it off); from 1e-6 to 1e6.")
     return parser
 
 

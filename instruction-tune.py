@@ -14,7 +14,6 @@ from checkpoint import (
     context_length,
     is_sharded_checkpoint,
     load_checkpoint,
-    load_lora_checkpoint,
 )
 from conversations import (
     ALPACA,
@@ -25,8 +24,9 @@ from conversations import (
     split_instructions,
 )
 from files import resolve_files, same_files
-from finetuning import check_same_adapters, lora_args, lora_model, train_adapters
+from finetuning import check_same_adapters, lora_args, lora_model, resumable_adapters, train_adapters
 from flags import ArgumentParser, add_lora_arguments, add_training_arguments
+from training import check_log_dir
 
 
 def build_parser() -> ArgumentParser:
@@ -62,6 +62,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
+    check_log_dir(args)
 
 
 def instruction_files(args: argparse.Namespace) -> list[Path]:
@@ -96,13 +97,13 @@ def main() -> None:
             base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
             block_size = context_length(base, args.base_model_path)
             train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
-            checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
+            checkpoint = resumable_adapters(args.checkpoint_path) if args.resume else None
             if checkpoint:
                 check_resumable(checkpoint, base, args, len(train_records))
             seed = (checkpoint or {}).get("seed", args.seed)
             seed = seed if seed is not None else random.randrange(2**31)
             torch.manual_seed(seed)
-            model = lora_model(base, args.base_model_path, lora_args(args))
+            model = lora_model(base, args.base_model_path, lora_args(args), args.device)
         except (ValueError, FileNotFoundError, ConnectionError) as error:
             sys.exit(f"instruction-tune.py: error: {error}")
 

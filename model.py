@@ -1,8 +1,10 @@
 """The LightGPT network: a bias-free, position-free, weight-tied GPT in pure PyTorch."""
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -37,15 +39,18 @@ class LightGPTConfig:
             self.num_kv_heads = self.num_heads
         for name in SHAPE_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+            if type(value) is not int or value < 1:  # a bool is an int to isinstance
+                raise ValueError(f"{name} must be a whole number of at least 1, got {described(value)}")
+        for name in ("padding_index", "eos_index"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"{name} must be a whole number, got {described(getattr(self, name))}")
+        if type(self.dropout) not in (int, float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {described(self.dropout)}")
         if self.embedding_dimensions % self.num_heads != 0:
             raise ValueError(f"embedding_dimensions ({self.embedding_dimensions}) must be divisible by "
                              f"num_heads ({self.num_heads})")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.eos_index < self.vocabulary_size:
             raise ValueError(f"eos_index must be a token id below vocabulary_size ({self.vocabulary_size}), "
                              f"got {self.eos_index}")
@@ -57,6 +62,11 @@ class LightGPTConfig:
 
 # The names of those fields, each a count of at least 1.
 SHAPE_FIELDS = tuple(config_field.name for config_field in fields(LightGPTConfig) if config_field.metadata.get("shape"))
+
+
+def described(value) -> str:
+    """A value as a message should name it: its repr and, where that could be mistaken, its type ('"1" (a str)')."""
+    return repr(value) if value is None or type(value) in (int, float) else f"{value!r} (a {type(value).__name__})"
 
 
 class KVCache:
@@ -310,6 +320,14 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
     def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "LightGPT":
         """The mixin's loading, except that a weight missing from the file is an error, not a random layer."""
         return super()._from_pretrained(strict=strict, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's saving, with the weights file as readable as any other this process writes: safetensors
+        writes it 0600 whatever the umask."""
+        super()._save_pretrained(save_directory)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(Path(save_directory) / "model.safetensors", 0o666 & ~umask)
 
     def tie_weights(self) -> None:
         """One matrix for the embedding and the output layer, again after whatever makes parameters anew

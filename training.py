@@ -1,12 +1,14 @@
 """The training loop that pre-training and instruction tuning share: its RunConfig, schedule, optimizer step,
 evaluation, logging, random-number state and stopping on a signal."""
 
+import argparse
 import json
 import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +16,12 @@ from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.nn import Module
 from tqdm import tqdm
 
 from checkpoint import metrics_path
-from files import append_atomically, write_atomically
+from files import append_atomically, unwritable_folder, write_atomically
 from devices import peak_tflops
 from distributed import (
     as_float,
@@ -32,9 +35,13 @@ from distributed import (
     unwrapped,
     world_size,
 )
+from preparation import DamagedCorpus
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
+
+# A run whose gradient norm is NaN or infinite this many steps in a row (each step skipped) has diverged, and stops.
+NON_FINITE_STEPS_TO_STOP = 3
 
 
 def warmup_steps_of(warmup: int | float, total_steps: int) -> int:
@@ -86,22 +93,54 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
         scaler.load_state_dict(state)
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), and infinity where that is more than a float holds (a diverged run) rather than an OverflowError."""
+    return math.inf if loss > math.log(sys.float_info.max) else math.exp(loss)
+
+
+def json_safe(record: dict) -> dict:
+    """The record with null for each NaN or infinite number, which JSON has no words for (json.dumps would write a
+    bare NaN that JSON readers refuse)."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
+
+
 def append_metrics(path: str | Path, record: dict) -> None:
-    """One JSON object per line, so a run's curves can be plotted while it trains. A write that fails (a full
-    disk) leaves no half line and is a one-line OSError naming the file."""
-    append_atomically(path, json.dumps(record) + "\n")
+    """One JSON object per line, so a run's curves can be plotted while it trains; numbers that are not finite
+    are null. A write that fails (a full disk) leaves no half line and is a one-line OSError naming the file."""
+    append_atomically(path, json.dumps(json_safe(record), allow_nan=False) + "\n")
+
+
+def read_metrics(path: Path) -> tuple[list[tuple[bytes, dict]], int]:
+    """The metrics log's records, each with its line, and the number of damaged lines left out (garbage, bad
+    UTF-8, a record without a whole-number step); a last line cut short by a killed run is left out unnoticed."""
+    records, damaged = [], 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line.decode("utf-8")) if line.endswith(b"\n") else None
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError both
+            record = None
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append((line, record))
+        elif line.endswith(b"\n") or number < len(lines):
+            damaged += 1
+    return records, damaged
 
 
 def records_up_to(path: Path, step: int) -> None:
     """Keep only the metrics log's records of steps up to `step`, where a run starts (or resumes): epochs that
     ran after the checkpoint was saved run again and are logged again, never twice. A last line cut short by a
-    killed run goes too."""
+    killed run goes too, and damaged lines go with a warning that names the file."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-    if kept != lines:
-        write_atomically(path, lambda file: file.write("".join(kept).encode()))
+    records, damaged = read_metrics(path)
+    if damaged:
+        warnings.warn(f"{path}: {damaged} damaged line(s) (not a JSON record with a step) left out of the metrics "
+                      f"log", stacklevel=2)
+    kept = b"".join(line for line, record in records if record["step"] <= step)
+    if kept != path.read_bytes():
+        write_atomically(path, lambda file: file.write(kept))
 
 
 def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:
@@ -154,9 +193,10 @@ def optimizer_step(
     synchronised once, after the last micro-batch, or after every one (see REDUCE_EVERY_MICRO_BATCH). Returns
     the step's loss, the gradient norm, and whether any rank asked to stop (one reduction carries the loss and
     the requests, so every rank stops at the same step). A loss that is not finite raises FloatingPointError on
-    every rank before the weights change. Under fp16 the scaler multiplies the loss before the backward pass and
-    divides the gradients before they are clipped; it skips a step whose gradients overflowed, and lowers its
-    scale.
+    every rank before the weights change; a step whose gradient norm is not finite is skipped, the weights left as
+    they are (the caller stops a run that keeps doing it). Under fp16 the scaler multiplies the loss before the
+    backward pass and divides the gradients before they are clipped; it skips a step whose gradients overflowed,
+    and lowers its scale.
     """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
@@ -181,14 +221,15 @@ def optimizer_step(
     scaler.unscale_(optimizer)
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     gradient_norm = as_float(torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm))
-    scaler.step(optimizer)
+    if math.isfinite(gradient_norm) or scaler.is_enabled():  # fp16's scaler skips such a step itself
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, gradient_norm, stop_requests > 0
 
 
 @torch.no_grad()
-def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], padding_index: int,
+def evaluate(model: Module, batches: Iterable[tuple[Tensor, Tensor, float]], padding_index: int,
              precision: AbstractContextManager) -> float:
     """Mean cross entropy per target (padding excluded) over fixed held-out batches, each rank evaluating its
     share; a batch of weight 0 is a pass that only keeps the ranks in step, and counts nothing."""
@@ -237,6 +278,19 @@ class RunConfig:
         return self.steps_per_epoch * self.num_epochs
 
 
+def log_folder(args: "argparse.Namespace | RunConfig") -> Path:
+    """Where TensorBoard's run of this checkpoint goes: <log_dir>/<checkpoint name>, log_dir by default runs/ beside
+    the checkpoint."""
+    checkpoint = Path(args.checkpoint_path)
+    return (Path(args.log_dir) if args.log_dir else checkpoint.parent / "runs") / checkpoint.stem
+
+
+def check_log_dir(args: "argparse.Namespace | RunConfig") -> None:
+    """Raise a one-line ValueError, before any work, when TensorBoard's curves could not be written."""
+    if args.tensorboard and (problem := unwritable_folder(log_folder(args))):
+        raise ValueError(f"--log_dir {args.log_dir or log_folder(args).parent}: {problem}")
+
+
 def tensorboard_writer(run: RunConfig, start_step: int) -> "SummaryWriter":
     """A TensorBoard SummaryWriter in <log_dir>/<checkpoint name> (log_dir by default runs/ beside the checkpoint),
     with the run's flags as text. Every step is logged at its global step, so a resumed run continues its own
@@ -245,9 +299,7 @@ def tensorboard_writer(run: RunConfig, start_step: int) -> "SummaryWriter":
     from torch.utils.tensorboard import SummaryWriter  # here, not at the top: importing it takes most of a second
 
     first_step = start_step + 1  # step n is logged once n optimizer steps are done
-    checkpoint = Path(run.checkpoint_path)
-    log_dir = Path(run.log_dir) if run.log_dir else checkpoint.parent / "runs"
-    writer = SummaryWriter(log_dir / checkpoint.stem, purge_step=first_step)
+    writer = SummaryWriter(log_folder(run), purge_step=first_step)
     flags = "\n".join(f"| --{name} | {value} |" for name, value in sorted(run.flags.items()))
     writer.add_text("flags", "| flag | value |\n| --- | --- |\n" + flags, first_step)
     return writer
@@ -296,7 +348,7 @@ class EpochLog:
         if self.utilization_per_unit:
             record["mfu"] = units_per_second * self.utilization_per_unit
         if validation_loss is not None:
-            record |= {"validation_loss": validation_loss, "validation_perplexity": math.exp(validation_loss)}
+            record |= {"validation_loss": validation_loss, "validation_perplexity": perplexity(validation_loss)}
         record |= benchmarks or {}
         if self.metrics_path:
             self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
@@ -333,7 +385,7 @@ def train(
     model: Module,
     optimizer: torch.optim.Optimizer,
     micro_batches_at: Callable[[int], list[tuple[Tensor, Tensor, float]]],
-    eval_batches: list[tuple[Tensor, Tensor, float]],
+    eval_batches: Iterable[tuple[Tensor, Tensor, float]],
     save: Callable[[int, int], None],
     run: RunConfig,
     start_step: int,
@@ -390,6 +442,7 @@ def train(
         stop(failure)
 
     model.train()
+    non_finite_steps = 0
     while step < total_steps:
         learning_rate = learning_rate_at(step, total_steps, warmup_steps, run.learning_rate)
         try:
@@ -399,6 +452,13 @@ def train(
             )
         except FloatingPointError as error:
             stop(f"at step {step}, {error}")
+        except DamagedCorpus as error:
+            stop(str(error))
+        non_finite_steps = 0 if math.isfinite(gradient_norm) or scaler.is_enabled() else non_finite_steps + 1
+        if non_finite_steps == NON_FINITE_STEPS_TO_STOP:
+            stop(f"at step {step}, the gradient norm was {gradient_norm} {non_finite_steps} steps in a row (each "
+                 f"skipped); training stopped, {run.checkpoint_path} is left as it was (try a lower "
+                 f"--learning_rate or a lower --max_gradient_norm)")
         step += 1
         if step == start_step + 1:
             end_start_up()
@@ -408,12 +468,18 @@ def train(
         failure = None
         last = step == total_steps
         if end_of_epoch == 0:
-            validation_loss = (evaluate(model, eval_batches, padding_index, precision)
-                               if epoch % run.eval_interval == 0 or last else None)
+            try:
+                validation_loss = (evaluate(model, eval_batches, padding_index, precision)
+                                   if epoch % run.eval_interval == 0 or last else None)
+            except DamagedCorpus as error:
+                stop(str(error))
             benchmarks = benchmark(model, precision, epoch, last) if benchmark else None
             failure = write_error(log.end_epoch, epoch, step, run.unit, run.units_per_epoch, validation_loss,
                                   benchmarks)
         if stop_requested or end_of_epoch == 0 and (epoch % run.checkpoint_interval == 0 or last):
+            if divergence := diverged(model, validation_loss if end_of_epoch == 0 else None):
+                stop(f"at step {step}, {divergence}: the run diverged; nothing was saved, {run.checkpoint_path} is "
+                     f"left as it was (try a lower --learning_rate)")
             with slow_work_on_one_rank():
                 failure = write_error(save, step, epoch) or failure
         if (end_of_epoch == 0 or stop_requested) and (failure := first_error_of_any_rank(failure)):
@@ -426,6 +492,24 @@ def train(
     log.close()
     if main_process:
         print(f"Done: {run.saved_what} saved to {run.checkpoint_path}")
+
+
+def diverged(model: Module, validation_loss: float | None) -> str | None:
+    """What shows that a model about to be saved has diverged (a validation loss or weights that are not finite
+    numbers), else None; every rank calls it."""
+    if validation_loss is not None and not math.isfinite(validation_loss):
+        return f"the validation loss is {validation_loss}"
+    return None if weights_are_finite(model) else "the weights hold NaN or infinite numbers"
+
+
+def weights_are_finite(model: Module) -> bool:
+    """Whether the weights of every rank (its own shards under FSDP2) are finite numbers; every rank calls it."""
+    device = next(model.parameters()).device
+    non_finite = torch.zeros((), device=device)
+    for parameter in model.parameters():
+        local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+        non_finite += local.detach().isfinite().logical_not().sum()
+    return sum_across_ranks(non_finite).item() == 0
 
 
 def write_error(write: Callable[..., None], *args) -> str | None:

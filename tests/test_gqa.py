@@ -21,7 +21,7 @@ SHAPE = {"vocabulary_size": 97, "embedding_dimensions": 32, "num_heads": 8, "num
 def test_num_kv_heads_defaults_to_num_heads_and_must_divide_it():
     assert LightGPTConfig(**SHAPE).num_kv_heads == 8  # model_args written before grouped-query attention
     assert LightGPTConfig(**SHAPE, num_kv_heads=2).num_kv_heads == 2
-    for kv_heads, message in ((3, "divisible by num_kv_heads"), (0, "num_kv_heads must be at least 1")):
+    for kv_heads, message in ((3, "divisible by num_kv_heads"), (0, "num_kv_heads must be a whole number of at least 1")):
         with pytest.raises(ValueError, match=message):
             LightGPTConfig(**SHAPE, num_kv_heads=kv_heads)
 
