@@ -67,7 +67,8 @@ def main() -> None:
         torch.manual_seed(args.seed)  # beam search draws nothing at random; the flag is kept for symmetry
     tokenizer = load_tokenizer()
     try:
-        for text in read_prompts(args.prompt):
+        for number, text in enumerate(read_prompts(args.prompt)):
+            print("\n" * (number > 0) + f"> {text}", flush=True)  # which prompt the candidates continue
             prompt = torch.tensor(encode_prompt(text, template), device=args.device)
             try:
                 check_memory(args, model, block_size, len(prompt))

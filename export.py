@@ -2,8 +2,10 @@
 
 import argparse
 import importlib
+import logging
 import signal
 import sys
+import warnings
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
@@ -34,6 +36,14 @@ from tokenizer import TOKENIZER_NAME
 from training import perplexity, read_metrics
 
 ONNX_FILE = "model.onnx"
+# The model card's example, as the README shows it (FOLDER: the exported folder).
+USAGE = """import torch
+from tokenizer import load_tokenizer  # GPT-2's BPE, offline
+from generation import generate
+from model import LightGPT
+model, tokenizer = LightGPT.from_pretrained("FOLDER"), load_tokenizer()
+print(tokenizer.decode(list(generate(model, torch.tensor(tokenizer.encode_ordinary("The Roman Empire")), 40))))
+"""
 ONNX_PACKAGES = ("onnx", "onnxscript")
 
 
@@ -127,7 +137,8 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
                         f"for the token embeddings and the output layer",
         "Parameters": f"{num_parameters(model):,}",
         "Context": f"{block_size} tokens",
-        "Tokenizer": f"tiktoken's {TOKENIZER_NAME} (GPT-2's BPE), {config.vocabulary_size:,} tokens",
+        "Tokenizer": f"GPT-2's BPE (tiktoken's {TOKENIZER_NAME}), {config.vocabulary_size:,} tokens; LightGPT's "
+                     f"`tokenizer.load_tokenizer()` builds it offline (`tiktoken.get_encoding` downloads it)",
     }
     for stage, facts in stages.items():
         rows |= {f"{stage} {name}": value for name, value in facts.items()}
@@ -138,7 +149,8 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
                      f"`LightGPT.from_pretrained(\"<this folder or Hub id>\")` (in `model.py`), or "
                      f"`python generate.py --checkpoint_path <this folder>`. `{EXPORTED_WEIGHTS}` holds the weights, "
                      f"`{EXPORTED_CONFIG}` the configuration; `{ONNX_FILE}`, where present, takes token ids (batch, "
-                     f"sequence) and gives every position's logits.\n")
+                     f"sequence) and gives every position's logits. In Python, from LightGPT's folder:\n\n"
+                     f"```python\n{USAGE.replace('FOLDER', '<this folder or Hub id>')}```\n")
 
 
 def num_parameters(model: LightGPT) -> int:
@@ -162,8 +174,18 @@ def export_onnx(model: LightGPT, path: Path) -> None:
     """The model in ONNX through torch.export (dynamo), with any batch size and sequence length."""
     example = torch.zeros(2, 8, dtype=torch.long)
     dynamic = {"token_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
-    torch.onnx.export(Logits(model).eval(), (example,), path, dynamo=True, input_names=["token_ids"],
-                      output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+    # Noise that means nothing here: the exporter logs each torchvision operator it skips when torchvision is
+    # not installed, and torch.export warns of its own deprecated LeafSpec check.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            torch.onnx.export(Logits(model).eval(), (example,), path, dynamo=True, input_names=["token_ids"],
+                              output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+    finally:
+        registration.setLevel(level)
 
 
 def main() -> None:

@@ -91,27 +91,43 @@ def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> 
 
 @contextlib.contextmanager
 def holding_lock(lock: IO, flag: str, taken: Callable[[str], None]) -> Iterator[None]:
-    """Hold an exclusive flock on an open lock file, with this process's id written in it. When another process
-    holds it, taken(its id, or "" if unknown) is called first, which may raise (refuse to wait) or return (then
-    this waits). The operating system releases the lock when its holder ends, however it ends, so a crash never
-    blocks the next process; the emptied file stays, as a lock must. A file system without flock (ENOLCK,
-    EOPNOTSUPP) is a one-line ValueError that names the flag to change."""
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        taken(lock.read().strip())
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    except OSError as error:
-        raise ValueError(f"{flag}: the file system cannot lock {lock.name} ({error.strerror or error}); choose a "
-                         f"{flag} on a local disk") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    try:
-        yield
-    finally:
+    """Hold an exclusive flock on an open lock file, with this process's id written in it, and remove the file
+    when done (while still holding it). When another process holds it, taken(its id, or "" if unknown) is called
+    first, which may raise (refuse to wait) or return (then this waits). The operating system releases the lock
+    when its holder ends, however it ends, so a crash never blocks the next process. A file system without flock
+    (ENOLCK, EOPNOTSUPP) is a one-line ValueError that names the flag to change."""
+    path = Path(lock.name)
+    with contextlib.ExitStack() as reopened:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                taken(lock.read().strip())
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as error:
+                raise ValueError(f"{flag}: the file system cannot lock {lock.name} ({error.strerror or error}); "
+                                 f"choose a {flag} on a local disk") from None
+            if still_at(lock, path):
+                break
+            lock = reopened.enter_context(open(path, "a+"))  # its holder removed the file locked: lock the new one
         lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def still_at(lock: IO, path: Path) -> bool:
+    """Whether a lock file just locked is still the one at `path`. Its holder removes it on release, while still
+    holding it, so a process that opened it before then has locked a file that no longer locks anything, and must
+    open the path again."""
+    try:
+        return os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:

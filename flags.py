@@ -4,8 +4,10 @@ import argparse
 import math
 import re
 import sys
+import warnings
 from argparse import BooleanOptionalAction
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from devices import PRECISIONS, best_device, check_device
@@ -21,13 +23,33 @@ CONFIG_FIELDS = {SEED_FLAG_NAMES.get(name, name): name for name in (*SHAPE_FIELD
                  if name != "vocabulary_size"}
 
 
+def one_line_warning(message, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    """A warning of ours as one line, '<script>: warning: <message>', as errors are shown, without the source
+    line that Python quotes; other libraries' warnings as Python shows them."""
+    if Path(filename).resolve().parent == Path(__file__).resolve().parent:
+        return f"{Path(sys.argv[0]).name}: warning: {message}\n"
+    return python_warning(message, category, filename, lineno, line)
+
+
+python_warning, warnings.formatwarning = warnings.formatwarning, one_line_warning  # every script imports flags
+
+
+class DefaultsOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after each help text, unless the text says its own default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "(default" in action.help or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with the defaults shown in --help, except that under torchrun only rank 0 prints a
     usage error: every rank meets it."""
 
     def __init__(self, description: str):
         super().__init__(usage="%(prog)s [options] (see --help)", description=description,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=DefaultsOnceHelpFormatter)
 
     def error(self, message: str) -> NoReturn:
         if launch_rank() == 0:
@@ -147,8 +169,7 @@ class MixedPrecisionAlias(argparse.Action):
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
-                        help="auto: bf16 where native, else fp16 on CUDA, else fp32 (--[no-]mixed_precision: "
-                        "auto, fp32).")
+                        help="auto: bf16 where native, else fp16 on CUDA, else fp32.")
     parser.add_argument("--mixed_precision", "--no-mixed_precision", dest="precision", action=MixedPrecisionAlias)
 
 

@@ -150,15 +150,17 @@ def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:
 
 
 class GracefulExit:
-    """Turns SIGINT and SIGTERM into a flag the training loop checks after each step."""
+    """Turns SIGINT and SIGTERM into a flag the training loop checks after each step, and the exit status that
+    the signal calls for (128 + its number: 130, 143), so that `pre-train.py ... && next` stops there too."""
 
     def __init__(self):
         self.requested = False
+        self.exit_status = 128 + signal.SIGTERM  # a rank that the stop reached through another rank
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signal_number, self._request)
 
     def _request(self, signal_number: int, frame) -> None:
-        self.requested = True
+        self.requested, self.exit_status = True, 128 + signal_number
 
 
 def weighted_by_targets(batches: list[tuple[Tensor, Tensor]], padding_index: int) -> list[tuple[Tensor, Tensor, float]]:
@@ -408,11 +410,11 @@ def train(
             more figures to log when they are due (see EpochLog.end_epoch), or None.
 
     Each epoch is logged, evaluated every run.eval_interval epochs and saved every run.checkpoint_interval
-    epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the same step. Rank 0 alone
-    shows progress, writes the metrics log beside run.checkpoint_path (first dropping its records past
-    start_step) and, unless run.tensorboard is off, TensorBoard curves under run.log_dir, with the model FLOPs
-    utilization when run.flops_per_unit and the device's peak are known. A file that cannot be written stops
-    every rank with one line. Ranks wait for each other as long as at start-up until the first step is done,
+    epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the same step, exiting
+    130 or 143. Rank 0 alone shows progress, writes the metrics log beside run.checkpoint_path (first dropping its
+    records past start_step) and, unless run.tensorboard is off, TensorBoard curves under run.log_dir, with the
+    model FLOPs utilization when run.flops_per_unit and the device's peak are known. A file that cannot be written
+    stops every rank with one line. Ranks wait for each other as long as at start-up until the first step is done,
     and while a checkpoint is saved.
     """
     main_process = rank() == 0
@@ -487,8 +489,8 @@ def train(
         if stop_requested:
             log.close()
             if main_process:
-                print(f"Stopped by signal at step {step}; {run.saved_what} saved to {run.checkpoint_path}")
-            return
+                print(f"Stopped by signal at step {step}; {run.saved_what} saved to {run.checkpoint_path}", flush=True)
+            sys.exit(exit_request.exit_status)
     log.close()
     if main_process:
         print(f"Done: {run.saved_what} saved to {run.checkpoint_path}")

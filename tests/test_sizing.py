@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -251,8 +253,8 @@ def test_notebook_is_committed_without_outputs():
 
 
 @pytest.mark.slow
-def test_the_readme_command_runs_the_notebook_top_to_bottom_and_draws_its_charts(tmp_path, monkeypatch):
-    # The README's `jupyter execute model_sizing.ipynb`, on copies, so the committed chart stays untouched.
+def test_the_notebook_runs_top_to_bottom_and_draws_its_charts_writing_no_file(tmp_path, monkeypatch):
+    # jupyter execute, on copies, so that a file written by mistake lands here
     for name in (NOTEBOOK.name, "sizing.py"):
         shutil.copy(REPOSITORY / name, tmp_path)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel draws inline
@@ -265,4 +267,17 @@ def test_the_readme_command_runs_the_notebook_top_to_bottom_and_draws_its_charts
     outputs = [output for cell in cells if cell["cell_type"] == "code" for output in cell["outputs"]]
     assert not [output for output in outputs if output["output_type"] == "error"]
     assert sum("image/png" in output.get("data", {}) for output in outputs) >= 2
-    assert (tmp_path / "docs" / "memory_by_component.png").stat().st_size > 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["executed.ipynb", NOTEBOOK.name, "sizing.py"]
+
+
+@pytest.mark.slow
+def test_the_readme_s_headless_command_prints_the_notebook_s_tables(tmp_path):
+    for name in (NOTEBOOK.name, "sizing.py"):
+        shutil.copy(REPOSITORY / name, tmp_path)
+    command = re.search(r"^(ipython \S+\.ipynb)$", (REPOSITORY / "README.md").read_text(), re.M).group(1)
+    result = subprocess.run([sys.executable, "-m", "IPython", *command.split()[1:]], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=os.environ | {"MPLBACKEND": "Agg"})
+    assert result.returncode == 0, result.stderr
+    for table_line in ("GiB per device", "activation checkpointing:", "training FLOPs per token"):
+        assert table_line in result.stdout, result.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == [NOTEBOOK.name, "sizing.py"]
