@@ -690,8 +690,10 @@ def trained_on_these_weights(adapter: dict, base: dict) -> bool:
 
 def check_same_base(adapter: dict, base: dict) -> None:
     """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
+    # As the configs resolve them: model_args from before grouped-query attention have no num_kv_heads.
+    adapter_config, base_config = LightGPTConfig(**adapter["model_args"]), LightGPTConfig(**base["model_args"])
     for name in SHAPE_FIELDS:
-        trained_on, given = adapter["model_args"].get(name), base["model_args"].get(name)
+        trained_on, given = getattr(adapter_config, name), getattr(base_config, name)
         if trained_on != given:
             raise ValueError(
                 f"the adapter was trained on a base model with {name}={trained_on}, "

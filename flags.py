@@ -186,6 +186,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None
                         help="The dimensionality of the token embeddings.")
     parser.add_argument("--num_attention_heads", type=positive_int, default=16,
                         help="The number of attention heads within every block.")
+    parser.add_argument("--num_kv_heads", type=positive_int, default=None,
+                        help="The number of key/value heads, each shared by a group of query heads (grouped-query "
+                        "attention, a smaller KV cache); it must divide --num_attention_heads. None: one per head.")
     parser.add_argument("--num_hidden_layers", type=positive_int, default=24,
                         help="The number of attention/MLP blocks.")
     parser.add_argument("--feed_forward_ratio", type=positive_int, default=4,

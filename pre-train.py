@@ -415,7 +415,8 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     tokens_per_epoch = args.batch_size * args.gradient_accumulation_steps * args.block_size * steps_per_epoch
     config = model.config
     flops_per_token = training_flops_per_token(config.vocabulary_size, args.block_size, config.embedding_dimensions,
-                                               config.num_layers, config.feed_forward_ratio)
+                                               config.num_layers, config.feed_forward_ratio,
+                                               config.num_kv_heads * config.head_dimensions)
     run = run_config(args, steps_per_epoch=steps_per_epoch, unit="tokens", units_per_epoch=tokens_per_epoch,
                      description="Pre-training", saved_what="checkpoint", program="pre-train.py", dtype=dtype,
                      flops_per_unit=flops_per_token,

@@ -23,8 +23,9 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPOSITORY / "model_sizing.ipynb"
 OPTIMIZERS = {"adafactor": torch.optim.Adafactor, "adamw": torch.optim.AdamW}
 
-# (vocabulary_size, block_size, embedding_dimensions, num_heads, num_layers, feed_forward_ratio)
+# (vocabulary_size, block_size, embedding_dimensions, num_heads, num_layers, feed_forward_ratio[, num_kv_heads])
 SHAPES = [(97, 64, 32, 4, 2, 4), (101, 16, 48, 3, 3, 2), (50, 128, 16, 2, 1, 1), (300, 8, 64, 8, 2, 3)]
+GQA_SHAPES = [(97, 64, 32, 4, 2, 4, 2), (300, 8, 64, 8, 2, 3, 1)]  # grouped-query attention: a narrower projection
 
 
 def build(architecture: sizing.Architecture) -> LightGPT:
@@ -64,7 +65,7 @@ def saved_bytes(model: LightGPT, x: torch.Tensor, y: torch.Tensor, mixed_precisi
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + GQA_SHAPES)
 def test_parameter_counts_equal_the_models_exactly(shape):
     architecture = sizing.Architecture(*shape)
     model = build(architecture)
@@ -90,7 +91,7 @@ def test_optimizer_state_equals_what_the_torch_optimizer_keeps(optimizer):
 
 @pytest.mark.parametrize("mixed_precision", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["stored", "checkpointed"])
-@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("shape", SHAPES[:2] + GQA_SHAPES[:1])
 def test_activation_estimate_is_within_20_percent_of_what_autograd_saves(
     shape, activation_checkpointing, mixed_precision
 ):
@@ -171,7 +172,7 @@ def test_checkpointing_saves_a_fraction_of_the_activations():
     assert checkpointed < 0.5 * stored
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], (97, 16, 64, 4, 2, 4)])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], (97, 16, 64, 4, 2, 4), GQA_SHAPES[1]])
 def test_flops_estimate_is_within_10_percent_of_the_flop_counter(shape):
     # On the CPU, SDPA runs a fused kernel that FlopCounterMode does not count; the math backend computes and
     # counts the full T x T attention products, as the training_flops_per_token docstring assumes.
