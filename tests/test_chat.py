@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import pty
@@ -297,6 +298,54 @@ def test_chat_py_in_a_real_terminal_streams_replies_resets_and_exits(chat_adapte
         process.kill()
         process.wait()
         os.close(controller)
+
+
+class CtrlCWhilePrinting(io.StringIO):
+    """Standard output where Ctrl-C arrives as the second piece of a reply is printed."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += bool(text)
+        if self.writes == 3:  # "Assistant: ", the first piece, then the second
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+@pytest.mark.parametrize("where", ["printing", "computing"])
+def test_ctrl_c_during_a_reply_stops_only_the_reply_and_the_next_turn_follows_what_was_said(where, monkeypatch):
+    chat = load_script("chat")
+    model = tiny_model(**CHAT_SHAPE).eval()
+    session = ChatSession(model, CHATML, block_size=96, reply_room=8)
+    args = chat.parse_args(["--max_tokens", "8", "--device", "cpu"])
+    shown = CtrlCWhilePrinting() if where == "printing" else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", shown)
+    if where == "computing":  # Ctrl-C inside the model as the fourth token is computed: its first block is fed
+        calls = []
+
+        def interrupt_the_fourth(*_):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+
+        model.blocks[-1].register_forward_pre_hook(interrupt_the_fourth)
+    torch.manual_seed(0)
+    chat.answer(session, "Hi there", args, interactive=True)
+    assert shown.getvalue().startswith("Assistant: ") and shown.getvalue().endswith(" [stopped]\n")
+    said = session.messages[-1]
+    assert said["role"] == "assistant" and said["content"].startswith(shown.getvalue()[11:-11])
+    # the stopped reply, closed by <|im_end|>, is what the cache holds before the next turn
+    opening = len(CHATML.prompt(session.messages[:1]))
+    held = session.tokens + session.unfed
+    end = held.index(50258, opening)
+    assert chat_tokenizer().decode(held[opening:end]) == said["content"] and held[end:] == CHATML.reply_end()
+    assert where == "printing" or end - opening == 3  # the three tokens computed before Ctrl-C
+    chat.answer(session, "Go on", args, interactive=True)
+    assert shown.getvalue().count("[stopped]") == 1 and session.messages[-2]["content"] == "Go on"
+    session.add_user_message("And then?")
+    torch.testing.assert_close(session.feed(), model.next_token_logits(torch.tensor([session.tokens]))[0])
 
 
 @pytest.mark.parametrize("arguments, fragment", [
