@@ -3,9 +3,11 @@ import json
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from conftest import (
     REPOSITORY,
     assert_one_line_error,
     load_script,
+    metrics,
     one_thread,
     run_script,
     save_pretrained_checkpoint,
@@ -224,13 +227,17 @@ def chat_adapter(tmp_path_factory):
         model.token_embeddings.weight.mul_(25)
     base = save_pretrained_checkpoint(model, folder / "base.pt", block_size=64)
     (folder / "chats.jsonl").write_text((json.dumps(EXCHANGE) + "\n") * 8)
-    result = run_script("instruction-tune.py", "--base_model_path", base, "--dataset", "local", "--dataset_path",
-                        folder / "chats.jsonl", "--checkpoint_path", folder / "lora.pt", "--batch_size", "4",
-                        "--gradient_accumulation_steps", "1", "--learning_rate", "3e-2", "--rank", "8", "--dropout",
-                        "0", "--num_epochs", "30", "--eval_interval", "30", "--checkpoint_interval", "30",
-                        "--device", "cpu", "--seed", "2")
+    result = tune_on_the_exchange(base, folder / "lora.pt")
     assert result.returncode == 0, result.stderr
     return base, folder / "lora.pt"
+
+
+def tune_on_the_exchange(base: Path, adapter: Path, *flags: str) -> subprocess.CompletedProcess:
+    return run_script("instruction-tune.py", "--base_model_path", base, "--dataset", "local", "--dataset_path",
+                      base.parent / "chats.jsonl", "--checkpoint_path", adapter, "--batch_size", "4",
+                      "--gradient_accumulation_steps", "1", "--learning_rate", "3e-2", "--rank", "8", "--dropout",
+                      "0", "--num_epochs", "30", "--eval_interval", "30", "--checkpoint_interval", "30",
+                      "--device", "cpu", "--seed", "2", *flags)
 
 
 @pytest.mark.slow
@@ -261,6 +268,22 @@ def test_a_chat_adapter_holds_only_what_changed_and_answers_through_piped_chat_p
         CHATML.render(EXCHANGE["messages"])[0])
     result = run_script("chat.py", "--checkpoint_path", exported, *CHAT_FLAGS, input="Hello\n")
     assert result.stdout == "Hi there, friend.\n\n", result.stderr
+
+
+@pytest.mark.slow
+def test_a_chat_adapter_resumes_with_its_trained_chat_token_rows(chat_adapter, tmp_path):
+    base, adapter = chat_adapter
+    resumed = tmp_path / "lora.pt"
+    shutil.copy(adapter, resumed)
+    shutil.copy(adapter.with_suffix(".metrics.jsonl"), resumed.with_suffix(".metrics.jsonl"))
+    result = tune_on_the_exchange(base, resumed, "--resume", "--num_epochs", "31", "--eval_interval", "1")
+    assert result.returncode == 0, result.stderr
+    assert "at epoch 31, step 60" in result.stdout
+    # the 31st epoch starts from the learnt <|im_start|> and <|im_end|> rows: fresh ones would cost it over 1
+    before, after = metrics(adapter)[-1], metrics(resumed)[-1]
+    assert after["epoch"] == 31 and after["loss"] < 0.1 and after["validation_loss"] < 0.1, (before, after)
+    saved = torch.load(resumed, weights_only=True)
+    assert saved["step"] == 62 and saved["added_token_embeddings"].shape == (2, 64)
 
 
 def read_until(descriptor: int, expected: str, timeout: float = 60) -> str:
