@@ -12,7 +12,7 @@ from flags import ArgumentParser, add_inference_arguments, float_in, positive_in
 from generation import LENGTH_PENALTIES, beam_search
 from model import LightGPT
 from sizing import beam_search_bytes, gigabytes
-from tokenizer import load_tokenizer
+from tokenizer import chat_tokenizer
 
 
 def build_parser() -> ArgumentParser:
@@ -65,7 +65,7 @@ def main() -> None:
         sys.exit(f"beam_search.py: error: {error}")
     if args.seed is not None:
         torch.manual_seed(args.seed)  # beam search draws nothing at random; the flag is kept for symmetry
-    tokenizer = load_tokenizer()
+    tokenizer = chat_tokenizer()  # a chat model may write its tokens too
     try:
         for number, text in enumerate(read_prompts(args.prompt)):
             print("\n" * (number > 0) + f"> {text}", flush=True)  # which prompt the candidates continue

@@ -63,8 +63,9 @@ from distributed import (
     rank,
     world_size,
 )
+from conversations import CHATML
 from evaluation import NUM_ENDINGS, Item, item_rows, score_hellaswag
-from generation import beam_search, generate
+from generation import ChatSession, beam_search, generate
 from model import LightGPT
 from optimizers import build_optimizer
 from preparation import prepare_corpus
@@ -78,11 +79,12 @@ from profiling import (
     timed,
 )
 from sizing import training_flops_per_token
-from tokenizer import load_tokenizer
+from tokenizer import CHAT_VOCABULARY_SIZE, load_tokenizer
 
 R50K_VOCABULARY_SIZE = 50257
 LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
-PARTS = ("train", "generate", "beam_search", "data", "checkpointing", "accumulation", "eval", "serve")
+PARTS = ("train", "generate", "beam_search", "chat", "data", "checkpointing", "accumulation", "eval", "serve")
+CHAT_QUESTION = "Tell me something about the history of the city where you were born, in a few sentences."
 
 
 def build_parser() -> ArgumentParser:
@@ -91,9 +93,10 @@ def build_parser() -> ArgumentParser:
                             "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
-                        "corpus preparation, activation checkpointing, HellaSwag scoring batched and one ending at "
-                        "a time, serve.py under concurrent streaming clients; alone and under torchrun, FSDP2's "
-                        "gradient accumulation.")
+                        "chat turns (the cache kept across turns or the conversation recomputed), corpus "
+                        "preparation, activation checkpointing, HellaSwag scoring batched and one ending at a time, "
+                        "serve.py under concurrent streaming clients; alone and under torchrun, FSDP2's gradient "
+                        "accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
@@ -130,6 +133,10 @@ def build_parser() -> ArgumentParser:
                         help="The numbers of concurrent streaming clients of serve.py to measure.")
     parser.add_argument("--serve_tokens", type=positive_int, default=96,
                         help="The tokens each serve.py client asks for after its --prompt_length prompt.")
+    parser.add_argument("--chat_turns", type=positive_int, default=10,
+                        help="The turns of the chat measurement; the last is timed against the first.")
+    parser.add_argument("--reply_tokens", type=positive_int, default=32,
+                        help="The length of every reply in the chat measurement.")
     parser.add_argument("--data_tokens", type=positive_int, default=50_000_000,
                         help="The size in tokens of the synthetic Parquet corpus whose whole preparation is measured, "
                         "and of a quarter of it, to show that memory does not grow with the corpus.")
@@ -540,6 +547,41 @@ def served(model: LightGPT, args: argparse.Namespace, folder: Path):
     finally:
         process.terminate()
         process.wait(timeout=60)
+def measure_chat(args: argparse.Namespace) -> list[Measurement]:
+    """The latency of a chat turn, at equal reply lengths: the first turn, and the last with the cache kept across
+    turns (chat.py) or with the conversation recomputed from its messages (a server that keeps no cache)."""
+    device = torch.device(args.device)
+    args.vocabulary_size = max(args.vocabulary_size, CHAT_VOCABULARY_SIZE)
+    model = lightgpt(args).to(args.dtype).eval()
+    session = ChatSession(model, CHATML, args.block_size, "You are a helpful assistant.", args.reply_tokens)
+    session.stop_tokens = set()  # every reply runs to --reply_tokens, whatever an untrained model samples
+
+    def turn() -> int:
+        return sum(1 for _ in session.reply(CHAT_QUESTION, args.reply_tokens))
+
+    kept, first, recomputed = [], [], []
+    for _ in tqdm(range(3), desc="Chat", unit="conversation", file=sys.stderr):  # the first one warms up
+        session.reset(session.system)
+        first.append(timed(turn, device)[1])
+        for _ in range(args.chat_turns - 2):
+            turn()
+        earlier = list(session.messages)
+        kept.append(timed(turn, device)[1])
+        session.restart(earlier)
+        recomputed.append(timed(turn, device)[1])
+    if session.rebuilds:
+        raise ValueError(f"--chat_turns {args.chat_turns} of --reply_tokens {args.reply_tokens} outgrow --block_size "
+                         f"{args.block_size}; lower them")
+    details = {"turns": args.chat_turns, "reply_tokens": args.reply_tokens,
+               "context_tokens": len(session.tokens) + len(session.unfed)}
+    first_s, kept_s, recomputed_s = (statistics.median(values[1:]) for values in (first, kept, recomputed))
+    return [
+        Measurement("chat_first_turn_s", first_s, "s", higher_is_better=False, details=details),
+        Measurement("chat_last_turn_kept_cache_s", kept_s, "s", higher_is_better=False, details=details),
+        Measurement("chat_last_turn_recomputed_s", recomputed_s, "s", higher_is_better=False, details=details),
+        Measurement("chat_last_over_first_turn", kept_s / first_s, "x", details=details),
+        Measurement("chat_kept_cache_speedup", recomputed_s / kept_s, "x", details=details),
+    ]
 
 
 def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
@@ -722,6 +764,7 @@ def main() -> None:
         "train": measure_training,
         "generate": measure_generation,
         "beam_search": measure_beam_search,
+        "chat": measure_chat,
         "data": measure_data,
         "checkpointing": measure_checkpointing,
         "accumulation": measure_accumulation,

@@ -13,10 +13,12 @@ import torch
 from torch import Tensor
 
 from files import resolve_files
-from tokenizer import END_OF_TEXT_ID, load_tokenizer
+from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, IM_END, IM_END_ID, IM_START, chat_tokenizer, load_tokenizer
 
 # The instruction datasets (instruction-tune.py --dataset) and the license of their text (None: the user's own).
-INSTRUCTION_DATASETS = {"alpaca": "CC BY-NC 4.0", "local": None}
+# Each instruction and chat dataset, and its license (chats.py reads all but alpaca's).
+INSTRUCTION_DATASETS = {"alpaca": "CC BY-NC 4.0", "chitchat": "MIT", "smol-smoltalk": "Apache 2.0",
+                        "smoltalk": "Apache 2.0", "ultrafeedback": "MIT", "local": None}
 INSTRUCTION_EXTENSIONS = (".json", ".jsonl")
 INSTRUCTION_TEST_RATIO = 0.05
 ROLES = ("system", "user", "assistant")
@@ -40,6 +42,7 @@ class PromptTemplate:
         reply_opening: the text before every assistant reply, which the prompt ends with.
         reply_closing: the text after every assistant reply, learned with it (it teaches the model to stop).
         stop_tokens: the token ids that end a reply in generation.
+        reply_separator: the text after a reply's closing, not learned (ChatML's newline after <|im_end|>).
     """
 
     name: str
@@ -47,6 +50,7 @@ class PromptTemplate:
     reply_opening: str
     reply_closing: str
     stop_tokens: tuple[int, ...]
+    reply_separator: str = ""
 
     def render(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
         """The conversation's token ids, and for each whether the loss counts there (the assistant's replies and
@@ -63,7 +67,7 @@ class PromptTemplate:
         for message in messages:
             if message["role"] == "assistant":
                 pieces += [(self.reply_opening, False, True), (message["content"], True, False),
-                           (self.reply_closing, True, True)]
+                           (self.reply_closing, True, True), (self.reply_separator, False, True)]
             else:
                 pieces += [(text, False, own) for text, own in self.filled(message)]
         return pieces
@@ -86,17 +90,22 @@ class PromptTemplate:
         raise ValueError(f"a {message['role']} message with the fields {', '.join(message)} fits none of the "
                          f"{self.name} template's formats")
 
+    def reply_end(self) -> list[int]:
+        """The ids that close a reply and separate it from the next message (what follows a generated reply)."""
+        return encode_pieces([(self.reply_closing, True, True), (self.reply_separator, False, True)])[0]
+
     def to_dict(self) -> dict:
         """What adapters and exported configurations store (plain lists and strings; from_dict reads it)."""
-        return {"name": self.name, "turns": {role: list(forms) for role, forms in self.turns.items()},
-                "reply_opening": self.reply_opening, "reply_closing": self.reply_closing,
-                "stop_tokens": list(self.stop_tokens)}
+        saved = {"name": self.name, "turns": {role: list(forms) for role, forms in self.turns.items()},
+                 "reply_opening": self.reply_opening, "reply_closing": self.reply_closing,
+                 "stop_tokens": list(self.stop_tokens)}
+        return saved | ({"reply_separator": self.reply_separator} if self.reply_separator else {})
 
     @classmethod
     def from_dict(cls, saved) -> "PromptTemplate":
         """A template from to_dict's form, or a one-line ValueError that says what is wrong with it."""
         fields = ("name", "turns", "reply_opening", "reply_closing", "stop_tokens")
-        if not isinstance(saved, dict) or set(saved) != set(fields):
+        if not isinstance(saved, dict) or set(saved) - {"reply_separator"} != set(fields):
             found = ", ".join(saved) if isinstance(saved, dict) else type(saved).__name__
             raise ValueError(f"a prompt template must have the fields {', '.join(fields)} (found: {found})")
         turns = saved["turns"]
@@ -118,20 +127,20 @@ class PromptTemplate:
                                                      for name, spec, conversion in parts):
                     raise ValueError(f"a prompt template's format {form[:60]!r} must name {{content}}, and only "
                                      f"plain fields")
-        for name in ("name", "reply_opening", "reply_closing"):
-            if not isinstance(saved[name], str):
+        for name in ("name", "reply_opening", "reply_closing", "reply_separator"):
+            if not isinstance(saved.get(name, ""), str):
                 raise ValueError(f"a prompt template's {name} must be a string, got {saved[name]!r}")
         stops = saved["stop_tokens"]
         if not isinstance(stops, list) or not stops or not all(type(id) is int and id >= 0 for id in stops):
             raise ValueError(f"a prompt template's stop_tokens must be a list of token ids, got {stops!r}")
         return cls(saved["name"], {role: tuple(forms) for role, forms in turns.items()}, saved["reply_opening"],
-                   saved["reply_closing"], tuple(stops))
+                   saved["reply_closing"], tuple(stops), saved.get("reply_separator", ""))
 
 
 def encode_pieces(pieces: list[tuple[str, bool, bool]]) -> tuple[list[int], list[bool]]:
     """Encode (text, learned, is the template's own text) pieces: the template's special tokens become their ids,
     and the text between them (of the same learned flag) is encoded as one string."""
-    tokenizer = load_tokenizer()
+    tokenizer = chat_tokenizer()  # r50k_base's ids, and ChatML's two tokens for a template's own text
     special = re.compile("(" + "|".join(map(re.escape, sorted(tokenizer.special_tokens_set))) + ")")
     ids: list[int] = []
     learned: list[bool] = []
@@ -175,6 +184,35 @@ ALPACA = PromptTemplate(
     stop_tokens=(END_OF_TEXT_ID,),
 )
 
+# ChatML as litgpt, torchtune and SmolLM2 write it; the loss covers each reply and its <|im_end|>, not the newline.
+CHATML = PromptTemplate(
+    name="chatml",
+    turns={role: (f"{IM_START}{role}\n{{content}}{IM_END}\n",) for role in ("system", "user")},
+    reply_opening=f"{IM_START}assistant\n",
+    reply_closing=IM_END,
+    stop_tokens=(IM_END_ID, END_OF_TEXT_ID),
+    reply_separator="\n",
+)
+# The text CHATML renders, in the HuggingFace convention (an export's tokenizer_config.json chat_template).
+JINJA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def is_chat(template: PromptTemplate | None) -> bool:
+    """Whether a template is ChatML, whose models have the two chat tokens."""
+    return template is not None and template.name == CHATML.name
+
+
+def tokenizer_config(block_size: int) -> dict:
+    """A chat model's tokenizer_config.json in the HuggingFace convention, with a chat_template that renders the
+    text CHATML tokenizes."""
+    return {"chat_template": JINJA_CHAT_TEMPLATE, "additional_special_tokens": [IM_START, IM_END],
+            "eos_token": IM_END, "pad_token": END_OF_TEXT, "model_max_length": block_size}
+
 
 def stop_tokens(template: PromptTemplate | None, eos_index: int) -> set[int]:
     """Where a reply ends: at the model's end of text, and at the template's stop tokens."""
@@ -216,29 +254,41 @@ def checked_record(record, where: str) -> dict[str, str]:
     return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
 
 
-def read_instruction_file(path: Path) -> list[dict[str, str]]:
-    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line, in UTF-8."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
-                         f"save it as UTF-8") from None
+def json_records(path: Path) -> list[tuple[str, object]]:
+    """The records of a .jsonl file (one a line) or a .json list, each with where it is ("FILE: line N" or
+    "FILE: record N"); a file that is not UTF-8 JSON is a ValueError naming the line."""
+    data = path.read_bytes()
     if path.suffix == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            where = f"{path}: line {number}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where} is not UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}); "
+                                 f"save the file as UTF-8") from None
+            if text.strip():
                 try:
-                    records.append(checked_record(json.loads(line), f"{path}: line {number}"))
+                    records.append((where, json.loads(text)))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+                    raise ValueError(f"{where} is not valid JSON ({error.msg})") from None
         return records
     try:
-        loaded = json.loads(text)
+        loaded = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 (byte {data[error.start]:#04x}); save the file as "
+                         f"UTF-8") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise ValueError(f"{path}: line {error.lineno} is not valid JSON ({error.msg})") from None
     if not isinstance(loaded, list):
         raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(loaded).__name__}")
-    return [checked_record(record, f"{path}: record {number}") for number, record in enumerate(loaded, start=1)]
+    return [(f"{path}: record {number}", record) for number, record in enumerate(loaded, start=1)]
+
+
+def read_instruction_file(path: Path) -> list[dict[str, str]]:
+    """A JSON list of records (Alpaca's alpaca_data.json) or JSON lines, one record a line, in UTF-8."""
+    return [checked_record(record, where) for where, record in json_records(path)]
 
 
 def load_instructions(dataset: str, dataset_path: str | None = None) -> list[dict[str, str]]:

@@ -202,14 +202,16 @@ def hub_part(dataset: str, subset: str) -> StreamedPart:
     return StreamedPart(open_stream, functools.partial(hub_failure, dataset, hub.repository))
 
 
-def hub_failure(dataset: str, repository: str, error: Exception) -> ConnectionError:
-    """One line for every way of failing to reach or read a hub corpus (offline, a loading script, a gated
-    repository, a missing subset, a lost connection): what happened, and what to do."""
+def hub_failure(dataset: str, repository: str, error: Exception,
+                offline: tuple[str, ...] | None = None) -> ConnectionError:
+    """One line for every way of failing to reach or read a hub dataset (offline, a loading script, a gated
+    repository, a missing subset, a lost connection): what happened, and what to do (offline: the --dataset
+    choices that need no internet, by default the offline corpora)."""
     reason = " ".join(str(error).split())[:300] or "no message"
     if "scripts are no longer supported" in reason:
         advice = "datasets 4 and later no longer run loading scripts; use --dataset fineweb-edu"
     elif isinstance(error, ConnectionError) or "offline" in reason.lower():
-        advice = f"connect to the internet, or train offline with --dataset {', '.join(offline_corpora())}"
+        advice = f"connect to the internet, or train offline with --dataset {', '.join(offline or offline_corpora())}"
     elif "BuilderConfig" in reason:
         advice = "choose another --dataset_subset"
     else:

@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import json
 import logging
 import signal
 import sys
@@ -26,7 +27,7 @@ from checkpoint import (
     model_from_checkpoint,
     write_failure,
 )
-from conversations import INSTRUCTION_DATASETS
+from conversations import CHATML, INSTRUCTION_DATASETS, tokenizer_config
 from corpora import CORPORA
 from files import write_folder_atomically
 from finetuning import adapter_on_base
@@ -207,6 +208,8 @@ def export(args: argparse.Namespace) -> None:
     def write(folder: Path) -> None:
         model_card(model, block_size, stages).save(folder / "README.md")
         model.save_pretrained(folder, config=exported_config(model, block_size, template))
+        if template and template.get("name") == CHATML.name:
+            (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(block_size), indent=2))
         if args.onnx:
             print(f"Exporting {ONNX_FILE} (a minute or more for large models)")
             export_onnx(model, folder / ONNX_FILE)

@@ -32,7 +32,16 @@ from conversations import PromptTemplate
 from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import run_config
-from model import LightGPT, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from model import (
+    LightGPT,
+    add_lora,
+    added_rows,
+    grow_vocabulary,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+    train_added_rows,
+)
 from sizing import gigabytes
 from training import (
     note_optimizer_starts_afresh,
@@ -87,6 +96,21 @@ def resumable_adapters(path: str | Path) -> dict:
     checkpoint = load_lora_checkpoint(path)
     verify_optimizer_state(checkpoint, path)
     return checkpoint
+def add_chat_tokens(model: LightGPT, vocabulary_size: int) -> None:
+    """Grow an adapted model's tied embedding to vocabulary_size (a chat template's tokens after the base's), the
+    new rows drawn as the others were and trained with the adapters; the base's rows stay frozen."""
+    base_vocabulary = model.vocabulary_size
+    grow_vocabulary(model, vocabulary_size)
+    train_added_rows(model, base_vocabulary)
+
+
+def chat_token_entries(model: LightGPT, base: dict) -> dict:
+    """What an adapter holds for the chat tokens: their embedding rows (all it changes of the base's weights) and
+    the grown vocabulary; nothing for a model of the base's vocabulary."""
+    base_vocabulary = base["model_args"]["vocabulary_size"]
+    if model.vocabulary_size == base_vocabulary:
+        return {}
+    return {"added_token_embeddings": added_rows(model, base_vocabulary), "vocabulary_size": model.vocabulary_size}
 
 
 def adapter_checkpoint(model: LightGPT, base: dict, base_path: str | Path, lora_args: dict, template: PromptTemplate,
@@ -116,6 +140,10 @@ def resume_adapters(model: LightGPT, optimizer: torch.optim.Optimizer, scaler: t
                     checkpoint: dict, device: torch.device, path: str | Path) -> int:
     """Load an adapter checkpoint's adapters, optimizer, random-number and loss-scaler states; its step."""
     load_lora_state_dict(model, checkpoint["lora"])
+    if "added_token_embeddings" in checkpoint:
+        rows = checkpoint["added_token_embeddings"]
+        with torch.no_grad():
+            model.token_embeddings.weight[-len(rows):] = rows
     if checkpoint.get("optimizer"):
         optimizer.load_state_dict(checkpoint["optimizer"])
     else:
@@ -131,6 +159,8 @@ def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
     checked here: adapter_on_base applies the whole policy."""
     check_same_base(adapter, base)
     model = model_from_checkpoint(base, "the base checkpoint")
+    if "added_token_embeddings" in adapter:  # a chat adapter's tokens after the base's vocabulary
+        grow_vocabulary(model, adapter["vocabulary_size"], adapter["added_token_embeddings"])
     add_lora(model, **adapter["lora_args"])
     load_lora_state_dict(model, adapter["lora"])
     return merge_lora(model).eval()
@@ -199,8 +229,12 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
     dtype = compute_dtype(args.precision, device)
     training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
     scaler = gradient_scaler(device, dtype)
-    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(adapters, lr=args.learning_rate, fused=device.type == "cuda")
+    embedding = model.token_embeddings.weight
+    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad and parameter is not embedding]
+    groups = [{"params": adapters}]
+    if embedding.requires_grad:  # the rows of a chat template's tokens; decay would shrink the frozen rows too
+        groups.append({"params": [embedding], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
 
     samples_per_step = args.batch_size * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
@@ -212,8 +246,10 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
     eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
                                         for indices in torch.arange(len(test_samples)).split(args.batch_size)],
                                        model.padding_index)
-    print(f"LoRA: {model.num_trainable_params:,} trainable adapter parameters on a frozen base of "
-          f"{sum(parameter.numel() for parameter in model.parameters()) - model.num_trainable_params:,}; "
+    trained = sum(parameter.numel() for parameter in adapters) + sum(
+        tensor.numel() for tensor in chat_token_entries(model, base).values() if isinstance(tensor, Tensor))
+    print(f"LoRA: {trained:,} trainable adapter parameters on a frozen base of "
+          f"{sum(parameter.numel() for parameter in model.parameters()) - trained:,}; "
           f"{len(train_samples)} training and {len(test_samples)} held-out {what}, "
           f"{steps_per_epoch} steps per epoch")
 
@@ -227,6 +263,7 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
         save_atomically(adapter_checkpoint(
             model, base, args.base_model_path, lora_args(args), template, optimizer.state_dict(), step, epoch,
             [rng_state(device)], vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(), seed=seed, **entries,
+            **chat_token_entries(model, base),
         ), args.checkpoint_path)
 
     run = run_config(args, steps_per_epoch=steps_per_epoch, unit="samples", units_per_epoch=len(train_samples),

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from devices import PRECISIONS, best_device, check_device
 from distributed import launch_rank
+from generation import REPEAT_PENALTIES
 from model import SHAPE_FIELDS, LightGPTConfig
 from training import RunConfig
 
@@ -270,17 +271,35 @@ def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
                         help="An adapter of instruction-tune.py, merged into its base; prompts take its template.")
 
 
-def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    """The flags of the scripts that run a pre-trained model on prompts: generate.py and beam_search.py."""
+def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int, prompt: bool = True) -> None:
+    """The flags of the scripts that run a pre-trained model on prompts: generate.py, beam_search.py and chat.py
+    (which takes no --prompt)."""
     add_model_path_arguments(parser)
-    parser.add_argument("--prompt", default=None,
-                        help="The text to complete (default: each line typed, or of standard input).")
+    if prompt:
+        parser.add_argument("--prompt", default=None,
+                            help="The text to complete (default: each line typed, or of standard input).")
     parser.add_argument("--max_tokens", type=positive_int, default=max_tokens,
                         help="The most tokens to generate per prompt; <|endoftext|> ends a text earlier.")
     add_precision_argument(parser)
     add_device_argument(parser)
     parser.add_argument("--seed", type=seed, default=None,
                         help="The random seed, for reproducible runs.")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, penalty_flag: str) -> None:
+    """The flags of sampling: generate.py's --repeat_penalty is chat.py's --repetition_penalty (transformers'
+    name)."""
+    parser.add_argument("--temperature", type=positive_float, default=1.0,
+                        help="Divide the logits by this: below 1 sharpens the distribution, above 1 flattens it; "
+                        "below 1e-4, always the most likely token (greedy).")
+    parser.add_argument("--top_k", type=positive_int, default=500,
+                        help="Only sample from this many candidate tokens with the highest probabilities.")
+    parser.add_argument("--top_p", type=probability, default=0.9,
+                        help="Of the top_k tokens, keep only the most likely ones whose probabilities add up to "
+                        "top_p (the most likely one always stays).")
+    parser.add_argument(penalty_flag, type=float_in(*REPEAT_PENALTIES), default=1.0,
+                        help="Make the tokens already in the context less likely: their positive logits are "
+                        "divided by this, negative ones multiplied (1 turns it off); from 1e-6 to 1e6.")
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from conversations import PromptTemplate
 from model import LightGPT
+from tokenizer import chat_tokenizer
 
 
 # Below this temperature sampling takes the most likely token: dividing the logits by much less overflows float32
@@ -40,6 +42,15 @@ def top_k_top_p(logits: Tensor, temperature: float, top_k: int, top_p: float) ->
     more_likely_mass = probabilities.cumsum(-1) - probabilities
     probabilities = probabilities.masked_fill(more_likely_mass >= top_p, 0.0)
     return tokens, probabilities / probabilities.sum()
+
+
+def sample_token(logits: Tensor, context: Tensor, temperature: float, top_k: int, top_p: float,
+                 repeat_penalty: float) -> int:
+    """One token drawn from a row of logits (see penalize_repeats and top_k_top_p); context: the tokens seen."""
+    if repeat_penalty != 1.0:
+        logits = penalize_repeats(logits, context, repeat_penalty)
+    candidates, probabilities = top_k_top_p(logits, temperature, top_k, top_p)
+    return candidates[torch.multinomial(probabilities, 1)].item()
 
 
 class CachedContext:
@@ -99,15 +110,11 @@ def generate(
     stop_tokens = {model.eos_index} if stop_tokens is None else set(stop_tokens)
     context = CachedContext(model, prompt[None], block_size, max_tokens, use_cache)
     for _ in range(max_tokens):
-        logits = context.logits[0]
-        if repeat_penalty != 1.0:
-            logits = penalize_repeats(logits, context.tokens[0], repeat_penalty)
-        candidates, probabilities = top_k_top_p(logits, temperature, top_k, top_p)
-        token = candidates[torch.multinomial(probabilities, 1)]
-        if token.item() in stop_tokens:
+        token = sample_token(context.logits[0], context.tokens[0], temperature, top_k, top_p, repeat_penalty)
+        if token in stop_tokens:
             return
-        yield token.item()
-        context.extend(token)
+        yield token
+        context.extend(torch.tensor([token], device=prompt.device))
 
 
 @torch.no_grad()
@@ -149,7 +156,7 @@ def beam_search(
         scores = totals[:, None] + logits.float().log_softmax(-1)  # (beams, vocabulary)
         finish(sequences, scores[:, stops].logsumexp(-1), length)
         scores[:, stops] = -math.inf
-        totals, indices = scores.view(-1).topk(min(beam_width, scores.numel() - len(scores)))
+        totals, indices = scores.view(-1).topk(min(beam_width, scores.numel() - len(scores) * len(stops)))
         beams, tokens = indices // model.vocabulary_size, indices % model.vocabulary_size
         sequences = torch.cat((sequences[beams], tokens[:, None]), 1)
         if length == max_tokens:
@@ -163,3 +170,93 @@ def beam_search(
             break
         logits = context.extend(tokens, rows=beams)
     return finished
+
+
+class ChatSession:
+    """A conversation with a model whose key/value cache is kept across turns: a new turn feeds only the end of
+    the last reply, the new user message and the assistant's header. When the conversation would outgrow the
+    context, its oldest turns (never the system message) are dropped and the cache is rebuilt once.
+
+    reply_room: the tokens kept free for each reply, when dropping turns makes room.
+    """
+
+    def __init__(self, model: LightGPT, template: PromptTemplate, block_size: int, system: str | None = None,
+                 reply_room: int = 256):
+        self.model, self.template, self.block_size = model, template, block_size
+        self.stop_tokens = {model.eos_index, *template.stop_tokens}
+        self.reply_room = min(reply_room, block_size // 2)
+        self.reset(system)
+
+    def reset(self, system: str | None = None) -> None:
+        """Start a new conversation, with a system message when one is given."""
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.tokens: list[int] = []  # the tokens in the cache
+        self.unfed: list[int] = []  # the tokens that follow them, not yet in the cache
+        self.cache = None
+        self.rebuilds = 0
+
+    def restart(self, messages: list[dict]) -> None:
+        """Continue a conversation from its messages with an empty cache, as a server that keeps none would."""
+        self.messages = list(messages)
+        self.tokens, self.unfed, self.cache = [], self.template.render(self.messages)[0], None
+
+    @property
+    def system(self) -> str | None:
+        return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None
+
+    @torch.no_grad()
+    def feed(self) -> Tensor:
+        """Put the unfed tokens into the cache (all of them again if a feed was interrupted); the next logits."""
+        if self.cache is None:
+            self.cache = self.model.new_cache(1, self.block_size)
+            self.unfed, self.tokens = self.tokens + self.unfed, []
+        cache, self.cache = self.cache, None  # an interrupted feed leaves no half-filled cache behind
+        logits = self.model.next_token_logits(torch.tensor([self.unfed], device=self.device), cache)[0]
+        self.cache, self.tokens, self.unfed = cache, self.tokens + self.unfed, []
+        return logits
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embeddings.weight.device
+
+    def add_user_message(self, text: str) -> None:
+        """The user's turn and the assistant's header, after dropping the oldest turns if they would not fit."""
+        message = {"role": "user", "content": text}
+        self.messages.append(message)
+        new = self.template.prompt([message])
+        if len(self.tokens) + len(self.unfed) + len(new) + self.reply_room <= self.block_size:
+            self.unfed += new
+            return
+        first = 1 if self.system is not None else 0
+        while len(self.template.prompt(self.messages)) + self.reply_room > self.block_size:
+            if len(self.messages) - first <= 1:
+                self.messages.pop()
+                raise ValueError(f"the message is too long: with the system message it leaves no room for a reply "
+                                 f"in the {self.block_size}-token context")
+            del self.messages[first]
+            while self.messages[first]["role"] != "user":  # a turn starts with the user
+                del self.messages[first]
+        self.tokens, self.unfed, self.cache = [], self.template.prompt(self.messages), None
+        self.rebuilds += 1
+
+    def reply(self, text: str, max_tokens: int, temperature: float = 1.0, top_k: int = 500, top_p: float = 0.9,
+              repeat_penalty: float = 1.0) -> Iterator[int]:
+        """The assistant's reply to the user's text, a token at a time as it is sampled, until a stop token, the
+        end of the context or max_tokens. Stopping early (closing the iterator) keeps what was said."""
+        self.add_user_message(text)
+        said: list[int] = []
+        try:
+            for _ in range(max_tokens):
+                if len(self.tokens) + len(self.unfed) >= self.block_size:
+                    break
+                logits = self.feed()
+                token = sample_token(logits, torch.tensor(self.tokens, device=self.device), temperature, top_k,
+                                     top_p, repeat_penalty)
+                if token in self.stop_tokens:
+                    break
+                said.append(token)
+                self.unfed.append(token)
+                yield token
+        finally:
+            self.unfed += self.template.reply_end()
+            self.messages.append({"role": "assistant", "content": chat_tokenizer().decode(said)})

@@ -15,17 +15,20 @@ from checkpoint import (
     is_sharded_checkpoint,
     load_checkpoint,
 )
+from chats import ChatSamples, load_examples
 from conversations import (
     ALPACA,
+    CHATML,
     INSTRUCTION_DATASETS,
     INSTRUCTION_EXTENSIONS,
     InstructionSamples,
-    load_instructions,
+    PromptTemplate,
     split_instructions,
 )
 from files import resolve_files, same_files
-from finetuning import check_same_adapters, lora_args, lora_model, resumable_adapters, train_adapters
-from flags import ArgumentParser, add_lora_arguments, add_training_arguments
+from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, resumable_adapters, train_adapters
+from flags import ArgumentParser, add_lora_arguments, add_training_arguments, positive_int
+from tokenizer import CHAT_VOCABULARY_SIZE
 from training import check_log_dir
 
 
@@ -35,11 +38,18 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--base_model_path", default="./out/checkpoint.pt",
                         help="The pre-trained checkpoint written by pre-train.py.")
     parser.add_argument("--dataset", default="alpaca", choices=tuple(INSTRUCTION_DATASETS),
-                        help="alpaca: tatsu-lab/alpaca from the HuggingFace hub (needs internet); local: your own "
-                        "Alpaca-format .json or .jsonl files at --dataset_path.")
+                        help="alpaca: tatsu-lab/alpaca from the hub; chitchat: 4,017 conversations, offline; "
+                        "smol-smoltalk, smoltalk, ultrafeedback: chats from the hub; local: --dataset_path. Chats "
+                        "are learned in ChatML.")
     parser.add_argument("--dataset_path", default=None,
                         help="With --dataset local: a .json or .jsonl file, a folder or a glob of them, with "
-                        "records {instruction, input (optional), output}.")
+                        "records {instruction, input (optional), output} or {messages: [{role, content}, ...]}.")
+    parser.add_argument("--dataset_subset", default=None,
+                        help="With --dataset smoltalk: its subset (all, everyday-conversations, smol-rewrite, "
+                        "systemchats-30k, ...); all when not given.")
+    parser.add_argument("--max_tokens_per_sample", type=positive_int, default=None,
+                        help="Cut a conversation longer than this (or than the context) after its last assistant "
+                        "turn that fits, or drop it when none does; the context when not given.")
     parser.add_argument("--mask_input", action=BooleanOptionalAction, default=False,
                         help="Leave the prompt out of the loss, so only the response is learned.")
     add_lora_arguments(parser)
@@ -56,8 +66,10 @@ def validate_args(args: argparse.Namespace) -> None:
     """Raise a one-line ValueError for the first combination of flags that cannot work."""
     if args.dataset == "local" and not args.dataset_path:
         raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
-    if args.dataset == "alpaca" and args.dataset_path:
-        raise ValueError("--dataset_path: only used with --dataset local; --dataset alpaca comes from the hub")
+    if args.dataset != "local" and args.dataset_path:
+        raise ValueError(f"--dataset_path: only used with --dataset local, not with --dataset {args.dataset}")
+    if args.dataset_subset and args.dataset != "smoltalk":
+        raise ValueError(f"--dataset_subset: only used with --dataset smoltalk, not with --dataset {args.dataset}")
     if not (Path(args.base_model_path).is_file() or is_sharded_checkpoint(args.base_model_path)):
         raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
     if args.resume and not Path(args.checkpoint_path).is_file():
@@ -96,7 +108,9 @@ def main() -> None:
             run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
             base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
             block_size = context_length(base, args.base_model_path)
-            train_records, test_records = split_instructions(load_instructions(args.dataset, args.dataset_path))
+            kind, train_records, test_records = load_examples(args.dataset, args.dataset_path, args.dataset_subset)
+            if test_records is None:
+                train_records, test_records = split_instructions(train_records)
             checkpoint = resumable_adapters(args.checkpoint_path) if args.resume else None
             if checkpoint:
                 check_resumable(checkpoint, base, args, len(train_records))
@@ -107,17 +121,43 @@ def main() -> None:
         except (ValueError, FileNotFoundError, ConnectionError) as error:
             sys.exit(f"instruction-tune.py: error: {error}")
 
-        train_samples, test_samples = (
-            InstructionSamples(records, ALPACA, block_size, args.mask_input, model.padding_index)
-            for records in (train_records, test_records)
-        )
-        num_truncated = train_samples.num_truncated + test_samples.num_truncated
-        if num_truncated:
-            print(f"{num_truncated} samples are longer than the {block_size}-token context: "
-                  f"the start of their prompt is cut off")
-        train_adapters(args, model, base, ALPACA, train_samples, test_samples, seed, checkpoint, what="instructions",
+        if kind == "chat":
+            add_chat_tokens(model, CHAT_VOCABULARY_SIZE)
+            template, what = CHATML, "conversations"
+            train_samples, test_samples = chat_samples(args, CHATML, block_size, model.padding_index,
+                                                       train_records, test_records)
+        else:
+            template, what = ALPACA, "instructions"
+            train_samples, test_samples = alpaca_samples(args, block_size, model.padding_index,
+                                                         train_records, test_records)
+        train_adapters(args, model, base, template, train_samples, test_samples, seed, checkpoint, what=what,
                        description="Instruction-tuning", program="instruction-tune.py",
                        num_train_samples=len(train_samples))
+
+
+def alpaca_samples(args, block_size: int, padding_index: int, *records: list) -> list[InstructionSamples]:
+    samples = [InstructionSamples(part, ALPACA, block_size, args.mask_input, padding_index) for part in records]
+    num_truncated = sum(part.num_truncated for part in samples)
+    if num_truncated:
+        print(f"{num_truncated} samples are longer than the {block_size}-token context: "
+              f"the start of their prompt is cut off")
+    return samples
+
+
+def chat_samples(args, template: PromptTemplate, block_size: int, padding_index: int, *records: list
+                 ) -> list[ChatSamples]:
+    """The conversations in the template, each cut to --max_tokens_per_sample and the context, or dropped."""
+    limit = min(args.max_tokens_per_sample or block_size, block_size)
+    samples = [ChatSamples(part, template, limit, padding_index) for part in records]
+    cut, dropped = sum(part.num_cut for part in samples), sum(part.num_dropped for part in samples)
+    if cut or dropped:
+        print(f"Conversations longer than {limit} tokens: {cut:,} cut after their last assistant turn that fits, "
+              f"{dropped:,} dropped (not even their first reply fits)")
+    for name, part in zip(("training", "held-out"), samples):
+        if not len(part):
+            sys.exit(f"instruction-tune.py: error: no {name} conversation fits in {limit} tokens; raise "
+                     f"--max_tokens_per_sample or use a base model with a longer context")
+    return samples
 
 
 if __name__ == "__main__":

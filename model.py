@@ -520,3 +520,36 @@ def load_lora_state_dict(model: LightGPT, state: dict[str, Tensor]) -> None:
                 f"{tuple(expected[name].shape)}: it was made for a model of another size or rank"
             )
     model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def grow_vocabulary(model: LightGPT, vocabulary_size: int, rows: Tensor | None = None) -> None:
+    """Add rows to the tied embedding for tokens after the model's vocabulary: the given rows (an adapter's), else
+    rows drawn as the embedding's own were."""
+    weight = model.token_embeddings.weight
+    if rows is None:
+        rows = weight.new_empty(vocabulary_size - len(weight), weight.size(1))
+        model.init_parameter("token_embeddings.weight", rows)
+    if len(weight) + len(rows) != vocabulary_size or rows.size(1) != weight.size(1):
+        raise ValueError(f"the added embedding rows have shape {tuple(rows.shape)}; a vocabulary of "
+                         f"{vocabulary_size} on {len(weight)} tokens of width {weight.size(1)} needs "
+                         f"({vocabulary_size - len(weight)}, {weight.size(1)})")
+    grown = Parameter(torch.cat((weight, rows.to(weight))), requires_grad=weight.requires_grad)  # (vocabulary, width)
+    model.token_embeddings.weight = grown
+    model.token_embeddings.num_embeddings = model.output_layer.out_features = vocabulary_size
+    model.config.vocabulary_size = vocabulary_size
+    model.tie_weights()
+
+
+def train_added_rows(model: LightGPT, first: int) -> Parameter:
+    """Make the embedding rows from `first` on trainable, and only those: the gradient of the rows before is
+    zeroed as it is computed (so Adam never moves them; give this parameter no weight decay). The parameter."""
+    weight = model.token_embeddings.weight.requires_grad_(True)
+    frozen = torch.arange(len(weight), device=weight.device)[:, None] < first  # (vocabulary, 1)
+    weight.register_hook(lambda gradient: gradient.masked_fill(frozen, 0))
+    return weight
+
+
+def added_rows(model: LightGPT, first: int) -> Tensor:
+    """The embedding rows from `first` on, as an adapter saves them."""
+    return model.token_embeddings.weight[first:].detach().clone()

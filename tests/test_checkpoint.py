@@ -33,7 +33,6 @@ from checkpoint import (
     training_checkpoint,
     upgraded_template,
 )
-from conversations import PromptTemplate
 from conftest import (
     REPOSITORY,
     assert_one_line_error,
@@ -43,6 +42,7 @@ from conftest import (
     save_pretrained_checkpoint,
     tiny_model,
 )
+from conversations import PromptTemplate
 from distributed import load_training_state, sharded_training_state
 from finetuning import load_lora_model
 from files import still_at, write_text_atomically

@@ -56,7 +56,7 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path, content, message):
 
 def test_a_file_that_is_not_utf_8_is_named(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes('{"instruction": "Où?", "output": "Ici."}\n'.encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1.jsonl: not UTF-8 text \(byte 18 is 0xf9\); save it as UTF-8"):
+    with pytest.raises(ValueError, match=r"latin1.jsonl: line 1 is not UTF-8 \(byte 0xf9 at column 19\); save the file as UTF-8"):
         load_instructions("local", str(tmp_path / "latin1.jsonl"))
 
 

@@ -19,7 +19,7 @@ def test_the_argument_tables_are_what_the_parsers_define():
 def test_docs_usage_has_every_user_script_s_table_and_the_readme_links_to_it():
     tables = [match["script"] for match in TABLE.finditer(USAGE.read_text())]
     assert tables == ["pre-train.py", "instruction-tune.py", "generate.py", "beam_search.py", "evaluate.py",
-                      "serve.py", "export.py"]
+                      "serve.py", "chat.py", "export.py"]
     assert "(docs/usage.md" in README.read_text()
 
 
