@@ -8,8 +8,8 @@ import torch
 from conversations import encode_prompt, read_prompts, stop_tokens
 from devices import available_memory, compute_dtype
 from finetuning import load_inference_model
-from flags import ArgumentParser, add_inference_arguments, finite_float, positive_int
-from generation import beam_search
+from flags import ArgumentParser, add_inference_arguments, float_in, positive_int
+from generation import LENGTH_PENALTIES, beam_search
 from model import LightGPT
 from sizing import beam_search_bytes, gigabytes
 from tokenizer import chat_tokenizer
@@ -24,9 +24,10 @@ def build_parser() -> ArgumentParser:
                         help="The number of candidate sequences to output.")
     parser.add_argument("--beam_width", type=positive_int, default=16,
                         help="The number of unfinished sequences to keep track of during the search.")
-    parser.add_argument("--length_penalty", type=finite_float, default=1.0,
+    parser.add_argument("--length_penalty", type=float_in(*LENGTH_PENALTIES), default=1.0,
                         help="Rank candidates by total log-probability / length ** length_penalty: 0 ranks by "
-                        "probability alone, which favours short candidates; larger values favour long ones.")
+                        "probability alone, which favours short candidates; larger values favour long ones; from "
+                        "-10 to 10.")
     return parser
 
 
@@ -66,7 +67,8 @@ def main() -> None:
         torch.manual_seed(args.seed)  # beam search draws nothing at random; the flag is kept for symmetry
     tokenizer = chat_tokenizer()  # a chat model may write its tokens too
     try:
-        for text in read_prompts(args.prompt):
+        for number, text in enumerate(read_prompts(args.prompt)):
+            print("\n" * (number > 0) + f"> {text}", flush=True)  # which prompt the candidates continue
             prompt = torch.tensor(encode_prompt(text, template), device=args.device)
             try:
                 check_memory(args, model, block_size, len(prompt))

@@ -6,19 +6,23 @@ with the ratio LightGPT / GPT-2 measured in the same run.
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing
 import resource
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from argparse import BooleanOptionalAction
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +85,8 @@ from training import language_model_loss, optimizer_step
 
 R50K_VOCABULARY_SIZE = 50257
 LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
-PARTS = ("train", "generate", "beam_search", "chat", "preference", "data", "checkpointing", "accumulation", "eval")
+PARTS = ("train", "generate", "beam_search", "chat", "preference", "data", "checkpointing", "accumulation", "eval",
+         "serve")
 CHAT_QUESTION = "Tell me something about the history of the city where you were born, in a few sentences."
 
 
@@ -93,7 +98,8 @@ def build_parser() -> ArgumentParser:
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
                         "chat turns (the cache kept across turns or the conversation recomputed), a DPO step against "
                         "an SFT step on LoRA, corpus preparation, activation checkpointing, HellaSwag scoring batched "
-                        "and one ending at a time; alone and under torchrun, FSDP2's gradient accumulation.")
+                        "and one ending at a time, serve.py under concurrent streaming clients; alone and under "
+                        "torchrun, FSDP2's gradient accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
@@ -126,6 +132,10 @@ def build_parser() -> ArgumentParser:
                         help="The number of sequences beam search returns.")
     parser.add_argument("--beam_tokens", type=positive_int, default=64,
                         help="The number of tokens beam search generates.")
+    parser.add_argument("--serve_clients", type=positive_int, nargs="+", default=[1, 4, 16],
+                        help="The numbers of concurrent streaming clients of serve.py to measure.")
+    parser.add_argument("--serve_tokens", type=positive_int, default=96,
+                        help="The tokens each serve.py client asks for after its --prompt_length prompt.")
     parser.add_argument("--chat_turns", type=positive_int, default=10,
                         help="The turns of the chat measurement; the last is timed against the first.")
     parser.add_argument("--reply_tokens", type=positive_int, default=32,
@@ -172,6 +182,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--parts: accumulation is measured alone, under torchrun with two processes or more; "
                          "the other parts in one process")
     check_launch(args.device)
+    if "serve" in args.parts and args.prompt_length + args.serve_tokens > args.block_size:
+        raise ValueError(f"--serve_tokens: {args.serve_tokens} after a prompt of --prompt_length {args.prompt_length} "
+                         f"do not fit in --block_size {args.block_size}")
     if "eval" in args.parts and args.vocabulary_size < R50K_VOCABULARY_SIZE:
         raise ValueError(f"--parts eval scores text in r50k_base's tokens: --vocabulary_size must be at least "
                          f"{R50K_VOCABULARY_SIZE}, got {args.vocabulary_size}")
@@ -315,7 +328,7 @@ def model_flops_utilization(tokens_per_second: float, args: argparse.Namespace, 
     config = model_config(args, args.vocabulary_size, args.vocabulary_size - 1)
     flops_per_token = training_flops_per_token(
         config.vocabulary_size, args.block_size, config.embedding_dimensions, config.num_layers,
-        config.feed_forward_ratio,
+        config.feed_forward_ratio, config.num_kv_heads * config.head_dimensions,
     )
     mfu = tokens_per_second * flops_per_token / (peak * 1e12)
     return Measurement("train_mfu", 100 * mfu, "%",
@@ -423,43 +436,6 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     return [Measurement("beam_search_tokens_per_s", tokens / seconds, "tokens/s", gpt2_speed, details=details)]
 
 
-def measure_chat(args: argparse.Namespace) -> list[Measurement]:
-    """The latency of a chat turn, at equal reply lengths: the first turn, and the last with the cache kept across
-    turns (chat.py) or with the conversation recomputed from its messages (a server that keeps no cache)."""
-    device = torch.device(args.device)
-    args.vocabulary_size = max(args.vocabulary_size, CHAT_VOCABULARY_SIZE)
-    model = lightgpt(args).to(args.dtype).eval()
-    session = ChatSession(model, CHATML, args.block_size, "You are a helpful assistant.", args.reply_tokens)
-    session.stop_tokens = set()  # every reply runs to --reply_tokens, whatever an untrained model samples
-
-    def turn() -> int:
-        return sum(1 for _ in session.reply(CHAT_QUESTION, args.reply_tokens))
-
-    kept, first, recomputed = [], [], []
-    for _ in tqdm(range(3), desc="Chat", unit="conversation", file=sys.stderr):  # the first one warms up
-        session.reset(session.system)
-        first.append(timed(turn, device)[1])
-        for _ in range(args.chat_turns - 2):
-            turn()
-        earlier = list(session.messages)
-        kept.append(timed(turn, device)[1])
-        session.restart(earlier)
-        recomputed.append(timed(turn, device)[1])
-    if session.rebuilds:
-        raise ValueError(f"--chat_turns {args.chat_turns} of --reply_tokens {args.reply_tokens} outgrow --block_size "
-                         f"{args.block_size}; lower them")
-    details = {"turns": args.chat_turns, "reply_tokens": args.reply_tokens,
-               "context_tokens": len(session.tokens) + len(session.unfed)}
-    first_s, kept_s, recomputed_s = (statistics.median(values[1:]) for values in (first, kept, recomputed))
-    return [
-        Measurement("chat_first_turn_s", first_s, "s", higher_is_better=False, details=details),
-        Measurement("chat_last_turn_kept_cache_s", kept_s, "s", higher_is_better=False, details=details),
-        Measurement("chat_last_turn_recomputed_s", recomputed_s, "s", higher_is_better=False, details=details),
-        Measurement("chat_last_over_first_turn", kept_s / first_s, "x", details=details),
-        Measurement("chat_kept_cache_speedup", recomputed_s / kept_s, "x", details=details),
-    ]
-
-
 def measure_preference(args: argparse.Namespace) -> list[Measurement]:
     """A DPO step of preference-tune.py (--batch_size pairs: their chosen and rejected rows, and the reference with
     the adapters off) against an SFT step of instruction-tune.py on LoRA, of --batch_size rows and of as many rows
@@ -548,6 +524,106 @@ def measure_eval(args: argparse.Namespace) -> list[Measurement]:
     return [Measurement("hellaswag_items_per_s", speed["batched"], "items/s", details=details),
             Measurement("hellaswag_one_at_a_time_items_per_s", speed["one_at_a_time"], "items/s", details=details),
             Measurement("hellaswag_batching_speedup", speed["batched"] / speed["one_at_a_time"], "x", details=details)]
+
+
+def measure_serving(args: argparse.Namespace) -> list[Measurement]:
+    """serve.py, in its own process, under 1, 4, 16 (--serve_clients) concurrent streaming clients each asking for
+    --serve_tokens greedy tokens: the tokens per second of all clients together, and the median time to first
+    token."""
+    import openai
+
+    model = lightgpt(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder, served(model, args, Path(folder)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+        prompts = torch.randint(0, args.vocabulary_size - 1, (max(args.serve_clients), args.prompt_length),
+                                generator=torch.Generator().manual_seed(args.seed)).tolist()
+
+        def stream(prompt: list[int]) -> tuple[float, int]:
+            start, first, tokens = time.perf_counter(), None, 0
+            for chunk in client.completions.create(model="lightgpt", prompt=prompt, max_tokens=args.serve_tokens,
+                                                   temperature=0, stream=True, stream_options={"include_usage": True}):
+                first = first or time.perf_counter()
+                tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+            return first - start, tokens
+
+        stream(prompts[0])  # warm up
+        for clients in tqdm(args.serve_clients, desc="Serving", unit="client count", file=sys.stderr):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                results = list(pool.map(stream, prompts[:clients]))
+            seconds = time.perf_counter() - start
+            details = {"clients": clients, "tokens": args.serve_tokens, "prompt_tokens": args.prompt_length}
+            rows.append(Measurement("serve_tokens_per_s", sum(tokens for _, tokens in results) / seconds, "tokens/s",
+                                    details=details))
+            rows.append(Measurement("serve_time_to_first_token", statistics.median(t for t, _ in results), "s",
+                                    higher_is_better=False, details=details))
+    return rows
+
+
+@contextlib.contextmanager
+def served(model: LightGPT, args: argparse.Namespace, folder: Path):
+    """serve.py on a free loopback port, serving the model from a checkpoint in folder, until the block ends."""
+    checkpoint = folder / "model.pt"
+    torch.save({"model_args": asdict(model.config), "block_size": args.block_size, "model": model.state_dict()},
+               checkpoint)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args.dtype]
+    process = subprocess.Popen([sys.executable, Path(__file__).with_name("serve.py"), "--checkpoint_path", checkpoint,
+                                "--port", str(port), "--device", args.device, "--precision", precision,
+                                "--max_batch_size", str(max(args.serve_clients))], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        if process.poll() is not None or time.monotonic() >= deadline:
+            raise RuntimeError("serve.py did not start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+def measure_chat(args: argparse.Namespace) -> list[Measurement]:
+    """The latency of a chat turn, at equal reply lengths: the first turn, and the last with the cache kept across
+    turns (chat.py) or with the conversation recomputed from its messages (a server that keeps no cache)."""
+    device = torch.device(args.device)
+    args.vocabulary_size = max(args.vocabulary_size, CHAT_VOCABULARY_SIZE)
+    model = lightgpt(args).to(args.dtype).eval()
+    session = ChatSession(model, CHATML, args.block_size, "You are a helpful assistant.", args.reply_tokens)
+    session.stop_tokens = set()  # every reply runs to --reply_tokens, whatever an untrained model samples
+
+    def turn() -> int:
+        return sum(1 for _ in session.reply(CHAT_QUESTION, args.reply_tokens))
+
+    kept, first, recomputed = [], [], []
+    for _ in tqdm(range(3), desc="Chat", unit="conversation", file=sys.stderr):  # the first one warms up
+        session.reset(session.system)
+        first.append(timed(turn, device)[1])
+        for _ in range(args.chat_turns - 2):
+            turn()
+        earlier = list(session.messages)
+        kept.append(timed(turn, device)[1])
+        session.restart(earlier)
+        recomputed.append(timed(turn, device)[1])
+    if session.rebuilds:
+        raise ValueError(f"--chat_turns {args.chat_turns} of --reply_tokens {args.reply_tokens} outgrow --block_size "
+                         f"{args.block_size}; lower them")
+    details = {"turns": args.chat_turns, "reply_tokens": args.reply_tokens,
+               "context_tokens": len(session.tokens) + len(session.unfed)}
+    first_s, kept_s, recomputed_s = (statistics.median(values[1:]) for values in (first, kept, recomputed))
+    return [
+        Measurement("chat_first_turn_s", first_s, "s", higher_is_better=False, details=details),
+        Measurement("chat_last_turn_kept_cache_s", kept_s, "s", higher_is_better=False, details=details),
+        Measurement("chat_last_turn_recomputed_s", recomputed_s, "s", higher_is_better=False, details=details),
+        Measurement("chat_last_over_first_turn", kept_s / first_s, "x", details=details),
+        Measurement("chat_kept_cache_speedup", recomputed_s / kept_s, "x", details=details),
+    ]
 
 
 def write_synthetic_corpus(folder: Path, tokens: int, seed: int) -> Path:
@@ -736,6 +812,7 @@ def main() -> None:
         "checkpointing": measure_checkpointing,
         "accumulation": measure_accumulation,
         "eval": measure_eval,
+        "serve": measure_serving,
     }
     with distributed(args.device) as device:
         args.device = str(device)

@@ -1,9 +1,8 @@
 """Checkpoint and adapter files: what they hold, written atomically, read safely, older formats upgraded."""
 
-import contextlib
 import hashlib
-import io
 import json
+import math
 import os
 import pickle
 import secrets
@@ -11,18 +10,23 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from distributed import from_rank_zero, rank
-from files import file_in_the_way, holding_lock, remove_stray_temporary_files, write_atomically
-from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
+from conversations import PromptTemplate
+from distributed import from_rank_zero, rank, world_size
+from files import file_in_the_way, holding_lock, os_error_in, remove_stray_temporary_files, write_atomically
+from model import SHAPE_FIELDS, LightGPT, LightGPTConfig, described
 from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKENIZER_NAME
 
 # Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
@@ -38,6 +42,13 @@ ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
 DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
 # An exported folder (export.py, or its copy on the Hub): the mixin's model.safetensors and config.json.
 EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
+# The one matrix of the token embeddings and the output layer (LightGPT.tie_weights), under its two names.
+TIED_WEIGHTS = ("token_embeddings.weight", "output_layer.weight")
+
+# The entry of a checkpoint (and of an exported config.json) that holds a checksum of each tensor, by its path of
+# keys, and that of a sharded checkpoint's index that holds one of each file of its folder of shards. Optional:
+# older files have none.
+CHECKSUMS, SHARD_CHECKSUMS = "checksums", "shard_checksums"
 
 # A sharded checkpoint is a folder: this index holds all but the tensors of the model and the optimizer state,
 # which are in the folder of shards that the index names.
@@ -73,8 +84,58 @@ def training_checkpoint(model_args: dict, block_size: int, optimizer: dict, step
 
 
 def save_atomically(checkpoint: dict, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename (see write_atomically)."""
+    """torch.save to a temporary name, then rename (see write_atomically), with a checksum of each tensor."""
+    if checksums := tensor_checksums(checkpoint):
+        checkpoint = checkpoint | {CHECKSUMS: checksums}
     write_atomically(path, lambda file: torch.save(checkpoint, file))
+
+
+def tensor_checksums(entries: dict) -> dict[str, str]:
+    """An xxh3 hash of the bytes of every tensor in a checkpoint's entries (in nested dictionaries and lists), by
+    its path of keys: loading verifies them (verify_checksums), so flipped bytes in a file are found, not used."""
+    return {name: checksum(tensor) for name, tensor in tensors_in(entries) if name != CHECKSUMS}
+
+
+def tensors_in(value, path: str = "") -> Iterator[tuple[str, Tensor]]:
+    """Each tensor in a value of nested dictionaries, lists and tuples, with its path of keys ("model/blocks.0...")."""
+    if isinstance(value, Tensor):
+        yield path, value
+    elif isinstance(value, dict | list | tuple):
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            yield from tensors_in(item, f"{path}/{key}" if path else str(key))
+
+
+def checksum(tensor: Tensor) -> str:
+    """The xxh3 hash of a tensor's bytes (about 6 GB/s on one CPU core)."""
+    return xxhash.xxh3_64_hexdigest(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def verify_checksums(entries: dict, checksums, path: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Raise a one-line ValueError naming the first tensor whose bytes differ from the checksum saved with them
+    (files written before checksums have none, and load as before); the entries named in `skip` are left to
+    whoever reads them (see load_index). The names are those the file was written with, before any upgrade."""
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{path}: its checksums entry must be a dictionary, got {described(checksums)}")
+    for name, tensor in tensors_in({key: value for key, value in entries.items() if key not in skip}):
+        if name in checksums and checksum(tensor) != checksums[name]:
+            raise ValueError(f"{path}: {name} differs from the checksum saved with it: the file is damaged; restore "
+                             f"it from a copy")
+
+
+def verify_optimizer_state(checkpoint: dict, path: str | Path) -> None:
+    """verify_checksums for the optimizer state of a checkpoint to resume, which loading leaves unverified."""
+    if CHECKSUMS in checkpoint:
+        verify_checksums({"optimizer": checkpoint.get("optimizer")}, checkpoint[CHECKSUMS], path)
+
+
+def write_failure(error: BaseException) -> str:
+    """Why a write failed, in a few words: the OSError behind it (no space left on device), else its last line."""
+    if isinstance(error, CheckpointException) and error.failures:  # DCP's: each failed rank's (exception, trace)
+        error = next(iter(error.failures.values()))[0]
+    cause = os_error_in(error)
+    if cause is not None:
+        return cause.strerror or str(cause)
+    return (str(error).strip() or type(error).__name__).splitlines()[-1][:200]
 
 
 def metrics_path(checkpoint_path: str | Path) -> Path:
@@ -152,12 +213,20 @@ def save_sharded(checkpoint: dict, path: str | Path) -> None:
     path = Path(path)
     shards = from_rank_zero(f"shards-{checkpoint['step']}-{secrets.token_hex(4)}")
     optimizer = checkpoint["optimizer"]
-    with one_process_is_meant():
-        dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
+    try:
+        with without_the_one_process_warning():
+            dcp.save({"model": checkpoint["model"], "optimizer": optimizer["state"]}, checkpoint_id=path / shards)
+    except (Exception, CheckpointException) as error:  # a full disk: no half-written folder of shards stays
+        shutil.rmtree(path / shards, ignore_errors=True)
+        raise OSError(f"could not write {path / shards}: {write_failure(error)}") from None
     if rank() == 0:
         index = {name: entry for name, entry in checkpoint.items() if name != "model"}
-        save_atomically(index | {"optimizer": {"param_groups": optimizer["param_groups"]}, "shards": shards},
-                        path / SHARDED_INDEX)
+        try:
+            save_atomically(index | {"optimizer": {"param_groups": optimizer["param_groups"]}, "shards": shards,
+                                     SHARD_CHECKSUMS: file_checksums(path / shards)}, path / SHARDED_INDEX)
+        except OSError:
+            shutil.rmtree(path / shards, ignore_errors=True)
+            raise
         for folder in path.glob("shards-*"):
             if folder.name != shards:
                 shutil.rmtree(folder)
@@ -170,14 +239,47 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
     torchrun. Shards of an older format keep the parameter names they were written with: they are read under
     those names into the same tensors."""
     folder = shards_folder(path, index)
+    if SHARD_CHECKSUMS in index:  # each rank verifies its share of the files (all of them when alone)
+        verify_file_checksums(folder, index[SHARD_CHECKSUMS], *((0, 1) if alone else (rank(), world_size())))
     reader = CheckedShardsReader(folder, safe_metadata(folder))
     version = index.get("written_in_format", FORMAT_VERSION)
     written = {part: {name_in_version(name, version): value for name, value in entries.items()}
                for part, entries in state.items()}
-    with one_process_is_meant():
-        dcp.load(written, storage_reader=reader, no_dist=alone)
+    try:
+        with without_the_one_process_warning():
+            dcp.load(written, storage_reader=reader, no_dist=alone)
+    except (Exception, CheckpointException) as error:  # DCP gathers the ranks' failures (a missing or cut shard)
+        reason = (str(error).strip() or type(error).__name__).splitlines()[-1]
+        raise ValueError(f"{folder}: its shards cannot be read, the checkpoint is damaged ({reason[:200]})") from None
     for part, entries in state.items():  # DCP replaces what is not a tensor rather than filling it
         entries.update((name, written[part][name_in_version(name, version)]) for name in entries)
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """The xxh3 hash of each file in a folder of shards, by name."""
+    return {file.name: file_checksum(file) for file in sorted(folder.iterdir())}
+
+
+def file_checksum(path: Path) -> str:
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_file_checksums(folder: Path, checksums, first: int, every: int) -> None:
+    """Raise a one-line ValueError when a file of the folder (of those at first, first + every, ...) is missing
+    or differs from its checksum."""
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{folder}: its index's {SHARD_CHECKSUMS} must be a dictionary, got {described(checksums)}")
+    for name in sorted(checksums)[first::every]:
+        file = folder / Path(name).name  # a name, never a path out of the folder
+        if not file.is_file():
+            raise ValueError(f"{folder}: its shard file {file.name} is missing: the checkpoint is damaged")
+        if file_checksum(file) != checksums[name]:
+            raise ValueError(f"{file}: differs from the checksum saved with it: the checkpoint is damaged; restore "
+                             f"it from a copy")
 
 
 class CheckedShardsReader(FileSystemReader):
@@ -206,7 +308,7 @@ def shards_folder(path: str | Path, index: dict) -> Path:
 
 
 @contextmanager
-def one_process_is_meant() -> Iterator[None]:
+def without_the_one_process_warning() -> Iterator[None]:
     """Silence DCP's warning, on every save and load without a process group, that it assumes one process."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
@@ -240,13 +342,22 @@ def safe_metadata(folder: Path) -> Metadata:
 
 
 def whole_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
-    """The model weights of a sharded checkpoint, read whole into this process's memory."""
+    """The model weights of a sharded checkpoint, read whole into this process's memory, once their names, shapes
+    and dtypes are known to be those of its model_args (else a one-line ValueError)."""
+    weights = {name: torch.empty_like(tensor, device="cpu") for name, tensor in sharded_weights(path, index).items()}
+    load_shards(path, index, {"model": weights}, alone=True)
+    return weights
+
+
+def sharded_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
+    """The model weights of a sharded checkpoint as its metadata describes them (tensors on the meta device, of
+    their names, shapes and dtypes), once known to make the LightGPT of its model_args (checked_model)."""
     metadata = safe_metadata(shards_folder(path, index))
     version = index.get("written_in_format", FORMAT_VERSION)
     weights = {current_name(name.removeprefix("model."), version):
-               torch.empty(item.size, dtype=item.properties.dtype)
+               torch.empty(item.size, dtype=item.properties.dtype, device="meta")
                for name, item in metadata.state_dict_metadata.items() if name.startswith("model.")}
-    load_shards(path, index, {"model": weights}, alone=True)
+    checked_model(index | {"model": weights}, path)
     return weights
 
 
@@ -265,8 +376,9 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
     """load_checkpoint without reading any weights: of a sharded checkpoint its index, of a file the whole
     checkpoint, memory-mapped."""
     path = Path(path)
-    if is_sharded_checkpoint(path):
-        path, required = path / SHARDED_INDEX, tuple(entry for entry in required if entry != "model")
+    sharded = is_sharded_checkpoint(path)
+    if sharded:
+        path, required = path / SHARDED_INDEX, (*(entry for entry in required if entry != "model"), "shards")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint file there"
                                 + (f", and no {SHARDED_INDEX} in the folder" if path.is_dir() else ""))
@@ -276,6 +388,10 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or not set(required) <= checkpoint.keys():
         raise ValueError(f"{path}: not a LightGPT checkpoint of this kind (no {' and '.join(required)} entries)")
+    if sharded and not isinstance(checkpoint["shards"], str):
+        raise ValueError(f"{path}: its shards entry must name the folder of shards, got {described(checkpoint['shards'])}")
+    if CHECKSUMS in checkpoint:  # the optimizer state, unused but for resuming, is verified when resumed
+        verify_checksums(checkpoint, checkpoint[CHECKSUMS], path, skip=("optimizer",))
     version = checkpoint.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path}: written in checkpoint format {version!r}, newer than this LightGPT's "
@@ -284,8 +400,41 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
 
 
 def load_lora_checkpoint(path: str | Path) -> dict:
-    """An adapter checkpoint written by instruction-tune.py, loaded as load_checkpoint loads."""
-    return load_checkpoint(path, required=ADAPTER_ENTRIES)
+    """An adapter checkpoint written by instruction-tune.py, loaded as load_checkpoint loads, its entries
+    checked (check_adapter)."""
+    adapter = load_checkpoint(path, required=ADAPTER_ENTRIES)
+    check_adapter(adapter, path)
+    return adapter
+
+
+def check_adapter(adapter: dict, path: str | Path) -> None:
+    """Raise a one-line ValueError naming the first entry of an adapter checkpoint that is not what
+    instruction-tune.py writes: lora_args (a rank of at least 1, a positive alpha, a dropout in [0, 1)), its base's
+    model_args, the adapter matrices, the prompt template and the base's path."""
+    lora_args = adapter["lora_args"]
+    if not isinstance(lora_args, dict):
+        raise ValueError(f"{path}: its lora_args must be a dictionary, got {described(lora_args)}")
+    rank, alpha, dropout = lora_args.get("rank"), lora_args.get("alpha"), lora_args.get("dropout", 0.0)
+    if type(rank) is not int or rank < 1:
+        raise ValueError(f"{path}: its lora_args rank must be a whole number of at least 1, got {described(rank)}")
+    if type(alpha) not in (int, float) or not 0 < alpha < math.inf:
+        raise ValueError(f"{path}: its lora_args alpha must be a positive finite number, got {described(alpha)}")
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise ValueError(f"{path}: its lora_args dropout must be a number in [0, 1), got {described(dropout)}")
+    model_config(adapter["model_args"], path)
+    checked_tensors(adapter["lora"], path)
+    saved_template(adapter["prompt_template"], path)
+    base = adapter.get("base_model_path")
+    if base is not None and (not isinstance(base, str) or not base or "\0" in base):
+        raise ValueError(f"{path}: its base_model_path must be the path of a checkpoint, got {described(base)}")
+
+
+def saved_template(saved: dict | None, path: str | Path) -> PromptTemplate | None:
+    """The template an adapter or an exported folder stored, or a one-line ValueError naming the file."""
+    try:
+        return PromptTemplate.from_dict(saved) if saved is not None else None
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def upgraded(checkpoint: dict) -> dict:
@@ -299,7 +448,7 @@ def upgraded(checkpoint: dict) -> dict:
 
     checkpoint = dict(checkpoint)
     for entry in ("model", "lora"):
-        if entry in checkpoint:
+        if isinstance(checkpoint.get(entry), dict):  # else checked_tensors names what it is
             checkpoint[entry] = {renamed(name): tensor for name, tensor in checkpoint[entry].items()}
     if "optimizer" in checkpoint:
         optimizer = checkpoint["optimizer"]
@@ -311,6 +460,8 @@ def upgraded(checkpoint: dict) -> dict:
         checkpoint["rng"] = [checkpoint["rng"]]
     if isinstance(checkpoint.get("prompt_template"), dict) and "with_input" in checkpoint["prompt_template"]:
         checkpoint["prompt_template"] = upgraded_template(checkpoint["prompt_template"])
+    if isinstance(checkpoint.get(CHECKSUMS), dict):  # verified under today's names when resumed
+        checkpoint[CHECKSUMS] = {renamed(name): value for name, value in checkpoint[CHECKSUMS].items()}
     if "shards" in checkpoint:
         checkpoint["written_in_format"] = version
     checkpoint["format_version"] = FORMAT_VERSION
@@ -321,7 +472,9 @@ def upgraded_template(saved: dict) -> dict:
     """A prompt template stored before templates were objects ({with_input, without_input} format strings of
     {instruction} and {input}) as conversations.PromptTemplate.to_dict gives it; it renders every record as before:
     the whole prompt one text, the response, then <|endoftext|>."""
-    forms = [saved["with_input"], saved["without_input"]]
+    forms = [saved.get("with_input"), saved.get("without_input")]
+    if not all(isinstance(form, str) for form in forms):  # left for PromptTemplate.from_dict to refuse in one line
+        return saved
     return {"name": "alpaca", "turns": {"user": [form.replace("{instruction}", "{content}") for form in forms]},
             "reply_opening": "", "reply_closing": END_OF_TEXT, "stop_tokens": [END_OF_TEXT_ID]}
 
@@ -343,18 +496,82 @@ def name_in_version(name: str, version: int) -> str:
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
-    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU.
-    The model takes the checkpoint's tensors as its parameters, memory-mapped from the file: building it never
-    holds the weights twice."""
-    try:
-        with torch.device("meta"):
-            model = LightGPT(LightGPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"], assign=True)
-        model.tie_weights()
-    except (TypeError, ValueError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({reason})") from None
+    """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU,
+    or a one-line ValueError when its model_args or weights are not those of a LightGPT. The model takes the
+    checkpoint's tensors as its parameters, memory-mapped from the file: building it never holds the weights twice,
+    and nothing is allocated before the weights are known to fit."""
+    config = checked_model(checkpoint, path)
+    with torch.device("meta"):
+        model = LightGPT(config)
+    model.load_state_dict(checkpoint["model"], assign=True)
+    model.tie_weights()
     return finite(model, path)
+
+
+def checked_model(checkpoint: dict, path: str | Path) -> LightGPTConfig:
+    """The configuration of a checkpoint's model, once its model_args and weights (their names, shapes and dtypes)
+    are known to make a LightGPT; else a one-line ValueError."""
+    config = model_config(checkpoint["model_args"], path)
+    weights = checked_tensors(checkpoint["model"], path)
+    check_weights(expected_shapes(config), {name: tensor.shape for name, tensor in weights.items()}, path)
+    return config
+
+
+def model_config(model_args, path: str | Path) -> LightGPTConfig:
+    """A checkpoint's model_args (or an exported config's fields) as a LightGPTConfig, or a one-line ValueError
+    that names the field, its value and its type."""
+    if not isinstance(model_args, dict):
+        raise ValueError(f"{path}: its model_args must be a dictionary, got a {type(model_args).__name__}")
+    known = {field.name for field in fields(LightGPTConfig)}
+    if unknown := sorted(map(str, model_args.keys() - known)):
+        raise ValueError(f"{path}: its model_args hold {', '.join(unknown)}, which a LightGPT has not")
+    try:
+        return LightGPTConfig(**model_args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: its model_args do not make a LightGPT ({error})") from None
+
+
+def expected_shapes(config: LightGPTConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every weight of a LightGPT of this configuration, from a one-layer model on the meta
+    device, its layer's weights repeated for every layer: building the whole model first, even on the meta
+    device, takes minutes for a configuration of 20,000 layers that its file does not hold."""
+    with torch.device("meta"):
+        one_layer = LightGPT(replace(config, num_layers=1))
+    shapes = {}
+    for name, tensor in one_layer.state_dict().items():
+        layers, in_layer, rest = name.partition(".0.")
+        for layer in range(config.num_layers) if in_layer else (None,):
+            shapes[name if layer is None else f"{layers}.{layer}.{rest}"] = tuple(tensor.shape)
+    return shapes
+
+
+def checked_tensors(state, path: str | Path) -> dict[str, Tensor]:
+    """A checkpoint's weights, or a one-line ValueError unless they are a dictionary of floating-point tensors."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: its weights must be a dictionary of tensors, got a {type(state).__name__}")
+    for name, tensor in state.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            kind = f"a tensor of {tensor.dtype}" if isinstance(tensor, Tensor) else f"a {type(tensor).__name__}"
+            raise ValueError(f"{path}: its weight {name} must be a floating-point tensor, got {kind}")
+    return state
+
+
+def check_weights(expected: dict[str, tuple], found: dict[str, tuple], path: str | Path) -> None:
+    """Raise a one-line ValueError naming the weights that are missing, unexpected or of another shape than the
+    model's: loading never re-initialises a missing weight or fails deep inside PyTorch."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    reshaped = [f"{name} {tuple(found[name])} instead of {expected[name]}" for name in expected
+                if name in found and tuple(found[name]) != expected[name]]
+    problems = [f"{what} {listed(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
+                                                             ("of another shape:", reshaped)) if names]
+    if problems:
+        raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({'; '.join(problems)})")
+
+
+def listed(names: list[str], most: int = 3) -> str:
+    """The first few names, and how many more."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def finite(model: LightGPT, path: str | Path) -> LightGPT:
@@ -371,7 +588,7 @@ def context_length(checkpoint: dict, path: str | Path) -> int:
     whole number."""
     block_size = checkpoint.get("block_size")
     if type(block_size) is not int or block_size < 1:
-        raise ValueError(f"{path}: its block_size must be a positive whole number, got {block_size!r}")
+        raise ValueError(f"{path}: its block_size must be a positive whole number, got {described(block_size)}")
     return block_size
 
 
@@ -398,35 +615,57 @@ def exported_config(model: LightGPT, block_size: int, prompt_template: dict | No
     """What an exported folder's config.json holds: the LightGPTConfig fields (from_pretrained builds the model from
     them) and what generation needs besides: the tokenizer, the context length the model was trained with and, when
     it was instruction-tuned, the prompt template."""
-    config = asdict(model.config) | {"tokenizer": TOKENIZER_NAME, "block_size": block_size}
+    config = asdict(model.config) | {"tokenizer": TOKENIZER_NAME, "block_size": block_size,
+                                     CHECKSUMS: tensor_checksums(model.state_dict())}
     if prompt_template:
         config["prompt_template"] = prompt_template
     return config
 
 
 def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
-    """The model of an exported folder, through LightGPT.from_pretrained, in evaluation mode on the CPU, with its
-    training context length and its prompt template (None unless it was instruction-tuned)."""
+    """The model of an exported folder, in evaluation mode on the CPU, with its training context length and its
+    prompt template (None unless it was instruction-tuned). Its config.json gets a checkpoint's checks (the model's
+    fields, block_size, the tokenizer, the template), and its weights' names, shapes and dtypes are checked against
+    the configuration before anything is allocated, and against their checksums when config.json has them; a
+    problem is a one-line ValueError."""
     folder = Path(folder)
+    config_path, weights_path = folder / EXPORTED_CONFIG, folder / EXPORTED_WEIGHTS
     try:
-        config = json.loads((folder / EXPORTED_CONFIG).read_text())
-        block_size = config["block_size"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{folder / EXPORTED_CONFIG}: not the configuration of an exported LightGPT "
-                         f"({type(error).__name__}: {error})") from None
-    if not (folder / EXPORTED_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder}: no {EXPORTED_WEIGHTS} there")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints where it loads from
-            model = LightGPT.from_pretrained(folder)
-    except Exception as error:
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise ValueError(f"{folder}: its {EXPORTED_CONFIG} and {EXPORTED_WEIGHTS} do not make a LightGPT "
-                         f"({reason})") from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{config_path}: not the configuration of an exported LightGPT ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: not the configuration of an exported LightGPT (a JSON "
+                         f"{type(config).__name__}, not an object)")
+    block_size = context_length(config, config_path)
+    check_tokenizer(config, config_path)
     template = config.get("prompt_template")
     if isinstance(template, dict) and "with_input" in template:  # exported before templates were objects
         template = upgraded_template(template)
-    return model, block_size, template
+    saved_template(template, config_path)
+    model_fields = {field.name for field in fields(LightGPTConfig)}
+    model_args = {name: value for name, value in config.items() if name in model_fields}
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{folder}: no {EXPORTED_WEIGHTS} there")
+    try:
+        weights = safetensors.torch.load_file(weights_path)
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{weights_path}: not readable safetensors weights ({error})") from None
+    if CHECKSUMS in config:
+        verify_checksums(weights, config[CHECKSUMS], weights_path)
+    # An exported folder has no format version: the names of every earlier format are renamed (body: blocks).
+    weights = {current_name(name, 1): tensor for name, tensor in weights.items()}
+    for name, other in (TIED_WEIGHTS, TIED_WEIGHTS[::-1]):  # save_pretrained writes the tied matrix once
+        if name not in weights and other in weights:
+            weights[name] = weights[other]
+    return model_from_checkpoint({"model_args": model_args, "model": weights}, folder).eval(), block_size, template
+
+
+def check_tokenizer(checkpoint: dict, path: str | Path) -> None:
+    """Raise a one-line ValueError unless the checkpoint's tokenizer, when it names one, is LightGPT's."""
+    tokenizer = checkpoint.get("tokenizer", TOKENIZER_NAME)
+    if tokenizer != TOKENIZER_NAME:
+        raise ValueError(f"{path}: its tokenizer is {described(tokenizer)}; this LightGPT reads {TOKENIZER_NAME}")
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:
@@ -451,8 +690,10 @@ def trained_on_these_weights(adapter: dict, base: dict) -> bool:
 
 def check_same_base(adapter: dict, base: dict) -> None:
     """Raise a one-line ValueError when the adapter was trained on a base model of another shape."""
+    # As the configs resolve them: model_args from before grouped-query attention have no num_kv_heads.
+    adapter_config, base_config = LightGPTConfig(**adapter["model_args"]), LightGPTConfig(**base["model_args"])
     for name in SHAPE_FIELDS:
-        trained_on, given = adapter["model_args"].get(name), base["model_args"].get(name)
+        trained_on, given = getattr(adapter_config, name), getattr(base_config, name)
         if trained_on != given:
             raise ValueError(
                 f"the adapter was trained on a base model with {name}={trained_on}, "

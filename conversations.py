@@ -247,8 +247,10 @@ def checked_record(record, where: str) -> dict[str, str]:
         if field not in record:
             raise ValueError(f"{where} has no {field!r} field (found: {', '.join(record) or 'none'})")
     for field in ("instruction", "input", "output"):
-        if record.get(field) is not None and not isinstance(record[field], str):
-            raise ValueError(f"{where}: {field!r} must be a string, got {type(record[field]).__name__}")
+        optional = field == "input" and record.get(field) is None  # a missing or null input is an empty one
+        if not optional and not isinstance(record[field], str):
+            got = "null" if record[field] is None else type(record[field]).__name__
+            raise ValueError(f"{where}: {field!r} must be a string, got {got}")
     return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
 
 

@@ -6,6 +6,7 @@ import codecs
 import functools
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,6 +184,9 @@ def hub_part(dataset: str, subset: str) -> StreamedPart:
     def open_stream():
         import datasets
 
+        if not datasets.config.HF_HUB_OFFLINE:  # without a connection, the hub takes half a minute to fail
+            print(f"--dataset {dataset}: reaching the HuggingFace hub for {hub.repository}", file=sys.stderr,
+                  flush=True)
         # huggingface_hub logs each of its retries; offline, hub_failure's one line says all of it
         hub_logger = logging.getLogger("huggingface_hub")
         level = hub_logger.level
@@ -227,7 +231,12 @@ def open_text_files(files: list[Path]):
     """Text files split into documents at blank lines; JSON, JSON-lines and Parquet records' 'text' fields."""
     import datasets
 
+    # datasets logs every file it fails to read, over several lines; text_files_failure's one line says it all
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
     paths = [str(file) for file in files]
+    # datasets logs a damaged Parquet or JSON file as it reads it; text_files_failure says it in one line
+    for reader in ("parquet.parquet", "json.json"):
+        logging.getLogger(f"datasets.packaged_modules.{reader}").setLevel(logging.CRITICAL)
     if files[0].suffix == ".txt":
         for file in files:
             warn_about_undecodable_bytes(file)

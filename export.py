@@ -3,13 +3,16 @@
 import argparse
 import importlib
 import json
-import math
+import logging
+import signal
 import sys
+import warnings
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
+from safetensors import SafetensorError
 from torch import Tensor
 from torch.nn import Module
 
@@ -17,10 +20,12 @@ from checkpoint import (
     DEFAULT_CHECKPOINT_PATH,
     EXPORTED_CONFIG,
     EXPORTED_WEIGHTS,
+    context_length,
     exported_config,
     load_checkpoint,
     load_lora_checkpoint,
     model_from_checkpoint,
+    write_failure,
 )
 from conversations import CHATML, INSTRUCTION_DATASETS, tokenizer_config
 from corpora import CORPORA
@@ -29,8 +34,17 @@ from finetuning import adapter_on_base
 from flags import ArgumentParser
 from model import LightGPT
 from tokenizer import TOKENIZER_NAME
+from training import perplexity, read_metrics
 
 ONNX_FILE = "model.onnx"
+# The model card's example, as the README shows it (FOLDER: the exported folder).
+USAGE = """import torch
+from tokenizer import load_tokenizer  # GPT-2's BPE, offline
+from generation import generate
+from model import LightGPT
+model, tokenizer = LightGPT.from_pretrained("FOLDER"), load_tokenizer()
+print(tokenizer.decode(list(generate(model, torch.tensor(tokenizer.encode_ordinary("The Roman Empire")), 40))))
+"""
 ONNX_PACKAGES = ("onnx", "onnxscript")
 
 
@@ -71,17 +85,16 @@ def load_source(args: argparse.Namespace) -> tuple[LightGPT, int, dict | None, d
     """The model to export (with --lora_path, the adapter merged into its base), its training context length, its
     prompt template (None unless instruction-tuned), and the facts of each stage of its training."""
     base = load_checkpoint(args.checkpoint_path)
-    if not isinstance(base.get("block_size"), int):
-        raise ValueError(f"{args.checkpoint_path}: not a LightGPT checkpoint (no block_size entry)")
-    stages = {"Pre-training": training_facts(base, args.checkpoint_path, tokens_per_sample=base["block_size"])}
+    block_size = context_length(base, args.checkpoint_path)
+    stages = {"Pre-training": training_facts(base, args.checkpoint_path, tokens_per_sample=block_size)}
     if not args.lora_path:
-        return model_from_checkpoint(base, args.checkpoint_path).eval(), base["block_size"], None, stages
+        return model_from_checkpoint(base, args.checkpoint_path).eval(), block_size, None, stages
     adapter = load_lora_checkpoint(args.lora_path)
     model = adapter_on_base(adapter, base, f"--lora_path {args.lora_path}", f"--checkpoint_path {args.checkpoint_path}")
     lora = adapter["lora_args"]
     stages["Instruction tuning"] = training_facts(adapter, args.lora_path) | {
         "method": f"LoRA rank {lora['rank']}, alpha {lora['alpha']}, merged into the weights"}
-    return model, base["block_size"], adapter["prompt_template"], stages
+    return model, block_size, adapter["prompt_template"], stages
 
 
 def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | None = None) -> dict:
@@ -98,11 +111,13 @@ def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | 
         facts["steps"] = f"{steps:,} ({seen})"
     metrics_path = Path(path).with_suffix(".metrics.jsonl")
     if metrics_path.is_file():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        losses = [record["validation_loss"] for record in records
-                  if "validation_loss" in record and record.get("step", 0) <= (steps or 0)]
+        records, damaged = read_metrics(metrics_path)
+        if damaged:
+            print(f"Note: {metrics_path}: {damaged} damaged line(s) left out of the model card's figures")
+        losses = [record["validation_loss"] for _, record in records
+                  if isinstance(record.get("validation_loss"), float) and record["step"] <= (steps or 0)]
         if losses:
-            facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {math.exp(losses[-1]):,.1f})"
+            facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {perplexity(losses[-1]):,.1f})"
     return facts
 
 
@@ -121,9 +136,10 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
         "Architecture": f"{config.num_layers} layers, {config.embedding_dimensions} wide, {config.num_heads} heads, "
                         f"feed-forward {config.feed_forward_ratio}x; no biases, no positional embeddings, one matrix "
                         f"for the token embeddings and the output layer",
-        "Parameters": f"{model.num_trainable_params:,}",
+        "Parameters": f"{num_parameters(model):,}",
         "Context": f"{block_size} tokens",
-        "Tokenizer": f"tiktoken's {TOKENIZER_NAME} (GPT-2's BPE), {config.vocabulary_size:,} tokens",
+        "Tokenizer": f"GPT-2's BPE (tiktoken's {TOKENIZER_NAME}), {config.vocabulary_size:,} tokens; LightGPT's "
+                     f"`tokenizer.load_tokenizer()` builds it offline (`tiktoken.get_encoding` downloads it)",
     }
     for stage, facts in stages.items():
         rows |= {f"{stage} {name}": value for name, value in facts.items()}
@@ -134,7 +150,14 @@ def model_card(model: LightGPT, block_size: int, stages: dict[str, dict]) -> Mod
                      f"`LightGPT.from_pretrained(\"<this folder or Hub id>\")` (in `model.py`), or "
                      f"`python generate.py --checkpoint_path <this folder>`. `{EXPORTED_WEIGHTS}` holds the weights, "
                      f"`{EXPORTED_CONFIG}` the configuration; `{ONNX_FILE}`, where present, takes token ids (batch, "
-                     f"sequence) and gives every position's logits.\n")
+                     f"sequence) and gives every position's logits. In Python, from LightGPT's folder:\n\n"
+                     f"```python\n{USAGE.replace('FOLDER', '<this folder or Hub id>')}```\n")
+
+
+def num_parameters(model: LightGPT) -> int:
+    """Every parameter of the model, the tied matrix once: num_trainable_params counts only what is trainable, the
+    merged layers alone once an adapter is merged."""
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 class Logits(Module):
@@ -152,12 +175,30 @@ def export_onnx(model: LightGPT, path: Path) -> None:
     """The model in ONNX through torch.export (dynamo), with any batch size and sequence length."""
     example = torch.zeros(2, 8, dtype=torch.long)
     dynamic = {"token_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
-    torch.onnx.export(Logits(model).eval(), (example,), path, dynamo=True, input_names=["token_ids"],
-                      output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+    # Noise that means nothing here: the exporter logs each torchvision operator it skips when torchvision is
+    # not installed, and torch.export warns of its own deprecated LeafSpec check.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            torch.onnx.export(Logits(model).eval(), (example,), path, dynamo=True, input_names=["token_ids"],
+                              output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+    finally:
+        registration.setLevel(level)
 
 
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does: cleaned up, one line
+    try:
+        export(args)
+    except KeyboardInterrupt:
+        sys.exit(f"export.py: stopped by a signal; nothing was written to --output_dir {args.output_dir}")
+
+
+def export(args: argparse.Namespace) -> None:
     try:
         validate_args(args)
         model, block_size, template, stages = load_source(args)
@@ -175,9 +216,9 @@ def main() -> None:
 
     try:
         write_folder_atomically(args.output_dir, write)
-    except OSError as error:
-        sys.exit(f"export.py: error: --output_dir {args.output_dir}: {error.strerror or error}")
-    print(f"Exported {model.num_trainable_params:,} parameters to {args.output_dir}")
+    except (OSError, SafetensorError) as error:  # a full disk, as safetensors reports it too
+        sys.exit(f"export.py: error: --output_dir {args.output_dir}: {write_failure(error)}")
+    print(f"Exported {num_parameters(model):,} parameters to {args.output_dir}")
 
 
 if __name__ == "__main__":

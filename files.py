@@ -9,7 +9,6 @@ import re
 import secrets
 import shutil
 import socket
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -79,8 +78,9 @@ def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> 
     a crash or an error never leaves a half-written folder, and the temporary one is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # mkdir, unlike mkdtemp, keeps the umask
-    temporary.mkdir()
+    remove_stray_temporary_files([path])  # those of writers killed with SIGKILL, which nothing can clean up after
+    temporary = temporary_path(path)
+    temporary.mkdir()  # mkdir, unlike mkdtemp, keeps the umask
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -91,39 +91,58 @@ def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> 
 
 @contextlib.contextmanager
 def holding_lock(lock: IO, flag: str, taken: Callable[[str], None]) -> Iterator[None]:
-    """Hold an exclusive flock on an open lock file, with this process's id written in it. When another process
-    holds it, taken(its id, or "" if unknown) is called first, which may raise (refuse to wait) or return (then
-    this waits). The operating system releases the lock when its holder ends, however it ends, so a crash never
-    blocks the next process; the emptied file stays, as a lock must. A file system without flock (ENOLCK,
-    EOPNOTSUPP) is a one-line ValueError that names the flag to change."""
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        taken(lock.read().strip())
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    except OSError as error:
-        raise ValueError(f"{flag}: the file system cannot lock {lock.name} ({error.strerror or error}); choose a "
-                         f"{flag} on a local disk") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    try:
-        yield
-    finally:
+    """Hold an exclusive flock on an open lock file, with this process's id written in it, and remove the file
+    when done (while still holding it). When another process holds it, taken(its id, or "" if unknown) is called
+    first, which may raise (refuse to wait) or return (then this waits). The operating system releases the lock
+    when its holder ends, however it ends, so a crash never blocks the next process. A file system without flock
+    (ENOLCK, EOPNOTSUPP) is a one-line ValueError that names the flag to change."""
+    path = Path(lock.name)
+    with contextlib.ExitStack() as reopened:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                taken(lock.read().strip())
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as error:
+                raise ValueError(f"{flag}: the file system cannot lock {lock.name} ({error.strerror or error}); "
+                                 f"choose a {flag} on a local disk") from None
+            if still_at(lock, path):
+                break
+            lock = reopened.enter_context(open(path, "a+"))  # its holder removed the file locked: lock the new one
         lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def still_at(lock: IO, path: Path) -> bool:
+    """Whether a lock file just locked is still the one at `path`. Its holder removes it on release, while still
+    holding it, so a process that opened it before then has locked a file that no longer locks anything, and must
+    open the path again."""
+    try:
+        return os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
-    """Remove the temporary files of these paths (<name>.<tag>.tmp) whose writer, a process of this machine,
-    no longer exists: a process killed while saving leaves one. Those of live processes and of other machines
-    stay. Returns the files removed."""
+    """Remove the temporary files (or folders) of these paths (<name>.<tag>.tmp) whose writer, a process of this
+    machine, no longer exists: a process killed while saving leaves one. Those of live processes and of other
+    machines stay. Returns the files removed."""
     removed = []
     for path in paths:
         prefix = f"{path.name}."
         for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
             if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
-                temporary.unlink(missing_ok=True)
+                if temporary.is_dir() and not temporary.is_symlink():  # a folder written atomically
+                    shutil.rmtree(temporary, ignore_errors=True)
+                else:
+                    temporary.unlink(missing_ok=True)
                 removed.append(temporary)
     return removed
 
@@ -152,6 +171,17 @@ def remove_temporary_files(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def unwritable_folder(folder: Path) -> str | None:
+    """Why files cannot be written in `folder`, created if need be, else None: a file stands in its way, or the
+    nearest folder that exists is not writable (read-only)."""
+    if blocking := file_in_the_way(folder):
+        return f"{blocking} is a file, not a folder"
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def file_in_the_way(folder: Path) -> Path | None:
     """The file, if any, that stands where `folder` or one of its parents should be a folder."""
     return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
@@ -166,7 +196,11 @@ def resolve_files(pattern: str, extensions: tuple[str, ...], flag: str) -> list[
         candidates = [path]
     else:
         candidates = [Path(file) for file in glob.glob(pattern, recursive=True)]
-    files = sorted(file for file in candidates if file.suffix in extensions)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ValueError(f"{flag}: {pattern} is not a regular file (a FIFO, a device, or a link to one), which "
+                         f"could be read forever")
+    # Only regular files: a FIFO or a link to /dev/zero among them would never end.
+    files = sorted(file for file in candidates if file.suffix in extensions and file.is_file())
     if not files:
         raise FileNotFoundError(f"{flag}: no {', '.join(extensions)} files found at {pattern!r}")
     return files

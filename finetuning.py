@@ -28,12 +28,14 @@ from checkpoint import (
     load_model,
     model_from_checkpoint,
     save_atomically,
+    saved_template,
     trained_on_these_weights,
     training_checkpoint,
+    verify_optimizer_state,
     weights_fingerprint,
 )
 from conversations import PromptTemplate
-from devices import compiles, compute_dtype, gradient_scaler
+from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import run_config
 from model import (
@@ -47,6 +49,7 @@ from model import (
     merge_lora,
     train_added_rows,
 )
+from sizing import gigabytes
 from training import (
     LossFunction,
     language_model_loss,
@@ -73,13 +76,35 @@ def lora_args(args) -> dict:
     return {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
 
 
-def lora_model(base: dict, base_path: str | Path, lora_args: dict) -> LightGPT:
-    """The base checkpoint's model, frozen, with a fresh LoRA adapter on every block's matrices. lora_args: rank,
-    alpha and dropout (which the frozen model uses too)."""
+def lora_model(base: dict, base_path: str | Path, lora_args: dict, device: str) -> LightGPT:
+    """The base checkpoint's model, frozen, with a fresh LoRA adapter on every block's matrices, once they are
+    known to fit in the memory of the device they will train on (check_adapter_memory). lora_args: rank, alpha and
+    dropout (which the frozen model uses too)."""
     model_args = base["model_args"] | {"dropout": lora_args["dropout"]}
     model = model_from_checkpoint(base | {"model_args": model_args}, base_path)
+    check_adapter_memory(model, lora_args["rank"], device)
     add_lora(model, **lora_args)
     return model
+
+
+def check_adapter_memory(model: LightGPT, rank: int, device: str) -> None:
+    """Raise a one-line ValueError, before the adapters are allocated, when their weights, gradients and AdamW's
+    two moments (4 numbers each, in float32) exceed the memory the device has: --rank 100000000 was killed by
+    the kernel after 43 s, without a word."""
+    layers = [module for module in model.blocks.modules() if isinstance(module, torch.nn.Linear)]
+    adapter_parameters = sum(rank * (layer.in_features + layer.out_features) for layer in layers)
+    needed = 4 * 4 * adapter_parameters
+    available = available_memory(torch.device(device))
+    if needed > available:
+        raise ValueError(f"--rank {rank}: the adapters need about {gigabytes(needed)} to train, more than the "
+                         f"{gigabytes(available)} available on {device}; choose a smaller --rank")
+
+
+def resumable_adapters(path: str | Path) -> dict:
+    """The adapter checkpoint to resume: load_lora_checkpoint's, its optimizer state verified too."""
+    checkpoint = load_lora_checkpoint(path)
+    verify_optimizer_state(checkpoint, path)
+    return checkpoint
 
 
 def add_chat_tokens(model: LightGPT, vocabulary_size: int) -> None:
@@ -227,14 +252,6 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None
     block_size = context_length(base, base_path)
     model = adapter_on_base(adapter, base, lora_path, base_path)
     return model, block_size, saved_template(adapter["prompt_template"], lora_path)
-
-
-def saved_template(saved: dict | None, path: str | Path) -> PromptTemplate | None:
-    """The template an adapter or an exported folder stored, or a one-line ValueError naming the file."""
-    try:
-        return PromptTemplate.from_dict(saved) if saved is not None else None
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
 
 
 def load_inference_model(path: str | Path | None, device: str = "cpu", lora_path: str | Path | None = None,

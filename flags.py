@@ -4,11 +4,15 @@ import argparse
 import math
 import re
 import sys
+import warnings
 from argparse import BooleanOptionalAction
+from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from devices import PRECISIONS, best_device, check_device
 from distributed import launch_rank
+from generation import REPEAT_PENALTIES
 from model import SHAPE_FIELDS, LightGPTConfig
 from training import RunConfig
 
@@ -20,13 +24,33 @@ CONFIG_FIELDS = {SEED_FLAG_NAMES.get(name, name): name for name in (*SHAPE_FIELD
                  if name != "vocabulary_size"}
 
 
+def one_line_warning(message, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    """A warning of ours as one line, '<script>: warning: <message>', as errors are shown, without the source
+    line that Python quotes; other libraries' warnings as Python shows them."""
+    if Path(filename).resolve().parent == Path(__file__).resolve().parent:
+        return f"{Path(sys.argv[0]).name}: warning: {message}\n"
+    return python_warning(message, category, filename, lineno, line)
+
+
+python_warning, warnings.formatwarning = warnings.formatwarning, one_line_warning  # every script imports flags
+
+
+class DefaultsOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after each help text, unless the text says its own default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "(default" in action.help or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with the defaults shown in --help, except that under torchrun only rank 0 prints a
     usage error: every rank meets it."""
 
     def __init__(self, description: str):
         super().__init__(usage="%(prog)s [options] (see --help)", description=description,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=DefaultsOnceHelpFormatter)
 
     def error(self, message: str) -> NoReturn:
         if launch_rank() == 0:
@@ -73,9 +97,28 @@ def steps_or_percentage(text: str) -> int | float:
 
 def positive_float(text: str) -> float:
     value = _number(float, text, "a positive number")
-    if not value > 0:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not 0 < value < math.inf:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
     return value
+
+
+def float_in(low: float, high: float, low_excluded: bool = False) -> Callable[[str], float]:
+    """The type of a float flag whose arithmetic carries only [low, high] (or (low, high]): beyond it, a float
+    overflows or divides by zero."""
+    interval = f"{'(' if low_excluded else '['}{low:g}, {high:g}]"
+
+    def number(text: str) -> float:
+        value = _number(float, text, f"a number in {interval}")
+        if not (low < value if low_excluded else low <= value) or not value <= high:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value}")
+        return value
+
+    return number
+
+
+# The largest learning rate or LoRA alpha: the optimizers multiply it (AdamW by 10 on its first step) in float32,
+# which ends at 3.4e38.
+LARGEST_FACTOR = 1e30
 
 
 def fraction(text: str) -> float:
@@ -91,13 +134,6 @@ def probability(text: str) -> float:
     value = _number(float, text, "a number in (0, 1]")
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    value = _number(float, text, "a number")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
     return value
 
 
@@ -134,8 +170,7 @@ class MixedPrecisionAlias(argparse.Action):
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
-                        help="auto: bf16 where native, else fp16 on CUDA, else fp32 (--[no-]mixed_precision: "
-                        "auto, fp32).")
+                        help="auto: bf16 where native, else fp16 on CUDA, else fp32.")
     parser.add_argument("--mixed_precision", "--no-mixed_precision", dest="precision", action=MixedPrecisionAlias)
 
 
@@ -152,6 +187,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, dropout: float) -> None
                         help="The dimensionality of the token embeddings.")
     parser.add_argument("--num_attention_heads", type=positive_int, default=16,
                         help="The number of attention heads within every block.")
+    parser.add_argument("--num_kv_heads", type=positive_int, default=None,
+                        help="The number of key/value heads, each shared by a group of query heads (grouped-query "
+                        "attention, a smaller KV cache); it must divide --num_attention_heads. None: one per head.")
     parser.add_argument("--num_hidden_layers", type=positive_int, default=24,
                         help="The number of attention/MLP blocks.")
     parser.add_argument("--feed_forward_ratio", type=positive_int, default=4,
@@ -182,8 +220,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="The number of samples in each micro-batch.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
                         help="Micro-batches per weight update (under torchrun: in total, across all processes).")
-    parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
-                        help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth.")
+    parser.add_argument("--learning_rate", type=float_in(0, LARGEST_FACTOR, low_excluded=True), default=learning_rate,
+                        help="The peak step size, reached after --warmup_steps and decayed by a cosine to a tenth; "
+                        "at most 1e30.")
     parser.add_argument("--warmup_steps", type=steps_or_percentage, default=warmup_steps,
                         help="Linear warmup: a number of optimizer steps, or a percentage of all steps like 5%%.")
     parser.add_argument("--num_epochs", type=positive_int, default=num_epochs,
@@ -252,15 +291,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, penalty_flag: str) -
     """The flags of sampling: generate.py's --repeat_penalty is chat.py's --repetition_penalty (transformers'
     name)."""
     parser.add_argument("--temperature", type=positive_float, default=1.0,
-                        help="Divide the logits by this: below 1 sharpens the distribution, above 1 flattens it.")
+                        help="Divide the logits by this: below 1 sharpens the distribution, above 1 flattens it; "
+                        "below 1e-4, always the most likely token (greedy).")
     parser.add_argument("--top_k", type=positive_int, default=500,
                         help="Only sample from this many candidate tokens with the highest probabilities.")
     parser.add_argument("--top_p", type=probability, default=0.9,
                         help="Of the top_k tokens, keep only the most likely ones whose probabilities add up to "
                         "top_p (the most likely one always stays).")
-    parser.add_argument(penalty_flag, type=positive_float, default=1.0,
+    parser.add_argument(penalty_flag, type=float_in(*REPEAT_PENALTIES), default=1.0,
                         help="Make the tokens already in the context less likely: their positive logits are "
-                        "divided by this, negative ones multiplied (1 turns it off).")
+                        "divided by this, negative ones multiplied (1 turns it off); from 1e-6 to 1e6.")
 
 
 def check_dataset_path(args: argparse.Namespace) -> None:
@@ -275,8 +315,8 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of LoRA adapters (finetuning.lora_args reads them), the same in every fine-tuning script."""
     parser.add_argument("--rank", type=positive_int, default=8,
                         help="The rank of the LoRA decomposition matrices A and B.")
-    parser.add_argument("--alpha", type=positive_float, default=1.0,
-                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A.")
+    parser.add_argument("--alpha", type=float_in(0, LARGEST_FACTOR, low_excluded=True), default=1.0,
+                        help="The strength of the LoRA signal: each weight becomes W + alpha * B @ A; at most 1e30.")
     parser.add_argument("--dropout", type=fraction, default=0.05,
                         help="The proportion of signals to send to zero during training as regularization "
                         "(in the adapters' inputs and in the frozen model).")

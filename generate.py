@@ -37,10 +37,13 @@ def main() -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:
-        for text in read_prompts(args.prompt):
+        for number, text in enumerate(read_prompts(args.prompt)):
             prompt = torch.tensor(encode_prompt(text, template), device=args.device)
             tokens = generate(model, prompt, args.max_tokens, args.temperature, args.top_k, args.top_p,
                               args.repeat_penalty, block_size, stop_tokens=stop_tokens(template, model.eos_index))
+            # each prompt's text, then what the model writes: after a plain prompt the text goes on, after an
+            # instruction the answer starts a line; a blank line between one prompt's text and the next
+            print("\n" * (number > 0) + (text if template is None else f"> {text}\n"), end="", flush=True)
             for piece in stream_text(tokens):
                 print(piece, end="", flush=True)
             print()

@@ -13,6 +13,15 @@ from model import LightGPT
 from tokenizer import chat_tokenizer
 
 
+# Below this temperature sampling takes the most likely token: dividing the logits by much less overflows float32
+# into NaN probabilities, and at it the next most likely token is already e^10 times less likely per 0.001 of logit.
+GREEDY_BELOW_TEMPERATURE = 1e-4
+# The repetition and length penalties that the arithmetic carries: logits times or over a penalty stay far within
+# float32, and a length to the power of a penalty within a Python float (1e6 ** 10 = 1e60).
+REPEAT_PENALTIES = (1e-6, 1e6)
+LENGTH_PENALTIES = (-10.0, 10.0)
+
+
 def penalize_repeats(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
     """Make the tokens of the context less likely (CTRL's repetition penalty): their positive logits are divided
     by the penalty and their negative ones multiplied by it."""
@@ -24,7 +33,10 @@ def penalize_repeats(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
 
 def top_k_top_p(logits: Tensor, temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
     """The tokens worth sampling and their probabilities: the top_k most likely at this temperature, then of those
-    the fewest whose probabilities add up to top_p (nucleus sampling; the most likely token always stays)."""
+    the fewest whose probabilities add up to top_p (nucleus sampling; the most likely token always stays). Below
+    GREEDY_BELOW_TEMPERATURE, the most likely token alone."""
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        return logits.argmax(-1, keepdim=True), torch.ones(1, device=logits.device)
     values, tokens = (logits.float() / temperature).topk(top_k)
     probabilities = values.softmax(-1)
     more_likely_mass = probabilities.cumsum(-1) - probabilities

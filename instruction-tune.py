@@ -14,7 +14,6 @@ from checkpoint import (
     context_length,
     is_sharded_checkpoint,
     load_checkpoint,
-    load_lora_checkpoint,
 )
 from chats import ChatSamples, load_examples
 from conversations import (
@@ -27,9 +26,10 @@ from conversations import (
     split_instructions,
 )
 from files import resolve_files, same_files
-from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, train_adapters
+from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, resumable_adapters, train_adapters
 from flags import ArgumentParser, add_lora_arguments, add_training_arguments, check_dataset_path, positive_int
 from tokenizer import CHAT_VOCABULARY_SIZE
+from training import check_log_dir
 
 
 def build_parser() -> ArgumentParser:
@@ -71,6 +71,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
+    check_log_dir(args)
 
 
 def instruction_files(args: argparse.Namespace) -> list[Path]:
@@ -107,13 +108,13 @@ def main() -> None:
             kind, train_records, test_records = load_examples(args.dataset, args.dataset_path, args.dataset_subset)
             if test_records is None:
                 train_records, test_records = split_instructions(train_records)
-            checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
+            checkpoint = resumable_adapters(args.checkpoint_path) if args.resume else None
             if checkpoint:
                 check_resumable(checkpoint, base, args, len(train_records))
             seed = (checkpoint or {}).get("seed", args.seed)
             seed = seed if seed is not None else random.randrange(2**31)
             torch.manual_seed(seed)
-            model = lora_model(base, args.base_model_path, lora_args(args))
+            model = lora_model(base, args.base_model_path, lora_args(args), args.device)
         except (ValueError, FileNotFoundError, ConnectionError) as error:
             sys.exit(f"instruction-tune.py: error: {error}")
 

@@ -1,8 +1,10 @@
 """The LightGPT network: a bias-free, position-free, weight-tied GPT in pure PyTorch."""
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -28,17 +30,27 @@ class LightGPTConfig:
     dropout: float = 0.0
     padding_index: int = -100
     eos_index: int = 50256
+    # Each key/value head is shared by num_heads / num_kv_heads query heads; None (checkpoints from before
+    # grouped-query attention): num_heads.
+    num_kv_heads: int | None = field(default=None, metadata=SHAPE)
 
     def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
         for name in SHAPE_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+            if type(value) is not int or value < 1:  # a bool is an int to isinstance
+                raise ValueError(f"{name} must be a whole number of at least 1, got {described(value)}")
+        for name in ("padding_index", "eos_index"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"{name} must be a whole number, got {described(getattr(self, name))}")
+        if type(self.dropout) not in (int, float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {described(self.dropout)}")
         if self.embedding_dimensions % self.num_heads != 0:
             raise ValueError(f"embedding_dimensions ({self.embedding_dimensions}) must be divisible by "
                              f"num_heads ({self.num_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if not 0 <= self.eos_index < self.vocabulary_size:
             raise ValueError(f"eos_index must be a token id below vocabulary_size ({self.vocabulary_size}), "
                              f"got {self.eos_index}")
@@ -52,6 +64,11 @@ class LightGPTConfig:
 SHAPE_FIELDS = tuple(config_field.name for config_field in fields(LightGPTConfig) if config_field.metadata.get("shape"))
 
 
+def described(value) -> str:
+    """A value as a message should name it: its repr and, where that could be mistaken, its type ('"1" (a str)')."""
+    return repr(value) if value is None or type(value) in (int, float) else f"{value!r} (a {type(value).__name__})"
+
+
 class KVCache:
     """One attention layer's keys and values for the tokens seen so far, in buffers allocated once."""
 
@@ -61,15 +78,20 @@ class KVCache:
         self.values = torch.empty_like(self.keys)
         self.length = 0
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the keys and values of new tokens; return those of every token so far."""
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store the keys and values of new tokens; return those of every token so far, and which of them each
+        new token sees (None: the causal rule, or all of them for a single new token)."""
         start, end = self.length, self.length + k.size(2)
         if end > self.keys.size(2):
             raise ValueError(f"the cache holds {self.keys.size(2)} tokens; {end} do not fit")
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        mask = None
+        if start and k.size(2) > 1:
+            # The new tokens see every cached one, and each other only up to themselves.
+            mask = torch.ones(k.size(2), end, dtype=torch.bool, device=k.device).tril(start)
+        return self.keys[:, :, :end], self.values[:, :, :end], mask
 
     def reorder(self, rows: Tensor) -> None:
         """Keep the cached sequences at `rows`, in that order (the beams that survive a beam search step)."""
@@ -96,29 +118,30 @@ class CausalSelfAttention(Module):
 
     def __init__(self, config: LightGPTConfig):
         super().__init__()
-        self.num_heads = config.num_heads
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dimensions = config.head_dimensions
-        self.qkv_projection = Linear(config.embedding_dimensions, 3 * config.embedding_dimensions, bias=False)
+        # The queries, then the keys, then the values: with num_kv_heads = num_heads, the layout of 3 x embedding.
+        self.qkv_widths = [head_count * config.head_dimensions for head_count in
+                           (config.num_heads, config.num_kv_heads, config.num_kv_heads)]
+        self.qkv_projection = Linear(config.embedding_dimensions, sum(self.qkv_widths), bias=False)
         self.output_projection = Linear(config.embedding_dimensions, config.embedding_dimensions, bias=False)
         self.dropout = config.dropout
         self.output_dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         batch_size, sequence_length, embedding_dimensions = x.size()
-        q, k, v = (
-            self.qkv_projection(x)  # (batch, sequence, 3 * embedding)
-            .view(batch_size, sequence_length, 3, self.num_heads, self.head_dimensions)
-            .permute(2, 0, 3, 1, 4)  # (3, batch, heads, sequence, head_dimensions)
-        )
-        past = cache.length if cache is not None else 0
+        q, k, v = self.qkv_projection(x).split(self.qkv_widths, -1)  # (batch, sequence, heads or kv_heads * head_dim.)
+        q = q.view(batch_size, sequence_length, self.num_heads, self.head_dimensions).transpose(1, 2)
+        # q: (batch, heads, sequence, head_dimensions); k and v: (batch, kv_heads, sequence, head_dimensions)
+        k, v = (t.view(batch_size, sequence_length, self.num_kv_heads, self.head_dimensions).transpose(1, 2)
+                for t in (k, v))
+        mask, is_causal = None, True
         if cache is not None:
-            k, v = cache.append(k, v)  # (batch, heads, past + sequence, head_dimensions)
-        mask = None
-        if past and sequence_length > 1:
-            # The new tokens see every cached one, and each other only up to themselves.
-            mask = torch.ones(sequence_length, past + sequence_length, dtype=torch.bool, device=x.device).tril(past)
+            k, v, mask = cache.append(k, v)  # (batch, kv_heads, cached + sequence, head_dimensions)
+            is_causal = mask is None and k.size(2) == sequence_length  # nothing was cached before these tokens
         attended = attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (batch, heads, sequence, head_dimensions)
         # (batch, sequence, embedding)
         attended = attended.transpose(1, 2).reshape(batch_size, sequence_length, embedding_dimensions)
@@ -337,6 +360,14 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """The mixin's loading, except that a weight missing from the file is an error, not a random layer."""
         return super()._from_pretrained(strict=strict, **kwargs)
 
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's saving, with the weights file as readable as any other this process writes: safetensors
+        writes it 0600 whatever the umask."""
+        super()._save_pretrained(save_directory)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(Path(save_directory) / "model.safetensors", 0o666 & ~umask)
+
     def tie_weights(self) -> None:
         """One matrix for the embedding and the output layer, again after whatever makes parameters anew
         (to_empty, load_state_dict with assign=True)."""
@@ -432,7 +463,7 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """An empty key/value cache, one per layer, for batch_size sequences of up to capacity tokens."""
         weights = self.token_embeddings.weight
         return [
-            KVCache(batch_size, self.config.num_heads, capacity, self.config.head_dimensions, weights)
+            KVCache(batch_size, self.config.num_kv_heads, capacity, self.config.head_dimensions, weights)
             for _ in self.blocks
         ]
 

@@ -5,7 +5,7 @@ import os
 import random
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch
 from torch.nn import Module
 
 from checkpoint import (
+    checked_model,
     claimed_checkpoint,
     is_sharded_checkpoint,
     load_checkpoint,
@@ -22,7 +23,9 @@ from checkpoint import (
     load_shards,
     save_atomically,
     save_sharded,
+    sharded_weights,
     training_checkpoint,
+    verify_optimizer_state,
 )
 from corpora import (
     CORPORA,
@@ -57,7 +60,7 @@ from distributed import (
     world_size,
 )
 from evaluation import NUM_ENDINGS, hellaswag_counts, hellaswag_items, summary_of_counts
-from files import file_in_the_way, same_files
+from files import same_files, unwritable_folder
 from flags import (
     ArgumentParser,
     add_model_arguments,
@@ -73,6 +76,7 @@ from preparation import PreparationInterrupted, TokenWindows, corpus_folder, pre
 from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
 from tokenizer import load_tokenizer
 from training import (
+    check_log_dir,
     note_optimizer_starts_afresh,
     restore_rng_state,
     restore_scaler,
@@ -136,8 +140,9 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.dataset == "text" and not args.text_files:
         raise ValueError("--text_files: required with --dataset text (a file, a folder or a glob)")
-    if blocking := file_in_the_way(Path(args.dataset_path)):
-        raise ValueError(f"--dataset_path {args.dataset_path}: {blocking} is a file, not a folder")
+    if problem := unwritable_folder(Path(args.dataset_path)):
+        raise ValueError(f"--dataset_path {args.dataset_path}: {problem}")
+    check_log_dir(args)
     path = Path(args.checkpoint_path)
     if args.resume and not (path.is_file() or is_sharded_checkpoint(path)):
         raise ValueError(f"--resume: no checkpoint at --checkpoint_path {path}")
@@ -197,8 +202,19 @@ def corpus_flags(flags: dict) -> str:
 
 def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_size: int) -> list[tuple]:
     """This rank's micro-batches of the windows at `starts`, as (inputs, targets, loss weight)."""
-    return [(*windows.windows(batch_starts.tolist()), weight)
-            for batch_starts, weight in micro_batches_of_this_rank(starts, batch_size)]
+    return list(WindowBatches(windows, starts, batch_size))
+
+
+class WindowBatches:
+    """This rank's micro-batches of the windows at `starts`, as (inputs, targets, loss weight), each read as it
+    is reached, as often as they are iterated over: the evaluation windows are never all in memory at once."""
+
+    def __init__(self, windows: TokenWindows, starts: torch.Tensor, batch_size: int):
+        self.windows, self.starts, self.batch_size = windows, starts, batch_size
+
+    def __iter__(self) -> Iterator[tuple]:
+        for batch_starts, weight in micro_batches_of_this_rank(self.starts, self.batch_size):
+            yield *self.windows.windows(batch_starts.tolist()), weight
 
 
 def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
@@ -210,8 +226,9 @@ def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, d
     text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
     corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files,
                             subset=args.dataset_subset, max_tokens=args.max_dataset_tokens)
-    train_windows = TokenWindows(corpus / "train.bin", args.block_size)
-    return train_windows, TokenWindows(corpus / "test.bin", args.block_size), model_args
+    vocabulary_size = model_args["vocabulary_size"]
+    train_windows = TokenWindows(corpus / "train.bin", args.block_size, vocabulary_size)
+    return train_windows, TokenWindows(corpus / "test.bin", args.block_size, vocabulary_size), model_args
 
 
 def load_inputs(args: argparse.Namespace, device: torch.device,
@@ -261,7 +278,7 @@ def stop_every_rank_on_error(work: Callable[[], Value]) -> Value:
     error, result = None, None
     try:
         result = work()
-    except (ValueError, FileNotFoundError, ConnectionError, PreparationInterrupted) as exception:
+    except (ValueError, OSError, ConnectionError, PreparationInterrupted) as exception:  # OSError: a full disk
         error = str(exception)
     error = first_error_of_any_rank(error)
     if error:
@@ -297,21 +314,41 @@ PROGRESS = ("step", "sampler", "rng", "grad_scaler")
 
 def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load the checkpoint at --checkpoint_path, of either format and written at any number of processes, into
-    the model and the optimizer; return its progress (step, sampler, rng, grad_scaler). Its tensors are let go
-    on return: a file is memory-mapped and read by rank 0 alone, a folder read by every rank, each its own shards."""
+    the model and the optimizer; return its progress (step, sampler, rng, grad_scaler). Its weights' names and
+    shapes are checked first: a missing, unexpected or reshaped weight, or a damaged shard, stops every rank with
+    one line. Its tensors are let go on return: a file is memory-mapped and read by rank 0 alone, a folder read by
+    every rank, each its own shards."""
     path = args.checkpoint_path
     if is_sharded_checkpoint(path):
-        index = load_index(path)
+        index = stop_every_rank_on_error(lambda: checked_shards(path))
         model_state, optimizer_state = sharded_training_state(training_model, optimizer)
-        load_shards(path, index, {"model": model_state, "optimizer": optimizer_state["state"]})
+        stop_every_rank_on_error(
+            lambda: load_shards(path, index, {"model": model_state, "optimizer": optimizer_state["state"]}))
         optimizer_state["param_groups"] = index["optimizer"]["param_groups"]
         load_sharded_training_state(training_model, optimizer, model_state, optimizer_state)
         return {key: index[key] for key in PROGRESS}
-    checkpoint = load_checkpoint(path) if rank() == 0 else None
+    checkpoint = stop_every_rank_on_error(lambda: checked_checkpoint(path) if rank() == 0 else None)
     load_training_state(training_model, optimizer, checkpoint)
     if rank() == 0 and not checkpoint.get("optimizer"):
         note_optimizer_starts_afresh(path)
     return from_rank_zero({key: checkpoint.get(key) for key in PROGRESS} if rank() == 0 else None)
+
+
+def checked_checkpoint(path: str) -> dict:
+    """The single-file checkpoint to resume, once its weights are known to make its model (checked_model) and
+    its optimizer state to match its checksums."""
+    checkpoint = load_checkpoint(path)
+    checked_model(checkpoint, path)
+    verify_optimizer_state(checkpoint, path)
+    return checkpoint
+
+
+def checked_shards(path: str) -> dict:
+    """The index of the sharded checkpoint to resume, once the weights its shards hold are known to make its
+    model."""
+    index = load_index(path)
+    sharded_weights(path, index)
+    return index
 
 
 def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windows: TokenWindows,
@@ -351,7 +388,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
         torch.manual_seed(hash((seed, rank(), step)))
 
     eval_starts = test_windows.random_starts(args.eval_samples, torch.Generator().manual_seed(0))
-    eval_batches = micro_batches_of_windows(test_windows, eval_starts, args.batch_size)
+    eval_batches = WindowBatches(test_windows, eval_starts, args.batch_size)
     if main_process:
         print(f"LightGPT: {model.num_trainable_params:,} trainable parameters, {steps_per_epoch} steps per epoch"
               + (f", {world_size()} processes" if world_size() > 1 else ""))
@@ -378,7 +415,8 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     tokens_per_epoch = args.batch_size * args.gradient_accumulation_steps * args.block_size * steps_per_epoch
     config = model.config
     flops_per_token = training_flops_per_token(config.vocabulary_size, args.block_size, config.embedding_dimensions,
-                                               config.num_layers, config.feed_forward_ratio)
+                                               config.num_layers, config.feed_forward_ratio,
+                                               config.num_kv_heads * config.head_dimensions)
     run = run_config(args, steps_per_epoch=steps_per_epoch, unit="tokens", units_per_epoch=tokens_per_epoch,
                      description="Pre-training", saved_what="checkpoint", program="pre-train.py", dtype=dtype,
                      flops_per_unit=flops_per_token,

@@ -21,9 +21,11 @@ from conversations import INSTRUCTION_EXTENSIONS, split_instructions
 from files import resolve_files, same_files
 from finetuning import (
     adapter_on_base,
+    check_adapter_memory,
     check_same_adapters,
     merged_adapter_entry,
     preference_loss,
+    resumable_adapters,
     saved_template,
     train_adapters,
 )
@@ -37,7 +39,7 @@ from flags import (
 )
 from model import LightGPT, add_lora
 from preferences import PREFERENCE_DATASETS, PreferenceSamples, load_preferences
-from training import weighted_by_rows
+from training import check_log_dir, weighted_by_rows
 
 
 def build_parser() -> ArgumentParser:
@@ -81,6 +83,7 @@ def validate_args(args: argparse.Namespace) -> None:
                          f"dataset first")
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
+    check_log_dir(args)
 
 
 def base_path_of(args: argparse.Namespace, chat: dict) -> str:
@@ -113,9 +116,10 @@ def check_resumable(checkpoint: dict, base: dict, chat: dict, args: argparse.Nam
 def preference_model(chat: dict, base: dict, args: argparse.Namespace, base_path: str) -> LightGPT:
     """The chat-tuned model (the chat adapter merged into the base, under finetuning's policy) with a fresh
     adapter and --dropout in both, so that by default the policy and the reference agree exactly before the first
-    step."""
+    step; the fresh adapter once it is known to fit in the device's memory."""
     with_dropout = base | {"model_args": base["model_args"] | {"dropout": args.dropout}}
     model = adapter_on_base(chat, with_dropout, f"--lora_path {args.lora_path}", f"--base_model_path {base_path}")
+    check_adapter_memory(model, args.rank, args.device)
     add_lora(model, args.rank, args.alpha, args.dropout)
     return model
 
@@ -138,7 +142,7 @@ def main() -> None:
             train_pairs, test_pairs = load_preferences(args.dataset, args.dataset_path)
             if test_pairs is None:
                 train_pairs, test_pairs = split_instructions(train_pairs)
-            checkpoint = load_lora_checkpoint(args.checkpoint_path) if args.resume else None
+            checkpoint = resumable_adapters(args.checkpoint_path) if args.resume else None
             if checkpoint:
                 check_resumable(checkpoint, base, chat, args, base_path, len(train_pairs))
             seed = (checkpoint or {}).get("seed", args.seed)

@@ -190,19 +190,23 @@ def prepare_corpus(
 
 def extended(folder: Path, source: dict, meta: dict, extend: Callable[[], None]) -> dict:
     """The sidecar after extend() (which appends to the corpus, recording it in meta), under the folder's lock.
-    Stopped, the corpus is cut to what the sidecar on disk records; the hub lost mid-stream loses nothing."""
+    Stopped, or stopped by a full disk, the corpus is cut to what the sidecar on disk records; the hub lost
+    mid-stream loses nothing."""
     try:
         extend()
         return meta
-    except KeyboardInterrupt:  # the sidecar on disk, not meta in memory, says what was recorded
-        meta = recorded_meta(folder, source) or fresh_meta(source)
-        cut_to_recorded_counts(folder, meta)  # under the lock: no other preparation is writing
-        raise stopped(source["dataset"], meta) from None
-    except ConnectionError as error:
+    except ConnectionError as error:  # an OSError too, but the stream's, not the disk's: nothing was cut short
         if not meta["train_tokens"]:
             raise
         raise ConnectionError(f"{error}; the {meta['train_tokens']:,} training tokens prepared are kept, and the "
                               f"next run continues from them") from None
+    except (KeyboardInterrupt, OSError) as error:  # the sidecar on disk, not meta in memory, says what was recorded
+        meta = recorded_meta(folder, source) or fresh_meta(source)
+        cut_to_recorded_counts(folder, meta)  # under the lock: no other preparation is writing
+        if isinstance(error, OSError):  # a full disk: what was recorded is kept, whole
+            raise OSError(f"{error}; the {meta['train_tokens']:,} training tokens prepared are kept, and the next "
+                          f"run continues from them") from None
+        raise stopped(source["dataset"], meta) from None
 
 
 def stopped(dataset: str, meta: dict) -> PreparationInterrupted:
@@ -236,8 +240,11 @@ def extend_corpus(folder: Path, meta: dict, parts: list[StreamedPart], num_proce
         with open(folder / "train.bin", "ab") as train_file, open(folder / "test.bin", "ab") as test_file:
             for train_bytes, test_bytes, position in itertools.chain([first] if first else [], results):
                 for split, file, data in (("train", train_file, train_bytes), ("test", test_file, test_bytes)):
-                    file.write(data)
-                    file.flush()  # in the page cache, where a killed process's writes survive, before it counts
+                    try:
+                        file.write(data)
+                        file.flush()  # in the page cache, where a killed process's writes survive, before it counts
+                    except OSError as error:
+                        raise OSError(f"could not write {file.name}: {error.strerror or error}") from None
                     meta[f"{split}_tokens"] += len(data) // 2
                 meta["num_documents"], meta["position"] = position["documents"], position
                 write_text_atomically(folder / "meta.json", json.dumps(meta, indent=2))
@@ -320,12 +327,19 @@ def sigterm_as_keyboard_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class DamagedCorpus(ValueError):
+    """A prepared corpus file that cannot be what preparation wrote, found while training reads it."""
+
+
 class TokenWindows:
     """Random windows of a memmapped token file: x = t[i:i+block_size], y = t[i+1:i+block_size+1]."""
 
-    def __init__(self, path: str | Path, block_size: int):
+    def __init__(self, path: str | Path, block_size: int, vocabulary_size: int = 2**16):
+        """Each window is checked to hold ids below vocabulary_size as it is read (a scan of the whole file would
+        cost minutes on a large corpus): a damaged file, or one of another tokenizer, is a ValueError naming it."""
+        self.path = Path(path)
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        self.block_size = block_size
+        self.block_size, self.vocabulary_size = block_size, vocabulary_size
         if len(self.tokens) < block_size + 1:
             raise ValueError(
                 f"{path} holds {len(self.tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
@@ -337,5 +351,9 @@ class TokenWindows:
 
     def windows(self, starts: Sequence[int]) -> tuple[Tensor, Tensor]:
         rows = np.stack([self.tokens[start : start + self.block_size + 1] for start in starts])
+        if (largest := int(rows.max())) >= self.vocabulary_size:
+            raise DamagedCorpus(f"{self.path}: holds token id {largest}, beyond the model's vocabulary of "
+                                f"{self.vocabulary_size}; the file is damaged or another tokenizer's: delete its "
+                                f"folder to prepare the corpus again")
         batch = torch.from_numpy(rows.astype(np.int64))
         return batch[:, :-1], batch[:, 1:]

@@ -16,13 +16,19 @@ SHARDING_LEVELS = (0, 2, 3)
 
 
 def parameter_shapes(
-    vocabulary_size: int, embedding_dimensions: int, num_layers: int, feed_forward_ratio: int = 4
+    vocabulary_size: int, embedding_dimensions: int, num_layers: int, feed_forward_ratio: int = 4,
+    key_value_dimensions: int | None = None,
 ) -> list[tuple[int, ...]]:
-    """The shape of every trainable tensor in model order, the tied embedding and output layer once."""
+    """The shape of every trainable tensor in model order, the tied embedding and output layer once.
+
+    key_value_dimensions: the width of the keys (and of the values), num_kv_heads * head_dimensions; by default
+    embedding_dimensions, one key/value head per query head. Grouped-query attention narrows the projection.
+    """
     hidden_dimensions = feed_forward_ratio * embedding_dimensions
+    qkv_dimensions = embedding_dimensions + 2 * (key_value_dimensions or embedding_dimensions)
     block = [
         (embedding_dimensions,),  # attention RMSNorm
-        (3 * embedding_dimensions, embedding_dimensions),  # query, key and value projection
+        (qkv_dimensions, embedding_dimensions),  # query, key and value projection
         (embedding_dimensions, embedding_dimensions),  # output projection
         (embedding_dimensions,),  # MLP RMSNorm
         (hidden_dimensions, embedding_dimensions),
@@ -32,11 +38,14 @@ def parameter_shapes(
 
 
 def parameter_counts(
-    vocabulary_size: int, embedding_dimensions: int, num_layers: int, feed_forward_ratio: int = 4
+    vocabulary_size: int, embedding_dimensions: int, num_layers: int, feed_forward_ratio: int = 4,
+    key_value_dimensions: int | None = None,
 ) -> dict[str, int]:
-    """Trainable parameters: total, embedding (tied to the output layer, counted once), non-embedding, per block."""
+    """Trainable parameters: total, embedding (tied to the output layer, counted once), non-embedding, per block.
+    key_value_dimensions: as in parameter_shapes."""
     embedding = vocabulary_size * embedding_dimensions
-    per_block = _block_matrix_parameters(embedding_dimensions, feed_forward_ratio) + 2 * embedding_dimensions
+    per_block = (_block_matrix_parameters(embedding_dimensions, feed_forward_ratio, key_value_dimensions)
+                 + 2 * embedding_dimensions)
     non_embedding = num_layers * per_block + embedding_dimensions
     return {
         "total": embedding + non_embedding,
@@ -52,6 +61,7 @@ def training_flops_per_token(
     embedding_dimensions: int,
     num_layers: int,
     feed_forward_ratio: int = 4,
+    key_value_dimensions: int | None = None,
 ) -> float:
     """Forward and backward FLOPs per trained token: 6N plus the attention term 12 * layers * block_size * width.
 
@@ -61,9 +71,12 @@ def training_flops_per_token(
     for the causal mask, like PaLM's MFU and like FlopCounterMode: it counts the full T x T products of the math
     backend (`sdpa_kernel(SDPBackend.MATH)`) and of the CUDA flash, efficient and cuDNN kernels. On the CPU the
     default SDPA kernel (`_scaled_dot_product_flash_attention_for_cpu`) has no FLOP formula, so there
-    FlopCounterMode counts no attention at all and reports only about 6N per token.
+    FlopCounterMode counts no attention at all and reports only about 6N per token. Grouped-query attention
+    (key_value_dimensions, as in parameter_shapes) shrinks N but not the attention term: every query head still
+    scores every token's key.
     """
-    total = parameter_counts(vocabulary_size, embedding_dimensions, num_layers, feed_forward_ratio)["total"]
+    total = parameter_counts(vocabulary_size, embedding_dimensions, num_layers, feed_forward_ratio,
+                             key_value_dimensions)["total"]
     return 6 * total + 12 * num_layers * block_size * embedding_dimensions
 
 
@@ -111,29 +124,37 @@ class Architecture:
     num_heads: int
     num_layers: int
     feed_forward_ratio: int = 4
+    num_kv_heads: int | None = None  # None: num_heads
+
+    @property
+    def key_value_dimensions(self) -> int:
+        """The width of the keys (and of the values): each key/value head's head_dimensions."""
+        return (self.num_kv_heads or self.num_heads) * (self.embedding_dimensions // self.num_heads)
 
     @property
     def parameters(self) -> dict[str, int]:
-        return parameter_counts(
-            self.vocabulary_size, self.embedding_dimensions, self.num_layers, self.feed_forward_ratio
-        )
+        return parameter_counts(self.vocabulary_size, self.embedding_dimensions, self.num_layers,
+                                self.feed_forward_ratio, self.key_value_dimensions)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
-        return parameter_shapes(
-            self.vocabulary_size, self.embedding_dimensions, self.num_layers, self.feed_forward_ratio
-        )
+        return parameter_shapes(self.vocabulary_size, self.embedding_dimensions, self.num_layers,
+                                self.feed_forward_ratio, self.key_value_dimensions)
 
     @property
     def block_matrix_parameters(self) -> int:
-        return _block_matrix_parameters(self.embedding_dimensions, self.feed_forward_ratio)
+        return _block_matrix_parameters(self.embedding_dimensions, self.feed_forward_ratio, self.key_value_dimensions)
+
+    def kv_cache_bytes(self, sequences: int, capacity: int | None = None, element_bytes: int = FP32_BYTES) -> float:
+        """kv_cache_bytes of this architecture, for sequences of up to capacity tokens (by default block_size)."""
+        return kv_cache_bytes(self.num_layers, self.embedding_dimensions, self.num_heads,
+                              self.num_kv_heads or self.num_heads, sequences, capacity or self.block_size,
+                              element_bytes)
 
     @property
     def flops_per_token(self) -> float:
-        return training_flops_per_token(
-            self.vocabulary_size, self.block_size, self.embedding_dimensions, self.num_layers,
-            self.feed_forward_ratio,
-        )
+        return training_flops_per_token(self.vocabulary_size, self.block_size, self.embedding_dimensions,
+                                        self.num_layers, self.feed_forward_ratio, self.key_value_dimensions)
 
 
 def activation_bytes(
@@ -240,6 +261,17 @@ def memory_per_device(
     return memory
 
 
+def kv_cache_bytes(
+    num_layers: int, embedding_dimensions: int, num_heads: int, num_kv_heads: int, sequences: int, capacity: int,
+    element_bytes: int = FP32_BYTES,
+) -> float:
+    """The key/value cache of `sequences` concurrent sequences of up to `capacity` tokens: in every layer, a key
+    and a value of head_dimensions for each key/value head and token. Grouped-query attention (num_kv_heads below
+    num_heads) divides it by num_heads / num_kv_heads."""
+    head_dimensions = embedding_dimensions // num_heads
+    return 2 * num_layers * sequences * num_kv_heads * capacity * head_dimensions * element_bytes
+
+
 def beam_search_bytes(
     vocabulary_size: int, embedding_dimensions: int, num_layers: int, block_size: int, beam_width: int,
     max_tokens: int, prompt_length: int = 1,
@@ -250,7 +282,7 @@ def beam_search_bytes(
     log-softmax, the running totals and what top-k sorts), or the cache's copies while it is reordered for the
     surviving beams (a layer at a time: 1.5 layers' worth) or rebuilt (all of it)."""
     capacity = min(block_size, prompt_length + max_tokens)
-    cache = 2 * num_layers * beam_width * capacity * embedding_dimensions * FP32_BYTES
+    cache = kv_cache_bytes(num_layers, embedding_dimensions, 1, 1, beam_width, capacity)
     sequences = 2 * INDEX_BYTES * beam_width * max_tokens
     scores = 4 * FP32_BYTES * beam_width * vocabulary_size
     cache_copies = cache if prompt_length + max_tokens > block_size else 1.5 * cache / num_layers
@@ -270,8 +302,8 @@ def fits(memory: dict[str, float], device_memory_bytes: float, headroom: float =
 def _optimizer_state_bytes(architecture: Architecture, optimizer: str, shards: int) -> float:
     """optimizer_state_bytes of the architecture's shapes, one block's times the number of blocks, so that the
     arithmetic stays quick at any depth."""
-    embedding, *block, norm = parameter_shapes(
-        architecture.vocabulary_size, architecture.embedding_dimensions, 1, architecture.feed_forward_ratio)
+    embedding, *block, norm = parameter_shapes(architecture.vocabulary_size, architecture.embedding_dimensions, 1,
+                                               architecture.feed_forward_ratio, architecture.key_value_dimensions)
     return (optimizer_state_bytes([embedding, norm], optimizer, shards)
             + architecture.num_layers * optimizer_state_bytes(block, optimizer, shards))
 
@@ -282,15 +314,19 @@ def _block_bytes_per_token(architecture: Architecture, mixed_precision: bool) ->
     matmul_bytes = BF16_BYTES if mixed_precision else FP32_BYTES
     norms = 2 * _rms_norm_bytes_per_token(width)
     linear_inputs = 2 * matmul_bytes * width  # what the query-key-value projection and the MLP read
-    # q, k, v and the attention output (which the output projection reads as a view), and a logsumexp per head
-    attention = matmul_bytes * 4 * width + FP32_BYTES * heads
+    # q, k, v (one projection's output) and the attention output (which the output projection reads as a view),
+    # and a logsumexp per head
+    attention = matmul_bytes * (2 * width + 2 * architecture.key_value_dimensions) + FP32_BYTES * heads
     mlp = 2 * matmul_bytes * architecture.feed_forward_ratio * width  # GELU's input and output
     return norms + linear_inputs + attention + mlp
 
 
-def _block_matrix_parameters(embedding_dimensions: int, feed_forward_ratio: int) -> int:
-    """The weights of one block's four matrix products (the ones autocast copies to bf16)."""
-    return (4 + 2 * feed_forward_ratio) * embedding_dimensions**2
+def _block_matrix_parameters(embedding_dimensions: int, feed_forward_ratio: int,
+                             key_value_dimensions: int | None = None) -> int:
+    """The weights of one block's four matrix products (the ones autocast copies to bf16): the queries' and the
+    output's, the keys' and values' (key_value_dimensions wide, by default embedding_dimensions), the MLP's two."""
+    keys_and_values = 2 * (key_value_dimensions or embedding_dimensions) * embedding_dimensions
+    return (2 + 2 * feed_forward_ratio) * embedding_dimensions**2 + keys_and_values
 
 
 def _rms_norm_bytes_per_token(embedding_dimensions: int) -> float:

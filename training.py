@@ -1,12 +1,14 @@
 """The training loop that pre-training and instruction tuning share: its RunConfig, schedule, optimizer step,
 evaluation, logging, random-number state and stopping on a signal."""
 
+import argparse
 import json
 import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +16,12 @@ from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.nn import Module
 from tqdm import tqdm
 
 from checkpoint import metrics_path
-from files import append_atomically, write_atomically
+from files import append_atomically, unwritable_folder, write_atomically
 from devices import peak_tflops
 from distributed import (
     as_float,
@@ -32,9 +35,13 @@ from distributed import (
     unwrapped,
     world_size,
 )
+from preparation import DamagedCorpus
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
+
+# A run whose gradient norm is NaN or infinite this many steps in a row (each step skipped) has diverged, and stops.
+NON_FINITE_STEPS_TO_STOP = 3
 
 
 def warmup_steps_of(warmup: int | float, total_steps: int) -> int:
@@ -86,22 +93,54 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
         scaler.load_state_dict(state)
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), and infinity where that is more than a float holds (a diverged run) rather than an OverflowError."""
+    return math.inf if loss > math.log(sys.float_info.max) else math.exp(loss)
+
+
+def json_safe(record: dict) -> dict:
+    """The record with null for each NaN or infinite number, which JSON has no words for (json.dumps would write a
+    bare NaN that JSON readers refuse)."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
+
+
 def append_metrics(path: str | Path, record: dict) -> None:
-    """One JSON object per line, so a run's curves can be plotted while it trains. A write that fails (a full
-    disk) leaves no half line and is a one-line OSError naming the file."""
-    append_atomically(path, json.dumps(record) + "\n")
+    """One JSON object per line, so a run's curves can be plotted while it trains; numbers that are not finite
+    are null. A write that fails (a full disk) leaves no half line and is a one-line OSError naming the file."""
+    append_atomically(path, json.dumps(json_safe(record), allow_nan=False) + "\n")
+
+
+def read_metrics(path: Path) -> tuple[list[tuple[bytes, dict]], int]:
+    """The metrics log's records, each with its line, and the number of damaged lines left out (garbage, bad
+    UTF-8, a record without a whole-number step); a last line cut short by a killed run is left out unnoticed."""
+    records, damaged = [], 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line.decode("utf-8")) if line.endswith(b"\n") else None
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError both
+            record = None
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append((line, record))
+        elif line.endswith(b"\n") or number < len(lines):
+            damaged += 1
+    return records, damaged
 
 
 def records_up_to(path: Path, step: int) -> None:
     """Keep only the metrics log's records of steps up to `step`, where a run starts (or resumes): epochs that
     ran after the checkpoint was saved run again and are logged again, never twice. A last line cut short by a
-    killed run goes too."""
+    killed run goes too, and damaged lines go with a warning that names the file."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-    if kept != lines:
-        write_atomically(path, lambda file: file.write("".join(kept).encode()))
+    records, damaged = read_metrics(path)
+    if damaged:
+        warnings.warn(f"{path}: {damaged} damaged line(s) (not a JSON record with a step) left out of the metrics "
+                      f"log", stacklevel=2)
+    kept = b"".join(line for line, record in records if record["step"] <= step)
+    if kept != path.read_bytes():
+        write_atomically(path, lambda file: file.write(kept))
 
 
 def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:
@@ -111,15 +150,17 @@ def note_optimizer_starts_afresh(checkpoint_path: str | Path) -> None:
 
 
 class GracefulExit:
-    """Turns SIGINT and SIGTERM into a flag the training loop checks after each step."""
+    """Turns SIGINT and SIGTERM into a flag the training loop checks after each step, and the exit status that
+    the signal calls for (128 + its number: 130, 143), so that `pre-train.py ... && next` stops there too."""
 
     def __init__(self):
         self.requested = False
+        self.exit_status = 128 + signal.SIGTERM  # a rank that the stop reached through another rank
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signal_number, self._request)
 
     def _request(self, signal_number: int, frame) -> None:
-        self.requested = True
+        self.requested, self.exit_status = True, 128 + signal_number
 
 
 def weighted_by_targets(batches: list[tuple[Tensor, Tensor]], padding_index: int) -> list[tuple[Tensor, Tensor, float]]:
@@ -174,10 +215,11 @@ def optimizer_step(
     synchronised once, after the last micro-batch, or after every one (see REDUCE_EVERY_MICRO_BATCH). Returns
     the step's loss (loss_of's, language_model_loss by default), the gradient norm, whether any rank asked to stop
     (one reduction carries the loss, its figures and the requests, so every rank stops at the same step) and the
-    step's means of loss_of's further figures. A loss that is not finite raises FloatingPointError on
-    every rank before the weights change. Under fp16 the scaler multiplies the loss before the backward pass and
-    divides the gradients before they are clipped; it skips a step whose gradients overflowed, and lowers its
-    scale.
+    step's means of loss_of's further figures. A loss that is not finite raises FloatingPointError on every rank
+    before the weights change; a step whose gradient norm is not finite is skipped, the weights left as they are
+    (the caller stops a run that keeps doing it). Under fp16 the scaler multiplies the loss before the backward
+    pass and divides the gradients before they are clipped; it skips a step whose gradients overflowed, and lowers
+    its scale.
     """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
@@ -205,14 +247,15 @@ def optimizer_step(
     scaler.unscale_(optimizer)
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     gradient_norm = as_float(torch.nn.utils.clip_grad_norm_(parameters, max_gradient_norm))
-    scaler.step(optimizer)
+    if math.isfinite(gradient_norm) or scaler.is_enabled():  # fp16's scaler skips such a step itself
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, gradient_norm, stop_requests > 0, figures
 
 
 @torch.no_grad()
-def evaluate(model: Module, batches: list[tuple[Tensor, Tensor, float]], precision: AbstractContextManager,
+def evaluate(model: Module, batches: Iterable[tuple[Tensor, Tensor, float]], precision: AbstractContextManager,
              loss_of: LossFunction = language_model_loss) -> tuple[float, dict[str, float]]:
     """The mean loss (loss_of's, by default the cross entropy per target, padding excluded) and its further figures
     over fixed held-out batches, each rank evaluating its share; a batch of weight 0 is a pass that only keeps the
@@ -265,6 +308,19 @@ class RunConfig:
         return self.steps_per_epoch * self.num_epochs
 
 
+def log_folder(args: "argparse.Namespace | RunConfig") -> Path:
+    """Where TensorBoard's run of this checkpoint goes: <log_dir>/<checkpoint name>, log_dir by default runs/ beside
+    the checkpoint."""
+    checkpoint = Path(args.checkpoint_path)
+    return (Path(args.log_dir) if args.log_dir else checkpoint.parent / "runs") / checkpoint.stem
+
+
+def check_log_dir(args: "argparse.Namespace | RunConfig") -> None:
+    """Raise a one-line ValueError, before any work, when TensorBoard's curves could not be written."""
+    if args.tensorboard and (problem := unwritable_folder(log_folder(args))):
+        raise ValueError(f"--log_dir {args.log_dir or log_folder(args).parent}: {problem}")
+
+
 def tensorboard_writer(run: RunConfig, start_step: int) -> "SummaryWriter":
     """A TensorBoard SummaryWriter in <log_dir>/<checkpoint name> (log_dir by default runs/ beside the checkpoint),
     with the run's flags as text. Every step is logged at its global step, so a resumed run continues its own
@@ -273,9 +329,7 @@ def tensorboard_writer(run: RunConfig, start_step: int) -> "SummaryWriter":
     from torch.utils.tensorboard import SummaryWriter  # here, not at the top: importing it takes most of a second
 
     first_step = start_step + 1  # step n is logged once n optimizer steps are done
-    checkpoint = Path(run.checkpoint_path)
-    log_dir = Path(run.log_dir) if run.log_dir else checkpoint.parent / "runs"
-    writer = SummaryWriter(log_dir / checkpoint.stem, purge_step=first_step)
+    writer = SummaryWriter(log_folder(run), purge_step=first_step)
     flags = "\n".join(f"| --{name} | {value} |" for name, value in sorted(run.flags.items()))
     writer.add_text("flags", "| flag | value |\n| --- | --- |\n" + flags, first_step)
     return writer
@@ -335,7 +389,7 @@ class EpochLog:
         if validation_loss is not None:
             record["validation_loss"] = validation_loss
             if self.perplexity:
-                record["validation_perplexity"] = math.exp(validation_loss)
+                record["validation_perplexity"] = perplexity(validation_loss)
         validation_figures = validation_figures or {}
         record |= {f"validation_{name}": value for name, value in validation_figures.items()} | (benchmarks or {})
         if self.metrics_path:
@@ -375,7 +429,7 @@ def train(
     model: Module,
     optimizer: torch.optim.Optimizer,
     micro_batches_at: Callable[[int], list[tuple[Tensor, Tensor, float]]],
-    eval_batches: list[tuple[Tensor, Tensor, float]],
+    eval_batches: Iterable[tuple[Tensor, Tensor, float]],
     save: Callable[[int, int], None],
     run: RunConfig,
     start_step: int,
@@ -398,11 +452,11 @@ def train(
             more figures to log when they are due (see EpochLog.end_epoch), or None.
 
     Each epoch is logged, evaluated every run.eval_interval epochs and saved every run.checkpoint_interval
-    epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the same step. Rank 0 alone
-    shows progress, writes the metrics log beside run.checkpoint_path (first dropping its records past
-    start_step) and, unless run.tensorboard is off, TensorBoard curves under run.log_dir, with the model FLOPs
-    utilization when run.flops_per_unit and the device's peak are known. A file that cannot be written stops
-    every rank with one line. Ranks wait for each other as long as at start-up until the first step is done,
+    epochs, both always at the end. SIGINT or SIGTERM saves and stops every rank at the same step, exiting
+    130 or 143. Rank 0 alone shows progress, writes the metrics log beside run.checkpoint_path (first dropping its
+    records past start_step) and, unless run.tensorboard is off, TensorBoard curves under run.log_dir, with the
+    model FLOPs utilization when run.flops_per_unit and the device's peak are known. A file that cannot be written
+    stops every rank with one line. Ranks wait for each other as long as at start-up until the first step is done,
     and while a checkpoint is saved.
     """
     main_process = rank() == 0
@@ -431,6 +485,7 @@ def train(
         stop(failure)
 
     model.train()
+    non_finite_steps = 0
     while step < total_steps:
         learning_rate = learning_rate_at(step, total_steps, warmup_steps, run.learning_rate)
         try:
@@ -440,6 +495,13 @@ def train(
             )
         except FloatingPointError as error:
             stop(f"at step {step}, {error}")
+        except DamagedCorpus as error:
+            stop(str(error))
+        non_finite_steps = 0 if math.isfinite(gradient_norm) or scaler.is_enabled() else non_finite_steps + 1
+        if non_finite_steps == NON_FINITE_STEPS_TO_STOP:
+            stop(f"at step {step}, the gradient norm was {gradient_norm} {non_finite_steps} steps in a row (each "
+                 f"skipped); training stopped, {run.checkpoint_path} is left as it was (try a lower "
+                 f"--learning_rate or a lower --max_gradient_norm)")
         step += 1
         if step == start_step + 1:
             end_start_up()
@@ -449,12 +511,18 @@ def train(
         failure = None
         last = step == total_steps
         if end_of_epoch == 0:
-            validation_loss, validation_figures = (evaluate(model, eval_batches, precision, run.loss_of)
-                                                   if epoch % run.eval_interval == 0 or last else (None, None))
+            try:
+                validation_loss, validation_figures = (evaluate(model, eval_batches, precision, run.loss_of)
+                                                       if epoch % run.eval_interval == 0 or last else (None, None))
+            except DamagedCorpus as error:
+                stop(str(error))
             benchmarks = benchmark(model, precision, epoch, last) if benchmark else None
             failure = write_error(log.end_epoch, epoch, step, run.unit, run.units_per_epoch, validation_loss,
                                   validation_figures, benchmarks)
         if stop_requested or end_of_epoch == 0 and (epoch % run.checkpoint_interval == 0 or last):
+            if divergence := diverged(model, validation_loss if end_of_epoch == 0 else None):
+                stop(f"at step {step}, {divergence}: the run diverged; nothing was saved, {run.checkpoint_path} is "
+                     f"left as it was (try a lower --learning_rate)")
             with slow_work_on_one_rank():
                 failure = write_error(save, step, epoch) or failure
         if (end_of_epoch == 0 or stop_requested) and (failure := first_error_of_any_rank(failure)):
@@ -462,11 +530,29 @@ def train(
         if stop_requested:
             log.close()
             if main_process:
-                print(f"Stopped by signal at step {step}; {run.saved_what} saved to {run.checkpoint_path}")
-            return
+                print(f"Stopped by signal at step {step}; {run.saved_what} saved to {run.checkpoint_path}", flush=True)
+            sys.exit(exit_request.exit_status)
     log.close()
     if main_process:
         print(f"Done: {run.saved_what} saved to {run.checkpoint_path}")
+
+
+def diverged(model: Module, validation_loss: float | None) -> str | None:
+    """What shows that a model about to be saved has diverged (a validation loss or weights that are not finite
+    numbers), else None; every rank calls it."""
+    if validation_loss is not None and not math.isfinite(validation_loss):
+        return f"the validation loss is {validation_loss}"
+    return None if weights_are_finite(model) else "the weights hold NaN or infinite numbers"
+
+
+def weights_are_finite(model: Module) -> bool:
+    """Whether the weights of every rank (its own shards under FSDP2) are finite numbers; every rank calls it."""
+    device = next(model.parameters()).device
+    non_finite = torch.zeros((), device=device)
+    for parameter in model.parameters():
+        local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+        non_finite += local.detach().isfinite().logical_not().sum()
+    return sum_across_ranks(non_finite).item() == 0
 
 
 def write_error(write: Callable[..., None], *args) -> str | None:

@@ -93,6 +93,22 @@ def test_bench_measures_hellaswag_scoring_batched_and_one_item_at_a_time():
 
 
 @pytest.mark.slow
+def test_bench_serves_concurrent_streaming_clients_and_leaves_no_server_running():
+    result = run_script("bench.py", *TINY_BENCH_FLAGS, "--num_kv_heads", "1", "--parts", "serve", "--serve_clients",
+                        "1", "3", "--serve_tokens", "6", "--prompt_length", "4", "--precision", "fp32", "--json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    served = {(record["metric"], record["clients"]): record for record in records if "clients" in record}
+    assert served.keys() == {(metric, clients) for metric in ("serve_tokens_per_s", "serve_time_to_first_token")
+                             for clients in (1, 3)}
+    assert all(math.isfinite(record["value"]) and record["value"] > 0 for record in served.values())
+    assert all(record["tokens"] == 6 and record["prompt_tokens"] == 4 for record in served.values())
+    # The server bench started (the only one with 3 rows: other tests' servers may be running) has ended with it.
+    running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert not [line for line in running if "serve.py" in line and "--max_batch_size 3" in line]
+
+
+@pytest.mark.slow
 def test_bench_prints_a_table_by_default_and_a_row_for_each_training_variant():
     result = run_script("bench.py", *TINY_BENCH_FLAGS, "--steps", "1", "--warmup", "0", "--no-gpt2")
     assert result.returncode == 0, result.stderr

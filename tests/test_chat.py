@@ -1,10 +1,13 @@
+import io
 import json
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from conftest import (
     REPOSITORY,
     assert_one_line_error,
     load_script,
+    metrics,
     one_thread,
     run_script,
     save_pretrained_checkpoint,
@@ -223,13 +227,17 @@ def chat_adapter(tmp_path_factory):
         model.token_embeddings.weight.mul_(25)
     base = save_pretrained_checkpoint(model, folder / "base.pt", block_size=64)
     (folder / "chats.jsonl").write_text((json.dumps(EXCHANGE) + "\n") * 8)
-    result = run_script("instruction-tune.py", "--base_model_path", base, "--dataset", "local", "--dataset_path",
-                        folder / "chats.jsonl", "--checkpoint_path", folder / "lora.pt", "--batch_size", "4",
-                        "--gradient_accumulation_steps", "1", "--learning_rate", "3e-2", "--rank", "8", "--dropout",
-                        "0", "--num_epochs", "30", "--eval_interval", "30", "--checkpoint_interval", "30",
-                        "--device", "cpu", "--seed", "2")
+    result = tune_on_the_exchange(base, folder / "lora.pt")
     assert result.returncode == 0, result.stderr
     return base, folder / "lora.pt"
+
+
+def tune_on_the_exchange(base: Path, adapter: Path, *flags: str) -> subprocess.CompletedProcess:
+    return run_script("instruction-tune.py", "--base_model_path", base, "--dataset", "local", "--dataset_path",
+                      base.parent / "chats.jsonl", "--checkpoint_path", adapter, "--batch_size", "4",
+                      "--gradient_accumulation_steps", "1", "--learning_rate", "3e-2", "--rank", "8", "--dropout",
+                      "0", "--num_epochs", "30", "--eval_interval", "30", "--checkpoint_interval", "30",
+                      "--device", "cpu", "--seed", "2", *flags)
 
 
 @pytest.mark.slow
@@ -260,6 +268,22 @@ def test_a_chat_adapter_holds_only_what_changed_and_answers_through_piped_chat_p
         CHATML.render(EXCHANGE["messages"])[0])
     result = run_script("chat.py", "--checkpoint_path", exported, *CHAT_FLAGS, input="Hello\n")
     assert result.stdout == "Hi there, friend.\n\n", result.stderr
+
+
+@pytest.mark.slow
+def test_a_chat_adapter_resumes_with_its_trained_chat_token_rows(chat_adapter, tmp_path):
+    base, adapter = chat_adapter
+    resumed = tmp_path / "lora.pt"
+    shutil.copy(adapter, resumed)
+    shutil.copy(adapter.with_suffix(".metrics.jsonl"), resumed.with_suffix(".metrics.jsonl"))
+    result = tune_on_the_exchange(base, resumed, "--resume", "--num_epochs", "31", "--eval_interval", "1")
+    assert result.returncode == 0, result.stderr
+    assert "at epoch 31, step 60" in result.stdout
+    # the 31st epoch starts from the learnt <|im_start|> and <|im_end|> rows: fresh ones would cost it over 1
+    before, after = metrics(adapter)[-1], metrics(resumed)[-1]
+    assert after["epoch"] == 31 and after["loss"] < 0.1 and after["validation_loss"] < 0.1, (before, after)
+    saved = torch.load(resumed, weights_only=True)
+    assert saved["step"] == 62 and saved["added_token_embeddings"].shape == (2, 64)
 
 
 def read_until(descriptor: int, expected: str, timeout: float = 60) -> str:
@@ -297,6 +321,54 @@ def test_chat_py_in_a_real_terminal_streams_replies_resets_and_exits(chat_adapte
         process.kill()
         process.wait()
         os.close(controller)
+
+
+class CtrlCWhilePrinting(io.StringIO):
+    """Standard output where Ctrl-C arrives as the second piece of a reply is printed."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += bool(text)
+        if self.writes == 3:  # "Assistant: ", the first piece, then the second
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+@pytest.mark.parametrize("where", ["printing", "computing"])
+def test_ctrl_c_during_a_reply_stops_only_the_reply_and_the_next_turn_follows_what_was_said(where, monkeypatch):
+    chat = load_script("chat")
+    model = tiny_model(**CHAT_SHAPE).eval()
+    session = ChatSession(model, CHATML, block_size=96, reply_room=8)
+    args = chat.parse_args(["--max_tokens", "8", "--device", "cpu"])
+    shown = CtrlCWhilePrinting() if where == "printing" else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", shown)
+    if where == "computing":  # Ctrl-C inside the model as the fourth token is computed: its first block is fed
+        calls = []
+
+        def interrupt_the_fourth(*_):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+
+        model.blocks[-1].register_forward_pre_hook(interrupt_the_fourth)
+    torch.manual_seed(0)
+    chat.answer(session, "Hi there", args, interactive=True)
+    assert shown.getvalue().startswith("Assistant: ") and shown.getvalue().endswith(" [stopped]\n")
+    said = session.messages[-1]
+    assert said["role"] == "assistant" and said["content"].startswith(shown.getvalue()[11:-11])
+    # the stopped reply, closed by <|im_end|>, is what the cache holds before the next turn
+    opening = len(CHATML.prompt(session.messages[:1]))
+    held = session.tokens + session.unfed
+    end = held.index(50258, opening)
+    assert chat_tokenizer().decode(held[opening:end]) == said["content"] and held[end:] == CHATML.reply_end()
+    assert where == "printing" or end - opening == 3  # the three tokens computed before Ctrl-C
+    chat.answer(session, "Go on", args, interactive=True)
+    assert shown.getvalue().count("[stopped]") == 1 and session.messages[-2]["content"] == "Go on"
+    session.add_user_message("And then?")
+    torch.testing.assert_close(session.feed(), model.next_token_logits(torch.tensor([session.tokens]))[0])
 
 
 @pytest.mark.parametrize("arguments, fragment", [

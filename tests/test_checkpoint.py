@@ -1,4 +1,6 @@
 import contextlib
+import fcntl
+import functools
 import json
 import os
 import pickle
@@ -17,6 +19,7 @@ from checkpoint import (
     check_outputs,
     claimed_checkpoint,
     exclusive_lock,
+    file_checksums,
     is_sharded_checkpoint,
     load_checkpoint,
     load_index,
@@ -42,7 +45,8 @@ from conftest import (
 from conversations import PromptTemplate
 from distributed import load_training_state, sharded_training_state
 from finetuning import load_lora_model
-from files import write_text_atomically
+from files import still_at, write_text_atomically
+from preparation import preparation_lock
 from tokenizer import load_tokenizer
 from training import append_metrics, records_up_to
 
@@ -208,6 +212,9 @@ def sharded_with_crafted_metadata(root, module: str, name: str, marker) -> tuple
     crafted = calling(module, name, f"touch {marker}", metadata.read_bytes())
     metadata.write_bytes(crafted)
     (metadata.parent / "__0.metadata").write_bytes(crafted)
+    index_path = root / "sharded" / "checkpoint.pt"  # whoever crafts the files can rewrite their checksums too
+    index = torch.load(index_path, weights_only=True)
+    torch.save(index | {"shard_checksums": file_checksums(metadata.parent)}, index_path)
     return root / "sharded", load_index(root / "sharded")
 
 
@@ -362,6 +369,28 @@ def test_the_lock_of_a_killed_run_is_free_for_the_next(tmp_path):
     holder.wait()
     with exclusive_lock(path):
         pass
+
+
+@pytest.mark.parametrize("lock", ["checkpoint", "preparation"])
+def test_a_lock_file_is_removed_when_its_run_ends_and_a_run_that_waited_on_it_locks_a_new_one(tmp_path, lock):
+    """A run that opened the lock file before its holder removed it must not hold the removed file, which locks
+    nothing: a third run would take a new one at the same time."""
+    if lock == "checkpoint":
+        path, hold = tmp_path / "checkpoint.pt.lock", functools.partial(exclusive_lock, tmp_path / "checkpoint.pt")
+    else:
+        path, hold = tmp_path / "prepare.lock", functools.partial(preparation_lock, tmp_path)
+    with hold():
+        assert path.read_text() == f"{os.getpid()}\n"
+        waiting = open(path, "a+")  # opened now, locked once the holder lets go, as a waiting run does
+    assert not path.exists()
+    fcntl.flock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the removed file's lock, free to take
+    assert not still_at(waiting, path)
+    with hold():
+        assert path.exists()  # a new file, locked by the new run
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(open(path, "a+"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    waiting.close()
+    assert not path.exists()
 
 
 @pytest.mark.parametrize("where, message", [

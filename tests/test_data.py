@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +36,7 @@ def test_tokenizer_round_trips_text():
     assert tokenizer.decode(tokenizer.encode_ordinary(text)) == text
 
 
+@pytest.mark.slow
 def test_tokenizer_leaves_no_cache_files(tmp_path):
     environment = {key: value for key, value in os.environ.items() if key != "TIKTOKEN_CACHE_DIR"}
     environment["TMPDIR"] = str(tmp_path)
@@ -139,7 +141,7 @@ def test_an_interrupted_preparation_continues_where_it_stopped_and_gives_the_sam
     meta = json.loads((folder / "meta.json").read_text())
     assert not meta["complete"] and meta["position"]["batch"] == 2
     assert os.path.getsize(folder / "train.bin") == 2 * meta["train_tokens"]
-    assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "prepare.lock", "test.bin", "train.bin"]
+    assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "test.bin", "train.bin"]
 
     monkeypatch.setattr(preparation, "tokenize_documents", real_tokenize)
     tokenized = []
@@ -309,14 +311,17 @@ def test_undecodable_bytes_in_a_text_file_are_replaced_with_a_warning_that_names
          ["latin1.jsonl: line 2 is not valid UTF-8"]),
         ("list.json", b'[{"text": "a"},\n {"text": null}]', ["list.json: record 2", "not a string: null"]),
         ("broken.json", b'[{"text": "a"},\n {"text": "b"]', ["broken.json: line 2 is not valid JSON"]),
+        ("bad.parquet", b"PAR1garbage", ["bad.parquet is not a readable Parquet file"]),
     ],
 )
-def test_text_file_errors_name_the_file_and_line(tmp_path, name, content, fragments):
+def test_text_file_errors_name_the_file_and_line_and_nothing_else_is_printed(tmp_path, capfd, name, content,
+                                                                              fragments):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError) as error:
         streamed_documents(corpora.text_parts([tmp_path / name]))
     message = str(error.value)
     assert message.startswith("--text_files: ") and "\n" not in message
+    assert capfd.readouterr().err == ""  # datasets logs what it failed to read; the message says it
     for fragment in fragments:
         assert fragment in message
 
@@ -508,7 +513,19 @@ def test_sigterm_or_ctrl_c_stops_a_preparation_with_one_line_and_keeps_what_it_d
     meta = json.loads((folder / "meta.json").read_text())
     assert f"stopped at {meta['train_tokens']:,} training tokens" in stderr
     assert os.path.getsize(folder / "train.bin") == 2 * meta["train_tokens"]
-    assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "prepare.lock", "test.bin", "train.bin"]
+    assert sorted(path.name for path in folder.iterdir()) == ["meta.json", "test.bin", "train.bin"]
+
+
+@pytest.mark.slow
+def test_pretrain_says_it_is_reaching_the_hub_before_it_waits_for_it(tmp_path):
+    with socket.socket() as closed:  # a port that nothing listens on: the hub out of reach, at once
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    environment = {key: value for key, value in one_thread().items() if not key.endswith("_OFFLINE")}
+    result = run_script("pre-train.py", cwd=tmp_path, env=environment | {"HF_ENDPOINT": endpoint})
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "--dataset fineweb-edu: reaching the HuggingFace hub for HuggingFaceFW/fineweb-edu", lines
+    assert_one_line_error(result, "--dataset fineweb-edu", "could not read HuggingFaceFW/fineweb-edu")
 
 
 @pytest.mark.slow

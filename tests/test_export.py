@@ -55,7 +55,21 @@ def exported(checkpoint_path, tmp_path_factory):
     result = run_script("export.py", *readme_export_flags(), "--checkpoint_path", checkpoint_path,
                         "--output_dir", folder)
     assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr and "Warning" not in result.stderr, result.stderr  # no noise
     return folder
+
+
+@pytest.mark.slow
+def test_the_readme_s_python_example_generates_text_from_an_exported_folder_offline(exported):
+    section = (REPOSITORY / "README.md").read_text().split("## Sharing a model", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert example == export.USAGE.replace("FOLDER", "./out/lightgpt")  # the model card's, too
+    assert export.USAGE.replace("FOLDER", "<this folder or Hub id>") in (exported / "README.md").read_text()
+    code = example.replace("./out/lightgpt", str(exported))
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(load_tokenizer().encode_ordinary(result.stdout)) > 10
 
 
 def checkpoint_model(path) -> LightGPT:

@@ -275,22 +275,22 @@ def test_generate_samples_as_the_model_does_under_the_same_seed(checkpoint_path)
     torch.manual_seed(7)
     prompt = torch.tensor(tokenizer.encode_ordinary("The history of"))
     tokens = generate(model, prompt, 20, 1.2, 100, 0.95, 1.2, block_size=16)
-    assert result.stdout == tokenizer.decode(list(tokens)) + "\n"
+    assert result.stdout == "The history of" + tokenizer.decode(list(tokens)) + "\n"  # the prompt, continued
 
 
 @pytest.mark.slow
-def test_generate_completes_every_line_of_standard_input(checkpoint_path):
+def test_generate_completes_every_line_of_standard_input_after_the_line_a_blank_line_apart(checkpoint_path):
     tokenizer = load_tokenizer()
     model = script_model(checkpoint_path)
     lines = ["Once upon a time", "", "The king said"]
     result = run_script("generate.py", "--checkpoint_path", checkpoint_path, "--top_k", "1", "--max_tokens", "6",
                         "--device", "cpu", input="\n".join(lines) + "\n")
     assert result.returncode == 0, result.stderr
-    expected = ""
+    texts = []
     for line in lines:
         prompt = torch.tensor(tokenizer.encode_ordinary(line) or [tokenizer.eot_token])
-        expected += tokenizer.decode(list(generate(model, prompt, 6, top_k=1, block_size=16))) + "\n"
-    assert result.stdout == expected
+        texts.append(line + tokenizer.decode(list(generate(model, prompt, 6, top_k=1, block_size=16))) + "\n")
+    assert result.stdout == "\n".join(texts)
 
 
 @pytest.mark.slow
@@ -301,6 +301,7 @@ def test_beam_search_prints_the_best_candidates_with_their_scores(checkpoint_pat
     assert result.returncode == 0, result.stderr
     prompt = torch.tensor(tokenizer.encode_ordinary("In the beginning"))
     found = beam_search(script_model(checkpoint_path), prompt, 8, beam_width=4, num_candidates=2, block_size=16)
+    assert result.stdout.startswith("> In the beginning\n")
     printed = re.findall(r"^(\d+)\. \[(-?\d+\.\d+)\] (.*)$", result.stdout, re.M)
     assert [rank for rank, _, _ in printed] == ["1", "2"]
     for (_, score, text), (tokens, expected_score) in zip(printed, found):

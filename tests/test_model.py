@@ -94,9 +94,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
     "overrides, message",
     [
         ({"embedding_dimensions": 30, "num_heads": 4}, "divisible by num_heads"),
-        ({"num_layers": 0}, "num_layers must be at least 1"),
-        ({"vocabulary_size": 0}, "vocabulary_size must be at least 1"),
-        ({"dropout": 1.5}, "dropout must be in [0, 1)"),
+        ({"num_layers": 0}, "num_layers must be a whole number of at least 1, got 0"),
+        ({"vocabulary_size": 0}, "vocabulary_size must be a whole number of at least 1, got 0"),
+        ({"dropout": 1.5}, "dropout must be a number in [0, 1), got 1.5"),
         ({"eos_index": VOCABULARY}, "eos_index"),
     ],
 )

@@ -52,7 +52,7 @@ def chat_files(tmp_path_factory):
     base_path = save_pretrained_checkpoint(base_model, folder / "base.pt", block_size=32)
     base = torch.load(base_path, weights_only=True)
     torch.manual_seed(1)
-    chat = lora_model(base, base_path, LORA_ARGS)
+    chat = lora_model(base, base_path, LORA_ARGS, "cpu")
     add_chat_tokens(chat, CHAT_VOCABULARY_SIZE)
     with torch.no_grad():
         for layer in lora_layers(chat).values():
@@ -146,6 +146,12 @@ def test_a_preference_adapter_merges_after_the_chat_adapter_it_was_trained_on(ch
     for name, tensor in expected.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=1e-6)
 
+    damaged = torch.load(tmp_path / "pref.pt", weights_only=True)
+    next(iter(damaged["merged_adapter"]["lora"].values())).view(-1)[0] += 1  # the chat adapter's bytes, saved inside
+    torch.save(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match=r"damaged.pt: merged_adapter/lora/\S+ differs from the checksum"):
+        load_lora_model(tmp_path / "damaged.pt")
+
 
 def test_local_pairs_in_trl_s_layouts_and_one_line_for_each_malformed_record(tmp_path):
     good = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go."}, toy_pairs(1)[0],
@@ -233,7 +239,7 @@ def preference_run(chat_files):
     halves = [*flags, "--checkpoint_path", folder / "halves.pt", "--num_epochs", "4"]
     first = run_until_first_epoch_then_terminate("preference-tune.py", *halves,
                                                  metrics_path=folder / "halves.metrics.jsonl")
-    assert first.returncode == 0 and "Stopped by signal" in first.stdout, first.stderr
+    assert first.returncode == 143 and "Stopped by signal" in first.stdout, first.stderr
     second = run_script("preference-tune.py", *halves, "--resume")
     assert second.returncode == 0 and "Resuming from" in second.stdout, second.stderr
     return folder, whole

@@ -26,7 +26,7 @@ def test_the_corpus_table_and_the_dataset_flag_come_from_the_registry():
 def test_docs_usage_has_every_user_script_s_table_and_the_readme_links_to_it():
     tables = [match["script"] for match in TABLE.finditer(USAGE.read_text())]
     assert tables == ["pre-train.py", "instruction-tune.py", "preference-tune.py", "generate.py", "beam_search.py",
-                      "chat.py", "evaluate.py", "export.py"]
+                      "evaluate.py", "serve.py", "chat.py", "export.py"]
     assert "(docs/usage.md" in README.read_text()
 
 

@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,8 +23,9 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPOSITORY / "model_sizing.ipynb"
 OPTIMIZERS = {"adafactor": torch.optim.Adafactor, "adamw": torch.optim.AdamW}
 
-# (vocabulary_size, block_size, embedding_dimensions, num_heads, num_layers, feed_forward_ratio)
+# (vocabulary_size, block_size, embedding_dimensions, num_heads, num_layers, feed_forward_ratio[, num_kv_heads])
 SHAPES = [(97, 64, 32, 4, 2, 4), (101, 16, 48, 3, 3, 2), (50, 128, 16, 2, 1, 1), (300, 8, 64, 8, 2, 3)]
+GQA_SHAPES = [(97, 64, 32, 4, 2, 4, 2), (300, 8, 64, 8, 2, 3, 1)]  # grouped-query attention: a narrower projection
 
 
 def build(architecture: sizing.Architecture) -> LightGPT:
@@ -62,7 +65,7 @@ def saved_bytes(model: LightGPT, x: torch.Tensor, y: torch.Tensor, mixed_precisi
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + GQA_SHAPES)
 def test_parameter_counts_equal_the_models_exactly(shape):
     architecture = sizing.Architecture(*shape)
     model = build(architecture)
@@ -88,7 +91,7 @@ def test_optimizer_state_equals_what_the_torch_optimizer_keeps(optimizer):
 
 @pytest.mark.parametrize("mixed_precision", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["stored", "checkpointed"])
-@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("shape", SHAPES[:2] + GQA_SHAPES[:1])
 def test_activation_estimate_is_within_20_percent_of_what_autograd_saves(
     shape, activation_checkpointing, mixed_precision
 ):
@@ -169,7 +172,7 @@ def test_checkpointing_saves_a_fraction_of_the_activations():
     assert checkpointed < 0.5 * stored
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], (97, 16, 64, 4, 2, 4)])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], (97, 16, 64, 4, 2, 4), GQA_SHAPES[1]])
 def test_flops_estimate_is_within_10_percent_of_the_flop_counter(shape):
     # On the CPU, SDPA runs a fused kernel that FlopCounterMode does not count; the math backend computes and
     # counts the full T x T attention products, as the training_flops_per_token docstring assumes.
@@ -250,8 +253,8 @@ def test_notebook_is_committed_without_outputs():
 
 
 @pytest.mark.slow
-def test_the_readme_command_runs_the_notebook_top_to_bottom_and_draws_its_charts(tmp_path, monkeypatch):
-    # The README's `jupyter execute model_sizing.ipynb`, on copies, so the committed chart stays untouched.
+def test_the_notebook_runs_top_to_bottom_and_draws_its_charts_writing_no_file(tmp_path, monkeypatch):
+    # jupyter execute, on copies, so that a file written by mistake lands here
     for name in (NOTEBOOK.name, "sizing.py"):
         shutil.copy(REPOSITORY / name, tmp_path)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel draws inline
@@ -264,4 +267,17 @@ def test_the_readme_command_runs_the_notebook_top_to_bottom_and_draws_its_charts
     outputs = [output for cell in cells if cell["cell_type"] == "code" for output in cell["outputs"]]
     assert not [output for output in outputs if output["output_type"] == "error"]
     assert sum("image/png" in output.get("data", {}) for output in outputs) >= 2
-    assert (tmp_path / "docs" / "memory_by_component.png").stat().st_size > 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["executed.ipynb", NOTEBOOK.name, "sizing.py"]
+
+
+@pytest.mark.slow
+def test_the_readme_s_headless_command_prints_the_notebook_s_tables(tmp_path):
+    for name in (NOTEBOOK.name, "sizing.py"):
+        shutil.copy(REPOSITORY / name, tmp_path)
+    command = re.search(r"^(ipython \S+\.ipynb)$", (REPOSITORY / "README.md").read_text(), re.M).group(1)
+    result = subprocess.run([sys.executable, "-m", "IPython", *command.split()[1:]], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=os.environ | {"MPLBACKEND": "Agg"})
+    assert result.returncode == 0, result.stderr
+    for table_line in ("GiB per device", "activation checkpointing:", "training FLOPs per token"):
+        assert table_line in result.stdout, result.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == [NOTEBOOK.name, "sizing.py"]

@@ -94,9 +94,11 @@ def test_a_stop_at_the_end_of_an_epoch_saves_once(tmp_path):
                     program="test")
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(model, optimizer, micro_batches_at, batch, lambda step, epoch: saves.append((step, epoch)), run, 0,
-              gradient_scaler(torch.device("cpu"), torch.float32))
+        with pytest.raises(SystemExit) as stopped:  # saved, then the conventional status of a SIGTERM
+            train(model, optimizer, micro_batches_at, batch, lambda step, epoch: saves.append((step, epoch)), run,
+                  0, gradient_scaler(torch.device("cpu"), torch.float32))
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)
     assert saves == [(4, 2)], saves
+    assert stopped.value.code == 128 + signal.SIGTERM
