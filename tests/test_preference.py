@@ -302,3 +302,12 @@ def test_a_file_of_malformed_records_is_one_line_for_each(chat_files, tmp_path):
     assert lines[-3].startswith(f"preference-tune.py: error: {data}: line 3 ") and lines[-2].startswith(
         f"{data}: line 4 ")
     assert not (tmp_path / "pref.pt").exists()
+
+
+def test_a_rank_whose_adapters_outgrow_the_device_is_refused_before_they_are_allocated(chat_files):
+    script = load_script("preference-tune")
+    _, base_path, chat_path = chat_files
+    args = script.parse_args(["--lora_path", str(chat_path), "--rank", "100000000000", "--device", "cpu"])
+    chat, base = torch.load(chat_path, weights_only=True), torch.load(base_path, weights_only=True)
+    with pytest.raises(ValueError, match=r"^--rank 100000000000: the adapters need about .* choose a smaller --rank$"):
+        script.preference_model(chat, base, args, str(base_path))
