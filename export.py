@@ -20,7 +20,6 @@ from checkpoint import (
     DEFAULT_CHECKPOINT_PATH,
     EXPORTED_CONFIG,
     EXPORTED_WEIGHTS,
-    context_length,
     exported_config,
     load_checkpoint,
     load_lora_checkpoint,
@@ -32,6 +31,7 @@ from corpora import CORPORA
 from files import write_folder_atomically
 from finetuning import adapter_on_base
 from flags import ArgumentParser
+from integrity import context_length
 from model import LightGPT
 from tokenizer import TOKENIZER_NAME
 from training import perplexity, read_metrics

@@ -21,8 +21,6 @@ from torch.nn import Module
 
 from checkpoint import (
     check_same_base,
-    context_length,
-    finite,
     load_checkpoint,
     load_lora_checkpoint,
     load_model,
@@ -31,13 +29,13 @@ from checkpoint import (
     saved_template,
     trained_on_these_weights,
     training_checkpoint,
-    verify_optimizer_state,
     weights_fingerprint,
 )
 from conversations import PromptTemplate
 from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import run_config
+from integrity import context_length, finite, verify_optimizer_state
 from model import (
     LightGPT,
     add_lora,

@@ -9,12 +9,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (
-    claimed_checkpoint,
-    context_length,
-    is_sharded_checkpoint,
-    load_checkpoint,
-)
+from checkpoint import claimed_checkpoint, is_sharded_checkpoint, load_checkpoint
 from chats import ChatSamples, load_examples
 from conversations import (
     ALPACA,
@@ -28,6 +23,7 @@ from conversations import (
 from files import resolve_files, same_files
 from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, resumable_adapters, train_adapters
 from flags import ArgumentParser, add_lora_arguments, add_training_arguments, check_dataset_path, positive_int
+from integrity import context_length
 from tokenizer import CHAT_VOCABULARY_SIZE
 from training import check_log_dir
 
