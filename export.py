@@ -33,8 +33,8 @@ from finetuning import adapter_on_base
 from flags import ArgumentParser
 from integrity import context_length
 from model import LightGPT
+from run_log import perplexity, read_metrics
 from tokenizer import TOKENIZER_NAME
-from training import perplexity, read_metrics
 
 ONNX_FILE = "model.onnx"
 # The model card's example, as the README shows it (FOLDER: the exported folder).

@@ -24,8 +24,8 @@ from files import resolve_files, same_files
 from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, resumable_adapters, train_adapters
 from flags import ArgumentParser, add_lora_arguments, add_training_arguments, check_dataset_path, positive_int
 from integrity import context_length
+from run_log import check_log_dir
 from tokenizer import CHAT_VOCABULARY_SIZE
-from training import check_log_dir
 
 
 def build_parser() -> ArgumentParser:

@@ -72,16 +72,10 @@ from integrity import checked_model, verify_optimizer_state
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from optimizers import build_optimizer
 from preparation import PreparationInterrupted, TokenWindows, corpus_folder, prepare_corpus
+from run_log import check_log_dir
 from sizing import Architecture, gigabytes, memory_per_device, training_flops_per_token
 from tokenizer import load_tokenizer
-from training import (
-    check_log_dir,
-    note_optimizer_starts_afresh,
-    restore_rng_state,
-    restore_scaler,
-    rng_state,
-    train,
-)
+from training import note_optimizer_starts_afresh, restore_rng_state, restore_scaler, rng_state, train
 
 Value = TypeVar("Value")
 

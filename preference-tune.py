@@ -39,7 +39,8 @@ from flags import (
 )
 from model import LightGPT, add_lora
 from preferences import PREFERENCE_DATASETS, PreferenceSamples, load_preferences
-from training import check_log_dir, weighted_by_rows
+from run_log import check_log_dir
+from training import weighted_by_rows
 
 
 def build_parser() -> ArgumentParser:

@@ -46,8 +46,8 @@ from files import still_at, write_text_atomically
 from formats import FORMAT_VERSION, upgraded_template
 from integrity import file_checksums
 from preparation import preparation_lock
+from run_log import append_metrics, records_up_to
 from tokenizer import load_tokenizer
-from training import append_metrics, records_up_to
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
 

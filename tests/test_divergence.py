@@ -13,7 +13,8 @@ from tqdm import tqdm
 from conftest import TINY_SHAPE, assert_one_line_error, run_script, save_pretrained_checkpoint, tiny_model
 from devices import gradient_scaler
 from optimizers import Adafactor
-from training import NON_FINITE_STEPS_TO_STOP, EpochLog, RunConfig, optimizer_step, perplexity, train
+from run_log import EpochLog, perplexity
+from training import NON_FINITE_STEPS_TO_STOP, RunConfig, optimizer_step, train
 
 CPU_FP32_SCALER = gradient_scaler(torch.device("cpu"), torch.float32)
 
@@ -45,8 +46,8 @@ def test_a_step_whose_gradient_norm_is_not_finite_leaves_the_weights_as_they_wer
     poison_gradients(model, value)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    loss, gradient_norm, _ = optimizer_step(model, optimizer, batch(), 1e-2, 1.0, torch.autocast("cpu", enabled=False),
-                                            CPU_FP32_SCALER)
+    loss, gradient_norm, _, _ = optimizer_step(model, optimizer, batch(), 1e-2, 1.0,
+                                               torch.autocast("cpu", enabled=False), CPU_FP32_SCALER)
     assert math.isfinite(loss) and not math.isfinite(gradient_norm)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name

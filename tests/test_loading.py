@@ -16,8 +16,8 @@ from checkpoint import exported_config, load_lora_checkpoint, load_model
 from conftest import TINY_SHAPE, assert_one_line_error, load_script, run_script, save_pretrained_checkpoint, tiny_model
 from conversations import ALPACA, load_instructions
 from preparation import DamagedCorpus, TokenWindows
+from run_log import append_metrics, records_up_to
 from test_checkpoint import sharded_checkpoint
-from training import append_metrics, records_up_to
 
 
 # A prompt template as formats up to 2 stored it, which loading upgrades.

@@ -4,7 +4,7 @@ from conftest import REPOSITORY
 from corpora import CORPORA, DEFAULT_CORPUS, corpus_table, dataset_help
 from flags import run_config
 from readme_flags import DOCUMENTS, TABLE, script_parser, with_current_tables
-from training import tensorboard_writer
+from run_log import tensorboard_writer
 
 README = REPOSITORY / "README.md"
 USAGE = REPOSITORY / "docs" / "usage.md"
@@ -41,5 +41,5 @@ def test_the_readme_s_tensorboard_folder_is_where_training_writes_by_default(tmp
     for script in ("pre-train.py", "instruction-tune.py"):
         run = run_config(script_parser(script).parse_args([]), steps_per_epoch=1, unit="tokens", units_per_epoch=1,
                          description="", saved_what="", program=script)
-        tensorboard_writer(run, start_step=0).close()
+        tensorboard_writer(run, run.flags, start_step=0).close()
     assert sorted(run.name for run in (tmp_path / command.group(1)).iterdir()) == ["checkpoint", "lora_instruction"]

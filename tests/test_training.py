@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from conftest import TINY_SHAPE, tiny_model
 from devices import gradient_scaler
-from training import EpochLog, RunConfig, restore_rng_state, rng_state, saved_device_state, to_device, train
+from run_log import EpochLog
+from training import RunConfig, restore_rng_state, rng_state, saved_device_state, to_device, train
 
 
 def logged_epoch(tmp_path, **utilization) -> dict:
