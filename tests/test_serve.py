@@ -17,8 +17,9 @@ import torch
 import sizing
 from checkpoint import exported_config
 from conftest import REPOSITORY, lightgpt, save_pretrained_checkpoint
-from conversations import PromptTemplate
-from tokenizer import load_tokenizer
+from conversations import CHATML, PromptTemplate
+from test_chat import EXCHANGE, chat_adapter  # noqa: F401 (a fixture: a tiny base tuned in ChatML)
+from tokenizer import IM_END, chat_tokenizer, load_tokenizer
 from serving import Request, Running
 
 openai = pytest.importorskip("openai")
@@ -83,7 +84,11 @@ def live_server(checkpoint: Path, *flags: str):
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a server stuck on a hung request must not outlive the test
+            process.kill()
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +225,29 @@ def test_a_chat_completion_its_stream_and_usage_agree(chat_server):
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
     with pytest.raises(openai.BadRequestError, match="n: must be 1"):
         chat.create(model="lightgpt", messages=messages, n=2)
+
+
+@pytest.mark.slow
+def test_a_chatml_adapter_is_served_and_its_replies_stop_at_im_end(chat_adapter):
+    """The chat Quick start's shape: a base checkpoint and a ChatML adapter with the two grown token rows."""
+    base, adapter = chat_adapter
+    messages, reply = EXCHANGE["messages"][:2], EXCHANGE["messages"][2]["content"]
+    with live_server(base, "--lora_path", adapter) as url:
+        chat = client(url).chat.completions
+        response = chat.create(model="lightgpt", messages=messages, temperature=0, max_tokens=20)
+        chunks = list(chat.create(model="lightgpt", messages=messages, temperature=0, max_tokens=20, stream=True,
+                                  stream_options={"include_usage": True}))
+        # The same conversation written out as ChatML text: its special tokens are encoded, and <|im_end|> decoded.
+        raw = client(url).completions.create(model="lightgpt", prompt=chat_tokenizer().decode(CHATML.prompt(messages)),
+                                             temperature=0, max_tokens=len(chat_tokenizer().encode(reply)) + 1)
+    choice = response.choices[0]
+    assert choice.message.content == reply and choice.finish_reason == "stop" and IM_END not in reply
+    assert response.usage.prompt_tokens == len(CHATML.prompt(messages))
+    assert response.usage.completion_tokens == len(chat_tokenizer().encode(reply))  # <|im_end|> is not counted
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.model_dump() == response.usage.model_dump()
+    assert raw.choices[0].text == reply + IM_END and raw.usage.prompt_tokens == response.usage.prompt_tokens
 
 
 @pytest.mark.slow
