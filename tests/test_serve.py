@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -278,6 +279,37 @@ def test_api_key_full_queue_and_a_disconnect_that_frees_its_row(chat_server):
     started = time.monotonic()
     assert keyed.completions.create(**long_request).usage.completion_tokens == BLOCK_SIZE - 1
     assert freed_after < time.monotonic() - started, "the queued request ran before the long one could end"
+
+
+class FailsOnItsSecondToken:
+    """r50k_base, except that decoding the second generated token raises, as a token beyond it once did."""
+
+    def __init__(self):
+        self.decoded, self.n_vocab = 0, load_tokenizer().n_vocab
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        self.decoded += 1
+        if self.decoded == 2:
+            raise KeyError(token)
+        return load_tokenizer().decode_single_token_bytes(token)
+
+
+def test_a_token_that_cannot_be_decoded_ends_its_request_and_the_loop_goes_on():
+    from serving import BatchDecoder
+
+    decoder = BatchDecoder(served_model(), FailsOnItsSecondToken(), BLOCK_SIZE, 2, 2).start()
+    try:
+        results = []
+        for _ in range(2):
+            done, events = threading.Event(), []
+            decoder.submit(Request([464], 4, lambda event: (events.append(event), event.finish_reason and done.set()),
+                                   temperature=0))
+            assert done.wait(60)
+            results.append(events[-1])
+    finally:
+        decoder.stop()
+    assert results[0].finish_reason == "error" and "KeyError" in results[0].error
+    assert results[1].finish_reason == "length"
 
 
 def running(request: Request, tokens: list[int]) -> list:
