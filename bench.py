@@ -65,8 +65,9 @@ from distributed import (
 )
 from conversations import CHATML
 from evaluation import NUM_ENDINGS, Item, item_rows, score_hellaswag
+from finetuning import preference_loss
 from generation import ChatSession, beam_search, generate
-from model import LightGPT
+from model import LightGPT, add_lora
 from optimizers import build_optimizer
 from preparation import prepare_corpus
 from profiling import (
@@ -80,10 +81,12 @@ from profiling import (
 )
 from sizing import training_flops_per_token
 from tokenizer import CHAT_VOCABULARY_SIZE, load_tokenizer
+from training import language_model_loss, optimizer_step
 
 R50K_VOCABULARY_SIZE = 50257
 LEARNING_RATE = 3e-3  # pre-train.py's default peak; the rate does not change what a step costs
-PARTS = ("train", "generate", "beam_search", "chat", "data", "checkpointing", "accumulation", "eval", "serve")
+PARTS = ("train", "generate", "beam_search", "chat", "preference", "data", "checkpointing", "accumulation", "eval",
+         "serve")
 CHAT_QUESTION = "Tell me something about the history of the city where you were born, in a few sentences."
 
 
@@ -93,10 +96,10 @@ def build_parser() -> ArgumentParser:
                             "or JSON lines.")
     parser.add_argument("--parts", nargs="+", default=["train"], choices=PARTS,
                         help="What to measure: training, generation (with and without the KV cache), beam search, "
-                        "chat turns (the cache kept across turns or the conversation recomputed), corpus "
-                        "preparation, activation checkpointing, HellaSwag scoring batched and one ending at a time, "
-                        "serve.py under concurrent streaming clients; alone and under torchrun, FSDP2's gradient "
-                        "accumulation.")
+                        "chat turns (the cache kept across turns or the conversation recomputed), a DPO step against "
+                        "an SFT step on LoRA, corpus preparation, activation checkpointing, HellaSwag scoring batched "
+                        "and one ending at a time, serve.py under concurrent streaming clients; alone and under "
+                        "torchrun, FSDP2's gradient accumulation.")
     add_model_arguments(parser, dropout=0.0)
     parser.add_argument("--vocabulary_size", type=positive_int, default=R50K_VOCABULARY_SIZE,
                         help="The vocabulary of both models (default: r50k_base's, the tokenizer pre-train.py uses).")
@@ -433,6 +436,45 @@ def measure_beam_search(args: argparse.Namespace) -> list[Measurement]:
     return [Measurement("beam_search_tokens_per_s", tokens / seconds, "tokens/s", gpt2_speed, details=details)]
 
 
+def measure_preference(args: argparse.Namespace) -> list[Measurement]:
+    """A DPO step of preference-tune.py (--batch_size pairs: their chosen and rejected rows, and the reference with
+    the adapters off) against an SFT step of instruction-tune.py on LoRA, of --batch_size rows and of as many rows
+    as the pairs have; the loss on the second half of each row. Peak memory and time, the steps interleaved."""
+    device = torch.device(args.device)
+    model = lightgpt(args)
+    add_lora(model, 8, 1.0, 0.0)
+    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad],
+                                  lr=LEARNING_RATE)  # as finetuning.train_adapters
+    scaler = gradient_scaler(device, args.dtype)
+    tokens = torch.randint(0, args.vocabulary_size, (2 * args.batch_size, args.block_size + 1),
+                           generator=torch.Generator().manual_seed(args.seed)).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()
+    y[:, : args.block_size // 2] = model.padding_index  # the prompts
+    pairs = args.batch_size
+    batches = {"preference": (x, y, functools.partial(preference_loss, beta=0.1)),
+               "sft": (x[:pairs], y[:pairs], language_model_loss), "sft_as_many_rows": (x, y, language_model_loss)}
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor, loss: Callable) -> Callable[[], None]:
+        return lambda: optimizer_step(model, optimizer, [(inputs, targets, 1.0)], LEARNING_RATE, 1.0,
+                                      autocast(device, args.dtype), scaler, loss_of=loss)
+
+    steps = {name: step(*batch) for name, batch in batches.items()}
+    steps["sft"]()  # AdamW's state, made in the first step, is then resident for every measured one
+    peaks = {name: peak_step_bytes(run, model, optimizer, device) for name, run in steps.items()}
+    seconds = interleaved_seconds(steps, args.steps, args.warmup, device, "Preference")
+    details = {"pairs": pairs, "block_size": args.block_size, "precision": PRECISION_NAMES[args.dtype]}
+    return [
+        Measurement("preference_step_peak_memory", peaks["preference"], "bytes", details=details),
+        Measurement("sft_step_peak_memory", peaks["sft"], "bytes", details=details),
+        Measurement("preference_over_sft_peak_memory", peaks["preference"] / peaks["sft"], "x", details=details),
+        Measurement("preference_over_sft_as_many_rows_peak_memory", peaks["preference"] / peaks["sft_as_many_rows"],
+                    "x", details=details),
+        Measurement("preference_over_sft_step_time", seconds["preference"] / seconds["sft"], "x", details=details),
+        Measurement("preference_over_sft_as_many_rows_step_time", seconds["preference"] / seconds["sft_as_many_rows"],
+                    "x", details=details),
+    ]
+
+
 def hellaswag_shaped_items(count: int, seed: int) -> list[Item]:
     """Items of HellaSwag's shape, made of the embedded Wikipedia text: a context of 40 words and four endings of
     15 words, about HellaSwag's lengths in tokens."""
@@ -765,6 +807,7 @@ def main() -> None:
         "generate": measure_generation,
         "beam_search": measure_beam_search,
         "chat": measure_chat,
+        "preference": measure_preference,
         "data": measure_data,
         "checkpointing": measure_checkpointing,
         "accumulation": measure_accumulation,

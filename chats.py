@@ -49,6 +49,15 @@ def conversation_problem(messages) -> str | None:
     string contents and at least one assistant turn."""
     if not isinstance(messages, list) or not messages:
         return "has an empty conversation (its 'messages' is not a non-empty list)"
+    if problem := message_problem(messages):
+        return problem
+    if not any(message["role"] == "assistant" for message in messages):
+        return "has no assistant turn, so nothing to learn"
+    return None
+
+
+def message_problem(messages: list) -> str | None:
+    """What keeps a list from being messages: each a {role, content} with a known role and a string content."""
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             return f"message {number} has no 'role' or no 'content' (each needs both)"
@@ -56,8 +65,6 @@ def conversation_problem(messages) -> str | None:
             return f"message {number} has the unknown role {message['role']!r} (allowed: {', '.join(ROLES)})"
         if not isinstance(message["content"], str):
             return f"message {number}'s content is a {type(message['content']).__name__}, not a string"
-    if not any(message["role"] == "assistant" for message in messages):
-        return "has no assistant turn, so nothing to learn"
     return None
 
 

@@ -10,14 +10,13 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
-import xxhash
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
@@ -26,17 +25,24 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from conversations import PromptTemplate
 from distributed import from_rank_zero, rank, world_size
 from files import file_in_the_way, holding_lock, os_error_in, remove_stray_temporary_files, write_atomically
+from formats import FORMAT_VERSION, current_name, name_in_version, upgraded, upgraded_template
+from integrity import (
+    CHECKSUMS,
+    SHARD_CHECKSUMS,
+    check_tokenizer,
+    checked_model,
+    checked_tensors,
+    context_length,
+    file_checksums,
+    finite,
+    model_config,
+    tensor_checksums,
+    verify_checksums,
+    verify_file_checksums,
+)
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig, described
-from tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKENIZER_NAME
+from tokenizer import TOKENIZER_NAME
 
-# Version 1 had no format_version entry; its MLP layers were a Sequential (keys mlp.0 and mlp.2) and an adapter
-# kept one random-number state rather than a list of each rank's. Up to version 2 the model's blocks were named
-# body, and an adapter's prompt template was a dict of two format strings.
-FORMAT_VERSION = 3
-RENAMES = {  # the names each version changed: (old, new) substrings of the names before it
-    2: ((".mlp.0.", ".mlp.up_projection."), (".mlp.2.", ".mlp.down_projection.")),
-    3: (("body.", "blocks."),),
-}
 PRETRAINING_ENTRIES = ("model_args", "model")
 ADAPTER_ENTRIES = ("lora_args", "model_args", "lora", "prompt_template")
 DEFAULT_CHECKPOINT_PATH = "./out/checkpoint.pt"
@@ -45,10 +51,6 @@ EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
 # The one matrix of the token embeddings and the output layer (LightGPT.tie_weights), under its two names.
 TIED_WEIGHTS = ("token_embeddings.weight", "output_layer.weight")
 
-# The entry of a checkpoint (and of an exported config.json) that holds a checksum of each tensor, by its path of
-# keys, and that of a sharded checkpoint's index that holds one of each file of its folder of shards. Optional:
-# older files have none.
-CHECKSUMS, SHARD_CHECKSUMS = "checksums", "shard_checksums"
 
 # A sharded checkpoint is a folder: this index holds all but the tensors of the model and the optimizer state,
 # which are in the folder of shards that the index names.
@@ -88,44 +90,6 @@ def save_atomically(checkpoint: dict, path: str | Path) -> None:
     if checksums := tensor_checksums(checkpoint):
         checkpoint = checkpoint | {CHECKSUMS: checksums}
     write_atomically(path, lambda file: torch.save(checkpoint, file))
-
-
-def tensor_checksums(entries: dict) -> dict[str, str]:
-    """An xxh3 hash of the bytes of every tensor in a checkpoint's entries (in nested dictionaries and lists), by
-    its path of keys: loading verifies them (verify_checksums), so flipped bytes in a file are found, not used."""
-    return {name: checksum(tensor) for name, tensor in tensors_in(entries) if name != CHECKSUMS}
-
-
-def tensors_in(value, path: str = "") -> Iterator[tuple[str, Tensor]]:
-    """Each tensor in a value of nested dictionaries, lists and tuples, with its path of keys ("model/blocks.0...")."""
-    if isinstance(value, Tensor):
-        yield path, value
-    elif isinstance(value, dict | list | tuple):
-        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
-            yield from tensors_in(item, f"{path}/{key}" if path else str(key))
-
-
-def checksum(tensor: Tensor) -> str:
-    """The xxh3 hash of a tensor's bytes (about 6 GB/s on one CPU core)."""
-    return xxhash.xxh3_64_hexdigest(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def verify_checksums(entries: dict, checksums, path: str | Path, skip: tuple[str, ...] = ()) -> None:
-    """Raise a one-line ValueError naming the first tensor whose bytes differ from the checksum saved with them
-    (files written before checksums have none, and load as before); the entries named in `skip` are left to
-    whoever reads them (see load_index). The names are those the file was written with, before any upgrade."""
-    if not isinstance(checksums, dict):
-        raise ValueError(f"{path}: its checksums entry must be a dictionary, got {described(checksums)}")
-    for name, tensor in tensors_in({key: value for key, value in entries.items() if key not in skip}):
-        if name in checksums and checksum(tensor) != checksums[name]:
-            raise ValueError(f"{path}: {name} differs from the checksum saved with it: the file is damaged; restore "
-                             f"it from a copy")
-
-
-def verify_optimizer_state(checkpoint: dict, path: str | Path) -> None:
-    """verify_checksums for the optimizer state of a checkpoint to resume, which loading leaves unverified."""
-    if CHECKSUMS in checkpoint:
-        verify_checksums({"optimizer": checkpoint.get("optimizer")}, checkpoint[CHECKSUMS], path)
 
 
 def write_failure(error: BaseException) -> str:
@@ -253,33 +217,6 @@ def load_shards(path: str | Path, index: dict, state: dict, alone: bool = False)
         raise ValueError(f"{folder}: its shards cannot be read, the checkpoint is damaged ({reason[:200]})") from None
     for part, entries in state.items():  # DCP replaces what is not a tensor rather than filling it
         entries.update((name, written[part][name_in_version(name, version)]) for name in entries)
-
-
-def file_checksums(folder: Path) -> dict[str, str]:
-    """The xxh3 hash of each file in a folder of shards, by name."""
-    return {file.name: file_checksum(file) for file in sorted(folder.iterdir())}
-
-
-def file_checksum(path: Path) -> str:
-    digest = xxhash.xxh3_64()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_file_checksums(folder: Path, checksums, first: int, every: int) -> None:
-    """Raise a one-line ValueError when a file of the folder (of those at first, first + every, ...) is missing
-    or differs from its checksum."""
-    if not isinstance(checksums, dict):
-        raise ValueError(f"{folder}: its index's {SHARD_CHECKSUMS} must be a dictionary, got {described(checksums)}")
-    for name in sorted(checksums)[first::every]:
-        file = folder / Path(name).name  # a name, never a path out of the folder
-        if not file.is_file():
-            raise ValueError(f"{folder}: its shard file {file.name} is missing: the checkpoint is damaged")
-        if file_checksum(file) != checksums[name]:
-            raise ValueError(f"{file}: differs from the checksum saved with it: the checkpoint is damaged; restore "
-                             f"it from a copy")
 
 
 class CheckedShardsReader(FileSystemReader):
@@ -437,64 +374,6 @@ def saved_template(saved: dict | None, path: str | Path) -> PromptTemplate | Non
         raise ValueError(f"{path}: {error}") from None
 
 
-def upgraded(checkpoint: dict) -> dict:
-    """An older checkpoint in the current format: the parameter names (in the weights, the adapters and the
-    optimizer state), the random-number states as a list, and the prompt template as a PromptTemplate's dict.
-    Of a sharded checkpoint the shards keep their names; written_in_format says which (see load_shards)."""
-    version = checkpoint.get("format_version", 1)
-
-    def renamed(name):
-        return current_name(name, version) if isinstance(name, str) else name
-
-    checkpoint = dict(checkpoint)
-    for entry in ("model", "lora"):
-        if isinstance(checkpoint.get(entry), dict):  # else checked_tensors names what it is
-            checkpoint[entry] = {renamed(name): tensor for name, tensor in checkpoint[entry].items()}
-    if "optimizer" in checkpoint:
-        optimizer = checkpoint["optimizer"]
-        checkpoint["optimizer"] = {"param_groups": [group | {"params": [renamed(name) for name in group["params"]]}
-                                                    for group in optimizer["param_groups"]]}
-        if "state" in optimizer:  # a sharded checkpoint's index has only the groups
-            checkpoint["optimizer"]["state"] = {renamed(name): state for name, state in optimizer["state"].items()}
-    if isinstance(checkpoint.get("rng"), dict):
-        checkpoint["rng"] = [checkpoint["rng"]]
-    if isinstance(checkpoint.get("prompt_template"), dict) and "with_input" in checkpoint["prompt_template"]:
-        checkpoint["prompt_template"] = upgraded_template(checkpoint["prompt_template"])
-    if isinstance(checkpoint.get(CHECKSUMS), dict):  # verified under today's names when resumed
-        checkpoint[CHECKSUMS] = {renamed(name): value for name, value in checkpoint[CHECKSUMS].items()}
-    if "shards" in checkpoint:
-        checkpoint["written_in_format"] = version
-    checkpoint["format_version"] = FORMAT_VERSION
-    return checkpoint
-
-
-def upgraded_template(saved: dict) -> dict:
-    """A prompt template stored before templates were objects ({with_input, without_input} format strings of
-    {instruction} and {input}) as conversations.PromptTemplate.to_dict gives it; it renders every record as before:
-    the whole prompt one text, the response, then <|endoftext|>."""
-    forms = [saved.get("with_input"), saved.get("without_input")]
-    if not all(isinstance(form, str) for form in forms):  # left for PromptTemplate.from_dict to refuse in one line
-        return saved
-    return {"name": "alpaca", "turns": {"user": [form.replace("{instruction}", "{content}") for form in forms]},
-            "reply_opening": "", "reply_closing": END_OF_TEXT, "stop_tokens": [END_OF_TEXT_ID]}
-
-
-def current_name(name: str, version: int) -> str:
-    """A parameter's name in the current format, from its name in the format `version`."""
-    for changed_in in range(version + 1, FORMAT_VERSION + 1):
-        for old, new in RENAMES.get(changed_in, ()):
-            name = name.replace(old, new)
-    return name
-
-
-def name_in_version(name: str, version: int) -> str:
-    """A parameter's name in the format `version`, from its current name."""
-    for changed_in in range(FORMAT_VERSION, version, -1):
-        for old, new in RENAMES.get(changed_in, ()):
-            name = name.replace(new, old)
-    return name
-
-
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
     """The model of a checkpoint dictionary read from `path` (see load_checkpoint), with its weights, on the CPU,
     or a one-line ValueError when its model_args or weights are not those of a LightGPT. The model takes the
@@ -506,90 +385,6 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> LightGPT:
     model.load_state_dict(checkpoint["model"], assign=True)
     model.tie_weights()
     return finite(model, path)
-
-
-def checked_model(checkpoint: dict, path: str | Path) -> LightGPTConfig:
-    """The configuration of a checkpoint's model, once its model_args and weights (their names, shapes and dtypes)
-    are known to make a LightGPT; else a one-line ValueError."""
-    config = model_config(checkpoint["model_args"], path)
-    weights = checked_tensors(checkpoint["model"], path)
-    check_weights(expected_shapes(config), {name: tensor.shape for name, tensor in weights.items()}, path)
-    return config
-
-
-def model_config(model_args, path: str | Path) -> LightGPTConfig:
-    """A checkpoint's model_args (or an exported config's fields) as a LightGPTConfig, or a one-line ValueError
-    that names the field, its value and its type."""
-    if not isinstance(model_args, dict):
-        raise ValueError(f"{path}: its model_args must be a dictionary, got a {type(model_args).__name__}")
-    known = {field.name for field in fields(LightGPTConfig)}
-    if unknown := sorted(map(str, model_args.keys() - known)):
-        raise ValueError(f"{path}: its model_args hold {', '.join(unknown)}, which a LightGPT has not")
-    try:
-        return LightGPTConfig(**model_args)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: its model_args do not make a LightGPT ({error})") from None
-
-
-def expected_shapes(config: LightGPTConfig) -> dict[str, tuple[int, ...]]:
-    """The name and shape of every weight of a LightGPT of this configuration, from a one-layer model on the meta
-    device, its layer's weights repeated for every layer: building the whole model first, even on the meta
-    device, takes minutes for a configuration of 20,000 layers that its file does not hold."""
-    with torch.device("meta"):
-        one_layer = LightGPT(replace(config, num_layers=1))
-    shapes = {}
-    for name, tensor in one_layer.state_dict().items():
-        layers, in_layer, rest = name.partition(".0.")
-        for layer in range(config.num_layers) if in_layer else (None,):
-            shapes[name if layer is None else f"{layers}.{layer}.{rest}"] = tuple(tensor.shape)
-    return shapes
-
-
-def checked_tensors(state, path: str | Path) -> dict[str, Tensor]:
-    """A checkpoint's weights, or a one-line ValueError unless they are a dictionary of floating-point tensors."""
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: its weights must be a dictionary of tensors, got a {type(state).__name__}")
-    for name, tensor in state.items():
-        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-            kind = f"a tensor of {tensor.dtype}" if isinstance(tensor, Tensor) else f"a {type(tensor).__name__}"
-            raise ValueError(f"{path}: its weight {name} must be a floating-point tensor, got {kind}")
-    return state
-
-
-def check_weights(expected: dict[str, tuple], found: dict[str, tuple], path: str | Path) -> None:
-    """Raise a one-line ValueError naming the weights that are missing, unexpected or of another shape than the
-    model's: loading never re-initialises a missing weight or fails deep inside PyTorch."""
-    missing = [name for name in expected if name not in found]
-    unexpected = [name for name in found if name not in expected]
-    reshaped = [f"{name} {tuple(found[name])} instead of {expected[name]}" for name in expected
-                if name in found and tuple(found[name]) != expected[name]]
-    problems = [f"{what} {listed(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
-                                                             ("of another shape:", reshaped)) if names]
-    if problems:
-        raise ValueError(f"{path}: its model_args and weights do not make a LightGPT ({'; '.join(problems)})")
-
-
-def listed(names: list[str], most: int = 3) -> str:
-    """The first few names, and how many more."""
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def finite(model: LightGPT, path: str | Path) -> LightGPT:
-    """The model, or a one-line ValueError naming the first weight that holds NaN or an infinity."""
-    for name, tensor in model.state_dict().items():
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{path}: its weights hold NaN or infinite numbers (in {name}); the run that wrote "
-                             f"it diverged, or the file is damaged")
-    return model
-
-
-def context_length(checkpoint: dict, path: str | Path) -> int:
-    """The block_size the checkpoint was trained with, or a one-line ValueError when it is not a positive
-    whole number."""
-    block_size = checkpoint.get("block_size")
-    if type(block_size) is not int or block_size < 1:
-        raise ValueError(f"{path}: its block_size must be a positive whole number, got {described(block_size)}")
-    return block_size
 
 
 def load_model(path: str | Path | None, device: str = "cpu", *, dtype: torch.dtype = torch.float32
@@ -659,13 +454,6 @@ def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
         if name not in weights and other in weights:
             weights[name] = weights[other]
     return model_from_checkpoint({"model_args": model_args, "model": weights}, folder).eval(), block_size, template
-
-
-def check_tokenizer(checkpoint: dict, path: str | Path) -> None:
-    """Raise a one-line ValueError unless the checkpoint's tokenizer, when it names one, is LightGPT's."""
-    tokenizer = checkpoint.get("tokenizer", TOKENIZER_NAME)
-    if tokenizer != TOKENIZER_NAME:
-        raise ValueError(f"{path}: its tokenizer is {described(tokenizer)}; this LightGPT reads {TOKENIZER_NAME}")
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:

@@ -20,7 +20,6 @@ from checkpoint import (
     DEFAULT_CHECKPOINT_PATH,
     EXPORTED_CONFIG,
     EXPORTED_WEIGHTS,
-    context_length,
     exported_config,
     load_checkpoint,
     load_lora_checkpoint,
@@ -32,6 +31,7 @@ from corpora import CORPORA
 from files import write_folder_atomically
 from finetuning import adapter_on_base
 from flags import ArgumentParser
+from integrity import context_length
 from model import LightGPT
 from tokenizer import TOKENIZER_NAME
 from training import perplexity, read_metrics
@@ -55,7 +55,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT_PATH,
                         help="The checkpoint written by pre-train.py (with --lora_path: the adapter's base).")
     parser.add_argument("--lora_path", default=None,
-                        help="A LoRA adapter (instruction-tune.py) to merge into the model first.")
+                        help="A LoRA adapter (instruction-tune.py, preference-tune.py) to merge into the model first.")
     parser.add_argument("--output_dir", required=True,
                         help="The folder to write: a new or an empty one.")
     parser.add_argument("--onnx", action=BooleanOptionalAction, default=False,

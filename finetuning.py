@@ -4,19 +4,23 @@ policy for loading an adapter onto a base (for generation, export and resuming a
 The policy: an adapter loads only onto a base of its shape (check_same_base) and with the very weights it was
 trained on (its fingerprint; adapters older than fingerprints are taken on trust), else one line that names both
 files. A merged adapter on other weights gives answers nobody trained, whether it is resumed, exported or asked.
+An adapter trained on a model that already had one merged (preference tuning on a chat adapter) holds that one as
+its merged_adapter, and loading merges both in order, onto the base both were trained on.
 """
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import Module
 
 from checkpoint import (
     check_same_base,
-    context_length,
-    finite,
     load_checkpoint,
     load_lora_checkpoint,
     load_model,
@@ -25,18 +29,19 @@ from checkpoint import (
     saved_template,
     trained_on_these_weights,
     training_checkpoint,
-    verify_optimizer_state,
     weights_fingerprint,
 )
 from conversations import PromptTemplate
 from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import run_config
+from integrity import context_length, finite, verify_optimizer_state
 from model import (
     LightGPT,
     add_lora,
     added_rows,
     grow_vocabulary,
+    lora_layers,
     load_lora_state_dict,
     lora_state_dict,
     merge_lora,
@@ -44,6 +49,8 @@ from model import (
 )
 from sizing import gigabytes
 from training import (
+    LossFunction,
+    language_model_loss,
     note_optimizer_starts_afresh,
     restore_rng_state,
     restore_scaler,
@@ -96,6 +103,8 @@ def resumable_adapters(path: str | Path) -> dict:
     checkpoint = load_lora_checkpoint(path)
     verify_optimizer_state(checkpoint, path)
     return checkpoint
+
+
 def add_chat_tokens(model: LightGPT, vocabulary_size: int) -> None:
     """Grow an adapted model's tied embedding to vocabulary_size (a chat template's tokens after the base's), the
     new rows drawn as the others were and trained with the adapters; the base's rows stay frozen."""
@@ -106,9 +115,10 @@ def add_chat_tokens(model: LightGPT, vocabulary_size: int) -> None:
 
 def chat_token_entries(model: LightGPT, base: dict) -> dict:
     """What an adapter holds for the chat tokens: their embedding rows (all it changes of the base's weights) and
-    the grown vocabulary; nothing for a model of the base's vocabulary."""
+    the grown vocabulary; nothing for a model of the base's vocabulary, or whose rows came with a merged adapter
+    (frozen, as in preference tuning)."""
     base_vocabulary = base["model_args"]["vocabulary_size"]
-    if model.vocabulary_size == base_vocabulary:
+    if model.vocabulary_size == base_vocabulary or not model.token_embeddings.weight.requires_grad:
         return {}
     return {"added_token_embeddings": added_rows(model, base_vocabulary), "vocabulary_size": model.vocabulary_size}
 
@@ -155,15 +165,65 @@ def resume_adapters(model: LightGPT, optimizer: torch.optim.Optimizer, scaler: t
 
 
 def load_adapted_model(adapter: dict, base: dict) -> LightGPT:
-    """The base model with its adapter applied and merged: a plain LightGPT in eval mode. Only its shape is
-    checked here: adapter_on_base applies the whole policy."""
+    """The base model with its adapter applied and merged (after the adapter it was trained on, if any): a plain
+    LightGPT in eval mode. Only its shape is checked here: adapter_on_base applies the whole policy."""
     check_same_base(adapter, base)
-    model = model_from_checkpoint(base, "the base checkpoint")
+    if "merged_adapter" in adapter:
+        model = load_adapted_model(adapter["merged_adapter"], base)
+    else:
+        model = model_from_checkpoint(base, "the base checkpoint")
     if "added_token_embeddings" in adapter:  # a chat adapter's tokens after the base's vocabulary
         grow_vocabulary(model, adapter["vocabulary_size"], adapter["added_token_embeddings"])
     add_lora(model, **adapter["lora_args"])
     load_lora_state_dict(model, adapter["lora"])
     return merge_lora(model).eval()
+
+
+# What a stacked adapter keeps of the adapter it was trained on: what loading it takes, and where it came from.
+MERGED_ADAPTER_ENTRIES = ("model_args", "lora_args", "lora", "added_token_embeddings", "vocabulary_size",
+                          "base_fingerprint", "prompt_template", "merged_adapter")
+
+
+def merged_adapter_entry(adapter: dict, path: str | Path) -> dict:
+    """The merged_adapter entry of an adapter trained on `adapter` merged into its base: its weights and how to
+    apply them, its file and a fingerprint of its matrices (which a resumed run checks)."""
+    return {name: adapter[name] for name in MERGED_ADAPTER_ENTRIES if name in adapter} | {
+        "path": str(Path(path).resolve()), "fingerprint": weights_fingerprint(adapter["lora"])}
+
+
+@contextmanager
+def adapters_off(model: Module) -> Iterator[None]:
+    """Run the model (as parallelize wrapped it, or not) without its LoRA adapters: the model they were added to,
+    with no second copy in memory."""
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.enabled = True
+
+
+def preference_loss(model: Module, inputs: Tensor, targets: Tensor, beta: float, label_smoothing: float = 0.0
+                    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """DPO's sigmoid loss (Rafailov et al. 2023) on a micro-batch of pairs: inputs and targets (2 x pairs, sequence),
+    the chosen responses' rows, then the rejected ones', their targets padding but on the response. The policy is
+    the model with its adapters, the reference the same model with them off (adapters_off); both in one forward
+    pass over the chosen and rejected rows each. label_smoothing > 0: conservative DPO, which takes each label as
+    wrong with that probability. With TRL's figures: rewards/chosen and rewards/rejected (beta times the log-ratio
+    of policy to reference), rewards/margins and rewards/accuracies (how often the chosen one's is higher). A
+    training.RunConfig loss (see training.language_model_loss); units: pairs."""
+    with torch.no_grad(), adapters_off(model):
+        _, reference = model(inputs, targets, per_row=True)  # (2 x pairs,) summed cross entropies
+    _, policy = model(inputs, targets, per_row=True)
+    chosen, rejected = (beta * (reference - policy)).chunk(2)  # beta * log(pi / ref) of each, (pairs,)
+    margins = chosen - rejected
+    loss = -(1 - label_smoothing) * F.logsigmoid(margins) - label_smoothing * F.logsigmoid(-margins)
+    chosen, rejected = chosen.detach(), rejected.detach()
+    figures = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+               "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean()}
+    return loss.mean(), figures, torch.tensor(len(chosen), device=loss.device)
 
 
 def adapter_on_base(adapter: dict, base: dict, lora_path: str | Path, base_path: str | Path) -> LightGPT:
@@ -211,7 +271,9 @@ def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
 
 def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, train_samples: Samples,
                    test_samples: Samples, seed: int, checkpoint: dict | None, *, what: str, description: str,
-                   program: str, **entries) -> None:
+                   program: str, loss_of: LossFunction = language_model_loss,
+                   weigh: Callable[[list[tuple[Tensor, Tensor]], int], list[tuple]] = weighted_by_targets,
+                   **entries) -> None:
     """Train the adapters of a model whose base is frozen, with AdamW, on shuffled batches of train_samples,
     evaluating on test_samples; save them with what generation needs to use them. The training loop of every
     fine-tuning script.
@@ -222,6 +284,8 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
         checkpoint: the adapter checkpoint to resume, if any.
         what: what a sample is, for the opening line (instructions, conversations...).
         description, program: the progress bar's label and the script's name, for messages.
+        loss_of: the loss (training.RunConfig's); weigh(batches, padding_index): the micro-batches of a step with
+            their loss weights, their shares of the units loss_of averages over (targets, pairs).
         entries: what the script adds to its adapter checkpoint.
     """
     device = torch.device(args.device)
@@ -243,9 +307,8 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
         step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
-    eval_batches = weighted_by_targets([test_samples.batch(indices.tolist())
-                                        for indices in torch.arange(len(test_samples)).split(args.batch_size)],
-                                       model.padding_index)
+    eval_batches = weigh([test_samples.batch(indices.tolist())
+                          for indices in torch.arange(len(test_samples)).split(args.batch_size)], model.padding_index)
     trained = sum(parameter.numel() for parameter in adapters) + sum(
         tensor.numel() for tensor in chat_token_entries(model, base).values() if isinstance(tensor, Tensor))
     print(f"LoRA: {trained:,} trainable adapter parameters on a frozen base of "
@@ -256,8 +319,8 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
     def micro_batches_at(step: int) -> list[tuple]:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(seed, epoch, len(train_samples))[position * samples_per_step:][:samples_per_step]
-        return weighted_by_targets([train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)],
-                                   model.padding_index)
+        return weigh([train_samples.batch(chunk.tolist()) for chunk in indices.split(args.batch_size)],
+                     model.padding_index)
 
     def save(step: int, epoch: int) -> None:
         save_atomically(adapter_checkpoint(
@@ -267,5 +330,5 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
         ), args.checkpoint_path)
 
     run = run_config(args, steps_per_epoch=steps_per_epoch, unit="samples", units_per_epoch=len(train_samples),
-                     description=description, saved_what="adapters", program=program, dtype=dtype)
+                     description=description, saved_what="adapters", program=program, dtype=dtype, loss_of=loss_of)
     train(training_model, optimizer, micro_batches_at, eval_batches, save, run, step, scaler)

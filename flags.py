@@ -268,7 +268,8 @@ def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
                         help="A checkpoint of pre-train.py or a folder of export.py (default: ./out/checkpoint.pt, "
                         "or the base an adapter names).")
     parser.add_argument("--lora_path", default=None,
-                        help="An adapter of instruction-tune.py, merged into its base; prompts take its template.")
+                        help="An adapter of instruction-tune.py or preference-tune.py, merged into its base; prompts "
+                        "take its template.")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int, prompt: bool = True) -> None:
@@ -300,6 +301,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, penalty_flag: str) -
     parser.add_argument(penalty_flag, type=float_in(*REPEAT_PENALTIES), default=1.0,
                         help="Make the tokens already in the context less likely: their positive logits are "
                         "divided by this, negative ones multiplied (1 turns it off); from 1e-6 to 1e6.")
+
+
+def check_dataset_path(args: argparse.Namespace) -> None:
+    """--dataset_path goes with --dataset local, and only with it (a one-line ValueError otherwise)."""
+    if args.dataset == "local" and not args.dataset_path:
+        raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
+    if args.dataset != "local" and args.dataset_path:
+        raise ValueError(f"--dataset_path: only used with --dataset local, not with --dataset {args.dataset}")
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,12 +9,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (
-    claimed_checkpoint,
-    context_length,
-    is_sharded_checkpoint,
-    load_checkpoint,
-)
+from checkpoint import claimed_checkpoint, is_sharded_checkpoint, load_checkpoint
 from chats import ChatSamples, load_examples
 from conversations import (
     ALPACA,
@@ -27,7 +22,8 @@ from conversations import (
 )
 from files import resolve_files, same_files
 from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, resumable_adapters, train_adapters
-from flags import ArgumentParser, add_lora_arguments, add_training_arguments, positive_int
+from flags import ArgumentParser, add_lora_arguments, add_training_arguments, check_dataset_path, positive_int
+from integrity import context_length
 from tokenizer import CHAT_VOCABULARY_SIZE
 from training import check_log_dir
 
@@ -64,10 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Raise a one-line ValueError for the first combination of flags that cannot work."""
-    if args.dataset == "local" and not args.dataset_path:
-        raise ValueError("--dataset_path: required with --dataset local (a .json or .jsonl file, a folder or a glob)")
-    if args.dataset != "local" and args.dataset_path:
-        raise ValueError(f"--dataset_path: only used with --dataset local, not with --dataset {args.dataset}")
+    check_dataset_path(args)
     if args.dataset_subset and args.dataset != "smoltalk":
         raise ValueError(f"--dataset_subset: only used with --dataset smoltalk, not with --dataset {args.dataset}")
     if not (Path(args.base_model_path).is_file() or is_sharded_checkpoint(args.base_model_path)):

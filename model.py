@@ -296,6 +296,45 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden.float() * factor, grad_weight * factor if ctx.needs_input_grad[1] else None, None, None
 
 
+class RowCrossEntropy(torch.autograd.Function):
+    """The summed cross entropy of each row's targets (row_cross_entropy), for training: as in LinearCrossEntropy,
+    the forward pass computes the gradient with respect to the hidden states, the backward pass scales it by each
+    row's own gradient. The output layer must be frozen (as under LoRA): its weight gets no gradient here."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+        if ctx.needs_input_grad[1]:
+            raise ValueError("per-row losses train only with a frozen output layer (as under LoRA)")
+        losses, grad_hidden = row_cross_entropy(hidden, weight, targets, ignore_index, gradient=True)
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses: Tensor) -> tuple[Tensor, None, None, None]:
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden.float() * grad_losses[:, None, None], None, None, None
+
+
+def row_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, gradient: bool = False
+                      ) -> tuple[Tensor, Tensor | None]:
+    """The float32 cross entropy of the logits hidden @ weight.T summed over each row's targets that are not
+    ignore_index, (batch,), and with gradient its gradient with respect to hidden (batch, sequence, embedding).
+    Only the positions with a target reach the output layer (linear_cross_entropy, chunked): a response's score
+    never computes its prompt's logits."""
+    losses = torch.zeros(len(hidden), device=hidden.device)
+    grad_hidden = None
+    for row, (row_hidden, row_targets) in enumerate(zip(hidden, targets)):
+        kept = row_targets != ignore_index  # (sequence,)
+        losses[row], _, row_gradient, _ = linear_cross_entropy(row_hidden[kept], weight, row_targets[kept],
+                                                               ignore_index, (gradient, False))
+        if gradient:
+            if grad_hidden is None:
+                grad_hidden = hidden.new_zeros(hidden.shape, dtype=row_gradient.dtype)
+            grad_hidden[row, kept] = row_gradient
+    return losses, grad_hidden
+
+
 class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_tag="text-generation"):
     """A decoder-only Transformer with no biases, no positional embeddings and tied embeddings.
 
@@ -379,13 +418,19 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.activation_checkpointing = enabled
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    def forward(self, x: Tensor, y: Tensor | None = None, per_row: bool = False
+                ) -> tuple[Tensor | None, Tensor | None]:
         """Without targets, (the logits of every position, None). With targets y, (None, the mean cross entropy
         over those that are not padding): the output layer and the loss are fused so that the logits, the
-        largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation."""
+        largest tensor of a step, never exist whole, in training (LinearCrossEntropy) as in evaluation. With
+        per_row, (None, each row's summed cross entropy, (batch,)): minus the log-probability of its targets."""
         hidden = self.hidden_states(x)  # (batch, sequence, embedding)
         if y is None:
             return self.output_layer(hidden), None
+        if per_row and torch.is_grad_enabled():
+            return None, RowCrossEntropy.apply(hidden, self.output_layer.weight, y, self.padding_index)
+        if per_row:
+            return None, row_cross_entropy(hidden, self.output_layer.weight, y, self.padding_index)[0]
         # (batch x sequence, embedding), (vocabulary, embedding), (batch x sequence,)
         hidden, weight, targets = hidden.flatten(0, 1), self.output_layer.weight, y.flatten()
         if torch.is_grad_enabled():
@@ -449,8 +494,11 @@ class LoRALinear(Module):
         self.lora_b = Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
         self.alpha = alpha
         self.dropout = Dropout(dropout)
+        self.enabled = True  # off: the base layer alone (finetuning.adapters_off)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + self.alpha * (self.dropout(x) @ self.lora_a.T @ self.lora_b.T)
 
     @torch.no_grad()

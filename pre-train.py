@@ -15,7 +15,6 @@ import torch
 from torch.nn import Module
 
 from checkpoint import (
-    checked_model,
     claimed_checkpoint,
     is_sharded_checkpoint,
     load_checkpoint,
@@ -25,7 +24,6 @@ from checkpoint import (
     save_sharded,
     sharded_weights,
     training_checkpoint,
-    verify_optimizer_state,
 )
 from corpora import (
     CORPORA,
@@ -70,6 +68,7 @@ from flags import (
     positive_int,
     run_config,
 )
+from integrity import checked_model, verify_optimizer_state
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from optimizers import build_optimizer
 from preparation import PreparationInterrupted, TokenWindows, corpus_folder, prepare_corpus

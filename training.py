@@ -170,6 +170,25 @@ def weighted_by_targets(batches: list[tuple[Tensor, Tensor]], padding_index: int
     return [(inputs, targets, count / sum(counts)) for (inputs, targets), count in zip(batches, counts)]
 
 
+def weighted_by_rows(batches: list[tuple[Tensor, Tensor]], padding_index: int) -> list[tuple[Tensor, Tensor, float]]:
+    """Each micro-batch with its share of the step's rows as its loss weight: for a loss that averages over rows (or
+    pairs of them) rather than targets. padding_index is weighted_by_targets', unused."""
+    total = sum(len(inputs) for inputs, _ in batches)
+    return [(inputs, targets, len(inputs) / total) for inputs, targets in batches]
+
+
+# A micro-batch's loss: (mean loss, further figures, units) of (model, inputs, targets); see language_model_loss.
+LossFunction = Callable[[Module, Tensor, Tensor], tuple[Tensor, dict[str, Tensor], Tensor]]
+
+
+def language_model_loss(model: Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """The training loss of pre-training and instruction tuning: the mean cross entropy of the targets that are not
+    padding. Every loss of a RunConfig returns (the mean loss of a micro-batch, further figures as means over the
+    same units, how many units (targets, pairs) those are), and calls the model as given (wrapped by DDP or FSDP2)."""
+    _, loss = model(inputs, targets)
+    return loss, {}, (targets != unwrapped(model).padding_index).sum()
+
+
 def to_device(batch: Tensor, device: torch.device) -> Tensor:
     """A batch on the device. A GPU gets it through pinned memory, so that the copy runs while the GPU computes:
     a non-blocking copy from ordinary (pageable) memory waits until it is done."""
@@ -188,32 +207,37 @@ def optimizer_step(
     scaler: torch.amp.GradScaler,
     stop_requested: bool = False,
     reduce_every_micro_batch: bool = False,
-) -> tuple[float, float, bool]:
+    loss_of: LossFunction = language_model_loss,
+) -> tuple[float, float, bool, dict[str, float]]:
     """One optimizer step over this rank's accumulated micro-batches, each (inputs, targets, loss weight).
 
     The weights make the ranks' averaged gradients the gradient of the step's mean loss; the gradients are
     synchronised once, after the last micro-batch, or after every one (see REDUCE_EVERY_MICRO_BATCH). Returns
-    the step's loss, the gradient norm, and whether any rank asked to stop (one reduction carries the loss and
-    the requests, so every rank stops at the same step). A loss that is not finite raises FloatingPointError on
-    every rank before the weights change; a step whose gradient norm is not finite is skipped, the weights left as
-    they are (the caller stops a run that keeps doing it). Under fp16 the scaler multiplies the loss before the
-    backward pass and divides the gradients before they are clipped; it skips a step whose gradients overflowed,
-    and lowers its scale.
+    the step's loss (loss_of's, language_model_loss by default), the gradient norm, whether any rank asked to stop
+    (one reduction carries the loss, its figures and the requests, so every rank stops at the same step) and the
+    step's means of loss_of's further figures. A loss that is not finite raises FloatingPointError on every rank
+    before the weights change; a step whose gradient norm is not finite is skipped, the weights left as they are
+    (the caller stops a run that keeps doing it). Under fp16 the scaler multiplies the loss before the backward
+    pass and divides the gradients before they are clipped; it skips a step whose gradients overflowed, and lowers
+    its scale.
     """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
     device = next(model.parameters()).device
-    step_loss = torch.zeros((), device=device)
+    step_loss, figures = torch.zeros((), device=device), {}
     for index, (inputs, targets, weight) in enumerate(micro_batches):
         with gradient_sync(model, reduce_every_micro_batch or index == len(micro_batches) - 1):
             with precision:
-                _, loss = model(to_device(inputs, device), to_device(targets, device))
+                loss, batch_figures, _ = loss_of(model, to_device(inputs, device), to_device(targets, device))
             scaler.scale(loss * weight).backward()
         step_loss += loss.detach() * weight
-    step_loss, stop_requests = sum_across_ranks(
-        torch.stack([step_loss, torch.tensor(float(stop_requested), device=device)])
+        for name, value in batch_figures.items():
+            figures[name] = figures.get(name, 0) + value.detach().float() * weight
+    step_loss, stop_requests, *figure_values = sum_across_ranks(
+        torch.stack([step_loss, torch.tensor(float(stop_requested), device=device), *figures.values()])
     ).tolist()
     step_loss /= world_size()
+    figures = {name: value / world_size() for name, value in zip(figures, figure_values)}
     if not math.isfinite(step_loss):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(
@@ -227,27 +251,29 @@ def optimizer_step(
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, gradient_norm, stop_requests > 0
+    return step_loss, gradient_norm, stop_requests > 0, figures
 
 
 @torch.no_grad()
-def evaluate(model: Module, batches: Iterable[tuple[Tensor, Tensor, float]], padding_index: int,
-             precision: AbstractContextManager) -> float:
-    """Mean cross entropy per target (padding excluded) over fixed held-out batches, each rank evaluating its
-    share; a batch of weight 0 is a pass that only keeps the ranks in step, and counts nothing."""
+def evaluate(model: Module, batches: Iterable[tuple[Tensor, Tensor, float]], precision: AbstractContextManager,
+             loss_of: LossFunction = language_model_loss) -> tuple[float, dict[str, float]]:
+    """The mean loss (loss_of's, by default the cross entropy per target, padding excluded) and its further figures
+    over fixed held-out batches, each rank evaluating its share; a batch of weight 0 is a pass that only keeps the
+    ranks in step, and counts nothing."""
     model.eval()
     device = next(model.parameters()).device
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    totals, count = {}, torch.zeros((), device=device)  # the loss and each figure, times its units
     for inputs, targets, weight in batches:
         with precision:
-            _, loss = model(to_device(inputs, device), to_device(targets, device))
-        if weight:
-            num_targets = (targets != padding_index).sum().to(device)
-            total += loss.float() * num_targets
-            count += num_targets
+            loss, figures, units = loss_of(model, to_device(inputs, device), to_device(targets, device))
+        units = units if weight else torch.zeros_like(units)
+        for name, value in ({"loss": loss} | figures).items():  # every rank reduces the same names
+            totals[name] = totals.get(name, 0) + (value.float() * units if weight else torch.zeros((), device=device))
+        count += units
     model.train()
-    total, count = sum_across_ranks(torch.stack([total, count])).tolist()
-    return total / count
+    count, *values = sum_across_ranks(torch.stack([count, *totals.values()])).tolist()
+    means = {name: value / count for name, value in zip(totals, values)}
+    return means.pop("loss"), means
 
 
 @dataclass(frozen=True)
@@ -273,6 +299,8 @@ class RunConfig:
     dtype: torch.dtype = torch.float32  # the forward passes compute in it (autocast, or FSDP2's own policy)
     flops_per_unit: float | None = None  # the FLOPs of training on one unit, for the model FLOPs utilization
     reduce_every_micro_batch: bool = False  # see distributed.REDUCE_EVERY_MICRO_BATCH
+    # a micro-batch's loss, its further figures and its units (language_model_loss says more)
+    loss_of: LossFunction = language_model_loss
     flags: dict = field(default_factory=dict)  # every flag of the run, shown in TensorBoard
 
     @property
@@ -309,35 +337,44 @@ def tensorboard_writer(run: RunConfig, start_step: int) -> "SummaryWriter":
 
 class EpochLog:
     """Each step's loss on the progress bar; each epoch's means, throughput and validation figures printed and
-    appended to the metrics file; with a TensorBoard writer, the curves of both."""
+    appended to the metrics file; with a TensorBoard writer, the curves of both. A loss's further figures (such as
+    DPO's rewards/margins) are logged beside the loss, under their own names, validation_ before them."""
 
     def __init__(self, progress, metrics_path: str | Path | None, tensorboard: "SummaryWriter | None" = None,
-                 flops_per_unit: float | None = None, peak_flops: float | None = None):
+                 flops_per_unit: float | None = None, peak_flops: float | None = None, perplexity: bool = True):
         """metrics_path None: this process keeps count but reports nothing (the other ranks under torchrun).
         tensorboard: a SummaryWriter or None. The model FLOPs utilization is logged when flops_per_unit (the
-        FLOPs of training on one unit) and peak_flops (per second, all the processes' devices together) are known."""
+        FLOPs of training on one unit) and peak_flops (per second, all the processes' devices together) are known.
+        perplexity: log exp(validation loss) too (a cross entropy's)."""
         self.progress = progress
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.tensorboard = tensorboard
         self.utilization_per_unit = flops_per_unit / peak_flops if flops_per_unit and peak_flops else None
+        self.perplexity = perplexity
         self._start_epoch()
 
     def _start_epoch(self) -> None:
-        self.losses, self.gradient_norms, self.start = [], [], time.perf_counter()
+        self.losses, self.gradient_norms, self.figures, self.start = [], [], {}, time.perf_counter()
 
-    def add_step(self, step: int, loss: float, gradient_norm: float, learning_rate: float) -> None:
+    def add_step(self, step: int, loss: float, gradient_norm: float, learning_rate: float,
+                 figures: dict[str, float] | None = None) -> None:
         self.progress.update()
         self.progress.set_postfix(loss=f"{loss:.3f}", lr=f"{learning_rate:.2e}")
         self.losses.append(loss)
         self.gradient_norms.append(gradient_norm)
         self.learning_rate = learning_rate
+        for name, value in (figures or {}).items():
+            self.figures.setdefault(name, []).append(value)
         self._add_scalars(step, {"train/loss": loss, "train/gradient_norm": gradient_norm,
-                                 "train/learning_rate": learning_rate})
+                                 "train/learning_rate": learning_rate}
+                          | {f"train/{name}": value for name, value in (figures or {}).items()})
 
     def end_epoch(self, epoch: int, step: int, unit: str, units: int, validation_loss: float | None,
-                  benchmarks: dict[str, float] | None = None) -> None:
-        """Log the epoch that just ended; `units` of `unit` (tokens, samples) were trained on in it; benchmarks:
-        more figures of the model, by TensorBoard tag (such as hellaswag/acc)."""
+                  validation_figures: dict[str, float] | None = None, benchmarks: dict[str, float] | None = None
+                  ) -> None:
+        """Log the epoch that just ended; `units` of `unit` (tokens, samples) were trained on in it; validation_figures:
+        the loss's further figures on the held-out split; benchmarks: more figures of the model, by TensorBoard tag
+        (such as hellaswag/acc)."""
         units_per_second = units / (time.perf_counter() - self.start)
         record = {
             "epoch": epoch,
@@ -346,19 +383,24 @@ class EpochLog:
             "gradient_norm": sum(self.gradient_norms) / len(self.gradient_norms),
             "learning_rate": self.learning_rate,
             f"{unit}_per_second": units_per_second,
-        }
+        } | {name: sum(values) / len(values) for name, values in self.figures.items()}
         if self.utilization_per_unit:
             record["mfu"] = units_per_second * self.utilization_per_unit
         if validation_loss is not None:
-            record |= {"validation_loss": validation_loss, "validation_perplexity": perplexity(validation_loss)}
-        record |= benchmarks or {}
+            record["validation_loss"] = validation_loss
+            if self.perplexity:
+                record["validation_perplexity"] = perplexity(validation_loss)
+        validation_figures = validation_figures or {}
+        record |= {f"validation_{name}": value for name, value in validation_figures.items()} | (benchmarks or {})
         if self.metrics_path:
             self.progress.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                          for key, value in record.items()))
             append_metrics(self.metrics_path, record)
         self._add_scalars(step, {f"speed/{unit}_per_second": units_per_second, "speed/mfu": record.get("mfu"),
                                  "validation/loss": validation_loss,
-                                 "validation/perplexity": record.get("validation_perplexity")} | (benchmarks or {}))
+                                 "validation/perplexity": record.get("validation_perplexity")}
+                          | {f"validation/{name}": value for name, value in validation_figures.items()}
+                          | (benchmarks or {}))
         self._start_epoch()
 
     def _add_scalars(self, step: int, values: dict[str, float | None]) -> None:
@@ -380,7 +422,7 @@ def rank_zero_log(run: RunConfig, progress, start_step: int, device: torch.devic
     peak = peak_tflops(device, run.dtype)
     return EpochLog(progress, metrics_path(run.checkpoint_path),
                     tensorboard_writer(run, start_step) if run.tensorboard else None,
-                    run.flops_per_unit, peak and peak * 1e12 * world_size())
+                    run.flops_per_unit, peak and peak * 1e12 * world_size(), run.loss_of is language_model_loss)
 
 
 def train(
@@ -430,7 +472,6 @@ def train(
     exit_request = GracefulExit()
     progress = tqdm(total=total_steps, initial=step, desc=run.description, unit="step", disable=not main_process)
     device = next(model.parameters()).device
-    padding_index = unwrapped(model).padding_index
     precision = autocast_unless_sharded(model, device, run.dtype)
     log = rank_zero_log(run, progress, start_step, device) if main_process else EpochLog(progress, None)
 
@@ -448,9 +489,9 @@ def train(
     while step < total_steps:
         learning_rate = learning_rate_at(step, total_steps, warmup_steps, run.learning_rate)
         try:
-            step_loss, gradient_norm, stop_requested = optimizer_step(
+            step_loss, gradient_norm, stop_requested, figures = optimizer_step(
                 model, optimizer, micro_batches_at(step), learning_rate, run.max_gradient_norm, precision, scaler,
-                exit_request.requested, run.reduce_every_micro_batch,
+                exit_request.requested, run.reduce_every_micro_batch, run.loss_of,
             )
         except FloatingPointError as error:
             stop(f"at step {step}, {error}")
@@ -464,20 +505,20 @@ def train(
         step += 1
         if step == start_step + 1:
             end_start_up()
-        log.add_step(step, step_loss, gradient_norm, learning_rate)
+        log.add_step(step, step_loss, gradient_norm, learning_rate, figures)
 
         epoch, end_of_epoch = divmod(step, run.steps_per_epoch)
         failure = None
         last = step == total_steps
         if end_of_epoch == 0:
             try:
-                validation_loss = (evaluate(model, eval_batches, padding_index, precision)
-                                   if epoch % run.eval_interval == 0 or last else None)
+                validation_loss, validation_figures = (evaluate(model, eval_batches, precision, run.loss_of)
+                                                       if epoch % run.eval_interval == 0 or last else (None, None))
             except DamagedCorpus as error:
                 stop(str(error))
             benchmarks = benchmark(model, precision, epoch, last) if benchmark else None
             failure = write_error(log.end_epoch, epoch, step, run.unit, run.units_per_epoch, validation_loss,
-                                  benchmarks)
+                                  validation_figures, benchmarks)
         if stop_requested or end_of_epoch == 0 and (epoch % run.checkpoint_interval == 0 or last):
             if divergence := diverged(model, validation_loss if end_of_epoch == 0 else None):
                 stop(f"at step {step}, {divergence}: the run diverged; nothing was saved, {run.checkpoint_path} is "

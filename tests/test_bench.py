@@ -26,8 +26,8 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
     # fp32: in bf16 this tiny model's peak memory is not in its activations, so checkpointing cannot lower it.
     result = run_script(
         "bench.py", *TINY_BENCH_FLAGS, "--precision", "fp32", "--steps", "2", "--warmup", "1",
-        "--checkpointing_layers", "4", "--parts", "train", "generate", "beam_search", "checkpointing", "data",
-        "--data_tokens", "40000",
+        "--checkpointing_layers", "4", "--parts", "train", "generate", "beam_search", "preference", "checkpointing",
+        "data", "--data_tokens", "40000",
         "--generation_lengths", "4", "8", "--beam_tokens", "4", "--beam_width", "4", "--json",
     )
     assert result.returncode == 0, result.stderr
@@ -46,6 +46,9 @@ def test_bench_runs_a_tiny_shape_and_prints_one_well_formed_json_object_per_meas
             / records["generate_uncached_tokens_per_s", length]["value"]
         )
     assert records["beam_search_tokens_per_s", 4]["gpt2_value"] > 0
+    # a DPO step holds no more than an SFT step over as many rows, give or take the output layer's chunks
+    assert 0.5 < records["preference_over_sft_as_many_rows_peak_memory", None]["value"] < 1.2
+    assert records["preference_over_sft_peak_memory", None]["value"] > 0
 
     for metric in SIDE_BY_SIDE:
         record = records[metric, None]

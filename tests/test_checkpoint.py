@@ -15,11 +15,9 @@ import pytest
 import torch
 
 from checkpoint import (
-    FORMAT_VERSION,
     check_outputs,
     claimed_checkpoint,
     exclusive_lock,
-    file_checksums,
     is_sharded_checkpoint,
     load_checkpoint,
     load_index,
@@ -31,7 +29,6 @@ from checkpoint import (
     save_sharded,
     trained_on_these_weights,
     training_checkpoint,
-    upgraded_template,
 )
 from conftest import (
     REPOSITORY,
@@ -46,6 +43,8 @@ from conversations import PromptTemplate
 from distributed import load_training_state, sharded_training_state
 from finetuning import load_lora_model
 from files import still_at, write_text_atomically
+from formats import FORMAT_VERSION, upgraded_template
+from integrity import file_checksums
 from preparation import preparation_lock
 from tokenizer import load_tokenizer
 from training import append_metrics, records_up_to

@@ -5,17 +5,17 @@ import pytest
 import torch
 
 from checkpoint import (
-    FORMAT_VERSION,
     exported_config,
     load_checkpoint,
     load_lora_checkpoint,
     load_model,
     save_atomically,
     training_checkpoint,
-    verify_optimizer_state,
 )
 from conftest import tiny_model
 from conversations import ALPACA
+from formats import FORMAT_VERSION
+from integrity import verify_optimizer_state
 from test_checkpoint import sharded_checkpoint
 
 

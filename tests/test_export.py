@@ -10,16 +10,10 @@ import torch
 from safetensors import safe_open
 
 import export
-from checkpoint import (
-    exported_config,
-    load_checkpoint,
-    load_model,
-    model_from_checkpoint,
-    save_atomically,
-    upgraded_template,
-)
+from checkpoint import exported_config, load_checkpoint, load_model, model_from_checkpoint, save_atomically
 from conftest import REPOSITORY, TINY_MODEL_FLAGS, assert_one_line_error, flag_error, run_script, tiny_model
 from files import write_folder_atomically
+from formats import upgraded_template
 from tokenizer import load_tokenizer
 from model import LightGPT
 

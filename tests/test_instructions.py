@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-from checkpoint import upgraded_template
 from conversations import (
     ALPACA,
     ConversationSamples,
@@ -16,6 +15,7 @@ from conversations import (
 )
 from tokenizer import load_tokenizer
 from conftest import lightgpt
+from formats import upgraded_template
 
 RECORDS = [
     {"instruction": "What is the capital of France?", "output": "Paris."},

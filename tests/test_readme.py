@@ -16,18 +16,18 @@ def test_the_argument_tables_are_what_the_parsers_define():
         assert with_current_tables(text) == text, f"{document.name}: run python readme_flags.py"
 
 
-def test_docs_usage_has_every_user_script_s_table_and_the_readme_links_to_it():
-    tables = [match["script"] for match in TABLE.finditer(USAGE.read_text())]
-    assert tables == ["pre-train.py", "instruction-tune.py", "generate.py", "beam_search.py", "evaluate.py",
-                      "serve.py", "chat.py", "export.py"]
-    assert "(docs/usage.md" in README.read_text()
-
-
 def test_the_corpus_table_and_the_dataset_flag_come_from_the_registry():
     readme = README.read_text()
     assert f"| `{DEFAULT_CORPUS}` (default) |" in readme and corpus_table() in readme
     dataset = next(action for action in script_parser("pre-train.py")._actions if action.dest == "dataset")
     assert dataset.choices == tuple(CORPORA) and dataset.help == dataset_help()
+
+
+def test_docs_usage_has_every_user_script_s_table_and_the_readme_links_to_it():
+    tables = [match["script"] for match in TABLE.finditer(USAGE.read_text())]
+    assert tables == ["pre-train.py", "instruction-tune.py", "preference-tune.py", "generate.py", "beam_search.py",
+                      "evaluate.py", "serve.py", "chat.py", "export.py"]
+    assert "(docs/usage.md" in README.read_text()
 
 
 def test_the_readme_stays_a_user_s_document_under_24_kb():

@@ -1,0 +1,313 @@
+import json
+import math
+
+import pytest
+import torch
+
+from checkpoint import save_atomically
+from conftest import (
+    assert_one_line_error,
+    flag_error,
+    load_script,
+    metrics,
+    run_script,
+    run_until_first_epoch_then_terminate,
+    save_pretrained_checkpoint,
+    tensorboard_run,
+    tiny_model,
+)
+from conversations import CHATML
+from finetuning import (
+    adapter_checkpoint,
+    adapter_on_base,
+    adapters_off,
+    add_chat_tokens,
+    chat_token_entries,
+    load_lora_model,
+    lora_model,
+    merged_adapter_entry,
+    preference_loss,
+)
+from model import add_lora, lora_layers, lora_state_dict, merge_lora
+from preferences import PreferenceSamples, checked_pair, hub_preferences, read_local_preferences
+from tokenizer import CHAT_VOCABULARY_SIZE
+
+BASE_SHAPE = dict(vocabulary_size=50257, embedding_dimensions=16, num_heads=2, num_layers=2, eos_index=50256)
+LORA_ARGS = {"rank": 4, "alpha": 1.0, "dropout": 0.0}
+
+
+def toy_pairs(count: int, offset: int = 0) -> list[dict]:
+    """Pairs a chat model can tell apart: whatever the question, Yes. is chosen and No. rejected."""
+    return [{"prompt": [{"role": "user", "content": f"Question {number}: is {number} a number?"}],
+             "chosen": [{"role": "assistant", "content": "Yes."}],
+             "rejected": [{"role": "assistant", "content": "No."}]} for number in range(offset, offset + count)]
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory):
+    """A tiny pre-trained base and a chat adapter of it (ChatML's two tokens, adapters that change the model),
+    written by finetuning's own functions as instruction-tune.py writes them."""
+    folder = tmp_path_factory.mktemp("preference")
+    base_model = tiny_model(**BASE_SHAPE)
+    base_path = save_pretrained_checkpoint(base_model, folder / "base.pt", block_size=32)
+    base = torch.load(base_path, weights_only=True)
+    torch.manual_seed(1)
+    chat = lora_model(base, base_path, LORA_ARGS, "cpu")
+    add_chat_tokens(chat, CHAT_VOCABULARY_SIZE)
+    with torch.no_grad():
+        for layer in lora_layers(chat).values():
+            layer.lora_b.normal_(std=0.2)
+    save_atomically(adapter_checkpoint(chat, base, base_path, LORA_ARGS, CHATML, None, 0, 0, None, {},
+                                       grad_scaler=None, **chat_token_entries(chat, base)), folder / "lora_chat.pt")
+    return folder, base_path, folder / "lora_chat.pt"
+
+
+def preference_model(base_path, chat_path):
+    """The chat model with a fresh adapter, as preference-tune.py builds it."""
+    chat = torch.load(chat_path, weights_only=True)
+    model = adapter_on_base(chat, torch.load(base_path, weights_only=True), chat_path, base_path)
+    torch.manual_seed(2)
+    add_lora(model, 4, 1.0, 0.0)
+    return model.train(), chat
+
+
+def toy_batch(count: int = 4):
+    samples = PreferenceSamples([checked_pair(record, "toy") for record in toy_pairs(count)], CHATML, 32, -100,
+                                show_progress=False)
+    return samples.batch(list(range(count)))
+
+
+def test_at_step_0_the_loss_is_ln_2_and_every_reward_0(chat_files):
+    _, base_path, chat_path = chat_files
+    model, _ = preference_model(base_path, chat_path)
+    inputs, targets = toy_batch()
+    for label_smoothing in (0.0, 0.2):
+        loss, figures, units = preference_loss(model, inputs, targets, beta=0.1, label_smoothing=label_smoothing)
+        assert units == 4 and math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
+        assert figures["rewards/chosen"] == figures["rewards/rejected"] == figures["rewards/margins"] == 0
+        assert figures["rewards/accuracies"] == 0  # no pair is preferred yet
+
+
+def test_the_adapter_off_reference_is_the_separately_loaded_chat_model(chat_files):
+    _, base_path, chat_path = chat_files
+    model, _ = preference_model(base_path, chat_path)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_b.normal_(std=0.5)
+    inputs, targets = toy_batch()
+    chat_model, _, _ = load_lora_model(chat_path, base_path)
+    with torch.no_grad():
+        _, expected = chat_model(inputs, targets, per_row=True)
+        with adapters_off(model):
+            _, reference = model(inputs, targets, per_row=True)
+        _, policy = model(inputs, targets, per_row=True)
+    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
+    assert (policy - expected).abs().min() > 1e-3
+    # each row's summed cross entropy: the logits' log-softmax at the response's targets
+    logits, _ = chat_model(inputs)
+    kept = targets != -100
+    log_probabilities = logits.log_softmax(-1).gather(-1, targets.where(kept, 0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(expected, -(log_probabilities * kept).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_the_per_row_loss_s_gradient_is_autograd_s_through_the_whole_logits(chat_files):
+    _, base_path, chat_path = chat_files
+    model, _ = preference_model(base_path, chat_path)
+    inputs, targets = toy_batch(3)
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5, -0.3])
+    gradients = []
+    for fused in (True, False):
+        model.zero_grad()
+        if fused:
+            _, losses = model(inputs, targets, per_row=True)
+        else:
+            logits, _ = model(inputs)
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(-1)
+        (losses * weights).sum().backward()
+        gradients.append([parameter.grad.clone() for parameter in model.parameters() if parameter.requires_grad])
+    for fused, whole in zip(*gradients):
+        torch.testing.assert_close(fused, whole, rtol=1e-3, atol=1e-5)  # float32 sums over 50,259 logits
+
+
+def test_a_preference_adapter_merges_after_the_chat_adapter_it_was_trained_on(chat_files, tmp_path):
+    _, base_path, chat_path = chat_files
+    model, chat = preference_model(base_path, chat_path)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_b.normal_(std=0.3)
+    base = torch.load(base_path, weights_only=True)
+    entries = {"grad_scaler": None, "merged_adapter": merged_adapter_entry(chat, chat_path)}
+    save_atomically(adapter_checkpoint(model, base, base_path, LORA_ARGS, CHATML, None, 0, 0, None, {}, **entries),
+                    tmp_path / "pref.pt")
+    loaded, block_size, template = load_lora_model(tmp_path / "pref.pt")
+    expected = merge_lora(model).eval()
+    assert block_size == 32 and template == CHATML
+    assert loaded.state_dict().keys() == expected.state_dict().keys()
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=1e-6)
+
+    damaged = torch.load(tmp_path / "pref.pt", weights_only=True)
+    next(iter(damaged["merged_adapter"]["lora"].values())).view(-1)[0] += 1  # the chat adapter's bytes, saved inside
+    torch.save(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match=r"damaged.pt: merged_adapter/lora/\S+ differs from the checksum"):
+        load_lora_model(tmp_path / "damaged.pt")
+
+
+def test_local_pairs_in_trl_s_layouts_and_one_line_for_each_malformed_record(tmp_path):
+    good = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go."}, toy_pairs(1)[0],
+            {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+             "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go."}]}]
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps(record) + "\n" for record in good))
+    pairs = read_local_preferences([tmp_path / "good.jsonl"])
+    exchange = ([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello!"}],
+                [{"role": "assistant", "content": "Go."}])
+    assert pairs[0] == pairs[2] == exchange and pairs[1][1] == [{"role": "assistant", "content": "Yes."}]
+    bad = [good[0], {"prompt": "Hi", "chosen": "Hello!"}, good[1], {"prompt": "Hi", "chosen": 3, "rejected": "x"},
+           {"prompt": "Hi", "chosen": [{"role": "user", "content": "Hi"}], "rejected": "x"}]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(record) + "\n" for record in bad))
+    with pytest.raises(ValueError) as failure:
+        read_local_preferences([tmp_path / "good.jsonl", tmp_path / "bad.jsonl"])
+    lines = str(failure.value).splitlines()
+    assert [line.split(" ", 2)[:2] for line in lines[:3]] == [[f"{tmp_path / 'bad.jsonl'}:", "line"]] * 3
+    assert [line.split(" ", 3)[2].rstrip(":") for line in lines[:3]] == ["2", "4", "5"]
+    assert "chosen and rejected" in lines[0] and "chosen is neither" in lines[1] and "roles: user" in lines[2]
+    assert lines[3] == "3 malformed records in --dataset_path"
+
+
+def ultrafeedback_mirror(root, splits: dict[str, list[dict]]) -> None:
+    """A local folder laid out as HuggingFaceH4/ultrafeedback_binarized on the hub (its README's configs, Parquet
+    shards with its real columns), which datasets.load_dataset reads by the repository's name from `root`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = root / "HuggingFaceH4" / "ultrafeedback_binarized"
+    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
+    for split, rows in splits.items():
+        lines += [f"  - split: {split}", f"    path: data/{split}-*"]
+        path = folder / "data" / f"{split}-00000-of-00001.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conversations = {name: [[{"role": "user", "content": row["prompt"]}, {"role": "assistant",
+                                                                               "content": row[name]}] for row in rows]
+                         for name in ("chosen", "rejected")}
+        pq.write_table(pa.table({"prompt": [row["prompt"] for row in rows], "prompt_id": ["0" * 64] * len(rows),
+                                 **conversations, "messages": conversations["chosen"],
+                                 "score_chosen": [8.0] * len(rows), "score_rejected": [4.0] * len(rows)}), path)
+    (folder / "README.md").write_text("\n".join(lines + ["---", ""]))
+
+
+def test_ultrafeedback_s_pairs_stream_from_a_local_mirror_of_the_hub_s_layout(tmp_path, monkeypatch):
+    rows = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go."}, {"prompt": "Same", "chosen": "A", "rejected": "A"}]
+    ultrafeedback_mirror(tmp_path, {"train_prefs": rows, "test_prefs": rows[:1], "train_sft": rows})
+    monkeypatch.chdir(tmp_path)
+    exchange = ([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello!"}],
+                [{"role": "assistant", "content": "Go."}])
+    assert hub_preferences("train_prefs") == ([exchange], 1)  # chosen and rejected the same: not a pair
+    assert hub_preferences("test_prefs") == ([exchange], 0)
+    monkeypatch.chdir(tmp_path / "HuggingFaceH4")  # no mirror here: the hub itself, offline in the tests
+    with pytest.raises(ConnectionError) as failure:
+        hub_preferences("train_prefs")
+    assert "HuggingFaceH4/ultrafeedback_binarized" in str(failure.value) and "\n" not in str(failure.value)
+    assert "--dataset local" in str(failure.value)
+
+
+def test_flags_that_cannot_work_are_one_line(chat_files, capsys):
+    script = load_script("preference-tune")
+    _, _, chat_path = chat_files
+    assert "--dataset_path: required" in flag_error(script, ["--dataset", "local", "--lora_path", str(chat_path)],
+                                                     capsys)
+    assert "--label_smoothing: must be below 0.5" in flag_error(
+        script, ["--label_smoothing", "0.5", "--lora_path", str(chat_path)], capsys)
+    assert "--lora_path: no chat adapter" in flag_error(script, ["--lora_path", "nowhere.pt"], capsys)
+
+
+PREFERENCE_FLAGS = ["--dataset", "local", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+                    "--learning_rate", "2e-2", "--warmup_steps", "0", "--beta", "0.5", "--rank", "4",
+                    "--device", "cpu", "--seed", "0", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def preference_run(chat_files):
+    """preference-tune.py for 4 epochs on 60 toy pairs (3 held out); and the same run stopped by SIGTERM after its
+    first epoch, then resumed."""
+    folder, base_path, chat_path = chat_files
+    data = folder / "pairs.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in toy_pairs(60)))
+    flags = [*PREFERENCE_FLAGS, "--lora_path", chat_path, "--dataset_path", data]
+    whole = run_script("preference-tune.py", *flags, "--checkpoint_path", folder / "whole.pt", "--num_epochs", "4",
+                       "--tensorboard")
+    assert whole.returncode == 0, whole.stderr
+    halves = [*flags, "--checkpoint_path", folder / "halves.pt", "--num_epochs", "4"]
+    first = run_until_first_epoch_then_terminate("preference-tune.py", *halves,
+                                                 metrics_path=folder / "halves.metrics.jsonl")
+    assert first.returncode == 143 and "Stopped by signal" in first.stdout, first.stderr
+    second = run_script("preference-tune.py", *halves, "--resume")
+    assert second.returncode == 0 and "Resuming from" in second.stdout, second.stderr
+    return folder, whole
+
+
+@pytest.mark.slow
+def test_held_out_reward_accuracy_rises_and_chosen_answers_gain_on_the_reference(preference_run):
+    folder, whole = preference_run
+    records = metrics(folder / "whole.pt")
+    assert [record["epoch"] for record in records] == [1, 2, 3, 4]
+    last = records[-1]
+    assert last["validation_rewards/accuracies"] > 0.9 and last["validation_rewards/chosen"] > 0
+    assert last["validation_rewards/margins"] > records[0]["validation_rewards/margins"] > 0
+    assert last["validation_loss"] < math.log(2) and "validation_perplexity" not in last
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(last)
+    assert "validation_rewards/accuracies=" in whole.stdout + whole.stderr
+    tags = tensorboard_run(folder / "runs" / "whole").Tags()["scalars"]
+    assert {f"{split}/rewards/{name}" for split in ("train", "validation")
+            for name in ("chosen", "rejected", "margins", "accuracies")} <= set(tags)
+
+
+@pytest.mark.slow
+def test_resume_is_exact(preference_run):
+    folder, _ = preference_run
+    whole, halves = (torch.load(folder / name, weights_only=True) for name in ("whole.pt", "halves.pt"))
+    assert whole["step"] == halves["step"] == 32
+    for name, tensor in whole["lora"].items():
+        assert torch.equal(tensor, halves["lora"][name]), name
+    # the held-out figures (the training means of the epoch resumed in its middle cover only its later steps)
+    assert [{key: value for key, value in record.items() if key.startswith(("validation", "step"))}
+            for record in metrics(folder / "whole.pt")] == [
+        {key: value for key, value in record.items() if key.startswith(("validation", "step"))}
+        for record in metrics(folder / "halves.pt")]
+
+
+@pytest.mark.slow
+def test_the_preference_adapter_loads_in_chat_py_as_a_chat_adapter_does(preference_run, chat_files):
+    folder, _ = preference_run
+    _, base_path, chat_path = chat_files
+    result = run_script("chat.py", "--lora_path", folder / "whole.pt", "--max_tokens", "4", "--top_k", "1",
+                        "--device", "cpu", "--seed", "0", input="Question 99: is 99 a number?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n\n") and len(result.stdout.strip().splitlines()) == 1
+    adapter = torch.load(folder / "whole.pt", weights_only=True)
+    assert adapter["merged_adapter"]["path"] == str(chat_path.resolve())
+    assert adapter["merged_adapter"]["lora"].keys() == adapter["lora"].keys() == lora_state_dict(
+        preference_model(base_path, chat_path)[0]).keys()
+
+
+@pytest.mark.slow
+def test_a_file_of_malformed_records_is_one_line_for_each(chat_files, tmp_path):
+    _, _, chat_path = chat_files
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in [*toy_pairs(2), {"prompt": "Hi"}, [1, 2],
+                                                                      *toy_pairs(1)]))
+    result = run_script("preference-tune.py", *PREFERENCE_FLAGS, "--lora_path", chat_path, "--dataset_path", data,
+                        "--checkpoint_path", tmp_path / "pref.pt")
+    assert_one_line_error(result, "2 malformed records in --dataset_path")
+    lines = result.stderr.strip().splitlines()
+    assert lines[-3].startswith(f"preference-tune.py: error: {data}: line 3 ") and lines[-2].startswith(
+        f"{data}: line 4 ")
+    assert not (tmp_path / "pref.pt").exists()
+
+
+def test_a_rank_whose_adapters_outgrow_the_device_is_refused_before_they_are_allocated(chat_files):
+    script = load_script("preference-tune")
+    _, base_path, chat_path = chat_files
+    args = script.parse_args(["--lora_path", str(chat_path), "--rank", "100000000000", "--device", "cpu"])
+    chat, base = torch.load(chat_path, weights_only=True), torch.load(base_path, weights_only=True)
+    with pytest.raises(ValueError, match=r"^--rank 100000000000: the adapters need about .* choose a smaller --rank$"):
+        script.preference_model(chat, base, args, str(base_path))
