@@ -17,13 +17,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from conversations import PromptTemplate
+from conversations import PromptTemplate, is_chat
 from devices import compute_dtype
 from finetuning import load_inference_model
 from flags import ArgumentParser, add_device_argument, add_model_path_arguments, add_precision_argument, positive_int
 from serving import BatchDecoder, Event, QueueFull
 from serving import Request as Generation
-from tokenizer import load_tokenizer
+from tokenizer import CHAT_VOCABULARY_SIZE, chat_tokenizer, load_tokenizer
 
 MAX_BODY_BYTES = 4 * 2**20
 CHAT_PAGE = Path(__file__).resolve().parent / "chat.html"
@@ -395,6 +395,14 @@ class Server:
         return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def serving_tokenizer(vocabulary_size: int, template: PromptTemplate | None):
+    """The chat tokenizer for a ChatML model (it writes and reads <|im_start|> and <|im_end|>), else r50k_base, so
+    that a base model's prompt never encodes an id beyond its vocabulary."""
+    if is_chat(template) or vocabulary_size >= CHAT_VOCABULARY_SIZE:
+        return chat_tokenizer()
+    return load_tokenizer()
+
+
 def main() -> None:
     args = build_parser().parse_args()
     try:
@@ -402,9 +410,10 @@ def main() -> None:
             args.checkpoint_path, args.device, args.lora_path, compute_dtype(args.precision, torch.device(args.device)))
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"serve.py: error: {error}")
-    decoder = BatchDecoder(model, load_tokenizer(), block_size, args.max_batch_size, args.max_queued).start()
+    tokenizer = serving_tokenizer(model.vocabulary_size, template)
+    decoder = BatchDecoder(model, tokenizer, block_size, args.max_batch_size, args.max_queued).start()
     api_key = args.api_key or os.environ.get("LIGHTGPT_API_KEY") or None
-    server = Server(decoder, load_tokenizer(), block_size, args.model_name, template, api_key)
+    server = Server(decoder, tokenizer, block_size, args.model_name, template, api_key)
     print(f"Serving {args.model_name} ({model.num_trainable_params:,} parameters, context {block_size} tokens) on "
           f"http://{args.host}:{args.port}", flush=True)
     try:

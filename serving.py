@@ -303,7 +303,10 @@ class BatchDecoder:
             return
         finished = []
         for row, (running, choice) in enumerate(zip(self.rows, choose(self.rows, logits))):
-            event = running.advance(choice, self.model.eos_index)
+            try:
+                event = running.advance(choice, self.model.eos_index)
+            except Exception as error:  # noqa: BLE001 - a token this row cannot decode ends this row alone
+                event = Event(finish_reason="error", error=f"{type(error).__name__}: {error}")
             running.request.deliver(event)
             if event.finish_reason is not None:
                 finished.append(row)

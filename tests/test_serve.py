@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +18,9 @@ import torch
 import sizing
 from checkpoint import exported_config
 from conftest import REPOSITORY, lightgpt, save_pretrained_checkpoint
-from conversations import PromptTemplate
-from tokenizer import load_tokenizer
+from conversations import CHATML, PromptTemplate
+from test_chat import EXCHANGE, chat_adapter  # noqa: F401 (a fixture: a tiny base tuned in ChatML)
+from tokenizer import IM_END, chat_tokenizer, load_tokenizer
 from serving import Request, Running
 
 openai = pytest.importorskip("openai")
@@ -83,7 +85,11 @@ def live_server(checkpoint: Path, *flags: str):
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a server stuck on a hung request must not outlive the test
+            process.kill()
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +229,29 @@ def test_a_chat_completion_its_stream_and_usage_agree(chat_server):
 
 
 @pytest.mark.slow
+def test_a_chatml_adapter_is_served_and_its_replies_stop_at_im_end(chat_adapter):
+    """The chat Quick start's shape: a base checkpoint and a ChatML adapter with the two grown token rows."""
+    base, adapter = chat_adapter
+    messages, reply = EXCHANGE["messages"][:2], EXCHANGE["messages"][2]["content"]
+    with live_server(base, "--lora_path", adapter) as url:
+        chat = client(url).chat.completions
+        response = chat.create(model="lightgpt", messages=messages, temperature=0, max_tokens=20)
+        chunks = list(chat.create(model="lightgpt", messages=messages, temperature=0, max_tokens=20, stream=True,
+                                  stream_options={"include_usage": True}))
+        # The same conversation written out as ChatML text: its special tokens are encoded, and <|im_end|> decoded.
+        raw = client(url).completions.create(model="lightgpt", prompt=chat_tokenizer().decode(CHATML.prompt(messages)),
+                                             temperature=0, max_tokens=len(chat_tokenizer().encode(reply)) + 1)
+    choice = response.choices[0]
+    assert choice.message.content == reply and choice.finish_reason == "stop" and IM_END not in reply
+    assert response.usage.prompt_tokens == len(CHATML.prompt(messages))
+    assert response.usage.completion_tokens == len(chat_tokenizer().encode(reply))  # <|im_end|> is not counted
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.model_dump() == response.usage.model_dump()
+    assert raw.choices[0].text == reply + IM_END and raw.usage.prompt_tokens == response.usage.prompt_tokens
+
+
+@pytest.mark.slow
 def test_api_key_full_queue_and_a_disconnect_that_frees_its_row(chat_server):
     url = chat_server
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
@@ -250,6 +279,37 @@ def test_api_key_full_queue_and_a_disconnect_that_frees_its_row(chat_server):
     started = time.monotonic()
     assert keyed.completions.create(**long_request).usage.completion_tokens == BLOCK_SIZE - 1
     assert freed_after < time.monotonic() - started, "the queued request ran before the long one could end"
+
+
+class FailsOnItsSecondToken:
+    """r50k_base, except that decoding the second generated token raises, as a token beyond it once did."""
+
+    def __init__(self):
+        self.decoded, self.n_vocab = 0, load_tokenizer().n_vocab
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        self.decoded += 1
+        if self.decoded == 2:
+            raise KeyError(token)
+        return load_tokenizer().decode_single_token_bytes(token)
+
+
+def test_a_token_that_cannot_be_decoded_ends_its_request_and_the_loop_goes_on():
+    from serving import BatchDecoder
+
+    decoder = BatchDecoder(served_model(), FailsOnItsSecondToken(), BLOCK_SIZE, 2, 2).start()
+    try:
+        results = []
+        for _ in range(2):
+            done, events = threading.Event(), []
+            decoder.submit(Request([464], 4, lambda event: (events.append(event), event.finish_reason and done.set()),
+                                   temperature=0))
+            assert done.wait(60)
+            results.append(events[-1])
+    finally:
+        decoder.stop()
+    assert results[0].finish_reason == "error" and "KeyError" in results[0].error
+    assert results[1].finish_reason == "length"
 
 
 def running(request: Request, tokens: list[int]) -> list:
