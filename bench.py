@@ -67,7 +67,8 @@ from conversations import CHATML
 from evaluation import NUM_ENDINGS, Item, item_rows, score_hellaswag
 from finetuning import preference_loss
 from generation import ChatSession, beam_search, generate
-from model import LightGPT, add_lora
+from lora import add_lora
+from model import LightGPT
 from optimizers import build_optimizer
 from preparation import prepare_corpus
 from profiling import (

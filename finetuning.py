@@ -36,17 +36,17 @@ from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import run_config
 from integrity import context_length, finite, verify_optimizer_state
-from model import (
-    LightGPT,
+from lora import (
     add_lora,
     added_rows,
     grow_vocabulary,
-    lora_layers,
     load_lora_state_dict,
+    lora_layers,
     lora_state_dict,
     merge_lora,
     train_added_rows,
 )
+from model import LightGPT
 from sizing import gigabytes
 from training import (
     LossFunction,

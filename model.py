@@ -2,16 +2,17 @@
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor
-from torch.nn import GELU, Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
-from torch.nn.functional import cross_entropy, scaled_dot_product_attention
+from torch.nn import GELU, Dropout, Embedding, Linear, Module, ModuleList, RMSNorm
+from torch.nn.functional import scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
+
+from losses import LinearCrossEntropy, RowCrossEntropy, linear_cross_entropy, linear_token_losses, row_cross_entropy
 
 
 # The metadata of the LightGPTConfig fields that set the weights' shapes: a base and its adapter must agree on them.
@@ -178,163 +179,6 @@ class CausalSelfAttentionBlock(Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def softmax_cross_entropy_in_place(
-    logits: Tensor, targets: Tensor, kept: Tensor, recompute_logits: Callable[[], Tensor]
-) -> tuple[Tensor, Tensor]:
-    """The summed cross entropy of a chunk of logits over its kept targets, in float32, and its gradient
-    softmax - one_hot(target), which overwrites the logits in their own dtype. A CPU's way: its softmax computes
-    in float32 inside and writes bf16, where converting the chunk to float32 and back, or scattering into a bf16
-    chunk, would copy it whole.
-
-    Args:
-        logits: (positions, vocabulary), in the compute dtype.
-        targets, kept: (positions, 1), the target ids and whether each counts.
-        recompute_logits: the logits again, for the rare chunk in which the probability of a target is below
-            float32's range (a loss over 87 on one token), whose loss then comes from the log-softmax.
-    """
-    probabilities = torch.softmax(logits, -1, out=logits)
-    positions, targets = torch.arange(len(targets), device=targets.device), targets.squeeze(1)
-    target_probabilities = probabilities[positions, targets]  # (positions,)
-    log_probabilities = target_probabilities.float().log()
-    if log_probabilities.isneginf().any():
-        log_probabilities = recompute_logits().float().log_softmax(-1)[positions, targets]
-    probabilities[positions, targets] = target_probabilities - 1
-    return -(log_probabilities * kept.squeeze(1)).sum(), probabilities
-
-
-def logits_chunk_size(hidden: Tensor, weight: Tensor) -> int:
-    """The positions in a chunk of logits: chunks of at most 32 MB measured fastest on a CPU; a GPU wants a few large
-    kernels."""
-    return max(1, (2**23 if hidden.device.type == "cpu" else 2**28) // weight.size(0))
-
-
-def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, gradients: tuple[bool, bool] = (False, False)
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """The summed cross entropy of the logits hidden @ weight.T over the targets that are not ignore_index, and
-    how many targets those are, a chunk of positions at a time so that the (positions x vocabulary) logits never
-    exist whole; with gradients (for hidden, for weight), also the gradients of the sum, chunk by chunk on the way."""
-    device_type = hidden.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-    chunk_size = logits_chunk_size(hidden, weight)
-    kept = (targets != ignore_index).unsqueeze(1)
-    # d(summed loss)/d(logits) = (softmax - one_hot(target)) * kept; the mask is applied to the small hidden-sized
-    # factors rather than to the vocabulary-sized chunk. Dividing by the count is left to the caller, in float32:
-    # in fp16 the quotients of a large batch would underflow.
-    mask = kept.to(dtype)
-    targets = targets.unsqueeze(1).where(kept, 0)
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    loss = torch.zeros((), device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if gradients[0] else None
-    # Summed over the chunks in float32 whatever the compute dtype: in bf16 the later chunks' contributions would
-    # be rounded against the running sum, an error that grows with the number of chunks.
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if gradients[1] else None
-    with torch.autocast(device_type, enabled=False):
-        for start in range(0, len(hidden), chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = hidden[rows] @ weight.T  # (chunk, vocabulary)
-            if device_type == "cpu":
-                chunk_loss, gradient = softmax_cross_entropy_in_place(logits, targets[rows], kept[rows],
-                                                                      lambda: hidden[rows] @ weight.T)
-                loss += chunk_loss
-                if not any(gradients):
-                    continue
-            else:  # measured on CPUs only
-                log_probabilities = logits.float().log_softmax(-1)
-                loss -= (log_probabilities.gather(1, targets[rows]) * kept[rows]).sum()
-                if not any(gradients):
-                    continue
-                minus_one = torch.full(targets[rows].shape, -1.0, device=hidden.device)
-                gradient = log_probabilities.exp_().scatter_add_(1, targets[rows], minus_one).to(dtype)
-            if grad_hidden is not None:
-                torch.mul(gradient @ weight, mask[rows], out=grad_hidden[rows])
-            if grad_weight is not None and dtype == torch.float32:
-                grad_weight.addmm_(gradient.T, hidden[rows] * mask[rows])
-            elif grad_weight is not None:  # addmm_ wants one dtype: the chunk's product is added to the float32 sum
-                grad_weight += gradient.T @ (hidden[rows] * mask[rows])
-    return loss, kept.sum(), grad_hidden, grad_weight
-
-
-def linear_token_losses(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """The cross entropy of the logits hidden @ weight.T at each position (0 where the target is ignore_index) and
-    whether the target is the most likely token there, in float32, a chunk of positions at a time as in
-    linear_cross_entropy: what scoring continuations needs, one loss per token, never the whole logits."""
-    chunk_size = logits_chunk_size(hidden, weight)
-    losses = torch.empty(len(hidden), device=hidden.device)
-    most_likely = torch.empty(len(hidden), dtype=torch.bool, device=hidden.device)
-    for start in range(0, len(hidden), chunk_size):
-        rows = slice(start, start + chunk_size)
-        logits = (hidden[rows] @ weight.T).float()  # (chunk, vocabulary)
-        losses[rows] = cross_entropy(logits, targets[rows], ignore_index=ignore_index, reduction="none")
-        most_likely[rows] = logits.argmax(-1) == targets[rows]
-    return losses, most_likely
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """The output layer and the mean cross entropy fused (linear_cross_entropy), for training.
-
-    The forward pass also computes the gradients with respect to the hidden states and the weight, and
-    keeps only those for the backward pass, never the (positions x vocabulary) logits. That saves their
-    memory, and on a CPU a quarter of the output layer's time: a chunk's logits stay in the cache and in
-    memory the allocator reuses, instead of half a gigabyte of fresh pages every step.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-        # The weight's gradient is skipped when it is frozen, as under LoRA.
-        loss, count, grad_hidden, grad_weight = linear_cross_entropy(hidden, weight, targets, ignore_index,
-                                                                     (True, ctx.needs_input_grad[1]))
-        ctx.save_for_backward(grad_hidden, grad_weight, count)
-        return loss / count
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
-        grad_hidden, grad_weight, count = ctx.saved_tensors
-        factor = grad_loss / count
-        return grad_hidden.float() * factor, grad_weight * factor if ctx.needs_input_grad[1] else None, None, None
-
-
-class RowCrossEntropy(torch.autograd.Function):
-    """The summed cross entropy of each row's targets (row_cross_entropy), for training: as in LinearCrossEntropy,
-    the forward pass computes the gradient with respect to the hidden states, the backward pass scales it by each
-    row's own gradient. The output layer must be frozen (as under LoRA): its weight gets no gradient here."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-        if ctx.needs_input_grad[1]:
-            raise ValueError("per-row losses train only with a frozen output layer (as under LoRA)")
-        losses, grad_hidden = row_cross_entropy(hidden, weight, targets, ignore_index, gradient=True)
-        ctx.save_for_backward(grad_hidden)
-        return losses
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_losses: Tensor) -> tuple[Tensor, None, None, None]:
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden.float() * grad_losses[:, None, None], None, None, None
-
-
-def row_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, gradient: bool = False
-                      ) -> tuple[Tensor, Tensor | None]:
-    """The float32 cross entropy of the logits hidden @ weight.T summed over each row's targets that are not
-    ignore_index, (batch,), and with gradient its gradient with respect to hidden (batch, sequence, embedding).
-    Only the positions with a target reach the output layer (linear_cross_entropy, chunked): a response's score
-    never computes its prompt's logits."""
-    losses = torch.zeros(len(hidden), device=hidden.device)
-    grad_hidden = None
-    for row, (row_hidden, row_targets) in enumerate(zip(hidden, targets)):
-        kept = row_targets != ignore_index  # (sequence,)
-        losses[row], _, row_gradient, _ = linear_cross_entropy(row_hidden[kept], weight, row_targets[kept],
-                                                               ignore_index, (gradient, False))
-        if gradient:
-            if grad_hidden is None:
-                grad_hidden = hidden.new_zeros(hidden.shape, dtype=row_gradient.dtype)
-            grad_hidden[row, kept] = row_gradient
-    return losses, grad_hidden
-
-
 class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_tag="text-generation"):
     """A decoder-only Transformer with no biases, no positional embeddings and tied embeddings.
 
@@ -476,128 +320,9 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
         return self.output_layer(self.output_norm(hidden[:, -1])).float()
 
 
-class LoRALinear(Module):
-    """A frozen Linear layer plus a trainable low-rank update: W x + alpha * B A dropout(x).
-
-    B starts at zero, so a fresh adapter changes nothing; A starts as N(0, 1/in_features).
-    """
-
-    def __init__(self, base: Linear, rank: int, alpha: float, dropout: float):
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
-        self.base = base.requires_grad_(False)
-        weight = base.weight
-        self.lora_a = Parameter(
-            torch.randn(rank, base.in_features, device=weight.device, dtype=weight.dtype) / math.sqrt(base.in_features)
-        )
-        self.lora_b = Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
-        self.alpha = alpha
-        self.dropout = Dropout(dropout)
-        self.enabled = True  # off: the base layer alone (finetuning.adapters_off)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
-            return self.base(x)
-        return self.base(x) + self.alpha * (self.dropout(x) @ self.lora_a.T @ self.lora_b.T)
-
-    @torch.no_grad()
-    def merged(self) -> Linear:
-        """A plain Linear layer whose weight is W + alpha * B @ A: the same outputs, no extra work."""
-        weight = self.base.weight
-        linear = Linear(self.base.in_features, self.base.out_features, bias=False, device=weight.device,
-                        dtype=weight.dtype)
-        linear.weight.copy_(weight + self.alpha * (self.lora_b @ self.lora_a))
-        return linear
-
-
-def lora_layers(model: LightGPT) -> dict[str, LoRALinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
-
-
-def replace_module(model: Module, name: str, module: Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 def blocks_once_named_body(model: Module, state: dict, prefix: str, *_) -> None:
     """Load weights saved when the blocks were named body (exported folders have no format version to upgrade)."""
     for name in [name for name in state if name.startswith(f"{prefix}body.")]:
         state[f"{prefix}blocks.{name.removeprefix(f'{prefix}body.')}"] = state.pop(name)
 
 
-def add_lora(model: LightGPT, rank: int, alpha: float, dropout: float) -> None:
-    """Freeze every parameter, then give each block's attention and MLP weight matrices a LoRA adapter."""
-    if lora_layers(model):
-        raise ValueError("the model already has LoRA adapters")
-    model.requires_grad_(False)
-    for name, module in list(model.blocks.named_modules(prefix="blocks")):
-        if isinstance(module, Linear):
-            replace_module(model, name, LoRALinear(module, rank, alpha, dropout))
-
-
-def merge_lora(model: LightGPT) -> LightGPT:
-    """Fold every adapter into its base weight, leaving a plain LightGPT for inference."""
-    for name, layer in lora_layers(model).items():
-        replace_module(model, name, layer.merged())
-    return model
-
-
-def lora_state_dict(model: LightGPT) -> dict[str, Tensor]:
-    """Only the adapters' A and B matrices: all that instruction tuning changes."""
-    return {
-        name: tensor for name, tensor in model.state_dict().items() if name.endswith((".lora_a", ".lora_b"))
-    }
-
-
-def load_lora_state_dict(model: LightGPT, state: dict[str, Tensor]) -> None:
-    """Copy saved adapters into a model that has adapters of the same rank on a base of the same size."""
-    expected = lora_state_dict(model)
-    if len(state) != len(expected):
-        raise ValueError(
-            f"the adapter has {len(state)} matrices, the model has {len(expected)}: they were made for "
-            f"a model with another number of layers"
-        )
-    if state.keys() != expected.keys():
-        raise ValueError(f"the adapter's {sorted(state.keys() - expected.keys())[0]} is not one of this model's "
-                         f"adapter matrices")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"the adapter's {name} has shape {tuple(tensor.shape)}, the model needs "
-                f"{tuple(expected[name].shape)}: it was made for a model of another size or rank"
-            )
-    model.load_state_dict(state, strict=False)
-
-
-@torch.no_grad()
-def grow_vocabulary(model: LightGPT, vocabulary_size: int, rows: Tensor | None = None) -> None:
-    """Add rows to the tied embedding for tokens after the model's vocabulary: the given rows (an adapter's), else
-    rows drawn as the embedding's own were."""
-    weight = model.token_embeddings.weight
-    if rows is None:
-        rows = weight.new_empty(vocabulary_size - len(weight), weight.size(1))
-        model.init_parameter("token_embeddings.weight", rows)
-    if len(weight) + len(rows) != vocabulary_size or rows.size(1) != weight.size(1):
-        raise ValueError(f"the added embedding rows have shape {tuple(rows.shape)}; a vocabulary of "
-                         f"{vocabulary_size} on {len(weight)} tokens of width {weight.size(1)} needs "
-                         f"({vocabulary_size - len(weight)}, {weight.size(1)})")
-    grown = Parameter(torch.cat((weight, rows.to(weight))), requires_grad=weight.requires_grad)  # (vocabulary, width)
-    model.token_embeddings.weight = grown
-    model.token_embeddings.num_embeddings = model.output_layer.out_features = vocabulary_size
-    model.config.vocabulary_size = vocabulary_size
-    model.tie_weights()
-
-
-def train_added_rows(model: LightGPT, first: int) -> Parameter:
-    """Make the embedding rows from `first` on trainable, and only those: the gradient of the rows before is
-    zeroed as it is computed (so Adam never moves them; give this parameter no weight decay). The parameter."""
-    weight = model.token_embeddings.weight.requires_grad_(True)
-    frozen = torch.arange(len(weight), device=weight.device)[:, None] < first  # (vocabulary, 1)
-    weight.register_hook(lambda gradient: gradient.masked_fill(frozen, 0))
-    return weight
-
-
-def added_rows(model: LightGPT, first: int) -> Tensor:
-    """The embedding rows from `first` on, as an adapter saves them."""
-    return model.token_embeddings.weight[first:].detach().clone()

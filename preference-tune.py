@@ -37,7 +37,8 @@ from flags import (
     fraction,
     positive_float,
 )
-from model import LightGPT, add_lora
+from lora import add_lora
+from model import LightGPT
 from preferences import PREFERENCE_DATASETS, PreferenceSamples, load_preferences
 from run_log import check_log_dir
 from training import weighted_by_rows

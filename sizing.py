@@ -10,7 +10,7 @@ from dataclasses import dataclass
 FP32_BYTES = 4
 BF16_BYTES = 2
 INDEX_BYTES = 8  # token ids and targets are int64
-LOSS_CHUNK_ELEMENTS = 2**28  # the fused loss's logits per chunk on a GPU (model.LinearCrossEntropy)
+LOSS_CHUNK_ELEMENTS = 2**28  # the fused loss's logits per chunk on a GPU (losses.LinearCrossEntropy)
 OPTIMIZERS = ("adafactor", "adamw")
 SHARDING_LEVELS = (0, 2, 3)
 
@@ -173,7 +173,7 @@ def activation_bytes(
         blocks = layers * FP32_BYTES * width
     else:
         blocks = layers * _block_bytes_per_token(architecture, mixed_precision)
-    # The fused output layer and loss (model.LinearCrossEntropy) keep only their gradients with respect to the
+    # The fused output layer and loss (losses.LinearCrossEntropy) keep only their gradients with respect to the
     # normalised hidden states and to the tied weight, never the logits.
     output = _rms_norm_bytes_per_token(width) + matmul_bytes * width
     tokens = batch_size * architecture.block_size

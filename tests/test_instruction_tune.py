@@ -27,8 +27,9 @@ from conftest import (
     tensorboard_run,
 )
 from conversations import ALPACA, InstructionSamples, encode_prompt, load_instructions
+from lora import LoRALinear, add_lora
 from tokenizer import load_tokenizer
-from model import LightGPT, LoRALinear, add_lora
+from model import LightGPT
 from training import optimizer_step, weighted_by_targets
 
 pytestmark = pytest.mark.slow  # every test here starts processes, or uses a base that pre-train.py trained

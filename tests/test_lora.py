@@ -5,7 +5,8 @@ from checkpoint import check_same_base, weights_fingerprint
 from finetuning import load_adapted_model
 from conftest import TINY_SHAPE, tiny_model
 from distributed import parallelize
-from model import LightGPT, LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from lora import LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from model import LightGPT
 
 VOCABULARY = TINY_SHAPE["vocabulary_size"]
 SIZES = TINY_SHAPE

@@ -5,7 +5,8 @@ import torch
 
 from profiling import PeakTensorMemory
 from conftest import TINY_SHAPE, tiny_model
-from model import LightGPT, LightGPTConfig, LinearCrossEntropy, attention, linear_cross_entropy
+from losses import LinearCrossEntropy, linear_cross_entropy
+from model import LightGPT, LightGPTConfig, attention
 
 VOCABULARY = TINY_SHAPE["vocabulary_size"]
 

@@ -26,7 +26,7 @@ from conftest import (
 )
 from files import resolve_files, write_folder_atomically
 from finetuning import check_adapter_memory
-from model import add_lora, merge_lora
+from lora import add_lora, merge_lora
 from run_log import check_log_dir
 from test_checkpoint import a_dead_process_id
 

@@ -28,7 +28,7 @@ from finetuning import (
     merged_adapter_entry,
     preference_loss,
 )
-from model import add_lora, lora_layers, lora_state_dict, merge_lora
+from lora import add_lora, lora_layers, lora_state_dict, merge_lora
 from preferences import PreferenceSamples, checked_pair, hub_preferences, read_local_preferences
 from tokenizer import CHAT_VOCABULARY_SIZE
 
