@@ -9,6 +9,7 @@ its merged_adapter, and loading merges both in order, onto the base both were tr
 """
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,7 @@ from conversations import PromptTemplate
 from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from flags import run_config
-from integrity import context_length, finite, verify_optimizer_state
+from integrity import check_optimizer_state, context_length, finite, verify_optimizer_state
 from lora import (
     add_lora,
     added_rows,
@@ -155,6 +156,9 @@ def resume_adapters(model: LightGPT, optimizer: torch.optim.Optimizer, scaler: t
         with torch.no_grad():
             model.token_embeddings.weight[-len(rows):] = rows
     if checkpoint.get("optimizer"):
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        check_optimizer_state(checkpoint["optimizer"], optimizer,
+                              {index: parameter.shape for index, parameter in enumerate(parameters)}, path)
         optimizer.load_state_dict(checkpoint["optimizer"])
     else:
         note_optimizer_starts_afresh(path)
@@ -304,7 +308,10 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
     steps_per_epoch = math.ceil(len(train_samples) / samples_per_step)
     step = 0
     if checkpoint:
-        step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
+        try:
+            step = resume_adapters(model, optimizer, scaler, checkpoint, device, args.checkpoint_path)
+        except ValueError as error:  # an optimizer state that is not this optimizer's
+            sys.exit(f"{program}: error: {error}")
         print(f"Resuming from {args.checkpoint_path} at epoch {step // steps_per_epoch + 1}, step {step}")
 
     eval_batches = weigh([test_samples.batch(indices.tolist())

@@ -56,6 +56,31 @@ def verify_optimizer_state(checkpoint: dict, path: str | Path) -> None:
         verify_checksums({"optimizer": checkpoint.get("optimizer")}, checkpoint[CHECKSUMS], path)
 
 
+def check_optimizer_state(state, optimizer: torch.optim.Optimizer, shapes: dict, path: str | Path) -> None:
+    """Raise a one-line ValueError unless an optimizer state to resume is this optimizer's: the same kind (its
+    parameter groups' settings), as many groups of as many parameters, each state tensor of its parameter's shape.
+    shapes maps the state's parameter keys (indices or names) to the shapes of the parameters they stand for."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        raise ValueError(f"{path}: its optimizer state has no list of parameter groups: the checkpoint is damaged")
+    ours = optimizer.param_groups
+    if [len(group.get("params", ())) for group in groups] != [len(group["params"]) for group in ours]:
+        raise ValueError(f"{path}: its optimizer state has parameter groups of "
+                         f"{[len(group.get('params', ())) for group in groups]} parameters, this model's "
+                         f"{[len(group['params']) for group in ours]}; resume with the run's own checkpoint")
+    if [sorted(group) for group in groups] != [sorted(group) for group in ours]:
+        differing = sorted(set().union(*groups) ^ set().union(*ours))
+        raise ValueError(f"{path}: its optimizer state is another optimizer's (its settings and this run's "
+                         f"{type(optimizer).__name__}'s differ in {differing}); resume with the run's own checkpoint")
+    for key, values in (state.get("state") or {}).items():
+        for name, value in (values.items() if isinstance(values, dict) else ()):
+            if isinstance(value, Tensor) and value.dim() and (key not in shapes or value.shape != shapes[key]):
+                raise ValueError(f"{path}: its optimizer state's {name} for parameter {key} has shape "
+                                 f"{tuple(value.shape)}, the model's parameter "
+                                 f"{tuple(shapes[key]) if key in shapes else 'does not exist'}; resume with the "
+                                 f"run's own checkpoint")
+
+
 def file_checksums(folder: Path) -> dict[str, str]:
     """The xxh3 hash of each file in a folder of shards, by name."""
     return {file.name: file_checksum(file) for file in sorted(folder.iterdir())}

@@ -53,6 +53,7 @@ from distributed import (
     rank,
     sharded_training_state,
     sum_across_ranks,
+    unwrapped,
     values_of_every_rank,
     whole_model,
     world_size,
@@ -68,7 +69,7 @@ from flags import (
     positive_int,
     run_config,
 )
-from integrity import checked_model, verify_optimizer_state
+from integrity import check_optimizer_state, checked_model, verify_optimizer_state
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from optimizers import build_optimizer
 from preparation import PreparationInterrupted, TokenWindows, corpus_folder, prepare_corpus
@@ -320,19 +321,23 @@ def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.op
         optimizer_state["param_groups"] = index["optimizer"]["param_groups"]
         load_sharded_training_state(training_model, optimizer, model_state, optimizer_state)
         return {key: index[key] for key in PROGRESS}
-    checkpoint = stop_every_rank_on_error(lambda: checked_checkpoint(path) if rank() == 0 else None)
+    checkpoint = stop_every_rank_on_error(
+        lambda: checked_checkpoint(path, training_model, optimizer) if rank() == 0 else None)
     load_training_state(training_model, optimizer, checkpoint)
     if rank() == 0 and not checkpoint.get("optimizer"):
         note_optimizer_starts_afresh(path)
     return from_rank_zero({key: checkpoint.get(key) for key in PROGRESS} if rank() == 0 else None)
 
 
-def checked_checkpoint(path: str) -> dict:
+def checked_checkpoint(path: str, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
     """The single-file checkpoint to resume, once its weights are known to make its model (checked_model) and
-    its optimizer state to match its checksums."""
+    its optimizer state to match its checksums and this optimizer (its state is keyed by parameter names)."""
     checkpoint = load_checkpoint(path)
     checked_model(checkpoint, path)
     verify_optimizer_state(checkpoint, path)
+    if checkpoint.get("optimizer"):
+        shapes = {name: parameter.shape for name, parameter in unwrapped(training_model).named_parameters()}
+        check_optimizer_state(checkpoint["optimizer"], optimizer, shapes, path)
     return checkpoint
 
 

@@ -11,6 +11,7 @@ from checkpoint import (
     load_checkpoint,
     load_lora_checkpoint,
     model_from_checkpoint,
+    save_atomically,
     save_sharded,
     trained_on_these_weights,
 )
@@ -377,3 +378,20 @@ def test_a_sharded_base_checkpoint_is_tuned_and_generates_like_its_single_file(
                for base_flag in ([], ["--checkpoint_path", base_model_path])]
     assert answers[0].returncode == 0 and "Traceback" not in answers[0].stderr, answers[0].stderr
     assert answers[0].stdout == answers[1].stdout and not answers[1].stderr.strip()
+
+
+def test_resuming_adapters_whose_optimizer_state_does_not_fit_is_one_line(base_model_path, instructions_path,
+                                                                           adapter_path, tmp_path):
+    good = load_lora_checkpoint(adapter_path)
+    state = good["optimizer"]
+    wrong_shape = {key: value.flatten() if value.dim() > 1 else value for key, value in state["state"][0].items()}
+    for optimizer, fragment in (
+        (state | {"param_groups": [group | {"momentum": 0.9} for group in state["param_groups"]]},
+         "another optimizer's"),
+        (state | {"param_groups": state["param_groups"] * 2}, "parameter groups of"),
+        (state | {"state": state["state"] | {0: wrong_shape}}, "parameter 0"),
+    ):
+        path = tmp_path / "lora.pt"
+        save_atomically(good | {"optimizer": optimizer}, path)
+        result = instruction_tune(base_model_path, instructions_path, path, "--num_epochs", "31", "--resume")
+        assert_one_line_error(result, str(path), fragment)

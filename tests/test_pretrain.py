@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_atomically
 from devices import peak_tflops
 from conftest import (
     REPOSITORY,
@@ -375,3 +375,21 @@ def test_resuming_from_a_checkpoint_without_optimizer_state_says_the_optimizer_s
     assert result.returncode == 0, result.stderr
     assert "holds no optimizer state" in result.stdout and "starts afresh" in result.stdout
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
+
+
+def test_resuming_an_optimizer_state_that_does_not_fit_the_optimizer_is_one_line(tmp_path, dataset_path):
+    first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "checkpoint.pt"
+    good = torch.load(path, weights_only=True)
+    name = next(iter(good["optimizer"]["state"]))
+    another_optimizers = {key: value for key, value in good["optimizer"]["param_groups"][0].items() if key != "lr"}
+    wrong_shape = {key: value.flatten() if value.dim() > 1 else value[:1] if value.dim() else value
+                   for key, value in good["optimizer"]["state"][name].items()}
+    for optimizer, fragment in (
+        (good["optimizer"] | {"param_groups": [another_optimizers | {"momentum": 0.9}]}, "another optimizer's"),
+        (good["optimizer"] | {"state": good["optimizer"]["state"] | {name: wrong_shape}}, f"parameter {name}"),
+    ):
+        save_atomically(good | {"optimizer": optimizer}, path)
+        resumed = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2", "--resume")
+        assert_one_line_error(resumed, str(path), fragment)
