@@ -74,11 +74,18 @@ def check_optimizer_state(state, optimizer: torch.optim.Optimizer, shapes: dict,
                          f"{type(optimizer).__name__}'s differ in {differing}); resume with the run's own checkpoint")
     for key, values in (state.get("state") or {}).items():
         for name, value in (values.items() if isinstance(values, dict) else ()):
-            if isinstance(value, Tensor) and value.dim() and (key not in shapes or value.shape != shapes[key]):
+            if isinstance(value, Tensor) and value.dim() and not fits(value.shape, shapes.get(key)):
                 raise ValueError(f"{path}: its optimizer state's {name} for parameter {key} has shape "
                                  f"{tuple(value.shape)}, the model's parameter "
                                  f"{tuple(shapes[key]) if key in shapes else 'does not exist'}; resume with the "
                                  f"run's own checkpoint")
+
+
+def fits(shape: torch.Size, parameter_shape: torch.Size | None) -> bool:
+    """Whether an optimizer's state tensor of this shape can belong to a parameter of that shape: the same, or
+    with sizes of 1 where a factored state (Adafactor's row and column variances) keeps one value per row or column."""
+    return parameter_shape is not None and len(shape) == len(parameter_shape) and all(
+        size in (1, parameter_size) for size, parameter_size in zip(shape, parameter_shape))
 
 
 def file_checksums(folder: Path) -> dict[str, str]:
