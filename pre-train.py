@@ -322,19 +322,25 @@ def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.op
         load_sharded_training_state(training_model, optimizer, model_state, optimizer_state)
         return {key: index[key] for key in PROGRESS}
     checkpoint = stop_every_rank_on_error(
-        lambda: checked_checkpoint(path, training_model, optimizer) if rank() == 0 else None)
+        lambda: of_this_optimizer(checked_checkpoint(path), path, training_model, optimizer) if rank() == 0 else None)
     load_training_state(training_model, optimizer, checkpoint)
     if rank() == 0 and not checkpoint.get("optimizer"):
         note_optimizer_starts_afresh(path)
     return from_rank_zero({key: checkpoint.get(key) for key in PROGRESS} if rank() == 0 else None)
 
 
-def checked_checkpoint(path: str, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
+def checked_checkpoint(path: str) -> dict:
     """The single-file checkpoint to resume, once its weights are known to make its model (checked_model) and
-    its optimizer state to match its checksums and this optimizer (its state is keyed by parameter names)."""
+    its optimizer state to match its checksums."""
     checkpoint = load_checkpoint(path)
     checked_model(checkpoint, path)
     verify_optimizer_state(checkpoint, path)
+    return checkpoint
+
+
+def of_this_optimizer(checkpoint: dict, path: str, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The checkpoint to resume, once its optimizer state (keyed by parameter names) is known to be this
+    optimizer's (check_optimizer_state)."""
     if checkpoint.get("optimizer"):
         shapes = {name: parameter.shape for name, parameter in unwrapped(training_model).named_parameters()}
         check_optimizer_state(checkpoint["optimizer"], optimizer, shapes, path)
