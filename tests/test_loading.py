@@ -235,3 +235,25 @@ def test_resuming_a_damaged_sharded_checkpoint_is_one_line(tmp_path, dataset_pat
     shard_file(checkpoint).write_bytes(b"")
     result = run_script(*pretrain, "--num_epochs", "2", "--resume")
     assert_one_line_error(result, "pre-train.py: error:", "differs from the checksum saved with it")
+
+
+class CountingWindows(TokenWindows):
+    """TokenWindows that count the windows read, to see when evaluation reads them."""
+    read = 0
+
+    def windows(self, starts):
+        self.read += len(starts)
+        return super().windows(starts)
+
+
+def test_pre_training_reads_each_evaluation_window_only_as_it_is_reached(tmp_path):
+    (np.arange(64, dtype=np.uint16) % 97).tofile(tmp_path / "test.bin")
+    windows = CountingWindows(tmp_path / "test.bin", block_size=8, vocabulary_size=97)
+    eval_samples = 1_000_000  # --eval_samples: built up front, its windows would take 128 MB
+    starts = windows.random_starts(eval_samples, torch.Generator().manual_seed(0))
+    batches = load_script("pre-train").WindowBatches(windows, starts, 4)
+    assert windows.read == 0
+    for _ in range(2):  # evaluated at every interval, read again each time
+        inputs, targets, weight = next(iter(batches))
+        assert inputs.shape == targets.shape == (4, 8) and windows.read % 4 == 0
+    assert windows.read == 8
