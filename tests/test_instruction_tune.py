@@ -191,7 +191,7 @@ def retrained_base_path(base_model_path, tmp_path):
     """A base of the same sizes as base_model_path with other weights, as if it had been trained further."""
     base = load_checkpoint(base_model_path)
     base["model"] = {name: tensor + 0.01 for name, tensor in base["model"].items()}
-    torch.save(base, tmp_path / "retrained.pt")
+    save_atomically(base, tmp_path / "retrained.pt")  # with its new weights' checksums, as training writes them
     return tmp_path / "retrained.pt"
 
 
@@ -204,7 +204,7 @@ def test_resuming_on_a_base_with_other_weights_is_refused(retrained_base_path, i
     "args, fragments",
     [
         (["--rank", "0"], ["--rank", "positive", "0"]),
-        (["--alpha", "0"], ["--alpha", "positive"]),
+        (["--alpha", "0"], ["--alpha", "must be in (0, 1e+30]", "0.0"]),
         (["--dropout", "1"], ["--dropout", "[0, 1)"]),
         (["--batch_size", "two"], ["--batch_size", "two"]),
         (["--mask_input", "False"], ["unrecognized arguments: False"]),

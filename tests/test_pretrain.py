@@ -233,7 +233,7 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, dataset_p
         (["--embedding_dimensions", "0"], ["--embedding_dimensions", "positive", "0"]),
         (["--batch_size", "-2"], ["--batch_size", "positive", "-2"]),
         (["--num_attention_heads", "3"], ["--embedding_dimensions (16)", "--num_attention_heads (3)"]),
-        (["--learning_rate", "0"], ["--learning_rate", "positive"]),
+        (["--learning_rate", "0"], ["--learning_rate", "must be in (0, 1e+30]", "0.0"]),
         (["--dropout", "1"], ["--dropout", "[0, 1)"]),
         (["--samples_per_epoch", "4", "--batch_size", "2", "--gradient_accumulation_steps", "4"],
          ["--samples_per_epoch (4)", "(8)"]),
