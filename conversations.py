@@ -345,6 +345,8 @@ def tokenize_conversation(
 class ConversationSamples:
     """Tokenized conversations (lists of messages), batched with right padding that never enters the loss."""
 
+    rows_per_sample = 1
+
     def __init__(
         self,
         conversations: list[list[Message]],
@@ -367,6 +369,11 @@ class ConversationSamples:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def largest_batch(self, batch_size: int) -> tuple[int, int]:
+        """The shape (rows, tokens) that batch() can reach with batch_size samples: every row as long as the
+        longest sample."""
+        return self.rows_per_sample * min(batch_size, len(self)), max(len(x) for x, _ in self.samples)
 
     def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Samples padded on the right: x with <|endoftext|>, y with padding_index. The causal mask keeps the

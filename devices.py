@@ -1,5 +1,6 @@
 """Which device to run on, the precision to compute in there, whether to compile, and how fast it can compute."""
 
+import math
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 
@@ -158,9 +159,18 @@ def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 def available_memory(device: torch.device) -> int:
     """The bytes free for tensors on the device now: a GPU's free memory, what MPS recommends less what it holds,
-    or the memory the system has available."""
+    or the memory the system has available, within what is left of this process's address-space limit
+    (`ulimit -v`), past which allocations fail."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "mps":
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-    return psutil.virtual_memory().available
+    return min(psutil.virtual_memory().available, address_space_left())
+
+
+def address_space_left() -> float:
+    """What this process may still map under its RLIMIT_AS (Linux and BSDs), or infinity where it has none."""
+    if not hasattr(psutil, "RLIMIT_AS"):
+        return math.inf
+    limit, _ = psutil.Process().rlimit(psutil.RLIMIT_AS)
+    return math.inf if limit == psutil.RLIM_INFINITY else max(0, limit - psutil.Process().memory_info().vms)

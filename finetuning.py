@@ -47,8 +47,8 @@ from lora import (
     merge_lora,
     train_added_rows,
 )
-from model import LightGPT
-from sizing import gigabytes
+from model import SHAPE_FIELDS, LightGPT
+from sizing import Architecture, activation_peak_bytes, gigabytes
 from training import (
     LossFunction,
     language_model_loss,
@@ -68,6 +68,8 @@ class Samples(Protocol):
     def __len__(self) -> int: ...
 
     def batch(self, indices: list[int]) -> tuple[Tensor, Tensor]: ...
+
+    def largest_batch(self, batch_size: int) -> tuple[int, int]: ...
 
 
 def lora_args(args) -> dict:
@@ -97,6 +99,23 @@ def check_adapter_memory(model: LightGPT, rank: int, device: str) -> None:
     if needed > available:
         raise ValueError(f"--rank {rank}: the adapters need about {gigabytes(needed)} to train, more than the "
                          f"{gigabytes(available)} available on {device}; choose a smaller --rank")
+
+
+def check_batch_memory(model: LightGPT, samples: Samples, batch_size: int, mixed_precision: bool,
+                       activation_checkpointing: bool, device: torch.device) -> None:
+    """Raise a one-line ValueError, before training starts, when the activations of the largest micro-batch
+    (sizing.activation_peak_bytes: at most --batch_size samples, each padded to the longest) exceed the memory the
+    device has left: a --batch_size beyond the dataset's size makes one batch of all of it."""
+    rows, tokens = samples.largest_batch(batch_size)
+    config = model.config
+    architecture = Architecture(block_size=tokens, **{name: getattr(config, name) for name in SHAPE_FIELDS})
+    needed = activation_peak_bytes(architecture, rows, mixed_precision, activation_checkpointing)
+    available = available_memory(device)
+    if needed > available:
+        raise ValueError(f"--batch_size {batch_size}: a batch of {rows:,} rows of up to {tokens:,} tokens needs about "
+                         f"{gigabytes(needed)} for its activations, more than the {gigabytes(available)} available "
+                         f"on {device}; choose a smaller --batch_size (and more --gradient_accumulation_steps)"
+                         + ("" if activation_checkpointing else ", or --activation_checkpointing"))
 
 
 def resumable_adapters(path: str | Path) -> dict:
@@ -295,6 +314,11 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
     device = torch.device(args.device)
     model.to(device)
     dtype = compute_dtype(args.precision, device)
+    try:
+        check_batch_memory(model, train_samples, args.batch_size, dtype != torch.float32,
+                           args.activation_checkpointing, device)
+    except ValueError as error:
+        sys.exit(f"{program}: error: {error}")
     training_model = parallelize(model, device, args.activation_checkpointing, compiles(args.compile, device))
     scaler = gradient_scaler(device, dtype)
     embedding = model.token_embeddings.weight

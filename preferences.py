@@ -148,6 +148,8 @@ class PreferenceSamples(ConversationSamples):
     """Pairs as samples 2i (prompt and chosen response) and 2i + 1 (prompt and rejected one); a pair whose
     responses do not fit `limit` tokens is dropped (num_dropped), one with a prompt too long cut (num_cut)."""
 
+    rows_per_sample = 2
+
     def __init__(self, pairs: list[Pair], template: PromptTemplate, limit: int, padding_index: int,
                  show_progress: bool = True):
         from tqdm import tqdm

@@ -1,7 +1,12 @@
+import concurrent.futures
+import multiprocessing
+import resource
+
+import psutil
 import pytest
 import torch
 
-from devices import allow_tf32, gpu_peak_tflops, peak_tflops
+from devices import allow_tf32, available_memory, gpu_peak_tflops, peak_tflops
 
 
 @pytest.mark.parametrize("name, bfloat16, float32", [
@@ -41,3 +46,20 @@ def test_tf32_is_allowed_so_that_inductor_can_still_read_the_precision_back():
         assert torch.get_float32_matmul_precision() == "high"  # inductor's autotuning reads it so
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+def memory_under_address_space_limit(size: int) -> tuple[int, int]:
+    resource.setrlimit(resource.RLIMIT_AS, (size, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return available_memory(torch.device("cpu")), psutil.Process().memory_info().vms
+
+
+def test_the_memory_available_on_the_cpu_is_within_the_address_space_limit():
+    """`ulimit -v` bounds what a process may allocate whatever the machine has free, so the memory checks
+    (pre-training's, the adapters', the batches') count what is left of it. Measured in a child: the limit stays
+    there."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as child:
+        limit = psutil.Process().memory_info().vms + 2**30
+        available, mapped = child.submit(memory_under_address_space_limit, limit).result()
+    assert 0 < available < psutil.virtual_memory().available
+    assert abs(available - (limit - mapped)) < 2**24  # what the child mapped between the two readings
+    assert available_memory(torch.device("cpu")) > available

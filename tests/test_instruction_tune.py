@@ -1,6 +1,7 @@
 import json
 import random
 import re
+import resource
 import shlex
 from contextlib import nullcontext
 
@@ -395,3 +396,24 @@ def test_resuming_adapters_whose_optimizer_state_does_not_fit_is_one_line(base_m
         save_atomically(good | {"optimizer": optimizer}, path)
         result = instruction_tune(base_model_path, instructions_path, path, "--num_epochs", "31", "--resume")
         assert_one_line_error(result, str(path), fragment)
+
+
+def address_space_of(size: int):
+    """A preexec_fn: the child process may map `size` bytes at most (`ulimit -v`), so that what it would allocate
+    past them fails instead of taking the machine's memory."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (size, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def test_a_batch_whose_activations_cannot_fit_is_refused_before_training(base_model_path, tmp_path):
+    """--batch_size beyond the dataset makes one batch of all of it: 3,000 instructions of 64 tokens need about
+    2.6 GB of activations, more than a process limited to 3 GB has left (without the check: an allocation's
+    traceback here, a kill by the kernel without a word where memory runs out)."""
+    words = " ".join(["The city is in Europe."] * 20)
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"{number} {words}", "output": words}) + "\n"
+                            for number in range(3000)))
+    result = instruction_tune(base_model_path, path, tmp_path / "lora.pt", "--batch_size", "100000",
+                              preexec_fn=address_space_of(3 * 2**30))
+    assert_one_line_error(result, "--batch_size 100000: a batch of 2,850 rows of up to 64 tokens needs about",
+                          "GB available on cpu; choose a smaller --batch_size")
+    assert not (tmp_path / "lora.pt").exists()

@@ -311,3 +311,17 @@ def test_a_rank_whose_adapters_outgrow_the_device_is_refused_before_they_are_all
     chat, base = torch.load(chat_path, weights_only=True), torch.load(base_path, weights_only=True)
     with pytest.raises(ValueError, match=r"^--rank 100000000000: the adapters need about .* choose a smaller --rank$"):
         script.preference_model(chat, base, args, str(base_path))
+
+
+def test_the_largest_batch_that_memory_is_checked_for_bounds_every_batch_of_pairs():
+    """finetuning.check_batch_memory sizes the activations of samples.largest_batch: two rows a pair, each as long
+    as the longest sample, so no batch train_adapters builds can be larger."""
+    pairs = [checked_pair(record, "toy") for record in toy_pairs(7)]
+    pairs[3] = checked_pair(toy_pairs(1)[0] | {"chosen": [{"role": "assistant", "content": "Yes, it is. " * 4}]}, "toy")
+    samples = PreferenceSamples(pairs, CHATML, 64, -100, show_progress=False)
+    for batch_size in (1, 3, 7, 1000):
+        rows, tokens = samples.largest_batch(batch_size)
+        assert rows == 2 * min(batch_size, 7)
+        shapes = [samples.batch(list(indices))[0].shape for indices in torch.arange(7).split(batch_size)]
+        assert all(batch_rows <= rows and length <= tokens for batch_rows, length in shapes)
+        assert max(length for _, length in shapes) == tokens
