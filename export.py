@@ -190,12 +190,23 @@ def export_onnx(model: LightGPT, path: Path) -> None:
 
 
 def main() -> None:
+    """Export; Ctrl-C or SIGTERM stop it in one line with nothing written, and the status the signal calls for
+    (128 + its number, as the training scripts' own), so that `export.py ... && next` stops there too."""
     args = parse_args()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does: cleaned up, one line
+    stopped_by = signal.SIGINT
+
+    def stop(number: int, frame) -> None:
+        nonlocal stopped_by
+        stopped_by = number
+        raise KeyboardInterrupt  # unwinds as Ctrl-C does, through the temporary folder's removal
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         export(args)
     except KeyboardInterrupt:
-        sys.exit(f"export.py: stopped by a signal; nothing was written to --output_dir {args.output_dir}")
+        print(f"export.py: stopped by {signal.Signals(stopped_by).name}; nothing was written to --output_dir "
+              f"{args.output_dir}", file=sys.stderr)
+        sys.exit(128 + stopped_by)
 
 
 def export(args: argparse.Namespace) -> None:
@@ -211,7 +222,7 @@ def export(args: argparse.Namespace) -> None:
         if template and template.get("name") == CHATML.name:
             (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(block_size), indent=2))
         if args.onnx:
-            print(f"Exporting {ONNX_FILE} (a minute or more for large models)")
+            print(f"Exporting {ONNX_FILE} (a minute or more for large models)", flush=True)
             export_onnx(model, folder / ONNX_FILE)
 
     try:

@@ -1,6 +1,7 @@
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -11,7 +12,15 @@ from safetensors import safe_open
 
 import export
 from checkpoint import exported_config, load_checkpoint, load_model, model_from_checkpoint, save_atomically
-from conftest import REPOSITORY, TINY_MODEL_FLAGS, assert_one_line_error, flag_error, run_script, tiny_model
+from conftest import (
+    REPOSITORY,
+    TINY_MODEL_FLAGS,
+    assert_one_line_error,
+    flag_error,
+    one_thread,
+    run_script,
+    tiny_model,
+)
 from files import write_folder_atomically
 from formats import upgraded_template
 from tokenizer import load_tokenizer
@@ -248,3 +257,24 @@ def test_a_folder_is_written_whole_or_not_at_all(tmp_path):
     (tmp_path / "out").mkdir()
     write_folder_atomically(tmp_path / "out", lambda folder: (folder / "config.json").write_text("{}"))
     assert [path.name for path in tmp_path.rglob("*")] == ["out", "config.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_an_export_leaves_nothing_and_says_so_in_one_line(checkpoint_path, tmp_path, stop):
+    """Stopped while ONNX is written (seconds, even for a tiny model), export.py removes its temporary folder,
+    writes no --output_dir and exits 128 + the signal's number."""
+    output_dir = tmp_path / "exported"
+    process = subprocess.Popen([sys.executable, REPOSITORY / "export.py", "--checkpoint_path", checkpoint_path,
+                                "--output_dir", output_dir, "--onnx"], cwd=REPOSITORY, env=one_thread(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "Exporting model.onnx" in process.stdout.readline()  # the weights are written, ONNX under way
+        process.send_signal(stop)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + stop, stderr
+    assert stderr.strip().splitlines() == [
+        f"export.py: stopped by {stop.name}; nothing was written to --output_dir {output_dir}"]
+    assert list(tmp_path.iterdir()) == []
