@@ -298,6 +298,21 @@ def sharded_weights(path: str | Path, index: dict) -> dict[str, Tensor]:
     return weights
 
 
+def sharded_optimizer_state(path: str | Path, index: dict) -> dict:
+    """The optimizer state of a sharded checkpoint as its index and metadata describe it, in the form of an
+    optimizer's state_dict keyed by parameter names: its parameter groups, and each state tensor on the meta
+    device (of its shape), for integrity.check_optimizer_state before DCP reads a byte of it."""
+    metadata = safe_metadata(shards_folder(path, index))
+    version = index.get("written_in_format", FORMAT_VERSION)
+    state = {}
+    for name, item in metadata.state_dict_metadata.items():
+        if name.startswith("optimizer.") and isinstance(item, TensorStorageMetadata):
+            parameter, entry = name.removeprefix("optimizer.").rsplit(".", 1)  # "<parameter>.<exp_avg...>"
+            state.setdefault(current_name(parameter, version), {})[entry] = torch.empty(item.size, device="meta")
+    optimizer = index.get("optimizer")
+    return {"param_groups": optimizer.get("param_groups") if isinstance(optimizer, dict) else None, "state": state}
+
+
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES) -> dict:
     """A checkpoint written by pre-train.py (or, with required=ADAPTER_ENTRIES, an adapter), loaded safely onto
     the CPU, in the current format. A file is memory-mapped, so that its tensors are read as they are used; of a

@@ -22,6 +22,7 @@ from checkpoint import (
     load_shards,
     save_atomically,
     save_sharded,
+    sharded_optimizer_state,
     sharded_weights,
     training_checkpoint,
 )
@@ -314,7 +315,7 @@ def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.op
     every rank, each its own shards."""
     path = args.checkpoint_path
     if is_sharded_checkpoint(path):
-        index = stop_every_rank_on_error(lambda: checked_shards(path))
+        index = stop_every_rank_on_error(lambda: checked_shards(path, training_model, optimizer))
         model_state, optimizer_state = sharded_training_state(training_model, optimizer)
         stop_every_rank_on_error(
             lambda: load_shards(path, index, {"model": model_state, "optimizer": optimizer_state["state"]}))
@@ -347,11 +348,12 @@ def of_this_optimizer(checkpoint: dict, path: str, training_model: Module, optim
     return checkpoint
 
 
-def checked_shards(path: str) -> dict:
+def checked_shards(path: str, training_model: Module, optimizer: torch.optim.Optimizer) -> dict:
     """The index of the sharded checkpoint to resume, once the weights its shards hold are known to make its
-    model."""
+    model, and their optimizer state to be this optimizer's."""
     index = load_index(path)
     sharded_weights(path, index)
+    of_this_optimizer({"optimizer": sharded_optimizer_state(path, index)}, path, training_model, optimizer)
     return index
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_atomically
+from checkpoint import load_checkpoint, model_from_checkpoint, save_atomically, save_sharded
 from devices import peak_tflops
 from conftest import (
     REPOSITORY,
@@ -394,4 +394,27 @@ def test_resuming_an_optimizer_state_that_does_not_fit_the_optimizer_is_one_line
     ):
         save_atomically(good | {"optimizer": optimizer}, path)
         resumed = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2", "--resume")
+        assert_one_line_error(resumed, str(path), fragment)
+
+
+def test_resuming_a_sharded_checkpoint_whose_optimizer_state_does_not_fit_is_one_line(tmp_path, dataset_path):
+    """Its parameter groups (in the index) and the shapes of its state (in DCP's metadata) are checked before a
+    shard is read: DCP would load another optimizer's groups without a word, and fail on other shapes in its own
+    words."""
+    flags = [*ONE_STEP_EPOCHS, "--optimizer", "adamw", "--checkpoint_format", "sharded"]
+    first = pretrain(tmp_path, dataset_path, *flags, "--num_epochs", "1")
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "checkpoint.pt"
+    good = load_checkpoint(path)  # its index and whole weights
+    groups = good["optimizer"]["param_groups"]
+    state = {name: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(good["model"][name]),
+                    "exp_avg_sq": torch.zeros_like(good["model"][name])} for name in groups[0]["params"]}
+    name = "blocks.0.attention.qkv_projection.weight"
+    for param_groups, optimizer_state, fragment in (
+        ([groups[0] | {"momentum": 0.9}], state, "another optimizer's"),
+        (groups * 2, state, "parameter groups of"),
+        (groups, state | {name: {key: value.flatten() for key, value in state[name].items()}}, f"parameter {name}"),
+    ):
+        save_sharded(good | {"optimizer": {"param_groups": param_groups, "state": optimizer_state}}, path)
+        resumed = pretrain(tmp_path, dataset_path, *flags, "--num_epochs", "2", "--resume")
         assert_one_line_error(resumed, str(path), fragment)
