@@ -348,6 +348,7 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path}: written in checkpoint format {version!r}, newer than this LightGPT's "
                          f"{FORMAT_VERSION}; update LightGPT")
+    check_tokenizer(checkpoint, path)
     return upgraded(checkpoint) if version < FORMAT_VERSION else checkpoint
 
 
@@ -357,6 +358,24 @@ def load_lora_checkpoint(path: str | Path) -> dict:
     adapter = load_checkpoint(path, required=ADAPTER_ENTRIES)
     check_adapter(adapter, path)
     return adapter
+
+
+def load_adapter_base(adapter: dict, lora_path: str | Path, base_path: str | Path | None = None
+                      ) -> tuple[dict, str | Path]:
+    """The base checkpoint of an adapter read from lora_path, and its path: base_path when given, else the one the
+    adapter names, loaded as load_checkpoint loads. A one-line ValueError that names the adapter when it names no
+    base, or one that is not a checkpoint (its base_model_path is read from the file: it may be anything)."""
+    if base_path:
+        return load_checkpoint(base_path), base_path
+    named = adapter.get("base_model_path")
+    if not named:
+        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
+    try:
+        return load_checkpoint(named), named
+    except (ValueError, FileNotFoundError) as error:
+        reason = str(error).removeprefix(f"{named}: ")
+        raise ValueError(f"{lora_path} names base_model_path {named}, which cannot be its base: {reason}; give "
+                         f"the base with --checkpoint_path") from None
 
 
 def check_adapter(adapter: dict, path: str | Path) -> None:
@@ -373,18 +392,36 @@ def check_adapter(adapter: dict, path: str | Path) -> None:
         raise ValueError(f"{path}: its lora_args alpha must be a positive finite number, got {described(alpha)}")
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:
         raise ValueError(f"{path}: its lora_args dropout must be a number in [0, 1), got {described(dropout)}")
-    model_config(adapter["model_args"], path)
+    config = model_config(adapter["model_args"], path)
     checked_tensors(adapter["lora"], path)
-    saved_template(adapter["prompt_template"], path)
+    vocabulary_size = adapted_vocabulary_size(adapter, config.vocabulary_size)
+    if type(vocabulary_size) is not int or vocabulary_size < config.vocabulary_size:
+        raise ValueError(f"{path}: its vocabulary_size must be a whole number of at least its base's "
+                         f"{config.vocabulary_size}, got {described(vocabulary_size)}")
+    saved_template(adapter["prompt_template"], path, vocabulary_size)
     base = adapter.get("base_model_path")
     if base is not None and (not isinstance(base, str) or not base or "\0" in base):
         raise ValueError(f"{path}: its base_model_path must be the path of a checkpoint, got {described(base)}")
 
 
-def saved_template(saved: dict | None, path: str | Path) -> PromptTemplate | None:
-    """The template an adapter or an exported folder stored, or a one-line ValueError naming the file."""
+def adapted_vocabulary_size(adapter: dict, base_vocabulary_size: int):
+    """The vocabulary of the model an adapter makes: a chat adapter grows its base's (its vocabulary_size entry),
+    and an adapter trained on one keeps that in its merged_adapter entry."""
+    while isinstance(adapter, dict):
+        if "vocabulary_size" in adapter:
+            return adapter["vocabulary_size"]
+        adapter = adapter.get("merged_adapter")
+    return base_vocabulary_size
+
+
+def saved_template(saved: dict | None, path: str | Path, vocabulary_size: int | None = None) -> PromptTemplate | None:
+    """The template an adapter or an exported folder stored, or a one-line ValueError naming the file; given the
+    model's vocabulary_size, every token id the template holds must be below it."""
     try:
-        return PromptTemplate.from_dict(saved) if saved is not None else None
+        template = PromptTemplate.from_dict(saved) if saved is not None else None
+        if template is not None and vocabulary_size is not None:
+            template.check_vocabulary(vocabulary_size)
+        return template
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
 
@@ -452,7 +489,6 @@ def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
     template = config.get("prompt_template")
     if isinstance(template, dict) and "with_input" in template:  # exported before templates were objects
         template = upgraded_template(template)
-    saved_template(template, config_path)
     model_fields = {field.name for field in fields(LightGPTConfig)}
     model_args = {name: value for name, value in config.items() if name in model_fields}
     if not weights_path.is_file():
@@ -468,7 +504,9 @@ def load_exported(folder: str | Path) -> tuple[LightGPT, int, dict | None]:
     for name, other in (TIED_WEIGHTS, TIED_WEIGHTS[::-1]):  # save_pretrained writes the tied matrix once
         if name not in weights and other in weights:
             weights[name] = weights[other]
-    return model_from_checkpoint({"model_args": model_args, "model": weights}, folder).eval(), block_size, template
+    model = model_from_checkpoint({"model_args": model_args, "model": weights}, folder).eval()
+    saved_template(template, config_path, model.vocabulary_size)
+    return model, block_size, template
 
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:

@@ -94,6 +94,18 @@ class PromptTemplate:
         """The ids that close a reply and separate it from the next message (what follows a generated reply)."""
         return encode_pieces([(self.reply_closing, True, True), (self.reply_separator, False, True)])[0]
 
+    def check_vocabulary(self, vocabulary_size: int) -> None:
+        """Raise a one-line ValueError when a token id of the template, a stop token or a special token of its own
+        text (<|im_start|>), is beyond the model's vocabulary: the model could never write or read it. Its end of
+        text is always allowed: every template held it, also those of the tiny models of older tests' files."""
+        own_text = [*(form for forms in self.turns.values() for form in forms), self.reply_opening,
+                    self.reply_closing, self.reply_separator]
+        special = [id for id in encode_pieces([(text, False, True) for text in own_text])[0] if id > END_OF_TEXT_ID]
+        for what, ids in (("stop_tokens hold", self.stop_tokens), ("text holds", special)):
+            if beyond := [id for id in ids if id >= vocabulary_size and id != END_OF_TEXT_ID]:
+                raise ValueError(f"its prompt template's {what} token id {beyond[0]}, beyond the model's "
+                                 f"vocabulary of {vocabulary_size} tokens (ids 0 to {vocabulary_size - 1})")
+
     def to_dict(self) -> dict:
         """What adapters and exported configurations store (plain lists and strings; from_dict reads it)."""
         saved = {"name": self.name, "turns": {role: list(forms) for role, forms in self.turns.items()},

@@ -22,7 +22,7 @@ from torch.nn import Module
 
 from checkpoint import (
     check_same_base,
-    load_checkpoint,
+    load_adapter_base,
     load_lora_checkpoint,
     load_model,
     model_from_checkpoint,
@@ -266,10 +266,7 @@ def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None
     """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
     mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
     adapter = load_lora_checkpoint(lora_path)
-    base_path = base_path or adapter.get("base_model_path")
-    if not base_path:
-        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
-    base = load_checkpoint(base_path)
+    base, base_path = load_adapter_base(adapter, lora_path, base_path)
     block_size = context_length(base, base_path)
     model = adapter_on_base(adapter, base, lora_path, base_path)
     return model, block_size, saved_template(adapter["prompt_template"], lora_path)

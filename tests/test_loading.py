@@ -14,7 +14,8 @@ import torch
 
 from checkpoint import exported_config, load_lora_checkpoint, load_model
 from conftest import TINY_SHAPE, assert_one_line_error, load_script, run_script, save_pretrained_checkpoint, tiny_model
-from conversations import ALPACA, load_instructions
+from conversations import ALPACA, CHATML, load_instructions
+from finetuning import load_lora_model
 from preparation import DamagedCorpus, TokenWindows
 from run_log import append_metrics, records_up_to
 from test_checkpoint import sharded_checkpoint
@@ -144,6 +145,35 @@ def adapter_with(tmp_path: Path, **entries) -> Path:
 def test_a_malformed_adapter_is_refused_in_one_line(tmp_path, entries, fragment):
     path = adapter_with(tmp_path, **entries)
     one_line_refusal(lambda: load_lora_checkpoint(path), str(path), fragment)
+
+
+@pytest.mark.parametrize("tokenizer", ["cl100k_base", 5, None, ["r50k_base"]])
+def test_a_checkpoint_or_adapter_of_another_tokenizer_is_refused_wherever_it_is_loaded(tmp_path, tokenizer):
+    checkpoint = checkpoint_with(tmp_path, tokenizer=tokenizer)
+    one_line_refusal(lambda: load_model(checkpoint), str(checkpoint), "its tokenizer is", "reads r50k_base")
+    adapter = adapter_with(tmp_path, tokenizer=tokenizer)
+    one_line_refusal(lambda: load_lora_checkpoint(adapter), str(adapter), "its tokenizer is")
+
+
+@pytest.mark.parametrize("template, fragment", [
+    (ALPACA.to_dict() | {"stop_tokens": [10**9]}, "stop_tokens hold token id 1000000000"),
+    (ALPACA.to_dict() | {"stop_tokens": [50256, 97]}, "stop_tokens hold token id 97"),
+    (CHATML.to_dict() | {"stop_tokens": [50256]}, "text holds token id 50257"),  # a chat template on a model without the chat tokens
+])
+def test_a_template_s_token_ids_must_be_in_the_model_s_vocabulary(tmp_path, template, fragment):
+    path = adapter_with(tmp_path, prompt_template=template)
+    one_line_refusal(lambda: load_lora_checkpoint(path), str(path), fragment, "vocabulary of 97 tokens")
+    folder = exported_folder(tmp_path, lambda config: config.update(prompt_template=template))
+    one_line_refusal(lambda: load_model(folder), "config.json", fragment)
+
+
+@pytest.mark.parametrize("named", ["/etc/passwd", "missing.pt", "{adapter}"])
+def test_an_adapter_naming_a_base_that_is_not_a_checkpoint_says_so_in_one_line(tmp_path, named):
+    base = save_pretrained_checkpoint(tiny_model(), tmp_path / "base.pt", block_size=8)
+    path = adapter_with(tmp_path, base_model_path=named.format(adapter=tmp_path / "adapter.pt"),
+                        model_args=torch.load(base, weights_only=True)["model_args"])
+    one_line_refusal(lambda: load_lora_model(path), f"{path} names base_model_path", "which cannot be its base",
+                     "--checkpoint_path")
 
 
 @pytest.mark.parametrize("record, fragment", [
