@@ -92,8 +92,11 @@ def run_command(session: ChatSession, line: str) -> bool:
         session.reset(session.system)
         print("(a new conversation)", file=sys.stderr)
     elif command == "/system":
-        session.reset(rest.strip() or None)
-        print(f"(a new conversation, system message: {rest.strip() or 'none'})", file=sys.stderr)
+        try:
+            session.reset(rest.strip() or None)
+            print(f"(a new conversation, system message: {rest.strip() or 'none'})", file=sys.stderr)
+        except ValueError as error:
+            print(f"chat.py: /system: {error}; the conversation goes on", file=sys.stderr)
     elif command == "/help":
         print(COMMANDS, file=sys.stderr)
     else:
@@ -109,7 +112,10 @@ def main() -> None:
         sys.exit(f"chat.py: error: {error}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    session = ChatSession(model, template, block_size, args.system, reply_room=args.max_tokens)
+    try:
+        session = ChatSession(model, template, block_size, args.system, reply_room=args.max_tokens)
+    except ValueError as error:
+        sys.exit(f"chat.py: error: --system: {error}")
     interactive = sys.stdin.isatty()
     size = sum(parameter.numel() for parameter in model.parameters())
     print(f"Chatting with a {size:,}-parameter model ({block_size}-token context). "

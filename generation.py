@@ -177,7 +177,8 @@ class ChatSession:
     the last reply, the new user message and the assistant's header. When the conversation would outgrow the
     context, its oldest turns (never the system message) are dropped and the cache is rebuilt once.
 
-    reply_room: the tokens kept free for each reply, when dropping turns makes room.
+    reply_room: the tokens kept free for each reply (at most half the context), when dropping turns makes room; a
+    message that leaves less room, but some, gets a shorter reply: the context bounds every reply.
     """
 
     def __init__(self, model: LightGPT, template: PromptTemplate, block_size: int, system: str | None = None,
@@ -188,8 +189,13 @@ class ChatSession:
         self.reset(system)
 
     def reset(self, system: str | None = None) -> None:
-        """Start a new conversation, with a system message when one is given."""
-        self.messages = [{"role": "system", "content": system}] if system else []
+        """Start a new conversation, with a system message when one is given; a one-line ValueError, the
+        conversation unchanged, when the system message leaves no room for a message and a reply."""
+        messages = [{"role": "system", "content": system}] if system else []
+        if system and len(self.template.prompt([*messages, {"role": "user", "content": ""}])) >= self.block_size:
+            raise ValueError(f"the system message is {len(self.template.prompt(messages))} tokens with the template's, "
+                             f"which leaves no room for a message and a reply in the {self.block_size}-token context")
+        self.messages = messages
         self.tokens: list[int] = []  # the tokens in the cache
         self.unfed: list[int] = []  # the tokens that follow them, not yet in the cache
         self.cache = None
@@ -228,14 +234,16 @@ class ChatSession:
             self.unfed += new
             return
         first = 1 if self.system is not None else 0
-        while len(self.template.prompt(self.messages)) + self.reply_room > self.block_size:
-            if len(self.messages) - first <= 1:
-                self.messages.pop()
-                raise ValueError(f"the message is too long: with the system message it leaves no room for a reply "
-                                 f"in the {self.block_size}-token context")
+        while len(self.template.prompt(self.messages)) + self.reply_room > self.block_size and \
+                len(self.messages) - first > 1:
             del self.messages[first]
             while self.messages[first]["role"] != "user":  # a turn starts with the user
                 del self.messages[first]
+        if (length := len(self.template.prompt(self.messages))) >= self.block_size:  # less room is a shorter reply
+            self.messages.pop()
+            raise ValueError(f"the message is too long: the prompt is {length} tokens"
+                             f"{' with the system message' if first else ''}, which leaves no room for a reply in "
+                             f"the {self.block_size}-token context")
         self.tokens, self.unfed, self.cache = [], self.template.prompt(self.messages), None
         self.rebuilds += 1
 

@@ -106,6 +106,35 @@ def test_a_conversation_longer_than_the_context_drops_its_oldest_turn_and_keeps_
         session.add_user_message("word " * 60)
 
 
+@pytest.mark.parametrize("max_tokens", [10**12, 48, 30])
+def test_a_reply_gets_the_room_the_context_leaves_and_only_a_message_that_leaves_none_is_too_long(max_tokens):
+    """chat.py --max_tokens beyond the context (or its default 256 on a small model) bounds each reply; it never
+    makes a message that fits 'too long'."""
+    model = tiny_model(**CHAT_SHAPE).eval()
+    session = ChatSession(model, CHATML, block_size=48, system="Be brief.", reply_room=max_tokens)
+    message = "word " * (45 - len(CHATML.prompt([{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": ""}])))
+    prompt_length = len(CHATML.prompt(session.messages + [{"role": "user", "content": message}]))
+    assert 48 - 24 < prompt_length < 48  # it leaves some room, less than half the context
+    torch.manual_seed(0)
+    reply = list(session.reply(message, max_tokens, top_k=1))  # the tiny model never writes a stop token
+    assert len(reply) == 48 - prompt_length
+    with pytest.raises(ValueError, match=r"too long: the prompt is \d+ tokens with the system message, which "
+                                         r"leaves no room for a reply in the 48-token context"):
+        session.add_user_message("word " * 48)
+
+
+@pytest.mark.parametrize("system", ["word " * 48, "word " * 20_000])
+def test_a_system_message_that_leaves_no_room_is_refused_at_the_start_and_by_the_system_command(system):
+    model = tiny_model(**CHAT_SHAPE).eval()
+    with pytest.raises(ValueError, match="the system message is .* tokens .* no room for a message and a reply in the "
+                                         "48-token context"):
+        ChatSession(model, CHATML, block_size=48, system=system)
+    session = ChatSession(model, CHATML, block_size=48, system="Be brief.")
+    chat = load_script("chat")
+    assert chat.run_command(session, f"/system {system}") and session.system == "Be brief."
+
+
 def test_chitchat_becomes_alternating_user_and_assistant_turns_with_nothing_empty():
     conversations = chitchat_conversations()
     assert len(conversations) == 4017
@@ -248,10 +277,13 @@ def test_a_chat_adapter_holds_only_what_changed_and_answers_through_piped_chat_p
     assert saved["prompt_template"] == CHATML.to_dict() and saved["model_args"]["vocabulary_size"] == 50257
     assert all(name.endswith((".lora_a", ".lora_b")) for name in saved["lora"])
     result = run_script("chat.py", "--checkpoint_path", base, "--lora_path", adapter, *CHAT_FLAGS,
-                        input="Hello\nBye\n/reset\nHello\n")
+                        "--max_tokens", str(10**12), input="Hello\nBye\n/reset\nHello\n")  # bounded by the context
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Hi there, friend.\n\nSee you soon.\n\nHi there, friend.\n\n"
     assert "Chatting with" in result.stderr
+    result = run_script("chat.py", "--checkpoint_path", base, "--lora_path", adapter, *CHAT_FLAGS, "--system",
+                        "word " * 64, input="Hello\n")
+    assert_one_line_error(result, "--system: the system message is", "64-token context")
     for script in ("generate.py", "beam_search.py"):
         answer = run_script(script, "--lora_path", adapter, "--prompt", "Hello", "--max_tokens", "12",
                             "--device", "cpu", *(["--top_k", "1"] if script == "generate.py" else []))
