@@ -10,7 +10,7 @@ from conversations import PromptTemplate, is_chat
 from finetuning import load_inference_model
 from devices import compute_dtype
 from flags import ArgumentParser, add_inference_arguments, add_sampling_arguments
-from generation import ChatSession
+from generation import ChatSession, check_cache_memory
 from tokenizer import stream_text
 
 COMMANDS = """Commands:
@@ -47,6 +47,8 @@ def load_chat_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, Pro
                          f"--dataset chitchat (see the README)")
     if args.top_k > model.vocabulary_size:
         raise ValueError(f"--top_k must be at most the vocabulary size {model.vocabulary_size}, got {args.top_k}")
+    check_cache_memory(model, 1, block_size, f"a conversation of the model's {block_size:,}-token context",
+                       "chat with a model of a shorter context")
     return model, block_size, template
 
 

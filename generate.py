@@ -47,6 +47,9 @@ def main() -> None:
             for piece in stream_text(tokens):
                 print(piece, end="", flush=True)
             print()
+    except ValueError as error:  # a cache beyond the memory (generation.check_cache_memory)
+        print()
+        sys.exit(f"generate.py: error: {error}")
     except KeyboardInterrupt:
         print()
         sys.exit(130)

@@ -9,7 +9,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from conversations import PromptTemplate
+from devices import available_memory
 from model import LightGPT
+from sizing import gigabytes, kv_cache_bytes
 from tokenizer import chat_tokenizer
 
 
@@ -53,6 +55,19 @@ def sample_token(logits: Tensor, context: Tensor, temperature: float, top_k: int
     return candidates[torch.multinomial(probabilities, 1)].item()
 
 
+def check_cache_memory(model: LightGPT, sequences: int, capacity: int, what: str, remedy: str) -> None:
+    """Raise a one-line ValueError, before anything is allocated, when a key/value cache of `sequences` rows of
+    `capacity` tokens exceeds the memory free on the model's device: a checkpoint's block_size is read from its
+    file, and one of 10**12 asked for 512 TB. what: what needs the cache; remedy: what to change."""
+    config, weight = model.config, model.token_embeddings.weight
+    needed = kv_cache_bytes(config.num_layers, config.embedding_dimensions, config.num_heads, config.num_kv_heads,
+                            sequences, capacity, weight.element_size())
+    available = available_memory(weight.device)
+    if needed > available:
+        raise ValueError(f"{what} needs a key/value cache of about {gigabytes(needed)}, more than the "
+                         f"{gigabytes(available)} available on {weight.device}; {remedy}")
+
+
 class CachedContext:
     """The tokens a model sees, one sequence a row, with their key/value cache and the next token's logits.
 
@@ -67,6 +82,9 @@ class CachedContext:
         self.model, self.block_size = model, block_size
         self.tokens = prompt[:, -block_size:]  # (batch, at most block_size)
         capacity = min(block_size, self.tokens.size(1) + max_tokens)
+        if use_cache:
+            check_cache_memory(model, len(self.tokens), capacity, f"a context of {capacity:,} tokens (the prompt and "
+                               f"those to generate)", "generate fewer tokens (--max_tokens)")
         self.cache = model.new_cache(len(self.tokens), capacity) if use_cache else None
         self.logits = model.next_token_logits(self.tokens, self.cache)  # (batch, vocabulary)
 

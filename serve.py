@@ -408,10 +408,10 @@ def main() -> None:
     try:
         model, block_size, template = load_inference_model(
             args.checkpoint_path, args.device, args.lora_path, compute_dtype(args.precision, torch.device(args.device)))
+        tokenizer = serving_tokenizer(model.vocabulary_size, template)
+        decoder = BatchDecoder(model, tokenizer, block_size, args.max_batch_size, args.max_queued).start()
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"serve.py: error: {error}")
-    tokenizer = serving_tokenizer(model.vocabulary_size, template)
-    decoder = BatchDecoder(model, tokenizer, block_size, args.max_batch_size, args.max_queued).start()
     api_key = args.api_key or os.environ.get("LIGHTGPT_API_KEY") or None
     server = Server(decoder, tokenizer, block_size, args.model_name, template, api_key)
     print(f"Serving {args.model_name} ({model.num_trainable_params:,} parameters, context {block_size} tokens) on "

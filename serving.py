@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from generation import top_k_top_p
+from generation import check_cache_memory, top_k_top_p
 from model import LightGPT
 
 
@@ -201,6 +201,8 @@ class BatchDecoder:
         self.max_batch_size, self.max_queued = max_batch_size, max_queued
         self.device = model.token_embeddings.weight.device
         config, weights = model.config, model.token_embeddings.weight
+        check_cache_memory(model, max_batch_size, block_size, f"a batch of {max_batch_size} rows (--max_batch_size) of "
+                           f"the model's {block_size:,}-token context", "lower --max_batch_size, or serve a model of a shorter context")
         self.cache = [RowCache(max_batch_size, config.num_kv_heads, block_size, config.head_dimensions, weights)
                       for _ in range(config.num_layers)]
         self.rows: list[Running] = []

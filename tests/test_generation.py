@@ -22,6 +22,7 @@ from conftest import tiny_model as random_tiny_model
 from devices import compute_dtype
 from finetuning import load_inference_model
 from generation import beam_search, generate, penalize_repeats, top_k_top_p
+from serving import BatchDecoder
 from model import LightGPT
 from tokenizer import load_tokenizer
 
@@ -413,3 +414,22 @@ def test_the_readme_generation_commands_run(checkpoint_path):
                             "--device", "cpu", input="A prompt from standard input\n")
         assert result.returncode == 0, f"{script} {arguments}: {result.stderr}"
         assert result.stdout.strip(), f"{script} {arguments} printed nothing"
+
+
+@pytest.mark.parametrize("build, fragment", [
+    (lambda model: BatchDecoder(model, load_tokenizer(), 10**12, 16, 4),
+     "a batch of 16 rows (--max_batch_size) of the model's 1,000,000,000,000-token context"),
+    (lambda model: list(generate(model, torch.tensor([1]), 10**12, top_k=1, block_size=10**12)),
+     "a context of 1,000,000,000,000 tokens"),
+    (lambda model: list(generate(model, torch.tensor([1]), 10**11, top_k=1, block_size=10**12)),
+     "a context of 100,000,000,001 tokens"),
+])
+def test_a_cache_beyond_the_memory_is_refused_in_one_line_before_it_is_allocated(build, fragment):
+    """A checkpoint's block_size is read from its file: a cache sized by it is checked against the free memory, and
+    a short generation still allocates only the tokens it needs."""
+    model = random_tiny_model().eval()
+    with pytest.raises(ValueError) as raised:
+        build(model)
+    message = str(raised.value)
+    assert "\n" not in message and fragment in message and "more than the" in message, message
+    assert len(list(generate(model, torch.tensor([1]), 3, top_k=1, block_size=10**12, stop_tokens=()))) == 3
