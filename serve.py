@@ -45,7 +45,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max_batch_size", type=positive_int, default=16,
                         help="The most requests decoded together, one token each per step.")
     parser.add_argument("--max_queued", type=positive_int, default=64,
-                        help="The most requests waiting for a place in the batch; more are answered 503.")
+                        help="The most prompts waiting for a place in the batch; more are answered 503, and a request of "
+                        "more prompts than this 400.")
     add_precision_argument(parser)
     add_device_argument(parser)
     return parser
@@ -62,6 +63,46 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         error = {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}
         return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
+
+
+# OpenAI's fields that this server cannot honour, each with what its harmless values are and why: a request that
+# asks for more is refused, never answered as if it had not asked.
+UNHONOURED_COMPLETION_FIELDS = {
+    "suffix": (lambda value: value in (None, ""), "not supported: the model continues a prompt, it cannot write "
+               "toward a suffix"),
+    "best_of": (lambda value: value is None or type(value) is int and value == 1, "must be 1 (one candidate per "
+                "choice, as n)"),
+}
+UNHONOURED_CHAT_FIELDS = {
+    "tools": (lambda value: value is None, "not supported: the model has no function calling"),
+    "functions": (lambda value: value is None, "not supported: the model has no function calling"),
+    "tool_choice": (lambda value: value in (None, "none"), "not supported: the model has no function calling"),
+    "function_call": (lambda value: value in (None, "none"), "not supported: the model has no function calling"),
+    "response_format": (lambda value: value is None or value == {"type": "text"}, 'must be {"type": "text"}: '
+                        "structured output (json_object, json_schema) is not supported"),
+    "logprobs": (lambda value: value in (None, False), "not supported on chat completions; /v1/completions has them"),
+    "top_logprobs": (lambda value: value is None, "not supported on chat completions; /v1/completions has them"),
+    "modalities": (lambda value: value is None or value == ["text"], 'must be ["text"]: the model writes text only'),
+    "audio": (lambda value: value is None, "not supported: the model writes text only"),
+    "prediction": (lambda value: value is None, "not supported"),
+    "web_search_options": (lambda value: value is None, "not supported: the model has no web search"),
+}
+# OpenAI's fields that change nothing here, checked only for their type.
+METADATA_FIELDS = {"user": ((str,), "a string"), "metadata": ((dict,), "an object"), "store": ((bool,), "true or false"),
+                   "service_tier": ((str,), "a string"), "parallel_tool_calls": ((bool,), "true or false")}
+# What a chat message's content may be made of, and the role OpenAI's newer models give the system message.
+MESSAGE_FORMAT = ('a list of {"role": "system" | "developer" | "user" | "assistant", "content": a string or a list of '
+                  '{"type": "text", "text": string} parts}')
+
+
+def refuse_unhonoured(body: dict, fields: dict) -> None:
+    """A 400 naming the first of `fields` (see UNHONOURED_CHAT_FIELDS) that the request sets to what this server
+    cannot do; the METADATA_FIELDS checked for their type."""
+    for name, (harmless, why) in fields.items():
+        if not harmless(body.get(name)):
+            raise APIError(400, f"{name}: {why}; got {json.dumps(body[name])[:80]}", name, "unsupported_parameter")
+    for name, (kinds, description) in METADATA_FIELDS.items():
+        field(body, name, kinds, description=description)
 
 
 def field(body: dict, name: str, kinds: tuple, default=None, allowed=None, description: str = ""):
@@ -193,6 +234,8 @@ class Server:
     def sampling(self, body: dict) -> dict:
         """The sampling fields both endpoints share, checked."""
         number = (int, float)
+        bias = field(body, "logit_bias", (dict,), {}, self.is_logit_bias,
+                     "an object mapping token ids below the vocabulary size to numbers in [-100, 100]")
         stop = field(body, "stop", (str, list), (), lambda v: isinstance(v, str) or (
             len(v) <= 4 and all(isinstance(s, str) and s for s in v)), "a string or a list of up to 4 strings")
         if field(body, "n", (int,), 1, lambda v: v == 1, "1 (one choice per prompt)") != 1:
@@ -203,7 +246,17 @@ class Server:
             "top_k": field(body, "top_k", (int,), None, lambda v: 1 <= v, "a positive integer"),
             "seed": field(body, "seed", (int,), None, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
             "stop": (stop,) if isinstance(stop, str) else tuple(stop),
+            "presence_penalty": float(field(body, "presence_penalty", number, 0.0, lambda v: -2 <= v <= 2,
+                                            "in [-2, 2]")),
+            "frequency_penalty": float(field(body, "frequency_penalty", number, 0.0, lambda v: -2 <= v <= 2,
+                                             "in [-2, 2]")),
+            "logit_bias": {int(token): float(value) for token, value in bias.items()},
         }
+
+    def is_logit_bias(self, value: dict) -> bool:
+        vocabulary = self.decoder.model.vocabulary_size
+        return all(token.isascii() and token.isdigit() and int(token) < vocabulary and type(bias) in (int, float)
+                   and -100 <= bias <= 100 for token, bias in value.items())
 
     def max_tokens(self, body: dict, prompt: list[int], default: int, names=("max_tokens",)) -> int:
         """The completion's token budget, which must fit in the context after the prompt."""
@@ -247,6 +300,11 @@ class Server:
         body = await self.body(request)
         self.check_model(field(body, "model", (str,), None, description="a string"))
         prompts = self.prompts(body)
+        if len(prompts) > self.decoder.max_queued:  # they could never all wait for a row at once
+            raise APIError(400, f"prompt: {len(prompts):,} prompts in one request, more than the "
+                           f"{self.decoder.max_queued} this server queues (--max_queued); send fewer at a time",
+                           "prompt", "invalid_value")
+        refuse_unhonoured(body, UNHONOURED_COMPLETION_FIELDS)
         sampling = self.sampling(body)
         echo = field(body, "echo", (bool,), False, description="true or false")
         logprobs = field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
@@ -262,7 +320,13 @@ class Server:
                 "object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": None,
                                                           "finish_reason": event.finish_reason}]},
                 prefix=self.tokenizer.decode(prompts[0]) if echo else None, usage=self.include_usage(body))
-        results = await asyncio.gather(*(self.complete(request, generation) for generation in generations))
+        queues = self.submit(*generations)
+        try:
+            results = await asyncio.gather(*(self.complete(generation, events)
+                                             for generation, events in zip(generations, queues)))
+        finally:  # a client that left, or a failed prompt, frees the rows of the others too
+            for generation in generations:
+                generation.cancelled = True
         choices = []
         for index, (generation, (text, events)) in enumerate(zip(generations, results)):
             if echo:
@@ -299,11 +363,8 @@ class Server:
             raise APIError(400, f"{self.model_name} has no chat template: it is a base model, not instruction-tuned "
                            f"(serve one with --lora_path, or an export of one); use /v1/completions", "messages",
                            "no_chat_template")
-        messages = field(body, "messages", (list,), None, self.are_messages,
-                         'a list of {"role": "system" | "user" | "assistant", "content": string}')
-        if not messages:
-            raise APIError(400, "messages: required, with at least one message", "messages",
-                           "missing_required_parameter")
+        messages = self.messages(body)
+        refuse_unhonoured(body, UNHONOURED_CHAT_FIELDS)
         try:
             prompt = self.template.prompt(messages)
         except ValueError as error:  # a role the template has no format for
@@ -320,7 +381,7 @@ class Server:
                 first={"object": "chat.completion.chunk", "choices": [
                     {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]} | identity,
                 usage=self.include_usage(body))
-        text, events = await self.complete(request, generation)
+        text, events = await self.complete(generation, self.submit(generation)[0])
         return identity | {"object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": events[-1].finish_reason,
             "logprobs": None}], "usage": self.usage([prompt], [events])}
@@ -332,23 +393,47 @@ class Server:
         return field(options, "include_usage", (bool,), False, description="true or false")
 
     @staticmethod
-    def are_messages(messages: list) -> bool:
-        return all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                   and isinstance(m.get("content"), str) for m in messages)
+    def messages(body: dict) -> list[dict]:
+        """The messages as {role, content} with string contents: a content of text parts is their text, joined by
+        newlines, and the developer role is the system's (OpenAI's newer name)."""
+        messages = field(body, "messages", (list,), None, description=MESSAGE_FORMAT)
+        if not messages:
+            raise APIError(400, "messages: required, with at least one message", "messages",
+                           "missing_required_parameter")
+        checked = []
+        for number, message in enumerate(messages, start=1):
+            if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
+                raise APIError(400, f"messages: must be {MESSAGE_FORMAT}, got {json.dumps(message)[:80]} as message "
+                               f"{number}", "messages", "invalid_value")
+            content = message.get("content")
+            if isinstance(content, list) and content and all(isinstance(part, dict) for part in content):
+                if kinds := sorted({str(part.get("type")) for part in content} - {"text"}):
+                    raise APIError(400, f"messages: message {number} holds a part of type {', '.join(kinds)}; the "
+                                   f"model reads text only (parts of type text)", "messages", "unsupported_value")
+                texts = [part.get("text") for part in content]
+                content = "\n".join(texts) if all(isinstance(text, str) for text in texts) else None
+            if not isinstance(content, str):
+                raise APIError(400, f"messages: must be {MESSAGE_FORMAT}, got {json.dumps(message)[:80]} as message "
+                               f"{number}", "messages", "invalid_value")
+            checked.append({"role": "system" if message["role"] == "developer" else message["role"],
+                            "content": content})
+        return checked
 
-    def submit(self, generation: Generation) -> asyncio.Queue:
-        """Hand the generation to the decoding loop; its events arrive on the returned queue."""
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        generation.deliver = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    def submit(self, *generations: Generation) -> list[asyncio.Queue]:
+        """Hand the generations (one request's) to the decoding loop, all or none; the events of each arrive on its
+        queue."""
+        loop, queues = asyncio.get_running_loop(), []
+        for generation in generations:
+            queues.append(events := asyncio.Queue())
+            generation.deliver = lambda event, events=events: loop.call_soon_threadsafe(events.put_nowait, event)
         try:
-            self.decoder.submit(generation)
+            self.decoder.submit(*generations)
         except QueueFull:
             raise APIError(503, f"the server is busy: {self.decoder.max_queued} requests are waiting; retry later",
                            code="server_busy", kind="server_error", headers={"Retry-After": "1"}) from None
-        return events
+        return queues
 
-    async def complete(self, request: Request, generation: Generation) -> tuple[str, list[Event]]:
-        events = self.submit(generation)
+    async def complete(self, generation: Generation, events: asyncio.Queue) -> tuple[str, list[Event]]:
         collected = []
         try:
             while not collected or collected[-1].finish_reason is None:
@@ -366,7 +451,7 @@ class Server:
     def stream(self, request: Request, generation: Generation, chunk, first: dict | None = None,
                prefix: str | None = None, usage: bool = False) -> StreamingResponse:
         """Server-sent events of the generation's text as it comes, then data: [DONE]."""
-        events = self.submit(generation)
+        events = self.submit(generation)[0]
 
         async def chunks() -> AsyncIterator[str]:
             try:

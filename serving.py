@@ -96,6 +96,9 @@ class Request:
     stop: tuple[str, ...] = ()
     stop_tokens: frozenset[int] = frozenset()
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once for each time a token was generated so far
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id: added to its logit
     logprobs: int | None = None  # with how many alternatives each generated token's log-probability comes
     score_prompt: bool = False  # the prompt's own tokens' log-probabilities (echo with logprobs)
     cancelled: bool = False  # set by the server when the client leaves: the slot is freed at the next step
@@ -115,6 +118,26 @@ class Running:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.delivered, self.count = "", 0, 0
         self.last_token = 0
+        self.penalized = bool(request.presence_penalty or request.frequency_penalty)
+        self.counts: Tensor | None = None  # how often each token was generated (vocabulary,), when penalized
+
+    @property
+    def adjusts(self) -> bool:
+        return self.penalized or bool(self.request.logit_bias)
+
+    def adjusted(self, logits: Tensor) -> Tensor:
+        """This row's logits (vocabulary,) after OpenAI's logit_bias and presence and frequency penalties:
+        logits + bias - presence_penalty * (count > 0) - frequency_penalty * count."""
+        request = self.request
+        if request.logit_bias:
+            tokens = torch.tensor(list(request.logit_bias), device=logits.device)
+            biases = torch.tensor(list(request.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.index_add(0, tokens, biases)
+        if self.penalized:
+            if self.counts is None:
+                self.counts = torch.zeros_like(logits)
+            logits = logits - request.presence_penalty * (self.counts > 0) - request.frequency_penalty * self.counts
+        return logits
 
     @property
     def top_k(self) -> int:
@@ -144,6 +167,8 @@ class Running:
         if choice.token == eos_index or choice.token in request.stop_tokens:
             return self.finish("stop", [choice])  # its log-probability too, as what ended the text
         self.count += 1
+        if self.counts is not None:
+            self.counts[choice.token] += 1
         self.text += self.decoder.decode(self.tokenizer.decode_single_token_bytes(choice.token))
         for stop in request.stop:
             if (at := self.text.find(stop, max(0, self.delivered - len(stop)))) >= 0:
@@ -166,6 +191,8 @@ class Running:
 def choose(rows: list[Running], logits: Tensor) -> list[TokenChoice]:
     """Each row's next token from its logits (rows, vocabulary). The sampling rows' candidates come from one top-k
     of the whole batch: sorting each row's 50257 logits alone took 15 ms a row on a CPU core."""
+    if any(running.adjusts for running in rows):
+        logits = torch.stack([running.adjusted(row_logits) for running, row_logits in zip(rows, logits)])
     widths = [running.top_k for running in rows if running.request.temperature > 0]
     top = logits.topk(max(widths), -1) if widths else None  # (rows, the widest top_k) values and indices
     return [running.choose(logits[row], top and (top.values[row], top.indices[row]))
@@ -221,12 +248,13 @@ class BatchDecoder:
             self.wake.notify()
         self.thread.join()
 
-    def submit(self, request: Request) -> None:
-        """Queue a request for the next free row, or raise QueueFull."""
+    def submit(self, *requests: Request) -> None:
+        """Queue the requests (the prompts of one API request) for the next free rows, all or none: raise QueueFull
+        when they do not all fit in the queue now."""
         with self.wake:
-            if len(self.waiting) >= self.max_queued:
+            if len(self.waiting) + len(requests) > self.max_queued:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
-            self.waiting.append(request)
+            self.waiting.extend(requests)
             self.wake.notify()
 
     @property

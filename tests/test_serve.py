@@ -281,6 +281,79 @@ def test_api_key_full_queue_and_a_disconnect_that_frees_its_row(chat_server):
     assert freed_after < time.monotonic() - started, "the queued request ran before the long one could end"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("options, param", [
+    ({"presence_penalty": 1e308}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty"),
+    ({"logit_bias": "x"}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"best_of": 5}, "best_of"), ({"suffix": "x"}, "suffix"),
+    ({"user": 5}, "user"), ({"prompt": ["a"] * 65}, "prompt"), ({"prompt": ["a"] * 10_000}, "prompt"),
+])
+def test_a_completion_field_out_of_range_or_not_honoured_is_refused_naming_it_and_queues_nothing(server, options,
+                                                                                                 param):
+    """As OpenAI's API: the field's type and range; what this server cannot do is refused, never ignored; a request
+    of more prompts than the queue holds (--max_queued 64) could never run."""
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(server).completions.create(**{"model": "lightgpt", "prompt": "x", "max_tokens": 2} | options)
+    assert raised.value.param == param and param in raised.value.body["message"]
+    assert httpx.get(f"{server}/health", timeout=10).json() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+@pytest.mark.slow
+def test_chat_content_as_text_parts_is_its_text_and_what_chat_cannot_honour_is_refused(chat_server):
+    chat = client(chat_server, api_key=API_KEY).chat.completions
+    ask = {"model": "lightgpt", "temperature": 0, "max_tokens": 8}
+    parts = [{"type": "text", "text": "Name a"}, {"type": "text", "text": "river."}]
+    as_parts = chat.create(messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}],
+                           response_format={"type": "text"}, **ask)
+    as_text = chat.create(messages=[{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Name a\nriver."}], **ask)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+    for options, param in (({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64,AAAA"}}]}]}, "messages"),
+            ({"tools": [{"type": "function", "function": {"name": "weather"}}]}, "tools"),
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+             "response_format"), ({"logprobs": True}, "logprobs"), ({"presence_penalty": 3}, "presence_penalty")):
+        with pytest.raises(openai.BadRequestError) as raised:
+            chat.create(**{"messages": [{"role": "user", "content": "Hi"}]} | ask | options)
+        assert raised.value.param == param, raised.value.body
+
+
+def test_presence_and_frequency_penalties_and_logit_bias_follow_openai_s_definition():
+    """logits + bias - presence * (count > 0) - frequency * count, the counts of the tokens generated so far."""
+    from serving import BatchDecoder
+
+    model = served_model()
+    decoder = BatchDecoder(model, load_tokenizer(), BLOCK_SIZE, 2, 2).start()
+
+    def served(**adjustments) -> list[int]:
+        done, tokens = threading.Event(), []
+        decoder.submit(Request([464], 12, lambda event: (tokens.extend(c.token for c in event.tokens),
+                                                         event.finish_reason and done.set()), temperature=0,
+                               **adjustments))
+        assert done.wait(60)
+        return tokens
+
+    def expected(presence: float, frequency: float, bias: dict[int, float]) -> list[int]:
+        tokens, counts = [464], torch.zeros(model.vocabulary_size)
+        with torch.no_grad():
+            for _ in range(12):
+                logits = model.next_token_logits(torch.tensor([tokens]))[0]
+                logits[list(bias)] += torch.tensor(list(bias.values()))
+                token = int((logits - presence * (counts > 0) - frequency * counts).argmax())
+                counts[token] += 1
+                tokens.append(token)
+        return tokens[1:]
+
+    try:
+        plain = served()
+        for presence, frequency, bias in ((2.0, 0.0, {}), (0.0, 1.5, {}), (-0.5, 2.0, {11: 5.0}), (0.0, 0.0, {11: 100})):
+            penalized = served(presence_penalty=presence, frequency_penalty=frequency, logit_bias=bias)
+            assert penalized == expected(presence, frequency, bias) != plain
+    finally:
+        decoder.stop()
+
+
 class FailsOnItsSecondToken:
     """r50k_base, except that decoding the second generated token raises, as a token beyond it once did."""
 
