@@ -28,9 +28,9 @@ from checkpoint import (
 )
 from conversations import CHATML, INSTRUCTION_DATASETS, tokenizer_config
 from corpora import CORPORA
-from files import write_folder_atomically
+from files import unwritable_folder, write_folder_atomically
 from finetuning import adapter_on_base
-from flags import ArgumentParser
+from flags import ArgumentParser, non_empty_path
 from integrity import context_length
 from model import LightGPT
 from run_log import perplexity, read_metrics
@@ -52,11 +52,11 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Export a checkpoint to a folder that LightGPT.from_pretrained, the HuggingFace Hub, "
                             "generate.py and beam_search.py read: model.safetensors, config.json and a model card "
                             "(README.md), and with --onnx model.onnx.")
-    parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT_PATH,
+    parser.add_argument("--checkpoint_path", type=non_empty_path, default=DEFAULT_CHECKPOINT_PATH,
                         help="The checkpoint written by pre-train.py (with --lora_path: the adapter's base).")
-    parser.add_argument("--lora_path", default=None,
+    parser.add_argument("--lora_path", type=non_empty_path, default=None,
                         help="A LoRA adapter (instruction-tune.py, preference-tune.py) to merge into the model first.")
-    parser.add_argument("--output_dir", required=True,
+    parser.add_argument("--output_dir", type=non_empty_path, required=True,
                         help="The folder to write: a new or an empty one.")
     parser.add_argument("--onnx", action=BooleanOptionalAction, default=False,
                         help="Also write model.onnx (needs the onnx and onnxscript packages).")
@@ -72,6 +72,8 @@ def validate_args(args: argparse.Namespace) -> None:
     output = Path(args.output_dir)
     if output.is_file() or output.is_dir() and any(output.iterdir()):
         raise ValueError(f"--output_dir {output}: already exists and is not an empty folder; choose a new one")
+    if problem := unwritable_folder(output.parent):
+        raise ValueError(f"--output_dir {output}: {problem}")
     if args.onnx:
         for package in ONNX_PACKAGES:
             try:

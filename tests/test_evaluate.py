@@ -215,6 +215,8 @@ def test_flags_that_cannot_work_are_refused_in_one_line(tmp_path, capsys):
     assert "--text_files or --dataset_path" in flag_error(evaluate_script, ["--tasks", "perplexity"], capsys)
     assert "its folder does not exist" in flag_error(
         evaluate_script, ["--output_path", str(tmp_path / "nowhere" / "results.json")], capsys)
+    assert f"--output_path {tmp_path}: is a folder; name a file, such as {tmp_path / 'results.json'}" in flag_error(
+        evaluate_script, ["--output_path", str(tmp_path)], capsys)
     assert "no such file or folder" in flag_error(evaluate_script, ["--data_path", str(tmp_path / "x.jsonl")], capsys)
 
 
