@@ -113,10 +113,7 @@ def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | 
         facts["steps"] = f"{steps:,} ({seen})"
     metrics_path = Path(path).with_suffix(".metrics.jsonl")
     if metrics_path.is_file():
-        records, damaged = read_metrics(metrics_path)
-        if damaged:
-            print(f"Note: {metrics_path}: {damaged} damaged line(s) left out of the model card's figures")
-        losses = [record["validation_loss"] for _, record in records
+        losses = [record["validation_loss"] for _, record in read_metrics(metrics_path, "the model card's figures")
                   if isinstance(record.get("validation_loss"), float) and record["step"] <= (steps or 0)]
         if losses:
             facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {perplexity(losses[-1]):,.1f})"
