@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ from conftest import (
 from evaluation import (
     Item,
     continuation_row,
+    corpus_documents,
     hellaswag_items,
     hellaswag_summary,
     item_rows,
@@ -181,6 +183,18 @@ def test_bits_per_byte_is_the_summed_loss_in_bits_over_the_bytes(tmp_path):
     short = perplexity(model, documents, 4, 2, 8)
     assert (short["tokens"], short["bytes"]) == (result["tokens"], result["bytes"])
     assert short["loss"] != pytest.approx(result["loss"])
+
+
+@pytest.mark.parametrize("largest", [50257, 60000, 65535])
+def test_a_held_out_split_holding_ids_beyond_the_vocabulary_is_one_line_as_in_pre_training(tmp_path, largest):
+    """What pre-train.py refuses (test_loading), evaluate.py refuses in the same words, before decoding a byte."""
+    tokenizer = load_tokenizer()
+    eot = tokenizer.eot_token
+    np.array([eot, 464, 1110, eot, 464, largest, 1110, eot], dtype=np.uint16).tofile(tmp_path / "test.bin")
+    with pytest.raises(ValueError) as error:
+        list(corpus_documents(tmp_path, tokenizer))
+    assert str(error.value).startswith(f"{tmp_path / 'test.bin'}: holds token id {largest}, beyond the model's "
+                                       f"vocabulary of {tokenizer.n_vocab}; the file is damaged")
 
 
 @pytest.mark.parametrize("problem, line, message", [
