@@ -224,6 +224,21 @@ def test_missing_unreadable_and_empty_files_are_one_line_each(tmp_path):
         list(hellaswag_items(str(tmp_path / "empty.jsonl")))
 
 
+@pytest.mark.slow
+def test_damaged_hellaswag_files_are_our_one_line_without_datasets_log_lines(tmp_path):
+    """In a fresh process, where importing datasets (as the first read does) sets its loggers' level."""
+    files = {"garbage.jsonl": b"garbage{\n", "latin1.jsonl": b'{"ctx": "caf\xe9"}\n', "noise.parquet": b"PAR1 noise"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    code = ("import evaluation, sys\nfor path in sys.argv[1:]:\n    try:\n        list(evaluation.hellaswag_items(path))"
+            "\n    except ValueError as error:\n        print(error)")
+    result = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / name) for name in files)], cwd=REPOSITORY,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stderr == "", result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [f"--data_path {tmp_path / name}"
+                                                                          for name in files], result.stdout
+
+
 def test_flags_that_cannot_work_are_refused_in_one_line(tmp_path, capsys):
     assert "--limit: must be a positive integer, got 0" in flag_error(evaluate_script, ["--limit", "0"], capsys)
     assert "--text_files or --dataset_path" in flag_error(evaluate_script, ["--tasks", "perplexity"], capsys)
