@@ -145,11 +145,11 @@ def checked_item(record, index: int, where: str) -> Item:
 
 def read_hellaswag_records(data_path: str | None, flag: str) -> Iterator:
     """The records of hellaswag_stream, any failure to read them one line (hellaswag_failure)."""
-    # datasets logs a file it cannot parse and huggingface_hub each retry: the one line says all of it. Imported
-    # first: importing datasets sets its logger's level, which would undo ours.
-    import datasets  # noqa: F401
+    # datasets logs a file it cannot parse and huggingface_hub each retry: the one line says all of it. datasets is
+    # imported first: importing it sets its logger's level, which would undo ours.
+    import datasets
 
-    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]
+    loggers = [datasets.logging.get_logger(), logging.getLogger("huggingface_hub")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
