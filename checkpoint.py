@@ -340,6 +340,7 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or not set(required) <= checkpoint.keys():
         raise ValueError(f"{path}: not a LightGPT checkpoint of this kind (no {' and '.join(required)} entries)")
+    check_tokenizer(checkpoint, path)
     if sharded and not isinstance(checkpoint["shards"], str):
         raise ValueError(f"{path}: its shards entry must name the folder of shards, got {described(checkpoint['shards'])}")
     if CHECKSUMS in checkpoint:  # the optimizer state, unused but for resuming, is verified when resumed
@@ -348,7 +349,6 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path}: written in checkpoint format {version!r}, newer than this LightGPT's "
                          f"{FORMAT_VERSION}; update LightGPT")
-    check_tokenizer(checkpoint, path)
     return upgraded(checkpoint) if version < FORMAT_VERSION else checkpoint
 
 
@@ -358,24 +358,6 @@ def load_lora_checkpoint(path: str | Path) -> dict:
     adapter = load_checkpoint(path, required=ADAPTER_ENTRIES)
     check_adapter(adapter, path)
     return adapter
-
-
-def load_adapter_base(adapter: dict, lora_path: str | Path, base_path: str | Path | None = None
-                      ) -> tuple[dict, str | Path]:
-    """The base checkpoint of an adapter read from lora_path, and its path: base_path when given, else the one the
-    adapter names, loaded as load_checkpoint loads. A one-line ValueError that names the adapter when it names no
-    base, or one that is not a checkpoint (its base_model_path is read from the file: it may be anything)."""
-    if base_path:
-        return load_checkpoint(base_path), base_path
-    named = adapter.get("base_model_path")
-    if not named:
-        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
-    try:
-        return load_checkpoint(named), named
-    except (ValueError, FileNotFoundError) as error:
-        reason = str(error).removeprefix(f"{named}: ")
-        raise ValueError(f"{lora_path} names base_model_path {named}, which cannot be its base: {reason}; give "
-                         f"the base with --checkpoint_path") from None
 
 
 def check_adapter(adapter: dict, path: str | Path) -> None:

@@ -22,7 +22,7 @@ from torch.nn import Module
 
 from checkpoint import (
     check_same_base,
-    load_adapter_base,
+    load_checkpoint,
     load_lora_checkpoint,
     load_model,
     model_from_checkpoint,
@@ -261,12 +261,33 @@ def adapter_on_base(adapter: dict, base: dict, lora_path: str | Path, base_path:
     return finite(model, lora_path)
 
 
+def adapter_base(adapter: dict, lora_path: str | Path, base_path: str | Path | None) -> tuple[dict, str | Path]:
+    """The base checkpoint to merge an adapter into, and its path: base_path, else the checkpoint the adapter
+    names (its base_model_path); one line that names the adapter when it names none, or one that is not there or
+    not a checkpoint (the path is read from the file: /etc/passwd said only '/etc/passwd: not a readable
+    checkpoint')."""
+    if base_path:
+        return load_checkpoint(base_path), base_path
+    named = adapter.get("base_model_path")
+    if not named:
+        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
+    remedy = "give the base it was trained on with --checkpoint_path"
+    try:
+        return load_checkpoint(named), named
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--lora_path {lora_path}: the base it names, {named}, is not there; {remedy}") from None
+    except ValueError as error:
+        reason = str(error).removeprefix(f"{named}: ")
+        raise ValueError(f"--lora_path {lora_path}: the base it names, {named}, is not a usable checkpoint: "
+                         f"{reason}; {remedy}") from None
+
+
 def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None
                     ) -> tuple[LightGPT, int, PromptTemplate]:
     """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
     mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
     adapter = load_lora_checkpoint(lora_path)
-    base, base_path = load_adapter_base(adapter, lora_path, base_path)
+    base, base_path = adapter_base(adapter, lora_path, base_path)
     block_size = context_length(base, base_path)
     model = adapter_on_base(adapter, base, lora_path, base_path)
     return model, block_size, saved_template(adapter["prompt_template"], lora_path)

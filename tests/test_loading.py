@@ -18,7 +18,7 @@ from conversations import ALPACA, CHATML, load_instructions
 from finetuning import load_lora_model
 from preparation import DamagedCorpus, TokenWindows
 from run_log import append_metrics, records_up_to
-from test_checkpoint import sharded_checkpoint
+from test_checkpoint import FIXTURES, sharded_checkpoint
 
 
 # A prompt template as formats up to 2 stored it, which loading upgrades.
@@ -120,6 +120,38 @@ def test_export_refuses_a_checkpoint_whose_block_size_is_not_a_positive_whole_nu
                      "block_size must be a positive whole number")
 
 
+@pytest.mark.parametrize("tokenizer", [None, "cl100k_base", 50257, ["r50k_base"]])
+def test_a_checkpoint_of_another_tokenizer_is_refused_in_one_line_as_an_exported_folder_is(tmp_path, tokenizer):
+    """load_checkpoint's check: export.py (which exported it with exit 0), generate.py and resuming alike."""
+    path = checkpoint_with(tmp_path, tokenizer=tokenizer)
+    export = load_script("export")
+    for load in (lambda: load_model(path), lambda: export.load_source(export.parse_args(["--checkpoint_path",
+                                                                                        str(path), "--output_dir", "x"]))):
+        one_line_refusal(load, str(path), "its tokenizer is", "this LightGPT reads r50k_base")
+
+
+def test_export_with_an_adapter_alone_takes_the_base_it_names_as_generate_py_does(tmp_path):
+    adapter = torch.load(FIXTURES / "v1_adapter.pt", weights_only=True)
+    torch.save(adapter | {"base_model_path": str(FIXTURES / "v1_checkpoint.pt")}, tmp_path / "adapter.pt")
+    torch.save(adapter | {"base_model_path": str(tmp_path / "gone.pt")}, tmp_path / "orphan.pt")
+    export = load_script("export")
+
+    def exported(*arguments: str):
+        return export.load_source(export.parse_args([*arguments, "--output_dir", str(tmp_path / "out")]))[0]
+
+    named_base = exported("--lora_path", str(tmp_path / "adapter.pt"))
+    given_base = exported("--lora_path", str(tmp_path / "adapter.pt"), "--checkpoint_path",
+                          str(FIXTURES / "v1_checkpoint.pt"))
+    assert named_base.state_dict().keys() == given_base.state_dict().keys()
+    assert all(torch.equal(named_base.state_dict()[name], tensor) for name, tensor in given_base.state_dict().items())
+    for load in (lambda: exported("--lora_path", str(tmp_path / "orphan.pt")),
+                 lambda: load_lora_model(tmp_path / "orphan.pt")):
+        with pytest.raises(FileNotFoundError) as raised:
+            load()
+        assert str(raised.value) == (f"--lora_path {tmp_path / 'orphan.pt'}: the base it names, {tmp_path / 'gone.pt'}, "
+                                     f"is not there; give the base it was trained on with --checkpoint_path")
+
+
 def adapter_with(tmp_path: Path, **entries) -> Path:
     adapter = {"lora_args": {"rank": 2, "alpha": 1.0, "dropout": 0.0}, "model_args": TINY_SHAPE | {"dropout": 0.0},
                "lora": {"blocks.0.mlp.up_projection.lora_a": torch.zeros(2, 32)}, "prompt_template": ALPACA.to_dict(),
@@ -147,14 +179,6 @@ def test_a_malformed_adapter_is_refused_in_one_line(tmp_path, entries, fragment)
     one_line_refusal(lambda: load_lora_checkpoint(path), str(path), fragment)
 
 
-@pytest.mark.parametrize("tokenizer", ["cl100k_base", 5, None, ["r50k_base"]])
-def test_a_checkpoint_or_adapter_of_another_tokenizer_is_refused_wherever_it_is_loaded(tmp_path, tokenizer):
-    checkpoint = checkpoint_with(tmp_path, tokenizer=tokenizer)
-    one_line_refusal(lambda: load_model(checkpoint), str(checkpoint), "its tokenizer is", "reads r50k_base")
-    adapter = adapter_with(tmp_path, tokenizer=tokenizer)
-    one_line_refusal(lambda: load_lora_checkpoint(adapter), str(adapter), "its tokenizer is")
-
-
 @pytest.mark.parametrize("template, fragment", [
     (ALPACA.to_dict() | {"stop_tokens": [10**9]}, "stop_tokens hold token id 1000000000"),
     (ALPACA.to_dict() | {"stop_tokens": [50256, 97]}, "stop_tokens hold token id 97"),
@@ -167,13 +191,16 @@ def test_a_template_s_token_ids_must_be_in_the_model_s_vocabulary(tmp_path, temp
     one_line_refusal(lambda: load_model(folder), "config.json", fragment)
 
 
-@pytest.mark.parametrize("named", ["/etc/passwd", "missing.pt", "{adapter}"])
-def test_an_adapter_naming_a_base_that_is_not_a_checkpoint_says_so_in_one_line(tmp_path, named):
+@pytest.mark.parametrize("named, error", [("/etc/passwd", ValueError), ("{adapter}", ValueError),
+                                           ("missing.pt", FileNotFoundError)])
+def test_an_adapter_naming_a_base_that_is_not_a_checkpoint_says_so_in_one_line(tmp_path, named, error):
     base = save_pretrained_checkpoint(tiny_model(), tmp_path / "base.pt", block_size=8)
-    path = adapter_with(tmp_path, base_model_path=named.format(adapter=tmp_path / "adapter.pt"),
-                        model_args=torch.load(base, weights_only=True)["model_args"])
-    one_line_refusal(lambda: load_lora_model(path), f"{path} names base_model_path", "which cannot be its base",
-                     "--checkpoint_path")
+    named = named.format(adapter=tmp_path / "adapter.pt")
+    path = adapter_with(tmp_path, base_model_path=named, model_args=torch.load(base, weights_only=True)["model_args"])
+    with pytest.raises(error) as raised:
+        load_lora_model(path)
+    assert str(raised.value).startswith(f"--lora_path {path}: the base it names, {named}, is not ")
+    assert "\n" not in str(raised.value) and str(raised.value).endswith("with --checkpoint_path")
 
 
 @pytest.mark.parametrize("record, fragment", [
@@ -224,9 +251,11 @@ def test_a_damaged_metrics_log_is_repaired_with_a_warning_that_names_it(tmp_path
     for step in (1, 2, 3):
         append_metrics(path, {"step": step})
     with open(path, "ab") as file:
-        file.write(b"garbage\n" + b'{"loss": 2.0}\n' + b'{"step": "2"}\n' + b'\xff\xfe{"step": 2}\n' + b"[1, 2]\n")
+        file.write(b"garbage\n" + b'{"loss": 2.0}\n' + b'{"step": "2"}\n' + b'\xff\xfe{"step": 2}\n' + b"[1, 2]\n"
+                   # what JSON has no word for, which json.loads reads and strict readers refuse
+                   + b'{"step": 2, "loss": NaN}\n' + b'{"step": 1, "loss": -Infinity}\n')
     append_metrics(path, {"step": 2.5, "epoch": 9})  # a float step is no record of ours either
-    with pytest.warns(UserWarning, match=rf"{path}: 6 damaged line\(s\)"):
+    with pytest.warns(UserWarning, match=rf"{path}: 8 damaged line\(s\) .* left out of the metrics log"):
         records_up_to(path, 2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1}, {"step": 2}]
     with warnings.catch_warnings():
