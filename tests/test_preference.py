@@ -153,7 +153,7 @@ def test_a_preference_adapter_merges_after_the_chat_adapter_it_was_trained_on(ch
         load_lora_model(tmp_path / "damaged.pt")
 
 
-def test_local_pairs_in_trl_s_layouts_and_one_line_for_each_malformed_record(tmp_path):
+def test_local_pairs_in_trl_s_layouts_and_one_line_for_malformed_records(tmp_path):
     good = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go."}, toy_pairs(1)[0],
             {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
              "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go."}]}]
@@ -164,14 +164,22 @@ def test_local_pairs_in_trl_s_layouts_and_one_line_for_each_malformed_record(tmp
     assert pairs[0] == pairs[2] == exchange and pairs[1][1] == [{"role": "assistant", "content": "Yes."}]
     bad = [good[0], {"prompt": "Hi", "chosen": "Hello!"}, good[1], {"prompt": "Hi", "chosen": 3, "rejected": "x"},
            {"prompt": "Hi", "chosen": [{"role": "user", "content": "Hi"}], "rejected": "x"}]
-    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(record) + "\n" for record in bad))
-    with pytest.raises(ValueError) as failure:
-        read_local_preferences([tmp_path / "good.jsonl", tmp_path / "bad.jsonl"])
-    lines = str(failure.value).splitlines()
-    assert [line.split(" ", 2)[:2] for line in lines[:3]] == [[f"{tmp_path / 'bad.jsonl'}:", "line"]] * 3
-    assert [line.split(" ", 3)[2].rstrip(":") for line in lines[:3]] == ["2", "4", "5"]
-    assert "chosen and rejected" in lines[0] and "chosen is neither" in lines[1] and "roles: user" in lines[2]
-    assert lines[3] == "3 malformed records in --dataset_path"
+
+    def error_of(records: list) -> str:
+        (tmp_path / "bad.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        with pytest.raises(ValueError) as failure:
+            read_local_preferences([tmp_path / "good.jsonl", tmp_path / "bad.jsonl"])
+        assert "\n" not in str(failure.value)
+        return str(failure.value)
+
+    # one line, however many records are malformed: the first of them, and how many more there are
+    for line, fragment, records in ((2, "chosen and rejected", bad), (1, "chosen is neither", bad[3:]),
+                                    (1, "roles: user", bad[4:])):
+        message = error_of(records)
+        assert message.startswith(f"{tmp_path / 'bad.jsonl'}: line {line}") and fragment in message, message
+    assert error_of(bad).endswith(" (and 2 more malformed records in --dataset_path)")
+    assert error_of(bad[3:]).endswith(" (and 1 more malformed record in --dataset_path)")
+    assert "more malformed" not in error_of(bad[4:])
 
 
 def ultrafeedback_mirror(root, splits: dict[str, list[dict]]) -> None:
@@ -290,18 +298,16 @@ def test_the_preference_adapter_loads_in_chat_py_as_a_chat_adapter_does(preferen
 
 
 @pytest.mark.slow
-def test_a_file_of_malformed_records_is_one_line_for_each(chat_files, tmp_path):
+def test_a_file_of_malformed_records_is_one_line(chat_files, tmp_path):
     _, _, chat_path = chat_files
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in [*toy_pairs(2), {"prompt": "Hi"}, [1, 2],
                                                                       *toy_pairs(1)]))
     result = run_script("preference-tune.py", *PREFERENCE_FLAGS, "--lora_path", chat_path, "--dataset_path", data,
                         "--checkpoint_path", tmp_path / "pref.pt")
-    assert_one_line_error(result, "2 malformed records in --dataset_path")
-    lines = result.stderr.strip().splitlines()
-    assert lines[-3].startswith(f"preference-tune.py: error: {data}: line 3 ") and lines[-2].startswith(
-        f"{data}: line 4 ")
-    assert not (tmp_path / "pref.pt").exists()
+    assert_one_line_error(result, f"preference-tune.py: error: {data}: line 3 needs the fields chosen and rejected",
+                          "(and 1 more malformed record in --dataset_path)")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "pref.pt").exists()
 
 
 def test_a_rank_whose_adapters_outgrow_the_device_is_refused_before_they_are_allocated(chat_files):
