@@ -66,6 +66,7 @@ from flags import (
     add_model_arguments,
     add_training_arguments,
     model_config,
+    non_empty_path,
     non_negative_int,
     positive_int,
     run_config,
@@ -89,9 +90,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS), help=subset_help())
     parser.add_argument("--max_dataset_tokens", type=positive_int, default=None,
                         help="Prepare about this many training tokens (default: all); more later continues.")
-    parser.add_argument("--text_files", default=None,
+    parser.add_argument("--text_files", type=non_empty_path, default=None,
                         help="With --dataset text: a file, folder or glob (.txt, .json, .jsonl, .parquet).")
-    parser.add_argument("--dataset_path", default="./dataset",
+    parser.add_argument("--dataset_path", type=non_empty_path, default="./dataset",
                         help="Where tokenized corpora are stored and reused.")
     parser.add_argument("--num_dataset_processes", type=positive_int, default=8,
                         help="The processes (CPUs) that tokenize the corpus.")
@@ -110,7 +111,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--hellaswag_interval", type=non_negative_int, default=0,
                         help="Evaluate HellaSwag (as evaluate.py does) every this many epochs and at the end, all "
                         "ranks sharing the items; 0 turns it off.")
-    parser.add_argument("--hellaswag_path", default=None,
+    parser.add_argument("--hellaswag_path", type=non_empty_path, default=None,
                         help="HellaSwag from a local file or folder, as evaluate.py's --data_path (default: the hub's "
                         "Rowan/hellaswag).")
     parser.add_argument("--hellaswag_limit", type=positive_int, default=None,
