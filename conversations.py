@@ -90,6 +90,11 @@ class PromptTemplate:
         raise ValueError(f"a {message['role']} message with the fields {', '.join(message)} fits none of the "
                          f"{self.name} template's formats")
 
+    def renders_chats(self) -> bool:
+        """Whether it renders whole conversations, with a format for system and user messages (ChatML does;
+        Alpaca's renders an instruction)."""
+        return {"system", "user"} <= self.turns.keys()
+
     def reply_end(self) -> list[int]:
         """The ids that close a reply and separate it from the next message (what follows a generated reply)."""
         return encode_pieces([(self.reply_closing, True, True), (self.reply_separator, False, True)])[0]
@@ -321,11 +326,12 @@ def load_instructions(dataset: str, dataset_path: str | None = None) -> list[dic
                      f"{', '.join(INSTRUCTION_DATASETS)}")
 
 
-def split_instructions(records: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """About 5% of the records, at least one, held out for validation; the same ones on every run."""
+def split_instructions(records: list, dataset: str) -> tuple[list, list]:
+    """About 5% of the records, at least one, held out for validation; the same ones on every run. dataset: the
+    flags that chose them, for the one line that says there are too few."""
     if len(records) < 2:
-        raise ValueError(f"the instruction dataset has {len(records)} record(s); at least 2 are needed "
-                         f"(one is held out for validation)")
+        raise ValueError(f"{dataset}: {len(records)} record{'s' * (len(records) != 1)}, where at least 2 are "
+                         f"needed (one is held out for validation)")
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0)).tolist()
     num_test = max(1, round(INSTRUCTION_TEST_RATIO * len(records)))
     return [records[index] for index in order[num_test:]], [records[index] for index in order[:num_test]]

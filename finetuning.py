@@ -22,6 +22,8 @@ from torch.nn import Module
 
 from checkpoint import (
     check_same_base,
+    is_exported,
+    is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
     load_model,
@@ -32,9 +34,10 @@ from checkpoint import (
     training_checkpoint,
     weights_fingerprint,
 )
-from conversations import PromptTemplate
+from conversations import INSTRUCTION_EXTENSIONS, PromptTemplate
 from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
+from files import same_files
 from flags import run_config
 from integrity import check_optimizer_state, context_length, finite, verify_optimizer_state
 from lora import (
@@ -154,22 +157,83 @@ def adapter_checkpoint(model: LightGPT, base: dict, base_path: str | Path, lora_
         prompt_template=template.to_dict(), lora=lora_state_dict(model), **entries)
 
 
-def check_same_adapters(checkpoint: dict, base: dict, base_path: str | Path, rank: int, alpha: float) -> None:
-    """Resuming must continue the same adapters on the same base: a one-line ValueError otherwise."""
+# The flags of every fine-tuning run that a resumed run must repeat: they change what the adapters learn.
+ADAPTER_FLAGS = ("rank", "alpha")
+# What an adapter is, by whether it is stacked on a merged one.
+ADAPTER_KINDS = {False: "an instruction adapter (instruction-tune.py's)",
+                 True: "a preference adapter (preference-tune.py's)"}
+
+
+def check_same_adapters(checkpoint: dict, base: dict, base_path: str | Path, args, fixed_flags: tuple[str, ...] = (),
+                        stacked: bool = False) -> None:
+    """Resuming must continue the same adapters (stacked on a merged adapter, as preference-tune.py's are, or not)
+    on the same base and dataset, with the same ADAPTER_FLAGS and fixed_flags: a one-line ValueError otherwise."""
+    if ("merged_adapter" in checkpoint) != stacked:
+        raise ValueError(f"--resume: --checkpoint_path {args.checkpoint_path} is "
+                         f"{ADAPTER_KINDS['merged_adapter' in checkpoint]}, not {ADAPTER_KINDS[stacked]}; give "
+                         f"the adapter to resume, or start anew without --resume")
     check_same_base(checkpoint, base)
     if not trained_on_these_weights(checkpoint, base):
         raise ValueError(f"--resume: the adapters were trained on a base with other weights than "
                          f"--base_model_path {base_path}; use the original base checkpoint")
-    for name, value in (("rank", rank), ("alpha", alpha)):
-        if checkpoint["lora_args"][name] != value:
-            raise ValueError(f"--resume: the checkpoint has --{name} {checkpoint['lora_args'][name]}, "
-                             f"the flags ask for {value}; repeat the original run's flags")
+    trained_with = checkpoint.get("args", {}) | checkpoint["lora_args"]
+    for name in (*ADAPTER_FLAGS, *fixed_flags):
+        if name in trained_with and trained_with[name] != getattr(args, name):
+            raise ValueError(f"--resume: the checkpoint was trained with {as_typed(name, trained_with[name])}, the "
+                             f"flags ask for {as_typed(name, getattr(args, name))}; repeat the original run's flags")
+    if "dataset" in trained_with and (trained_with["dataset"] != args.dataset or not same_files(
+            trained_with.get("dataset_path"), args.dataset_path, INSTRUCTION_EXTENSIONS)):
+        raise ValueError(f"--resume: the checkpoint was trained on {dataset_flags(trained_with)}, the flags ask for "
+                         f"{dataset_flags(vars(args))}; use the original dataset, or start anew without --resume")
+
+
+def as_typed(flag: str, value) -> str:
+    """A flag's value as a user types it: --rank 8, --mask_input, --no-mask_input, or no --max_tokens_per_sample."""
+    if value is None:
+        return f"no --{flag}"
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+def dataset_flags(flags: dict) -> str:
+    """The flags that chose a run's dataset, as a user typed them."""
+    return f"--dataset {flags['dataset']}" + (f" --dataset_path {flags.get('dataset_path')}"
+                                              if flags["dataset"] == "local" else "")
+
+
+def check_same_samples(checkpoint: dict, num_samples: int, what: str) -> None:
+    """Resuming must see the samples the run was trained on, which fix its steps and their order: their number
+    after those too long were dropped, the same for the same data and flags."""
+    trained_on = checkpoint.get("num_train_samples", num_samples)
+    if trained_on != num_samples:
+        raise ValueError(f"--resume: the checkpoint was trained on {trained_on:,} {what}, this dataset and these "
+                         f"flags make {num_samples:,}; use the original dataset and flags")
+
+
+def check_base_path(path: str | Path, flag: str, remedy: str) -> None:
+    """Raise a one-line ValueError naming `flag` when path holds no checkpoint to tune: nothing, an exported
+    folder, or no regular file (a FIFO or a link to /dev/zero, which would be read forever)."""
+    path = Path(path)
+    if is_exported(path):
+        problem = (f"{path} is an exported folder (export.py's), which cannot be a base to tune; give the "
+                   f"checkpoint it was exported from")
+    elif path.exists() and not path.is_dir() and not path.is_file():
+        problem = f"{path} is not a regular file but a FIFO, a device or a link to one, which could be read forever"
+    elif not (path.is_file() or is_sharded_checkpoint(path)):
+        problem = f"no checkpoint at {path}; {remedy}"
+    else:
+        return
+    raise ValueError(f"{flag}: {problem}")
 
 
 def resume_adapters(model: LightGPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     checkpoint: dict, device: torch.device, path: str | Path) -> int:
     """Load an adapter checkpoint's adapters, optimizer, random-number and loss-scaler states; its step."""
-    load_lora_state_dict(model, checkpoint["lora"])
+    try:
+        load_lora_state_dict(model, checkpoint["lora"])
+    except ValueError as error:
+        raise ValueError(f"--resume: {path}: {error}") from None
     if "added_token_embeddings" in checkpoint:
         rows = checkpoint["added_token_embeddings"]
         with torch.no_grad():
@@ -322,7 +386,7 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
     Args:
         args: the flags of add_training_arguments, --rank, --alpha, --dropout, --base_model_path and --device.
         base: the base checkpoint; template: the prompt template the samples were rendered with.
-        checkpoint: the adapter checkpoint to resume, if any.
+        checkpoint: the adapter checkpoint to resume, if any, trained on as many samples (check_same_samples).
         what: what a sample is, for the opening line (instructions, conversations...).
         description, program: the progress bar's label and the script's name, for messages.
         loss_of: the loss (training.RunConfig's); weigh(batches, padding_index): the micro-batches of a step with
@@ -333,6 +397,8 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
     model.to(device)
     dtype = compute_dtype(args.precision, device)
     try:
+        if checkpoint:
+            check_same_samples(checkpoint, len(train_samples), what)
         check_batch_memory(model, train_samples, args.batch_size, dtype != torch.float32,
                            args.activation_checkpointing, device)
     except ValueError as error:
@@ -374,7 +440,8 @@ def train_adapters(args, model: LightGPT, base: dict, template: PromptTemplate, 
     def save(step: int, epoch: int) -> None:
         save_atomically(adapter_checkpoint(
             model, base, args.base_model_path, lora_args(args), template, optimizer.state_dict(), step, epoch,
-            [rng_state(device)], vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(), seed=seed, **entries,
+            [rng_state(device)], vars(args) | {"seed": seed}, grad_scaler=scaler.state_dict(), seed=seed,
+            num_train_samples=len(train_samples), **entries,
             **chat_token_entries(model, base),
         ), args.checkpoint_path)
 

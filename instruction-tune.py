@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import claimed_checkpoint, is_sharded_checkpoint, load_checkpoint
+from checkpoint import claimed_checkpoint, load_checkpoint
 from chats import ChatSamples, load_examples
 from conversations import (
     ALPACA,
@@ -20,8 +20,17 @@ from conversations import (
     PromptTemplate,
     split_instructions,
 )
-from files import resolve_files, same_files
-from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, resumable_adapters, train_adapters
+from files import resolve_files
+from finetuning import (
+    add_chat_tokens,
+    check_base_path,
+    check_same_adapters,
+    dataset_flags,
+    lora_args,
+    lora_model,
+    resumable_adapters,
+    train_adapters,
+)
 from flags import (
     ArgumentParser,
     add_lora_arguments,
@@ -33,6 +42,10 @@ from flags import (
 from integrity import context_length
 from run_log import check_log_dir
 from tokenizer import CHAT_VOCABULARY_SIZE
+
+
+# The flags a resumed run must repeat besides the adapters' (finetuning.ADAPTER_FLAGS): they change the samples.
+FIXED_FLAGS = ("max_tokens_per_sample", "mask_input")
 
 
 def build_parser() -> ArgumentParser:
@@ -51,8 +64,9 @@ def build_parser() -> ArgumentParser:
                         help="With --dataset smoltalk: its subset (all, everyday-conversations, smol-rewrite, "
                         "systemchats-30k, ...); all when not given.")
     parser.add_argument("--max_tokens_per_sample", type=positive_int, default=None,
-                        help="Cut a conversation longer than this (or than the context) after its last assistant "
-                        "turn that fits, or drop it when none does; the context when not given.")
+                        help="Cut a sample longer than this (or than the context): a conversation after its last "
+                        "assistant turn that fits (dropped when none does), an instruction's prompt from its start; "
+                        "the context when not given.")
     parser.add_argument("--mask_input", action=BooleanOptionalAction, default=False,
                         help="Leave the prompt out of the loss, so only the response is learned.")
     add_lora_arguments(parser)
@@ -70,8 +84,7 @@ def validate_args(args: argparse.Namespace) -> None:
     check_dataset_path(args)
     if args.dataset_subset and args.dataset != "smoltalk":
         raise ValueError(f"--dataset_subset: only used with --dataset smoltalk, not with --dataset {args.dataset}")
-    if not (Path(args.base_model_path).is_file() or is_sharded_checkpoint(args.base_model_path)):
-        raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
+    check_base_path(args.base_model_path, "--base_model_path", "run pre-train.py first")
     if args.resume and not Path(args.checkpoint_path).is_file():
         raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
     check_log_dir(args)
@@ -79,24 +92,6 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def instruction_files(args: argparse.Namespace) -> list[Path]:
     return resolve_files(args.dataset_path, INSTRUCTION_EXTENSIONS, "--dataset_path") if args.dataset == "local" else []
-
-
-def check_resumable(checkpoint: dict, base: dict, args: argparse.Namespace, num_train_samples: int) -> None:
-    """Resuming must continue the same adapters on the same base and data: never change them silently."""
-    check_same_adapters(checkpoint, base, args.base_model_path, args.rank, args.alpha)
-    trained_with = checkpoint.get("args", {})
-    if "dataset" in trained_with and (trained_with["dataset"] != args.dataset or not same_files(
-            trained_with.get("dataset_path"), args.dataset_path, INSTRUCTION_EXTENSIONS)):
-        raise ValueError(f"--resume: the checkpoint was trained on {dataset_flags(trained_with)}, the flags ask for "
-                         f"{dataset_flags(vars(args))}; use the original dataset, or start anew without --resume")
-    if checkpoint.get("num_train_samples", num_train_samples) != num_train_samples:
-        raise ValueError(f"--resume: the checkpoint was trained on {checkpoint['num_train_samples']} instructions, "
-                         f"this dataset has {num_train_samples}; use the original dataset")
-
-
-def dataset_flags(flags: dict) -> str:
-    return f"--dataset {flags['dataset']}" + (f" --dataset_path {flags.get('dataset_path')}"
-                                              if flags["dataset"] == "local" else "")
 
 
 def main() -> None:
@@ -110,10 +105,10 @@ def main() -> None:
             block_size = context_length(base, args.base_model_path)
             kind, train_records, test_records = load_examples(args.dataset, args.dataset_path, args.dataset_subset)
             if test_records is None:
-                train_records, test_records = split_instructions(train_records)
+                train_records, test_records = split_instructions(train_records, dataset_flags(vars(args)))
             checkpoint = resumable_adapters(args.checkpoint_path) if args.resume else None
             if checkpoint:
-                check_resumable(checkpoint, base, args, len(train_records))
+                check_same_adapters(checkpoint, base, args.base_model_path, args, FIXED_FLAGS)
             seed = (checkpoint or {}).get("seed", args.seed)
             seed = seed if seed is not None else random.randrange(2**31)
             torch.manual_seed(seed)
@@ -131,23 +126,27 @@ def main() -> None:
             train_samples, test_samples = alpaca_samples(args, block_size, model.padding_index,
                                                          train_records, test_records)
         train_adapters(args, model, base, template, train_samples, test_samples, seed, checkpoint, what=what,
-                       description="Instruction-tuning", program="instruction-tune.py",
-                       num_train_samples=len(train_samples))
+                       description="Instruction-tuning", program="instruction-tune.py")
 
 
 def alpaca_samples(args, block_size: int, padding_index: int, *records: list) -> list[InstructionSamples]:
-    samples = [InstructionSamples(part, ALPACA, block_size, args.mask_input, padding_index) for part in records]
+    """The instructions in Alpaca's template, each cut to --max_tokens_per_sample and the context from its start."""
+    limit = sample_limit(args, block_size)
+    samples = [InstructionSamples(part, ALPACA, limit, args.mask_input, padding_index) for part in records]
     num_truncated = sum(part.num_truncated for part in samples)
     if num_truncated:
-        print(f"{num_truncated} samples are longer than the {block_size}-token context: "
-              f"the start of their prompt is cut off")
+        print(f"{num_truncated} samples are longer than {limit} tokens: their start is cut off, the prompt's first")
     return samples
+
+
+def sample_limit(args, block_size: int) -> int:
+    return min(args.max_tokens_per_sample or block_size, block_size)
 
 
 def chat_samples(args, template: PromptTemplate, block_size: int, padding_index: int, *records: list
                  ) -> list[ChatSamples]:
     """The conversations in the template, each cut to --max_tokens_per_sample and the context, or dropped."""
-    limit = min(args.max_tokens_per_sample or block_size, block_size)
+    limit = sample_limit(args, block_size)
     samples = [ChatSamples(part, template, limit, padding_index) for part in records]
     cut, dropped = sum(part.num_cut for part in samples), sum(part.num_dropped for part in samples)
     if cut or dropped:

@@ -9,20 +9,22 @@ from pathlib import Path
 
 import torch
 
+from chats import CHAT_DATASETS
 from checkpoint import (
     claimed_checkpoint,
     context_length,
-    is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
     weights_fingerprint,
 )
-from conversations import INSTRUCTION_EXTENSIONS, split_instructions
-from files import resolve_files, same_files
+from conversations import INSTRUCTION_EXTENSIONS, PromptTemplate, split_instructions
+from files import resolve_files
 from finetuning import (
     adapter_on_base,
     check_adapter_memory,
+    check_base_path,
     check_same_adapters,
+    dataset_flags,
     merged_adapter_entry,
     preference_loss,
     resumable_adapters,
@@ -34,15 +36,22 @@ from flags import (
     add_lora_arguments,
     add_training_arguments,
     check_dataset_path,
+    float_in,
     fraction,
     non_empty_path,
-    positive_float,
 )
 from lora import add_lora
 from model import LightGPT
 from preferences import PREFERENCE_DATASETS, PreferenceSamples, load_preferences
 from run_log import check_log_dir
 from training import weighted_by_rows
+
+
+# DPO's gradients scale with beta: from 1e20 their norm, a float32 sum of squares, overflowed on a tiny model
+# (0.2 * beta); below 1e-6 they sink under AdamW's epsilon (1e-8) on the same model.
+BETAS = (1e-6, 1e6)
+# The flags a resumed run must repeat besides the adapters' (finetuning.ADAPTER_FLAGS): they change the loss.
+FIXED_FLAGS = ("beta", "label_smoothing")
 
 
 def build_parser() -> ArgumentParser:
@@ -59,8 +68,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--dataset_path", type=non_empty_path, default=None,
                         help="With --dataset local: a .json or .jsonl file, a folder or a glob of them, with records "
                         "{prompt, chosen, rejected} of strings or of messages [{role, content}, ...].")
-    parser.add_argument("--beta", type=positive_float, default=0.1,
-                        help="How far the tuned model may move from the chat-tuned one: lower lets it move further.")
+    parser.add_argument("--beta", type=float_in(*BETAS), default=0.1,
+                        help="How far the tuned model may move from the chat-tuned one: lower lets it move further; "
+                        "from 1e-6 to 1e6, beyond which the gradients, proportional to it, overflow or vanish.")
     parser.add_argument("--label_smoothing", type=fraction, default=0.0,
                         help="The probability that a pair's preference is wrong (conservative DPO), below 0.5.")
     add_lora_arguments(parser)
@@ -92,28 +102,30 @@ def validate_args(args: argparse.Namespace) -> None:
 def base_path_of(args: argparse.Namespace, chat: dict) -> str:
     """--base_model_path, else the base the chat adapter names; a one-line ValueError when there is none."""
     path = args.base_model_path or chat.get("base_model_path")
-    if not path or not (Path(path).is_file() or is_sharded_checkpoint(path)):
-        raise ValueError(f"--base_model_path: no checkpoint at {path}; give the pre-trained checkpoint that "
-                         f"--lora_path {args.lora_path} was trained on")
+    remedy = f"give the pre-trained checkpoint that --lora_path {args.lora_path} was trained on as --base_model_path"
+    if not path:
+        raise ValueError(f"--base_model_path: --lora_path {args.lora_path} names no base; {remedy}")
+    check_base_path(path, "--base_model_path" if args.base_model_path else
+                    f"the base_model_path of --lora_path {args.lora_path}", remedy)
     return path
 
 
-def check_resumable(checkpoint: dict, base: dict, chat: dict, args: argparse.Namespace, base_path: str,
-                    num_pairs: int) -> None:
+def chat_template(chat: dict, lora_path: str) -> PromptTemplate:
+    """The chat adapter's template, or a one-line ValueError when it renders no chats (Alpaca's, of instructions)."""
+    template = saved_template(chat["prompt_template"], lora_path)
+    if not template.renders_chats():
+        raise ValueError(f"--lora_path {lora_path}: an adapter in the {template.name} template, not a chat (ChatML) "
+                         f"adapter; train one with instruction-tune.py on chats (--dataset "
+                         f"{', '.join(CHAT_DATASETS)}, or local conversations)")
+    return template
+
+
+def check_resumable(checkpoint: dict, base: dict, chat: dict, args: argparse.Namespace, base_path: str) -> None:
     """Resuming must continue the same adapter on the same chat model and pairs: never change them silently."""
-    check_same_adapters(checkpoint, base, base_path, args.rank, args.alpha)
-    if checkpoint.get("merged_adapter", {}).get("fingerprint") != weights_fingerprint(chat["lora"]):
+    check_same_adapters(checkpoint, base, base_path, args, FIXED_FLAGS, stacked=True)
+    if checkpoint["merged_adapter"].get("fingerprint") != weights_fingerprint(chat["lora"]):
         raise ValueError(f"--resume: the adapter was trained on another chat adapter than --lora_path "
                          f"{args.lora_path}; use the original one")
-    trained_with = checkpoint.get("args", {})
-    if trained_with.get("dataset") != args.dataset or not same_files(
-            trained_with.get("dataset_path"), args.dataset_path, INSTRUCTION_EXTENSIONS):
-        raise ValueError(f"--resume: the checkpoint was trained on --dataset {trained_with.get('dataset')} "
-                         f"{trained_with.get('dataset_path') or ''}, the flags ask for --dataset {args.dataset} "
-                         f"{args.dataset_path or ''}; use the original dataset, or start anew without --resume")
-    if checkpoint.get("num_train_samples", num_pairs) != num_pairs:
-        raise ValueError(f"--resume: the checkpoint was trained on {checkpoint['num_train_samples']} pairs, this "
-                         f"dataset has {num_pairs}; use the original dataset")
 
 
 def preference_model(chat: dict, base: dict, args: argparse.Namespace, base_path: str) -> LightGPT:
@@ -133,6 +145,7 @@ def main() -> None:
         try:
             validate_args(args)
             chat = load_lora_checkpoint(args.lora_path)
+            template = chat_template(chat, args.lora_path)
             base_path = base_path_of(args, chat)
             files = resolve_files(args.dataset_path, INSTRUCTION_EXTENSIONS, "--dataset_path") if args.dataset_path \
                 else []
@@ -141,13 +154,12 @@ def main() -> None:
             run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
             base = load_checkpoint(base_path, required=("model_args", "model", "block_size"))
             block_size = context_length(base, base_path)
-            template = saved_template(chat["prompt_template"], args.lora_path)
             train_pairs, test_pairs = load_preferences(args.dataset, args.dataset_path)
             if test_pairs is None:
-                train_pairs, test_pairs = split_instructions(train_pairs)
+                train_pairs, test_pairs = split_instructions(train_pairs, dataset_flags(vars(args)))
             checkpoint = resumable_adapters(args.checkpoint_path) if args.resume else None
             if checkpoint:
-                check_resumable(checkpoint, base, chat, args, base_path, len(train_pairs))
+                check_resumable(checkpoint, base, chat, args, base_path)
             seed = (checkpoint or {}).get("seed", args.seed)
             seed = seed if seed is not None else random.randrange(2**31)
             torch.manual_seed(seed)
@@ -167,8 +179,7 @@ def main() -> None:
         train_adapters(args, model, base, template, *samples, seed, checkpoint, what="pairs",
                        description="Preference-tuning", program="preference-tune.py",
                        loss_of=functools.partial(preference_loss, beta=args.beta, label_smoothing=args.label_smoothing),
-                       weigh=weighted_by_rows, num_train_samples=len(samples[0]),
-                       merged_adapter=merged_adapter_entry(chat, args.lora_path))
+                       weigh=weighted_by_rows, merged_adapter=merged_adapter_entry(chat, args.lora_path))
 
 
 if __name__ == "__main__":

@@ -71,17 +71,19 @@ def checked_pair(record, where: str) -> Pair:
 
 
 def read_local_preferences(files: list[Path]) -> list[Pair]:
-    """The pairs of .jsonl/.json files; every malformed record is a line of the one ValueError."""
-    pairs, problems = [], []
+    """The pairs of .jsonl/.json files, or one ValueError line: the first malformed record, and how many more
+    there are (a file may hold millions)."""
+    pairs, first_problem, num_malformed = [], None, 0
     for file in files:
         for where, record in json_records(file):
             try:
                 pairs.append(checked_pair(record, where))
             except ValueError as error:
-                problems.append(str(error))
-    if problems:
-        raise ValueError("\n".join(problems) if len(problems) == 1 else
-                         "\n".join(problems) + f"\n{len(problems)} malformed records in --dataset_path")
+                first_problem, num_malformed = first_problem or str(error), num_malformed + 1
+    if first_problem:
+        more = num_malformed - 1
+        raise ValueError(first_problem + (f" (and {more:,} more malformed record{'s' * (more > 1)} in --dataset_path)"
+                                          if more else ""))
     if not pairs:
         raise ValueError(f"--dataset_path: {', '.join(map(str, files))} hold(s) no records")
     return pairs

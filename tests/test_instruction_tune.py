@@ -187,6 +187,27 @@ def test_resuming_on_another_dataset_of_the_same_size_is_refused(base_model_path
     assert_one_line_error(result, "--resume", f"--dataset_path {instructions_path}", f"--dataset_path {other}")
 
 
+def test_a_run_that_dropped_long_conversations_resumes_and_flags_that_change_its_samples_are_refused(
+        base_model_path, tmp_path):
+    """The checkpoint counts the conversations trained on after those too long for the context were dropped (here
+    4 of 15), and a resumed run with the same flags makes as many."""
+    chats = tmp_path / "chats.jsonl"
+    long = [[{"role": "user", "content": "Tell me about every place. " * 20}, {"role": "assistant", "content": "No."}]]
+    short = [[{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
+             for instruction, output in INSTRUCTIONS]
+    chats.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in 4 * long + short + short[:3]))
+    flags = ["--seed", "0", "--no-tensorboard"]
+    first = instruction_tune(base_model_path, chats, tmp_path / "chat.pt", *flags, "--num_epochs", "1")
+    assert first.returncode == 0 and "4 dropped" in first.stdout, first.stderr
+    resumed = instruction_tune(base_model_path, chats, tmp_path / "chat.pt", *flags, "--num_epochs", "2", "--resume")
+    assert resumed.returncode == 0 and "Resuming from" in resumed.stdout, resumed.stderr
+    assert load_lora_checkpoint(tmp_path / "chat.pt")["num_train_samples"] == 11
+    cut = instruction_tune(base_model_path, chats, tmp_path / "chat.pt", *flags, "--num_epochs", "3", "--resume",
+                           "--max_tokens_per_sample", "32")
+    assert_one_line_error(cut, "--resume: the checkpoint was trained with no --max_tokens_per_sample, the flags ask "
+                          "for --max_tokens_per_sample 32; repeat the original run's flags")
+
+
 @pytest.fixture
 def retrained_base_path(base_model_path, tmp_path):
     """A base of the same sizes as base_model_path with other weights, as if it had been trained further."""

@@ -14,7 +14,7 @@ from conversations import (
     tokenize_instruction,
 )
 from tokenizer import load_tokenizer
-from conftest import lightgpt
+from conftest import lightgpt, load_script
 from formats import upgraded_template
 
 RECORDS = [
@@ -219,12 +219,29 @@ def test_batches_are_padded_and_the_padding_changes_neither_logits_nor_loss():
 
 def test_the_held_out_split_is_fixed_and_never_empty():
     records = [{"instruction": str(number), "input": "", "output": "x"} for number in range(40)]
-    train, test = split_instructions(records)
+    train, test = split_instructions(records, "--dataset alpaca")
     assert len(test) == 2 and len(train) == 38 and not set(map(str, train)) & set(map(str, test))
-    assert split_instructions(records) == (train, test)
-    assert [len(split) for split in split_instructions(records[:2])] == [1, 1]
-    with pytest.raises(ValueError, match="1 record"):
-        split_instructions(records[:1])
+    assert split_instructions(records, "--dataset alpaca") == (train, test)
+    assert [len(split) for split in split_instructions(records[:2], "--dataset alpaca")] == [1, 1]
+    for count in (0, 1):
+        with pytest.raises(ValueError, match=rf"^--dataset local --dataset_path one.jsonl: {count} records?, where "
+                                             rf"at least 2 are needed \(one is held out for validation\)$"):
+            split_instructions(records[:count], "--dataset local --dataset_path one.jsonl")
+
+
+def test_max_tokens_per_sample_cuts_instructions_as_it_cuts_conversations(capsys):
+    """instruction-tune.py's --max_tokens_per_sample is the context of instruction records too: each is cut from
+    its start to the limit (or the base's context, if shorter), the end of its response kept."""
+    script = load_script("instruction-tune")
+    end_of_text = load_tokenizer().eot_token
+    for limit, block_size in ((1, 64), (8, 64), (30, 64), (100, 20)):
+        args = script.parse_args(["--max_tokens_per_sample", str(limit)])
+        samples, = script.alpaca_samples(args, block_size, -100, RECORDS)
+        assert [len(inputs) for inputs, _ in samples.samples] == [min(limit, block_size)] * len(RECORDS)
+        assert all(targets[-1] == end_of_text for _, targets in samples.samples)
+        assert f"3 samples are longer than {min(limit, block_size)} tokens" in capsys.readouterr().out
+    samples, = script.alpaca_samples(script.parse_args([]), 64, -100, RECORDS)
+    assert all(len(inputs) > 30 for inputs, _ in samples.samples)
 
 
 def test_alpaca_loads_through_the_hub_code_from_a_local_copy(tmp_path, monkeypatch):
@@ -241,5 +258,5 @@ def test_alpaca_loads_through_the_hub_code_from_a_local_copy(tmp_path, monkeypat
     assert [(record["instruction"], record["input"], record["output"]) for record in records] == [
         (record["instruction"], record["input"], record["output"]) for record in alpaca
     ]
-    train, test = split_instructions(records)
+    train, test = split_instructions(records, "--dataset alpaca")
     assert len(train) == 2 and len(test) == 1

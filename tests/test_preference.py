@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from conftest import (
     tensorboard_run,
     tiny_model,
 )
-from conversations import CHATML
+from conversations import ALPACA, CHATML
 from finetuning import (
     adapter_checkpoint,
     adapter_on_base,
@@ -27,6 +29,7 @@ from finetuning import (
     lora_model,
     merged_adapter_entry,
     preference_loss,
+    resume_adapters,
 )
 from lora import add_lora, lora_layers, lora_state_dict, merge_lora
 from preferences import PreferenceSamples, checked_pair, hub_preferences, read_local_preferences
@@ -153,7 +156,7 @@ def test_a_preference_adapter_merges_after_the_chat_adapter_it_was_trained_on(ch
         load_lora_model(tmp_path / "damaged.pt")
 
 
-def test_local_pairs_in_trl_s_layouts_and_one_line_for_each_malformed_record(tmp_path):
+def test_local_pairs_in_trl_s_layouts_and_one_line_for_malformed_records(tmp_path):
     good = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go."}, toy_pairs(1)[0],
             {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
              "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go."}]}]
@@ -164,14 +167,22 @@ def test_local_pairs_in_trl_s_layouts_and_one_line_for_each_malformed_record(tmp
     assert pairs[0] == pairs[2] == exchange and pairs[1][1] == [{"role": "assistant", "content": "Yes."}]
     bad = [good[0], {"prompt": "Hi", "chosen": "Hello!"}, good[1], {"prompt": "Hi", "chosen": 3, "rejected": "x"},
            {"prompt": "Hi", "chosen": [{"role": "user", "content": "Hi"}], "rejected": "x"}]
-    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(record) + "\n" for record in bad))
-    with pytest.raises(ValueError) as failure:
-        read_local_preferences([tmp_path / "good.jsonl", tmp_path / "bad.jsonl"])
-    lines = str(failure.value).splitlines()
-    assert [line.split(" ", 2)[:2] for line in lines[:3]] == [[f"{tmp_path / 'bad.jsonl'}:", "line"]] * 3
-    assert [line.split(" ", 3)[2].rstrip(":") for line in lines[:3]] == ["2", "4", "5"]
-    assert "chosen and rejected" in lines[0] and "chosen is neither" in lines[1] and "roles: user" in lines[2]
-    assert lines[3] == "3 malformed records in --dataset_path"
+
+    def error_of(records: list) -> str:
+        (tmp_path / "bad.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        with pytest.raises(ValueError) as failure:
+            read_local_preferences([tmp_path / "good.jsonl", tmp_path / "bad.jsonl"])
+        assert "\n" not in str(failure.value)
+        return str(failure.value)
+
+    # one line, however many records are malformed: the first of them, and how many more there are
+    for line, fragment, records in ((2, "chosen and rejected", bad), (1, "chosen is neither", bad[3:]),
+                                    (1, "roles: user", bad[4:])):
+        message = error_of(records)
+        assert message.startswith(f"{tmp_path / 'bad.jsonl'}: line {line}") and fragment in message, message
+    assert error_of(bad).endswith(" (and 2 more malformed records in --dataset_path)")
+    assert error_of(bad[3:]).endswith(" (and 1 more malformed record in --dataset_path)")
+    assert "more malformed" not in error_of(bad[4:])
 
 
 def ultrafeedback_mirror(root, splits: dict[str, list[dict]]) -> None:
@@ -218,6 +229,70 @@ def test_flags_that_cannot_work_are_one_line(chat_files, capsys):
     assert "--label_smoothing: must be below 0.5" in flag_error(
         script, ["--label_smoothing", "0.5", "--lora_path", str(chat_path)], capsys)
     assert "--lora_path: no chat adapter" in flag_error(script, ["--lora_path", "nowhere.pt"], capsys)
+    for beta in ("1e308", "inf", "nan", "0", "1e-9", "-1"):  # beyond what DPO's float32 gradients carry
+        assert "argument --beta: must be in [1e-06, 1e+06]" in flag_error(
+            script, ["--beta", beta, "--lora_path", str(chat_path)], capsys)
+
+
+def test_an_instruction_adapter_is_neither_the_chat_adapter_nor_the_adapter_to_resume(chat_files, tmp_path):
+    script = load_script("preference-tune")
+    _, base_path, chat_path = chat_files
+    base, chat = torch.load(base_path, weights_only=True), torch.load(chat_path, weights_only=True)
+    assert script.chat_template(chat, str(chat_path)) == CHATML
+    with pytest.raises(ValueError, match=r"^--lora_path lora.pt: an adapter in the alpaca template, not a chat "
+                                         r"\(ChatML\) adapter; train one with instruction-tune.py on chats"):
+        script.chat_template(chat | {"prompt_template": ALPACA.to_dict()}, "lora.pt")
+
+    flags = ["--lora_path", str(chat_path), "--dataset", "local", "--dataset_path", "pairs.jsonl", "--rank", "4",
+             "--checkpoint_path", str(tmp_path / "pref.pt")]
+    args = script.parse_args(flags)
+    model, _ = preference_model(base_path, chat_path)
+    preference = adapter_checkpoint(model, base, base_path, LORA_ARGS, CHATML, None, 0, 0, None, vars(args),
+                                    grad_scaler=None, merged_adapter=merged_adapter_entry(chat, chat_path))
+    script.check_resumable(preference, base, chat, args, str(base_path))  # the same flags
+    for changed, trained_with in ((["--beta", "0.5"], "--beta 0.1"), (["--label_smoothing", "0.2"],
+                                  "--label_smoothing 0.0"), (["--rank", "2"], "--rank 4")):
+        with pytest.raises(ValueError, match=rf"^--resume: the checkpoint was trained with {trained_with}, the flags "
+                                             rf"ask for {' '.join(changed)}; repeat the original run's flags$"):
+            script.check_resumable(preference, base, chat, script.parse_args(flags + changed), str(base_path))
+    instruction = {name: entry for name, entry in preference.items() if name != "merged_adapter"}
+    with pytest.raises(ValueError, match=r"is an instruction adapter \(instruction-tune.py's\), not a preference "
+                                         r"adapter \(preference-tune.py's\)"):
+        script.check_resumable(instruction, base, chat, args, str(base_path))
+
+
+def test_a_base_that_is_no_checkpoint_file_is_named_in_one_line_by_both_fine_tuning_scripts(chat_files, tmp_path,
+                                                                                            capsys):
+    preference_tune, instruction_tune = load_script("preference-tune"), load_script("instruction-tune")
+    _, _, chat_path = chat_files
+    os.mkfifo(tmp_path / "fifo.pt")
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "config.json").write_text("{}")
+    for name, problem in (("fifo.pt", "is not a regular file but a FIFO"), ("zero.pt", "is not a regular file"),
+                          ("exported", "is an exported folder (export.py's), which cannot be a base to tune"),
+                          ("nowhere.pt", "no checkpoint at")):
+        path = str(tmp_path / name)
+        assert problem in flag_error(instruction_tune, ["--base_model_path", path], capsys)
+        args = preference_tune.parse_args(["--lora_path", str(chat_path), "--base_model_path", path])
+        with pytest.raises(ValueError, match=r"^--base_model_path: .*" + re.escape(problem)):
+            preference_tune.base_path_of(args, {})
+        args = preference_tune.parse_args(["--lora_path", str(chat_path)])
+        with pytest.raises(ValueError, match=rf"^the base_model_path of --lora_path {re.escape(str(chat_path))}: "
+                                             rf".*{re.escape(problem)}"):
+            preference_tune.base_path_of(args, {"base_model_path": path})
+
+
+def test_resuming_an_adapter_of_another_shape_names_its_file(chat_files, tmp_path):
+    _, base_path, chat_path = chat_files
+    model, _ = preference_model(base_path, chat_path)
+    saved = lora_state_dict(model)
+    name = next(iter(saved))
+    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad])
+    with pytest.raises(ValueError, match=rf"^--resume: {re.escape(str(tmp_path / 'lora.pt'))}: the adapter's "
+                                         rf"{re.escape(name)} has shape \(5, 5\)"):
+        resume_adapters(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                        {"lora": saved | {name: torch.zeros(5, 5)}}, torch.device("cpu"), tmp_path / "lora.pt")
 
 
 PREFERENCE_FLAGS = ["--dataset", "local", "--batch_size", "8", "--gradient_accumulation_steps", "1",
@@ -225,17 +300,23 @@ PREFERENCE_FLAGS = ["--dataset", "local", "--batch_size", "8", "--gradient_accum
                     "--device", "cpu", "--seed", "0", "--no-tensorboard"]
 
 
+def long_pairs(count: int) -> list[dict]:
+    """Pairs whose chosen response alone is longer than a 32-token context: preference-tune.py drops them."""
+    return [pair | {"chosen": [{"role": "assistant", "content": "Yes, it is. " * 12}]} for pair in toy_pairs(count)]
+
+
 @pytest.fixture(scope="module")
 def preference_run(chat_files):
-    """preference-tune.py for 4 epochs on 60 toy pairs (3 held out); and the same run stopped by SIGTERM after its
-    first epoch, then resumed."""
+    """preference-tune.py for 4 epochs on 60 toy pairs (3 held out) and 3 too long for the context (dropped from
+    the training ones); and the same run stopped by SIGTERM after its first epoch, then resumed."""
     folder, base_path, chat_path = chat_files
     data = folder / "pairs.jsonl"
-    data.write_text("".join(json.dumps(record) + "\n" for record in toy_pairs(60)))
+    data.write_text("".join(json.dumps(record) + "\n" for record in [*long_pairs(3), *toy_pairs(60)]))
     flags = [*PREFERENCE_FLAGS, "--lora_path", chat_path, "--dataset_path", data]
     whole = run_script("preference-tune.py", *flags, "--checkpoint_path", folder / "whole.pt", "--num_epochs", "4",
                        "--tensorboard")
     assert whole.returncode == 0, whole.stderr
+    assert "0 with the start of their prompt cut, 3 dropped" in whole.stdout
     halves = [*flags, "--checkpoint_path", folder / "halves.pt", "--num_epochs", "4"]
     first = run_until_first_epoch_then_terminate("preference-tune.py", *halves,
                                                  metrics_path=folder / "halves.metrics.jsonl")
@@ -290,18 +371,16 @@ def test_the_preference_adapter_loads_in_chat_py_as_a_chat_adapter_does(preferen
 
 
 @pytest.mark.slow
-def test_a_file_of_malformed_records_is_one_line_for_each(chat_files, tmp_path):
+def test_a_file_of_malformed_records_is_one_line(chat_files, tmp_path):
     _, _, chat_path = chat_files
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in [*toy_pairs(2), {"prompt": "Hi"}, [1, 2],
                                                                       *toy_pairs(1)]))
     result = run_script("preference-tune.py", *PREFERENCE_FLAGS, "--lora_path", chat_path, "--dataset_path", data,
                         "--checkpoint_path", tmp_path / "pref.pt")
-    assert_one_line_error(result, "2 malformed records in --dataset_path")
-    lines = result.stderr.strip().splitlines()
-    assert lines[-3].startswith(f"preference-tune.py: error: {data}: line 3 ") and lines[-2].startswith(
-        f"{data}: line 4 ")
-    assert not (tmp_path / "pref.pt").exists()
+    assert_one_line_error(result, f"preference-tune.py: error: {data}: line 3 needs the fields chosen and rejected",
+                          "(and 1 more malformed record in --dataset_path)")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "pref.pt").exists()
 
 
 def test_a_rank_whose_adapters_outgrow_the_device_is_refused_before_they_are_allocated(chat_files):
