@@ -65,9 +65,11 @@ from flags import (
     ArgumentParser,
     add_model_arguments,
     add_training_arguments,
+    available_cpus,
     model_config,
     non_negative_int,
     positive_int,
+    process_count,
     run_config,
 )
 from integrity import check_optimizer_state, checked_model, verify_optimizer_state
@@ -80,6 +82,8 @@ from tokenizer import load_tokenizer
 from training import note_optimizer_starts_afresh, restore_rng_state, restore_scaler, rng_state, train
 
 Value = TypeVar("Value")
+# The processes that tokenize a corpus unless --num_dataset_processes says otherwise (fewer on fewer CPUs).
+DATASET_PROCESSES = 8
 
 
 def build_parser() -> ArgumentParser:
@@ -93,8 +97,9 @@ def build_parser() -> ArgumentParser:
                         help="With --dataset text: a file, folder or glob (.txt, .json, .jsonl, .parquet).")
     parser.add_argument("--dataset_path", default="./dataset",
                         help="Where tokenized corpora are stored and reused.")
-    parser.add_argument("--num_dataset_processes", type=positive_int, default=8,
-                        help="The processes (CPUs) that tokenize the corpus.")
+    parser.add_argument("--num_dataset_processes", type=process_count, default=None,
+                        help="The processes that tokenize the corpus, at most this machine's CPUs (default: "
+                        f"{DATASET_PROCESSES}, or its CPUs if fewer).")
     parser.add_argument("--samples_per_epoch", type=positive_int, default=4096,
                         help="The number of training samples in each epoch.")
     parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"),
@@ -219,7 +224,8 @@ def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, d
     if args.resume and rank() == 0:
         check_resumable(load_index(args.checkpoint_path), model_args, args)
     text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
-    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files,
+    processes = args.num_dataset_processes or min(DATASET_PROCESSES, available_cpus())
+    corpus = prepare_corpus(args.dataset, args.dataset_path, processes, text_files,
                             subset=args.dataset_subset, max_tokens=args.max_dataset_tokens)
     vocabulary_size = model_args["vocabulary_size"]
     train_windows = TokenWindows(corpus / "train.bin", args.block_size, vocabulary_size)
