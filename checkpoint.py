@@ -167,6 +167,25 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return (Path(path) / SHARDED_INDEX).is_file()
 
 
+def check_checkpoint_path(checkpoint_path: str | Path, resume: bool, what: str = "checkpoint") -> None:
+    """Raise a one-line ValueError unless --checkpoint_path suits --resume: resuming needs a checkpoint there, and a
+    new run never writes over one (hours of training), as Hugging Face's Trainer refuses an output_dir that is not
+    empty; `what` names the kind of checkpoint."""
+    path = Path(checkpoint_path)
+    exists = path.is_file() or is_sharded_checkpoint(path)
+    if resume and not exists:
+        raise ValueError(f"--resume: no {what} at --checkpoint_path {path}")
+    if exists and not resume:
+        try:
+            step = load_index(path, required=()).get("step")
+        except (OSError, ValueError):
+            raise ValueError(f"--checkpoint_path {path}: already holds a file that is not a readable {what}; choose "
+                             f"another --checkpoint_path (or remove it)") from None
+        saved_at = f", saved at step {step}" if type(step) is int else ""
+        raise ValueError(f"--checkpoint_path {path}: already holds a {what}{saved_at}; add --resume to continue it, "
+                         f"or choose another --checkpoint_path (or remove it) to start anew")
+
+
 def save_sharded(checkpoint: dict, path: str | Path) -> None:
     """Save a training_checkpoint whose model and optimizer state are this rank's shards; every rank calls it.
 

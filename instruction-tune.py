@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import claimed_checkpoint, is_sharded_checkpoint, load_checkpoint
+from checkpoint import check_checkpoint_path, claimed_checkpoint, is_sharded_checkpoint, load_checkpoint
 from chats import ChatSamples, load_examples
 from conversations import (
     ALPACA,
@@ -65,8 +65,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--dataset_subset: only used with --dataset smoltalk, not with --dataset {args.dataset}")
     if not (Path(args.base_model_path).is_file() or is_sharded_checkpoint(args.base_model_path)):
         raise ValueError(f"--base_model_path: no checkpoint at {args.base_model_path}; run pre-train.py first")
-    if args.resume and not Path(args.checkpoint_path).is_file():
-        raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
+    check_checkpoint_path(args.checkpoint_path, args.resume, "adapter checkpoint")
     check_log_dir(args)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch.nn import Module
 
 from checkpoint import (
+    check_checkpoint_path,
     claimed_checkpoint,
     is_sharded_checkpoint,
     load_checkpoint,
@@ -143,9 +144,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if problem := unwritable_folder(Path(args.dataset_path)):
         raise ValueError(f"--dataset_path {args.dataset_path}: {problem}")
     check_log_dir(args)
+    check_checkpoint_path(args.checkpoint_path, args.resume)
     path = Path(args.checkpoint_path)
-    if args.resume and not (path.is_file() or is_sharded_checkpoint(path)):
-        raise ValueError(f"--resume: no checkpoint at --checkpoint_path {path}")
     if args.checkpoint_format == "sharded" and path.is_file():
         raise ValueError(f"--checkpoint_path {path}: is a single-file checkpoint, and --checkpoint_format sharded "
                          f"writes a folder; choose another path")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import (
+    check_checkpoint_path,
     claimed_checkpoint,
     context_length,
     is_sharded_checkpoint,
@@ -83,8 +84,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not Path(args.lora_path).is_file():
         raise ValueError(f"--lora_path: no chat adapter at {args.lora_path}; run instruction-tune.py with a chat "
                          f"dataset first")
-    if args.resume and not Path(args.checkpoint_path).is_file():
-        raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
+    check_checkpoint_path(args.checkpoint_path, args.resume, "adapter checkpoint")
     check_log_dir(args)
 
 

@@ -304,7 +304,7 @@ def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_trains(t
     path = tmp_path / "checkpoint.pt"
     first = subprocess.Popen(
         [sys.executable, "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
-         path, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "100000"],
+         path, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "100000", "--checkpoint_interval", "100000"],
         cwd=REPOSITORY, env=one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not path.with_suffix(".metrics.jsonl").exists():
         assert first.poll() is None, first.communicate()
@@ -328,7 +328,8 @@ def test_a_checkpoint_path_that_is_one_of_the_corpus_files_is_refused(dataset_pa
     corpus_file = dataset_path / "wikipedia" / "train.bin"
     before = corpus_file.read_bytes()
     result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
-                        "--checkpoint_path", corpus_file, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+                        "--checkpoint_path", corpus_file, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "1",
+                        "--resume")  # without it, the file already there is refused sooner (check_checkpoint_path)
     assert_one_line_error(result, f"{corpus_file} is also --dataset_path, an input of this run")
     assert corpus_file.read_bytes() == before
 
