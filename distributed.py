@@ -310,6 +310,11 @@ def unwrapped(model: Module) -> Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def local_part(tensor: Tensor) -> Tensor:
+    """This rank's part of a tensor: a DTensor's own shard, a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def replicated(tensor: Tensor) -> Tensor:
     """A DTensor made whole on every rank (DTensor communicates); a plain tensor as it is."""
     if isinstance(tensor, DTensor):

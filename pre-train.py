@@ -49,6 +49,7 @@ from distributed import (
     launch_rank,
     load_sharded_training_state,
     load_training_state,
+    local_part,
     micro_batches_of_this_rank,
     parallelize,
     processes_on_this_machine,
@@ -73,7 +74,13 @@ from flags import (
     process_count,
     run_config,
 )
-from integrity import check_optimizer_state, checked_model, verify_optimizer_state
+from integrity import (
+    check_finite,
+    check_optimizer_state,
+    check_resumable_entries,
+    checked_model,
+    verify_optimizer_state,
+)
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from optimizers import build_optimizer
 from preparation import PreparationInterrupted, TokenWindows, corpus_folder, prepare_corpus
@@ -164,6 +171,7 @@ def model_args_from(args: argparse.Namespace) -> dict:
 def check_resumable(checkpoint: dict, model_args: dict, args: argparse.Namespace) -> None:
     """The checkpoint must be of the shape, corpus and optimizer the flags ask for: resuming never changes them
     silently."""
+    check_resumable_entries(checkpoint, args.checkpoint_path)
     saved_args = asdict(LightGPTConfig(**checkpoint["model_args"]))
     for name, value in model_args.items():
         if saved_args[name] != value:
@@ -327,13 +335,23 @@ def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.op
             lambda: load_shards(path, index, {"model": model_state, "optimizer": optimizer_state["state"]}))
         optimizer_state["param_groups"] = index["optimizer"]["param_groups"]
         load_sharded_training_state(training_model, optimizer, model_state, optimizer_state)
-        return {key: index[key] for key in PROGRESS}
+        check_weights_finite(training_model, path)
+        return {key: index.get(key) for key in PROGRESS}
     checkpoint = stop_every_rank_on_error(
         lambda: of_this_optimizer(checked_checkpoint(path), path, training_model, optimizer) if rank() == 0 else None)
     load_training_state(training_model, optimizer, checkpoint)
+    check_weights_finite(training_model, path)
     if rank() == 0 and not checkpoint.get("optimizer"):
         note_optimizer_starts_afresh(path)
     return from_rank_zero({key: checkpoint.get(key) for key in PROGRESS} if rank() == 0 else None)
+
+
+def check_weights_finite(training_model: Module, path: str) -> None:
+    """Stop every rank, with one line, when the weights loaded (each rank's own shards) hold NaN or an infinity:
+    a checkpoint written without checksums can hold them, and training on would only say that the loss became
+    NaN."""
+    weights = {name: local_part(tensor) for name, tensor in unwrapped(training_model).state_dict().items()}
+    stop_every_rank_on_error(lambda: check_finite(weights, path))
 
 
 def checked_checkpoint(path: str) -> dict:

@@ -419,3 +419,20 @@ def test_resuming_a_sharded_checkpoint_whose_optimizer_state_does_not_fit_is_one
         save_sharded(good | {"optimizer": {"param_groups": param_groups, "state": optimizer_state}}, path)
         resumed = pretrain(tmp_path, dataset_path, *flags, "--num_epochs", "2", "--resume")
         assert_one_line_error(resumed, str(path), fragment)
+
+
+@pytest.mark.slow
+def test_resuming_a_damaged_checkpoint_stops_with_one_line_before_training(tmp_path, dataset_path):
+    """A sampler state of 5 bytes once ended in a traceback from Generator.set_state, and NaN weights (in a file
+    written without checksums) trained until the loss became NaN."""
+    first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "checkpoint.pt"
+    written = torch.load(path, weights_only=True)
+    nan_weights = {name: torch.full_like(tensor, torch.nan) for name, tensor in written["model"].items()}
+    for damage, message in (({"sampler": torch.zeros(5, dtype=torch.uint8)}, "its sampler must be a CPU generator"),
+                            ({"model": nan_weights}, "its weights hold NaN or infinite numbers")):
+        torch.save({name: value for name, value in written.items() if name != "checksums"} | damage, path)
+        result = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2", "--resume")
+        assert_one_line_error(result, f"pre-train.py: error: {path}: {message}")
+        assert "epoch=2" not in result.stdout
