@@ -50,6 +50,7 @@ from distributed import (
     load_sharded_training_state,
     load_training_state,
     local_part,
+    micro_batch_indices_of_this_rank,
     micro_batches_of_this_rank,
     parallelize,
     processes_on_this_machine,
@@ -210,19 +211,24 @@ def corpus_flags(flags: dict) -> str:
 
 def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_size: int) -> list[tuple]:
     """This rank's micro-batches of the windows at `starts`, as (inputs, targets, loss weight)."""
-    return list(WindowBatches(windows, starts, batch_size))
+    return [(*windows.windows(batch_starts.tolist()), weight)
+            for batch_starts, weight in micro_batches_of_this_rank(starts, batch_size)]
 
 
 class WindowBatches:
-    """This rank's micro-batches of the windows at `starts`, as (inputs, targets, loss weight), each read as it
-    is reached, as often as they are iterated over: the evaluation windows are never all in memory at once."""
+    """This rank's micro-batches of `count` random windows, as (inputs, targets, loss weight), the same ones each
+    time they are iterated over and at any number of ranks: micro-batch i's starts are drawn, as it is reached,
+    from a generator seeded with i, so that neither the evaluation windows nor their starts are ever all in
+    memory (--eval_samples 1000000000 once asked torch.randint for 8 GB of starts up front)."""
 
-    def __init__(self, windows: TokenWindows, starts: torch.Tensor, batch_size: int):
-        self.windows, self.starts, self.batch_size = windows, starts, batch_size
+    def __init__(self, windows: TokenWindows, count: int, batch_size: int):
+        self.windows, self.count, self.batch_size = windows, count, batch_size
 
     def __iter__(self) -> Iterator[tuple]:
-        for batch_starts, weight in micro_batches_of_this_rank(self.starts, self.batch_size):
-            yield *self.windows.windows(batch_starts.tolist()), weight
+        for index, weight in micro_batch_indices_of_this_rank(-(-self.count // self.batch_size)):
+            size = min(self.batch_size, self.count - index * self.batch_size)
+            starts = self.windows.random_starts(size, torch.Generator().manual_seed(index))
+            yield *self.windows.windows(starts.tolist()), weight
 
 
 def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
@@ -417,8 +423,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     elif rank():
         torch.manual_seed(hash((seed, rank(), step)))
 
-    eval_starts = test_windows.random_starts(args.eval_samples, torch.Generator().manual_seed(0))
-    eval_batches = WindowBatches(test_windows, eval_starts, args.batch_size)
+    eval_batches = WindowBatches(test_windows, args.eval_samples, args.batch_size)
     if main_process:
         print(f"LightGPT: {model.num_trainable_params:,} trainable parameters, {steps_per_epoch} steps per epoch"
               + (f", {world_size()} processes" if world_size() > 1 else ""))
