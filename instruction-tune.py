@@ -97,7 +97,7 @@ def main() -> None:
         try:
             validate_args(args)
             inputs = {"--base_model_path": [Path(args.base_model_path)], "--dataset_path": instruction_files(args)}
-            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
+            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, resume=args.resume))
             base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
             block_size = context_length(base, args.base_model_path)
             kind, train_records, test_records = load_examples(args.dataset, args.dataset_path, args.dataset_subset)

@@ -217,18 +217,19 @@ def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_
 
 class WindowBatches:
     """This rank's micro-batches of `count` random windows, as (inputs, targets, loss weight), the same ones each
-    time they are iterated over and at any number of ranks: micro-batch i's starts are drawn, as it is reached,
-    from a generator seeded with i, so that neither the evaluation windows nor their starts are ever all in
-    memory (--eval_samples 1000000000 once asked torch.randint for 8 GB of starts up front)."""
+    time they are iterated over, at any batch size and at any number of ranks: window i starts where a generator
+    seeded with i draws, as its micro-batch is reached, so that neither the evaluation windows nor their starts
+    are ever all in memory (--eval_samples 1000000000 once asked torch.randint for 8 GB of starts up front)."""
 
     def __init__(self, windows: TokenWindows, count: int, batch_size: int):
         self.windows, self.count, self.batch_size = windows, count, batch_size
 
     def __iter__(self) -> Iterator[tuple]:
         for index, weight in micro_batch_indices_of_this_rank(-(-self.count // self.batch_size)):
-            size = min(self.batch_size, self.count - index * self.batch_size)
-            starts = self.windows.random_starts(size, torch.Generator().manual_seed(index))
-            yield *self.windows.windows(starts.tolist()), weight
+            first = index * self.batch_size
+            starts = [self.windows.random_starts(1, torch.Generator().manual_seed(window)).item()
+                      for window in range(first, min(first + self.batch_size, self.count))]
+            yield *self.windows.windows(starts), weight
 
 
 def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
@@ -284,7 +285,8 @@ def claim_checkpoint(args: argparse.Namespace, run: ExitStack) -> None:
         text_files = resolve_text_files(args.text_files) if args.dataset == "text" else []
         corpus = corpus_folder(args.dataset_path, args.dataset, text_files, args.dataset_subset)
         inputs = {"--text_files": text_files, "--dataset_path": list(corpus.glob("*"))}
-        run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, args.checkpoint_format == "sharded"))
+        run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, args.checkpoint_format == "sharded",
+                                              args.resume))
 
 
 def stop_every_rank_on_error(work: Callable[[], Value]) -> Value:

@@ -137,7 +137,7 @@ def main() -> None:
                 else []
             inputs = {"--base_model_path": [Path(base_path)], "--lora_path": [Path(args.lora_path)],
                       "--dataset_path": files}
-            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
+            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, resume=args.resume))
             base = load_checkpoint(base_path, required=("model_args", "model", "block_size"))
             block_size = context_length(base, base_path)
             template = saved_template(chat["prompt_template"], args.lora_path)

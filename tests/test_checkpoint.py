@@ -424,33 +424,28 @@ def test_temporary_files_of_dead_processes_of_this_machine_are_removed(tmp_path)
     assert sorted(path.name for path in tmp_path.glob("*.tmp")) == sorted(name for name, kept in names.items() if kept)
 
 
-@pytest.mark.parametrize("script, flags", [
-    ("pre-train", ["--checkpoint_format", "single"]),
-    ("pre-train", ["--checkpoint_format", "sharded"]),
-    ("instruction-tune", ["--base_model_path", "BASE"]),
-    ("preference-tune", ["--lora_path", "BASE"]),
-])
-def test_a_new_run_never_writes_over_a_checkpoint_already_there(tmp_path, capsys, script, flags):
-    """Without --resume, a checkpoint (a file or a folder of shards) at --checkpoint_path once was written over
-    silently: it is refused in one line that names it, its step and both ways out; a file that is no checkpoint
-    is refused too."""
-    base = save_pretrained_checkpoint(tiny_model(), tmp_path / "base.pt", block_size=8)
-    flags = [str(base) if flag == "BASE" else flag for flag in flags]
-    path = tmp_path / "checkpoint"
-    if "sharded" in flags:
-        sharded_checkpoint(tiny_model(), path)
-    else:
-        save_atomically(training_checkpoint(vars(tiny_model().config), 8, {}, 1, 1, [], {}, grad_scaler={}), path)
-    arguments = ["--checkpoint_path", str(path), "--device", "cpu", *flags]
-    error = flag_error(load_script(script), arguments, capsys)
-    assert error.endswith(f"--checkpoint_path {path}: already holds a {'adapter ' * ('tune' in script)}checkpoint, "
-                          f"saved at step 1; add --resume to continue it, or choose another --checkpoint_path (or "
-                          f"remove it) to start anew"), error
-    if "sharded" not in flags:
-        path.write_text("notes")
-        error = flag_error(load_script(script), arguments, capsys)
-        assert f"--checkpoint_path {path}: already holds a file that is not a readable" in error, error
 
+@pytest.mark.parametrize("kind", ["file", "folder of shards", "adapter", "file of notes"])
+def test_a_new_run_never_writes_over_a_checkpoint_already_there(tmp_path, kind):
+    """Without --resume, a checkpoint at --checkpoint_path once was written over silently (hours of training): it
+    is refused in one line that names it, its step and both ways out; a file that is no checkpoint is refused too.
+    With --resume, the run continues it."""
+    path = tmp_path / "checkpoint"
+    if kind == "folder of shards":
+        sharded_checkpoint(tiny_model(), path)
+    elif kind == "file of notes":
+        path.write_text("notes")
+    else:
+        save_atomically(training_checkpoint(vars(tiny_model().config), 8, {}, 1, 1, [], {}, grad_scaler={},
+                                            **({"lora": {}} if kind == "adapter" else {})), path)
+    with pytest.raises(ValueError) as refused:
+        check_outputs(path, {}, sharded=kind == "folder of shards")
+    assert str(refused.value) == (
+        f"--checkpoint_path {path}: already holds a file that is not a readable checkpoint; choose another "
+        f"--checkpoint_path (or remove it)" if kind == "file of notes" else
+        f"--checkpoint_path {path}: already holds a checkpoint, saved at step 1; add --resume to continue it, or "
+        f"choose another --checkpoint_path (or remove it) to start anew")
+    check_outputs(path, {}, sharded=kind == "folder of shards", resume=True)
 
 DAMAGED_PROGRESS = [
     ("step", -5, "its step must be a whole number of at least 0, got -5"),

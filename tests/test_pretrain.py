@@ -180,6 +180,12 @@ def test_a_resumed_run_continues_its_tensorboard_curves_and_a_new_run_replaces_t
     assert [event.step for event in flags] == [1, 3]
     assert "| --resume | True |" in flags[1].tensor_proto.string_val[0].decode()
 
+    written = (tmp_path / "checkpoint.pt").read_bytes()
+    refused = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")  # it once wrote over it silently
+    assert_one_line_error(refused, f"--checkpoint_path {tmp_path / 'checkpoint.pt'}: already holds a checkpoint, "
+                                   f"saved at step 4; add --resume to continue it, or choose another")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == written
+    (tmp_path / "checkpoint.pt").unlink()
     started_over = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")
     assert started_over.returncode == 0, started_over.stderr
     assert [event.step for event in tensorboard_run(tmp_path / "runs" / "checkpoint").Scalars("train/loss")] == [1, 2]
@@ -328,8 +334,7 @@ def test_a_checkpoint_path_that_is_one_of_the_corpus_files_is_refused(dataset_pa
     corpus_file = dataset_path / "wikipedia" / "train.bin"
     before = corpus_file.read_bytes()
     result = run_script("pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path,
-                        "--checkpoint_path", corpus_file, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "1",
-                        "--resume")  # without it, the file already there is refused sooner (check_checkpoint_path)
+                        "--checkpoint_path", corpus_file, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "1")
     assert_one_line_error(result, f"{corpus_file} is also --dataset_path, an input of this run")
     assert corpus_file.read_bytes() == before
 
