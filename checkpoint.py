@@ -368,6 +368,7 @@ def load_index(path: str | Path, required: tuple[str, ...] = PRETRAINING_ENTRIES
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or not set(required) <= checkpoint.keys():
         raise ValueError(f"{path}: not a LightGPT checkpoint of this kind (no {' and '.join(required)} entries)")
+    check_tokenizer(checkpoint, path)
     if sharded and not isinstance(checkpoint["shards"], str):
         raise ValueError(f"{path}: its shards entry must name the folder of shards, got {described(checkpoint['shards'])}")
     if CHECKSUMS in checkpoint:  # the optimizer state, unused but for resuming, is verified when resumed

@@ -21,9 +21,16 @@ from evaluation import (
     score_hellaswag,
     text_file_documents,
 )
-from files import write_text_atomically
+from files import unwritable_folder, write_text_atomically
 from finetuning import load_inference_model
-from flags import ArgumentParser, add_device_argument, add_model_path_arguments, add_precision_argument, positive_int
+from flags import (
+    ArgumentParser,
+    add_device_argument,
+    add_model_path_arguments,
+    add_precision_argument,
+    non_empty_path,
+    positive_int,
+)
 from tokenizer import load_tokenizer
 
 NATIVE_TASKS = ("hellaswag", "perplexity")
@@ -37,17 +44,17 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--tasks", nargs="+", default=["hellaswag"],
                         help="hellaswag, perplexity, or the name of an lm-evaluation-harness task (needs lm-eval: "
                         f"{INSTALL_HARNESS}).")
-    parser.add_argument("--data_path", default=None,
+    parser.add_argument("--data_path", type=non_empty_path, default=None,
                         help="HellaSwag from a local file or folder instead of the hub's Rowan/hellaswag: the original "
                         "JSON lines (ctx, endings, label), or a copy of the hub's repository or Parquet file.")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="Evaluate only the first this many items of each task (documents for perplexity).")
     parser.add_argument("--batch_size", type=positive_int, default=32,
                         help="The sequences scored in one forward pass (HellaSwag: four per item).")
-    parser.add_argument("--text_files", default=None,
+    parser.add_argument("--text_files", type=non_empty_path, default=None,
                         help="perplexity: the text to measure, a file, folder or glob of .txt, .json, .jsonl or "
                         ".parquet files.")
-    parser.add_argument("--dataset_path", default=None,
+    parser.add_argument("--dataset_path", type=non_empty_path, default=None,
                         help="perplexity: a corpus folder prepared by pre-train.py (the one holding test.bin, such "
                         "as ./dataset/wikipedia), of which the held-out split is measured.")
     parser.add_argument("--context_length", type=positive_int, nargs="+", default=None,
@@ -56,9 +63,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--stride", type=positive_int, default=None,
                         help="perplexity: the tokens between one window's end and the next's; only the tokens past "
                         "the overlap count (default: half a window).")
-    parser.add_argument("--include_path", nargs="+", default=None,
+    parser.add_argument("--include_path", type=non_empty_path, nargs="+", default=None,
                         help="Folders or files of lm-evaluation-harness task YAML files, for local tasks.")
-    parser.add_argument("--output_path", default=None,
+    parser.add_argument("--output_path", type=non_empty_path, default=None,
                         help="Write the results as JSON: the summaries, HellaSwag's item by item, the harness's own.")
     add_precision_argument(parser)
     add_device_argument(parser)
@@ -73,10 +80,21 @@ def validate_args(args: argparse.Namespace) -> None:
     """One-line ValueErrors for flags that do not go together."""
     if "perplexity" in args.tasks and (args.text_files is None) == (args.dataset_path is None):
         raise ValueError("--tasks perplexity: give the text to measure with --text_files or --dataset_path (one)")
-    if args.output_path and not Path(args.output_path).resolve().parent.is_dir():
-        raise ValueError(f"--output_path {args.output_path}: its folder does not exist")
+    if args.output_path:
+        check_output_path(Path(args.output_path))
     if args.data_path and not Path(args.data_path).exists():
         raise ValueError(f"--data_path {args.data_path}: no such file or folder")
+
+
+def check_output_path(output: Path) -> None:
+    """Before the evaluation, which can take hours: the results file must be writable where --output_path says."""
+    if output.is_dir():
+        raise ValueError(f"--output_path {output}: is a folder; name a file, such as {output / 'results.json'}")
+    folder = output.resolve().parent
+    if not folder.is_dir():
+        raise ValueError(f"--output_path {output}: its folder does not exist")
+    if problem := unwritable_folder(folder):
+        raise ValueError(f"--output_path {output}: {problem}")
 
 
 def harness_module():
@@ -156,7 +174,10 @@ def main() -> None:
 
         print(make_table(results["harness"]))
     if args.output_path:
-        write_text_atomically(Path(args.output_path), json.dumps(results, indent=1, default=str))
+        try:
+            write_text_atomically(Path(args.output_path), json.dumps(results, indent=1, default=str))
+        except OSError as error:  # a full disk, or a folder made there since: the results are printed above
+            sys.exit(f"evaluate.py: error: --output_path: {error}")
 
 
 if __name__ == "__main__":

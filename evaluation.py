@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from corpora import text_parts
 from model import LightGPT
-from preparation import document_batches
+from preparation import check_token_ids, document_batches
 
 HELLASWAG_REPOSITORY, HELLASWAG_SPLIT = "Rowan/hellaswag", "validation"
 HELLASWAG_ITEMS = 10_042
@@ -145,8 +145,11 @@ def checked_item(record, index: int, where: str) -> Item:
 
 def read_hellaswag_records(data_path: str | None, flag: str) -> Iterator:
     """The records of hellaswag_stream, any failure to read them one line (hellaswag_failure)."""
-    # datasets logs a file it cannot parse and huggingface_hub each retry: the one line says all of it
-    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]
+    # datasets logs a file it cannot parse and huggingface_hub each retry: the one line says all of it. datasets is
+    # imported first: importing it sets its logger's level, which would undo ours.
+    import datasets
+
+    loggers = [datasets.logging.get_logger(), logging.getLogger("huggingface_hub")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
@@ -284,7 +287,8 @@ def text_file_documents(files: list[Path], tokenizer: tiktoken.Encoding) -> Iter
 
 
 def corpus_documents(folder: Path, tokenizer: tiktoken.Encoding) -> Iterator[Document]:
-    """The documents of a prepared corpus's held-out split (test.bin, each document ended by <|endoftext|>)."""
+    """The documents of a prepared corpus's held-out split (test.bin, each document ended by <|endoftext|>); an id
+    beyond the vocabulary is a DamagedCorpus naming the file, as in training."""
     path = Path(folder) / "test.bin"
     if not path.is_file():
         raise FileNotFoundError(f"--dataset_path {folder}: no test.bin there; prepare it with pre-train.py")
@@ -292,6 +296,7 @@ def corpus_documents(folder: Path, tokenizer: tiktoken.Encoding) -> Iterator[Doc
     ends = np.flatnonzero(tokens == tokenizer.eot_token)
     for start, end in zip(np.concatenate(([0], ends[:-1] + 1)), ends):
         if end > start:
+            check_token_ids(tokens[start:end], path, tokenizer.n_vocab)
             document = tokens[start:end].tolist()
             yield Document([tokenizer.eot_token, *document], len(tokenizer.decode_bytes(document)))
 

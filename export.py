@@ -28,9 +28,9 @@ from checkpoint import (
 )
 from conversations import CHATML, INSTRUCTION_DATASETS, tokenizer_config
 from corpora import CORPORA
-from files import write_folder_atomically
-from finetuning import adapter_on_base
-from flags import ArgumentParser
+from files import unwritable_folder, write_folder_atomically
+from finetuning import adapter_base, adapter_on_base
+from flags import ArgumentParser, non_empty_path
 from integrity import context_length
 from model import LightGPT
 from run_log import perplexity, read_metrics
@@ -52,11 +52,12 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Export a checkpoint to a folder that LightGPT.from_pretrained, the HuggingFace Hub, "
                             "generate.py and beam_search.py read: model.safetensors, config.json and a model card "
                             "(README.md), and with --onnx model.onnx.")
-    parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT_PATH,
-                        help="The checkpoint written by pre-train.py (with --lora_path: the adapter's base).")
-    parser.add_argument("--lora_path", default=None,
+    parser.add_argument("--checkpoint_path", type=non_empty_path, default=None,
+                        help="The checkpoint written by pre-train.py; with --lora_path, the adapter's base (default: "
+                        f"{DEFAULT_CHECKPOINT_PATH}, or the base the adapter names).")
+    parser.add_argument("--lora_path", type=non_empty_path, default=None,
                         help="A LoRA adapter (instruction-tune.py, preference-tune.py) to merge into the model first.")
-    parser.add_argument("--output_dir", required=True,
+    parser.add_argument("--output_dir", type=non_empty_path, required=True,
                         help="The folder to write: a new or an empty one.")
     parser.add_argument("--onnx", action=BooleanOptionalAction, default=False,
                         help="Also write model.onnx (needs the onnx and onnxscript packages).")
@@ -72,6 +73,8 @@ def validate_args(args: argparse.Namespace) -> None:
     output = Path(args.output_dir)
     if output.is_file() or output.is_dir() and any(output.iterdir()):
         raise ValueError(f"--output_dir {output}: already exists and is not an empty folder; choose a new one")
+    if problem := unwritable_folder(output.parent):
+        raise ValueError(f"--output_dir {output}: {problem}")
     if args.onnx:
         for package in ONNX_PACKAGES:
             try:
@@ -82,15 +85,21 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def load_source(args: argparse.Namespace) -> tuple[LightGPT, int, dict | None, dict[str, dict]]:
-    """The model to export (with --lora_path, the adapter merged into its base), its training context length, its
-    prompt template (None unless instruction-tuned), and the facts of each stage of its training."""
-    base = load_checkpoint(args.checkpoint_path)
-    block_size = context_length(base, args.checkpoint_path)
-    stages = {"Pre-training": training_facts(base, args.checkpoint_path, tokens_per_sample=block_size)}
-    if not args.lora_path:
-        return model_from_checkpoint(base, args.checkpoint_path).eval(), block_size, None, stages
-    adapter = load_lora_checkpoint(args.lora_path)
-    model = adapter_on_base(adapter, base, f"--lora_path {args.lora_path}", f"--checkpoint_path {args.checkpoint_path}")
+    """The model to export (with --lora_path, the adapter merged into its base: --checkpoint_path, else the base
+    the adapter names), its training context length, its prompt template (None unless instruction-tuned), and the
+    facts of each stage of its training."""
+    adapter = load_lora_checkpoint(args.lora_path) if args.lora_path else None
+    if adapter:
+        base, base_path = adapter_base(adapter, args.lora_path, args.checkpoint_path)
+    else:
+        base_path = args.checkpoint_path or DEFAULT_CHECKPOINT_PATH
+        base = load_checkpoint(base_path)
+    block_size = context_length(base, base_path)
+    stages = {"Pre-training": training_facts(base, base_path, tokens_per_sample=block_size)}
+    if not adapter:
+        return model_from_checkpoint(base, base_path).eval(), block_size, None, stages
+    base_label = f"--checkpoint_path {base_path}" if args.checkpoint_path else f"its base {base_path}"
+    model = adapter_on_base(adapter, base, f"--lora_path {args.lora_path}", base_label)
     lora = adapter["lora_args"]
     stages["Instruction tuning"] = training_facts(adapter, args.lora_path) | {
         "method": f"LoRA rank {lora['rank']}, alpha {lora['alpha']}, merged into the weights"}
@@ -111,10 +120,7 @@ def training_facts(checkpoint: dict, path: str | Path, tokens_per_sample: int | 
         facts["steps"] = f"{steps:,} ({seen})"
     metrics_path = Path(path).with_suffix(".metrics.jsonl")
     if metrics_path.is_file():
-        records, damaged = read_metrics(metrics_path)
-        if damaged:
-            print(f"Note: {metrics_path}: {damaged} damaged line(s) left out of the model card's figures")
-        losses = [record["validation_loss"] for _, record in records
+        losses = [record["validation_loss"] for _, record in read_metrics(metrics_path, "the model card's figures")
                   if isinstance(record.get("validation_loss"), float) and record["step"] <= (steps or 0)]
         if losses:
             facts["validation loss"] = f"{losses[-1]:.4f} (perplexity {perplexity(losses[-1]):,.1f})"

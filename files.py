@@ -9,6 +9,7 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -173,12 +174,15 @@ def remove_temporary_files(folder: Path) -> None:
 
 def unwritable_folder(folder: Path) -> str | None:
     """Why files cannot be written in `folder`, created if need be, else None: a file stands in its way, or the
-    nearest folder that exists is not writable (read-only)."""
+    nearest folder that exists takes no new folder (read-only, or a file system such as /sys). It is tried, a
+    folder made and removed at once: os.access answers by the permission bits, which say yes to root on /sys."""
     if blocking := file_in_the_way(folder):
         return f"{blocking} is a file, not a folder"
     existing = next(path for path in (folder, *folder.parents) if path.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+    except OSError as error:
+        return f"{existing} is not writable ({error.strerror or error})"
     return None
 
 

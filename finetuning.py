@@ -271,15 +271,27 @@ def adapter_on_base(adapter: dict, base: dict, lora_path: str | Path, base_path:
     return finite(model, lora_path)
 
 
+def adapter_base(adapter: dict, lora_path: str | Path, base_path: str | Path | None) -> tuple[dict, str | Path]:
+    """The base checkpoint to merge an adapter into, and its path: base_path, else the checkpoint the adapter
+    names (its base_model_path); one line when the adapter names none, or one that is not there."""
+    if base_path:
+        return load_checkpoint(base_path), base_path
+    named = adapter.get("base_model_path")
+    if not named:
+        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
+    try:
+        return load_checkpoint(named), named
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--lora_path {lora_path}: the base it names, {named}, is not there; give the base "
+                                f"it was trained on with --checkpoint_path") from None
+
+
 def load_lora_model(lora_path: str | Path, base_path: str | Path | None = None
                     ) -> tuple[LightGPT, int, PromptTemplate]:
     """An adapter merged into its base (the checkpoint the adapter names, unless base_path is given), in eval
     mode on the CPU, with the base's context length and the prompt template the adapter was trained with."""
     adapter = load_lora_checkpoint(lora_path)
-    base_path = base_path or adapter.get("base_model_path")
-    if not base_path:
-        raise ValueError(f"{lora_path}: the adapter names no base checkpoint; give one with --checkpoint_path")
-    base = load_checkpoint(base_path)
+    base, base_path = adapter_base(adapter, lora_path, base_path)
     block_size = context_length(base, base_path)
     model = adapter_on_base(adapter, base, lora_path, base_path)
     return model, block_size, saved_template(adapter["prompt_template"], lora_path)

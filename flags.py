@@ -160,6 +160,13 @@ def seed(text: str) -> int:
     return value
 
 
+def non_empty_path(text: str) -> str:
+    """A file or folder flag's value: an empty one would be Path('.'), the current folder, which no one means."""
+    if not text:
+        raise argparse.ArgumentTypeError("must name a file or folder, got an empty path")
+    return text
+
+
 def device(text: str) -> str:
     try:
         check_device(text)
@@ -246,9 +253,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                         help="Evaluate on the held-out split every this many epochs (and at the end).")
     parser.add_argument("--checkpoint_interval", type=positive_int, default=checkpoint_interval,
                         help="Save a checkpoint every this many epochs (and always at the end).")
-    parser.add_argument("--checkpoint_path", default=checkpoint_path,
+    parser.add_argument("--checkpoint_path", type=non_empty_path, default=checkpoint_path,
                         help=f"The {what} checkpoint file; metrics go beside it as <name>.metrics.jsonl.")
-    parser.add_argument("--log_dir", default=None,
+    parser.add_argument("--log_dir", type=non_empty_path, default=None,
                         help="TensorBoard's folder, one run per checkpoint name (default: runs/ beside the "
                         "checkpoint).")
     parser.add_argument("--tensorboard", action=BooleanOptionalAction, default=True,
@@ -279,10 +286,10 @@ def run_config(args: argparse.Namespace, **run) -> RunConfig:
 
 def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the model to run comes from (finetuning.load_inference_model reads it): every script that runs one."""
-    parser.add_argument("--checkpoint_path", default=None,
+    parser.add_argument("--checkpoint_path", type=non_empty_path, default=None,
                         help="A checkpoint of pre-train.py or a folder of export.py (default: ./out/checkpoint.pt, "
                         "or the base an adapter names).")
-    parser.add_argument("--lora_path", default=None,
+    parser.add_argument("--lora_path", type=non_empty_path, default=None,
                         help="An adapter of instruction-tune.py or preference-tune.py, merged into its base; prompts "
                         "take its template.")
 

@@ -22,7 +22,14 @@ from conversations import (
 )
 from files import resolve_files, same_files
 from finetuning import add_chat_tokens, check_same_adapters, lora_args, lora_model, resumable_adapters, train_adapters
-from flags import ArgumentParser, add_lora_arguments, add_training_arguments, check_dataset_path, positive_int
+from flags import (
+    ArgumentParser,
+    add_lora_arguments,
+    add_training_arguments,
+    check_dataset_path,
+    non_empty_path,
+    positive_int,
+)
 from integrity import context_length
 from run_log import check_log_dir
 from tokenizer import CHAT_VOCABULARY_SIZE
@@ -31,13 +38,13 @@ from tokenizer import CHAT_VOCABULARY_SIZE
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Instruction-tune a pre-trained LightGPT: train small LoRA adapters on "
                             "instruction/response pairs while the base model stays frozen, and save only the adapters.")
-    parser.add_argument("--base_model_path", default="./out/checkpoint.pt",
+    parser.add_argument("--base_model_path", type=non_empty_path, default="./out/checkpoint.pt",
                         help="The pre-trained checkpoint written by pre-train.py.")
     parser.add_argument("--dataset", default="alpaca", choices=tuple(INSTRUCTION_DATASETS),
                         help="alpaca: tatsu-lab/alpaca from the hub; chitchat: 4,017 conversations, offline; "
                         "smol-smoltalk, smoltalk, ultrafeedback: chats from the hub; local: --dataset_path. Chats "
                         "are learned in ChatML.")
-    parser.add_argument("--dataset_path", default=None,
+    parser.add_argument("--dataset_path", type=non_empty_path, default=None,
                         help="With --dataset local: a .json or .jsonl file, a folder or a glob of them, with "
                         "records {instruction, input (optional), output} or {messages: [{role, content}, ...]}.")
     parser.add_argument("--dataset_subset", default=None,

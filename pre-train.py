@@ -70,6 +70,7 @@ from flags import (
     add_training_arguments,
     available_cpus,
     model_config,
+    non_empty_path,
     non_negative_int,
     positive_int,
     process_count,
@@ -102,9 +103,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--dataset_subset", default=DEFAULT_SUBSET, choices=tuple(SUBSET_TOKENS), help=subset_help())
     parser.add_argument("--max_dataset_tokens", type=positive_int, default=None,
                         help="Prepare about this many training tokens (default: all); more later continues.")
-    parser.add_argument("--text_files", default=None,
+    parser.add_argument("--text_files", type=non_empty_path, default=None,
                         help="With --dataset text: a file, folder or glob (.txt, .json, .jsonl, .parquet).")
-    parser.add_argument("--dataset_path", default="./dataset",
+    parser.add_argument("--dataset_path", type=non_empty_path, default="./dataset",
                         help="Where tokenized corpora are stored and reused.")
     parser.add_argument("--num_dataset_processes", type=process_count, default=None,
                         help="The processes that tokenize the corpus, at most this machine's CPUs (default: "
@@ -124,7 +125,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--hellaswag_interval", type=non_negative_int, default=0,
                         help="Evaluate HellaSwag (as evaluate.py does) every this many epochs and at the end, all "
                         "ranks sharing the items; 0 turns it off.")
-    parser.add_argument("--hellaswag_path", default=None,
+    parser.add_argument("--hellaswag_path", type=non_empty_path, default=None,
                         help="HellaSwag from a local file or folder, as evaluate.py's --data_path (default: the hub's "
                         "Rowan/hellaswag).")
     parser.add_argument("--hellaswag_limit", type=positive_int, default=None,

@@ -36,6 +36,7 @@ from flags import (
     add_training_arguments,
     check_dataset_path,
     fraction,
+    non_empty_path,
     positive_float,
 )
 from lora import add_lora
@@ -49,14 +50,14 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser("Preference-tune a chat-tuned LightGPT with DPO: train a fresh LoRA adapter to prefer "
                             "the chosen responses of pairs over the rejected ones, against the chat-tuned model "
                             "itself (the same network with the new adapter off).")
-    parser.add_argument("--base_model_path", default=None,
+    parser.add_argument("--base_model_path", type=non_empty_path, default=None,
                         help="The pre-trained checkpoint under the chat adapter (default: the one it names).")
-    parser.add_argument("--lora_path", default="./out/lora_chat.pt",
+    parser.add_argument("--lora_path", type=non_empty_path, default="./out/lora_chat.pt",
                         help="The chat adapter of instruction-tune.py: merged into the base, it is the reference.")
     parser.add_argument("--dataset", default="ultrafeedback", choices=tuple(PREFERENCE_DATASETS),
                         help="ultrafeedback: HuggingFaceH4/ultrafeedback_binarized's train_prefs and test_prefs "
                         "from the hub; local: --dataset_path.")
-    parser.add_argument("--dataset_path", default=None,
+    parser.add_argument("--dataset_path", type=non_empty_path, default=None,
                         help="With --dataset local: a .json or .jsonl file, a folder or a glob of them, with records "
                         "{prompt, chosen, rejected} of strings or of messages [{role, content}, ...].")
     parser.add_argument("--beta", type=positive_float, default=0.1,

@@ -331,6 +331,14 @@ class DamagedCorpus(ValueError):
     """A prepared corpus file that cannot be what preparation wrote, found while training reads it."""
 
 
+def check_token_ids(tokens: np.ndarray, path: Path, vocabulary_size: int) -> None:
+    """Raise DamagedCorpus, naming the file, when tokens read from it hold an id beyond the vocabulary."""
+    if tokens.size and (largest := int(tokens.max())) >= vocabulary_size:
+        raise DamagedCorpus(f"{path}: holds token id {largest}, beyond the model's vocabulary of {vocabulary_size}; "
+                            f"the file is damaged or another tokenizer's: delete its folder to prepare the corpus "
+                            f"again")
+
+
 class TokenWindows:
     """Random windows of a memmapped token file: x = t[i:i+block_size], y = t[i+1:i+block_size+1]."""
 
@@ -351,9 +359,6 @@ class TokenWindows:
 
     def windows(self, starts: Sequence[int]) -> tuple[Tensor, Tensor]:
         rows = np.stack([self.tokens[start : start + self.block_size + 1] for start in starts])
-        if (largest := int(rows.max())) >= self.vocabulary_size:
-            raise DamagedCorpus(f"{self.path}: holds token id {largest}, beyond the model's vocabulary of "
-                                f"{self.vocabulary_size}; the file is damaged or another tokenizer's: delete its "
-                                f"folder to prepare the corpus again")
+        check_token_ids(rows, self.path, self.vocabulary_size)
         batch = torch.from_numpy(rows.astype(np.int64))
         return batch[:, :-1], batch[:, 1:]

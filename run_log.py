@@ -41,21 +41,33 @@ def append_metrics(path: str | Path, record: dict) -> None:
     append_atomically(path, json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
-def read_metrics(path: Path) -> tuple[list[tuple[bytes, dict]], int]:
-    """The metrics log's records, each with its line, and the number of damaged lines left out (garbage, bad
-    UTF-8, a record without a whole-number step); a last line cut short by a killed run is left out unnoticed."""
+def strict_json(text: str):
+    """The JSON value of text, a ValueError for what JSON has no word for (NaN, Infinity), which json.loads takes."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def read_metrics(path: Path, left_out_of: str) -> list[tuple[bytes, dict]]:
+    """The metrics log's records, each with its line. Damaged lines (garbage, bad UTF-8, NaN or Infinity, a
+    record without a whole-number step) are left out with one warning naming the file, and `left_out_of` what;
+    a last line cut short by a killed run is left out unnoticed."""
     records, damaged = [], 0
     lines = path.read_bytes().splitlines(keepends=True)
     for number, line in enumerate(lines, start=1):
         try:
-            record = json.loads(line.decode("utf-8")) if line.endswith(b"\n") else None
+            record = strict_json(line.decode("utf-8")) if line.endswith(b"\n") else None
         except ValueError:  # UnicodeDecodeError and JSONDecodeError both
             record = None
         if isinstance(record, dict) and type(record.get("step")) is int:
             records.append((line, record))
         elif line.endswith(b"\n") or number < len(lines):
             damaged += 1
-    return records, damaged
+    if damaged:
+        warnings.warn(f"{path}: {damaged} damaged line(s) (not a JSON record with a whole-number step) left out of "
+                      f"{left_out_of}", stacklevel=2)
+    return records
 
 
 def records_up_to(path: Path, step: int) -> None:
@@ -64,11 +76,7 @@ def records_up_to(path: Path, step: int) -> None:
     killed run goes too, and damaged lines go with a warning that names the file."""
     if not path.exists():
         return
-    records, damaged = read_metrics(path)
-    if damaged:
-        warnings.warn(f"{path}: {damaged} damaged line(s) (not a JSON record with a step) left out of the metrics "
-                      f"log", stacklevel=2)
-    kept = b"".join(line for line, record in records if record["step"] <= step)
+    kept = b"".join(line for line, record in read_metrics(path, "the metrics log") if record["step"] <= step)
     if kept != path.read_bytes():
         write_atomically(path, lambda file: file.write(kept))
 

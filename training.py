@@ -305,6 +305,9 @@ def train(
     warmup_steps = warmup_steps_of(run.warmup_steps, total_steps)
     step = start_step
     exit_request = GracefulExit()
+    # Rank 0 writes every file; every rank stops when it could not. Before the progress bar, which a warning about
+    # the metrics log would cut in two.
+    failure = write_error(records_up_to, metrics_path(run.checkpoint_path), step) if main_process else None
     progress = tqdm(total=total_steps, initial=step, desc=run.description, unit="step", disable=not main_process)
     device = next(model.parameters()).device
     precision = autocast_unless_sharded(model, device, run.dtype)
@@ -314,8 +317,6 @@ def train(
         log.close()
         sys.exit(f"{run.program}: error: {error}" if main_process else 1)
 
-    # Rank 0 writes every file; every rank stops when it could not.
-    failure = write_error(records_up_to, log.metrics_path, step) if main_process else None
     if failure := first_error_of_any_rank(failure):
         stop(failure)
 

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ from conftest import (
 from evaluation import (
     Item,
     continuation_row,
+    corpus_documents,
     hellaswag_items,
     hellaswag_summary,
     item_rows,
@@ -183,6 +185,18 @@ def test_bits_per_byte_is_the_summed_loss_in_bits_over_the_bytes(tmp_path):
     assert short["loss"] != pytest.approx(result["loss"])
 
 
+@pytest.mark.parametrize("largest", [50257, 60000, 65535])
+def test_a_held_out_split_holding_ids_beyond_the_vocabulary_is_one_line_as_in_pre_training(tmp_path, largest):
+    """What pre-train.py refuses (test_loading), evaluate.py refuses in the same words, before decoding a byte."""
+    tokenizer = load_tokenizer()
+    eot = tokenizer.eot_token
+    np.array([eot, 464, 1110, eot, 464, largest, 1110, eot], dtype=np.uint16).tofile(tmp_path / "test.bin")
+    with pytest.raises(ValueError) as error:
+        list(corpus_documents(tmp_path, tokenizer))
+    assert str(error.value).startswith(f"{tmp_path / 'test.bin'}: holds token id {largest}, beyond the model's "
+                                       f"vocabulary of {tokenizer.n_vocab}; the file is damaged")
+
+
 @pytest.mark.parametrize("problem, line, message", [
     ({"ctx": "A man", "endings": ["a", "b", "c", "d"]}, 2,
      "a HellaSwag item needs the fields ctx, endings and label; label is missing"),
@@ -210,11 +224,28 @@ def test_missing_unreadable_and_empty_files_are_one_line_each(tmp_path):
         list(hellaswag_items(str(tmp_path / "empty.jsonl")))
 
 
+@pytest.mark.slow
+def test_damaged_hellaswag_files_are_our_one_line_without_datasets_log_lines(tmp_path):
+    """In a fresh process, where importing datasets (as the first read does) sets its loggers' level."""
+    files = {"garbage.jsonl": b"garbage{\n", "latin1.jsonl": b'{"ctx": "caf\xe9"}\n', "noise.parquet": b"PAR1 noise"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    code = ("import evaluation, sys\nfor path in sys.argv[1:]:\n    try:\n        list(evaluation.hellaswag_items(path))"
+            "\n    except ValueError as error:\n        print(error)")
+    result = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / name) for name in files)], cwd=REPOSITORY,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stderr == "", result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [f"--data_path {tmp_path / name}"
+                                                                          for name in files], result.stdout
+
+
 def test_flags_that_cannot_work_are_refused_in_one_line(tmp_path, capsys):
     assert "--limit: must be a positive integer, got 0" in flag_error(evaluate_script, ["--limit", "0"], capsys)
     assert "--text_files or --dataset_path" in flag_error(evaluate_script, ["--tasks", "perplexity"], capsys)
     assert "its folder does not exist" in flag_error(
         evaluate_script, ["--output_path", str(tmp_path / "nowhere" / "results.json")], capsys)
+    assert f"--output_path {tmp_path}: is a folder; name a file, such as {tmp_path / 'results.json'}" in flag_error(
+        evaluate_script, ["--output_path", str(tmp_path)], capsys)
     assert "no such file or folder" in flag_error(evaluate_script, ["--data_path", str(tmp_path / "x.jsonl")], capsys)
 
 

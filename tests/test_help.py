@@ -44,3 +44,19 @@ def test_our_warnings_are_one_line_without_the_source_line(tmp_path):
     assert result.stderr.splitlines() == [f"-c: warning: --text_files: {tmp_path / 'latin1.txt'} has 2 byte "
                                           "sequence(s) that are not UTF-8; they are read as the replacement "
                                           "character U+FFFD"]
+
+
+def test_every_path_flag_of_every_script_refuses_an_empty_path(capsys):
+    """'' would be Path('.'), the current folder: a checkpoint "not found there", or a default taken silently."""
+    refused = []
+    for script in SCRIPTS:
+        parser = load_script(script).build_parser()
+        for action in parser._actions:
+            flag = action.option_strings[0] if action.option_strings else ""
+            if re.search(r"_(path|dir|files)$", flag):
+                with pytest.raises(SystemExit):
+                    parser.parse_args([flag, ""])
+                assert f"argument {flag}: must name a file or folder, got an empty path" in capsys.readouterr().err
+                refused.append(f"{script} {flag}")
+    assert {"pre-train --log_dir", "export --checkpoint_path", "evaluate --include_path",
+            "generate --lora_path", "preference-tune --base_model_path"} <= set(refused), refused

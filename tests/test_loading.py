@@ -16,9 +16,10 @@ import torch
 from checkpoint import exported_config, load_lora_checkpoint, load_model
 from conftest import TINY_SHAPE, assert_one_line_error, load_script, run_script, save_pretrained_checkpoint, tiny_model
 from conversations import ALPACA, load_instructions
+from finetuning import load_lora_model
 from preparation import DamagedCorpus, TokenWindows
 from run_log import append_metrics, records_up_to
-from test_checkpoint import sharded_checkpoint
+from test_checkpoint import FIXTURES, sharded_checkpoint
 
 
 # A prompt template as formats up to 2 stored it, which loading upgrades.
@@ -120,6 +121,38 @@ def test_export_refuses_a_checkpoint_whose_block_size_is_not_a_positive_whole_nu
                      "block_size must be a positive whole number")
 
 
+@pytest.mark.parametrize("tokenizer", [None, "cl100k_base", 50257, ["r50k_base"]])
+def test_a_checkpoint_of_another_tokenizer_is_refused_in_one_line_as_an_exported_folder_is(tmp_path, tokenizer):
+    """load_checkpoint's check: export.py (which exported it with exit 0), generate.py and resuming alike."""
+    path = checkpoint_with(tmp_path, tokenizer=tokenizer)
+    export = load_script("export")
+    for load in (lambda: load_model(path), lambda: export.load_source(export.parse_args(["--checkpoint_path",
+                                                                                        str(path), "--output_dir", "x"]))):
+        one_line_refusal(load, str(path), "its tokenizer is", "this LightGPT reads r50k_base")
+
+
+def test_export_with_an_adapter_alone_takes_the_base_it_names_as_generate_py_does(tmp_path):
+    adapter = torch.load(FIXTURES / "v1_adapter.pt", weights_only=True)
+    torch.save(adapter | {"base_model_path": str(FIXTURES / "v1_checkpoint.pt")}, tmp_path / "adapter.pt")
+    torch.save(adapter | {"base_model_path": str(tmp_path / "gone.pt")}, tmp_path / "orphan.pt")
+    export = load_script("export")
+
+    def exported(*arguments: str):
+        return export.load_source(export.parse_args([*arguments, "--output_dir", str(tmp_path / "out")]))[0]
+
+    named_base = exported("--lora_path", str(tmp_path / "adapter.pt"))
+    given_base = exported("--lora_path", str(tmp_path / "adapter.pt"), "--checkpoint_path",
+                          str(FIXTURES / "v1_checkpoint.pt"))
+    assert named_base.state_dict().keys() == given_base.state_dict().keys()
+    assert all(torch.equal(named_base.state_dict()[name], tensor) for name, tensor in given_base.state_dict().items())
+    for load in (lambda: exported("--lora_path", str(tmp_path / "orphan.pt")),
+                 lambda: load_lora_model(tmp_path / "orphan.pt")):
+        with pytest.raises(FileNotFoundError) as raised:
+            load()
+        assert str(raised.value) == (f"--lora_path {tmp_path / 'orphan.pt'}: the base it names, {tmp_path / 'gone.pt'}, "
+                                     f"is not there; give the base it was trained on with --checkpoint_path")
+
+
 def adapter_with(tmp_path: Path, **entries) -> Path:
     adapter = {"lora_args": {"rank": 2, "alpha": 1.0, "dropout": 0.0}, "model_args": TINY_SHAPE | {"dropout": 0.0},
                "lora": {"blocks.0.mlp.up_projection.lora_a": torch.zeros(2, 32)}, "prompt_template": ALPACA.to_dict(),
@@ -195,9 +228,11 @@ def test_a_damaged_metrics_log_is_repaired_with_a_warning_that_names_it(tmp_path
     for step in (1, 2, 3):
         append_metrics(path, {"step": step})
     with open(path, "ab") as file:
-        file.write(b"garbage\n" + b'{"loss": 2.0}\n' + b'{"step": "2"}\n' + b'\xff\xfe{"step": 2}\n' + b"[1, 2]\n")
+        file.write(b"garbage\n" + b'{"loss": 2.0}\n' + b'{"step": "2"}\n' + b'\xff\xfe{"step": 2}\n' + b"[1, 2]\n"
+                   # what JSON has no word for, which json.loads reads and strict readers refuse
+                   + b'{"step": 2, "loss": NaN}\n' + b'{"step": 1, "loss": -Infinity}\n')
     append_metrics(path, {"step": 2.5, "epoch": 9})  # a float step is no record of ours either
-    with pytest.warns(UserWarning, match=rf"{path}: 6 damaged line\(s\)"):
+    with pytest.warns(UserWarning, match=rf"{path}: 8 damaged line\(s\) .* left out of the metrics log"):
         records_up_to(path, 2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1}, {"step": 2}]
     with warnings.catch_warnings():
