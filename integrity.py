@@ -203,11 +203,10 @@ GENERATOR_STATE = f"a CPU generator's state (torch.Generator().get_state(), {tor
 
 def check_resumable_entries(checkpoint: dict, path: str | Path) -> None:
     """Raise a one-line ValueError naming the first entry of a checkpoint to resume, besides its weights and
-    optimizer state, that is not what a training run writes: its tokenizer (LightGPT's), its step (a whole
-    number, at least 0), its sampler's and every rank's random-number states (a CPU generator's state, and on a
-    GPU a byte tensor) and its loss scaler's state (GradScaler's entries, as numbers). Restoring them would
-    otherwise fail deep inside PyTorch, or train on at a wrong step."""
-    check_tokenizer(checkpoint, path)
+    optimizer state, that is not what a training run writes: its step (a whole number, at least 0), its
+    sampler's and every rank's random-number states (a CPU generator's state, and on a GPU a byte tensor) and its
+    loss scaler's state (GradScaler's entries, as numbers). Restoring them would otherwise fail deep inside
+    PyTorch, or train on at a wrong step. (Its tokenizer is checked wherever a checkpoint is read: load_index.)"""
     step = checkpoint.get("step", 0)
     if type(step) is not int or step < 0:
         raise ValueError(f"{path}: its step must be a whole number of at least 0, got {described(step)}")

@@ -464,7 +464,7 @@ DAMAGED_PROGRESS = [
 @pytest.mark.parametrize("format", ["single", "sharded"])
 def test_resuming_refuses_damaged_progress_entries_with_one_line_naming_the_entry(tmp_path, format):
     """Each of these once reached PyTorch and ended in a traceback (ZeroDivisionError, TypeError, RuntimeError), or,
-    for another tokenizer, resumed on the wrong one: pre-train.py's check, before any work, names the entry."""
+    for another tokenizer, resumed on the wrong one: pre-train.py's checks, before any work, name the entry."""
     pretrain = load_script("pre-train")
     path = tmp_path / "checkpoint"
     args = pretrain.parse_args([*TINY_MODEL_FLAGS, "--block_size", "8", "--checkpoint_path", str(path), "--resume"])
@@ -479,7 +479,7 @@ def test_resuming_refuses_damaged_progress_entries_with_one_line_naming_the_entr
         save_atomically(written | {entry: value}, index)
         with pytest.raises(ValueError) as refused:
             pretrain.check_resumable(load_index(path), model_args, args)
-        assert str(refused.value).startswith(f"{path}: {message}"), refused.value
+        assert str(refused.value).startswith(f"{index if entry == 'tokenizer' else path}: {message}"), refused.value
     save_atomically(written, index)
     pretrain.check_resumable(load_index(path), model_args, args)  # undamaged, it resumes
 
