@@ -49,6 +49,7 @@ from flags import (
     non_negative_int,
     positive_float,
     positive_int,
+    process_count,
     seed,
 )
 from distributed import (
@@ -144,7 +145,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--data_tokens", type=positive_int, default=50_000_000,
                         help="The size in tokens of the synthetic Parquet corpus whose whole preparation is measured, "
                         "and of a quarter of it, to show that memory does not grow with the corpus.")
-    parser.add_argument("--num_dataset_processes", type=positive_int, default=2,
+    parser.add_argument("--num_dataset_processes", type=process_count, default=2,
                         help="The processes that tokenize the corpus, as pre-train.py's flag.")
     parser.add_argument("--micro_batches", type=positive_int, default=4,
                         help="Micro-batches per process in each step of the accumulation measurement.")

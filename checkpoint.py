@@ -113,22 +113,24 @@ def lock_path(checkpoint_path: str | Path) -> Path:
 
 
 @contextmanager
-def claimed_checkpoint(checkpoint_path: str | Path, inputs: dict[str, list[Path]],
-                       sharded: bool = False) -> Iterator[None]:
+def claimed_checkpoint(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sharded: bool = False,
+                       resume: bool = False) -> Iterator[None]:
     """The files a training run writes, claimed before any work and held until the block ends: the checkpoint,
     its metrics log and its lock are checked (check_outputs), the lock is taken (exclusive_lock), and the
     temporary files that dead processes left of them are removed. `inputs`: each input flag's files, which the
-    run must never write over; sharded: the checkpoint is a folder (--checkpoint_format sharded)."""
-    check_outputs(checkpoint_path, inputs, sharded)
+    run must never write over; sharded: the checkpoint is a folder (--checkpoint_format sharded); resume: the
+    run continues the checkpoint there (--resume), which it may then write over."""
+    check_outputs(checkpoint_path, inputs, sharded, resume)
     with exclusive_lock(checkpoint_path):
         remove_stray_temporary_files([Path(checkpoint_path), metrics_path(checkpoint_path)])
         yield
 
 
-def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sharded: bool = False) -> None:
+def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sharded: bool = False,
+                  resume: bool = False) -> None:
     """Raise a one-line ValueError when the checkpoint, its metrics log or its lock cannot be a file (a folder
-    is in the way, or a file where a folder should be), or is one of the run's inputs. A sharded checkpoint is
-    a folder itself."""
+    is in the way, or a file where a folder should be), or is one of the run's inputs, or when a run that does
+    not resume would write over a checkpoint (check_not_overwriting). A sharded checkpoint is a folder itself."""
     checkpoint_path = Path(checkpoint_path)
     for output in (checkpoint_path, metrics_path(checkpoint_path), lock_path(checkpoint_path)):
         if output.is_dir() and not (sharded and output == checkpoint_path):
@@ -140,6 +142,8 @@ def check_outputs(checkpoint_path: str | Path, inputs: dict[str, list[Path]], sh
             if output.exists() and any(os.path.samefile(output, file) for file in files):
                 raise ValueError(f"--checkpoint_path {checkpoint_path}: {output} is also {flag}, an input of "
                                  f"this run; choose another --checkpoint_path")
+    if not resume:
+        check_not_overwriting(checkpoint_path)
 
 
 @contextmanager
@@ -165,6 +169,30 @@ def exclusive_lock(checkpoint_path: str | Path) -> Iterator[None]:
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a sharded checkpoint (a folder that pre-train.py --checkpoint_format sharded wrote)."""
     return (Path(path) / SHARDED_INDEX).is_file()
+
+
+def check_checkpoint_path(checkpoint_path: str | Path, resume: bool, what: str = "checkpoint") -> None:
+    """Raise a one-line ValueError when --resume finds no checkpoint at --checkpoint_path; `what` names its kind."""
+    path = Path(checkpoint_path)
+    if resume and not (path.is_file() or is_sharded_checkpoint(path)):
+        raise ValueError(f"--resume: no {what} at --checkpoint_path {path}")
+
+
+def check_not_overwriting(checkpoint_path: str | Path) -> None:
+    """Raise a one-line ValueError when a new run (without --resume) would write over a checkpoint (a file or a
+    folder of shards) at --checkpoint_path, and with it hours of training, as Hugging Face's Trainer refuses an
+    output_dir that is not empty: the line names its step and the ways out."""
+    path = Path(checkpoint_path)
+    if not (path.is_file() or is_sharded_checkpoint(path)):
+        return
+    try:
+        step = load_index(path, required=()).get("step")
+    except (OSError, ValueError):
+        raise ValueError(f"--checkpoint_path {path}: already holds a file that is not a readable checkpoint; choose "
+                         f"another --checkpoint_path (or remove it)") from None
+    saved_at = f", saved at step {step}" if type(step) is int else ""
+    raise ValueError(f"--checkpoint_path {path}: already holds a checkpoint{saved_at}; add --resume to continue it, "
+                     f"or choose another --checkpoint_path (or remove it) to start anew")
 
 
 def save_sharded(checkpoint: dict, path: str | Path) -> None:

@@ -184,11 +184,16 @@ def micro_batches_of_this_rank(starts: Tensor, batch_size: int) -> list[tuple[Te
     micro-batches repeats one with weight 0), and the weights make the ranks' averaged gradients equal the
     gradient of the mean loss over all the micro-batches, as one process computes it."""
     micro_batches = starts.split(batch_size)
+    return [(micro_batches[index], weight) for index, weight in micro_batch_indices_of_this_rank(len(micro_batches))]
+
+
+def micro_batch_indices_of_this_rank(count: int) -> Iterator[tuple[int, float]]:
+    """micro_batches_of_this_rank for `count` micro-batches, by index, one at a time: for as many as an evaluation
+    of --eval_samples 1000000000 has, which no list holds."""
     num_ranks = world_size()
-    passes = -(-len(micro_batches) // num_ranks)
-    mine = micro_batches[rank()::num_ranks]
-    weight = num_ranks / len(micro_batches)
-    return [(mine[index], weight) if index < len(mine) else (micro_batches[0], 0.0) for index in range(passes)]
+    weight = num_ranks / count
+    for index in range(rank(), -(-count // num_ranks) * num_ranks, num_ranks):
+        yield (index, weight) if index < count else (0, 0.0)
 
 
 def autocast_unless_sharded(model: Module, device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
@@ -308,6 +313,11 @@ def whole_model(model: Module) -> Iterator[Module]:
 
 def unwrapped(model: Module) -> Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def local_part(tensor: Tensor) -> Tensor:
+    """This rank's part of a tensor: a DTensor's own shard, a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def replicated(tensor: Tensor) -> Tensor:

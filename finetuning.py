@@ -39,7 +39,14 @@ from devices import available_memory, compiles, compute_dtype, gradient_scaler
 from distributed import parallelize
 from files import same_files
 from flags import run_config
-from integrity import check_optimizer_state, context_length, finite, verify_optimizer_state
+from integrity import (
+    check_finite,
+    check_optimizer_state,
+    check_resumable_entries,
+    context_length,
+    finite,
+    verify_optimizer_state,
+)
 from lora import (
     add_lora,
     added_rows,
@@ -122,9 +129,12 @@ def check_batch_memory(model: LightGPT, samples: Samples, batch_size: int, mixed
 
 
 def resumable_adapters(path: str | Path) -> dict:
-    """The adapter checkpoint to resume: load_lora_checkpoint's, its optimizer state verified too."""
+    """The adapter checkpoint to resume: load_lora_checkpoint's, its optimizer state verified too, its progress
+    entries checked (check_resumable_entries) and its adapters finite."""
     checkpoint = load_lora_checkpoint(path)
     verify_optimizer_state(checkpoint, path)
+    check_resumable_entries(checkpoint, path)
+    check_finite(checkpoint["lora"], path)
     return checkpoint
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import os
 import re
 import sys
 import warnings
@@ -92,6 +93,20 @@ def steps_or_percentage(text: str) -> int | float:
     value = _number(int, text, "a number of steps or a percentage such as 5%")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero steps or more, got {value}")
+    return value
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container or taskset narrows), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def process_count(text: str) -> int:
+    """A number of worker processes: at least 1, at most this machine's CPUs, beyond which they only slow the work
+    down (and a mistyped 1000000 would start processes until the machine stops)."""
+    value = positive_int(text)
+    if value > (cpus := available_cpus()):
+        raise argparse.ArgumentTypeError(f"must be at most the {cpus} CPUs of this machine, got {value}")
     return value
 
 

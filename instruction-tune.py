@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import claimed_checkpoint, load_checkpoint
+from checkpoint import check_checkpoint_path, claimed_checkpoint, load_checkpoint
 from chats import ChatSamples, load_examples
 from conversations import (
     ALPACA,
@@ -85,8 +85,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.dataset_subset and args.dataset != "smoltalk":
         raise ValueError(f"--dataset_subset: only used with --dataset smoltalk, not with --dataset {args.dataset}")
     check_base_path(args.base_model_path, "--base_model_path", "run pre-train.py first")
-    if args.resume and not Path(args.checkpoint_path).is_file():
-        raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
+    check_checkpoint_path(args.checkpoint_path, args.resume, "adapter checkpoint")
     check_log_dir(args)
 
 
@@ -100,7 +99,7 @@ def main() -> None:
         try:
             validate_args(args)
             inputs = {"--base_model_path": [Path(args.base_model_path)], "--dataset_path": instruction_files(args)}
-            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
+            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, resume=args.resume))
             base = load_checkpoint(args.base_model_path, required=("model_args", "model", "block_size"))
             block_size = context_length(base, args.base_model_path)
             kind, train_records, test_records = load_examples(args.dataset, args.dataset_path, args.dataset_subset)

@@ -1,6 +1,7 @@
 """What a file must hold before anything is built from it: checksums of its tensors and shards, a model
 configuration of the right types and ranges, weights of the right names, shapes and finiteness."""
 
+import math
 from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
@@ -183,11 +184,60 @@ def listed(names: list[str], most: int = 3) -> str:
 
 def finite(model: LightGPT, path: str | Path) -> LightGPT:
     """The model, or a one-line ValueError naming the first weight that holds NaN or an infinity."""
-    for name, tensor in model.state_dict().items():
+    check_finite(model.state_dict(), path)
+    return model
+
+
+def check_finite(weights: dict[str, Tensor], path: str | Path) -> None:
+    """Raise a one-line ValueError naming the first of the weights that holds NaN or an infinity."""
+    for name, tensor in weights.items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: its weights hold NaN or infinite numbers (in {name}); the run that wrote "
                              f"it diverged, or the file is damaged")
-    return model
+
+
+# The entries of torch.amp.GradScaler's state, which a run under fp16 saves.
+GRAD_SCALER_ENTRIES = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+GENERATOR_STATE = f"a CPU generator's state (torch.Generator().get_state(), {torch.get_rng_state().numel()} bytes)"
+
+
+def check_resumable_entries(checkpoint: dict, path: str | Path) -> None:
+    """Raise a one-line ValueError naming the first entry of a checkpoint to resume, besides its weights and
+    optimizer state, that is not what a training run writes: its step (a whole number, at least 0), its
+    sampler's and every rank's random-number states (a CPU generator's state, and on a GPU a byte tensor) and its
+    loss scaler's state (GradScaler's entries, as numbers). Restoring them would otherwise fail deep inside
+    PyTorch, or train on at a wrong step. (Its tokenizer is checked wherever a checkpoint is read: load_index.)"""
+    step = checkpoint.get("step", 0)
+    if type(step) is not int or step < 0:
+        raise ValueError(f"{path}: its step must be a whole number of at least 0, got {described(step)}")
+    sampler = checkpoint.get("sampler")
+    if not (sampler is None or is_generator_state(sampler)):
+        raise ValueError(f"{path}: its sampler must be {GENERATOR_STATE}, got {described_tensor(sampler)}")
+    rng = checkpoint.get("rng", [])
+    if not isinstance(rng, list | None) or not all(
+            isinstance(state, dict) and is_generator_state(state.get("torch"))
+            and isinstance(state.get("cuda"), Tensor | list | None) for state in rng or []):
+        raise ValueError(f"{path}: its rng must be a list of each rank's random-number states, each a dictionary "
+                         f"whose 'torch' entry is {GENERATOR_STATE}")
+    scaler = checkpoint.get("grad_scaler", {})
+    if not isinstance(scaler, dict | None) or scaler and not (scaler.keys() == GRAD_SCALER_ENTRIES and all(
+            type(value) in (int, float) and math.isfinite(value) for value in scaler.values())):
+        raise ValueError(f"{path}: its grad_scaler must be a GradScaler's state (numbers for "
+                         f"{', '.join(sorted(GRAD_SCALER_ENTRIES))}) or empty, got {described(scaler)[:200]}")
+
+
+def is_generator_state(state) -> bool:
+    """Whether a CPU generator takes this state: its size is checked, and so is its content (mt19937's)."""
+    try:
+        torch.Generator().set_state(state)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def described_tensor(value) -> str:
+    return (f"a tensor of {value.numel()} {value.dtype} that a generator refuses" if isinstance(value, Tensor)
+            else described(value)[:100])
 
 
 def context_length(checkpoint: dict, path: str | Path) -> int:

@@ -236,9 +236,11 @@ class LightGPT(Module, PyTorchModelHubMixin, library_name="lightgpt", pipeline_t
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Draw every parameter afresh (init_parameter), one at a time in model order."""
+        """Draw every parameter afresh (init_parameter), one at a time in model order; on the meta device there is
+        nothing to draw (distributed.materialize draws them once allocated), and drawing takes milliseconds each."""
         for name, parameter in self.named_parameters():
-            self.init_parameter(name, parameter)
+            if not parameter.is_meta:
+                self.init_parameter(name, parameter)
 
     @torch.no_grad()
     def init_parameter(self, name: str, tensor: Tensor) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch.nn import Module
 
 from checkpoint import (
+    check_checkpoint_path,
     claimed_checkpoint,
     is_sharded_checkpoint,
     load_checkpoint,
@@ -48,6 +49,8 @@ from distributed import (
     launch_rank,
     load_sharded_training_state,
     load_training_state,
+    local_part,
+    micro_batch_indices_of_this_rank,
     micro_batches_of_this_rank,
     parallelize,
     processes_on_this_machine,
@@ -65,13 +68,21 @@ from flags import (
     ArgumentParser,
     add_model_arguments,
     add_training_arguments,
+    available_cpus,
     model_config,
     non_empty_path,
     non_negative_int,
     positive_int,
+    process_count,
     run_config,
 )
-from integrity import check_optimizer_state, checked_model, verify_optimizer_state
+from integrity import (
+    check_finite,
+    check_optimizer_state,
+    check_resumable_entries,
+    checked_model,
+    verify_optimizer_state,
+)
 from model import SHAPE_FIELDS, LightGPT, LightGPTConfig
 from optimizers import build_optimizer
 from preparation import PreparationInterrupted, TokenWindows, corpus_folder, prepare_corpus
@@ -81,6 +92,8 @@ from tokenizer import load_tokenizer
 from training import note_optimizer_starts_afresh, restore_rng_state, restore_scaler, rng_state, train
 
 Value = TypeVar("Value")
+# The processes that tokenize a corpus unless --num_dataset_processes says otherwise (fewer on fewer CPUs).
+DATASET_PROCESSES = 8
 
 
 def build_parser() -> ArgumentParser:
@@ -94,8 +107,9 @@ def build_parser() -> ArgumentParser:
                         help="With --dataset text: a file, folder or glob (.txt, .json, .jsonl, .parquet).")
     parser.add_argument("--dataset_path", type=non_empty_path, default="./dataset",
                         help="Where tokenized corpora are stored and reused.")
-    parser.add_argument("--num_dataset_processes", type=positive_int, default=8,
-                        help="The processes (CPUs) that tokenize the corpus.")
+    parser.add_argument("--num_dataset_processes", type=process_count, default=None,
+                        help="The processes that tokenize the corpus, at most this machine's CPUs (default: "
+                        f"{DATASET_PROCESSES}, or its CPUs if fewer).")
     parser.add_argument("--samples_per_epoch", type=positive_int, default=4096,
                         help="The number of training samples in each epoch.")
     parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"),
@@ -139,9 +153,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if problem := unwritable_folder(Path(args.dataset_path)):
         raise ValueError(f"--dataset_path {args.dataset_path}: {problem}")
     check_log_dir(args)
+    check_checkpoint_path(args.checkpoint_path, args.resume)
     path = Path(args.checkpoint_path)
-    if args.resume and not (path.is_file() or is_sharded_checkpoint(path)):
-        raise ValueError(f"--resume: no checkpoint at --checkpoint_path {path}")
     if args.checkpoint_format == "sharded" and path.is_file():
         raise ValueError(f"--checkpoint_path {path}: is a single-file checkpoint, and --checkpoint_format sharded "
                          f"writes a folder; choose another path")
@@ -160,6 +173,7 @@ def model_args_from(args: argparse.Namespace) -> dict:
 def check_resumable(checkpoint: dict, model_args: dict, args: argparse.Namespace) -> None:
     """The checkpoint must be of the shape, corpus and optimizer the flags ask for: resuming never changes them
     silently."""
+    check_resumable_entries(checkpoint, args.checkpoint_path)
     saved_args = asdict(LightGPTConfig(**checkpoint["model_args"]))
     for name, value in model_args.items():
         if saved_args[name] != value:
@@ -198,19 +212,25 @@ def corpus_flags(flags: dict) -> str:
 
 def micro_batches_of_windows(windows: TokenWindows, starts: torch.Tensor, batch_size: int) -> list[tuple]:
     """This rank's micro-batches of the windows at `starts`, as (inputs, targets, loss weight)."""
-    return list(WindowBatches(windows, starts, batch_size))
+    return [(*windows.windows(batch_starts.tolist()), weight)
+            for batch_starts, weight in micro_batches_of_this_rank(starts, batch_size)]
 
 
 class WindowBatches:
-    """This rank's micro-batches of the windows at `starts`, as (inputs, targets, loss weight), each read as it
-    is reached, as often as they are iterated over: the evaluation windows are never all in memory at once."""
+    """This rank's micro-batches of `count` random windows, as (inputs, targets, loss weight), the same ones each
+    time they are iterated over, at any batch size and at any number of ranks: window i starts where a generator
+    seeded with i draws, as its micro-batch is reached, so that neither the evaluation windows nor their starts
+    are ever all in memory (--eval_samples 1000000000 once asked torch.randint for 8 GB of starts up front)."""
 
-    def __init__(self, windows: TokenWindows, starts: torch.Tensor, batch_size: int):
-        self.windows, self.starts, self.batch_size = windows, starts, batch_size
+    def __init__(self, windows: TokenWindows, count: int, batch_size: int):
+        self.windows, self.count, self.batch_size = windows, count, batch_size
 
     def __iter__(self) -> Iterator[tuple]:
-        for batch_starts, weight in micro_batches_of_this_rank(self.starts, self.batch_size):
-            yield *self.windows.windows(batch_starts.tolist()), weight
+        for index, weight in micro_batch_indices_of_this_rank(-(-self.count // self.batch_size)):
+            first = index * self.batch_size
+            starts = [self.windows.random_starts(1, torch.Generator().manual_seed(window)).item()
+                      for window in range(first, min(first + self.batch_size, self.count))]
+            yield *self.windows.windows(starts), weight
 
 
 def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict]:
@@ -220,7 +240,8 @@ def read_inputs(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, d
     if args.resume and rank() == 0:
         check_resumable(load_index(args.checkpoint_path), model_args, args)
     text_files = resolve_text_files(args.text_files) if args.dataset == "text" else None
-    corpus = prepare_corpus(args.dataset, args.dataset_path, args.num_dataset_processes, text_files,
+    processes = args.num_dataset_processes or min(DATASET_PROCESSES, available_cpus())
+    corpus = prepare_corpus(args.dataset, args.dataset_path, processes, text_files,
                             subset=args.dataset_subset, max_tokens=args.max_dataset_tokens)
     vocabulary_size = model_args["vocabulary_size"]
     train_windows = TokenWindows(corpus / "train.bin", args.block_size, vocabulary_size)
@@ -265,7 +286,8 @@ def claim_checkpoint(args: argparse.Namespace, run: ExitStack) -> None:
         text_files = resolve_text_files(args.text_files) if args.dataset == "text" else []
         corpus = corpus_folder(args.dataset_path, args.dataset, text_files, args.dataset_subset)
         inputs = {"--text_files": text_files, "--dataset_path": list(corpus.glob("*"))}
-        run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, args.checkpoint_format == "sharded"))
+        run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, args.checkpoint_format == "sharded",
+                                              args.resume))
 
 
 def stop_every_rank_on_error(work: Callable[[], Value]) -> Value:
@@ -322,13 +344,23 @@ def resume(args: argparse.Namespace, training_model: Module, optimizer: torch.op
             lambda: load_shards(path, index, {"model": model_state, "optimizer": optimizer_state["state"]}))
         optimizer_state["param_groups"] = index["optimizer"]["param_groups"]
         load_sharded_training_state(training_model, optimizer, model_state, optimizer_state)
-        return {key: index[key] for key in PROGRESS}
+        check_weights_finite(training_model, path)
+        return {key: index.get(key) for key in PROGRESS}
     checkpoint = stop_every_rank_on_error(
         lambda: of_this_optimizer(checked_checkpoint(path), path, training_model, optimizer) if rank() == 0 else None)
     load_training_state(training_model, optimizer, checkpoint)
+    check_weights_finite(training_model, path)
     if rank() == 0 and not checkpoint.get("optimizer"):
         note_optimizer_starts_afresh(path)
     return from_rank_zero({key: checkpoint.get(key) for key in PROGRESS} if rank() == 0 else None)
+
+
+def check_weights_finite(training_model: Module, path: str) -> None:
+    """Stop every rank, with one line, when the weights loaded (each rank's own shards) hold NaN or an infinity:
+    a checkpoint written without checksums can hold them, and training on would only say that the loss became
+    NaN."""
+    weights = {name: local_part(tensor) for name, tensor in unwrapped(training_model).state_dict().items()}
+    stop_every_rank_on_error(lambda: check_finite(weights, path))
 
 
 def checked_checkpoint(path: str) -> dict:
@@ -394,8 +426,7 @@ def pretrain(args, device: torch.device, train_windows: TokenWindows, test_windo
     elif rank():
         torch.manual_seed(hash((seed, rank(), step)))
 
-    eval_starts = test_windows.random_starts(args.eval_samples, torch.Generator().manual_seed(0))
-    eval_batches = WindowBatches(test_windows, eval_starts, args.batch_size)
+    eval_batches = WindowBatches(test_windows, args.eval_samples, args.batch_size)
     if main_process:
         print(f"LightGPT: {model.num_trainable_params:,} trainable parameters, {steps_per_epoch} steps per epoch"
               + (f", {world_size()} processes" if world_size() > 1 else ""))

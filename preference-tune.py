@@ -11,6 +11,7 @@ import torch
 
 from chats import CHAT_DATASETS
 from checkpoint import (
+    check_checkpoint_path,
     claimed_checkpoint,
     context_length,
     load_checkpoint,
@@ -94,8 +95,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not Path(args.lora_path).is_file():
         raise ValueError(f"--lora_path: no chat adapter at {args.lora_path}; run instruction-tune.py with a chat "
                          f"dataset first")
-    if args.resume and not Path(args.checkpoint_path).is_file():
-        raise ValueError(f"--resume: no adapter checkpoint at --checkpoint_path {args.checkpoint_path}")
+    check_checkpoint_path(args.checkpoint_path, args.resume, "adapter checkpoint")
     check_log_dir(args)
 
 
@@ -151,7 +151,7 @@ def main() -> None:
                 else []
             inputs = {"--base_model_path": [Path(base_path)], "--lora_path": [Path(args.lora_path)],
                       "--dataset_path": files}
-            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs))
+            run.enter_context(claimed_checkpoint(args.checkpoint_path, inputs, resume=args.resume))
             base = load_checkpoint(base_path, required=("model_args", "model", "block_size"))
             block_size = context_length(base, base_path)
             train_pairs, test_pairs = load_preferences(args.dataset, args.dataset_path)

@@ -12,13 +12,13 @@ from typing import NoReturn
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from torch.nn import Module
 from tqdm import tqdm
 
 from checkpoint import metrics_path
 from devices import peak_tflops
 from distributed import (
+    local_part,
     as_float,
     autocast_unless_sharded,
     end_start_up,
@@ -386,8 +386,7 @@ def weights_are_finite(model: Module) -> bool:
     device = next(model.parameters()).device
     non_finite = torch.zeros((), device=device)
     for parameter in model.parameters():
-        local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
-        non_finite += local.detach().isfinite().logical_not().sum()
+        non_finite += local_part(parameter).detach().isfinite().logical_not().sum()
     return sum_across_ranks(non_finite).item() == 0
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import load_script, tiny_model
+from flags import available_cpus
 from generation import (
     GREEDY_BELOW_TEMPERATURE,
     LENGTH_PENALTIES,
@@ -17,7 +18,7 @@ from generation import (
     top_k_top_p,
 )
 
-SCRIPTS = {name: load_script(name) for name in ("generate", "beam_search", "pre-train", "instruction-tune")}
+SCRIPTS = {name: load_script(name) for name in ("generate", "beam_search", "pre-train", "instruction-tune", "bench")}
 
 
 @pytest.mark.parametrize("script, flag, value", [
@@ -33,6 +34,18 @@ def test_a_float_beyond_what_the_arithmetic_carries_is_refused_with_one_line(scr
         SCRIPTS[script].parse_args([f"{flag}={value}"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert flag in error and "must be" in error, error
+
+
+@pytest.mark.parametrize("script", ["pre-train", "bench"])
+def test_more_processes_than_cpus_are_refused_before_any_start(script, capsys):
+    """--num_dataset_processes 1000000 once started processes until the machine stopped (853 in 15 s)."""
+    assert SCRIPTS[script].parse_args(["--num_dataset_processes", str(available_cpus())]).num_dataset_processes
+    for value in (available_cpus() + 1, 1000000):
+        with pytest.raises(SystemExit):
+            SCRIPTS[script].parse_args(["--num_dataset_processes", str(value)])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--num_dataset_processes: must be at most the {available_cpus()} CPUs of this machine, got {value}" \
+            in error, error
 
 
 @pytest.mark.parametrize("script, flag", [("generate", "--temperature"), ("generate", "--repeat_penalty"),

@@ -36,18 +36,21 @@ from conftest import (
     flag_error,
     load_script,
     run_script,
+    TINY_MODEL_FLAGS,
     save_pretrained_checkpoint,
     tiny_model,
 )
-from conversations import PromptTemplate
+from conversations import ALPACA, PromptTemplate
 from distributed import load_training_state, sharded_training_state
-from finetuning import load_lora_model
+from finetuning import load_lora_model, resumable_adapters
 from files import still_at, write_text_atomically
 from formats import FORMAT_VERSION, upgraded_template
 from integrity import file_checksums
 from preparation import preparation_lock
 from run_log import append_metrics, records_up_to
+from model import LightGPT, LightGPTConfig
 from tokenizer import load_tokenizer
+from training import rng_state
 
 FIXTURES = REPOSITORY / "tests" / "fixtures"
 
@@ -419,3 +422,80 @@ def test_temporary_files_of_dead_processes_of_this_machine_are_removed(tmp_path)
     with claimed_checkpoint(tmp_path / "checkpoint.pt", {}):
         pass
     assert sorted(path.name for path in tmp_path.glob("*.tmp")) == sorted(name for name, kept in names.items() if kept)
+
+
+
+@pytest.mark.parametrize("kind", ["file", "folder of shards", "adapter", "file of notes"])
+def test_a_new_run_never_writes_over_a_checkpoint_already_there(tmp_path, kind):
+    """Without --resume, a checkpoint at --checkpoint_path once was written over silently (hours of training): it
+    is refused in one line that names it, its step and both ways out; a file that is no checkpoint is refused too.
+    With --resume, the run continues it."""
+    path = tmp_path / "checkpoint"
+    if kind == "folder of shards":
+        sharded_checkpoint(tiny_model(), path)
+    elif kind == "file of notes":
+        path.write_text("notes")
+    else:
+        save_atomically(training_checkpoint(vars(tiny_model().config), 8, {}, 1, 1, [], {}, grad_scaler={},
+                                            **({"lora": {}} if kind == "adapter" else {})), path)
+    with pytest.raises(ValueError) as refused:
+        check_outputs(path, {}, sharded=kind == "folder of shards")
+    assert str(refused.value) == (
+        f"--checkpoint_path {path}: already holds a file that is not a readable checkpoint; choose another "
+        f"--checkpoint_path (or remove it)" if kind == "file of notes" else
+        f"--checkpoint_path {path}: already holds a checkpoint, saved at step 1; add --resume to continue it, or "
+        f"choose another --checkpoint_path (or remove it) to start anew")
+    check_outputs(path, {}, sharded=kind == "folder of shards", resume=True)
+
+DAMAGED_PROGRESS = [
+    ("step", -5, "its step must be a whole number of at least 0, got -5"),
+    ("step", "7", "its step must be a whole number of at least 0, got '7' (a str)"),
+    ("rng", [{"torch": torch.zeros(3, dtype=torch.uint8)}], "its rng must be a list of each rank's random-number"),
+    ("rng", torch.get_rng_state(), "its rng must be a list"),
+    ("sampler", torch.zeros(5, dtype=torch.uint8), "its sampler must be a CPU generator's state "
+                                                    "(torch.Generator().get_state(), 5056 bytes), got a tensor of 5"),
+    ("sampler", torch.zeros(5056, dtype=torch.uint8), "its sampler must be a CPU generator's state"),
+    ("grad_scaler", {"scale": 1.0}, "its grad_scaler must be a GradScaler's state"),
+    ("grad_scaler", [65536.0], "its grad_scaler must be a GradScaler's state"),
+    ("tokenizer", "cl100k_base", "its tokenizer is 'cl100k_base' (a str); this LightGPT reads r50k_base"),
+]
+
+
+@pytest.mark.parametrize("format", ["single", "sharded"])
+def test_resuming_refuses_damaged_progress_entries_with_one_line_naming_the_entry(tmp_path, format):
+    """Each of these once reached PyTorch and ended in a traceback (ZeroDivisionError, TypeError, RuntimeError), or,
+    for another tokenizer, resumed on the wrong one: pre-train.py's checks, before any work, name the entry."""
+    pretrain = load_script("pre-train")
+    path = tmp_path / "checkpoint"
+    args = pretrain.parse_args([*TINY_MODEL_FLAGS, "--block_size", "8", "--checkpoint_path", str(path), "--resume"])
+    model_args = pretrain.model_args_from(args)
+    model = LightGPT(LightGPTConfig(**model_args))
+    sharded_checkpoint(model, path) if format == "sharded" else save_atomically(training_checkpoint(
+        model_args, 8, {}, 1, 1, [rng_state(torch.device("cpu"))], {}, grad_scaler={}, model=model.state_dict(),
+        sampler=torch.Generator().get_state()), path)
+    index = path / "checkpoint.pt" if format == "sharded" else path
+    written = torch.load(index, weights_only=True)
+    for entry, value, message in DAMAGED_PROGRESS:
+        save_atomically(written | {entry: value}, index)
+        with pytest.raises(ValueError) as refused:
+            pretrain.check_resumable(load_index(path), model_args, args)
+        assert str(refused.value).startswith(f"{index if entry == 'tokenizer' else path}: {message}"), refused.value
+    save_atomically(written, index)
+    pretrain.check_resumable(load_index(path), model_args, args)  # undamaged, it resumes
+
+
+
+def test_resuming_adapters_refuses_damaged_progress_and_weights_that_are_not_finite(tmp_path):
+    """instruction-tune.py and preference-tune.py resume through resumable_adapters, which reads the same entries."""
+    path = tmp_path / "adapter.pt"
+    lora = {"blocks.0.mlp.up_projection.lora_a": torch.randn(2, 32)}
+    adapter = {"format_version": FORMAT_VERSION, "lora_args": {"rank": 2, "alpha": 1.0},
+               "model_args": vars(tiny_model().config), "lora": lora, "prompt_template": ALPACA.to_dict(), "step": 3}
+    save_atomically(adapter, path)
+    assert resumable_adapters(path)["step"] == 3
+    for entry, value, message in [*DAMAGED_PROGRESS, ("lora", {name: tensor * torch.nan for name, tensor in
+                                                               lora.items()}, "its weights hold NaN")]:
+        save_atomically(adapter | {entry: value}, path)
+        with pytest.raises(ValueError) as refused:
+            resumable_adapters(path)
+        assert str(refused.value).startswith(f"{path}: {message}"), refused.value

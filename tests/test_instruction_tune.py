@@ -174,6 +174,14 @@ def test_sigterm_saves_adapters_that_resume_exactly(base_model_path, instruction
         torch.testing.assert_close(tensor, final[name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_new_run_never_writes_over_an_adapter_already_there(base_model_path, instructions_path, adapter_path):
+    written = adapter_path.read_bytes()
+    result = instruction_tune(base_model_path, instructions_path, adapter_path)
+    assert_one_line_error(result, f"--checkpoint_path {adapter_path}: already holds a checkpoint, saved at step",
+                          "add --resume to continue it")
+    assert adapter_path.read_bytes() == written
+
+
 def test_resuming_with_another_rank_is_refused(base_model_path, instructions_path, adapter_path):
     result = instruction_tune(base_model_path, instructions_path, adapter_path, "--resume", "--rank", "4")
     assert_one_line_error(result, "--resume", "--rank 8", "4")

@@ -3,6 +3,7 @@ shapes, dtypes and finiteness, a damaged sharded folder, a damaged metrics log, 
 vocabulary. Each is refused with one line that names the file and what is wrong, before anything large is built."""
 
 import argparse
+import itertools
 import json
 import math
 import warnings
@@ -305,14 +306,22 @@ class CountingWindows(TokenWindows):
         return super().windows(starts)
 
 
-def test_pre_training_reads_each_evaluation_window_only_as_it_is_reached(tmp_path):
+def test_pre_training_draws_and_reads_each_evaluation_window_only_as_it_is_reached(tmp_path):
     (np.arange(64, dtype=np.uint16) % 97).tofile(tmp_path / "test.bin")
     windows = CountingWindows(tmp_path / "test.bin", block_size=8, vocabulary_size=97)
-    eval_samples = 1_000_000  # --eval_samples: built up front, its windows would take 128 MB
-    starts = windows.random_starts(eval_samples, torch.Generator().manual_seed(0))
-    batches = load_script("pre-train").WindowBatches(windows, starts, 4)
+    eval_samples = 1_000_000_000  # --eval_samples: drawn up front, its starts alone would take 8 GB
+    batches = load_script("pre-train").WindowBatches(windows, eval_samples, 4)
     assert windows.read == 0
-    for _ in range(2):  # evaluated at every interval, read again each time
-        inputs, targets, weight = next(iter(batches))
-        assert inputs.shape == targets.shape == (4, 8) and windows.read % 4 == 0
-    assert windows.read == 8
+    first = [next(iter(batches)) for _ in range(2)]  # evaluated at every interval, read again each time
+    assert windows.read == 8 and torch.equal(first[0][0], first[1][0]) and first[0][2] == 4 / eval_samples
+    assert first[0][0].shape == first[0][1].shape == (4, 8)
+    *_, (inputs, targets, weight) = itertools.islice(batches, 3)
+    assert not torch.equal(inputs, first[0][0])  # each micro-batch its own windows
+
+
+def test_the_evaluation_windows_are_the_same_at_any_batch_size_the_last_micro_batch_partial(tmp_path):
+    (np.arange(640, dtype=np.uint16) % 97).tofile(tmp_path / "test.bin")
+    windows = TokenWindows(tmp_path / "test.bin", block_size=8, vocabulary_size=97)
+    by_four, by_three = (list(load_script("pre-train").WindowBatches(windows, 10, size)) for size in (4, 3))
+    assert [len(inputs) for inputs, _, _ in by_four] == [4, 4, 2] and {weight for *_, weight in by_four} == {1 / 3}
+    assert torch.equal(torch.cat([inputs for inputs, _, _ in by_four]), torch.cat([inputs for inputs, _, _ in by_three]))

@@ -5,6 +5,7 @@ import torch
 
 from profiling import PeakTensorMemory
 from conftest import TINY_SHAPE, tiny_model
+from distributed import materialize
 from losses import LinearCrossEntropy, linear_cross_entropy
 from model import LightGPT, LightGPTConfig, attention
 
@@ -222,3 +223,20 @@ def test_a_model_built_on_the_meta_device_keeps_its_tied_weight_once_allocated()
         model = LightGPT(LightGPTConfig(**TINY_SHAPE))
     model.to_empty(device="cpu")
     assert model.output_layer.weight is model.token_embeddings.weight
+
+
+def test_a_model_built_on_the_meta_device_draws_no_weights_until_materialized():
+    """Drawing a weight on the meta device draws nothing and costs milliseconds (PyTorch's Python reference of
+    normal_): --num_hidden_layers 10000 took 69 s to build instead of 19 s."""
+    drawn = []
+
+    class CountingGPT(LightGPT):
+        def init_parameter(self, name, tensor):
+            drawn.append(name)
+            super().init_parameter(name, tensor)
+
+    with torch.device("meta"):
+        model = CountingGPT(LightGPTConfig(**TINY_SHAPE))
+    assert drawn == []
+    materialize(model, torch.device("cpu"))
+    assert drawn == [name for name, _ in model.named_parameters()] and model.output_norm.weight.eq(1).all()

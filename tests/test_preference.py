@@ -343,6 +343,17 @@ def test_held_out_reward_accuracy_rises_and_chosen_answers_gain_on_the_reference
 
 
 @pytest.mark.slow
+def test_a_new_run_never_writes_over_an_adapter_already_there(preference_run, chat_files):
+    folder, _ = preference_run
+    written = (folder / "whole.pt").read_bytes()
+    result = run_script("preference-tune.py", *PREFERENCE_FLAGS, "--lora_path", chat_files[2], "--dataset_path",
+                        folder / "pairs.jsonl", "--checkpoint_path", folder / "whole.pt")
+    assert_one_line_error(result, f"--checkpoint_path {folder / 'whole.pt'}: already holds a checkpoint, saved at "
+                                  f"step 32; add --resume")
+    assert (folder / "whole.pt").read_bytes() == written
+
+
+@pytest.mark.slow
 def test_resume_is_exact(preference_run):
     folder, _ = preference_run
     whole, halves = (torch.load(folder / name, weights_only=True) for name in ("whole.pt", "halves.pt"))

@@ -180,6 +180,12 @@ def test_a_resumed_run_continues_its_tensorboard_curves_and_a_new_run_replaces_t
     assert [event.step for event in flags] == [1, 3]
     assert "| --resume | True |" in flags[1].tensor_proto.string_val[0].decode()
 
+    written = (tmp_path / "checkpoint.pt").read_bytes()
+    refused = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")  # it once wrote over it silently
+    assert_one_line_error(refused, f"--checkpoint_path {tmp_path / 'checkpoint.pt'}: already holds a checkpoint, "
+                                   f"saved at step 4; add --resume to continue it, or choose another")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == written
+    (tmp_path / "checkpoint.pt").unlink()
     started_over = pretrain(tmp_path, dataset_path, *common, "--num_epochs", "1")
     assert started_over.returncode == 0, started_over.stderr
     assert [event.step for event in tensorboard_run(tmp_path / "runs" / "checkpoint").Scalars("train/loss")] == [1, 2]
@@ -304,7 +310,7 @@ def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_trains(t
     path = tmp_path / "checkpoint.pt"
     first = subprocess.Popen(
         [sys.executable, "pre-train.py", "--dataset", "wikipedia", "--dataset_path", dataset_path, "--checkpoint_path",
-         path, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "100000"],
+         path, *TINY_MODEL_FLAGS, *ONE_STEP_EPOCHS, "--num_epochs", "100000", "--checkpoint_interval", "100000"],
         cwd=REPOSITORY, env=one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not path.with_suffix(".metrics.jsonl").exists():
         assert first.poll() is None, first.communicate()
@@ -418,3 +424,20 @@ def test_resuming_a_sharded_checkpoint_whose_optimizer_state_does_not_fit_is_one
         save_sharded(good | {"optimizer": {"param_groups": param_groups, "state": optimizer_state}}, path)
         resumed = pretrain(tmp_path, dataset_path, *flags, "--num_epochs", "2", "--resume")
         assert_one_line_error(resumed, str(path), fragment)
+
+
+@pytest.mark.slow
+def test_resuming_a_damaged_checkpoint_stops_with_one_line_before_training(tmp_path, dataset_path):
+    """A sampler state of 5 bytes once ended in a traceback from Generator.set_state, and NaN weights (in a file
+    written without checksums) trained until the loss became NaN."""
+    first = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "1")
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "checkpoint.pt"
+    written = torch.load(path, weights_only=True)
+    nan_weights = {name: torch.full_like(tensor, torch.nan) for name, tensor in written["model"].items()}
+    for damage, message in (({"sampler": torch.zeros(5, dtype=torch.uint8)}, "its sampler must be a CPU generator"),
+                            ({"model": nan_weights}, "its weights hold NaN or infinite numbers")):
+        torch.save({name: value for name, value in written.items() if name != "checksums"} | damage, path)
+        result = pretrain(tmp_path, dataset_path, *ONE_STEP_EPOCHS, "--num_epochs", "2", "--resume")
+        assert_one_line_error(result, f"pre-train.py: error: {path}: {message}")
+        assert "epoch=2" not in result.stdout
