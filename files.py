@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
 
+import psutil
+
 
 def temporary_path(path: Path) -> Path:
     """A name beside `path` to write it under before renaming it into place, unique to this process even among
@@ -139,7 +141,7 @@ def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
     for path in paths:
         prefix = f"{path.name}."
         for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-            if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")]):
+            if written_by_a_dead_process(temporary.name[len(prefix):-len(".tmp")], temporary):
                 if temporary.is_dir() and not temporary.is_symlink():  # a folder written atomically
                     shutil.rmtree(temporary, ignore_errors=True)
                 else:
@@ -148,21 +150,21 @@ def remove_stray_temporary_files(paths: list[Path]) -> list[Path]:
     return removed
 
 
-def written_by_a_dead_process(tag: str) -> bool:
+def written_by_a_dead_process(tag: str, temporary: Path) -> bool:
     """Whether a temporary file's tag, <pid> or this machine's name and a pid (<host>.<pid>, <pid>-<host>, ...),
-    names a process that no longer exists."""
+    names a process that no longer exists, or one that started after the file was last written: process ids are
+    reused (they wrap at 32,768 on many Linux machines, and threads take them too), and its writer cannot have."""
     host = re.escape(socket.gethostname())
     patterns = (r"(\d+)", rf"{host}[.-](\d+)", rf"(\d+)[.-]{host}", rf"{host}-(\d+)-[0-9a-f]+")
     match = next(filter(None, (re.fullmatch(pattern, tag) for pattern in patterns)), None)
     if match is None:
         return False
     try:
-        os.kill(int(match[1]), 0)
-    except ProcessLookupError:
+        return psutil.Process(int(match[1])).create_time() > temporary.lstat().st_mtime
+    except psutil.NoSuchProcess:
         return True
-    except (PermissionError, OverflowError):  # another user's process, or no process id at all
-        pass
-    return False
+    except (psutil.AccessDenied, OverflowError, ValueError, FileNotFoundError):  # another user's, no id at all
+        return False
 
 
 def remove_temporary_files(folder: Path) -> None:

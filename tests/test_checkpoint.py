@@ -11,6 +11,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 
+import psutil
 import pytest
 import torch
 
@@ -419,6 +420,10 @@ def test_temporary_files_of_dead_processes_of_this_machine_are_removed(tmp_path)
     }
     for name in names:
         (tmp_path / name).write_text("")
+    # A file last written before this live process started: its id was another's (ids wrap around, at 32,768 here).
+    reused = tmp_path / f"checkpoint.metrics.jsonl.{host}-{alive}-579a516f.tmp"
+    reused.write_text("")
+    os.utime(reused, (psutil.Process().create_time() - 60,) * 2)
     with claimed_checkpoint(tmp_path / "checkpoint.pt", {}):
         pass
     assert sorted(path.name for path in tmp_path.glob("*.tmp")) == sorted(name for name, kept in names.items() if kept)
