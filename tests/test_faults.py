@@ -86,7 +86,8 @@ def saved_step(checkpoint: Path) -> int:
 def assert_resumed(checkpoint: Path, output: Path, process: Popen, step: int) -> None:
     """The run after a kill resumes where the checkpoint is, and has removed the dead runs' temporary files."""
     wait_for(lambda: re.search(rf"^Resuming from .* step {step}$", output.read_text(), re.M), process)
-    assert temporary_files(checkpoint.parent) == temporary_files(checkpoint.parent, process.pid)
+    others = [path for path in temporary_files(checkpoint.parent) if not re.search(rf"\b{process.pid}\b", path.name)]
+    assert others == []  # one listing: the resuming run's own temporary file may be renamed between two
 
 
 def finish(checkpoint: Path, dataset: Path, more_epochs: int = 2) -> None:
