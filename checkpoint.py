@@ -171,10 +171,15 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return (Path(path) / SHARDED_INDEX).is_file()
 
 
+def holds_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint is there: a file, or a folder of shards with its index."""
+    return Path(path).is_file() or is_sharded_checkpoint(path)
+
+
 def check_checkpoint_path(checkpoint_path: str | Path, resume: bool, what: str = "checkpoint") -> None:
     """Raise a one-line ValueError when --resume finds no checkpoint at --checkpoint_path; `what` names its kind."""
     path = Path(checkpoint_path)
-    if resume and not (path.is_file() or is_sharded_checkpoint(path)):
+    if resume and not holds_checkpoint(path):
         raise ValueError(f"--resume: no {what} at --checkpoint_path {path}")
 
 
@@ -183,7 +188,7 @@ def check_not_overwriting(checkpoint_path: str | Path) -> None:
     folder of shards) at --checkpoint_path, and with it hours of training, as Hugging Face's Trainer refuses an
     output_dir that is not empty: the line names its step and the ways out."""
     path = Path(checkpoint_path)
-    if not (path.is_file() or is_sharded_checkpoint(path)):
+    if not holds_checkpoint(path):
         return
     try:
         step = load_index(path, required=()).get("step")

@@ -22,8 +22,8 @@ from torch.nn import Module
 
 from checkpoint import (
     check_same_base,
+    holds_checkpoint,
     is_exported,
-    is_sharded_checkpoint,
     load_checkpoint,
     load_lora_checkpoint,
     load_model,
@@ -230,7 +230,7 @@ def check_base_path(path: str | Path, flag: str, remedy: str) -> None:
                    f"checkpoint it was exported from")
     elif path.exists() and not path.is_dir() and not path.is_file():
         problem = f"{path} is not a regular file but a FIFO, a device or a link to one, which could be read forever"
-    elif not (path.is_file() or is_sharded_checkpoint(path)):
+    elif not holds_checkpoint(path):
         problem = f"no checkpoint at {path}; {remedy}"
     else:
         return

@@ -120,19 +120,22 @@ class Running:
         self.last_token = 0
         self.penalized = bool(request.presence_penalty or request.frequency_penalty)
         self.counts: Tensor | None = None  # how often each token was generated (vocabulary,), when penalized
+        bias = request.logit_bias
+        # logit_bias's token ids and values, made tensors once rather than at every step: (biased tokens,) each
+        self.bias = (torch.tensor(list(bias), device=device), torch.tensor(list(bias.values()), device=device)
+                     ) if bias else None
 
     @property
     def adjusts(self) -> bool:
-        return self.penalized or bool(self.request.logit_bias)
+        return self.penalized or self.bias is not None
 
     def adjusted(self, logits: Tensor) -> Tensor:
         """This row's logits (vocabulary,) after OpenAI's logit_bias and presence and frequency penalties:
         logits + bias - presence_penalty * (count > 0) - frequency_penalty * count."""
         request = self.request
-        if request.logit_bias:
-            tokens = torch.tensor(list(request.logit_bias), device=logits.device)
-            biases = torch.tensor(list(request.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-            logits = logits.index_add(0, tokens, biases)
+        if self.bias is not None:
+            tokens, biases = self.bias
+            logits = logits.index_add(0, tokens, biases.to(logits.dtype))
         if self.penalized:
             if self.counts is None:
                 self.counts = torch.zeros_like(logits)

@@ -18,12 +18,12 @@ from tqdm import tqdm
 from checkpoint import metrics_path
 from devices import peak_tflops
 from distributed import (
-    local_part,
     as_float,
     autocast_unless_sharded,
     end_start_up,
     first_error_of_any_rank,
     gradient_sync,
+    local_part,
     rank,
     slow_work_on_one_rank,
     sum_across_ranks,
